@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:
+#   make demo   sets up .venv and runs the whole loop on embedded defaults
+#   make test   sets up .venv and runs lint, type checks, the import rule and the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned CPU build of torch is installed first (it lies on disk on our machines); on a GPU
+# machine set TORCH_SPEC to the CUDA build you want, or leave it: the same range resolves there.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/modelloop demo $(DEMO_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .modelloop .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""``modelloop models``: list, show, promote and roll back registered versions."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelloop.registry import Registry, RegistryError
+from modelloop.settings import HomeSettings
+
+app = typer.Typer(help="List, show, promote and roll back registered model versions.",
+                  no_args_is_help=True)
+console = Console()
+
+
+def _registry() -> Registry:
+    return Registry(HomeSettings().registry_dir)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/] {exc}")
+    return typer.Exit(code=1)
+
+
+@app.command("list")
+def list_models(
+    name: Annotated[str | None, typer.Argument(help="Only this model's versions.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered models and their versions, with aliases and headline metrics."""
+    reg = _registry()
+    rows: list[dict[str, Any]] = []
+    try:
+        for model in [name] if name else reg.models():
+            aliases = reg.aliases(model)
+            by_version: dict[int, list[str]] = {}
+            for alias, v in aliases.items():
+                by_version.setdefault(v, []).append(alias)
+            for meta in reg.versions(model):
+                rows.append({
+                    "name": model,
+                    "version": meta.version,
+                    "aliases": sorted(by_version.get(meta.version, [])),
+                    "task": meta.task.value,
+                    "architecture": meta.architecture,
+                    "created_at": meta.created_at.isoformat(),
+                    "metrics": meta.metrics,
+                    "parent_version": meta.parent_version,
+                })
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"models in {reg.root}")
+    for col in ("name", "version", "aliases", "arch", "created", "accuracy/r2", "parent"):
+        table.add_column(col)
+    for r in rows:
+        m = r["metrics"]
+        score = m.get("accuracy", m.get("r2", m.get("roc_auc")))
+        table.add_row(r["name"], str(r["version"]), ",".join(r["aliases"]), r["architecture"],
+                      r["created_at"][:19], "" if score is None else f"{score:.4f}",
+                      "" if r["parent_version"] is None else str(r["parent_version"]))
+    console.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    ref: Annotated[str, typer.Argument(help="Version number or alias.")] = "production",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show one version: metadata, metrics, parity, lineage and the ONNX file path."""
+    reg = _registry()
+    try:
+        mv = reg.get(name, ref)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    data = json.loads(mv.metadata.model_dump_json())
+    data["onnx_path"] = str(mv.onnx_path.resolve())
+    data["aliases"] = sorted(a for a, v in reg.aliases(name).items() if v == mv.version)
+    typer.echo(json.dumps(data, indent=2) if as_json else _pretty(data))
+
+
+def _pretty(data: dict) -> str:
+    lines = [f"{data['name']} v{data['version']}  ({data['task']}, {data['architecture']})",
+             f"  aliases:   {', '.join(data['aliases']) or '-'}",
+             f"  onnx:      {data['onnx_path']}",
+             f"  created:   {data['created_at']}",
+             f"  parent:    {data['parent_version']}",
+             f"  features:  {len(data['feature_names'])}",
+             f"  classes:   {data['class_labels']}"]
+    if data.get("parity"):
+        p = data["parity"]
+        lines.append(f"  parity:    {'ok' if p['passed'] else 'FAILED'} "
+                     f"(max abs diff {p['max_abs_diff']:.2e} <= {p['tolerance']:.0e})")
+    lines.append("  metrics:")
+    lines += [f"    {k:<12} {v:.4f}" for k, v in sorted(data["metrics"].items())]
+    return "\n".join(lines)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version number (or alias) to make production.")],
+) -> None:
+    """Make VERSION the production version; the old production becomes 'previous'."""
+    try:
+        aliases = _registry().promote(name, version)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{name}: production -> v{aliases['production']}"
+                  + (f" (previous v{aliases['previous']})" if "previous" in aliases else ""))
+
+
+@app.command()
+def rollback(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Bring the previous version back into production (swap 'production' and 'previous')."""
+    try:
+        aliases = _registry().rollback(name)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{name}: rolled back, production -> v{aliases['production']} "
+                  f"(previous v{aliases['previous']})")

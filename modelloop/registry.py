@@ -1,0 +1,298 @@
+"""A file-system model registry with immutable versions and atomic aliases.
+
+Layout under the registry root::
+
+    <name>/versions/<n>/model.onnx        the exported model
+    <name>/versions/<n>/metadata.json     ModelMetadata
+    <name>/versions/<n>/reference.parquet reference sample: features, labels, predictions
+    <name>/versions/<n>/<artifact>        anything else (confusion_matrix.png, ...)
+    <name>/aliases.json                   {"production": 3, "previous": 2}
+    <name>/history.jsonl                  one line per alias change
+    <name>/.lock                          writers take it
+
+A version is written into a temporary folder and renamed into place, so a reader sees a whole
+version or none; aliases are replaced with a temp file and ``os.replace``, so a reader sees the old
+mapping or the new one. Writers serialise on a file lock, so two processes cannot take the same
+version number or lose each other's alias change.
+
+Example::
+
+    reg = Registry(settings.registry_dir)
+    meta = reg.register(metadata, onnx_bytes, reference=df)
+    reg.promote(meta.name, meta.version)
+    reg.get("churn", "production").onnx_path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from modelloop.schemas import ALIAS_PREVIOUS, ALIAS_PRODUCTION, ModelMetadata
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ONNX_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+REFERENCE_FILE = "reference.parquet"
+
+
+class RegistryError(Exception):
+    """A registry operation could not be done; the message says which model and why."""
+
+
+class ModelNotFound(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version: its folder and metadata."""
+
+    path: Path
+    metadata: ModelMetadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> int:
+        return self.metadata.version
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def reference_path(self) -> Path:
+        return self.path / REFERENCE_FILE
+
+    def reference(self) -> Any:
+        """The reference sample as a pandas DataFrame (features, labels, predictions)."""
+        import pandas as pd
+
+        if not self.reference_path.exists():
+            raise RegistryError(f"{self.name} v{self.version} has no reference sample")
+        return pd.read_parquet(self.reference_path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+class Registry:
+    """Immutable, versioned ONNX models with atomic aliases (see the module docstring)."""
+
+    def __init__(self, root: Path | str, lock_timeout_s: float = 60.0) -> None:
+        self.root = Path(root)
+        self.lock_timeout_s = lock_timeout_s
+
+    # -- paths and locking -------------------------------------------------------------------
+    def _model_dir(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise RegistryError(
+                f"invalid model name {name!r}: use letters, digits, '_', '-' or '.', up to 64"
+            )
+        return self.root / name
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        mdir = self._model_dir(name)
+        mdir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(mdir / ".lock"), timeout=self.lock_timeout_s):
+            yield mdir
+
+    # -- reading -------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """Names of the registered models that have at least one version."""
+        if not self.root.exists():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and self._version_numbers(p.name)
+        )
+
+    def _version_numbers(self, name: str) -> list[int]:
+        vdir = self._model_dir(name) / "versions"
+        if not vdir.exists():
+            return []
+        return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit())
+
+    def versions(self, name: str) -> list[ModelMetadata]:
+        """Every version of ``name``, oldest first."""
+        return [self.get(name, v).metadata for v in self._version_numbers(name)]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """The alias mapping of ``name`` (empty when nothing is promoted yet)."""
+        path = self._model_dir(name) / "aliases.json"
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        return {str(k): int(v) for k, v in data.items()}
+
+    def resolve(self, name: str, ref: int | str = ALIAS_PRODUCTION) -> int:
+        """Turn a version number, a numeric string or an alias into a version number."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            version = int(ref)
+            if version not in self._version_numbers(name):
+                raise ModelNotFound(f"model {name!r} has no version {version}")
+            return version
+        aliases = self.aliases(name)
+        if ref not in aliases:
+            if not self._version_numbers(name):
+                raise ModelNotFound(f"model {name!r} is not registered under {self.root}")
+            raise ModelNotFound(f"model {name!r} has no alias {ref!r} (aliases: {aliases or 'none'})")
+        return aliases[ref]
+
+    def get(self, name: str, ref: int | str = ALIAS_PRODUCTION) -> ModelVersion:
+        """A version by number or alias."""
+        version = self.resolve(name, ref)
+        path = self._model_dir(name) / "versions" / str(version)
+        meta = ModelMetadata.model_validate_json((path / METADATA_FILE).read_bytes())
+        return ModelVersion(path=path, metadata=meta)
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Alias changes of ``name``, oldest first."""
+        path = self._model_dir(name) / "history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    # -- writing -------------------------------------------------------------------------------
+    def register(
+        self,
+        metadata: ModelMetadata,
+        onnx_model: bytes | Path,
+        reference: Any | None = None,
+        artifacts: Mapping[str, bytes | Path] | None = None,
+    ) -> ModelMetadata:
+        """Store a new immutable version and return its metadata with the version number set.
+
+        The files are written and fsynced in a temporary folder first; the version becomes
+        visible in one rename, so a writer killed at any point leaves no partial version.
+        """
+        name = metadata.name
+        model_bytes = onnx_model.read_bytes() if isinstance(onnx_model, Path) else onnx_model
+        with self._locked(name) as mdir:
+            vroot = mdir / "versions"
+            vroot.mkdir(exist_ok=True)
+            self._clean_partial(vroot)
+            existing = self._version_numbers(name)
+            version = (existing[-1] if existing else 0) + 1
+            meta = metadata.model_copy(update={"version": version})
+            tmp = vroot / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir()
+            try:
+                _write_file(tmp / ONNX_FILE, model_bytes)
+                if reference is not None:
+                    reference.to_parquet(tmp / REFERENCE_FILE, index=False)
+                for fname, content in (artifacts or {}).items():
+                    if "/" in fname or fname in (ONNX_FILE, METADATA_FILE, REFERENCE_FILE):
+                        raise RegistryError(f"invalid artifact name {fname!r}")
+                    data = content.read_bytes() if isinstance(content, Path) else content
+                    _write_file(tmp / fname, data)
+                meta.lineage.setdefault("onnx_sha256", hashlib.sha256(model_bytes).hexdigest())
+                # metadata.json last: its presence marks a complete version folder
+                _write_file(tmp / METADATA_FILE, meta.model_dump_json(indent=2).encode())
+                _fsync_dir(tmp)
+                os.rename(tmp, vroot / str(version))
+                _fsync_dir(vroot)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return meta
+
+    @staticmethod
+    def _clean_partial(vroot: Path) -> None:
+        # Left behind by a writer that died mid-write; we hold the lock, so none is in progress.
+        for p in vroot.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _write_aliases(self, mdir: Path, aliases: dict[str, int], event: dict[str, Any]) -> None:
+        atomic_write_bytes(mdir / "aliases.json", json.dumps(aliases, sort_keys=True).encode())
+        with open(mdir / "history.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **event, "aliases": aliases}) + "\n")
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict[str, int]:
+        """Point ``alias`` at ``version`` (any alias but the two that promote/rollback manage)."""
+        if not _ALIAS.match(alias):
+            raise RegistryError(f"invalid alias {alias!r}: lower-case letters, digits, '_' or '-'")
+        with self._locked(name) as mdir:
+            self.resolve(name, version)
+            aliases = self.aliases(name)
+            aliases[alias] = version
+            self._write_aliases(mdir, aliases, {"op": "set", "alias": alias, "version": version})
+            return aliases
+
+    def promote(self, name: str, version: int | str) -> dict[str, int]:
+        """Make ``version`` production; the old production becomes ``previous``. Atomic."""
+        with self._locked(name) as mdir:
+            target = self.resolve(name, version)
+            aliases = self.aliases(name)
+            current = aliases.get(ALIAS_PRODUCTION)
+            if current == target:
+                return aliases
+            if current is not None:
+                aliases[ALIAS_PREVIOUS] = current
+            aliases[ALIAS_PRODUCTION] = target
+            self._write_aliases(mdir, aliases, {"op": "promote", "version": target})
+            return aliases
+
+    def rollback(self, name: str) -> dict[str, int]:
+        """Swap ``production`` and ``previous``: the previous version serves again. Atomic."""
+        with self._locked(name) as mdir:
+            aliases = self.aliases(name)
+            if ALIAS_PREVIOUS not in aliases or ALIAS_PRODUCTION not in aliases:
+                raise RegistryError(f"model {name!r} has no previous version to roll back to")
+            aliases[ALIAS_PRODUCTION], aliases[ALIAS_PREVIOUS] = (
+                aliases[ALIAS_PREVIOUS],
+                aliases[ALIAS_PRODUCTION],
+            )
+            self._write_aliases(
+                mdir, aliases, {"op": "rollback", "version": aliases[ALIAS_PRODUCTION]}
+            )
+            return aliases
+
+    def alias_stamp(self, name: str) -> int:
+        """A cheap value that changes whenever the aliases of ``name`` change (for pollers)."""
+        try:
+            st = os.stat(self._model_dir(name) / "aliases.json")
+        except FileNotFoundError:
+            return 0
+        return st.st_mtime_ns ^ st.st_ino

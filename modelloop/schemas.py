@@ -1,0 +1,131 @@
+"""The contracts between training, serving and monitoring.
+
+* :class:`ModelMetadata` describes a registered model version: its ONNX inputs and outputs,
+  feature names, class labels, metrics, lineage and the export parity result.
+* :class:`PredictionEvent` is what serving sends to the monitoring sidecar for each predicted row.
+* :class:`Feedback` is a true label that arrives later and is joined to its event by request id.
+
+ONNX graph conventions (training writes them, serving relies on them): one float32 input named
+``input`` whose first axis is the dynamic batch axis; a classifier outputs ``probabilities``
+``[batch, n_classes]`` (softmax inside the graph); a regressor outputs ``prediction``
+``[batch, 1]``; an anomaly detector outputs ``score`` ``[batch]``. Preprocessing (imputation,
+scaling) is inside the graph, so serving passes raw features, NaN included.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+INPUT_NAME = "input"
+PROBABILITIES = "probabilities"
+PREDICTION = "prediction"
+SCORE = "score"
+
+# Reserved columns of a version's reference sample (reference.parquet), beside the features.
+REF_LABEL = "_ml_label"
+REF_PREDICTION = "_ml_prediction"
+REF_PROBA_PREFIX = "_ml_proba_"
+
+ALIAS_PRODUCTION = "production"
+ALIAS_PREVIOUS = "previous"
+
+
+class Task(StrEnum):
+    classification = "classification"
+    regression = "regression"
+    anomaly = "anomaly"
+
+
+class TensorSpec(BaseModel):
+    """One ONNX input or output: name, element type and shape (``None`` marks a dynamic axis)."""
+
+    name: str
+    dtype: str = "float32"
+    shape: list[int | None]
+
+
+class ParityResult(BaseModel):
+    """Outcome of running the exported ONNX model against PyTorch on held-out data."""
+
+    passed: bool
+    max_abs_diff: float
+    tolerance: float
+    batch_sizes: list[int]
+    rows_checked: int
+
+
+class ModelMetadata(BaseModel):
+    """Everything known about one immutable model version."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: int = 0  # assigned by the registry on registration
+    task: Task
+    architecture: str = "mlp"
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    feature_names: list[str]
+    class_labels: list[str] | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    """Non-scalar evaluation results, e.g. the confusion matrix."""
+    data_fingerprint: str = ""
+    dataset: str = ""
+    parent_version: int | None = None
+    parity: ParityResult | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The training configuration, enough to train the same model again on new data."""
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    """How this version came to be: trigger, data window, champion and challenger scores."""
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+
+Mode = Literal["realtime", "batch"]
+
+
+class PredictionEvent(BaseModel):
+    """One predicted row, sent from serving to the sidecar off the request path."""
+
+    request_id: str = Field(min_length=1, max_length=200)
+    timestamp: float
+    """Unix time (seconds) when the prediction was made."""
+    model: str = Field(min_length=1)
+    version: int = Field(ge=1)
+    mode: Mode = "realtime"
+    features: list[float | None]
+    """Raw input features in the model's feature order; ``None`` stands for a missing value."""
+    prediction: float
+    """Class index for a classifier, the value for a regressor, the score for an anomaly model."""
+    probabilities: list[float] | None = None
+    latency_s: float = Field(ge=0)
+    """Time the request spent in serving (queue wait and inference)."""
+
+    @field_validator("timestamp", "prediction", "latency_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class EventBatch(BaseModel):
+    events: list[PredictionEvent] = Field(min_length=1)
+
+
+class Feedback(BaseModel):
+    """The true label of one earlier prediction."""
+
+    request_id: str = Field(min_length=1, max_length=200)
+    label: str | int | float
+    timestamp: float | None = None
+    """When the label became known (unix seconds); the sidecar's clock when omitted."""
