@@ -14,8 +14,10 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need[*]}"
-  as_root apt-get update -qq >/dev/null
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # another apt run (a parallel job on the same box) holds the lock for a while: wait for it
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends "${need[@]}" >/dev/null
   # the Debian package starts a Prometheus server on :9090; tests start their own
   as_root systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true
   pkill -x prometheus 2>/dev/null || true
