@@ -1,0 +1,162 @@
+"""``modelloop train``: train, evaluate, export to ONNX (checked) and register a model.
+
+A shim: it builds the settings and the config from the options and calls
+:func:`training.pipeline.train_and_register`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelloop.registry import Registry, RegistryError
+from modelloop.schemas import ModelMetadata, Task
+from training.config import TrainingConfig
+from training.data import BUILTINS, DataError, load_data
+from training.export import ExportError
+from training.models import ARCHITECTURES, get_architecture
+from training.pipeline import train_and_register
+from training.settings import TrainingSettings
+from training.trainer import TrainingError
+
+train_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+DatasetName = StrEnum("DatasetName", {name: name for name in BUILTINS})  # type: ignore[misc]
+
+
+class TaskChoice(StrEnum):
+    auto = "auto"
+    classification = "classification"
+    regression = "regression"
+
+
+_DATASETS_HELP = "; ".join(f"{d.name}: {d.description}" for d in BUILTINS.values())
+
+
+def _model_name(source: str) -> str:
+    # a file stem can hold anything; registry names are letters, digits, '_', '-', '.'
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem).strip("_.-")
+    return name[:64] or "model"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)  # one plain line: no wrapping, no traceback
+    return typer.Exit(code=code)
+
+
+def _metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
+    table = Table(title=f"{meta.name} v{meta.version}" + (" (production)" if promoted else ""))
+    table.add_column("metric")
+    table.add_column("test", justify="right")
+    for key, value in meta.metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    if meta.parity is not None:
+        table.add_row("onnx parity", f"max diff {meta.parity.max_abs_diff:.1e}")
+    return table
+
+
+@train_app.command(no_args_is_help=True)
+def train(
+    dataset: Annotated[DatasetName | None, typer.Option(
+        "--dataset", help=f"A built-in dataset ({_DATASETS_HELP}).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="A CSV or Parquet file of numeric features and a target column.")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", help="The target column of --data.")] = None,
+    task: Annotated[TaskChoice, typer.Option(
+        "--task", help="auto: a float target or an integer one with over 20 values is "
+        "regression, anything else classification.")] = TaskChoice.auto,
+    model: Annotated[str, typer.Option(
+        "--model", help="Architecture (registered: " + ", ".join(sorted(ARCHITECTURES)) + ").")] = "mlp",
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Registered model name (default: the dataset or file name).")] = None,
+    promote: Annotated[bool, typer.Option(
+        "--promote", help="Make the new version production.")] = False,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum epochs.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Seed of split, weights, "
+                                             "batches (and of the synthetic data).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option("--learning-rate", min=0.0)] = None,
+    hidden: Annotated[str | None, typer.Option(
+        "--hidden", help="MLP hidden layer widths, e.g. 128,64.")] = None,
+    rows: Annotated[int | None, typer.Option(
+        "--rows", min=10, help="Rows of the synthetic dataset (or a seeded subsample of a "
+        "built-in one).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the registered version as JSON on stdout (the table goes to "
+        "stderr).")] = False,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Show the progress bar (default: "
+        "MODELLOOP_TRAINING_PROGRESS, on).")] = None,
+) -> None:
+    """Train a model, evaluate it on a held-out test split, export it to ONNX, check the export
+    against PyTorch and register it as a new version under $MODELLOOP_HOME/registry.
+
+    Examples:
+
+      modelloop train --dataset breast_cancer --promote
+
+      modelloop train --data churn.csv --target churned --name churn --epochs 50
+    """
+    if (dataset is None) == (data is None):
+        raise typer.BadParameter("give exactly one of --dataset NAME or --data FILE")
+    if data is not None and not target:
+        raise typer.BadParameter("--data needs --target COLUMN")
+    if dataset is not None and target:
+        raise typer.BadParameter("--target is for --data; built-in datasets know their target")
+    try:
+        get_architecture(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from exc
+    overrides: dict[str, Any] = {"epochs": epochs, "seed": seed, "batch_size": batch_size,
+                                 "learning_rate": learning_rate, "architecture": model,
+                                 "target": target,
+                                 "task": None if task is TaskChoice.auto else Task(task.value)}
+    if hidden:
+        try:
+            overrides["model"] = {"hidden": [int(w) for w in hidden.split(",")]}
+        except ValueError as exc:
+            raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
+                                     param_hint="--hidden") from exc
+
+    settings = TrainingSettings()
+    try:
+        config = TrainingConfig.from_settings(settings, **overrides)
+    except ValueError as exc:  # pydantic names the field and the problem
+        raise _fail(str(exc).replace("\n", " "), 2) from exc
+    source = str(dataset.value if dataset is not None else data)
+    name = name or _model_name(source)
+    registry = Registry(settings.registry_dir)
+    console = Console(stderr=True)
+    try:
+        registry.aliases(name)  # validates the name before minutes of training
+        ds = load_data(source, config.target, task=config.task, rows=rows, seed=config.seed)
+        meta = train_and_register(
+            ds, name=name, config=config, settings=settings, registry=registry, promote=promote,
+            progress=progress, console=console,
+            on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
+            lineage={"trigger": "cli"},
+        )
+    except DataError as exc:
+        raise _fail(str(exc), 2) from exc
+    except (ExportError, TrainingError, RegistryError) as exc:
+        raise _fail(str(exc), 1) from exc
+
+    version = registry.get(name, meta.version)
+    out = Console(stderr=as_json)
+    out.print(_metrics_table(meta, promote))
+    out.print(f"registered {name} v{meta.version}: {version.onnx_path}", soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps({
+            "name": meta.name, "version": meta.version, "promoted": promote,
+            "onnx_path": str(version.onnx_path.resolve()), "metrics": meta.metrics,
+            "parity": meta.parity.model_dump() if meta.parity else None,
+            "dataset": meta.dataset, "data_fingerprint": meta.data_fingerprint,
+        }, indent=2))

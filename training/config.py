@@ -1,0 +1,56 @@
+"""The training configuration: everything needed to train the same model again on new data.
+
+It is stored whole in each version's ``ModelMetadata.config``; a retraining job rebuilds it with
+``TrainingConfig.model_validate(champion.config)`` and trains a challenger with it. Defaults come
+from :class:`training.settings.TrainingSettings`::
+
+    config = TrainingConfig.from_settings(settings, epochs=30, model={"hidden": [128, 64]})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+
+from modelloop.schemas import Task
+from training.settings import Scheduler, TrainingSettings
+
+
+class TrainingConfig(BaseModel):
+    """How to train one model: data columns, architecture, optimiser, schedule, split, seed."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    target: str = "target"
+    """The target column (``target`` for the built-in datasets)."""
+    task: Task | None = None
+    """``classification`` or ``regression``; None infers it from the target column. The stored
+    config always holds the task that was used."""
+    architecture: str = "mlp"
+    """A name from ``training.models.ARCHITECTURES``."""
+    model: dict[str, Any] = Field(default_factory=dict)
+    """The architecture's parameters (for ``mlp``: hidden, dropout, batch_norm, activation);
+    missing ones take the architecture's defaults, and the stored config lists them all."""
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: float = Field(gt=0)
+    weight_decay: NonNegativeFloat
+    l1: NonNegativeFloat
+    patience: PositiveInt
+    scheduler: Scheduler
+    grad_clip: NonNegativeFloat
+    seed: NonNegativeInt
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+
+    @classmethod
+    def from_settings(cls, settings: TrainingSettings, **overrides: Any) -> TrainingConfig:
+        """The default config of ``settings`` with ``overrides`` (None values are ignored)."""
+        fields = {
+            name: getattr(settings, name)
+            for name in cls.model_fields
+            if name in TrainingSettings.model_fields
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(fields)

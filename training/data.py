@@ -1,0 +1,359 @@
+"""Tabular data for training: built-in datasets, user files, validation, split and fingerprint.
+
+Every source ends as a :class:`TabularDataset`: a float32 feature matrix (NaN marks a missing
+value), the target (class index or value), feature names and class labels. User data is checked
+where it enters, and each problem is one :class:`DataError` whose one-line message names the file
+and the problem, so the CLI can print it as is::
+
+    ds = load_data("breast_cancer")                      # built-in
+    ds = load_data("data/churn.csv", target="churned")   # CSV or Parquet
+    ds = prepare(frame, "target", source="feedback window")
+    split = split_dataset(ds, val_fraction=0.15, test_fraction=0.2, seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn import datasets as skd
+from sklearn.model_selection import train_test_split
+
+from modelloop.schemas import Task
+from modelloop.synthetic import TARGET as SYNTHETIC_TARGET
+from modelloop.synthetic import SyntheticTask
+
+TARGET = "target"
+"""The target column of every built-in dataset."""
+
+RESERVED_PREFIX = "_ml_"  # the reference sample's own columns (modelloop.schemas.REF_*)
+SYNTHETIC_ROWS = 5000
+# an integer target with at most this many distinct values is taken as class labels
+MAX_INFERRED_CLASSES = 20
+
+
+class DataError(ValueError):
+    """Training data cannot be used; the message is one line naming the source and the problem."""
+
+
+@dataclass(frozen=True)
+class TabularDataset:
+    """Validated training data: raw float32 features (NaN = missing) and the target."""
+
+    source: str
+    features: np.ndarray
+    """``[rows, n_features]`` float32, NaN where a value is missing."""
+    target: np.ndarray
+    """Class index into ``class_labels`` (int64) or the value to predict (float64)."""
+    feature_names: list[str]
+    target_name: str
+    task: Task
+    class_labels: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` over feature names, values and target: same data, same fingerprint."""
+        h = hashlib.sha256()
+        h.update("\x1f".join([*self.feature_names, "|", self.target_name]).encode())
+        # one NaN bit pattern, so equal data hashes equal whichever way the NaN was produced
+        x = np.where(np.isnan(self.features), np.float32("nan"), self.features)
+        h.update(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        if self.class_labels is not None:
+            h.update("\x1f".join(self.class_labels[i] for i in self.target).encode())
+        else:
+            h.update(np.ascontiguousarray(self.target, dtype="<f8").tobytes())
+        return "sha256:" + h.hexdigest()
+
+    def labels(self) -> np.ndarray:
+        """The target as the user wrote it: class label strings, or values."""
+        if self.class_labels is None:
+            return self.target
+        return np.asarray(self.class_labels, dtype=object)[self.target]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Features and target as a DataFrame (labels as strings), e.g. to add new rows to."""
+        frame = pd.DataFrame(self.features, columns=self.feature_names)
+        frame[self.target_name] = self.labels()
+        return frame
+
+
+# -- built-in datasets ---------------------------------------------------------------------------
+def _sklearn(loader: Callable[..., object], *, labels: bool) -> Callable[[int | None, int], pd.DataFrame]:
+    def load(rows: int | None, seed: int) -> pd.DataFrame:
+        bunch = loader(as_frame=True)
+        frame: pd.DataFrame = bunch.frame.copy()  # type: ignore[attr-defined]
+        if labels:  # sklearn's class names, e.g. "malignant"/"benign", in sklearn's order
+            names = [str(n) for n in bunch.target_names]  # type: ignore[attr-defined]
+            frame[TARGET] = [names[i] for i in bunch.target]  # type: ignore[attr-defined]
+        if rows is not None and rows < len(frame):
+            frame = frame.sample(n=rows, random_state=seed).reset_index(drop=True)
+        return frame
+
+    return load
+
+
+def _synthetic(rows: int | None, seed: int) -> pd.DataFrame:
+    frame = SyntheticTask(seed=seed).sample(rows or SYNTHETIC_ROWS)
+    return frame.rename(columns={SYNTHETIC_TARGET: TARGET})
+
+
+def _diabetes(as_frame: bool) -> object:
+    # the raw (unscaled) features: scaling is the model's job, inside the exported graph
+    return skd.load_diabetes(as_frame=as_frame, scaled=False)
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    task: Task
+    description: str
+    load: Callable[[int | None, int], pd.DataFrame]
+    class_labels: Callable[[], list[str]] | None = None
+
+
+def _names(loader: Callable[[], object]) -> Callable[[], list[str]]:
+    return lambda: [str(n) for n in loader().target_names]  # type: ignore[attr-defined]
+
+
+BUILTINS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in [
+        BuiltinDataset("breast_cancer", Task.classification,
+                       "569 tumours, 30 features, malignant/benign",
+                       _sklearn(skd.load_breast_cancer, labels=True),
+                       _names(skd.load_breast_cancer)),
+        BuiltinDataset("wine", Task.classification, "178 wines, 13 features, 3 cultivars",
+                       _sklearn(skd.load_wine, labels=True), _names(skd.load_wine)),
+        BuiltinDataset("digits", Task.classification,
+                       "1797 8x8 images of digits as 64 pixel features, 10 classes",
+                       _sklearn(skd.load_digits, labels=True), _names(skd.load_digits)),
+        BuiltinDataset("diabetes", Task.regression,
+                       "442 patients, 10 features, disease progression (regression)",
+                       _sklearn(_diabetes, labels=False)),
+        BuiltinDataset("synthetic", Task.classification,
+                       f"seeded synthetic task, 20 features, binary ({SYNTHETIC_ROWS} rows unless --rows)",
+                       _synthetic, lambda: ["0", "1"]),
+    ]
+}
+
+
+# -- reading user files --------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file; a missing, empty or unreadable file is a :class:`DataError`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: file is empty") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file") from exc
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        kind = "CSV" if suffix == ".csv" else "Parquet"
+        raise DataError(f"{path}: cannot read {kind}: {_first_line(exc)}") from exc
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _row(mask: np.ndarray) -> int:
+    """1-based number of the first data row where ``mask`` holds."""
+    return int(np.flatnonzero(mask)[0]) + 1
+
+
+def _numeric_column(source: str, name: str, col: pd.Series) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(col):
+        col = col.astype(float)
+    if not pd.api.types.is_numeric_dtype(col):
+        coerced = pd.to_numeric(col, errors="coerce")
+        bad = (coerced.isna() & col.notna()).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{source}: column {name!r} is not numeric (value {col.iloc[i]!r} in row {i + 1})"
+            )
+        col = coerced
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported below
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan).astype(np.float32)
+    if np.isnan(values).all():
+        raise DataError(f"{source}: column {name!r} has no values (all missing)")
+    inf = np.isinf(values)
+    if inf.any():
+        raise DataError(f"{source}: column {name!r} has an infinite or too large value in row {_row(inf)}")
+    return values
+
+
+def _label_text(value: object) -> str:
+    # 1.0 read from a CSV column with a missing value is the class "1", not "1.0"
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    try:  # numeric labels in numeric order ("2" before "10")
+        return sorted(labels, key=float)
+    except ValueError:
+        return sorted(labels)
+
+
+def _infer_task(col: pd.Series) -> Task:
+    if pd.api.types.is_float_dtype(col):
+        return Task.regression
+    if pd.api.types.is_integer_dtype(col) and col.nunique() > MAX_INFERRED_CLASSES:
+        return Task.regression
+    return Task.classification
+
+
+def prepare(
+    frame: pd.DataFrame,
+    target: str,
+    *,
+    task: Task | None = None,
+    class_labels: Sequence[str] | None = None,
+    source: str = "dataframe",
+) -> TabularDataset:
+    """Validate ``frame`` and turn it into a :class:`TabularDataset`.
+
+    ``task`` None infers it: a float target, or an integer one with more than 20 distinct values,
+    is regression; anything else is classification. ``class_labels`` fixes the classes and their
+    order (a retrained model keeps its champion's); otherwise they are the sorted distinct labels.
+    """
+    if len(frame.columns) == 0:
+        raise DataError(f"{source}: file is empty")
+    if target not in frame.columns:
+        cols = [str(c) for c in frame.columns]
+        shown = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
+        raise DataError(f"{source}: target column {target!r} not found (columns: {shown})")
+    if len(frame) == 0:
+        raise DataError(f"{source}: no data rows")
+    names = [str(c) for c in frame.columns if c != target]
+    if not names:
+        raise DataError(f"{source}: no feature columns besides the target {target!r}")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{source}: column {dup!r} appears more than once")
+    for name in names:
+        if name.startswith(RESERVED_PREFIX):
+            raise DataError(f"{source}: column {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+    features = np.column_stack(
+        [_numeric_column(source, str(c), frame[c]) for c in frame.columns if c != target]
+    ).astype(np.float32)
+
+    y = frame[target]
+    missing = y.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{source}: target column {target!r} is missing in {int(missing.sum())} rows "
+            f"(first in row {_row(missing)})"
+        )
+    task = task or _infer_task(y)
+    if task is Task.regression:
+        values = _numeric_column(source, f"{target}", y).astype(np.float64)
+        return TabularDataset(source, features, values, names, target, task)
+    if task is not Task.classification:
+        raise DataError(f"{source}: task {task.value!r} is not supported for tabular training")
+
+    text = y.map(_label_text).to_numpy(dtype=object)
+    seen = set(text.tolist())
+    if class_labels is None:
+        labels = _sort_labels(seen)
+        if len(labels) < 2:
+            raise DataError(
+                f"{source}: target column {target!r} has a single class ({labels[0]!r}); "
+                "a classifier needs at least 2"
+            )
+    else:
+        labels = [str(c) for c in class_labels]
+        unknown = sorted(seen - set(labels))
+        if unknown:
+            raise DataError(
+                f"{source}: target column {target!r} has labels the model does not know: "
+                f"{', '.join(map(repr, unknown[:5]))} (classes: {', '.join(labels)})"
+            )
+    index = {label: i for i, label in enumerate(labels)}
+    codes = np.fromiter((index[t] for t in text), dtype=np.int64, count=len(text))
+    return TabularDataset(source, features, codes, names, target, task, labels)
+
+
+def load_data(
+    source: str | Path,
+    target: str = TARGET,
+    *,
+    task: Task | None = None,
+    rows: int | None = None,
+    seed: int = 0,
+    class_labels: Sequence[str] | None = None,
+) -> TabularDataset:
+    """A built-in dataset by name (``rows`` and ``seed`` subsample it or seed the synthetic
+    task), or a CSV/Parquet file with the named ``target`` column."""
+    name = str(source)
+    if name in BUILTINS:
+        builtin = BUILTINS[name]
+        frame = builtin.load(rows, seed)
+        labels = class_labels or (builtin.class_labels() if builtin.class_labels else None)
+        return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name)
+    return prepare(read_table(source), target, task=task, class_labels=class_labels, source=name)
+
+
+# -- split ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """Row indices of the train, validation and test parts of a dataset."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_dataset(
+    ds: TabularDataset, *, val_fraction: float, test_fraction: float, seed: int
+) -> Split:
+    """A seeded split, stratified by class for classification (same seed, same split)."""
+    idx = np.arange(len(ds))
+    stratify = ds.target if ds.task is Task.classification else None
+    if stratify is not None:
+        counts = np.bincount(stratify, minlength=len(ds.class_labels or []))
+        present = counts[counts > 0]
+        if present.min() < 3:
+            label = (ds.class_labels or [])[int(np.flatnonzero(counts == present.min())[0])]
+            raise DataError(
+                f"{ds.source}: class {label!r} has only {int(present.min())} rows; "
+                "a stratified train/validation/test split needs at least 3 per class"
+            )
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                      stratify=stratify)
+        val_share = val_fraction / (1.0 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, random_state=seed,
+                                      stratify=None if stratify is None else stratify[rest])
+    except ValueError as exc:
+        raise DataError(
+            f"{ds.source}: too few rows ({len(ds)}) for a train/validation/test split: "
+            f"{_first_line(exc)}"
+        ) from exc
+    return Split(np.sort(train), np.sort(val), np.sort(test))

@@ -1,0 +1,234 @@
+"""ONNX export, checked where it is born.
+
+:func:`export_onnx` exports a module with ``torch.onnx.export`` (the dynamo-based exporter) with a
+dynamic batch axis, runs ``onnx.checker`` and checks the graph conventions of
+``modelloop.schemas`` (input ``input`` float32 ``[batch, n_features]``, the named outputs with a
+dynamic batch axis). :func:`check_parity` then runs ONNX Runtime against PyTorch on held-out rows
+at several batch sizes, collects every output that differs by more than the tolerance and raises
+one :class:`ParityError` listing them all::
+
+    onnx_bytes = export_onnx(InferenceGraph(net), n_features=30, output_names=["probabilities"],
+                             example=x_test[:8])
+    parity = check_parity(InferenceGraph(net), onnx_bytes, x_test, tolerance=1e-4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from modelloop.schemas import INPUT_NAME, ParityResult
+
+log = logging.getLogger(__name__)
+
+EXPORT_EXAMPLE_ROWS = 8  # a batch-1 example can get specialised into a constant batch axis
+# the exporter's own chatter: its steps on stdout, INFO logs per optimisation pass, warnings
+# about optional packages (torchvision) that have nothing to do with our models
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in _EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported graph breaks the ONNX conventions."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One output at one batch size where ONNX Runtime and PyTorch disagree."""
+
+    output: str
+    batch_size: int
+    max_abs_diff: float
+    worst_row: int
+    """Index of the held-out row with the largest difference."""
+
+    def __str__(self) -> str:
+        return (f"{self.output} at batch size {self.batch_size}: max abs diff "
+                f"{self.max_abs_diff:.3g} (held-out row {self.worst_row})")
+
+
+class ParityError(ExportError):
+    """The exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+    def __init__(self, mismatches: Sequence[Mismatch], tolerance: float) -> None:
+        self.mismatches = list(mismatches)
+        self.tolerance = tolerance
+        listed = "; ".join(str(m) for m in self.mismatches)
+        super().__init__(f"ONNX export parity failed: {len(self.mismatches)} output(s) differ "
+                         f"from PyTorch by more than {tolerance:g}: {listed}")
+
+
+def export_onnx(
+    module: nn.Module, *, n_features: int, output_names: Sequence[str], example: np.ndarray
+) -> bytes:
+    """Export ``module`` (raw ``[batch, n_features]`` float32 in) to ONNX bytes, checked."""
+    module = module.eval().cpu()
+    x = _example(example, n_features)
+    batch = torch.export.Dim("batch")
+    try:
+        # stdout stays clean for `modelloop train --json`
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module, (x,), input_names=[INPUT_NAME], output_names=list(output_names),
+                dynamic_shapes=({0: batch},), dynamo=True, verbose=False, external_data=False,
+            )
+    except Exception as exc:  # the exporter raises many types; all mean the same to the caller
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        program.save(path, external_data=False)
+        data = path.read_bytes()
+    proto = onnx.load_from_string(data)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+    check_conventions(proto, n_features=n_features, output_names=output_names)
+    log.info("exported ONNX graph: %d bytes, opset %d", len(data), proto.opset_import[0].version)
+    return data
+
+
+def _example(example: np.ndarray, n_features: int) -> torch.Tensor:
+    rows = np.asarray(example, dtype=np.float32).reshape(-1, n_features)
+    if len(rows) == 0:
+        rows = np.zeros((1, n_features), dtype=np.float32)
+    # tile to >= 2 rows so the exporter cannot take the batch size for a constant
+    rows = rows[np.arange(max(len(rows), EXPORT_EXAMPLE_ROWS)) % len(rows)]
+    return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param if d.HasField("dim_param") or not d.HasField("dim_value") else d.dim_value
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_conventions(proto: onnx.ModelProto, *, n_features: int, output_names: Sequence[str]) -> None:
+    """Raise :class:`ExportError` unless the graph follows the conventions serving relies on."""
+    problems: list[str] = []
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        problems.append(f"inputs are {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
+    else:
+        (inp,) = inputs
+        if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            problems.append("input is not float32")
+        dims = _dims(inp)
+        if len(dims) != 2 or isinstance(dims[0], int) or dims[1] != n_features:
+            problems.append(f"input shape is {dims}, expected [batch, {n_features}]")
+    if [o.name for o in proto.graph.output] != list(output_names):
+        problems.append(f"outputs are {[o.name for o in proto.graph.output]}, expected {list(output_names)}")
+    for out in proto.graph.output:
+        dims = _dims(out)
+        if not dims or isinstance(dims[0], int):
+            problems.append(f"output {out.name!r} has no dynamic batch axis (shape {dims})")
+    if problems:
+        raise ExportError("exported graph breaks the ONNX conventions: " + "; ".join(problems))
+
+
+def onnx_session(onnx_model: bytes | Path) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU provider (the one every machine has)."""
+    source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """All outputs of ``session`` for raw features ``x``, in batches of ``batch_size``."""
+    names = [o.name for o in session.get_outputs()]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    parts = [session.run(names, {INPUT_NAME: x[i:i + batch_size]})
+             for i in range(0, max(len(x), 1), batch_size)]
+    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+
+
+def _torch_outputs(module: nn.Module, x: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = module(torch.from_numpy(x))
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return {name: o.detach().cpu().numpy() for name, o in zip(names, outs, strict=True)}
+
+
+def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    both_nan = np.isnan(a) & np.isnan(b)
+    # NaN on one side only is the worst mismatch there is; NaN on both sides agrees
+    return np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+
+
+def check_parity(
+    module: nn.Module,
+    onnx_model: bytes | Path,
+    holdout: np.ndarray,
+    *,
+    tolerance: float,
+    batch_sizes: Sequence[int] = (1, 7, 4096),
+    max_rows: int = 512,
+) -> ParityResult:
+    """Run the ONNX model and ``module`` (eval mode, CPU) on the same held-out rows at each batch
+    size; raise one :class:`ParityError` listing every output and batch size off by more than
+    ``tolerance``. Rows are tiled to fill a batch larger than the held-out set."""
+    module = module.eval().cpu()
+    held = np.ascontiguousarray(np.asarray(holdout, dtype=np.float32)[:max_rows])
+    if len(held) == 0:
+        raise ExportError("no held-out rows to check the exported model on")
+    session = onnx_session(onnx_model)
+    names = [o.name for o in session.get_outputs()]
+    mismatches: list[Mismatch] = []
+    worst = 0.0
+    for b in batch_sizes:
+        n_batches = -(-max(len(held), b) // b)
+        rows = np.arange(n_batches * b) % len(held)  # held-out row index of each checked row
+        per_output: dict[str, tuple[float, int]] = {n: (0.0, 0) for n in names}
+        for k in range(n_batches):
+            ids = rows[k * b:(k + 1) * b]
+            x = held[ids]
+            got = dict(zip(names, session.run(names, {INPUT_NAME: x}), strict=True))
+            want = _torch_outputs(module, x, names)
+            for name in names:
+                if got[name].shape != want[name].shape:
+                    per_output[name] = (np.inf, int(ids[0]))
+                    continue
+                diff = _abs_diff(got[name], want[name]).reshape(len(x), -1).max(axis=1)
+                i = int(diff.argmax())
+                if diff[i] > per_output[name][0]:
+                    per_output[name] = (float(diff[i]), int(ids[i]))
+        for name, (max_diff, row) in per_output.items():
+            worst = max(worst, max_diff)
+            if not max_diff <= tolerance:
+                mismatches.append(Mismatch(name, b, max_diff, row))
+    if mismatches:
+        raise ParityError(mismatches, tolerance)
+    log.info("ONNX parity holds: max abs diff %.2e <= %g at batch sizes %s on %d rows",
+             worst, tolerance, list(batch_sizes), len(held))
+    return ParityResult(passed=True, max_abs_diff=worst, tolerance=tolerance,
+                        batch_sizes=list(batch_sizes), rows_checked=len(held))

@@ -1,0 +1,241 @@
+"""Model architectures for tabular data, with the preprocessing inside the model.
+
+Every model is a :class:`TabularNet`: a fitted :class:`Preprocessor` (median imputation, then
+standardization, held as buffers) followed by a *backbone* from the architecture registry, which
+maps ``[batch, n_features]`` standardized features to ``[batch, n_outputs]``. ``forward`` gives
+what the loss needs (logits, or the standardized target); ``infer`` gives what serving gets
+(probabilities, or the target in its own units), and :class:`InferenceGraph` is the module that
+is exported to ONNX, so the graph takes raw float32 features, NaN included.
+
+A new architecture registers a backbone builder and its parameters, and reuses the trainer,
+export and registration unchanged::
+
+    register_architecture(Architecture("resnet", ResNetParams, build_resnet, "residual MLP"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+from torch.nn import functional as F
+
+from modelloop.schemas import INPUT_NAME, PREDICTION, PROBABILITIES, Task, TensorSpec
+
+
+class Preprocessor(nn.Module):
+    """Median imputation of NaN, then standardization; statistics fitted on training rows.
+
+    The statistics are registered buffers, so they are saved with the weights and become
+    constants of the exported graph: serving passes raw features and cannot skew.
+    """
+
+    median: torch.Tensor
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.register_buffer("median", torch.zeros(n_features))
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> Preprocessor:
+        """Fit on the training rows ``[rows, n_features]`` (NaN = missing)."""
+        x = np.asarray(features, dtype=np.float64)
+        observed = ~np.isnan(x)
+        # a column can be all-missing in the training rows even though the file had values
+        median = np.array([np.median(col[ok]) if ok.any() else 0.0
+                           for col, ok in zip(x.T, observed.T, strict=True)])
+        filled = np.where(observed, x, median)
+        mean, std = filled.mean(axis=0), filled.std(axis=0)
+        std = np.where(std > 1e-12, std, 1.0)  # a constant column passes through centred
+        pre = cls(x.shape[1])
+        for name, value in (("median", median), ("mean", mean), ("scale", std)):
+            getattr(pre, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+        return pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(torch.isnan(x), self.median, x)
+        return (x - self.mean) / self.scale
+
+
+class TabularNet(nn.Module):
+    """Preprocessing, a backbone and the task's output head (see the module docstring)."""
+
+    target_mean: torch.Tensor
+    target_scale: torch.Tensor
+
+    def __init__(
+        self,
+        preprocess: Preprocessor,
+        backbone: nn.Module,
+        task: Task,
+        n_outputs: int,
+        target_mean: float = 0.0,
+        target_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if task not in (Task.classification, Task.regression):
+            raise ValueError(f"TabularNet supports classification and regression, not {task}")
+        self.preprocess = preprocess
+        self.backbone = backbone
+        self.task = task
+        self.n_outputs = n_outputs
+        # a regressor learns the standardized target; infer() maps back to the target's units
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_scale", torch.tensor(float(target_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training outputs: logits, or the standardized target."""
+        out: torch.Tensor = self.backbone(self.preprocess(x))
+        return out
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Serving outputs: class probabilities, or the prediction in the target's units."""
+        out = self(x)
+        if self.task is Task.classification:
+            return torch.softmax(out, dim=-1)
+        return out * self.target_scale + self.target_mean
+
+    def encode_target(self, y: np.ndarray) -> torch.Tensor:
+        """The target as :meth:`loss` wants it."""
+        if self.task is Task.classification:
+            return torch.as_tensor(y, dtype=torch.long)
+        scaled = (np.asarray(y, dtype=np.float64) - float(self.target_mean)) / float(self.target_scale)
+        return torch.as_tensor(scaled, dtype=torch.float32).reshape(-1, 1)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task is Task.classification:
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, y)
+
+    @property
+    def output_name(self) -> str:
+        return PROBABILITIES if self.task is Task.classification else PREDICTION
+
+    def io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The ONNX inputs and outputs, as the conventions of ``modelloop.schemas`` say."""
+        n_features = int(self.preprocess.mean.numel())
+        inputs = [TensorSpec(name=INPUT_NAME, dtype="float32", shape=[None, n_features])]
+        outputs = [TensorSpec(name=self.output_name, dtype="float32", shape=[None, self.n_outputs])]
+        return inputs, outputs
+
+
+class InferenceGraph(nn.Module):
+    """The exported module: raw features in, serving outputs out (``TabularNet.infer``)."""
+
+    def __init__(self, net: TabularNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.infer(x)
+
+
+# -- architectures -------------------------------------------------------------------------------
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+}
+
+
+class MLPParams(BaseModel):
+    """Parameters of the ``mlp`` architecture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 32])
+    """Width of each hidden layer."""
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout after each hidden layer's activation."""
+    batch_norm: bool = True
+    """Batch normalisation before each activation."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+class MLP(nn.Module):
+    """Linear -> [BatchNorm] -> activation -> [Dropout], per hidden layer, then a linear head."""
+
+    def __init__(self, n_features: int, n_outputs: int, params: MLPParams) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in params.hidden:
+            layers.append(nn.Linear(width, h))
+            if params.batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(ACTIVATIONS[params.activation]())
+            if params.dropout > 0:
+                layers.append(nn.Dropout(params.dropout))
+            width = h
+        layers.append(nn.Linear(width, n_outputs))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.layers(x)
+        return out
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A named backbone: its parameter model and a builder ``(params, n_features, n_outputs)``."""
+
+    name: str
+    params: type[BaseModel]
+    build: Callable[[BaseModel, int, int], nn.Module]
+    description: str
+    tasks: frozenset[Task] = frozenset({Task.classification, Task.regression})
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def _build_mlp(params: BaseModel, n_features: int, n_outputs: int) -> nn.Module:
+    assert isinstance(params, MLPParams)
+    return MLP(n_features, n_outputs, params)
+
+
+register_architecture(Architecture("mlp", MLPParams, _build_mlp, "multi-layer perceptron"))
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})"
+        ) from None
+
+
+def build_model(
+    architecture: str,
+    params: BaseModel,
+    *,
+    train_features: np.ndarray,
+    task: Task,
+    n_outputs: int,
+    train_target: np.ndarray | None = None,
+) -> TabularNet:
+    """A fresh model whose preprocessing (and, for regression, target scaling) is fitted on the
+    training rows. Seed the RNG first for reproducible initial weights."""
+    arch = get_architecture(architecture)
+    if task not in arch.tasks:
+        raise ValueError(f"architecture {architecture!r} does not support {task.value}")
+    pre = Preprocessor.fit(train_features)
+    backbone = arch.build(params, train_features.shape[1], n_outputs)
+    mean, scale = 0.0, 1.0
+    if task is Task.regression and train_target is not None:
+        mean = float(np.mean(train_target))
+        scale = float(np.std(train_target)) or 1.0
+    return TabularNet(pre, backbone, task, n_outputs, mean, scale)

@@ -1,0 +1,93 @@
+"""Settings of the training process (env prefix ``MODELLOOP_TRAINING_``).
+
+Build them once in the entry point (the CLI, a retraining job) and pass them down::
+
+    settings = TrainingSettings()                 # reads MODELLOOP_TRAINING_* and MODELLOOP_HOME
+    config = TrainingConfig.from_settings(settings, epochs=20)
+
+The hyperparameter fields are the *defaults* of a :class:`training.config.TrainingConfig`; the
+config actually used is stored with each registered version, so a retraining job trains with the
+champion's config, not with whatever these defaults are at that time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic_settings import SettingsConfigDict
+
+from modelloop.settings import HomeSettings
+
+Device = Literal["auto", "cpu", "cuda"]
+Scheduler = Literal["plateau", "cosine", "none"]
+
+
+class TrainingSettings(HomeSettings):
+    """Settings of ``modelloop train`` and of every job that trains a model."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELLOOP_TRAINING_", extra="ignore", populate_by_name=True
+    )
+
+    # -- export check --------------------------------------------------------------------------
+    parity_tolerance: NonNegativeFloat = 1e-4
+    """Largest absolute difference allowed between an ONNX Runtime output and the PyTorch output
+    for the same rows; any larger difference fails the export with a ``ParityError``."""
+
+    parity_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 7, 4096])
+    """Batch sizes at which the exported model is run against PyTorch (held-out rows are tiled
+    to fill the largest)."""
+
+    parity_rows: PositiveInt = 512
+    """At most this many held-out rows are checked one by one (batch size 1) and in small
+    batches; enough to catch a bad export without making large data slow."""
+
+    # -- defaults of the training config -------------------------------------------------------
+    epochs: PositiveInt = 150
+    """Maximum number of passes over the training split (early stopping usually ends sooner)."""
+
+    batch_size: PositiveInt = 32
+    """Rows per optimisation step."""
+
+    learning_rate: PositiveFloat = 1e-3
+    """AdamW's initial learning rate."""
+
+    weight_decay: NonNegativeFloat = 1e-4
+    """AdamW's decoupled weight decay (L2), applied to weight matrices, not to biases or norms."""
+
+    l1: NonNegativeFloat = 0.0
+    """L1 penalty on the weight matrices added to the loss (0 disables it)."""
+
+    patience: PositiveInt = 15
+    """Epochs without a better validation loss before training stops; the best weights are
+    restored."""
+
+    scheduler: Scheduler = "plateau"
+    """Learning-rate schedule: ``plateau`` halves it when the validation loss stalls, ``cosine``
+    anneals it to zero over ``epochs``, ``none`` keeps it constant."""
+
+    grad_clip: NonNegativeFloat = 1.0
+    """Largest gradient norm per step (0 disables clipping)."""
+
+    seed: NonNegativeInt = 0
+    """Seed of the split, the weight initialisation, dropout and batch order. On CPU the same
+    seed gives bit-identical weights."""
+
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    """Share of rows held out for early stopping and the LR schedule."""
+
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    """Share of rows held out for the metrics stored with the version."""
+
+    # -- process -------------------------------------------------------------------------------
+    device: Device = "auto"
+    """Where to train: ``auto`` uses CUDA when available, else the CPU. Export always runs on
+    the CPU."""
+
+    reference_rows: PositiveInt = 2000
+    """At most this many training rows (features, labels, predictions) are stored with each
+    version as the reference that drift is measured against."""
+
+    progress: bool = True
+    """Show a progress bar while training (on stderr)."""
