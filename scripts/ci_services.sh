@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start (or install) what the integration tests talk to: PostgreSQL, and the tools
-# prometheus/promtool, wrk and helm. Safe to run again: each step checks first.
+# prometheus/promtool, amtool, wrk and helm. Safe to run again: each step checks first.
 set -euo pipefail
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -12,6 +12,7 @@ fi
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v wrk >/dev/null || need+=(wrk)
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need[*]}"
   # another apt run (a parallel job on the same box) holds the lock for a while: wait for it
@@ -19,7 +20,8 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
     --no-install-recommends "${need[@]}" >/dev/null
   # the Debian package starts a Prometheus server on :9090; tests start their own
-  as_root systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true
+  # (and the alertmanager package one on :9093)
+  as_root systemctl stop prometheus prometheus-node-exporter prometheus-alertmanager 2>/dev/null || true
   pkill -x prometheus 2>/dev/null || true
   pkill -f prometheus-node-exporter 2>/dev/null || true
 fi
