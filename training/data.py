@@ -267,9 +267,10 @@ def prepare(
     y = frame[target]
     missing = y.isna().to_numpy()
     if missing.any():
+        k = int(missing.sum())
         raise DataError(
-            f"{source}: target column {target!r} is missing in {int(missing.sum())} rows "
-            f"(first in row {_row(missing)})"
+            f"{source}: target column {target!r} has {k} missing {'value' if k == 1 else 'values'}"
+            f" (first in row {_row(missing)})"
         )
     task = task or _infer_task(y)
     if task is Task.regression:
