@@ -8,6 +8,8 @@
 #   batch-shard IN_DIR OUT_DIR one shard of a Kubernetes Indexed Job: the files of IN_DIR whose
 #                              position (sorted by name) modulo JOB_COMPLETIONS is
 #                              JOB_COMPLETION_INDEX, each scored to OUT_DIR/<name>.parquet
+#   bootstrap NAME [OPTIONS]   train and promote model NAME (modelloop train options) unless
+#                              the registry already has a production version of it
 #   healthcheck                the image's HEALTHCHECK: probes whatever this container runs
 #   modelloop ARGS...          any other modelloop command
 #
@@ -37,7 +39,7 @@ note_role() {
 }
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # The sidecar's target: an explicit MODELLOOP_MONITOR_TARGET_PID or _TARGET_CGROUP wins;
@@ -94,6 +96,20 @@ batch_shard() {
   echo "modelloop-entrypoint: shard $index/$count scored $n file(s)" >&2
 }
 
+# A first model for a fresh registry (docker-compose's bootstrap service, the chart's
+# bootstrap Job); a no-op once the model has a production version.
+bootstrap() {
+  [ $# -ge 1 ] || die "bootstrap needs the model NAME (got nothing)"
+  local name="$1"
+  shift
+  if modelloop models show "$name" production >/dev/null 2>&1; then
+    echo "modelloop-entrypoint: $name already has a production version; nothing to train" >&2
+    return 0
+  fi
+  echo "modelloop-entrypoint: training the first version of $name" >&2
+  exec modelloop train --name "$name" --promote "$@"
+}
+
 # The HEALTHCHECK: live when the role's HTTP health route answers; jobs are always healthy.
 healthcheck() {
   local role url
@@ -142,6 +158,10 @@ case "$command" in
     note_role job
     batch_shard "$@"
     ;;
+  bootstrap)
+    note_role job
+    bootstrap "$@"
+    ;;
   healthcheck)
     healthcheck
     ;;
@@ -157,6 +177,6 @@ case "$command" in
     ;;
   *)
     usage >&2
-    die "unknown command '$command' (serve, monitor, retrain, batch, batch-shard, healthcheck, modelloop)"
+    die "unknown command '$command' (serve, monitor, retrain, batch, batch-shard, bootstrap, healthcheck, modelloop)"
     ;;
 esac

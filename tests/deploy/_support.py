@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ RULES = CHART / "files" / "prometheus" / "rules.yml"
 RULES_TEST = ROOT / "tests" / "deploy" / "prometheus" / "rules.test.yml"
 DASHBOARDS = CHART / "files" / "grafana" / "dashboards"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
+ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
 
 # Metrics a query may use beyond the catalog: Prometheus's own scrape health.
 PROMETHEUS_BUILTINS = {"up"}
@@ -48,6 +50,25 @@ def tool(name: str) -> str:
 def run(args: list[str], cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a tool; the result carries stdout and stderr for the assertion message."""
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def entrypoint_env(run_dir: Path, home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of the image, here: modelloop on PATH, a run dir and a home of our own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELLOOP_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MODELLOOP_RUN_DIR"] = str(run_dir)
+    env["MODELLOOP_HOME"] = str(home or run_dir / "home")
+    env.update(extra)
+    return env
+
+
+def run_entrypoint(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )
 
 
 # ----------------------------------------------------------------------------- metric catalog

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import re
 import socket
 import subprocess
@@ -13,25 +13,15 @@ from pathlib import Path
 import pytest
 
 from modelloop.cli import COMMANDS
-from tests.deploy._support import ROOT, run, tool
-
-ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
+from tests.deploy._support import ENTRYPOINT, entrypoint_env, run, run_entrypoint, tool
 
 
 def env_for(run_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELLOOP_")}
-    # the image has modelloop on PATH; here it is the virtualenv's
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MODELLOOP_RUN_DIR"] = str(run_dir)
-    env["MODELLOOP_HOME"] = str(run_dir / "home")
-    env.update(extra)
-    return env
+    return entrypoint_env(run_dir, **extra)
 
 
 def entrypoint(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    return run_entrypoint(args, env)
 
 
 def require_command(command: str) -> None:
@@ -74,7 +64,9 @@ def test_command_selects_the_modelloop_command(
         # no command at all
         ([], {}, "modelloop-entrypoint: no command given"),
         # a typo
-        (["srve"], {}, "modelloop-entrypoint: unknown command 'srve' (serve, monitor, retrain, batch, batch-shard, healthcheck, modelloop)"),
+        (["srve"], {}, "modelloop-entrypoint: unknown command 'srve' (serve, monitor, retrain, batch, batch-shard, bootstrap, healthcheck, modelloop)"),
+        # bootstrap without a model name
+        (["bootstrap"], {}, "modelloop-entrypoint: bootstrap needs the model NAME (got nothing)"),
         # batch-shard without its folders
         (["batch-shard", "in"], {}, "modelloop-entrypoint: batch-shard needs IN_DIR OUT_DIR (got: in)"),
         # an input folder that is not there
@@ -102,7 +94,7 @@ def test_usage_errors_exit_64_with_one_clear_line(
 def test_help_lists_the_roles(tmp_path: Path) -> None:
     result = entrypoint(["--help"], env_for(tmp_path))
     assert result.returncode == 0
-    for role in ("serve", "monitor", "retrain", "batch", "batch-shard", "healthcheck"):
+    for role in ("serve", "monitor", "retrain", "batch", "batch-shard", "bootstrap", "healthcheck"):
         assert f"\n  {role} " in result.stdout
 
 
@@ -180,3 +172,21 @@ def test_healthcheck_by_role(tmp_path: Path, role: str | None, port_var: str | N
     assert (result.returncode == 0) is healthy, result.stderr
     if not healthy:
         assert "Connection refused" in result.stderr
+
+
+@pytest.mark.slow
+def test_bootstrap_trains_once_then_leaves_the_registry_alone(
+    model_home: Path, tmp_path: Path
+) -> None:
+    env = env_for(tmp_path, MODELLOOP_HOME=str(model_home))
+    shown = subprocess.run(
+        ["modelloop", "models", "show", "demo", "production", "--json"],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["version"] == 1
+    # a second bootstrap (a restarted compose stack) trains nothing
+    again = entrypoint(["bootstrap", "demo", "--dataset", "synthetic"], env)
+    assert again.returncode == 0, again.stderr
+    assert "demo already has a production version; nothing to train" in again.stderr
+    assert sorted(p.name for p in (model_home / "registry/demo/versions").iterdir()) == ["1"]
