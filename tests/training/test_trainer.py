@@ -1,0 +1,143 @@
+"""The training loop: determinism, early stopping, penalties, schedules, failure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelloop.schemas import Task
+from training.config import TrainingConfig
+from training.data import TabularDataset, load_data, split_dataset
+from training.models import MLPParams, TabularNet, build_model
+from training.settings import TrainingSettings
+from training.trainer import FitResult, TrainingError, fit, resolve_device, seeded
+
+
+@pytest.fixture(scope="module")
+def data() -> TabularDataset:
+    return load_data("synthetic", rows=600, seed=0)
+
+
+def _config(**overrides: object) -> TrainingConfig:
+    return TrainingConfig.from_settings(TrainingSettings(), **{"epochs": 6, **overrides})
+
+
+def _train(ds: TabularDataset, config: TrainingConfig, params: MLPParams | None = None
+           ) -> tuple[TabularNet, FitResult]:
+    split = split_dataset(ds, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction, seed=config.seed)
+    with seeded(config.seed):
+        net = build_model("mlp", params or MLPParams(), train_features=ds.features[split.train],
+                          task=ds.task, n_outputs=2)
+    result = fit(net, net.loss,
+                 (torch.from_numpy(ds.features[split.train]), net.encode_target(ds.target[split.train])),
+                 (torch.from_numpy(ds.features[split.val]), net.encode_target(ds.target[split.val])),
+                 config, progress=False)
+    return net, result
+
+
+def test_same_seed_gives_identical_weights(data: TabularDataset) -> None:
+    a, _ = _train(data, _config(seed=7))
+    b, _ = _train(data, _config(seed=7))
+    c, _ = _train(data, _config(seed=8))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_early_stopping_restores_the_best_epoch() -> None:
+    # few rows, a wide net and a high learning rate: it overfits within a few epochs
+    ds = load_data("synthetic", rows=200, seed=0)
+    config = _config(epochs=200, patience=5, learning_rate=0.02, scheduler="none")
+    net, result = _train(ds, config, MLPParams(hidden=[256, 256], dropout=0.0))
+    assert result.stopped_early and result.epochs_run == result.best_epoch + 5 < 200
+    last = result.history[-1]
+    assert last.val_loss > result.best_val_loss
+    assert result.history[result.best_epoch - 1].val_loss == result.best_val_loss
+    # the model holds the best epoch's weights, not the last one's
+    split = split_dataset(ds, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                          seed=config.seed)
+    with torch.no_grad():
+        val = net.loss(net(torch.from_numpy(ds.features[split.val])),
+                       net.encode_target(ds.target[split.val]))
+    assert float(val) == pytest.approx(result.best_val_loss, rel=1e-5)
+    assert not net.training
+
+
+def test_l1_penalty_shrinks_the_weights(data: TabularDataset) -> None:
+    def weight_mass(net: TabularNet) -> float:
+        return sum(float(p.detach().abs().sum()) for p in net.parameters() if p.ndim >= 2)
+
+    plain, _ = _train(data, _config(l1=0.0))
+    sparse, _ = _train(data, _config(l1=0.01))
+    assert weight_mass(sparse) < 0.8 * weight_mass(plain)
+
+
+def test_cosine_schedule_anneals_the_learning_rate(data: TabularDataset) -> None:
+    _, result = _train(data, _config(scheduler="cosine", epochs=6, patience=50))
+    rates = [h.learning_rate for h in result.history]
+    assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True)
+    assert rates[-1] < 0.1 * rates[0]
+
+
+def test_plateau_schedule_halves_the_rate_when_validation_stalls() -> None:
+    ds = load_data("synthetic", rows=200, seed=0)
+    _, result = _train(ds, _config(epochs=60, patience=9, learning_rate=0.02, scheduler="plateau"),
+                       MLPParams(hidden=[256, 256], dropout=0.0))
+    rates = sorted({h.learning_rate for h in result.history}, reverse=True)
+    assert rates[:2] == [pytest.approx(0.02), pytest.approx(0.01)]
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error() -> None:
+    x = torch.randn(64, 3)
+    y = torch.full((64, 1), float("nan"))  # the loss cannot be finite
+    net = torch.nn.Linear(3, 1)
+    with pytest.raises(TrainingError, match=r"^training diverged at epoch 1 .*lower the learning rate"):
+        fit(net, torch.nn.functional.mse_loss, (x, y), (x, y), _config(), progress=False)
+
+
+def test_fit_trains_any_module_with_any_loss() -> None:
+    """The loop is not tied to TabularNet: a plain regression module and loss."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.3
+    net = torch.nn.Linear(4, 1)
+    result = fit(net, torch.nn.functional.mse_loss, (x[:200], y[:200]), (x[200:], y[200:]),
+                 _config(epochs=80, learning_rate=0.05, weight_decay=0.0, patience=80,
+                         scheduler="none"), progress=False)
+    assert result.best_val_loss < 0.01
+
+
+def test_seeded_leaves_no_global_state_behind() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    was = torch.are_deterministic_algorithms_enabled()
+    with seeded(5):
+        torch.rand(10)
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.are_deterministic_algorithms_enabled() == was
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_is_checked() -> None:
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(TrainingError, match="no GPU is available"):
+            resolve_device("cuda")
+
+
+def test_regression_target_is_learned_in_standard_units() -> None:
+    ds = load_data("diabetes")
+    net = build_model("mlp", MLPParams(), train_features=ds.features, task=Task.regression,
+                      n_outputs=1, train_target=ds.target).eval()
+    encoded = net.encode_target(ds.target)
+    assert float(encoded.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(encoded.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():  # infer() maps a standardized output back to the target's units
+        out = net.infer(torch.from_numpy(ds.features[:4]))
+        raw = net(torch.from_numpy(ds.features[:4]))
+    np.testing.assert_allclose(out, raw * ds.target.std() + ds.target.mean(), rtol=1e-5)
