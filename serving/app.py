@@ -1,0 +1,338 @@
+"""The HTTP routes: JSON ``/predict``, Open Inference Protocol v2, batch scoring, admin.
+
+A thin transport over :class:`~serving.state.ServingState`: every route validates at the boundary
+(:mod:`serving.validation`), goes through the same batcher and runtime, and answers errors as
+``{"error": message, "code": ..., "field": ...}`` with a 4xx status (503 + ``Retry-After`` when
+shedding load). ``serving/service.py`` puts this app in front of (or inside) BentoML's.
+
+Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
+
+    POST /predict                          auth   {"instances": [{...}, ...] | [[...], ...]}
+    GET  /v2  /v2/health/live  /v2/health/ready   open
+    GET  /v2/models/{name}[/versions/{v}][/ready] auth
+    POST /v2/models/{name}[/versions/{v}]/infer   auth
+    POST /batch/score                      auth   CSV or Parquet body -> scored file
+    POST /batch/jobs                       auth   CSV or Parquet body -> {"job_id": ...}
+    GET  /batch/jobs/{id}  /batch/jobs/{id}/result  auth
+    GET  /admin/model   POST /admin/reload auth
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from modelloop import __version__
+from serving import oip
+from serving.batch import BatchInputError, score_table
+from serving.batcher import Overloaded, retry_after_header
+from serving.events import request_ids
+from serving.predictions import interpret, to_records
+from serving.state import ServingState
+from serving.validation import RequestError, parse_instances, parse_json
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/parquet")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+Handler = Callable[[Request, ServingState], Awaitable[Response]]
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, JSON)
+
+
+def error_response(exc: RequestError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return json_response(exc.to_json(), exc.status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "malformed_body", "Content-Length", "Content-Length: not a number")
+        if int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        return await request.body()
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(413, "body_too_large", "body",
+                        f"body: {size} bytes is more than the limit of {limit} "
+                        "(MODELLOOP_SERVING_MAX_BODY_BYTES)")
+
+
+def _reason(exc: RequestError) -> str:
+    if exc.status == 401:
+        return "auth"
+    if exc.status == 413:
+        return "too_large"
+    return "validation"
+
+
+class Routes:
+    """Route handlers bound to one worker's state."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+        s = state.settings
+        key = s.api_key.get_secret_value() if s.api_key else None
+        self._auth = f"Bearer {key}".encode() if key else None
+        self.max_body = s.max_body_bytes
+        self.max_rows = s.max_rows_per_request
+        self.nan_policy = s.nan_policy
+
+    # -- shared plumbing ---------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self._auth is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self._auth):
+            raise RequestError(401, "unauthorized", "Authorization",
+                               "Authorization: a valid bearer token is required "
+                               "(Authorization: Bearer <MODELLOOP_SERVING_API_KEY>)")
+
+    def request_id(self, request: Request, given: str | None = None) -> str:
+        rid = given or request.headers.get("x-request-id")
+        if rid is None:
+            return secrets.token_hex(8)
+        if not _REQUEST_ID.match(rid):
+            raise RequestError(422, "wrong_type", "X-Request-ID",
+                               "X-Request-ID: 1-100 characters of letters, digits, '.', '_', ':' or '-'")
+        return rid
+
+    def guarded(self, route: str, handler: Handler, *, auth: bool = True) -> Callable[[Request], Awaitable[Response]]:
+        """Auth, error mapping and request metrics around a handler."""
+        state = self.state
+
+        async def endpoint(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                if auth:
+                    self.authorize(request)
+                response = await handler(request, state)
+            except RequestError as exc:
+                state.count_error(state.manager.name, _reason(exc))
+                response = error_response(exc)
+            except Overloaded as exc:
+                state.count_error(state.manager.name, "overloaded")
+                response = json_response(
+                    {"error": f"overloaded: {exc}; retry later", "code": "overloaded", "field": "body"},
+                    503, {"Retry-After": retry_after_header(exc.retry_after_s)})
+            except Exception:
+                logger.exception("%s %s failed", request.method, request.url.path)
+                state.count_error(state.manager.name, "internal")
+                response = json_response({"error": "internal error (see the server log)",
+                                          "code": "internal", "field": ""}, 500)
+            if route:
+                state.observe_request(state.manager.name, route, response.status_code,
+                                      time.perf_counter() - start)
+            return response
+
+        return endpoint
+
+    # -- /predict ----------------------------------------------------------------------------
+    async def predict(self, request: Request, state: ServingState) -> Response:
+        start = time.perf_counter()
+        runtime = state.manager.current
+        body = await read_body(request, self.max_body)
+        x = parse_instances(parse_json(body), runtime.metadata, nan_policy=self.nan_policy,
+                            max_rows=self.max_rows)
+        base = self.request_id(request)
+        result = await state.batcher.predict(runtime, x)
+        runtime = result.runtime
+        preds = interpret(runtime.metadata, result.outputs)
+        n = len(x)
+        state.child(state.metrics.rows, runtime.name, "realtime").inc(n)
+        state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base, x=x,
+                             preds=preds, latency_s=time.perf_counter() - start)
+        payload = {"model": runtime.name, "version": runtime.model_version, "request_id": base,
+                   "predictions": to_records(preds, request_ids(base, n))}
+        return Response(orjson.dumps(payload), 200, {"x-request-id": base}, JSON)
+
+    # -- Open Inference Protocol v2 ----------------------------------------------------------
+    async def server_metadata(self, request: Request, state: ServingState) -> Response:
+        return json_response({"name": "modelloop", "version": __version__,
+                              "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request, state: ServingState) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request, state: ServingState) -> Response:
+        return json_response({"ready": state.ready}, 200 if state.ready else 503)
+
+    def _served(self, request: Request) -> Any:
+        runtime = self.state.manager.current
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        if name != runtime.name:
+            raise RequestError(404, "not_found", "model_name",
+                               f"model_name: model {name!r} is not served here (serving {runtime.name!r})")
+        if version not in (None, "", str(runtime.model_version)):
+            raise RequestError(404, "not_found", "model_version",
+                               f"model_version: {name} v{version} is not served (serving v{runtime.model_version})")
+        return runtime
+
+    async def model_metadata(self, request: Request, state: ServingState) -> Response:
+        return json_response(oip.model_metadata(self._served(request).metadata))
+
+    async def model_ready(self, request: Request, state: ServingState) -> Response:
+        runtime = self._served(request)
+        return json_response({"name": runtime.name, "ready": runtime.ready}, 200 if runtime.ready else 503)
+
+    async def infer(self, request: Request, state: ServingState) -> Response:
+        start = time.perf_counter()
+        runtime = self._served(request)
+        body = await read_body(request, self.max_body)
+        req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
+                               nan_policy=self.nan_policy, max_rows=self.max_rows)
+        base = self.request_id(request, req.id)
+        result = await state.batcher.predict(runtime, req.x)
+        runtime = result.runtime
+        n = len(req.x)
+        state.child(state.metrics.rows, runtime.name, "realtime").inc(n)
+        if state.emitter.enabled:
+            state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
+                                 x=req.x, preds=interpret(runtime.metadata, result.outputs),
+                                 latency_s=time.perf_counter() - start)
+        content, headers = oip.encode_infer(runtime.metadata, runtime.model_version, base, req, result.outputs)
+        media = "application/octet-stream" if headers else JSON
+        return Response(content, 200, headers, media)
+
+    # -- batch scoring -----------------------------------------------------------------------
+    @staticmethod
+    def _file_format(request: Request) -> str:
+        fmt = request.query_params.get("format")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if fmt is None:
+            fmt = "parquet" if ctype in PARQUET_TYPES else "csv" if ctype in ("text/csv", "application/csv") else None
+        if fmt not in ("csv", "parquet"):
+            raise RequestError(415, "unsupported_media_type", "Content-Type",
+                               f"Content-Type: {ctype or 'none'!r}; send text/csv or "
+                               "application/vnd.apache.parquet (or ?format=csv|parquet)")
+        return fmt
+
+    async def batch_score(self, request: Request, state: ServingState) -> Response:
+        fmt = self._file_format(request)
+        runtime = state.manager.current
+        body = await read_body(request, self.max_body)
+        base = self.request_id(request)
+        try:
+            table = (pq.read_table(io.BytesIO(body)) if fmt == "parquet"
+                     else pacsv.read_csv(io.BytesIO(body)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RequestError(400, "malformed_body", "body", f"body: cannot read {fmt}: {exc}") from None
+        limit = state.settings.sync_batch_max_rows
+        if table.num_rows > limit:
+            raise RequestError(413, "too_many_rows", "body",
+                               f"body: {table.num_rows} rows is more than {limit} for synchronous scoring "
+                               "(MODELLOOP_SERVING_SYNC_BATCH_MAX_ROWS); submit it to POST /batch/jobs")
+        missing = [f for f in runtime.metadata.feature_names if f not in table.column_names]
+        if missing:
+            raise RequestError(422, "missing_feature", missing[0],
+                               f"{missing[0]}: missing column ({len(missing)} missing)")
+        loop_runtime = runtime
+
+        def score() -> tuple[pa.Table, Any]:
+            return score_table(loop_runtime, table, source="body", nan_policy=self.nan_policy)
+
+        try:
+            scored, x = await asyncio.get_running_loop().run_in_executor(None, score)
+        except BatchInputError as exc:
+            raise RequestError(422, "invalid_value", "body", str(exc)) from None
+        state.record_batch_chunk(runtime, scored, x, base, 0)
+        sink = io.BytesIO()
+        if fmt == "parquet":
+            pq.write_table(scored, sink)
+        else:
+            pacsv.write_csv(scored, sink)
+        media = PARQUET_TYPES[0] if fmt == "parquet" else "text/csv"
+        return Response(sink.getvalue(), 200, {"x-request-id": base, "x-model-version": str(runtime.model_version)}, media)
+
+    async def job_submit(self, request: Request, state: ServingState) -> Response:
+        fmt = self._file_format(request)
+        status = await state.jobs.submit(fmt, request.stream(), state.manager.current,
+                                         on_chunk=state.record_batch_chunk)
+        return json_response(status, 202, {"Location": f"/batch/jobs/{status['job_id']}"})
+
+    async def job_status(self, request: Request, state: ServingState) -> Response:
+        return json_response(state.jobs.status(request.path_params["job_id"]))
+
+    async def job_result(self, request: Request, state: ServingState) -> Response:
+        path, fmt = state.jobs.result(request.path_params["job_id"])
+        return FileResponse(path, media_type=PARQUET_TYPES[0] if fmt == "parquet" else "text/csv",
+                            filename=f"{request.path_params['job_id']}{path.suffix}")
+
+    # -- admin -------------------------------------------------------------------------------
+    async def admin_model(self, request: Request, state: ServingState) -> Response:
+        status = state.manager.status()
+        status.update(queued_rows=state.batcher.queued_rows, events_pending=state.emitter.pending_rows,
+                      events_sent=state.emitter.sent, events_dropped=state.emitter.dropped)
+        return json_response(status)
+
+    async def admin_reload(self, request: Request, state: ServingState) -> Response:
+        return json_response(await state.manager.refresh(force=True))
+
+
+def build_app(state: ServingState) -> Starlette:
+    """The Starlette app of our routes (no lifespan: ``serving/service.py`` runs the state's)."""
+    r = Routes(state)
+    g = r.guarded
+    v2 = "/v2/models/{name}"
+    vv = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/predict", g("predict", r.predict), methods=["POST"]),
+        Route("/v2", g("", r.server_metadata, auth=False), methods=["GET"]),
+        Route("/v2/health/live", g("", r.live, auth=False), methods=["GET"]),
+        Route("/v2/health/ready", g("", r.ready, auth=False), methods=["GET"]),
+        *[Route(p, g("", r.model_metadata), methods=["GET"]) for p in (v2, vv)],
+        *[Route(p + "/ready", g("", r.model_ready), methods=["GET"]) for p in (v2, vv)],
+        *[Route(p + "/infer", g("infer", r.infer), methods=["POST"]) for p in (v2, vv)],
+        Route("/batch/score", g("batch", r.batch_score), methods=["POST"]),
+        Route("/batch/jobs", g("batch", r.job_submit), methods=["POST"]),
+        Route("/batch/jobs/{job_id}", g("", r.job_status), methods=["GET"]),
+        Route("/batch/jobs/{job_id}/result", g("", r.job_result), methods=["GET"]),
+        Route("/admin/model", g("", r.admin_model), methods=["GET"]),
+        Route("/admin/reload", g("", r.admin_reload), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return json_response({"error": f"path: no route {request.url.path}", "code": "not_found",
+                          "field": "path"}, 404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return json_response({"error": f"method: {request.method} is not allowed on {request.url.path}",
+                          "code": "method_not_allowed", "field": "method"}, 405)
+
+
+# Paths the front door in serving/service.py sends to this app rather than to BentoML's.
+OWN_PREFIXES = ("/predict", "/v2", "/batch/", "/admin/")

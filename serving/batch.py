@@ -1,0 +1,308 @@
+"""Batch scoring of CSV and Parquet files: streamed in chunks, resumable, same results as /predict.
+
+:func:`score_file` reads the input ``chunk_rows`` rows at a time (pyarrow's streaming readers, so
+memory stays bounded by a few chunks whatever the file size), runs each chunk through the same
+:class:`~serving.runtime.OnnxRuntime` and :func:`~serving.predictions.interpret` as ``/predict``,
+and writes each scored chunk as a part file next to the output (``OUT.parts/part-000042.parquet``,
+written then renamed, so a part exists whole or not at all). A manifest in that folder pins the
+input file, chunk size and model version; after an interruption the same command skips the chunks
+whose parts exist and scores the rest with the same model version. When every chunk is done the
+parts are joined into OUT (written then renamed) and the folder is removed.
+
+Example::
+
+    report = score_file(Path("in.csv"), Path("out.parquet"), runtime, chunk_rows=65536)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from serving.predictions import interpret, to_columns
+from serving.runtime import OnnxRuntime
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+Progress = Callable[[int, int], None]  # (rows scored so far, input units done: rows or bytes)
+
+
+class BatchInputError(Exception):
+    """The input file cannot be scored; the message names the file, column and, if known, row."""
+
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise BatchInputError(f"{path}: unknown file type {path.suffix!r}; use .csv or .parquet")
+    return fmt
+
+
+class _CountingReader(io.RawIOBase):
+    """A file that counts the bytes read (progress of a CSV of unknown row count)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        self.count += n or 0
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _rechunk(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
+    """Exactly chunk_rows rows per table (the last may be shorter): chunk k means the same rows
+    on every run, which resuming relies on."""
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        pending.append(batch)
+        rows += batch.num_rows
+        while rows >= chunk_rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, chunk_rows)
+            rest = table.slice(chunk_rows)
+            pending = rest.to_batches()
+            rows = rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending)
+
+
+@dataclass
+class InputFile:
+    """A CSV or Parquet input: its columns, size, and a chunk iterator."""
+
+    path: Path
+    fmt: str
+    columns: list[str]
+    total_rows: int | None  # known for Parquet
+    size: int
+    _reader: _CountingReader | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: Path) -> InputFile:
+        fmt = file_format(path)
+        if not path.is_file():
+            raise BatchInputError(f"{path}: no such file")
+        size = path.stat().st_size
+        try:
+            if fmt == "parquet":
+                meta = pq.ParquetFile(path)
+                return cls(path, fmt, meta.schema_arrow.names, meta.metadata.num_rows, size)
+            with open(path, "rb") as f:
+                reader = pacsv.open_csv(f)
+                names = reader.schema.names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BatchInputError(f"{path}: cannot read {fmt}: {exc}") from exc
+        return cls(path, fmt, names, None, size)
+
+    def consumed(self, rows_read: int) -> int:
+        """Progress in the input's unit: rows for Parquet, bytes for CSV."""
+        return rows_read if self.fmt == "parquet" else (self._reader.count if self._reader else 0)
+
+    def chunks(self, columns: Sequence[str], chunk_rows: int, features: Sequence[str]) -> Iterator[pa.Table]:
+        try:
+            if self.fmt == "parquet":
+                pfile = pq.ParquetFile(self.path)
+                yield from _rechunk(pfile.iter_batches(batch_size=chunk_rows, columns=list(columns)), chunk_rows)
+                return
+            self._reader = _CountingReader(open(self.path, "rb", buffering=0))  # noqa: SIM115 - closed below
+            try:
+                reader = pacsv.open_csv(
+                    io.BufferedReader(self._reader, 1 << 20),
+                    read_options=pacsv.ReadOptions(block_size=1 << 22),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=list(columns),
+                        column_types={f: pa.float64() for f in features},
+                    ),
+                )
+                yield from _rechunk(iter(reader), chunk_rows)
+            finally:
+                self._reader.close()
+        except pa.ArrowInvalid as exc:
+            raise BatchInputError(f"{self.path}: {exc}") from exc
+
+
+def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_row: int,
+                nan_policy: str) -> np.ndarray:
+    """The feature columns as float32 ``[rows, features]``, checked like a /predict request."""
+    cols = []
+    for name in features:
+        col = table.column(name)
+        if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+            raise BatchInputError(f"{source}: column {name!r} has type {col.type}, expected numbers")
+        cols.append(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False))
+    wide = np.column_stack(cols) if cols else np.empty((table.num_rows, 0))
+    bad = np.abs(wide) > np.finfo(np.float32).max
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise BatchInputError(f"{source}: row {first_row + r}, column {features[c]!r}: value "
+                              f"{wide[r, c]!r} is not a finite float32 number")
+    if nan_policy == "reject":
+        missing = np.isnan(wide)
+        if missing.any():
+            r, c = (int(v) for v in np.argwhere(missing)[0])
+            raise BatchInputError(f"{source}: row {first_row + r}, column {features[c]!r}: missing "
+                                  "value is not allowed (nan_policy=reject)")
+    return wide.astype(np.float32)
+
+
+def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row: int = 0,
+                nan_policy: str = "allow", keep: Sequence[str] = ()) -> tuple[pa.Table, np.ndarray]:
+    """Score one table; returns the output table (kept columns, then predictions) and its features."""
+    features = runtime.metadata.feature_names
+    x = features_of(table, features, source=source, first_row=first_row, nan_policy=nan_policy)
+    preds = interpret(runtime.metadata, runtime.predict(x))
+    out = {name: table.column(name) for name in keep}
+    out.update({k: pa.array(v) for k, v in to_columns(preds).items()})
+    return pa.table(out), x
+
+
+@dataclass
+class Manifest:
+    """What a partial run was doing; a resumed run must match it."""
+
+    input: str
+    input_size: int
+    input_mtime_ns: int
+    model: str
+    version: int
+    chunk_rows: int
+    keep: list[str]
+
+    @classmethod
+    def read(cls, parts: Path) -> Manifest | None:
+        try:
+            return cls(**json.loads((parts / "manifest.json").read_text()))
+        except (FileNotFoundError, TypeError, ValueError):
+            return None
+
+    def write(self, parts: Path) -> None:
+        tmp = parts / "manifest.json.tmp"
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, parts / "manifest.json")
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def manifest_for(input_path: Path, model: str, version: int, chunk_rows: int, keep: Sequence[str]) -> Manifest:
+    st = input_path.stat()
+    return Manifest(str(input_path.resolve()), st.st_size, st.st_mtime_ns, model, version, chunk_rows, list(keep))
+
+
+def resumable_version(input_path: Path, output: Path, model: str, chunk_rows: int, keep: Sequence[str]) -> int | None:
+    """The model version of an interrupted run of the same job, if there is one to resume."""
+    old = Manifest.read(parts_dir(output))
+    if old is None or not input_path.is_file():
+        return None
+    probe = manifest_for(input_path, model, old.version, chunk_rows, keep)
+    return old.version if old == probe else None
+
+
+@dataclass
+class ScoreReport:
+    input: str
+    output: str
+    model: str
+    version: int
+    rows: int
+    chunks: int
+    resumed_chunks: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_rows: int = 65536,
+               nan_policy: str = "allow", keep: Sequence[str] = (), progress: Progress | None = None,
+               on_chunk: Callable[[pa.Table, np.ndarray, int], None] | None = None) -> ScoreReport:
+    """Score ``input_path`` into ``output`` chunk by chunk, resuming a matching interrupted run.
+
+    ``on_chunk(scored, features, first_row)`` is called after each newly scored chunk."""
+    start = time.perf_counter()
+    out_fmt = file_format(output)
+    src = InputFile.open(input_path)
+    features = runtime.metadata.feature_names
+    missing = [c for c in [*features, *keep] if c not in src.columns]
+    if missing:
+        raise BatchInputError(f"{input_path}: missing column(s) {', '.join(map(repr, missing))} "
+                              f"(the model needs {len(features)} features: {', '.join(features[:6])}, ...)")
+    parts = parts_dir(output)
+    manifest = manifest_for(input_path, runtime.name, runtime.model_version, chunk_rows, keep)
+    if Manifest.read(parts) != manifest:
+        if parts.exists():
+            logger.warning("%s: discarding parts of a different earlier run", parts)
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True)
+        manifest.write(parts)
+    done = {p.name for p in parts.glob("part-*.parquet")}
+    if done:
+        logger.info("resuming %s: %d chunks already scored", output, len(done))
+    columns = list(dict.fromkeys([*features, *keep]))
+    rows = chunks = resumed = 0
+    for k, table in enumerate(src.chunks(columns, chunk_rows, features)):
+        name = f"part-{k:06d}.parquet"
+        if name in done:
+            resumed += 1
+        else:
+            scored, x = score_table(runtime, table, source=str(input_path), first_row=k * chunk_rows,
+                                    nan_policy=nan_policy, keep=keep)
+            tmp = parts / f".{name}.tmp"
+            pq.write_table(scored, tmp, compression="lz4")
+            os.replace(tmp, parts / name)
+            if on_chunk is not None:
+                on_chunk(scored, x, k * chunk_rows)
+        rows += table.num_rows
+        chunks += 1
+        if progress is not None:
+            progress(rows, src.consumed(rows))
+    _join(parts, chunks, output, out_fmt)
+    shutil.rmtree(parts)
+    return ScoreReport(str(input_path), str(output), runtime.name, runtime.model_version, rows,
+                       chunks, resumed, time.perf_counter() - start)
+
+
+def _join(parts: Path, chunks: int, output: Path, fmt: str) -> None:
+    """Concatenate the parts into ``output`` (streamed; written then renamed)."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    writer: Any = None
+    try:
+        for k in range(chunks):
+            table = pq.read_table(parts / f"part-{k:06d}.parquet")
+            if writer is None:
+                writer = (pq.ParquetWriter(tmp, table.schema) if fmt == "parquet"
+                          else pacsv.CSVWriter(tmp, table.schema))
+            writer.write_table(table)
+        if writer is None:  # an empty input gives an empty output
+            tmp.write_bytes(b"")
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, output)

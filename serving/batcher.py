@@ -1,0 +1,208 @@
+"""Adaptive batching across concurrent requests, with a bounded queue that sheds load.
+
+Requests put their rows on one queue per worker; a single consumer task takes everything that
+queued up (same model version, up to ``max_batch_rows``) and runs it as one ONNX Runtime call. At
+low load a request runs alone at once; under load, rows pile up while the previous batch runs and
+the next call takes them together, so batches grow with the load and add no fixed delay
+(``max_wait_s`` can add one, to fill batches on heavy models).
+
+A call the model runs in less than ``inline_below_s`` (from the warm-up cost model) runs on the
+event loop, where a thread hand-off would cost more than the call; a slower one runs on a thread so
+the loop keeps reading requests meanwhile.
+
+When the queue holds ``max_queue_rows``, new requests fail at once with :class:`Overloaded` (the
+routes answer 503 with ``Retry-After``) instead of waiting without bound.
+
+Example::
+
+    batcher = AdaptiveBatcher(max_batch_rows=256, max_queue_rows=16384)
+    await batcher.start()
+    result = await batcher.predict(runtime, x)   # result.outputs, result.queue_wait_s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.runtime import OnnxRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full: shed this request; retry after ``retry_after_s``."""
+
+    def __init__(self, queued_rows: int, retry_after_s: float) -> None:
+        super().__init__(f"{queued_rows} rows are already waiting for the model")
+        self.queued_rows = queued_rows
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]
+    queue_wait_s: float
+    runtime: OnnxRuntime
+
+
+@dataclass(slots=True)
+class _Item:
+    runtime: OnnxRuntime
+    x: np.ndarray
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+
+
+# Called after each ONNX Runtime call: (runtime, rows, inference seconds, queue waits).
+BatchObserver = Callable[[OnnxRuntime, int, float, list[float]], None]
+
+
+class AdaptiveBatcher:
+    """Merges concurrent requests into ONNX Runtime calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_rows: int = 256,
+        max_wait_s: float = 0.0,
+        max_queue_rows: int = 16384,
+        batching: bool = True,
+        inline_below_s: float = 0.0005,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_s
+        self.max_queue_rows = max_queue_rows
+        self.batching = batching
+        self.inline_below_s = inline_below_s
+        self.observer = observer
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._recent_s_per_row = 0.0
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._task = asyncio.create_task(self._run(), name="modelloop-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the consumer."""
+        if self._task is None:
+            return
+        deadline = time.monotonic() + 10
+        while self._queue and time.monotonic() < deadline and not self._task.done():
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Overloaded(0, 1.0))
+        self._queue.clear()
+        self._queued_rows = 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._task = None
+
+    async def predict(self, runtime: OnnxRuntime, x: np.ndarray) -> BatchResult:
+        """Queue ``x`` for ``runtime`` and wait for its outputs. Raises Overloaded when full."""
+        if self._wakeup is None:
+            raise RuntimeError("the batcher is not started")
+        rows = len(x)
+        if self._queued_rows and self._queued_rows + rows > self.max_queue_rows:
+            per_row = self._recent_s_per_row or runtime.cost.per_row_s
+            raise Overloaded(self._queued_rows, max(1.0, self._queued_rows * per_row))
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(runtime, x, future, time.perf_counter()))
+        self._queued_rows += rows
+        self._wakeup.set()
+        return await future
+
+    def _take(self) -> list[_Item]:
+        """The next batch: queued items of the first item's model version, up to the row limit."""
+        first = self._queue.popleft()
+        items = [first]
+        rows = len(first.x)
+        if self.batching:
+            queue = self._queue
+            while queue and queue[0].runtime is first.runtime and rows + len(queue[0].x) <= self.max_batch_rows:
+                item = queue.popleft()
+                items.append(item)
+                rows += len(item.x)
+        self._queued_rows -= rows
+        return items
+
+    async def _fill(self) -> None:
+        """Wait up to max_wait_s (from the oldest request) for a fuller batch."""
+        assert self._wakeup is not None
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while self._queued_rows < self.max_batch_rows:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.batching and self.max_wait_s > 0:
+                await self._fill()
+            items = self._take()
+            try:
+                await self._run_batch(loop, items)
+            except Exception as exc:  # the model failed: every request of the batch gets the error
+                logger.exception("inference failed for %d requests", len(items))
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        runtime = items[0].runtime
+        x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+        rows = len(x)
+        start = time.perf_counter()
+        if runtime.cost.estimate(rows) < self.inline_below_s:
+            outputs = runtime.predict(x)
+        else:
+            outputs = await loop.run_in_executor(self._executor, runtime.predict, x)
+        elapsed = time.perf_counter() - start
+        self._recent_s_per_row = elapsed / rows
+        waits = [start - i.enqueued for i in items]
+        offset = 0
+        for item, wait in zip(items, waits, strict=True):
+            n = len(item.x)
+            part = outputs if len(items) == 1 else {k: v[offset:offset + n] for k, v in outputs.items()}
+            offset += n
+            if not item.future.done():  # done: the client went away
+                item.future.set_result(BatchResult(part, wait, runtime))
+        if self.observer is not None:
+            self.observer(runtime, rows, elapsed, waits)
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds (at least 1)."""
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,171 @@
+"""``modelloop serve`` and ``modelloop batch score``: settings in, library call out.
+
+``serve_app`` starts the BentoML service ``serving.service:ModelService``; its options override the
+``MODELLOOP_SERVING_*`` settings and reach BentoML's worker processes as those environment
+variables. ``batch_app`` scores CSV/Parquet files in bounded memory, resumably.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from modelloop.registry import Registry, RegistryError
+from serving.settings import NanPolicy, Provider, ServingSettings
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+serve_app = typer.Typer(add_completion=False)
+batch_app = typer.Typer(help="Score CSV/Parquet files with the served model, in bounded memory.",
+                        no_args_is_help=True, add_completion=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _settings(**overrides: Any) -> ServingSettings:
+    try:
+        return ServingSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic names the setting and the problem
+        raise _fail(str(exc).replace("\n", " ")) from exc
+
+
+@serve_app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 3000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 0.0.0.0).")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Registered model to serve (default: the only one).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Alias or version to serve and follow (default production).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per worker (0 = cores/workers).")] = None,
+    providers: Annotated[Provider | None, typer.Option(help="Execution provider (auto picks a GPU when usable).")] = None,
+    batching: Annotated[bool | None, typer.Option("--batching/--no-batching", help="Merge concurrent requests into one ONNX Runtime call.")] = None,
+    max_batch_rows: Annotated[int | None, typer.Option(help="Most rows per ONNX Runtime call.")] = None,
+    max_batch_wait_s: Annotated[float | None, typer.Option(help="Longest wait for a fuller batch (seconds).")] = None,
+    max_queue_rows: Annotated[int | None, typer.Option(help="Queued rows per worker before shedding with 503.")] = None,
+    sidecar_url: Annotated[str | None, typer.Option(help="Monitoring sidecar base URL for prediction events.")] = None,
+    nan_policy: Annotated[NanPolicy | None, typer.Option(help="Missing values: allow (the graph imputes) or reject.")] = None,
+    fast_path: Annotated[bool | None, typer.Option("--fast-path/--no-fast-path", help="Serve prediction routes in front of BentoML's middleware.")] = None,
+) -> None:
+    """Serve the production model over REST: /predict, Open Inference Protocol v2 (/v2/...),
+    batch scoring (/batch/...), /metrics and health routes, as a BentoML service on ONNX Runtime.
+
+    Every option has an environment variable MODELLOOP_SERVING_<OPTION> (e.g. MODELLOOP_SERVING_API_KEY
+    for bearer-token auth); see docs/serving.md. The model swaps without downtime when its alias
+    moves (modelloop models promote NAME VERSION).
+    """
+    settings = _settings(port=port, host=host, model=name, alias=alias, workers=workers,
+                         threads=threads, providers=providers, batching=batching,
+                         max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait_s,
+                         max_queue_rows=max_queue_rows, sidecar_url=sidecar_url,
+                         nan_policy=nan_policy, fast_path=fast_path)
+    _preflight(settings)
+    os.environ.update(settings.to_env())  # BentoML's workers build their settings from these
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
+    from serving.service import ModelService
+
+    ModelService.config["workers"] = settings.worker_count()
+    logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
+                settings.worker_count())
+    ModelService.serve_http(host=settings.host, port=settings.port)
+
+
+def _preflight(settings: ServingSettings) -> None:
+    """Load the model once here, so a bad model stops start-up with one clear line (BentoML
+    would otherwise restart failing workers forever)."""
+    from serving.models import resolve_model_name, runtime_factory
+    from serving.runtime import ModelLoadError
+
+    registry = Registry(settings.registry_dir)
+    try:
+        name = resolve_model_name(registry, settings.model)
+        runtime = runtime_factory(settings)(registry.get(name, settings.alias)).load()
+    except (ModelLoadError, RegistryError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"serving {name} v{runtime.model_version} ({settings.alias}) on "
+                  f"{runtime.active_provider}, http://{settings.host}:{settings.port}", highlight=False)
+    runtime.unload()
+    del runtime
+    gc.collect()
+
+
+@batch_app.command("score")
+def score(
+    input_path: Annotated[Path, typer.Argument(metavar="IN", help="Input .csv or .parquet with the model's feature columns.")],
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="Output .csv or .parquet: kept columns, prediction, label, probability_<label>.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Registered model (default: the only one).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Alias or version to score with (default production).")] = None,
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk (bounds memory; default 65536).")] = None,
+    keep: Annotated[list[str] | None, typer.Option("--keep", "-k", help="Input column to copy to the output (repeatable), e.g. an id.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (0 = all cores).")] = None,
+    providers: Annotated[Provider | None, typer.Option(help="Execution provider.")] = None,
+    nan_policy: Annotated[NanPolicy | None, typer.Option(help="Missing values: allow or reject.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard the parts of an interrupted run instead of resuming it.")] = False,
+) -> None:
+    """Score IN into OUT chunk by chunk with ONNX Runtime: bounded memory, a progress bar, the
+    same results as POST /predict. An interrupted run resumes where it stopped when the same
+    command is run again (the chunks done are kept in OUT.parts/)."""
+    import shutil
+
+    from serving.batch import BatchInputError, parts_dir, resumable_version, score_file
+    from serving.models import resolve_model_name
+    from serving.runtime import ModelLoadError, OnnxRuntime
+
+    settings = _settings(model=name, alias=alias, chunk_rows=chunk_rows, threads=threads,
+                         providers=providers, nan_policy=nan_policy)
+    keep = keep or []
+    registry = Registry(settings.registry_dir)
+    try:
+        model = resolve_model_name(registry, settings.model)
+        if restart and parts_dir(output).exists():
+            shutil.rmtree(parts_dir(output))
+        version = resumable_version(input_path, output, model, settings.chunk_rows, keep)
+        if version is not None:
+            console.print(f"resuming the interrupted run of {output} with {model} v{version}")
+        ref = version if version is not None else settings.alias
+        runtime = OnnxRuntime(registry.get(model, ref), provider=settings.providers,
+                              threads=settings.threads or (os.cpu_count() or 1),
+                              io_binding=settings.io_binding, device_id=settings.device_id).load()
+        report = _score_with_progress(score_file, input_path, output, runtime, settings, keep)
+    except (BatchInputError, ModelLoadError, RegistryError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"scored {report.rows} rows of {input_path} with {report.model} v{report.version} into "
+        f"{output} in {report.seconds:.1f} s ({report.rows_per_s:,.0f} rows/s"
+        + (f"; {report.resumed_chunks} of {report.chunks} chunks resumed" if report.resumed_chunks else "")
+        + ")", highlight=False)
+
+
+def _score_with_progress(score_file: Any, input_path: Path, output: Path, runtime: Any,
+                         settings: ServingSettings, keep: list[str]) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from serving.batch import InputFile
+
+    src = InputFile.open(input_path)
+    total = src.total_rows if src.total_rows is not None else src.size
+    unit = "rows" if src.total_rows is not None else "bytes"
+    columns = [TextColumn("[bold]scoring[/]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("score", total=total, rows=0)
+        return score_file(input_path, output, runtime, chunk_rows=settings.chunk_rows,
+                          nan_policy=settings.nan_policy, keep=keep,
+                          progress=lambda rows, done: bar.update(task, completed=done, rows=rows))

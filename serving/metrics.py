@@ -1,0 +1,80 @@
+"""The serving metric catalog (docs/metrics.md), built on a CollectorRegistry passed in.
+
+Inside ``bentoml serve`` the worker processes run with ``PROMETHEUS_MULTIPROC_DIR`` set, so these
+values live in BentoML's multiprocess files and BentoML's ``/metrics`` reports them summed over all
+workers, next to its built-in metrics. In-process (tests, the batch CLI) they are plain values on
+the registry given here.
+
+Example::
+
+    metrics = ServingMetrics(CollectorRegistry())
+    metrics.rows.labels(model="churn", mode="realtime").inc(4)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(13))  # 1, 2, 4, ... 4096
+
+
+class ServingMetrics:
+    """Every serving metric of the catalog, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.model_info = Gauge(
+            "modelloop_serving_model_info",
+            "The model being served and the ONNX Runtime provider actually active (1).",
+            ["model", "version", "provider"], registry=registry, multiprocess_mode="livemax",
+        )
+        self.requests = Counter(
+            "modelloop_serving_requests_total", "HTTP requests by route and status code.",
+            ["model", "route", "code"], registry=registry,
+        )
+        self.request_duration = Histogram(
+            "modelloop_serving_request_duration_seconds",
+            "Time from request received to response ready.",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "modelloop_serving_inference_duration_seconds", "One ONNX Runtime call.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "modelloop_serving_queue_wait_seconds", "Time a request waited for its batch.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.batch_size = Histogram(
+            "modelloop_serving_batch_size_rows", "Rows per ONNX Runtime call.",
+            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.rows = Counter(
+            "modelloop_serving_rows_total", "Rows predicted, by mode (realtime or batch).",
+            ["model", "mode"], registry=registry,
+        )
+        self.errors = Counter(
+            "modelloop_serving_errors_total",
+            "Failed requests by reason (validation, overloaded, auth, internal, too_large).",
+            ["model", "reason"], registry=registry,
+        )
+        self.events_sent = Counter(
+            "modelloop_serving_events_sent_total", "Prediction events the sidecar acknowledged.",
+            ["model"], registry=registry,
+        )
+        self.events_dropped = Counter(
+            "modelloop_serving_events_dropped_total",
+            "Prediction events dropped (buffer_full, send_failed).",
+            ["model", "reason"], registry=registry,
+        )
+        self.reloads = Counter(
+            "modelloop_serving_reloads_total", "Model swaps by result (success, failure).",
+            ["model", "result"], registry=registry,
+        )
+
+    def set_model(self, model: str, version: int, provider: str, previous: tuple[int, str] | None) -> None:
+        """Point ``model_info`` at the version now served (the one before drops to 0)."""
+        if previous is not None and previous != (version, provider):
+            self.model_info.labels(model=model, version=str(previous[0]), provider=previous[1]).set(0)
+        self.model_info.labels(model=model, version=str(version), provider=provider).set(1)

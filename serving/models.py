@@ -1,0 +1,185 @@
+"""Which model version a worker serves, and the zero-downtime swap to a new one.
+
+:class:`ModelManager` follows an alias (``production`` by default) in the registry. When the alias
+moves, it loads and warms the new version beside the old one (on a thread, so requests keep being
+served), then swaps one reference. Requests already validated against the old version still run
+on it (the batcher keeps each request with the runtime it was checked against), so no request
+fails or sees a schema it was not checked against; the old session is freed when the last of them
+is done. A version that fails to load is logged, counted, remembered and not tried again until
+the alias moves once more; the old version keeps serving.
+
+Example::
+
+    manager = ModelManager(Registry(settings.registry_dir), settings, metrics)
+    manager.load_initial()              # raises ModelLoadError: start-up stops
+    task = asyncio.create_task(manager.follow())
+    manager.current                     # the OnnxRuntime to use for the next request
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelloop.registry import ModelVersion, Registry, RegistryError
+from serving.metrics import ServingMetrics
+from serving.runtime import ModelLoadError, OnnxRuntime
+from serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+RuntimeFactory = Callable[[ModelVersion], OnnxRuntime]
+
+
+def resolve_model_name(registry: Registry, name: str | None) -> str:
+    """The model to serve: ``name``, or the registry's only model."""
+    if name:
+        return name
+    models = registry.models()
+    if len(models) == 1:
+        return models[0]
+    found = ", ".join(models) if models else f"none under {registry.root}"
+    raise ModelLoadError(
+        "which model to serve? set MODELLOOP_SERVING_MODEL (modelloop serve --name); "
+        f"registered models: {found}"
+    )
+
+
+def runtime_factory(settings: ServingSettings) -> RuntimeFactory:
+    """OnnxRuntime instances configured from the settings."""
+
+    def make(version: ModelVersion) -> OnnxRuntime:
+        return OnnxRuntime(version, provider=settings.providers, threads=settings.ort_threads(),
+                           io_binding=settings.io_binding, device_id=settings.device_id)
+
+    return make
+
+
+@dataclass
+class ReloadStatus:
+    """The outcome of the last alias check that found a new version."""
+
+    version: int | None = None
+    result: str = ""  # "success" | "failure" | ""
+    error: str = ""
+    at: float = 0.0
+
+
+class ModelManager:
+    """Serves the version an alias points at and swaps without downtime (module docstring)."""
+
+    def __init__(self, registry: Registry, settings: ServingSettings, metrics: ServingMetrics,
+                 factory: RuntimeFactory | None = None) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.factory = factory or runtime_factory(settings)
+        self.name = ""
+        self._current: OnnxRuntime | None = None
+        self._stamp: int | None = None
+        self._failed: set[int] = set()
+        self._lock = asyncio.Lock()
+        self.last_reload = ReloadStatus()
+
+    @property
+    def current(self) -> OnnxRuntime:
+        runtime = self._current
+        if runtime is None:
+            raise RuntimeError("no model is loaded yet")
+        return runtime
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None and self._current.ready
+
+    def load_initial(self) -> OnnxRuntime:
+        """Resolve and load the model to serve; raises ModelLoadError (start-up must stop)."""
+        self.name = resolve_model_name(self.registry, self.settings.model)
+        self._stamp = self.registry.alias_stamp(self.name)
+        try:
+            version = self.registry.get(self.name, self.settings.alias)
+        except RegistryError as exc:
+            raise ModelLoadError(
+                f"{exc} (MODELLOOP_SERVING_ALIAS={self.settings.alias}); promote a version with "
+                f"`modelloop models promote {self.name} <version>`"
+            ) from exc
+        runtime = self.factory(version).load()
+        self._install(runtime)
+        return runtime
+
+    def _install(self, runtime: OnnxRuntime) -> None:
+        old = self._current
+        self._current = runtime  # one reference assignment: the swap
+        previous = (old.model_version, old.active_provider) if old is not None else None
+        self.metrics.set_model(runtime.name, runtime.model_version, runtime.active_provider, previous)
+
+    async def follow(self) -> None:
+        """Poll the alias forever, swapping when it moves (run as a task; cancel to stop)."""
+        while True:
+            await asyncio.sleep(self.settings.alias_poll_interval_s)
+            try:
+                stamp = self.registry.alias_stamp(self.name)
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep following: a registry hiccup must not stop the swaps
+                logger.exception("checking alias %r of %s failed", self.settings.alias, self.name)
+
+    async def refresh(self, *, force: bool = False) -> dict[str, Any]:
+        """Load the version the alias points at if it is not served yet; returns the status."""
+        async with self._lock:
+            try:
+                version = self.registry.get(self.name, self.settings.alias)
+            except RegistryError as exc:
+                logger.error("alias %r of %s cannot be resolved: %s", self.settings.alias, self.name, exc)
+                return self.status()
+            number = version.version
+            if number == self.current.model_version or (number in self._failed and not force):
+                return self.status()
+            logger.info("%s: alias %r moved to v%d; loading it beside v%d", self.name,
+                        self.settings.alias, number, self.current.model_version)
+            loop = asyncio.get_running_loop()
+            try:
+                runtime = await loop.run_in_executor(None, lambda: self.factory(version).load())
+            except Exception as exc:
+                self._failed.add(number)
+                self.last_reload = ReloadStatus(number, "failure", str(exc), time.time())
+                self.metrics.reloads.labels(model=self.name, result="failure").inc()
+                logger.error("%s: v%d failed to load; still serving v%d: %s", self.name, number,
+                             self.current.model_version, exc)
+                return self.status()
+            old = self.current
+            self._install(runtime)
+            self._failed.discard(number)
+            self.last_reload = ReloadStatus(number, "success", "", time.time())
+            self.metrics.reloads.labels(model=self.name, result="success").inc()
+            logger.info("%s: now serving v%d (was v%d)", self.name, number, old.model_version)
+            # requests already queued for `old` keep their reference; it is freed after them
+            return self.status()
+
+    def status(self) -> dict[str, Any]:
+        rt = self._current
+        return {
+            "model": self.name,
+            "alias": self.settings.alias,
+            "version": rt.model_version if rt else None,
+            "provider": rt.active_provider if rt else None,
+            "ready": self.ready,
+            "last_reload": {
+                "version": self.last_reload.version,
+                "result": self.last_reload.result or None,
+                "error": self.last_reload.error or None,
+                "at": self.last_reload.at or None,
+            },
+        }
+
+    def unload(self) -> None:
+        if self._current is not None:
+            self._current.unload()
+            self._current = None

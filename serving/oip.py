@@ -1,0 +1,174 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP): decode requests, encode responses.
+
+JSON tensor data and the binary tensor data extension are both read and written: with the
+``Inference-Header-Content-Length`` header the body is a JSON header followed by raw tensor bytes
+(inputs with ``parameters.binary_data_size``); outputs come back binary when an output asks for
+``binary_data`` or the request sets ``binary_data_output`` (what tritonclient does by default).
+The routes live in ``serving/app.py``; this module is pure data handling.
+
+The model's one input is ``input`` ``FP32 [-1, n_features]``; its outputs are the graph's
+(``probabilities`` for a classifier). Per-row request ids are ``<id>-<row>`` where ``id`` is the
+request's ``id`` (or a generated one, returned in the response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from modelloop.schemas import INPUT_NAME, ModelMetadata
+from serving.validation import RequestError, check_array, parse_json, rows_to_array
+
+HEADER_LENGTH = "inference-header-content-length"
+DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16}
+NP_TO_OIP = {np.dtype(v).str: k for k, v in DATATYPES.items()}
+PLATFORM = "onnxruntime_onnx"
+
+
+def oip_datatype(dtype: str | np.dtype[Any]) -> str:
+    """The OIP datatype name of a numpy dtype or a metadata dtype string."""
+    return NP_TO_OIP.get(np.dtype(dtype).str, "BYTES")
+
+
+def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: name, versions, platform, inputs and outputs with shapes."""
+
+    def tensor(spec: Any) -> dict[str, Any]:
+        shape = [-1 if d is None else d for d in spec.shape]
+        return {"name": spec.name, "datatype": oip_datatype(spec.dtype), "shape": shape}
+
+    inputs = [tensor(s) for s in meta.inputs] or [
+        {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, meta.n_features]}
+    ]
+    return {"name": meta.name, "versions": [str(meta.version)], "platform": PLATFORM,
+            "inputs": inputs, "outputs": [tensor(s) for s in meta.outputs]}
+
+
+@dataclass
+class InferRequest:
+    x: np.ndarray
+    id: str | None
+    outputs: list[str]
+    binary: dict[str, bool]
+
+
+def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise RequestError(400, "wrong_type", "inputs[0].data", "inputs[0].data: expected an array")
+    if data and isinstance(data[0], list):  # row-major nested form
+        if len(data) != shape[0] or any(type(r) is not list or len(r) != shape[1] for r in data):
+            raise RequestError(400, "wrong_shape", "inputs[0].data",
+                               f"inputs[0].data: nested data does not have shape {shape}")
+        rows = data
+    else:
+        if len(data) != shape[0] * shape[1]:
+            raise RequestError(400, "wrong_shape", "inputs[0].data",
+                               f"inputs[0].data: {len(data)} values do not fill shape {shape}")
+        n = shape[1]
+        rows = [data[i:i + n] for i in range(0, len(data), n)]
+    return rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix="inputs[0].data")
+
+
+def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
+                 nan_policy: str, max_rows: int) -> InferRequest:
+    """Parse an infer request (JSON or binary extension) into float32 rows for the model."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise RequestError(400, "malformed_body", "Inference-Header-Content-Length",
+                               f"Inference-Header-Content-Length: {header_length!r} does not fit a "
+                               f"body of {len(body)} bytes")
+        cut = int(header_length)
+        body, binary = body[:cut], body[cut:]
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise RequestError(400, "wrong_type", "body", "body: expected an inference request object")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError(400, "wrong_shape", "inputs",
+                           f"inputs: expected one tensor named {INPUT_NAME!r}")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT_NAME:
+        raise RequestError(400, "unknown_input", "inputs[0].name",
+                           f"inputs[0].name: unknown input {tensor.get('name')!r}; the model's input is {INPUT_NAME!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise RequestError(400, "wrong_type", "inputs[0].datatype",
+                           f"inputs[0].datatype: {datatype!r} is not numeric; send FP32")
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise RequestError(400, "wrong_shape", "inputs[0].shape",
+                           f"inputs[0].shape: expected [rows, {meta.n_features}], got {shape!r}")
+    if shape[1] != meta.n_features:
+        raise RequestError(400, "wrong_shape", "inputs[0].shape",
+                           f"inputs[0].shape: expected {meta.n_features} features, got {shape[1]}")
+    if not 1 <= shape[0] <= max_rows:
+        status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
+        raise RequestError(status, code, "inputs[0].shape",
+                           f"inputs[0].shape: {shape[0]} rows; between 1 and {max_rows} are accepted")
+    params = tensor.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        dtype = np.dtype(DATATYPES[datatype])
+        if type(size) is not int or size != shape[0] * shape[1] * dtype.itemsize or size > len(binary):
+            raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
+                               f"inputs[0].parameters.binary_data_size: {size!r} bytes do not hold "
+                               f"{datatype} {shape} ({len(binary)} binary bytes sent)")
+        x = np.frombuffer(binary, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
+        if dtype != np.float32:
+            x = x.astype(np.float32)
+        check_array(x, "inputs[0].data", nan_policy=nan_policy)
+    else:
+        x = _json_rows(tensor.get("data"), shape, meta, nan_policy)
+    wanted = doc.get("outputs")
+    names = [o.name for o in meta.outputs]
+    default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    if wanted is None:
+        return InferRequest(x, _request_id(doc), names, dict.fromkeys(names, default_binary))
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+        raise RequestError(400, "wrong_type", "outputs", "outputs: expected an array of objects")
+    binary_of: dict[str, bool] = {}
+    for k, out in enumerate(wanted):
+        if out.get("name") not in names:
+            raise RequestError(400, "unknown_output", f"outputs[{k}].name",
+                               f"outputs[{k}].name: unknown output {out.get('name')!r}; the model has {names}")
+        binary_of[out["name"]] = bool((out.get("parameters") or {}).get("binary_data", default_binary))
+    return InferRequest(x, _request_id(doc), list(binary_of), binary_of)
+
+
+def _request_id(doc: dict[str, Any]) -> str | None:
+    rid = doc.get("id")
+    if rid is None or rid == "":
+        return None
+    if not isinstance(rid, str) or len(rid) > 100:
+        raise RequestError(400, "wrong_type", "id", "id: expected a string of at most 100 characters")
+    return rid
+
+
+def encode_infer(meta: ModelMetadata, version: int, request_id: str, req: InferRequest,
+                 outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers (binary extension when any output is binary)."""
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name in req.outputs:
+        value = np.ascontiguousarray(outputs[name])
+        entry: dict[str, Any] = {"name": name, "datatype": oip_datatype(value.dtype), "shape": list(value.shape)}
+        if req.binary.get(name):
+            blob = value.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = value.reshape(-1)
+        entries.append(entry)
+    header = orjson.dumps(
+        {"model_name": meta.name, "model_version": str(version), "id": request_id, "outputs": entries},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    if not blobs:
+        return header, {}
+    return header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}
+

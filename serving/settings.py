@@ -1,0 +1,183 @@
+"""Settings of the serving process (env prefix ``MODELLOOP_SERVING_``).
+
+Built once per process in the entry point (the BentoML worker in ``serving/service.py``, the
+``modelloop batch`` command) and passed down::
+
+    settings = ServingSettings()                  # reads MODELLOOP_SERVING_* and MODELLOOP_HOME
+    settings = ServingSettings(model="churn", workers=2)
+
+``modelloop serve`` turns its options into these environment variables for BentoML's worker
+processes (:meth:`ServingSettings.to_env`), so ``bentoml serve serving.service:ModelService``
+with the same environment serves the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import (
+    Field,
+    HttpUrl,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+)
+from pydantic_settings import SettingsConfigDict
+
+from modelloop.schemas import ALIAS_PRODUCTION
+from modelloop.settings import HomeSettings
+
+Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
+NanPolicy = Literal["allow", "reject"]
+ENV_PREFIX = "MODELLOOP_SERVING_"
+
+
+class ServingSettings(HomeSettings):
+    """Settings of ``modelloop serve`` (the BentoML service) and ``modelloop batch score``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+
+    # -- which model -----------------------------------------------------------------------------
+    model: str | None = None
+    """Registered model name to serve. None serves the only model in the registry (start-up fails,
+    naming this setting, when there are several)."""
+
+    alias: str = ALIAS_PRODUCTION
+    """Alias (or version number) to serve and follow; a change of the alias swaps the model."""
+
+    alias_poll_interval_s: PositiveFloat = 2.0
+    """How often each worker checks whether the alias points at another version."""
+
+    # -- ONNX Runtime ------------------------------------------------------------------------------
+    providers: Provider = "auto"
+    """Execution provider: ``auto`` takes TensorRT or CUDA when a GPU is usable, else the CPU;
+    ``cuda``/``tensorrt`` fail the load when that provider does not become active."""
+
+    threads: NonNegativeInt = 0
+    """ONNX Runtime intra-op threads per worker; 0 sizes them to cores / workers (at least 1)."""
+
+    io_binding: Literal["auto", "on", "off"] = "auto"
+    """Run through ONNX Runtime's IO binding: ``auto`` uses it on GPU providers only."""
+
+    device_id: NonNegativeInt = 0
+    """GPU index for the CUDA/TensorRT providers."""
+
+    # -- HTTP server -------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    """Address ``modelloop serve`` listens on."""
+
+    port: int = Field(default=3000, ge=0, le=65535)
+    """Port ``modelloop serve`` listens on."""
+
+    workers: NonNegativeInt = 0
+    """BentoML worker processes; 0 means one per CPU core."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the ``serving`` loggers (model loads, swaps, dropped events, failures)."""
+
+    fast_path: bool = True
+    """Serve the prediction routes in front of BentoML's HTTP middleware (OpenTelemetry tracing,
+    BentoML's per-request metrics, access log), which costs about 3/4 of the throughput of a small
+    model (see docs/serving.md). Off: they are mounted inside BentoML's app and pass through it."""
+
+    # -- batching and load shedding ----------------------------------------------------------------
+    batching: bool = True
+    """Merge concurrent requests into one ONNX Runtime call; off runs each request alone."""
+
+    max_batch_rows: PositiveInt = 256
+    """Most rows merged into one ONNX Runtime call (one request larger than this runs alone)."""
+
+    max_batch_wait_s: NonNegativeFloat = 0.0
+    """Longest a request waits for more rows to join its batch. 0 batches only what queued up
+    while the previous batch ran, which adds no latency at low load."""
+
+    max_queue_rows: PositiveInt = 16384
+    """Rows a worker may hold waiting for the model; beyond it requests are shed at once with
+    503 and ``Retry-After`` instead of queueing without bound."""
+
+    inline_below_s: NonNegativeFloat = 0.0005
+    """Batches the model runs faster than this (estimated at warm-up) run on the event loop;
+    slower ones run on a thread so the loop keeps reading requests."""
+
+    # -- request limits and validation -------------------------------------------------------------
+    max_rows_per_request: PositiveInt = 10000
+    """Most instances in one request (more gets 413)."""
+
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    """Largest request body (more gets 413), for JSON and uploaded files alike."""
+
+    max_upload_bytes: PositiveInt = 2 * 1024 * 1024 * 1024
+    """Largest file accepted by the asynchronous batch job API (streamed to disk)."""
+
+    nan_policy: NanPolicy = "allow"
+    """``allow`` passes missing values (JSON null, empty CSV cells) to the model, whose graph
+    imputes them; ``reject`` answers 422 naming the field. Infinity is always rejected."""
+
+    api_key: SecretStr | None = None
+    """Bearer token required on prediction and admin routes; None disables auth. Health routes
+    and ``/metrics`` stay open."""
+
+    # -- prediction events to the monitoring sidecar -----------------------------------------------
+    sidecar_url: HttpUrl | None = None
+    """Base URL of the monitoring sidecar (events go to ``{url}/events``); None sends no events."""
+
+    event_buffer_rows: PositiveInt = 100_000
+    """Events a worker holds for sending; when full, new events are dropped and counted."""
+
+    event_batch_size: PositiveInt = 1000
+    """Most events in one POST to the sidecar."""
+
+    event_flush_interval_s: PositiveFloat = 0.5
+    """Longest an event waits in the buffer before it is sent."""
+
+    event_max_retries: NonNegativeInt = 3
+    """Retries of a failed send (exponential backoff from ``event_retry_backoff_s``) before its
+    events are dropped and counted."""
+
+    event_retry_backoff_s: PositiveFloat = 0.2
+    """First retry delay; it doubles with each retry."""
+
+    event_timeout_s: PositiveFloat = 2.0
+    """HTTP timeout of one send to the sidecar."""
+
+    # -- batch scoring -----------------------------------------------------------------------------
+    chunk_rows: PositiveInt = 65536
+    """Rows read, scored and written at a time by batch scoring (bounds its memory)."""
+
+    sync_batch_max_rows: PositiveInt = 100_000
+    """Files up to this many rows are scored synchronously by ``POST /batch/score``; larger ones
+    must go through the job API (``POST /batch/jobs``)."""
+
+    @property
+    def jobs_dir(self) -> os.PathLike[str]:
+        """Where asynchronous batch jobs keep their files, ``$MODELLOOP_HOME/serving/jobs``."""
+        return self.home / "serving" / "jobs"
+
+    def worker_count(self) -> int:
+        """Worker processes to start: ``workers`` or the number of CPU cores."""
+        return self.workers or (os.cpu_count() or 1)
+
+    def ort_threads(self) -> int:
+        """ONNX Runtime intra-op threads per worker: ``threads`` or cores / workers."""
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.worker_count())
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for the worker processes BentoML starts."""
+        env = {"MODELLOOP_HOME": str(self.home)}
+        for name in type(self).model_fields:
+            if name == "home":
+                continue
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env

@@ -1,0 +1,114 @@
+"""Everything one serving worker holds, built from the settings, with one start/stop lifecycle.
+
+Example::
+
+    state = ServingState(ServingSettings(), CollectorRegistry())
+    await state.start()        # loads the model (raises ModelLoadError), starts batcher, events, swaps
+    ...
+    await state.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client import CollectorRegistry
+
+from modelloop.registry import Registry
+from serving.batcher import AdaptiveBatcher
+from serving.events import EventEmitter
+from serving.jobs import JobStore
+from serving.metrics import ServingMetrics
+from serving.models import ModelManager, RuntimeFactory
+from serving.predictions import from_columns
+from serving.runtime import OnnxRuntime
+from serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServingState:
+    """The model manager, batcher, event emitter, job store and metrics of one worker."""
+
+    def __init__(self, settings: ServingSettings, registry: CollectorRegistry,
+                 factory: RuntimeFactory | None = None) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics(registry)
+        self.manager = ModelManager(Registry(settings.registry_dir), settings, self.metrics, factory)
+        self.batcher = AdaptiveBatcher(
+            max_batch_rows=settings.max_batch_rows, max_wait_s=settings.max_batch_wait_s,
+            max_queue_rows=settings.max_queue_rows, batching=settings.batching,
+            inline_below_s=settings.inline_below_s, observer=self._observe_batch,
+        )
+        self.emitter = EventEmitter(
+            str(settings.sidecar_url) if settings.sidecar_url else None,
+            buffer_rows=settings.event_buffer_rows, batch_size=settings.event_batch_size,
+            flush_interval_s=settings.event_flush_interval_s, max_retries=settings.event_max_retries,
+            retry_backoff_s=settings.event_retry_backoff_s, timeout_s=settings.event_timeout_s,
+            on_sent=lambda model, n: self.metrics.events_sent.labels(model=model).inc(n),
+            on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(
+                model=model, reason=reason).inc(n),
+        )
+        self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
+                             nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes)
+        self._follow: asyncio.Task[None] | None = None
+        # label children cached per model name: .labels() costs a lock and a dict lookup per call
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.manager.ready
+
+    async def start(self) -> None:
+        runtime = self.manager.load_initial()
+        await self.batcher.start()
+        self.emitter.start()
+        self._follow = asyncio.create_task(self.manager.follow(), name="modelloop-follow-alias")
+        logger.info("serving %s v%d on %s (events %s)", runtime.name, runtime.model_version,
+                    runtime.active_provider, self.emitter.url or "off")
+
+    async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+        await self.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.emitter.stop)
+        self.jobs.close()
+        self.manager.unload()
+
+    # -- metrics helpers (hot path) ----------------------------------------------------------
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def _observe_batch(self, runtime: OnnxRuntime, rows: int, elapsed: float, waits: list[float]) -> None:
+        name = runtime.name
+        self.child(self.metrics.inference_duration, name).observe(elapsed)
+        self.child(self.metrics.batch_size, name).observe(rows)
+        wait_hist = self.child(self.metrics.queue_wait, name)
+        for w in waits:
+            wait_hist.observe(w)
+
+    def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:
+        self.child(self.metrics.requests, model, route, str(code)).inc()
+        self.child(self.metrics.request_duration, model, route).observe(seconds)
+
+    def count_error(self, model: str, reason: str) -> None:
+        self.child(self.metrics.errors, model, reason).inc()
+
+    def record_batch_chunk(self, runtime: OnnxRuntime, scored: pa.Table, x: np.ndarray,
+                           base_id: str, first_row: int) -> None:
+        """Rows scored by a batch route: count them and send their events (mode ``batch``)."""
+        self.child(self.metrics.rows, runtime.name, "batch").inc(len(x))
+        self.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base_id,
+                            x=x, preds=from_columns(runtime.metadata, scored), latency_s=0.0,
+                            mode="batch", first_row=first_row)

@@ -1,0 +1,195 @@
+"""Check request data against the model's schema at the boundary, and say exactly what is wrong.
+
+Every problem becomes a :class:`RequestError`: an HTTP status, a short ``code``, the ``field`` it
+concerns (``instances[2].f03``, ``inputs[0].shape``, ``body``) and a sentence naming the problem.
+The routes turn it into a 4xx JSON body; nothing a client sends can cause a 500.
+
+The common case is kept cheap: one pass over the values' Python types (C speed) and one numpy
+conversion; the slow, precise search for the offending value runs only when something is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from modelloop.schemas import ModelMetadata
+
+F32_MAX = float(np.finfo(np.float32).max)
+_NUMBER_TYPES = {float, int}
+
+
+class RequestError(Exception):
+    """A client error: status, code, the field concerned and a message naming the problem."""
+
+    def __init__(self, status: int, code: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code, "field": self.field}
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.status}, {self.code!r}, {self.field!r}, {self.message!r})"
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a JSON body; NaN/Infinity literals are read (and judged later), anything else 400."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson is strict; Python's parser also reads NaN, Infinity and 1e999, which are then
+        # reported as a value problem naming the field rather than as broken JSON.
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise RequestError(400, "malformed_json", "body", f"body is not valid JSON: {exc}") from None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
+    """(code, message) when a single feature value is not acceptable."""
+    if value is None or (type(value) is float and math.isnan(value)):
+        if nan_policy == "reject":
+            return "missing_value", "missing value (null/NaN) is not allowed (nan_policy=reject)"
+        return None
+    if type(value) not in _NUMBER_TYPES:
+        return "wrong_type", f"expected a number, got {_type_name(value)} {json.dumps(value)[:40]}"
+    if not math.isfinite(value) or abs(value) > F32_MAX:
+        return "not_finite", f"value {value!r} is not a finite float32 number"
+    return None
+
+
+def _locate(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
+            records: bool, prefix: str) -> RequestError:
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            problem = _value_problem(value, nan_policy)
+            if problem:
+                field = f"{prefix}[{i}].{names[j]}" if records else f"{prefix}[{i}][{j}]"
+                return RequestError(422, problem[0], field, f"{field}: {problem[1]}")
+    raise AssertionError("no offending value found")  # pragma: no cover - callers checked
+
+
+def _record_error(i: int, rec: Any, names: Sequence[str], name_set: set[str]) -> RequestError:
+    if not isinstance(rec, dict):
+        return RequestError(422, "wrong_type", f"instances[{i}]",
+                            f"instances[{i}]: expected an object of features, got {_type_name(rec)}")
+    unknown = sorted(set(rec) - name_set)
+    missing = [n for n in names if n not in rec]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, missing or names, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return RequestError(422, "unknown_feature", f"instances[{i}].{key}",
+                            f"instances[{i}].{key}: unknown feature{hint}; the model takes {len(names)} "
+                            f"features: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    key = missing[0]
+    return RequestError(422, "missing_feature", f"instances[{i}].{key}",
+                        f"instances[{i}].{key}: missing feature ({len(missing)} missing)")
+
+
+def _array_row_error(i: int, row: Any, n: int) -> RequestError:
+    if not isinstance(row, list):
+        return RequestError(422, "wrong_type", f"instances[{i}]",
+                            f"instances[{i}]: expected an array of {n} numbers, got {_type_name(row)}")
+    return RequestError(422, "wrong_shape", f"instances[{i}]",
+                        f"instances[{i}]: expected {n} values, got {len(row)}")
+
+
+def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
+                  records: bool, prefix: str = "instances") -> np.ndarray:
+    """Rows of Python scalars to float32 ``[n, features]``, or the RequestError of the first bad value."""
+    types = set(map(type, itertools.chain.from_iterable(rows)))
+    allowed = _NUMBER_TYPES | {type(None)} if nan_policy == "allow" else _NUMBER_TYPES
+    if not types <= allowed:  # null under "reject", strings, booleans, nested values
+        raise _locate(rows, names, nan_policy, records, prefix)
+    try:
+        wide = np.array(rows, dtype=np.float64)  # null -> NaN
+    except OverflowError:  # an integer beyond float64
+        raise _locate(rows, names, nan_policy, records, prefix) from None
+    # Infinity/1e999 and values beyond float32 (NaN compares False here) ...
+    if (np.abs(wide) > F32_MAX).any():
+        raise _locate(rows, names, nan_policy, records, prefix)
+    # ... and NaN literals, which only the fallback parser produces
+    if nan_policy == "reject" and np.isnan(wide).any():
+        raise _locate(rows, names, nan_policy, records, prefix)
+    return wide.astype(np.float32)
+
+
+def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows: int) -> np.ndarray:
+    """The ``/predict`` body ``{"instances": [...]}`` (records or arrays) as float32 rows."""
+    if not isinstance(doc, dict):
+        raise RequestError(422, "wrong_type", "body",
+                           f'body: expected an object {{"instances": [...]}}, got {_type_name(doc)}')
+    if "instances" not in doc:
+        raise RequestError(422, "missing_field", "instances",
+                           'instances: missing; send {"instances": [{"feature": value, ...}, ...]}')
+    extra = sorted(set(doc) - {"instances"})
+    if extra:
+        raise RequestError(422, "unknown_field", extra[0], f"{extra[0]}: unknown field; only 'instances' is read")
+    instances = doc["instances"]
+    if not isinstance(instances, list):
+        raise RequestError(422, "wrong_type", "instances",
+                           f"instances: expected an array of rows, got {_type_name(instances)}")
+    if not instances:
+        raise RequestError(422, "empty", "instances", "instances: at least one row is needed")
+    if len(instances) > max_rows:
+        raise RequestError(413, "too_many_rows", "instances",
+                           f"instances: {len(instances)} rows is more than the limit of {max_rows} "
+                           "(MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST)")
+    names = meta.feature_names
+    n = len(names)
+    if isinstance(instances[0], dict):
+        name_set = set(names)
+        getter = operator.itemgetter(*names)
+        rows: list[Any] = []
+        for i, rec in enumerate(instances):
+            if type(rec) is not dict or rec.keys() != name_set:
+                raise _record_error(i, rec, names, name_set)
+            rows.append(getter(rec))
+        if n == 1:
+            rows = [(r,) for r in rows]
+        return rows_to_array(rows, names, nan_policy, records=True)
+    for i, row in enumerate(instances):
+        if type(row) is not list or len(row) != n:
+            raise _array_row_error(i, row, n)
+    return rows_to_array(instances, names, nan_policy, records=False)
+
+
+def check_array(x: np.ndarray, field: str, *, nan_policy: str) -> None:
+    """Finite-value check of a decoded tensor (NaN per policy, infinity never)."""
+    if np.isfinite(x).all():
+        return
+    inf = np.isinf(x)
+    if inf.any():
+        idx = tuple(int(i) for i in np.argwhere(inf)[0])
+        raise RequestError(422, "not_finite", field, f"{field}: value at {list(idx)} is infinite")
+    if nan_policy == "reject":
+        idx = tuple(int(i) for i in np.argwhere(np.isnan(x))[0])
+        raise RequestError(422, "missing_value", field,
+                           f"{field}: missing value (NaN) at {list(idx)} is not allowed (nan_policy=reject)")

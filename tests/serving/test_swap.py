@@ -1,0 +1,137 @@
+"""Zero-downtime swap and a sidecar that is down: a real `modelloop serve` with 2 workers.
+
+The sidecar URL points at a closed port, so every event send fails: callers must not notice.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelloop.registry import Registry
+from modelloop.schemas import ModelMetadata
+from tests.serving.conftest import MODEL, Server, free_port, start_server, stop_server, wait_until
+from tests.serving.onnx_models import register_mlp
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("show_log_on_failure")]
+ROW = [1.5] * 20
+
+
+@pytest.fixture(scope="module")
+def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {
+        "MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.05",
+        "MODELLOOP_SERVING_EVENT_RETRY_BACKOFF_S": "0.02",
+        "MODELLOOP_SERVING_EVENT_MAX_RETRIES": "2",
+        "MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "0.1",
+    }
+    srv = start_server(model_home, log, env, "--workers", "2")
+    sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
+    yield srv
+    stop_server(srv)
+
+
+class Hammer:
+    """Client threads sending /predict without pause; every response is recorded."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.versions: list[int] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    resp = client.post("/predict", json={"instances": [ROW, ROW]})
+                    ok = resp.status_code == 200
+                    detail = "" if ok else f"{resp.status_code} {resp.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, detail = False, repr(exc)
+                with self._lock:
+                    if ok:
+                        self.versions.append(resp.json()["version"])
+                    else:
+                        self.failures.append(detail)
+
+    def __enter__(self) -> Hammer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(15)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.versions) + len(self.failures)
+
+
+def _served_versions(server: Server) -> set[int]:
+    """The version each worker reports (several requests reach both workers)."""
+    return {httpx.get(f"{server.url}/admin/model").json()["version"] for _ in range(12)}
+
+
+def test_swap_under_continuous_load_fails_no_request(server: Server, model_home: Path) -> None:
+    registry = Registry(model_home / "registry")
+    with Hammer(server.url) as hammer:
+        wait_until(lambda: hammer.count() >= 200, 30, "load before the swap")
+        new: ModelMetadata = register_mlp(registry, MODEL, seed=1, promote=False)
+        registry.promote(MODEL, new.version)
+        wait_until(lambda: _served_versions(server) == {2}, 30, "both workers to serve v2")
+        seen_after = hammer.count()
+        wait_until(lambda: hammer.count() >= seen_after + 200, 30, "load after the swap")
+    assert hammer.failures == []
+    counts = Counter(hammer.versions)
+    assert set(counts) == {1, 2} and counts[1] > 100 and counts[2] > 100, counts
+    # once a worker serves v2 it never answers with v1 again: the last answers are all v2
+    assert set(hammer.versions[-100:]) == {2}
+    assert server.metric("modelloop_serving_reloads_total", model=MODEL, result="success") == 2
+    assert server.metric("modelloop_serving_model_info", model=MODEL, version="2") == 1
+    assert server.metric("modelloop_serving_model_info", model=MODEL, version="1") == 0
+
+
+def test_version_that_fails_to_load_leaves_the_old_one_serving(server: Server, model_home: Path) -> None:
+    registry = Registry(model_home / "registry")
+    current = registry.get(MODEL, "production").metadata
+    broken = registry.register(current.model_copy(), b"this is not an ONNX model")
+    with Hammer(server.url, threads=2) as hammer:
+        wait_until(lambda: hammer.count() >= 50, 30, "load before the promotion")
+        registry.promote(MODEL, broken.version)
+        wait_until(lambda: server.metric("modelloop_serving_reloads_total", model=MODEL,
+                                         result="failure") == 2, 30, "both workers to try the new version")
+        before = hammer.count()
+        wait_until(lambda: hammer.count() >= before + 50, 30, "load after the failed swap")
+    assert hammer.failures == []
+    assert set(hammer.versions) == {current.version}
+    status = httpx.get(f"{server.url}/admin/model").json()
+    assert status["version"] == current.version
+    assert status["last_reload"]["result"] == "failure"
+    assert f"v{broken.version}" in status["last_reload"]["error"]
+    assert "ONNX Runtime cannot load" in server.log_text()
+    registry.rollback(MODEL)  # production points at a good version again
+
+
+def test_sidecar_down_changes_nothing_for_callers(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for _ in range(50):
+            resp = client.post("/predict", json={"instances": [ROW]})
+            assert resp.status_code == 200
+    # the events were tried, retried and then dropped and counted, off the request path
+    wait_until(lambda: server.metric("modelloop_serving_events_dropped_total", model=MODEL,
+                                     reason="send_failed") >= 50, 30, "dropped events to be counted")
+    assert server.metric("modelloop_serving_events_sent_total", model=MODEL) == 0
+    assert server.metric("modelloop_serving_errors_total", model=MODEL) == 0
