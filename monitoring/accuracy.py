@@ -1,0 +1,105 @@
+"""Model quality from feedback labels, and an estimate of it before labels arrive.
+
+Pure functions over arrays: :func:`classification_scores` gives accuracy and macro precision,
+recall and F1 exactly as scikit-learn computes them (labels present in either array, zero where a
+ratio is undefined); :class:`ConfidenceCalibration` is a CBPE-style estimator: it learns on the
+version's reference sample how often a prediction of a given confidence is right (isotonic
+regression), and averages that over the current window's confidences.
+
+Example::
+
+    scores = classification_scores(y_true, y_pred)      # scores.accuracy, scores.f1
+    cal = ConfidenceCalibration.fit(ref_proba, ref_labels)
+    cal.expected_accuracy(window_proba)                  # e.g. 0.91, no labels needed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassificationScores:
+    """Realised quality over ``n`` labelled predictions (macro averages over classes)."""
+
+    n: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+
+
+def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> ClassificationScores | None:
+    """Accuracy and macro precision/recall/F1 of ``y_pred`` against ``y_true``; None when empty."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {y_true.shape} vs {y_pred.shape}")
+    n = len(y_true)
+    if n == 0:
+        return None
+    labels, inverse = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    k = len(labels)
+    t, p = inverse[:n], inverse[n:]
+    confusion = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion).astype(np.float64)
+    pred_sum = confusion.sum(axis=0)
+    true_sum = confusion.sum(axis=1)
+    precision = _ratio(tp, pred_sum)
+    recall = _ratio(tp, true_sum)
+    f1 = _ratio(2 * tp, pred_sum + true_sum)  # = 2PR/(P+R), and 0 where undefined
+    return ClassificationScores(
+        n=n, accuracy=float(tp.sum() / n), precision=float(precision.mean()),
+        recall=float(recall.mean()), f1=float(f1.mean()),
+    )
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(num, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def label_lag(ts: np.ndarray, label_ts: np.ndarray) -> float | None:
+    """Median delay (seconds) from prediction to label over the labelled events."""
+    lag = (label_ts - ts)[~np.isnan(label_ts)]
+    return float(np.median(lag)) if len(lag) else None
+
+
+@dataclass
+class ConfidenceCalibration:
+    """Maps a prediction's confidence (its top class probability) to the chance it is right."""
+
+    model: Any  # sklearn IsotonicRegression, or None: the probabilities are taken as calibrated
+    reference_accuracy: float | None = None
+
+    @classmethod
+    def fit(cls, probabilities: np.ndarray, labels: np.ndarray | None) -> ConfidenceCalibration:
+        """Learn on the reference sample's probabilities and true labels (class indexes)."""
+        proba = np.asarray(probabilities, dtype=np.float64)
+        if labels is None or len(proba) == 0:
+            return cls(model=None)
+        y = np.asarray(labels)
+        ok = ~np.isnan(y.astype(np.float64))
+        proba, y = proba[ok], y[ok]
+        if len(y) < 10:
+            return cls(model=None)
+        correct = (proba.argmax(axis=1) == y.astype(np.int64)).astype(np.float64)
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
+        iso.fit(proba.max(axis=1), correct)
+        return cls(model=iso, reference_accuracy=float(correct.mean()))
+
+    def expected_accuracy(self, probabilities: np.ndarray) -> float | None:
+        """Estimated accuracy over a window of predicted probabilities (no labels needed)."""
+        proba = np.asarray(probabilities, dtype=np.float64)
+        if proba.ndim != 2 or len(proba) == 0:
+            return None
+        confidence = proba.max(axis=1)
+        if self.model is None:
+            return float(confidence.mean())
+        return float(np.mean(self.model.predict(confidence)))

@@ -1,0 +1,79 @@
+"""The Alertmanager webhook receiver: firing alerts that name a model request its retraining.
+
+Alertmanager's webhook payload (``version: "4"``) carries a group of alerts; each firing alert
+with a ``model`` label asks for one retraining job of that model. Alertmanager re-sends a firing
+alert on every ``repeat_interval`` (and after its own restarts), so an alert is acted on once per
+firing: it is remembered by fingerprint and ``startsAt`` in the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from monitoring.ingest import InputError, format_validation
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    starts_at: str = Field(alias="startsAt")
+    fingerprint: str = Field(min_length=1)
+
+
+class WebhookPayload(BaseModel):
+    """Alertmanager's webhook body (the fields used here; others are allowed)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    version: str
+    status: Literal["firing", "resolved"]
+    receiver: str = ""
+    group_key: str = Field(default="", alias="groupKey")
+    alerts: list[Alert]
+
+
+def parse_payload(body: bytes) -> WebhookPayload:
+    try:
+        payload = WebhookPayload.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise InputError(400, "invalid_json", ["body: invalid JSON"]) from exc
+        raise InputError(422, "invalid_alert", format_validation(exc)) from exc
+    if payload.version != "4":
+        raise InputError(422, "invalid_alert",
+                         [f"version: expected Alertmanager webhook payload version '4', "
+                          f"got {payload.version!r}"])
+    return payload
+
+
+def alert_reason(alert: Alert) -> str:
+    name = alert.labels.get("alertname", "alert")
+    summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
+    return f"Alertmanager: {name}" + (f": {summary}" if summary else "")
+
+
+@dataclass(frozen=True)
+class AlertAction:
+    """What one alert asks for: retraining ``model``, or nothing (``model`` None, ``note`` why)."""
+
+    alert: Alert
+    model: str | None
+    note: str = ""
+
+
+def plan(payload: WebhookPayload) -> list[AlertAction]:
+    out = []
+    for alert in payload.alerts:
+        if alert.status != "firing":
+            out.append(AlertAction(alert, None, "resolved"))
+        elif not alert.labels.get("model"):
+            out.append(AlertAction(alert, None, "no 'model' label"))
+        else:
+            out.append(AlertAction(alert, alert.labels["model"]))
+    return out

@@ -1,0 +1,252 @@
+"""``modelloop monitor``: run the sidecar, post feedback labels, show its status.
+
+    modelloop monitor --port 8001              # the sidecar (same as `modelloop monitor run`)
+    modelloop monitor feedback labels.csv      # request_id,label[,timestamp] rows
+    modelloop monitor status                   # drift, accuracy, latency, jobs
+    modelloop monitor check-policy policy.yaml # validate a policy file
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from monitoring.settings import MonitorSettings
+
+app = typer.Typer(help="The monitoring sidecar and its tools. Without a command: run the sidecar.",
+                  rich_markup_mode=None, add_completion=False)
+console = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+PortOpt = Annotated[int | None, typer.Option("--port", "-p", help="Port to listen on "
+                                             "[env MODELLOOP_MONITOR_PORT, default 8001].")]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to listen on "
+                                             "[env MODELLOOP_MONITOR_HOST, default 127.0.0.1].")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="sqlite:///PATH or postgresql://... "
+                                              "[env MODELLOOP_MONITOR_STORE_URL].")]
+PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy YAML "
+                                                "[env MODELLOOP_MONITOR_POLICY_FILE].")]
+ModelsOpt = Annotated[str | None, typer.Option("--models", help="Models to watch, comma separated "
+                                               "[env MODELLOOP_MONITOR_MODELS; default all].")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="The sidecar's base URL [default "
+                                            "http://127.0.0.1:$MODELLOOP_MONITOR_PORT].")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _settings(**overrides: Any) -> MonitorSettings:
+    from pydantic import ValidationError
+
+    try:
+        return MonitorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise _fail(f"setting {field} (MODELLOOP_MONITOR_{field.upper()}): {err['msg']}", 2) from exc
+
+
+def _serve(port: int | None, host: str | None, store: str | None, policy: Path | None,
+           models: str | None) -> None:
+    import uvicorn
+
+    from monitoring.app import create_app
+    from monitoring.policy import PolicyError
+    from monitoring.sidecar import Sidecar
+    from monitoring.store import StoreError
+
+    settings = _settings(port=port, host=host, store_url=store, policy_file=policy, models=models)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("monitoring").setLevel(logging.INFO)  # a server says what it does
+    sidecar = Sidecar(settings)
+    try:
+        sidecar.start()
+    except (PolicyError, StoreError, ValueError, OSError) as exc:
+        raise _fail(str(exc), 2) from exc
+    uvicorn.run(create_app(sidecar), host=settings.host, port=settings.port, access_log=False,
+                log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+
+
+@app.callback(invoke_without_command=True)
+def main(ctx: typer.Context, port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
+         policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
+    """The monitoring sidecar: `modelloop monitor --port 8001` runs it (as does `... run`)."""
+    if ctx.invoked_subcommand is None:
+        _serve(port, host, store, policy, models)
+
+
+@app.command("run")
+def run(port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
+        policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
+    """Run the sidecar: event ingest, feedback, drift, policy, retraining, /metrics."""
+    _serve(port, host, store, policy, models)
+
+
+def _base_url(url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    s = _settings()
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    return f"http://{host}:{s.port}"
+
+
+_FEEDBACK_LINE = re.compile(r"^feedback\[(\d+)\]\.(.*)$")
+
+
+def read_feedback_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, {request_id, label[, timestamp]})`` rows; ValueError naming the line."""
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror})") from exc
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        missing = [c for c in ("request_id", "label") if c not in fields]
+        if missing:
+            raise ValueError(f"{path}:1: header needs columns request_id and label "
+                             f"(missing {', '.join(missing)}; found {', '.join(fields) or 'none'})")
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise ValueError(f"{path}:{line}: more values than the header has columns")
+            rid = (row.get("request_id") or "").strip()
+            label = (row.get("label") or "").strip()
+            if not rid:
+                raise ValueError(f"{path}:{line}: request_id is empty")
+            if not label:
+                raise ValueError(f"{path}:{line}: label is empty for request {rid!r}")
+            item: dict[str, Any] = {"request_id": rid, "label": label}
+            ts = (row.get("timestamp") or "").strip()
+            if ts:
+                try:
+                    item["timestamp"] = float(ts)
+                except ValueError:
+                    raise ValueError(f"{path}:{line}: timestamp {ts!r} is not unix seconds") from None
+                if not math.isfinite(item["timestamp"]):
+                    raise ValueError(f"{path}:{line}: timestamp {ts!r} is not finite")
+            rows.append((line, item))
+    if not rows:
+        raise ValueError(f"{path}: no feedback rows")
+    return rows
+
+
+@app.command("feedback")
+def feedback(
+    file: Annotated[Path, typer.Argument(help="CSV with columns request_id,label[,timestamp]; "
+                                              "labels are class names or class indexes.")],
+    url: UrlOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Labels per request.")] = 1000,
+) -> None:
+    """Post true labels to the sidecar; reports how many joined, and unknown or duplicate ids."""
+    try:
+        rows = read_feedback_csv(file)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    base = _base_url(url)
+    totals = {"joined": 0, "unknown": [], "duplicate": []}
+    with httpx.Client(base_url=base, timeout=60) as client, Progress(
+            TextColumn("feedback"), BarColumn(), MofNCompleteColumn(), console=console,
+            transient=True) as progress:
+        task = progress.add_task("labels", total=len(rows))
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            try:
+                resp = client.post("/feedback", json={"feedback": [item for _, item in chunk]})
+            except httpx.HTTPError as exc:
+                raise _fail(f"{file}: cannot reach the sidecar at {base}: {exc}") from exc
+            if resp.status_code != 200:
+                raise _fail(_line_error(file, chunk, resp))
+            body = resp.json()
+            totals["joined"] += body["joined"]
+            totals["unknown"] += body["unknown"]
+            totals["duplicate"] += body["duplicate"]
+            progress.advance(task, len(chunk))
+    unknown, duplicate = totals["unknown"], totals["duplicate"]
+    typer.echo(f"{file}: {totals['joined']} labels joined, {len(unknown)} unknown ids, "
+               f"{len(duplicate)} duplicates")
+    for kind, ids in (("unknown", unknown), ("duplicate", duplicate)):
+        if ids:
+            typer.echo(f"  {kind}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+
+
+def _line_error(file: Path, chunk: list[tuple[int, dict[str, Any]]], resp: httpx.Response) -> str:
+    try:
+        message = resp.json().get("error", resp.text)
+    except ValueError:
+        message = resp.text[:200]
+    match = _FEEDBACK_LINE.match(message)
+    if match and int(match.group(1)) < len(chunk):
+        return f"{file}:{chunk[int(match.group(1))][0]}: {match.group(2)}"
+    return f"{file}: the sidecar answered {resp.status_code}: {message}"
+
+
+@app.command("status")
+def status(url: UrlOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+           check: Annotated[bool, typer.Option("--check", help="Run a check first.")] = False) -> None:
+    """Show drift, accuracy, latency, policy rules and jobs of a running sidecar."""
+    base = _base_url(url)
+    try:
+        resp = (httpx.post(f"{base}/check", timeout=300) if check
+                else httpx.get(f"{base}/status", timeout=30))
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot get the status of the sidecar at {base}: {exc}") from exc
+    data = resp.json()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(f"sidecar at {base}: {'ready' if data['ready'] else 'not ready'}, "
+               f"store {data['store']}, trigger {data['trigger']}")
+    for model, st in data["models"].items():
+        drift = st.get("drift", {})
+        typer.echo(f"{model} v{st.get('version')}: {st.get('window_rows', 0)} rows in window")
+        if drift.get("judged"):
+            typer.echo(f"  drift share {drift['share']:.2f} "
+                       f"(drifted: {', '.join(drift['drifted_features']) or 'none'})")
+        else:
+            typer.echo(f"  drift not judged: {drift.get('note', '')}")
+        for version, q in (st.get("quality") or {}).items():
+            count = q["scores"].get("count") or {}
+            acc = f"{count['accuracy']:.3f}" if count else "-"
+            est = q.get("estimated_accuracy")
+            typer.echo(f"  v{version}: accuracy {acc} on {q['labelled']} labels, estimated "
+                       f"{'-' if est is None else f'{est:.3f}'}, coverage {q['coverage']:.2f}")
+        lat = st.get("latency_s") or {}
+        if lat:
+            typer.echo(f"  latency p50 {lat['0.5'] * 1000:.1f} ms, p95 {lat['0.95'] * 1000:.1f} ms, "
+                       f"p99 {lat['0.99'] * 1000:.1f} ms")
+    for rule in data["policy"]["rules"]:
+        if rule["state"] not in ("ok", "insufficient"):
+            typer.echo(f"rule {rule['rule']} [{rule['scope']}]: {rule['state']} "
+                       f"({rule['condition']}, value {rule['value']})")
+    for job in data["jobs"][:5]:
+        typer.echo(f"job {job['id']}: {job['status']} ({job['trigger']}) {job['detail']}")
+
+
+@app.command("check-policy")
+def check_policy(file: Annotated[Path, typer.Argument(help="Policy YAML to validate.")]) -> None:
+    """Validate a policy file the way the sidecar does at start-up."""
+    from monitoring.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(file)
+    except PolicyError as exc:
+        raise _fail(str(exc)) from exc
+    for rule in policy.rules:
+        typer.echo(f"{rule.name}: {rule.describe()} -> {rule.action} (min {rule.min_samples} "
+                   f"samples, for {rule.for_s:g} s, cooldown {rule.cooldown_s:g} s)")

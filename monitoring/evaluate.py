@@ -1,0 +1,391 @@
+"""The periodic check: read the windows from the store, compute drift, quality, latency, errors
+and resources (pure functions elsewhere), publish the gauges, then evaluate the policy.
+
+One check at a time (the scheduled one and ``POST /check`` share a lock). Per model: the newest
+version seen in the count window is judged for drift against its reference sample; quality is
+computed for every version in the window; latency over the time window. Gauges of things no
+longer present (a version that left the window) are removed, not left stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+from prometheus_client import Gauge
+
+from modelloop.registry import RegistryError
+from modelloop.schemas import REF_LABEL, REF_PREDICTION, REF_PROBA_PREFIX, ModelMetadata, Task
+from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
+from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
+from monitoring.ingest import ModelCatalog
+from monitoring.metrics import MonitorMetrics
+from monitoring.performance import ErrorRateTracker, latency_quantiles
+from monitoring.policy import Firing, Observation, PolicyEngine, Rule
+from monitoring.reports import write_drift_report
+from monitoring.resources import CgroupSampler, GpuSampler, ProcessSample, ProcessSampler
+from monitoring.settings import MonitorSettings
+from monitoring.store import EventStore, Window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VersionContext:
+    """What is prepared once per model version: metadata, reference profile, calibration."""
+
+    meta: ModelMetadata
+    profile: ReferenceProfile | None
+    calibration: ConfidenceCalibration
+    reference: pd.DataFrame | None
+    note: str = ""
+
+
+@dataclass
+class Quality:
+    version: int
+    rows: int
+    labelled: int
+    coverage: float
+    scores: dict[str, Any]
+    """``count`` and ``time`` windows -> accuracy/precision/recall/f1/n (None without labels)."""
+    estimated_accuracy: float | None
+
+
+class Evaluator:
+    def __init__(self, settings: MonitorSettings, store: EventStore, catalog: ModelCatalog,
+                 engine: PolicyEngine, metrics: MonitorMetrics,
+                 on_fire: Callable[[Firing, int | None], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.s = settings
+        self.store = store
+        self.catalog = catalog
+        self.engine = engine
+        self.metrics = metrics
+        self.on_fire = on_fire
+        self.clock = clock
+        self.warm = False
+        self._lock = threading.Lock()
+        self._contexts: dict[tuple[str, int], VersionContext] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        self._published: dict[tuple[str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
+        self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-report")
+        self._report_future: Future[Any] | None = None
+        self.errors = ErrorRateTracker(settings.serving_metrics_url, settings.window_seconds)
+        self.gpu = GpuSampler() if settings.gpu else None
+        self._process: ProcessSampler | CgroupSampler | None = None
+        self._resource_status: dict[str, Any] = {}
+        if settings.target_cgroup is not None:
+            self._process = CgroupSampler(settings.target_cgroup)  # a bad path stops start-up
+
+    def warm_up(self) -> None:
+        """Import Evidently's stattests ahead of the first check (it takes seconds)."""
+        stattests()
+        self.warm = True
+
+    def close(self, timeout: float) -> None:
+        self._reports.shutdown(wait=True, cancel_futures=True)
+        if self.gpu is not None:
+            self.gpu.close()
+
+    def models(self) -> list[str]:
+        stored = self.store.models()
+        if self.s.models:
+            return [m for m in self.s.models if m in stored]
+        return [m for m in stored if self.catalog.watched(m)]
+
+    # -- the check ------------------------------------------------------------------------------
+    def check(self, models: list[str] | None = None) -> dict[str, Any]:
+        with self._lock:
+            now = self.clock()
+            self.errors.scrape(now)
+            for model in models or self.models():
+                try:
+                    self._check_model(model, now)
+                except Exception as exc:  # one broken model must not stop the others' checks
+                    log.exception("check of model %s failed", model)
+                    self._status.setdefault(model, {})["error"] = f"{type(exc).__name__}: {exc}"
+            self._check_resources(now)
+            return self.status()
+
+    def _context(self, model: str, version: int) -> VersionContext | None:
+        key = (model, version)
+        if key in self._contexts:
+            return self._contexts[key]
+        try:
+            mv = self.catalog.registry.get(model, version)
+        except RegistryError as exc:
+            log.warning("no registry entry for %s v%d: %s", model, version, exc)
+            return None
+        meta = mv.metadata
+        try:
+            ref = mv.reference()
+        except RegistryError as exc:
+            ctx = VersionContext(meta, None, ConfidenceCalibration(None), None, str(exc))
+        else:
+            profile = ReferenceProfile(
+                ref, meta.feature_names, method=self.s.drift_method,
+                threshold=self.s.drift_threshold,
+                prediction_categorical=meta.task == Task.classification)
+            proba_cols = [c for c in ref.columns if c.startswith(REF_PROBA_PREFIX)]
+            proba_cols.sort(key=lambda c: int(c[len(REF_PROBA_PREFIX):]))
+            labels = ref[REF_LABEL].to_numpy() if REF_LABEL in ref.columns else None
+            calibration = (ConfidenceCalibration.fit(ref[proba_cols].to_numpy(), labels)
+                           if proba_cols else ConfidenceCalibration(None))
+            ctx = VersionContext(meta, profile, calibration, ref)
+        self._contexts[key] = ctx
+        return ctx
+
+    def _check_model(self, model: str, now: float) -> None:
+        s = self.s
+        recent = self.store.window(model, last_n=s.window_events, features=False)
+        if not len(recent):
+            return
+        latest = int(recent.version[-1])
+        ctx = self._context(model, latest)
+        current = self.store.window(model, version=latest, last_n=s.window_events)
+        status: dict[str, Any] = {"version": latest, "window_rows": len(current)}
+
+        drift: DriftResult | None = None
+        if ctx is not None and ctx.profile is not None:
+            drift = check_drift(ctx.profile, current.features, current.prediction, model=model,
+                                version=latest, drift_share=s.drift_share,
+                                min_rows=s.min_window_rows)
+            self._publish_drift(model, drift)
+            status["drift"] = drift.summary()
+            if drift.judged:
+                self._schedule_report(model, latest, ctx, current)
+        else:
+            status["drift"] = {"judged": False, "note": ctx.note if ctx else "not in registry"}
+
+        qualities: dict[int, Quality] = {}
+        for version in sorted(set(recent.version.tolist())):
+            vctx = ctx if version == latest else self._context(model, version)
+            if vctx is None or vctx.meta.task != Task.classification:
+                continue
+            win = current if version == latest else self.store.window(
+                model, version=version, last_n=s.window_events)
+            by_time = self.store.window(model, version=version, since=now - s.window_seconds,
+                                        features=False)
+            qualities[version] = _quality(version, win, by_time, vctx.calibration)
+        self._publish_quality(model, qualities)
+        status["quality"] = {str(v): q.__dict__ for v, q in qualities.items()}
+
+        lag = label_lag(recent.ts, recent.label_ts)
+        timed = self.store.window(model, since=now - s.window_seconds, features=False)
+        quantiles = latency_quantiles(timed.latency_s)
+        errors = self.errors.error_rate(model)
+        entries: list[tuple[Gauge, tuple[str, ...], float]] = []
+        if lag is not None:
+            entries.append((self.metrics.label_lag, (model,), lag))
+        for q, value in (quantiles or {}).items():
+            entries.append((self.metrics.latency, (model, f"{q:g}"), value))
+        if errors is not None:
+            entries.append((self.metrics.error_rate, (model,), errors[0]))
+        self._replace(model, "ops", entries)
+        status.update(label_lag_s=lag, latency_s={f"{q:g}": v for q, v in (quantiles or {}).items()},
+                      latency_rows=len(timed), error_rate=None if errors is None else errors[0],
+                      requests_in_window=None if errors is None else errors[1])
+        self._status[model] = status
+
+        def observe(rule: Rule) -> Observation:
+            return _observe(rule, drift, qualities.get(latest), quantiles, len(timed), errors)
+
+        for firing in self.engine.evaluate("model", model, observe, now, model=model):
+            self.on_fire(firing, latest)
+
+    # -- publishing -----------------------------------------------------------------------------
+    def _replace(self, model: str, group: str,
+                 entries: list[tuple[Gauge, tuple[str, ...], float]]) -> None:
+        """Set a group of gauges for ``model`` and remove the group's label sets not set now."""
+        new = set()
+        for gauge, labels, value in entries:
+            gauge.labels(*labels).set(value)
+            new.add((gauge, labels))
+        for gauge, labels in self._published.get((model, group), set()) - new:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        self._published[(model, group)] = new
+
+    def _publish_drift(self, model: str, drift: DriftResult) -> None:
+        m = self.metrics
+        if not drift.judged:
+            self._replace(model, "drift_rows", [(m.drift_window_rows, (model,), drift.rows)])
+            return
+        entries: list[tuple[Gauge, tuple[str, ...], float]] = [
+            (m.drift_share, (model,), drift.share), (m.drift_window_rows, (model,), drift.rows)]
+        for c in drift.features:
+            entries += [(m.drift_score, (model, c.column), c.score),
+                        (m.drift_detected, (model, c.column), float(c.drifted)),
+                        (m.drift_method, (model, c.column, c.method), c.threshold)]
+        if drift.prediction is not None:
+            entries += [(m.prediction_drift_score, (model,), drift.prediction.score),
+                        (m.prediction_drift_detected, (model,), float(drift.prediction.drifted))]
+        self._replace(model, "drift", entries)
+        self._replace(model, "drift_rows", [])
+
+    def _publish_quality(self, model: str, qualities: dict[int, Quality]) -> None:
+        m = self.metrics
+        entries: list[tuple[Gauge, tuple[str, ...], float]] = []
+        for version, q in qualities.items():
+            v = str(version)
+            entries += [(m.labelled_samples, (model, v), q.labelled),
+                        (m.label_coverage, (model, v), q.coverage)]
+            if q.estimated_accuracy is not None:
+                entries.append((m.estimated_accuracy, (model, v), q.estimated_accuracy))
+            for window, sc in q.scores.items():
+                if sc is None:
+                    continue
+                for gauge, key in ((m.accuracy, "accuracy"), (m.precision, "precision"),
+                                   (m.recall, "recall"), (m.f1, "f1")):
+                    entries.append((gauge, (model, v, window), sc[key]))
+        self._replace(model, "quality", entries)
+
+    def _schedule_report(self, model: str, version: int, ctx: VersionContext,
+                         current: Window) -> None:
+        if self._report_future is not None and not self._report_future.done():
+            return  # the previous report is still rendering; the next check makes a fresh one
+        assert ctx.reference is not None and current.features is not None
+        names = ctx.meta.feature_names
+        ref = ctx.reference[names].copy()
+        cur = pd.DataFrame(current.features, columns=names)
+        pred_col = None
+        if REF_PREDICTION in ctx.reference.columns:
+            pred_col = "prediction"
+            ref[pred_col] = ctx.reference[REF_PREDICTION].to_numpy()
+            cur[pred_col] = current.prediction
+        s = self.s
+
+        def render() -> None:
+            try:
+                write_drift_report(s.reports_dir, model, version, ref, cur,
+                                   method=None if s.drift_method == "auto" else s.drift_method,
+                                   threshold=s.drift_threshold, drift_share=s.drift_share,
+                                   max_rows=s.report_max_rows, keep=s.reports_keep,
+                                   prediction_column=pred_col)
+            except Exception:
+                log.exception("drift report for %s v%d failed", model, version)
+
+        self._report_future = self._reports.submit(render)
+
+    def wait_for_report(self, timeout: float = 120.0) -> None:
+        """Block until the report being rendered (if any) is written (tests, shutdown)."""
+        if self._report_future is not None:
+            self._report_future.result(timeout)
+
+    # -- resources ---------------------------------------------------------------------------
+    def _check_resources(self, now: float) -> None:
+        sample: ProcessSample | None = None
+        target = self.s.target_name
+        if self._process is None and self.s.target_pid is not None:
+            try:
+                self._process = ProcessSampler(self.s.target_pid, self.s.include_children)
+            except psutil.Error as exc:
+                self._resource_status = {"target": target, "error": f"pid {self.s.target_pid}: {exc}"}
+        if self._process is not None:
+            try:
+                sample = self._process.sample()
+            except (psutil.Error, OSError, ValueError) as exc:
+                self._resource_status = {"target": target, "error": str(exc)}
+                if isinstance(self._process, ProcessSampler):
+                    self._process = None  # the process is gone; look for the pid again next time
+        entries: list[tuple[Gauge, tuple[str, ...], float]] = []
+        if sample is not None:
+            entries.append((self.metrics.process_memory, (target,), sample.memory_bytes))
+            if sample.cpu_ratio is not None:
+                entries.append((self.metrics.process_cpu, (target,), sample.cpu_ratio))
+            self._resource_status = {"target": target, "cpu_ratio": sample.cpu_ratio,
+                                     "memory_bytes": sample.memory_bytes}
+        gpus = self.gpu.sample() if self.gpu is not None else []
+        for g in gpus:
+            entries += [(self.metrics.gpu_utilization, (g.index,), g.utilization_ratio),
+                         (self.metrics.gpu_memory_used, (g.index,), g.memory_used_bytes),
+                         (self.metrics.gpu_memory_total, (g.index,), g.memory_total_bytes)]
+        self._resource_status["gpus"] = [g.__dict__ for g in gpus]
+        if self.gpu is not None and self.gpu.unavailable:
+            self._resource_status["gpu_unavailable"] = self.gpu.unavailable
+        self._replace("", "resources", entries)
+
+        if sample is not None:
+            def observe_process(rule: Rule) -> Observation:
+                value = sample.cpu_ratio if rule.metric == "cpu" else sample.memory_bytes
+                return Observation(value, 1)
+
+            for firing in self.engine.evaluate("process", target, observe_process, now):
+                self.on_fire(firing, None)
+        for g in gpus:
+            def observe_gpu(rule: Rule, g: Any = g) -> Observation:
+                value = g.utilization_ratio if rule.metric == "gpu_utilization" else g.memory_used_bytes
+                return Observation(value, 1)
+
+            for firing in self.engine.evaluate("gpu", f"gpu{g.index}", observe_gpu, now):
+                self.on_fire(firing, None)
+
+    def retention(self) -> None:
+        cutoff = self.clock() - self.s.retention_max_age_s
+        old = self.store.delete_older(cutoff)
+        extra = self.store.keep_newest(self.s.retention_max_events)
+        if old or extra:
+            log.info("retention deleted %d events older than %.0f s and %d beyond %d events",
+                     old, self.s.retention_max_age_s, extra, self.s.retention_max_events)
+
+    def status(self) -> dict[str, Any]:
+        return {m: dict(st) for m, st in self._status.items()}
+
+    def resource_status(self) -> dict[str, Any]:
+        return dict(self._resource_status)
+
+
+def _quality(version: int, win: Window, by_time: Window,
+             calibration: ConfidenceCalibration) -> Quality:
+    scores: dict[str, Any] = {}
+    for name, w in (("count", win), ("time", by_time)):
+        mask = w.labelled
+        sc = classification_scores(w.label[mask].astype(np.int64),
+                                   w.prediction[mask].astype(np.int64))
+        scores[name] = None if sc is None else sc.__dict__
+    labelled = int(win.labelled.sum())
+    estimate = (calibration.expected_accuracy(win.probabilities)
+                if win.probabilities is not None else None)
+    return Quality(version=version, rows=len(win), labelled=labelled,
+                   coverage=labelled / len(win) if len(win) else 0.0, scores=scores,
+                   estimated_accuracy=estimate)
+
+
+def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
+             quantiles: dict[float, float] | None, latency_rows: int,
+             errors: tuple[float, int] | None) -> Observation:
+    metric = rule.metric
+    if metric in ("drift_share", "feature_drift", "prediction_drift"):
+        if drift is None or not drift.judged:
+            return Observation(None, 0 if drift is None else drift.rows)
+        if metric == "drift_share":
+            return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
+        if metric == "feature_drift":
+            hit = [f for f in drift.drifted_features if f in (rule.features or [])]
+            return Observation(float(bool(hit)), drift.rows, ", ".join(hit))
+        if drift.prediction is None:
+            return Observation(None, drift.rows)
+        return Observation(float(drift.prediction.drifted), drift.rows)
+    if metric in ("accuracy", "f1", "precision", "recall"):
+        sc = None if quality is None else quality.scores.get(rule.window)
+        return Observation(None, 0) if sc is None else Observation(sc[metric], sc["n"])
+    if metric == "estimated_accuracy":
+        if quality is None:
+            return Observation(None, 0)
+        return Observation(quality.estimated_accuracy, quality.rows)
+    if metric.startswith("latency_p"):
+        q = {"latency_p50": 0.5, "latency_p95": 0.95, "latency_p99": 0.99}[metric]
+        return Observation(None if quantiles is None else quantiles[q], latency_rows)
+    if metric == "error_rate":
+        return Observation(None, 0) if errors is None else Observation(errors[0], errors[1])
+    return Observation(None, 0)

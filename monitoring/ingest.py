@@ -1,0 +1,287 @@
+"""Ingest: validate event batches and feedback at the boundary, and commit events in groups.
+
+A batch is checked whole before anything is written: the JSON schema (:class:`EventBatch`), then
+each event against its model version's metadata (watched model, registered version, feature
+count, probabilities, class index). One bad event rejects the batch with errors that name it
+(``events[3].version: ...``), so the store never holds half a batch.
+
+:class:`GroupCommitWriter` merges batches that arrive together into one transaction (one fsync)
+and resolves each caller's future only after the commit: an acknowledged event is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from modelloop.registry import Registry, RegistryError
+from modelloop.schemas import EventBatch, Feedback, ModelMetadata, Task
+from monitoring.records import EventRow
+from monitoring.store import EventStore
+
+log = logging.getLogger(__name__)
+MAX_ERRORS = 20
+
+
+@dataclass
+class InputError(Exception):
+    """A rejected request: HTTP status, a reason for the metrics, and errors naming the fields."""
+
+    status: int
+    reason: str
+    errors: list[str]
+    rejected: int = 1
+
+    def __str__(self) -> str:
+        return self.errors[0] if self.errors else self.reason
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "errors": self.errors[:MAX_ERRORS],
+                "error_count": len(self.errors), "rejected": self.rejected}
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
+    """Pydantic errors as ``events[3].version: Input should be ...`` lines."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        where = _loc(err["loc"])
+        if prefix:
+            where = f"{prefix}{'' if where.startswith('[') else '.'}{where}" if where != "body" else prefix
+        lines.append(f"{where}: {err['msg']}")
+    return lines
+
+
+class ModelCatalog:
+    """Metadata of watched model versions from the registry, cached (versions are immutable)."""
+
+    def __init__(self, registry: Registry, models: Sequence[str] = ()) -> None:
+        self.registry = registry
+        self.models = list(models)
+        self._cache: dict[tuple[str, int], ModelMetadata] = {}
+        self._lock = threading.Lock()
+
+    def watched(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def watched_models(self) -> list[str]:
+        return self.models or self.registry.models()
+
+    def metadata(self, model: str, version: int) -> ModelMetadata:
+        """The metadata of ``model`` v``version``; :class:`RegistryError` when it is not there."""
+        key = (model, version)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        meta = self.registry.get(model, version).metadata
+        with self._lock:
+            self._cache[key] = meta
+        return meta
+
+    def check(self, model: str, version: int) -> ModelMetadata | str:
+        """The metadata, or why events of this model version cannot be accepted."""
+        if not self.watched(model):
+            return f"model {model!r} is not watched by this sidecar (watching: {', '.join(self.models)})"
+        try:
+            return self.metadata(model, version)
+        except RegistryError as exc:
+            return str(exc)
+
+
+_batch_adapter = TypeAdapter(EventBatch)
+
+
+def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
+    """Validate a ``{"events": [...]}`` body; the rows to store, or :class:`InputError`."""
+    try:
+        batch = _batch_adapter.validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise InputError(400, "invalid_json", [f"body: invalid JSON ({exc.errors()[0]['msg']})"]) from exc
+        raise InputError(422, "invalid_event", format_validation(exc), _count_events(body)) from exc
+    errors: list[str] = []
+    reason = "invalid_event"
+    seen: dict[str, int] = {}
+    rows: list[EventRow] = []
+    for i, ev in enumerate(batch.events):
+        meta = catalog.check(ev.model, ev.version)
+        if isinstance(meta, str):
+            errors.append(f"events[{i}].model: {meta}")
+            reason = "unknown_model"
+            continue
+        problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
+        if problem:
+            errors.append(f"events[{i}].{problem}")
+            reason = "wrong_shape"
+            continue
+        if ev.request_id in seen:
+            errors.append(f"events[{i}].request_id: {ev.request_id!r} repeats events[{seen[ev.request_id]}]")
+            continue
+        seen[ev.request_id] = i
+        rows.append(EventRow.from_event(ev, received_at))
+    if errors:
+        raise InputError(422, reason, errors, len(batch.events))
+    return rows
+
+
+def _shape_problem(features: list[float | None], prediction: float,
+                   probabilities: list[float] | None, meta: ModelMetadata) -> str | None:
+    tag = f"{meta.name} v{meta.version}"
+    if len(features) != meta.n_features:
+        return f"features: expected {meta.n_features} values for {tag}, got {len(features)}"
+    if any(v is not None and not math.isfinite(v) for v in features):
+        return "features: values must be finite numbers or null"
+    if meta.task == Task.classification and meta.class_labels:
+        k = len(meta.class_labels)
+        if prediction != int(prediction) or not 0 <= prediction < k:
+            return f"prediction: expected a class index 0..{k - 1} for {tag}, got {prediction:g}"
+        if probabilities is not None and len(probabilities) != k:
+            return f"probabilities: expected {k} values for {tag}, got {len(probabilities)}"
+    if probabilities is not None and any(not math.isfinite(p) for p in probabilities):
+        return "probabilities: values must be finite numbers"
+    return None
+
+
+def _count_events(body: bytes) -> int:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 1
+    events = data.get("events") if isinstance(data, dict) else None
+    return len(events) if isinstance(events, list) and events else 1
+
+
+# -- feedback ------------------------------------------------------------------------------------
+_feedback_list = TypeAdapter(list[Feedback])
+
+
+def parse_feedback(body: bytes) -> tuple[list[Feedback], bool]:
+    """One ``{request_id, label}`` object or ``{"feedback": [...]}``; the labels, and whether it
+    was the single form (its errors name ``label``, not ``feedback[0].label``)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(400, "invalid_json", [f"body: invalid JSON ({exc})"]) from exc
+    if isinstance(data, dict) and "feedback" in data:
+        items, prefix = data["feedback"], "feedback"
+        if not isinstance(items, list) or not items:
+            raise InputError(422, "invalid_feedback", ["feedback: must be a non-empty list"])
+        try:
+            return _feedback_list.validate_python(items), False
+        except ValidationError as exc:
+            raise InputError(422, "invalid_feedback", format_validation(exc, prefix), len(items)) from exc
+    try:
+        return [Feedback.model_validate(data)], True
+    except ValidationError as exc:
+        raise InputError(422, "invalid_feedback", format_validation(exc)) from exc
+
+
+def resolve_label(label: str | int | float, meta: ModelMetadata) -> float | str:
+    """The stored value of a label: the class index for a classifier, the number otherwise;
+    or a string saying why the label does not fit the model version."""
+    tag = f"{meta.name} v{meta.version}"
+    if meta.task == Task.classification and meta.class_labels:
+        labels = meta.class_labels
+        if isinstance(label, str):
+            if label in labels:
+                return float(labels.index(label))
+            if label.strip().lstrip("-").isdigit():
+                label = int(label)
+            else:
+                return f"{label!r} is not a class of {tag} (classes: {', '.join(labels)})"
+        if isinstance(label, float) and not label.is_integer():
+            return f"{label!r} is not a class index of {tag}"
+        if not 0 <= int(label) < len(labels):
+            return f"class index {int(label)} is out of range for {tag} (0..{len(labels) - 1})"
+        return float(int(label))
+    try:
+        value = float(label)
+    except ValueError:
+        return f"{label!r} is not a number (the target of {tag})"
+    return value if math.isfinite(value) else f"{label!r} is not a finite number"
+
+
+# -- group commit ----------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    rows: list[EventRow]
+    future: Future[dict[str, int]] = field(default_factory=Future)
+
+
+class GroupCommitWriter:
+    """One thread writes every event batch; batches waiting together share a transaction."""
+
+    def __init__(self, store: EventStore, max_rows: int = 50_000) -> None:
+        self.store = store
+        self.max_rows = max_rows
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread.start()
+
+    def submit(self, rows: list[EventRow]) -> Future[dict[str, int]]:
+        """Queue ``rows``; the future resolves once they are committed, to the number of new
+        rows per model (a request id stored before is not stored again)."""
+        pending = _Pending(rows)
+        with self._lock:
+            if self._closed:
+                pending.future.set_exception(RuntimeError("the sidecar is shutting down"))
+                return pending.future
+            self._queue.put(pending)
+        return pending.future
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            group, n = [first], len(first.rows)
+            while n < self.max_rows:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+                n += len(nxt.rows)
+            self._commit(group)
+
+    def _commit(self, group: list[_Pending]) -> None:
+        try:
+            new = self.store.insert_batches([p.rows for p in group])
+        except Exception as exc:
+            log.error("could not store %d event batches: %s", len(group), exc)
+            for p in group:
+                p.future.set_exception(exc)
+            return
+        for p, k in zip(group, new, strict=True):
+            p.future.set_result(k)
+
+    def close(self, timeout: float = 20.0) -> None:
+        """Stop taking batches and commit every one already queued (the shutdown flush)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)

@@ -1,0 +1,174 @@
+"""Retraining jobs: which may start, under what name, and how each one ends.
+
+At most one job per model is active: the store refuses a second active row (a unique index, so
+this holds across replicas sharing PostgreSQL). Jobs requested by the policy or Alertmanager are
+named per model and time window (``retrain-<model>-<hash>-<window start>``), so two replicas
+judging the same window ask for the same name and only one job is created. Manual requests get a
+name of their own.
+
+Example::
+
+    manager = JobManager(store, LocalProcessTrigger(jobs_dir), metrics, command="...")
+    outcome = manager.request("churn", trigger="policy", reason="drift share 0.3")
+    manager.poll()     # records the end of finished jobs, exports status
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from monitoring.metrics import MonitorMetrics
+from monitoring.settings import MonitorSettings
+from monitoring.store import EventStore, JobRecord
+from monitoring.triggers import (
+    JobRequest,
+    LocalProcessTrigger,
+    NoTrigger,
+    Trigger,
+    TriggerConflict,
+    TriggerError,
+    WebhookTrigger,
+    render_command,
+)
+
+log = logging.getLogger(__name__)
+
+
+def job_name(model: str, at: float, window_s: float, manual: bool = False) -> str:
+    """A DNS-1123 name (<= 63 chars) for the model's job in the window containing ``at``."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")[:28] or "model"
+    digest = hashlib.sha1(model.encode()).hexdigest()[:6]  # "Churn" and "churn" differ
+    if manual:
+        stamp = "m" + time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
+    else:
+        start = int(at // window_s) * window_s
+        stamp = time.strftime("%Y%m%d%H%M", time.gmtime(start))
+    return f"retrain-{slug}-{digest}-{stamp}"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    status: str
+    """``running`` (started), ``failed`` (could not start) or ``skipped`` (not allowed now)."""
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job": self.job_id, "status": self.status, "detail": self.detail}
+
+
+class JobManager:
+    """Starts jobs through a trigger, polls them, and keeps the store and the metrics current."""
+
+    def __init__(self, store: EventStore, trigger: Trigger, metrics: MonitorMetrics, *,
+                 command: str, window_s: float = 3600.0, timeout_s: float = 21600.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.trigger = trigger
+        self.metrics = metrics
+        self.command = command
+        self.window_s = window_s
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def request(self, model: str, *, trigger: str, reason: str, version: int | None = None,
+                manual: bool = False) -> JobOutcome:
+        now = self.clock()
+        job_id = job_name(model, now, self.window_s, manual=manual)
+        with self._lock:
+            record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
+                               reason=reason, status="started", created_at=now, ended_at=None,
+                               handle="", detail="")
+            why_not = self.store.try_start_job(record)
+            if why_not:
+                return self._skipped(model, trigger, job_id, why_not)
+            req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
+                             reason=reason)
+            try:
+                req = replace(req, command=render_command(self.command, req))
+                handle = self.trigger.start(req)
+            except TriggerConflict as exc:
+                self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)
+                return self._skipped(model, trigger, job_id, str(exc))
+            except (TriggerError, OSError) as exc:
+                log.error("retraining job %s for %s failed to start: %s", job_id, model, exc)
+                self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
+                self.metrics.retrain_jobs.labels(model, trigger, "failed").inc()
+                self.metrics.retrain_last.labels(model, "failed").set(now)
+                return JobOutcome(job_id, "failed", str(exc))
+            self.store.update_job(job_id, "running", handle=handle)
+        self.metrics.retrain_jobs.labels(model, trigger, "started").inc()
+        self.metrics.retrain_active.labels(model).set(1)
+        log.warning("retraining job %s started for %s (%s): %s", job_id, model, trigger, reason)
+        return JobOutcome(job_id, "running", f"{self.trigger.kind} job {handle}")
+
+    def _skipped(self, model: str, trigger: str, job_id: str, why: str) -> JobOutcome:
+        log.info("retraining of %s not started: %s", model, why)
+        self.metrics.retrain_jobs.labels(model, trigger, "skipped").inc()
+        return JobOutcome(job_id, "skipped", why)
+
+    def poll(self, models: list[str] | None = None) -> None:
+        """Check every active job of this trigger kind; record the ones that ended."""
+        now = self.clock()
+        active_models = set()
+        for job in self.store.jobs(active_only=True, limit=1000):
+            if job.kind != self.trigger.kind or not job.handle:
+                active_models.add(job.model)
+                continue
+            try:
+                status = self.trigger.poll(job.handle)
+            except Exception as exc:  # an API hiccup: try again next poll, keep the job active
+                log.warning("cannot poll job %s: %s", job.id, exc)
+                active_models.add(job.model)
+                continue
+            detail = None
+            if status == "running" and now - job.created_at > self.timeout_s:
+                self.trigger.cancel(job.handle)
+                status, detail = "failed", f"stopped after the {self.timeout_s:g} s timeout"
+            if status == "running":
+                active_models.add(job.model)
+                continue
+            self.store.update_job(job.id, status, detail=detail, ended_at=now)
+            self.metrics.retrain_jobs.labels(job.model, job.trigger, status).inc()
+            self.metrics.retrain_last.labels(job.model, status).set(now)
+            log.warning("retraining job %s for %s %s", job.id, job.model, status)
+        for model in set(models or []) | active_models:
+            self.metrics.retrain_active.labels(model).set(1 if model in active_models else 0)
+
+    def last_started(self, model: str, trigger: str) -> float | None:
+        """When the newest job of ``model`` requested by ``trigger`` was created."""
+        for job in self.store.jobs(model, limit=50):
+            if job.trigger == trigger and job.status != "skipped":
+                return job.created_at
+        return None
+
+
+def build_trigger(settings: MonitorSettings) -> Trigger:
+    """The trigger named by ``settings.trigger``."""
+    if settings.trigger == "local":
+        return LocalProcessTrigger(settings.jobs_dir)
+    if settings.trigger == "webhook":
+        if not settings.webhook_url:
+            raise ValueError("MODELLOOP_MONITOR_WEBHOOK_URL is required when trigger is webhook")
+        return WebhookTrigger(settings.webhook_url, settings.webhook_timeout_s)
+    if settings.trigger == "kubernetes":
+        from monitoring.triggers_cluster import KubernetesJobTrigger
+
+        return KubernetesJobTrigger(
+            namespace=settings.k8s_namespace, image=settings.job_image,
+            service_account=settings.k8s_service_account, claim=settings.k8s_registry_claim,
+            ttl_s=settings.k8s_ttl_s, deadline_s=settings.job_timeout_s,
+            api_url=settings.k8s_api_url)
+    if settings.trigger == "docker":
+        from monitoring.triggers_cluster import DockerTrigger
+
+        return DockerTrigger(image=settings.job_image, base_url=settings.docker_url,
+                             volume=settings.docker_volume)
+    return NoTrigger()

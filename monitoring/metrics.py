@@ -1,0 +1,87 @@
+"""The sidecar's Prometheus metrics (names and labels as in docs/metrics.md), on a registry
+passed in so every test and process has its own.
+
+Example::
+
+    registry = CollectorRegistry()
+    metrics = MonitorMetrics(registry)
+    metrics.events_ingested.labels(model="churn").inc(100)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class MonitorMetrics:
+    """Every metric the sidecar exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+        def g(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
+        def c(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        # ingest and feedback
+        self.events_ingested = c("modelloop_events_ingested_total", "Events stored.", ("model",))
+        self.events_rejected = c("modelloop_events_rejected_total", "Malformed events rejected.",
+                                 ("reason",))
+        self.feedback = c("modelloop_feedback_total",
+                          "Labels received (joined, unknown, duplicate).", ("model", "result"))
+        # drift
+        self.drift_score = g("modelloop_drift_score", "Per-feature drift score (the test's "
+                             "statistic or p-value, see modelloop_drift_method_info).",
+                             ("model", "feature"))
+        self.drift_detected = g("modelloop_drift_detected", "Per-feature drift flag.",
+                                ("model", "feature"))
+        self.drift_method = g("modelloop_drift_method_info", "The Evidently test behind each "
+                              "feature's drift score, and its threshold (value).",
+                              ("model", "feature", "method"))
+        self.drift_share = g("modelloop_drift_share_ratio", "Share of features drifted.", ("model",))
+        self.prediction_drift_score = g("modelloop_prediction_drift_score",
+                                        "Drift of the prediction distribution.", ("model",))
+        self.prediction_drift_detected = g("modelloop_prediction_drift_detected",
+                                           "Prediction drift flag.", ("model",))
+        self.drift_window_rows = g("modelloop_drift_window_rows", "Rows in the last judged window.",
+                                   ("model",))
+        # quality
+        mvw = ("model", "version", "window")
+        self.accuracy = g("modelloop_accuracy_ratio", "Realised accuracy over a window.", mvw)
+        self.f1 = g("modelloop_f1_ratio", "Realised macro F1 over a window.", mvw)
+        self.precision = g("modelloop_precision_ratio", "Realised macro precision.", mvw)
+        self.recall = g("modelloop_recall_ratio", "Realised macro recall.", mvw)
+        self.estimated_accuracy = g("modelloop_estimated_accuracy_ratio",
+                                    "Confidence-based accuracy estimate (no labels needed).",
+                                    ("model", "version"))
+        self.labelled_samples = g("modelloop_labelled_samples", "Labelled events in the window.",
+                                  ("model", "version"))
+        self.label_coverage = g("modelloop_label_coverage_ratio",
+                                "Share of events in the window with a label.", ("model", "version"))
+        self.label_lag = g("modelloop_label_lag_seconds", "Median delay from prediction to label.",
+                           ("model",))
+        # latency, errors, resources
+        self.latency = g("modelloop_latency_seconds", "Latency quantiles from events over the "
+                         "window.", ("model", "quantile"))
+        self.error_rate = g("modelloop_error_rate_ratio", "Error rate over the window.", ("model",))
+        self.process_cpu = g("modelloop_process_cpu_ratio", "CPU use of the watched serving "
+                             "process (1.0 = one core).", ("target",))
+        self.process_memory = g("modelloop_process_memory_bytes", "RSS of the watched serving "
+                                "process.", ("target",))
+        self.gpu_utilization = g("modelloop_gpu_utilization_ratio", "GPU utilisation (NVML).",
+                                 ("gpu",))
+        self.gpu_memory_used = g("modelloop_gpu_memory_used_bytes", "GPU memory used (NVML).",
+                                 ("gpu",))
+        self.gpu_memory_total = g("modelloop_gpu_memory_total_bytes", "GPU memory (NVML).",
+                                  ("gpu",))
+        # policy and jobs
+        self.threshold_breaches = c("modelloop_threshold_breaches_total", "Policy rules that fired.",
+                                    ("rule",))
+        self.retrain_jobs = c("modelloop_retrain_jobs_total", "Retraining jobs by trigger and "
+                              "result.", ("model", "trigger", "result"))
+        self.retrain_active = g("modelloop_retrain_job_active", "A retraining job is running.",
+                                ("model",))
+        self.retrain_last = g("modelloop_retrain_last_timestamp_seconds", "When a job last ended.",
+                              ("model", "result"))

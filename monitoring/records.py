@@ -1,0 +1,125 @@
+"""The records the sidecar's store reads and writes: an event row as stored, a window of events
+as numpy arrays, what a feedback id points at, and a retraining job."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelloop.schemas import PredictionEvent
+
+_F8 = np.dtype("<f8")
+
+
+def pack(values: Sequence[float | None]) -> bytes:
+    """Floats (``None`` for missing) as a float64 blob."""
+    return np.array([np.nan if v is None else v for v in values], dtype=_F8).tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """A validated event as stored: the columns of the ``events`` table, in order."""
+
+    request_id: str
+    model: str
+    version: int
+    ts: float
+    mode: str
+    features: bytes
+    prediction: float
+    probabilities: bytes | None
+    latency_s: float
+    received_at: float
+
+    @classmethod
+    def from_event(cls, ev: PredictionEvent, received_at: float) -> EventRow:
+        return cls(
+            ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode, pack(ev.features),
+            ev.prediction, None if ev.probabilities is None else pack(ev.probabilities),
+            ev.latency_s, received_at,
+        )
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (self.request_id, self.model, self.version, self.ts, self.mode, self.features,
+                self.prediction, self.probabilities, self.latency_s, self.received_at)
+
+
+@dataclass
+class Window:
+    """Events of one query as arrays, newest last. ``label`` is NaN where no label arrived."""
+
+    version: np.ndarray
+    ts: np.ndarray
+    prediction: np.ndarray
+    latency_s: np.ndarray
+    label: np.ndarray
+    label_ts: np.ndarray
+    features: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return ~np.isnan(self.label)
+
+
+@dataclass(frozen=True)
+class LabelTarget:
+    """What a feedback request id points at: its event's model and version, and whether the event
+    already has a label."""
+
+    model: str
+    version: int
+    labelled: bool
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One retraining job as stored."""
+
+    id: str
+    model: str
+    trigger: str
+    kind: str
+    reason: str
+    status: str
+    created_at: float
+    ended_at: float | None
+    handle: str
+    detail: str
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("started", "running")
+
+
+
+def to_window(rows: list[Any], features: bool) -> Window:
+    n = len(rows)
+    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(8 if features else 6)]
+
+    def floats(i: int) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in cols[i]], dtype=np.float64)
+
+    win = Window(
+        version=np.array(cols[0], dtype=np.int64), ts=floats(1), prediction=floats(2),
+        latency_s=floats(3), label=floats(4), label_ts=floats(5),
+    )
+    if features:
+        blobs = cols[6]
+        width = len(blobs[0]) // 8 if n else 0
+        if all(len(b) == width * 8 for b in blobs):
+            win.features = np.frombuffer(b"".join(blobs), dtype=_F8).reshape(n, width)
+        else:  # rows of different versions can have different widths; the caller picks one
+            raise ValueError("window mixes feature widths; ask for one version")
+        probs = cols[7]
+        if n and all(p is not None for p in probs):
+            k = len(probs[0]) // 8
+            if all(len(p) == k * 8 for p in probs):
+                win.probabilities = np.frombuffer(b"".join(probs), dtype=_F8).reshape(n, k)
+    return win

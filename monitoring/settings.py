@@ -1,0 +1,178 @@
+"""Settings of the monitoring sidecar (env prefix ``MODELLOOP_MONITOR_``).
+
+Built once in the entry point (``modelloop monitor``) and passed down; nothing else reads the
+environment. Example::
+
+    MODELLOOP_MONITOR_PORT=8001 MODELLOOP_MONITOR_MODELS=churn modelloop monitor
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from modelloop.settings import HomeSettings
+
+DriftMethod = Literal["auto", "ks", "psi", "wasserstein", "jensenshannon", "chisquare"]
+TriggerKind = Literal["local", "kubernetes", "docker", "webhook", "none"]
+
+_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+def default_policy_file() -> Path:
+    """The policy shipped with the package (``monitoring/assets/policy.yaml``)."""
+    return Path(str(resources.files("monitoring") / "assets" / "policy.yaml"))
+
+
+class MonitorSettings(HomeSettings):
+    """Everything the sidecar process can be told, one field per ``MODELLOOP_MONITOR_*`` var."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELLOOP_MONITOR_", extra="ignore", populate_by_name=True
+    )
+
+    # -- process ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Interface to listen on (``0.0.0.0`` in a container)."""
+    port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the sidecar's HTTP API (0 lets the OS choose)."""
+    max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    """Largest request body accepted by ``/events`` and ``/feedback`` (413 beyond)."""
+    shutdown_timeout_s: PositiveFloat = 20.0
+    """How long a graceful shutdown waits for in-flight writes and checks."""
+
+    # -- store -----------------------------------------------------------------------------
+    store_url: str | None = None
+    """``sqlite:///path/events.db`` or ``postgresql://user@host:5432/db``; default a SQLite
+    file at ``$MODELLOOP_HOME/monitor/events.db``."""
+    store_table_prefix: str = "modelloop_"
+    """Prefix of the store's tables, so several sidecars or test runs can share a database."""
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    """SQLite ``synchronous`` pragma. Both survive a killed process; FULL also survives power
+    loss (an fsync per committed batch)."""
+    retention_max_age_s: PositiveFloat = 7 * 24 * 3600.0
+    """Events older than this (by prediction time) are deleted."""
+    retention_max_events: PositiveInt = 2_000_000
+    """At most this many events are kept (the oldest are deleted first)."""
+    retention_interval_s: PositiveFloat = 600.0
+    """How often retention runs."""
+
+    # -- what to watch ---------------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model names to watch, comma separated; empty means every model in the registry.
+    Events for other models are rejected."""
+    window_events: PositiveInt = 5000
+    """The count window: the last N events of a model version (drift and accuracy)."""
+    window_seconds: PositiveFloat = 3600.0
+    """The time window: events of the last N seconds (accuracy by time, latency, errors)."""
+    check_interval_s: PositiveFloat = 60.0
+    """How often drift, accuracy, latency, resources and the policy are evaluated."""
+
+    # -- drift -----------------------------------------------------------------------------
+    drift_method: DriftMethod = "auto"
+    """Per-feature test: ``auto`` is Evidently's default by column type and size; or ``ks``,
+    ``psi``, ``wasserstein``, ``jensenshannon``, ``chisquare``."""
+    drift_threshold: float | None = None
+    """Threshold of the per-feature test; empty means that test's Evidently default."""
+    drift_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of drifted features at which the dataset counts as drifted (Evidently's
+    ``drift_share``)."""
+    min_window_rows: PositiveInt = 500
+    """Fewer rows than this in the window: drift is not judged."""
+    report_max_rows: PositiveInt = 20_000
+    """Rows of the window (and of the reference) sampled into the HTML report."""
+    reports_keep: PositiveInt = 10
+    """HTML drift reports kept per model (the newest)."""
+
+    # -- policy and triggers -----------------------------------------------------------------
+    policy_file: Path = Field(default_factory=default_policy_file)
+    """The threshold policy (YAML), validated at start-up."""
+    trigger: TriggerKind = "local"
+    """How a retraining job runs: a local process, a Kubernetes Job, a Docker container, a
+    webhook call, or ``none`` (alerts only)."""
+    retrain_command: str = "modelloop retrain --name {model}"
+    """Command of a retraining job; ``{model}``, ``{version}``, ``{job}``, ``{trigger}`` and
+    ``{reason}`` are filled in. Runs as a local process, or as the container command."""
+    job_window_s: PositiveFloat = 3600.0
+    """Jobs are named per model and time window of this length, so two sidecar replicas
+    judging the same window start one job, not two."""
+    job_timeout_s: PositiveFloat = 6 * 3600.0
+    """A job running longer than this is stopped and counted as failed."""
+    job_poll_s: PositiveFloat = 2.0
+    """How often the status of running jobs is polled."""
+    k8s_namespace: str = "default"
+    """Namespace of retraining Jobs."""
+    job_image: str = "modelloop:latest"
+    """Image of retraining Jobs and containers."""
+    k8s_service_account: str | None = None
+    """Service account of retraining Jobs (it needs access to the registry volume)."""
+    k8s_api_url: str | None = None
+    """Kubernetes API server; empty means in-cluster config, else ``~/.kube/config``."""
+    k8s_registry_claim: str | None = None
+    """PersistentVolumeClaim holding ``$MODELLOOP_HOME``, mounted into retraining Jobs."""
+    k8s_ttl_s: NonNegativeFloat = 24 * 3600.0
+    """``ttlSecondsAfterFinished`` of retraining Jobs."""
+    docker_url: str | None = None
+    """Docker engine URL; empty means the environment (``DOCKER_HOST`` or the local socket)."""
+    docker_volume: str | None = None
+    """Host path or volume mounted at ``$MODELLOOP_HOME`` in retraining containers."""
+    webhook_url: str | None = None
+    """URL that a ``webhook`` trigger POSTs the job request to (JSON)."""
+    webhook_timeout_s: PositiveFloat = 10.0
+    """Timeout of a webhook call."""
+
+    # -- resources, latency and errors --------------------------------------------------------
+    target_pid: int | None = None
+    """PID of the serving process to watch (its children are included)."""
+    target_cgroup: Path | None = None
+    """Or a cgroup directory to watch (v2: ``cpu.stat``/``memory.current``; v1: the root holding
+    ``cpuacct/`` and ``memory/``)."""
+    target_name: str = "serving"
+    """Value of the ``target`` label of the process metrics."""
+    include_children: bool = True
+    """Count the watched process's child processes (BentoML workers) too."""
+    serving_metrics_url: str | None = None
+    """Serving's ``/metrics``; the error rate is computed from its request counters."""
+    gpu: bool = True
+    """Read GPU utilisation and memory through NVML (quietly off where there is no GPU)."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("store_table_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX.match(value):
+            raise ValueError("must be lower-case letters, digits or '_', starting with a letter")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value or None
+
+    @property
+    def store_dsn(self) -> str:
+        """The store URL, with the SQLite default under ``$MODELLOOP_HOME`` filled in."""
+        return self.store_url or f"sqlite:///{self.home / 'monitor' / 'events.db'}"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where HTML drift reports are kept, ``$MODELLOOP_HOME/reports/drift``."""
+        return self.home / "reports" / "drift"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Logs of local retraining jobs, ``$MODELLOOP_HOME/jobs``."""
+        return self.home / "jobs"

@@ -1,0 +1,265 @@
+"""The sidecar's lifecycle and its two kinds of work: taking input (events, feedback, retraining
+requests) and the periodic check (drift, quality, latency, errors, resources, then the policy).
+
+``start()`` validates the policy and opens the store before anything is served (a bad policy
+stops start-up); ``stop()`` stops the loops, commits every queued event batch and closes the
+store. The check itself is :mod:`monitoring.evaluate`.
+
+Example::
+
+    sidecar = Sidecar(MonitorSettings())
+    sidecar.start()
+    ...
+    sidecar.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from modelloop.registry import Registry, RegistryError
+from modelloop.schemas import Feedback
+from monitoring import alertmanager
+from monitoring.evaluate import Evaluator
+from monitoring.ingest import (
+    GroupCommitWriter,
+    InputError,
+    ModelCatalog,
+    parse_events,
+    resolve_label,
+)
+from monitoring.jobs import JobManager, JobOutcome, build_trigger
+from monitoring.metrics import MonitorMetrics
+from monitoring.policy import Policy, PolicyEngine, load_policy
+from monitoring.settings import MonitorSettings
+from monitoring.store import EventRow, EventStore, open_store, redact_url
+
+log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    """One monitoring sidecar: store, policy, metrics, jobs and the background loops."""
+
+    def __init__(self, settings: MonitorSettings, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.prometheus = registry if registry is not None else CollectorRegistry()
+        self.metrics = MonitorMetrics(self.prometheus)
+        self.clock = clock
+        self.ready = False
+        self.started_at: float | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.recent_firings: deque[dict[str, Any]] = deque(maxlen=100)
+        # set by start()
+        self.policy: Policy
+        self.engine: PolicyEngine
+        self.store: EventStore
+        self.catalog: ModelCatalog
+        self.writer: GroupCommitWriter
+        self.jobs: JobManager
+        self.evaluator: Evaluator
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, background: bool = True) -> None:
+        """Validate, open and (with ``background``) start the check and job loops."""
+        s = self.settings
+        self.policy = load_policy(s.policy_file)
+        self.engine = PolicyEngine(self.policy)
+        self.store = open_store(s.store_dsn, s.store_table_prefix, s.sqlite_synchronous)
+        self.catalog = ModelCatalog(Registry(s.registry_dir), s.models)
+        self.writer = GroupCommitWriter(self.store)
+        self.jobs = JobManager(self.store, build_trigger(s), self.metrics,
+                               command=s.retrain_command, window_s=s.job_window_s,
+                               timeout_s=s.job_timeout_s, clock=self.clock)
+        self.evaluator = Evaluator(s, self.store, self.catalog, self.engine, self.metrics,
+                                   on_fire=self._fired, clock=self.clock)
+        for rule in self.policy.rules:
+            if rule.action == "retrain":
+                for model in self.catalog.watched_models():
+                    last = self.jobs.last_started(model, "policy")
+                    if last is not None:  # keep the cooldown across a restart
+                        self.engine.restore(rule.name, model, last)
+        self.started_at = self.clock()
+        if background:
+            self._spawn("drift-warmup", self.evaluator.warm_up, loop=False)
+            self._spawn("checks", self._check_loop)
+            self._spawn("jobs", self._jobs_loop)
+        self.ready = True
+        log.info("sidecar ready: store %s, policy %s (%d rules), trigger %s, models %s",
+                 redact_url(s.store_dsn), self.policy.source, len(self.policy.rules),
+                 s.trigger, ", ".join(s.models) or "all registered")
+
+    def _spawn(self, name: str, target: Callable[[], None], loop: bool = True) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        if loop:
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Graceful shutdown: stop the loops, flush queued events, close the store."""
+        if not self.ready:
+            return
+        self.ready = False
+        self._stop.set()
+        timeout = self.settings.shutdown_timeout_s
+        for thread in self._threads:
+            thread.join(timeout)
+        self.writer.close(timeout)
+        self.evaluator.close(timeout)
+        self.store.close()
+        log.info("sidecar stopped; every acknowledged event is committed")
+
+    def _check_loop(self) -> None:
+        next_retention = 0.0
+        while not self._stop.is_set():
+            try:
+                self.evaluator.check()
+                if self.clock() >= next_retention:
+                    self.evaluator.retention()
+                    next_retention = self.clock() + self.settings.retention_interval_s
+            except Exception:
+                log.exception("periodic check failed; retrying at the next interval")
+            self._stop.wait(self.settings.check_interval_s)
+
+    def _jobs_loop(self) -> None:
+        while not self._stop.wait(self.settings.job_poll_s):
+            try:
+                self.jobs.poll(self.settings.models or self.evaluator.models())
+            except Exception:
+                log.exception("polling retraining jobs failed")
+
+    # -- input ----------------------------------------------------------------------------------
+    def parse_events(self, body: bytes) -> list[EventRow]:
+        try:
+            return parse_events(body, self.catalog, self.clock())
+        except InputError as exc:
+            self.metrics.events_rejected.labels(exc.reason).inc(exc.rejected)
+            raise
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.metrics.events_rejected.labels(reason).inc(count)
+
+    def submit_events(self, rows: list[EventRow]) -> Future[dict[str, int]]:
+        """Queue validated rows for the next group commit (the future resolves once durable)."""
+        return self.writer.submit(rows)
+
+    def ingested(self, new_by_model: dict[str, int]) -> None:
+        for model, n in new_by_model.items():
+            self.metrics.events_ingested.labels(model).inc(n)
+
+    def feedback(self, items: list[Feedback], single: bool = False) -> dict[str, Any]:
+        """Join labels to their events; unknown and already-labelled ids are reported back."""
+        targets = self.store.label_targets([f.request_id for f in items])
+        now = self.clock()
+        errors: list[str] = []
+        plan: list[tuple[str, float, float, str]] = []
+        unknown: list[str] = []
+        duplicate: list[str] = []
+        seen: set[str] = set()
+        for i, fb in enumerate(items):
+            rid = fb.request_id
+            target = targets.get(rid)
+            if target is None:
+                unknown.append(rid)
+                self.metrics.feedback.labels("unknown", "unknown").inc()
+                continue
+            if target.labelled or rid in seen:
+                duplicate.append(rid)
+                self.metrics.feedback.labels(target.model, "duplicate").inc()
+                continue
+            seen.add(rid)
+            where = "label" if single else f"feedback[{i}].label"
+            try:
+                value = resolve_label(fb.label, self.catalog.metadata(target.model, target.version))
+            except RegistryError as exc:
+                value = str(exc)
+            if isinstance(value, str):
+                errors.append(f"{where}: {value}")
+                continue
+            plan.append((rid, value, fb.timestamp if fb.timestamp is not None else now,
+                         target.model))
+        if errors:
+            self.reject("invalid_label", len(items))
+            raise InputError(422, "invalid_label", errors, len(items))
+        joined = set(self.store.set_labels([(rid, v, ts) for rid, v, ts, _ in plan]))
+        for rid, _, _, model in plan:
+            if rid in joined:
+                self.metrics.feedback.labels(model, "joined").inc()
+            else:  # labelled by a concurrent request in between
+                duplicate.append(rid)
+                self.metrics.feedback.labels(model, "duplicate").inc()
+        return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate}
+
+    def retrain(self, model: str, reason: str) -> JobOutcome:
+        """A manual retraining request (``POST /retrain``)."""
+        if not self.catalog.watched(model):
+            raise InputError(422, "unknown_model", [f"model: {model!r} is not watched by this "
+                                                    f"sidecar"])
+        try:
+            version = self.catalog.registry.resolve(model)
+        except RegistryError:
+            version = None
+        return self.jobs.request(model, trigger="manual", reason=reason or "manual request",
+                                 version=version, manual=True)
+
+    def alertmanager(self, body: bytes) -> dict[str, Any]:
+        payload = alertmanager.parse_payload(body)
+        out: dict[str, list[Any]] = {"started": [], "duplicate": [], "skipped": [], "ignored": []}
+        now = self.clock()
+        for action in alertmanager.plan(payload):
+            alert = action.alert
+            if action.model is None:
+                out["ignored"].append({"fingerprint": alert.fingerprint, "why": action.note})
+                continue
+            if not self.store.first_seen_alert(alert.fingerprint, alert.starts_at, now):
+                out["duplicate"].append(alert.fingerprint)
+                continue
+            if not self.catalog.watched(action.model):
+                out["ignored"].append({"fingerprint": alert.fingerprint,
+                                       "why": f"model {action.model!r} is not watched"})
+                continue
+            outcome = self.jobs.request(action.model, trigger="alertmanager",
+                                        reason=alertmanager.alert_reason(alert))
+            key = "started" if outcome.status == "running" else "skipped"
+            out[key].append({"fingerprint": alert.fingerprint, **outcome.as_dict()})
+        return out
+
+    def _fired(self, firing: Any, version: int | None) -> None:
+        self.metrics.threshold_breaches.labels(firing.rule.name).inc()
+        entry: dict[str, Any] = {"rule": firing.rule.name, "scope": firing.scope,
+                                 "value": firing.value, "samples": firing.samples,
+                                 "at": firing.at, "action": firing.rule.action,
+                                 "message": firing.message()}
+        log.warning("%s", firing.message())
+        if firing.rule.action == "retrain":
+            outcome = self.jobs.request(firing.scope, trigger="policy", reason=firing.message(),
+                                        version=version)
+            entry["job"] = outcome.as_dict()
+        self.recent_firings.append(entry)
+
+    # -- status -------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "ready": self.ready,
+            "started_at": self.started_at,
+            "store": redact_url(s.store_dsn),
+            "policy": {"file": self.policy.source, "rules": self.engine.summary()},
+            "trigger": s.trigger,
+            "windows": {"events": s.window_events, "seconds": s.window_seconds,
+                        "min_drift_rows": s.min_window_rows},
+            "drift_engine_ready": self.evaluator.warm,
+            "models": self.evaluator.status(),
+            "resources": self.evaluator.resource_status(),
+            "jobs": [j.__dict__ for j in self.store.jobs(limit=20)],
+            "recent_firings": list(self.recent_firings)[-20:],
+        }

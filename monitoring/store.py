@@ -1,0 +1,417 @@
+"""The sidecar's durable store: prediction events with their joined labels, retraining jobs, and
+the Alertmanager alerts already acted on.
+
+One interface, :class:`EventStore`, two engines: SQLite in WAL mode (the embedded default) and
+PostgreSQL (shared by many replicas). Every write is one transaction that is committed before the
+call returns, so whatever a caller acknowledges survives the process being killed.
+
+Features and probabilities are stored as packed little-endian float64 blobs (NaN for a missing
+value): ingest stays cheap, and a 100k-row window is read back as one numpy matrix.
+
+Example::
+
+    store = open_store("sqlite:///tmp/events.db")
+    store.insert_events([EventRow.from_event(ev, received_at=time.time())])
+    window = store.window("churn", version=1, last_n=5000)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from monitoring.records import (
+    EventRow,
+    JobRecord,
+    LabelTarget,
+    Window,
+    to_window,
+)
+
+_EVENT_COLS = ("request_id, model, version, ts, mode, features, prediction, probabilities, "
+               "latency_s, received_at")
+
+
+class StoreError(Exception):
+    """The store could not be opened or written; the message names the store."""
+
+
+class EventStore:
+    """SQL behind the store; subclasses supply connections and the dialect's few differences."""
+
+    dialect = "sql"
+    placeholder = "?"
+    blob_type = "BLOB"
+    real_type = "REAL"
+    seq_type = "INTEGER PRIMARY KEY"
+    integrity_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, prefix: str = "modelloop_") -> None:
+        self.p = prefix
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+
+    # -- connection plumbing (engine specific) -----------------------------------------------
+    def _writer(self) -> Any:
+        raise NotImplementedError
+
+    def _reader(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self.placeholder).replace("{p}", self.p)
+
+    def _begin(self, conn: Any) -> None:
+        """Open the write transaction (PostgreSQL opens one implicitly)."""
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Any]:
+        """A cursor inside one transaction on the writer connection, committed on exit."""
+        with self._wlock:
+            conn = self._writer()
+            try:
+                self._begin(conn)
+                cur = conn.cursor()
+                yield cur
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Any]:
+        with self._rlock:
+            yield self._reader().cursor()  # readers autocommit: each query sees the latest commits
+
+    # -- schema ------------------------------------------------------------------------------
+    def create_schema(self) -> None:
+        r, b = self.real_type, self.blob_type
+        ddl = [
+            f"""CREATE TABLE IF NOT EXISTS {{p}}events (
+                seq {self.seq_type}, request_id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+                version INTEGER NOT NULL, ts {r} NOT NULL, mode TEXT NOT NULL, features {b} NOT NULL,
+                prediction {r} NOT NULL, probabilities {b}, latency_s {r} NOT NULL,
+                received_at {r} NOT NULL, label {r}, label_ts {r})""",
+            "CREATE INDEX IF NOT EXISTS {p}events_mvs ON {p}events (model, version, seq)",
+            "CREATE INDEX IF NOT EXISTS {p}events_mts ON {p}events (model, ts)",
+            f"""CREATE TABLE IF NOT EXISTS {{p}}jobs (
+                id TEXT PRIMARY KEY, model TEXT NOT NULL, trigger TEXT NOT NULL,
+                kind TEXT NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL,
+                active INTEGER NOT NULL, created_at {r} NOT NULL, ended_at {r},
+                handle TEXT NOT NULL, detail TEXT NOT NULL)""",
+            # at most one active job per model, also across replicas sharing PostgreSQL
+            "CREATE UNIQUE INDEX IF NOT EXISTS {p}jobs_active ON {p}jobs (model) WHERE active = 1",
+            f"""CREATE TABLE IF NOT EXISTS {{p}}alerts (
+                fingerprint TEXT NOT NULL, starts_at TEXT NOT NULL, received_at {r} NOT NULL,
+                PRIMARY KEY (fingerprint, starts_at))""",
+        ]
+        with self._write() as cur:
+            for stmt in ddl:
+                cur.execute(self._sql(stmt))
+
+    def drop_schema(self) -> None:
+        """Drop the store's tables (tests and ``modelloop monitor reset``)."""
+        with self._write() as cur:
+            for table in ("events", "jobs", "alerts"):
+                cur.execute(self._sql(f"DROP TABLE IF EXISTS {{p}}{table}"))
+
+    # -- events ------------------------------------------------------------------------------
+    def insert_events(self, rows: Sequence[EventRow]) -> int:
+        """Store ``rows`` in one transaction; returns how many were new (a request id already
+        stored is skipped, so a batch that serving re-sends is not counted twice)."""
+        return sum(self.insert_batches([rows])[0].values())
+
+    def insert_batches(self, batches: Sequence[Sequence[EventRow]]) -> list[dict[str, int]]:
+        """Several batches in one transaction (one commit); per batch, the new rows per model."""
+        sql = self._sql(f"INSERT INTO {{p}}events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                        "ON CONFLICT (request_id) DO NOTHING")
+        out: list[dict[str, int]] = []
+        with self._write() as cur:
+            for rows in batches:
+                by_model: dict[str, list[tuple[Any, ...]]] = {}
+                for r in rows:
+                    by_model.setdefault(r.model, []).append(r.as_tuple())
+                new = {}
+                for model, tuples in by_model.items():
+                    cur.executemany(sql, tuples)
+                    new[model] = int(cur.rowcount)
+                out.append(new)
+        return out
+
+    def count_events(self, model: str | None = None) -> int:
+        with self._read() as cur:
+            if model is None:
+                cur.execute(self._sql("SELECT COUNT(*) FROM {p}events"))
+            else:
+                cur.execute(self._sql("SELECT COUNT(*) FROM {p}events WHERE model = ?"), (model,))
+            return int(cur.fetchone()[0])
+
+    def models(self) -> list[str]:
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT DISTINCT model FROM {p}events ORDER BY model"))
+            return [r[0] for r in cur.fetchall()]
+
+    def versions(self, model: str, since: float | None = None) -> list[int]:
+        """Versions of ``model`` with events (since ``since``), oldest first."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT DISTINCT version FROM {p}events WHERE model = ? "
+                                  "AND ts >= ? ORDER BY version"), (model, since or 0.0))
+            return [int(r[0]) for r in cur.fetchall()]
+
+    def window(
+        self, model: str, *, version: int | None = None, last_n: int | None = None,
+        since: float | None = None, features: bool = True,
+    ) -> Window:
+        """The newest ``last_n`` events of ``model`` (and ``version``) not older than ``since``."""
+        cols = "version, ts, prediction, latency_s, label, label_ts"
+        if features:
+            cols += ", features, probabilities"
+        where, args = ["model = ?"], [model]
+        if version is not None:
+            where.append("version = ?")
+            args.append(version)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        sql = f"SELECT {cols} FROM {{p}}events WHERE {' AND '.join(where)} ORDER BY seq DESC"
+        if last_n is not None:
+            sql += f" LIMIT {int(last_n)}"
+        with self._read() as cur:
+            cur.execute(self._sql(sql), args)
+            rows = cur.fetchall()
+        rows.reverse()
+        return to_window(rows, features)
+
+    def delete_older(self, cutoff_ts: float) -> int:
+        with self._write() as cur:
+            cur.execute(self._sql("DELETE FROM {p}events WHERE ts < ?"), (cutoff_ts,))
+            return int(cur.rowcount)
+
+    def keep_newest(self, max_events: int) -> int:
+        """Delete all but the newest ``max_events`` events; returns how many were deleted."""
+        with self._write() as cur:
+            cur.execute(self._sql(f"SELECT seq FROM {{p}}events ORDER BY seq DESC "
+                                  f"LIMIT 1 OFFSET {int(max_events)}"))
+            row = cur.fetchone()
+            if row is None:
+                return 0
+            cur.execute(self._sql("DELETE FROM {p}events WHERE seq <= ?"), (row[0],))
+            return int(cur.rowcount)
+
+    # -- feedback ----------------------------------------------------------------------------
+    def label_targets(self, request_ids: Sequence[str]) -> dict[str, LabelTarget]:
+        """Model, version and label state of the events with these request ids (the known ones)."""
+        out: dict[str, LabelTarget] = {}
+        ids = list(dict.fromkeys(request_ids))
+        with self._read() as cur:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                cur.execute(self._sql(f"SELECT request_id, model, version, label FROM {{p}}events "
+                                      f"WHERE request_id IN ({marks})"), chunk)
+                for rid, model, version, label in cur.fetchall():
+                    out[rid] = LabelTarget(model, int(version), label is not None)
+        return out
+
+    def set_labels(self, labels: Sequence[tuple[str, float, float]]) -> list[str]:
+        """Join ``(request_id, label, label_ts)`` to events without a label, in one transaction.
+        Returns the ids that were joined (the others were labelled meanwhile or are unknown)."""
+        sql = self._sql("UPDATE {p}events SET label = ?, label_ts = ? "
+                        "WHERE request_id = ? AND label IS NULL")
+        joined = []
+        with self._write() as cur:
+            for rid, label, label_ts in labels:
+                cur.execute(sql, (label, label_ts, rid))
+                if cur.rowcount == 1:
+                    joined.append(rid)
+        return joined
+
+    def labelled_version(self, model: str, version: int, since: float | None = None,
+                         limit: int = 100_000) -> Window:
+        """The newest labelled events of one model version (for retraining), newest last."""
+        sql = ("SELECT version, ts, prediction, latency_s, label, label_ts, features, probabilities "
+               "FROM {p}events WHERE model = ? AND version = ? AND label IS NOT NULL AND ts >= ? "
+               f"ORDER BY seq DESC LIMIT {int(limit)}")
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (model, version, since or 0.0))
+            rows = cur.fetchall()
+        rows.reverse()
+        return to_window(rows, True)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def start_job(self, job: JobRecord) -> str | None:
+        """Record a new active job. Returns None, or why it cannot start: another job of the
+        model is active, or a job of this name already ran."""
+        with self._write() as cur:
+            cur.execute(self._sql("SELECT id FROM {p}jobs WHERE model = ? AND active = 1"),
+                        (job.model,))
+            row = cur.fetchone()
+            if row is not None:
+                return f"job {row[0]} of model {job.model!r} is still active"
+            cur.execute(self._sql("SELECT status FROM {p}jobs WHERE id = ?"), (job.id,))
+            row = cur.fetchone()
+            if row is not None:
+                return f"job {job.id} already ran for this window ({row[0]})"
+            cur.execute(self._sql("INSERT INTO {p}jobs (id, model, trigger, kind, reason, status, "
+                                  "active, created_at, ended_at, handle, detail) "
+                                  "VALUES (?,?,?,?,?,?,1,?,NULL,?,?)"),
+                        (job.id, job.model, job.trigger, job.kind, job.reason, job.status,
+                         job.created_at, job.handle, job.detail))
+        return None
+
+    def try_start_job(self, job: JobRecord) -> str | None:
+        """:meth:`start_job`, where a replica that won the race in between also means no."""
+        try:
+            return self.start_job(job)
+        except self.integrity_errors:
+            return f"another replica started a job of model {job.model!r} first"
+
+    def update_job(self, job_id: str, status: str, *, handle: str | None = None,
+                   detail: str | None = None, ended_at: float | None = None) -> None:
+        active = 1 if status in ("started", "running") else 0
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE {p}jobs SET status = ?, active = ?, "
+                                  "handle = COALESCE(?, handle), detail = COALESCE(?, detail), "
+                                  "ended_at = COALESCE(?, ended_at) WHERE id = ?"),
+                        (status, active, handle, detail, ended_at, job_id))
+
+    def jobs(self, model: str | None = None, *, active_only: bool = False,
+             limit: int = 50) -> list[JobRecord]:
+        where, args = [], []
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        if active_only:
+            where.append("active = 1")
+        sql = ("SELECT id, model, trigger, kind, reason, status, created_at, ended_at, handle, "
+               "detail FROM {p}jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
+               + f" ORDER BY created_at DESC LIMIT {int(limit)}")
+        with self._read() as cur:
+            cur.execute(self._sql(sql), args)
+            return [JobRecord(*r) for r in cur.fetchall()]
+
+    # -- alerts --------------------------------------------------------------------------------
+    def first_seen_alert(self, fingerprint: str, starts_at: str, now: float) -> bool:
+        """Remember an alert; True the first time this fingerprint fires from ``starts_at``."""
+        with self._write() as cur:
+            cur.execute(self._sql("INSERT INTO {p}alerts (fingerprint, starts_at, received_at) "
+                                  "VALUES (?,?,?) ON CONFLICT DO NOTHING"),
+                        (fingerprint, starts_at, now))
+            return int(cur.rowcount) == 1
+
+
+class SQLiteStore(EventStore):
+    """The embedded store: one SQLite file in WAL mode; one writer connection, one reader."""
+
+    dialect = "sqlite"
+    integrity_errors = (sqlite3.IntegrityError,)
+
+    def __init__(self, path: Path, prefix: str = "modelloop_", synchronous: str = "FULL") -> None:
+        super().__init__(prefix)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._w = self._connect()
+        self._r = self._connect()
+        self.create_schema()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by writers
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0,
+                                   isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        return conn
+
+    def _begin(self, conn: Any) -> None:
+        # take the write lock up front, so a read-then-write block cannot interleave
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _writer(self) -> sqlite3.Connection:
+        return self._w
+
+    def _reader(self) -> sqlite3.Connection:
+        return self._r
+
+    def close(self) -> None:
+        with self._wlock, self._rlock:
+            with contextlib.suppress(sqlite3.Error):
+                # fold the WAL back into the database file on a clean shutdown
+                self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._r.close()
+            self._w.close()
+
+
+class PostgresStore(EventStore):
+    """The shared store for many replicas: PostgreSQL through psycopg 3."""
+
+    dialect = "postgresql"
+    placeholder = "%s"
+    blob_type = "BYTEA"
+    real_type = "DOUBLE PRECISION"
+    seq_type = "BIGSERIAL PRIMARY KEY"
+
+    def __init__(self, url: str, prefix: str = "modelloop_") -> None:
+        import psycopg
+
+        super().__init__(prefix)
+        self.integrity_errors = (psycopg.IntegrityError,)
+        self.url = url
+        self._w: Any = None
+        self._r: Any = None
+        self.create_schema()
+
+    def _connect(self, autocommit: bool = False) -> Any:
+        import psycopg
+
+        try:
+            return psycopg.connect(self.url, connect_timeout=10, autocommit=autocommit)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL store {redact_url(self.url)}: "
+                             f"{str(exc).strip()}") from exc
+
+    def _writer(self) -> Any:
+        if self._w is None or self._w.closed or self._w.broken:
+            self._w = self._connect()
+        return self._w
+
+    def _reader(self) -> Any:
+        if self._r is None or self._r.closed or self._r.broken:
+            self._r = self._connect(autocommit=True)
+        return self._r
+
+    def close(self) -> None:
+        with self._wlock, self._rlock:
+            for conn in (self._w, self._r):
+                if conn is not None:
+                    conn.close()
+
+
+def redact_url(url: str) -> str:
+    # never log a password from the URL
+    head, sep, tail = url.partition("@")
+    if not sep or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, creds = head.partition("//")
+    return f"{scheme}//{creds.split(':', 1)[0]}:***@{tail}"
+
+
+def open_store(url: str, prefix: str = "modelloop_", sqlite_synchronous: str = "FULL") -> EventStore:
+    """Open (and create the tables of) the store at ``url``: ``sqlite:///path`` or
+    ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url[len("sqlite:///"):]), prefix, sqlite_synchronous)
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url, prefix)
+    raise StoreError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://...")

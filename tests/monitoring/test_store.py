@@ -1,0 +1,169 @@
+"""The store, run on both engines (SQLite and the real local PostgreSQL) with the same tests."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from modelloop.schemas import PredictionEvent
+from monitoring.records import EventRow, JobRecord
+from monitoring.store import EventStore, StoreError, open_store, redact_url
+
+
+def _row(i: int, model: str = "m", version: int = 1, ts: float | None = None,
+         features: list[float | None] | None = None) -> EventRow:
+    ev = PredictionEvent(
+        request_id=f"r{i}", timestamp=1000.0 + i if ts is None else ts, model=model,
+        version=version, features=features if features is not None else [float(i), None, 2.5],
+        prediction=i % 2, probabilities=[0.25, 0.75], latency_s=0.001 * i,
+    )
+    return EventRow.from_event(ev, received_at=2000.0)
+
+
+def _job(job_id: str, model: str = "m", created: float = 1.0) -> JobRecord:
+    return JobRecord(id=job_id, model=model, trigger="policy", kind="local", reason="r",
+                     status="started", created_at=created, ended_at=None, handle="", detail="")
+
+
+def test_insert_then_window_returns_the_arrays_in_arrival_order(store: EventStore) -> None:
+    assert store.insert_events([_row(i) for i in range(10)]) == 10
+    win = store.window("m", last_n=4)
+    assert len(win) == 4
+    np.testing.assert_array_equal(win.ts, [1006.0, 1007.0, 1008.0, 1009.0])
+    assert win.features is not None and win.features.shape == (4, 3)
+    np.testing.assert_array_equal(win.features[:, 0], [6, 7, 8, 9])
+    assert np.isnan(win.features[:, 1]).all()  # None is stored as NaN
+    np.testing.assert_allclose(win.probabilities, [[0.25, 0.75]] * 4)
+    np.testing.assert_allclose(win.latency_s, [0.006, 0.007, 0.008, 0.009])
+    assert np.isnan(win.label).all()
+    assert store.count_events("m") == 10 and store.models() == ["m"]
+
+
+def test_a_resent_batch_is_not_stored_twice(store: EventStore) -> None:
+    assert store.insert_events([_row(i) for i in range(5)]) == 5
+    # serving re-sends a batch whose acknowledgement it lost, plus new events
+    assert store.insert_events([_row(i) for i in range(3, 8)]) == 3
+    assert store.count_events() == 8
+    assert store.insert_batches([[_row(20)], [_row(20, model="x"), _row(21, model="x")]]) == [
+        {"m": 1}, {"x": 1}]
+
+
+def test_window_filters_by_version_and_time(store: EventStore) -> None:
+    store.insert_events([_row(i, version=1 + i % 2) for i in range(10)])
+    assert len(store.window("m", version=2)) == 5
+    assert set(store.window("m", version=2).version.tolist()) == {2}
+    assert len(store.window("m", since=1005.0)) == 5
+    assert store.versions("m") == [1, 2]
+    assert len(store.window("other")) == 0
+
+
+def test_a_window_mixing_feature_widths_needs_one_version(store: EventStore) -> None:
+    store.insert_events([_row(1, version=1), _row(2, version=2, features=[1.0, 2.0])])
+    with pytest.raises(ValueError, match="ask for one version"):
+        store.window("m")
+    assert store.window("m", version=2).features.shape == (1, 2)
+
+
+def test_labels_join_once_and_report_what_they_point_at(store: EventStore) -> None:
+    store.insert_events([_row(i, version=3) for i in range(4)])
+    targets = store.label_targets(["r1", "r2", "nope"])
+    assert set(targets) == {"r1", "r2"}
+    assert (targets["r1"].model, targets["r1"].version, targets["r1"].labelled) == ("m", 3, False)
+    assert store.set_labels([("r1", 1.0, 1500.0), ("r2", 0.0, 1600.0)]) == ["r1", "r2"]
+    assert store.set_labels([("r1", 0.0, 1700.0)]) == []  # labelled already: first label stays
+    assert store.label_targets(["r1"])["r1"].labelled
+    win = store.window("m")
+    np.testing.assert_array_equal(win.label[:3], [np.nan, 1.0, 0.0])
+    np.testing.assert_array_equal(win.label_ts[1:3], [1500.0, 1600.0])
+    assert len(store.labelled_version("m", 3)) == 2
+
+
+def test_retention_by_age_and_by_count(store: EventStore) -> None:
+    store.insert_events([_row(i) for i in range(10)])
+    assert store.delete_older(1003.0) == 3
+    assert store.keep_newest(4) == 3
+    assert store.window("m").ts.tolist() == [1006.0, 1007.0, 1008.0, 1009.0]
+    assert store.keep_newest(10) == 0
+
+
+def test_one_active_job_per_model_and_one_job_per_name(store: EventStore) -> None:
+    assert store.try_start_job(_job("j1")) is None
+    assert store.try_start_job(_job("j2")) == "job j1 of model 'm' is still active"
+    assert store.try_start_job(_job("k1", model="other")) is None
+    store.update_job("j1", "running", handle="123")
+    store.update_job("j1", "succeeded", ended_at=5.0)
+    assert store.try_start_job(_job("j1")) == "job j1 already ran for this window (succeeded)"
+    assert store.try_start_job(_job("j3", created=2.0)) is None
+    jobs = store.jobs("m")
+    assert [(j.id, j.status, j.active) for j in jobs] == [("j3", "started", True),
+                                                          ("j1", "succeeded", False)]
+    assert jobs[1].handle == "123" and jobs[1].ended_at == 5.0
+    assert [j.id for j in store.jobs(active_only=True)] == ["j3", "k1"]  # newest first
+
+
+def test_two_stores_racing_for_a_model_start_one_job(store_url: tuple[str, str]) -> None:
+    # two replicas sharing the database ask for jobs of the same model at the same moment
+    url, prefix = store_url
+    stores = [open_store(url, prefix) for _ in range(2)]
+    results: list[str | None] = []
+    barrier = threading.Barrier(2)
+
+    def ask(st: EventStore, job_id: str) -> None:
+        barrier.wait()
+        results.append(st.try_start_job(_job(job_id)))
+
+    threads = [threading.Thread(target=ask, args=(st, f"j{i}")) for i, st in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r is None for r in results) == [False, True]
+    assert len(stores[0].jobs(active_only=True)) == 1
+    for st in stores:
+        st.close()
+
+
+def test_alerts_are_remembered_by_fingerprint_and_start(store: EventStore) -> None:
+    assert store.first_seen_alert("abc", "2024-01-01T00:00:00Z", 1.0)
+    assert not store.first_seen_alert("abc", "2024-01-01T00:00:00Z", 2.0)
+    assert store.first_seen_alert("abc", "2024-01-02T00:00:00Z", 3.0)  # fired again later
+
+
+def test_committed_events_survive_reopening(store_url: tuple[str, str]) -> None:
+    url, prefix = store_url
+    first = open_store(url, prefix)
+    first.insert_events([_row(i) for i in range(100)])
+    second = open_store(url, prefix)  # another process would see the same
+    assert second.count_events() == 100
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # a scheme that is neither engine
+        ("mysql://x", "unsupported store URL 'mysql://x': use sqlite:///PATH or postgresql://..."),
+        # nothing listens there; the password must not leak into the message
+        ("postgresql://u:secret@127.0.0.1:1/db",
+         "cannot connect to PostgreSQL store postgresql://u:***@127.0.0.1:1/db"),
+    ],
+)
+def test_bad_store_urls_are_named(url: str, message: str) -> None:
+    with pytest.raises(StoreError) as err:
+        open_store(url)
+    assert str(err.value).startswith(message)
+    assert "secret" not in str(err.value)
+
+
+def test_redact_url_keeps_urls_without_password() -> None:
+    assert redact_url("postgresql://postgres@h:5432/db") == "postgresql://postgres@h:5432/db"
+    assert redact_url("postgresql://a:b@h/db") == "postgresql://a:***@h/db"
+
+
+def test_sqlite_store_uses_wal(tmp_path) -> None:
+    st = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    assert st._writer().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    st.close()
