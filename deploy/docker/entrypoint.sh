@@ -32,10 +32,11 @@ die() {
   exit 64 # EX_USAGE
 }
 
+# Best effort: a job on a read-only root file system without a run dir still runs.
 note_role() {
-  mkdir -p "$run_dir"
-  printf '%s\n' "$1" >"$run_dir/role.$$"
-  mv -f "$run_dir/role.$$" "$run_dir/role"
+  if mkdir -p "$run_dir" 2>/dev/null && printf '%s\n' "$1" 2>/dev/null >"$run_dir/role.$$"; then
+    mv -f "$run_dir/role.$$" "$run_dir/role"
+  fi
 }
 
 usage() {
@@ -116,7 +117,7 @@ healthcheck() {
   role="$(cat "$run_dir/role" 2>/dev/null || echo none)"
   case "$role" in
     serve) url="http://127.0.0.1:${MODELLOOP_SERVING_PORT:-3000}/v2/health/live" ;;
-    monitor) url="http://127.0.0.1:${MODELLOOP_MONITOR_PORT:-8001}/health/live" ;;
+    monitor) url="http://127.0.0.1:${MODELLOOP_MONITOR_PORT:-8001}/live" ;;
     *) return 0 ;;
   esac
   python3 - "$url" <<'EOF'
@@ -138,7 +139,9 @@ case "$command" in
   serve)
     note_role serve
     # exec keeps this pid, so the pid file names the serving process itself
-    echo "$$" >"$run_dir/serving.pid"
+    if ! echo "$$" 2>/dev/null >"$run_dir/serving.pid"; then
+      echo "modelloop-entrypoint: $run_dir is not writable; the sidecar cannot find this process" >&2
+    fi
     exec modelloop serve "$@"
     ;;
   monitor)

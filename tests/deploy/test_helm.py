@@ -1,0 +1,351 @@
+"""The Helm chart: helm lint, helm template with the default and GPU values, every rendered
+manifest against the Kubernetes schemas (kubernetes-validate, offline), and the bits that
+matter checked one by one."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy._support import (
+    CHART,
+    DASHBOARDS,
+    RULES,
+    SETTINGS_CLASSES,
+    run,
+    settings_class,
+    tool,
+)
+
+NAME = "ml"
+GPU_VALUES = CHART / "values-gpu.yaml"
+# everything optional switched on, so every template is rendered and validated
+ALL_ON = (
+    "batch.enabled=true", "bootstrap.enabled=true", "serviceMonitor.enabled=true",
+    "prometheusRule.enabled=true", "alertmanagerConfig.enabled=true", "apiKey.value=s3cret",
+    "monitor.store.url=postgresql://ml@db:5432/events",
+)
+# Kubernetes versions validated: the chart's minimum (Chart.yaml kubeVersion) and the newest
+# schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# prometheus-operator kinds: no schema ships offline; test_operator_resources checks them.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}
+CASES = {
+    "default": ((), ()),
+    "gpu": ((GPU_VALUES,), ()),
+    "all-on": ((), ALL_ON),
+    "gpu-all-on": ((GPU_VALUES,), ALL_ON),
+}
+
+
+@functools.cache
+def render(values: tuple = (), sets: tuple = ()) -> tuple[dict[str, Any], ...]:
+    args = [tool("helm"), "template", NAME, str(CHART), "--namespace", "models"]
+    for path in values:
+        args += ["-f", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def find(docs: tuple[dict, ...], kind: str, name: str | None = None) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"{kind} {name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def containers(doc: dict) -> dict[str, dict]:
+    spec = doc["spec"]
+    pod = (spec.get("jobTemplate", {}).get("spec", spec))["template"]["spec"]
+    return {c["name"]: c for c in pod["containers"]}
+
+
+def pod_spec(doc: dict) -> dict:
+    spec = doc["spec"]
+    return spec.get("jobTemplate", {}).get("spec", spec)["template"]["spec"]
+
+
+def workloads(docs: tuple[dict, ...]) -> list[dict]:
+    return [d for d in docs if d["kind"] in {"Deployment", "Job", "CronJob"}]
+
+
+def settings_env(docs: tuple[dict, ...]) -> dict[str, str]:
+    return find(docs, "ConfigMap", f"{NAME}-modelloop-settings")["data"]
+
+
+# ----------------------------------------------------------------------------- the tools
+@pytest.mark.parametrize("values", [(), (GPU_VALUES,)], ids=["default", "gpu"])
+def test_helm_lint(values: tuple) -> None:
+    args = [tool("helm"), "lint", "--strict", str(CHART)]
+    for path in values:
+        args += ["-f", str(path)]
+    result = run(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_manifests_match_the_kubernetes_schemas(case: str, version: str) -> None:
+    errors = []
+    for doc in render(*CASES[case]):
+        if doc["kind"] in OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_schema_validation_catches_a_typo() -> None:
+    deployment = json.loads(json.dumps(find(render(), "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError, match="'periodSecond' was unexpected"):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        # the model to serve is required
+        (("model=",), "values: `model` (the registered model to serve) is required"),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(sets: tuple, message: str) -> None:
+    args = [tool("helm"), "template", NAME, str(CHART)]
+    for item in sets:
+        args += ["--set", item]
+    result = run(args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------- the pod
+def test_serving_and_sidecar_share_one_pod_and_one_settings_configmap() -> None:
+    deployment = find(render(), "Deployment")
+    pods = containers(deployment)
+    assert set(pods) == {"serving", "monitor"}
+    assert pods["serving"]["args"] == ["serve"] and pods["monitor"]["args"] == ["monitor"]
+    for container in pods.values():
+        assert container["envFrom"] == [{"configMapRef": {"name": f"{NAME}-modelloop-settings"}}]
+    # the sidecar watches the serving process: one process namespace, one run dir
+    spec = pod_spec(deployment)
+    assert spec["shareProcessNamespace"] is True
+    for container in pods.values():
+        assert {"name": "run", "mountPath": "/run/modelloop"} in container["volumeMounts"]
+
+
+def test_probes() -> None:
+    pods = containers(find(render(), "Deployment"))
+    serving = pods["serving"]
+    assert serving["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert serving["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert serving["startupProbe"]["failureThreshold"] * serving["startupProbe"]["periodSeconds"] >= 120
+    # the sidecar's routes (monitoring/app.py)
+    monitor = pods["monitor"]
+    assert monitor["livenessProbe"]["httpGet"] == {"path": "/live", "port": "monitor"}
+    assert monitor["startupProbe"]["httpGet"] == {"path": "/live", "port": "monitor"}
+    assert monitor["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "monitor"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_pod_runs_non_root_on_a_read_only_root(case: str) -> None:
+    for doc in workloads(render(*CASES[case])):
+        spec = pod_spec(doc)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes["tmp"]
+        for name, container in containers(doc).items():
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{name}"
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], where
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_only_the_repos_image_and_entrypoint_roles(case: str) -> None:
+    roles = {"serve", "monitor", "retrain", "batch", "batch-shard", "bootstrap", "modelloop"}
+    for doc in workloads(render(*CASES[case])):
+        for container in containers(doc).values():
+            assert container["image"] == "modelloop:0.1.0"
+            assert container["args"][0] in roles
+
+
+def test_gpu_values_request_a_gpu_for_serving_only() -> None:
+    gpu = containers(find(render((GPU_VALUES,)), "Deployment"))
+    assert gpu["serving"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["serving"]["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in gpu["monitor"]["resources"].get("limits", {})
+    assert settings_env(render((GPU_VALUES,)))["MODELLOOP_SERVING_PROVIDERS"] == "cuda"
+    spec = pod_spec(find(render((GPU_VALUES,)), "Deployment"))
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    default = containers(find(render(), "Deployment"))
+    assert "nvidia.com/gpu" not in default["serving"]["resources"]["limits"]
+
+
+def test_service_hpa_pdb_and_network_policy_select_the_serving_pods() -> None:
+    docs = render()
+    deployment = find(docs, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = find(docs, "Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    ports = {p["name"] for c in containers(deployment).values() for p in c["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == ports == {"http", "monitor"}
+    hpa = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert find(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    policy = find(docs, "NetworkPolicy", f"{NAME}-modelloop")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    monitor_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "monitor")
+    assert monitor_rule["from"], "the sidecar's port is not open to everyone"
+
+
+def test_registry_on_a_claim_or_any_volume() -> None:
+    docs = render()
+    claim = find(docs, "PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in pod_spec(find(docs, "Deployment"))["volumes"]}
+    assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert settings_env(docs)["MODELLOOP_MONITOR_K8S_REGISTRY_CLAIM"] == claim["metadata"]["name"]
+    # object storage through a CSI driver instead of a claim
+    csi = render((), ("registry.volume.csi.driver=s3.csi.aws.com",
+                      "registry.volume.csi.volumeAttributes.bucketName=models"))
+    assert not [d for d in csi if d["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in pod_spec(find(csi, "Deployment"))["volumes"]}
+    assert volumes["registry"] == {"name": "registry", "csi": {
+        "driver": "s3.csi.aws.com", "volumeAttributes": {"bucketName": "models"}}}
+
+
+def test_api_key_and_store_url_come_from_secrets_not_the_configmap() -> None:
+    docs = render((), ALL_ON)
+    env = settings_env(docs)
+    assert "s3cret" not in json.dumps(env) and "postgresql" not in json.dumps(env)
+    pods = containers(find(docs, "Deployment"))
+    (key,) = [e for e in pods["serving"]["env"] if e["name"] == "MODELLOOP_SERVING_API_KEY"]
+    secret = find(docs, "Secret", key["valueFrom"]["secretKeyRef"]["name"])
+    assert key["valueFrom"]["secretKeyRef"]["key"] in secret["data"]
+    (store,) = [e for e in pods["monitor"]["env"] if e["name"] == "MODELLOOP_MONITOR_STORE_URL"]
+    assert find(docs, "Secret", store["valueFrom"]["secretKeyRef"]["name"])
+
+
+def test_sidecar_may_create_retraining_jobs_and_serving_holds_no_token() -> None:
+    docs = render()
+    deployment = find(docs, "Deployment")
+    spec = pod_spec(deployment)
+    assert spec["automountServiceAccountToken"] is False
+    pods = containers(deployment)
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert any(m["mountPath"] == token_path for m in pods["monitor"]["volumeMounts"])
+    assert not any(m["mountPath"] == token_path for m in pods["serving"]["volumeMounts"])
+    role = find(docs, "Role")
+    assert {"apiGroups": ["batch"], "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"]} in role["rules"]
+    binding = find(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
+                                    "namespace": "models"}]
+    env = settings_env(docs)
+    assert env["MODELLOOP_MONITOR_TRIGGER"] == "kubernetes"
+    job_account = find(docs, "ServiceAccount", env["MODELLOOP_MONITOR_K8S_SERVICE_ACCOUNT"])
+    assert job_account["automountServiceAccountToken"] is False
+    # with another trigger the sidecar gets no API access at all
+    local = render((), ("monitor.settings.trigger=local",))
+    assert not [d for d in local if d["kind"] in {"Role", "RoleBinding"}]
+
+
+def test_retraining_cronjob_is_a_suspended_template_and_batch_is_indexed() -> None:
+    docs = render((), ALL_ON)
+    cron = find(docs, "CronJob")
+    assert cron["spec"]["suspend"] is True
+    assert containers(cron)["retrain"]["args"] == ["retrain", "--name", "demo"]
+    batch = find(docs, "Job", f"{NAME}-modelloop-batch-1")
+    assert batch["spec"]["completionMode"] == "Indexed"
+    (container,) = containers(batch).values()
+    assert container["args"][:3] == ["batch-shard", "/var/lib/modelloop/batch/in", "/var/lib/modelloop/batch/out"]
+    completions = {e["name"]: e["value"] for e in container["env"]}["JOB_COMPLETIONS"]
+    assert completions == str(batch["spec"]["completions"])
+
+
+# ----------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("prefix", sorted(SETTINGS_CLASSES))
+def test_configmap_maps_one_to_one_onto_settings(
+    case: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values, sets = CASES[case]
+    docs = render(values, (*sets, "jobs.trainingSettings.epochs=20"))
+    env = {k: v for k, v in settings_env(docs).items() if k.startswith(prefix)}
+    from_secrets = {
+        e["name"] for c in containers(find(docs, "Deployment")).values()
+        for e in c.get("env", []) if e["name"].startswith(prefix)
+    }
+    assert env, f"nothing set with {prefix}"
+    cls = settings_class(prefix)
+    unknown = {k.removeprefix(prefix).lower() for k in {*env, *from_secrets}} - set(cls.model_fields)
+    assert not unknown, f"no such settings in {cls.__name__}: {sorted(unknown)}"
+    # and the values validate as the process reads them: from its environment
+    for key in [k for k in os.environ if k.startswith("MODELLOOP_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cls()
+
+
+def test_policy_configmap_is_a_valid_sidecar_policy(tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("monitoring.policy") is None:
+        pytest.skip("monitoring.policy does not exist yet")
+    from monitoring.policy import load_policy
+
+    policy = find(render(), "ConfigMap", f"{NAME}-modelloop-policy")["data"]["policy.yaml"]
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy)
+    load_policy(path)
+    assert settings_env(render())["MODELLOOP_MONITOR_POLICY_FILE"] == "/etc/modelloop/policy/policy.yaml"
+
+
+# ----------------------------------------------------------------------------- observability
+def test_operator_resources() -> None:
+    docs = render((), ALL_ON)
+    service = find(docs, "Service")
+    monitor = find(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    jobs = {e["port"]: e["relabelings"][0]["replacement"] for e in monitor["spec"]["endpoints"]}
+    # the job names the rules and dashboards (and docker-compose's Prometheus) use
+    assert jobs == {"http": "modelloop-serving", "monitor": "modelloop-monitor"}
+    assert jobs.keys() <= {p["name"] for p in service["spec"]["ports"]}
+    rule = find(docs, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    am = find(docs, "AlertmanagerConfig")
+    assert am["spec"]["route"]["matchers"] == [{"name": "action", "value": "retrain", "matchType": "="}]
+    url = am["spec"]["receivers"][0]["webhookConfigs"][0]["url"]
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "monitor")
+    assert url == f"http://{service['metadata']['name']}.models.svc:{port}/alertmanager"
+    # without the CRDs nothing of the operator is rendered
+    assert not [d for d in render() if d["kind"] in OPERATOR_KINDS]
+
+
+def test_dashboard_configmaps_carry_the_files_unchanged() -> None:
+    maps = [d for d in render() if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]]
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert len(maps) == len(files) == 3
+    for path in files:
+        (cm,) = [m for m in maps if path.name in m["data"]]
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["data"][path.name] == path.read_text().rstrip("\n")
