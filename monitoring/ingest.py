@@ -101,6 +101,8 @@ class ModelCatalog:
         try:
             return self.metadata(model, version)
         except RegistryError as exc:
+            if model not in self.registry.models():
+                return f"model {model!r} is not registered under {self.registry.root}"
             return str(exc)
 
 

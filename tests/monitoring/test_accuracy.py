@@ -1,0 +1,70 @@
+"""Quality from labels equals scikit-learn; the confidence-based estimate tracks the realised
+accuracy without labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+from modelloop.synthetic import TARGET, SyntheticTask
+from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
+from tests.monitoring.helpers import TrainedModel
+
+
+@pytest.mark.parametrize(
+    ("n", "k_true", "k_pred", "seed"),
+    [
+        (500, 2, 2, 0),    # binary
+        (1000, 4, 4, 1),   # multi-class
+        (300, 3, 5, 2),    # predictions of classes that never occur in the labels
+        (7, 3, 3, 3),      # a tiny window where some classes have no predictions
+        (1, 2, 2, 4),      # a single labelled prediction
+    ],
+)
+def test_scores_equal_scikit_learn(n: int, k_true: int, k_pred: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, k_true, n)
+    y_pred = np.where(rng.random(n) < 0.7, y_true, rng.integers(0, k_pred, n))
+    got = classification_scores(y_true, y_pred)
+    assert got is not None and got.n == n
+    kw = {"average": "macro", "zero_division": 0}
+    assert got.accuracy == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert got.precision == pytest.approx(precision_score(y_true, y_pred, **kw), abs=1e-12)
+    assert got.recall == pytest.approx(recall_score(y_true, y_pred, **kw), abs=1e-12)
+    assert got.f1 == pytest.approx(f1_score(y_true, y_pred, **kw), abs=1e-12)
+
+
+def test_no_labels_no_scores_and_shapes_must_match() -> None:
+    assert classification_scores(np.array([]), np.array([])) is None
+    with pytest.raises(ValueError, match=r"differ in shape: \(2,\) vs \(3,\)"):
+        classification_scores(np.zeros(2), np.zeros(3))
+
+
+def test_label_lag_is_the_median_delay_of_labelled_events() -> None:
+    ts = np.array([0.0, 10.0, 20.0, 30.0])
+    label_ts = np.array([5.0, np.nan, 50.0, 31.0])
+    assert label_lag(ts, label_ts) == 5.0
+    assert label_lag(ts, np.full(4, np.nan)) is None
+
+
+def test_estimated_accuracy_tracks_the_realised_one(task: SyntheticTask,
+                                                    trained: TrainedModel) -> None:
+    ref = trained.reference(rows=3000)
+    proba_cols = ["_ml_proba_0", "_ml_proba_1"]
+    cal = ConfidenceCalibration.fit(ref[proba_cols].to_numpy(), ref["_ml_label"].to_numpy())
+    assert cal.reference_accuracy == pytest.approx(
+        (ref["_ml_prediction"] == ref["_ml_label"]).mean())
+    for seed, concept in ((31, 0.0), (32, 0.0)):
+        window = task.sample(3000, seed=seed, concept=concept)
+        proba = trained.predict_proba(window[task.feature_names].to_numpy())
+        realised = (proba.argmax(axis=1) == window[TARGET].to_numpy()).mean()
+        # without labels, within two points of what the labels later show
+        assert cal.expected_accuracy(proba) == pytest.approx(realised, abs=0.02)
+
+
+def test_estimate_without_a_calibration_is_the_mean_confidence() -> None:
+    cal = ConfidenceCalibration.fit(np.array([[0.5, 0.5]]), None)
+    assert cal.model is None
+    assert cal.expected_accuracy(np.array([[0.9, 0.1], [0.3, 0.7]])) == pytest.approx(0.8)
+    assert cal.expected_accuracy(np.zeros((0, 2))) is None

@@ -1,0 +1,154 @@
+"""Drift results are Evidently's: the same tests, scores and decisions as its DataDriftPreset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from modelloop.schemas import REF_PREDICTION
+from modelloop.synthetic import SyntheticTask
+from monitoring.drift import ReferenceProfile, check_drift, stattests
+
+FEATURES = [f"f{i:02d}" for i in range(20)]
+
+
+def frame(task: SyntheticTask, n: int, seed: int, shift: dict[str, float] | None = None) -> pd.DataFrame:
+    df = task.sample(n, seed=seed, shift=shift)[FEATURES].astype(np.float64)
+    # a discrete feature (three values, none rare) makes Evidently pick another test for it
+    z = (df["f19"] - df["f19"].mean()) / df["f19"].std()
+    df["f19"] = np.digitize(z, [-0.5, 0.5]).astype(np.float64)
+    return df
+
+
+def evidently_preset(ref: pd.DataFrame, cur: pd.DataFrame, method: str | None,
+                     threshold: float | None) -> tuple[dict[str, tuple[str, float]], dict[str, Any]]:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    dd = DataDefinition(numerical_columns=list(ref.columns))
+    snap = Report([DataDriftPreset(method=method, threshold=threshold)]).run(
+        Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd))
+    metrics = snap.dict()["metrics"]
+    per_column = {m["config"]["column"]: (m["config"]["method"], float(m["value"]))
+                  for m in metrics[1:]}
+    return per_column, metrics[0]["value"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ref_rows", "method", "threshold", "shift"),
+    [
+        (2000, None, None, {"f03": 0.5, "f07": -0.5}),   # Evidently's default: Wasserstein > 1000 rows
+        (800, None, None, {"f03": 0.5, "f07": -0.5}),    # its default for small references: K-S
+        (2000, "psi", None, {"f01": 0.3}),               # PSI from settings
+        (2000, "jensenshannon", 0.15, {"f05": 0.5}),     # a method and a threshold from settings
+        (2000, "ks", 0.01, {}),                          # K-S on stationary data
+    ],
+)
+def test_same_scores_and_decisions_as_evidentlys_preset(
+        task: SyntheticTask, ref_rows: int, method: str | None, threshold: float | None,
+        shift: dict[str, float]) -> None:
+    ref = frame(task, ref_rows, seed=1)
+    cur = frame(task, 1500, seed=3, shift=shift)
+    profile = ReferenceProfile(ref, FEATURES, method=method, threshold=threshold)
+    ours = check_drift(profile, cur.to_numpy(), drift_share=0.5)
+    theirs, count = evidently_preset(ref, cur, method, threshold)
+    st = stattests()
+    registered = {t.name: t.display_name for t in vars(st).values() if isinstance(t, st.StatTest)}
+    for col in ours.features:
+        display, score = theirs[col.column]
+        # Evidently names an automatic choice by its display name, a configured one as given
+        assert display in (registered[col.method], method), col.column
+        assert col.score == pytest.approx(score, rel=1e-9, abs=1e-12), col.column
+    drifted_theirs = {c for c, (_, s) in theirs.items()
+                      if _drifted(next(f for f in ours.features if f.column == c), s)}
+    assert set(ours.drifted_features) == drifted_theirs
+    assert ours.share == pytest.approx(count["share"])
+    assert len(ours.drifted_features) == count["count"]
+    expected = set(shift)
+    if expected:
+        assert set(ours.drifted_features) == expected
+
+
+def _drifted(col: Any, score: float) -> bool:
+    return score <= col.threshold if col.p_value else score >= col.threshold
+
+
+def test_stationary_windows_flag_nothing_and_two_shifted_features_are_found(
+        task: SyntheticTask) -> None:
+    ref = frame(task, 3000, seed=1)
+    profile = ReferenceProfile(ref, FEATURES)
+    for seed in (10, 11, 12):
+        result = check_drift(profile, frame(task, 2000, seed=seed).to_numpy())
+        assert result.judged and result.drifted_features == [] and result.share == 0.0
+    shifted = check_drift(profile, frame(task, 2000, seed=13, shift={"f03": 1.0, "f07": -1.0}).to_numpy(),
+                          drift_share=0.1)
+    assert shifted.drifted_features == ["f03", "f07"]
+    assert shifted.share == pytest.approx(0.1) and shifted.dataset_drift
+    methods = {c.column: c.method for c in shifted.features}
+    assert methods["f00"] == "wasserstein" and methods["f19"] == "jensenshannon"
+
+
+def test_a_window_below_the_minimum_is_not_judged(task: SyntheticTask) -> None:
+    profile = ReferenceProfile(frame(task, 2000, seed=1), FEATURES)
+    result = check_drift(profile, frame(task, 99, seed=2).to_numpy(), min_rows=100)
+    assert not result.judged and result.features == []
+    assert result.note == "99 rows in the window, fewer than the 100 needed to judge drift"
+
+
+def test_missing_values_are_dropped_like_evidently_does(task: SyntheticTask) -> None:
+    ref = frame(task, 2000, seed=1)
+    cur = frame(task, 1500, seed=2)
+    cur.loc[cur.index[:300], "f02"] = np.nan
+    cur["f04"] = np.nan  # a column with no value left: undecided, not drifted
+    ours = check_drift(ReferenceProfile(ref, FEATURES), cur.to_numpy())
+    by_col = {c.column: c for c in ours.features}
+    expected = stattests().wasserstein_stat_test(ref["f02"], cur["f02"].dropna(),
+                                                 _numerical(), None)
+    assert by_col["f02"].score == pytest.approx(expected.drift_score)
+    assert by_col["f04"].method == "none" and not by_col["f04"].drifted
+
+
+def _numerical() -> Any:
+    from evidently.legacy.core import ColumnType
+
+    return ColumnType.Numerical
+
+
+def test_prediction_drift_uses_evidentlys_categorical_test(task: SyntheticTask) -> None:
+    ref = frame(task, 2000, seed=1)
+    rng = np.random.default_rng(0)
+    ref[REF_PREDICTION] = (rng.random(len(ref)) < 0.3).astype(int)
+    profile = ReferenceProfile(ref, FEATURES)
+    cur = frame(task, 1500, seed=2).to_numpy()
+    same = check_drift(profile, cur, (rng.random(1500) < 0.3).astype(float))
+    moved = check_drift(profile, cur, (rng.random(1500) < 0.6).astype(float))
+    assert same.prediction is not None and moved.prediction is not None
+    assert same.prediction.method == "jensenshannon" and not same.prediction.drifted
+    assert moved.prediction.drifted
+
+
+def test_a_method_that_does_not_fit_numbers_falls_back_to_the_default(task: SyntheticTask) -> None:
+    # chi-squared is defined for categorical columns only; numerical features keep Evidently's
+    # default (with its own threshold), the categorical prediction gets chi-squared
+    ref = frame(task, 2000, seed=1)
+    ref[REF_PREDICTION] = np.arange(len(ref)) % 2
+    profile = ReferenceProfile(ref, FEATURES, method="chisquare", threshold=0.01)
+    result = check_drift(profile, frame(task, 1500, seed=2).to_numpy(),
+                         (np.arange(1500) % 2).astype(float))
+    assert {c.method for c in result.features[:19]} == {"wasserstein"}
+    assert result.features[0].threshold == 0.1
+    assert result.prediction is not None
+    assert (result.prediction.method, result.prediction.threshold) == ("chisquare", 0.01)
+
+
+def test_reference_problems_are_named(task: SyntheticTask) -> None:
+    ref = frame(task, 100, seed=1)
+    with pytest.raises(ValueError, match=r"reference sample lacks features \['zz'\]"):
+        ReferenceProfile(ref, [*FEATURES, "zz"])
+    ref["f00"] = np.nan
+    with pytest.raises(ValueError, match="reference column 'f00' has no finite values"):
+        ReferenceProfile(ref, FEATURES)

@@ -1,0 +1,186 @@
+"""Validation at the boundary: event batches and feedback, each bad case with its exact error."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelloop.registry import Registry
+from monitoring.ingest import (
+    GroupCommitWriter,
+    InputError,
+    ModelCatalog,
+    parse_events,
+    parse_feedback,
+    resolve_label,
+)
+from monitoring.store import open_store
+from tests.monitoring.helpers import TrainedModel
+
+
+def event(**over: Any) -> dict[str, Any]:
+    ev = {"request_id": "r1", "timestamp": 1.0, "model": "churn", "version": 1,
+          "features": [0.5] * 20, "prediction": 1, "probabilities": [0.3, 0.7], "latency_s": 0.01}
+    ev.update(over)
+    return ev
+
+
+def body(*events: dict[str, Any]) -> bytes:
+    return json.dumps({"events": list(events)}).encode()
+
+
+@pytest.fixture
+def catalog(registered: TrainedModel, home: Path) -> ModelCatalog:
+    return ModelCatalog(Registry(home / "registry"))
+
+
+def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
+    rows = parse_events(body(event(), event(request_id="r2", features=[None] * 20)), catalog, 5.0)
+    assert [r.request_id for r in rows] == ["r1", "r2"]
+    assert rows[0].received_at == 5.0 and rows[0].version == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "reason", "error"),
+    [
+        # not JSON at all
+        (b"{nope", 400, "invalid_json", "body: invalid JSON (Invalid JSON: key must be a string "
+                                        "at line 1 column 2)"),
+        # no events key
+        (b"{}", 422, "invalid_event", "events: Field required"),
+        # an empty batch
+        (b'{"events": []}', 422, "invalid_event", "events: List should have at least 1 item "
+                                                  "after validation, not 0"),
+        # the fourth event has version 0
+        (body(event(), event(request_id="b"), event(request_id="c"), event(request_id="d", version=0)),
+         422, "invalid_event", "events[3].version: Input should be greater than or equal to 1"),
+        # a feature is a string
+        (body(event(features=[0.5] * 19 + ["x"])), 422, "invalid_event",
+         "events[0].features[19]: Input should be a valid number, unable to parse string "
+         "as a number"),
+        # negative latency
+        (body(event(latency_s=-1)), 422, "invalid_event",
+         "events[0].latency_s: Input should be greater than or equal to 0"),
+        # a model the registry does not have
+        (body(event(model="nope")), 422, "unknown_model",
+         "events[0].model: model 'nope' is not registered under {registry}"),
+        # a version the registry does not have
+        (body(event(version=9)), 422, "unknown_model", "events[0].model: model 'churn' has no version 9"),
+        # one feature short
+        (body(event(features=[0.5] * 19)), 422, "wrong_shape",
+         "events[0].features: expected 20 values for churn v1, got 19"),
+        # a class index the model does not have
+        (body(event(prediction=2)), 422, "wrong_shape",
+         "events[0].prediction: expected a class index 0..1 for churn v1, got 2"),
+        # a fractional class index
+        (body(event(prediction=0.5)), 422, "wrong_shape",
+         "events[0].prediction: expected a class index 0..1 for churn v1, got 0.5"),
+        # probabilities of three classes
+        (body(event(probabilities=[0.2, 0.3, 0.5])), 422, "wrong_shape",
+         "events[0].probabilities: expected 2 values for churn v1, got 3"),
+        # the same request id twice in one batch
+        (body(event(), event()), 422, "invalid_event", "events[1].request_id: 'r1' repeats events[0]"),
+    ],
+)
+def test_bad_batches_are_rejected_whole_naming_the_event(
+        catalog: ModelCatalog, home: Path, payload: bytes, status: int, reason: str, error: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_events(payload, catalog, 0.0)
+    assert (err.value.status, err.value.reason) == (status, reason)
+    assert str(err.value) == error.format(registry=home / "registry")
+
+
+def test_a_bad_batch_counts_all_its_events_and_lists_each_error(catalog: ModelCatalog) -> None:
+    with pytest.raises(InputError) as err:
+        parse_events(body(event(), event(request_id="x", version=0), event(request_id="y", version=-1)),
+                     catalog, 0.0)
+    assert err.value.rejected == 3
+    assert err.value.body()["errors"] == [
+        "events[1].version: Input should be greater than or equal to 1",
+        "events[2].version: Input should be greater than or equal to 1"]
+
+
+def test_unwatched_models_are_rejected(registered: TrainedModel, home: Path) -> None:
+    catalog = ModelCatalog(Registry(home / "registry"), ["other"])
+    with pytest.raises(InputError, match=r"events\[0\].model: model 'churn' is not watched by "
+                                         r"this sidecar \(watching: other\)"):
+        parse_events(body(event()), catalog, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        # not JSON
+        (b"[", "body: invalid JSON (unexpected end of data: line 1 column 2 (char 1))"),
+        # the single form without a label
+        (b'{"request_id": "a"}', "label: Field required"),
+        # a list entry without a request id
+        (b'{"feedback": [{"request_id": "a", "label": 1}, {"label": 0}]}',
+         "feedback[1].request_id: Field required"),
+        # an empty list
+        (b'{"feedback": []}', "feedback: must be a non-empty list"),
+    ],
+)
+def test_bad_feedback_bodies(payload: bytes, error: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_feedback(payload)
+    assert str(err.value) == error
+
+
+def test_feedback_single_and_list_forms() -> None:
+    items, single = parse_feedback(b'{"request_id": "a", "label": "yes", "timestamp": 3}')
+    assert single and items[0].label == "yes" and items[0].timestamp == 3
+    items, single = parse_feedback(b'{"feedback": [{"request_id": "a", "label": 1}]}')
+    assert not single and items[0].label == 1
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [
+        ("yes", 1.0),                 # a class label
+        ("no", 0.0),
+        (1, 1.0),                     # a class index
+        ("0", 0.0),                   # a class index written as text (CSV)
+        (1.0, 1.0),                   # an integral float
+        ("maybe", "'maybe' is not a class of churn v1 (classes: no, yes)"),
+        (2, "class index 2 is out of range for churn v1 (0..1)"),
+        ("-1", "class index -1 is out of range for churn v1 (0..1)"),
+        (0.5, "0.5 is not a class index of churn v1"),
+    ],
+)
+def test_labels_resolve_to_class_indexes(registered: TrainedModel, home: Path, label: Any,
+                                         expected: Any) -> None:
+    meta = Registry(home / "registry").get("churn").metadata
+    assert resolve_label(label, meta) == expected
+
+
+def test_group_commit_merges_concurrent_batches_and_flushes_on_close(
+        tmp_path: Path, catalog: ModelCatalog) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'e.db'}")
+    writer = GroupCommitWriter(store)
+    futures = []
+    lock = threading.Lock()
+
+    def send(k: int) -> None:
+        rows = parse_events(body(*[event(request_id=f"{k}-{i}") for i in range(50)]), catalog, 0.0)
+        fut = writer.submit(rows)
+        with lock:
+            futures.append(fut)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()  # the shutdown flush: every queued batch is committed before it returns
+    assert all(f.done() for f in futures)
+    assert sorted(f.result()["churn"] for f in futures) == [50] * 8
+    assert store.count_events() == 400
+    late = writer.submit([])
+    with pytest.raises(RuntimeError, match="shutting down"):
+        late.result()
+    store.close()
