@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -143,7 +144,14 @@ class InputFile:
             finally:
                 self._reader.close()
         except pa.ArrowInvalid as exc:
-            raise BatchInputError(f"{self.path}: {exc}") from exc
+            raise BatchInputError(f"{self.path}: {self._name_column(str(exc))}") from exc
+
+    def _name_column(self, message: str) -> str:
+        """pyarrow says "In CSV column #2: ..."; say which column that is."""
+        found = re.match(r"In CSV column #(\d+): (.*)", message, re.S)
+        if found and int(found.group(1)) < len(self.columns):
+            return f"column {self.columns[int(found.group(1))]!r}: {found.group(2)}".replace("\n", " ")
+        return message.replace("\n", " ")
 
 
 def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_row: int,
@@ -179,6 +187,15 @@ def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row
     out = {name: table.column(name) for name in keep}
     out.update({k: pa.array(v) for k, v in to_columns(preds).items()})
     return pa.table(out), x
+
+
+def check_columns(src: InputFile, features: Sequence[str], keep: Sequence[str]) -> None:
+    """Every feature (and kept) column must be in the file; the error names the first few missing."""
+    missing = [c for c in [*features, *keep] if c not in src.columns]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (f", ... ({len(missing)} missing)" if len(missing) > 5 else "")
+        raise BatchInputError(f"{src.path}: missing column(s) {shown}; the model needs "
+                              f"{len(features)} features: {', '.join(features[:6])}, ...")
 
 
 @dataclass
@@ -250,10 +267,7 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
     out_fmt = file_format(output)
     src = InputFile.open(input_path)
     features = runtime.metadata.feature_names
-    missing = [c for c in [*features, *keep] if c not in src.columns]
-    if missing:
-        raise BatchInputError(f"{input_path}: missing column(s) {', '.join(map(repr, missing))} "
-                              f"(the model needs {len(features)} features: {', '.join(features[:6])}, ...)")
+    check_columns(src, features, keep)
     parts = parts_dir(output)
     manifest = manifest_for(input_path, runtime.name, runtime.model_version, chunk_rows, keep)
     if Manifest.read(parts) != manifest:

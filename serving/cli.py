@@ -27,6 +27,11 @@ batch_app = typer.Typer(help="Score CSV/Parquet files with the served model, in 
                         no_args_is_help=True, add_completion=False)
 
 
+@batch_app.callback()
+def _batch() -> None:
+    """Score CSV/Parquet files with a registered model, in bounded memory and resumably."""
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
@@ -92,7 +97,8 @@ def _preflight(settings: ServingSettings) -> None:
     except (ModelLoadError, RegistryError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"serving {name} v{runtime.model_version} ({settings.alias}) on "
-                  f"{runtime.active_provider}, http://{settings.host}:{settings.port}", highlight=False)
+                  f"{runtime.active_provider}, http://{settings.host}:{settings.port}", highlight=False,
+                  soft_wrap=True)
     runtime.unload()
     del runtime
     gc.collect()
@@ -130,7 +136,7 @@ def score(
             shutil.rmtree(parts_dir(output))
         version = resumable_version(input_path, output, model, settings.chunk_rows, keep)
         if version is not None:
-            console.print(f"resuming the interrupted run of {output} with {model} v{version}")
+            console.print(f"resuming the interrupted run of {output} with {model} v{version}", soft_wrap=True)
         ref = version if version is not None else settings.alias
         runtime = OnnxRuntime(registry.get(model, ref), provider=settings.providers,
                               threads=settings.threads or (os.cpu_count() or 1),
@@ -142,7 +148,7 @@ def score(
         f"scored {report.rows} rows of {input_path} with {report.model} v{report.version} into "
         f"{output} in {report.seconds:.1f} s ({report.rows_per_s:,.0f} rows/s"
         + (f"; {report.resumed_chunks} of {report.chunks} chunks resumed" if report.resumed_chunks else "")
-        + ")", highlight=False)
+        + ")", highlight=False, soft_wrap=True)
 
 
 def _score_with_progress(score_file: Any, input_path: Path, output: Path, runtime: Any,
@@ -156,9 +162,10 @@ def _score_with_progress(score_file: Any, input_path: Path, output: Path, runtim
         TimeRemainingColumn,
     )
 
-    from serving.batch import InputFile
+    from serving.batch import InputFile, check_columns
 
     src = InputFile.open(input_path)
+    check_columns(src, runtime.metadata.feature_names, keep)  # before the progress bar appears
     total = src.total_rows if src.total_rows is not None else src.size
     unit = "rows" if src.total_rows is not None else "bytes"
     columns = [TextColumn("[bold]scoring[/]"), BarColumn(), MofNCompleteColumn(),

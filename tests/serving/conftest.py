@@ -28,6 +28,9 @@ from tests.serving.onnx_models import register_mlp
 
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
 MODEL = "churn"
+FEATURES = [f"f{i:02d}" for i in range(20)]
+KEY = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -56,6 +59,14 @@ def model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="package")
+def main_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The home of the shared `server`: model `churn` v1 (its registry is not changed by tests)."""
+    home = tmp_path_factory.mktemp("main-home")
+    register_mlp(Registry(home / "registry"), MODEL, n_features=20, n_classes=3, seed=0)
+    return home
+
+
 # -- a recording sidecar ---------------------------------------------------------------------
 @dataclass
 class Sidecar:
@@ -67,7 +78,7 @@ class Sidecar:
         return [e for b in self.batches for e in b["events"]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def sidecar() -> Iterator[Sidecar]:
     """A tiny real HTTP server that answers POST /events like the sidecar and records the bodies."""
     record = Sidecar(url="")
@@ -168,9 +179,10 @@ def show_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """Print the module's server log when the test fails (set by the server fixtures)."""
     yield
     report = getattr(request.node, "rep_call", None)
-    server = getattr(request.module, "_server", None)
-    if report is not None and report.failed and server is not None:
-        print(f"---- server log ({server.log}) ----\n{server.log_text()[-20000:]}")
+    if report is not None and report.failed and "server" in request.fixturenames:
+        for server in [getattr(request.module, "_server", None) or (_servers[-1] if _servers else None)]:
+            if server is not None:
+                print(f"---- server log ({server.log}) ----\n{server.log_text()[-20000:]}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -179,3 +191,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
     return report
+
+
+@pytest.fixture(scope="package")
+def server(main_home: Path, sidecar: Sidecar, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `modelloop serve` shared by the modules that do not change its registry: 2 workers,
+    bearer-token auth, nan_policy=reject, small limits, events to the recording sidecar."""
+    env = {
+        "MODELLOOP_SERVING_API_KEY": KEY,
+        "MODELLOOP_SERVING_NAN_POLICY": "reject",
+        "MODELLOOP_SERVING_SIDECAR_URL": sidecar.url,
+        "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.1",
+        "MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST": "500",
+        "MODELLOOP_SERVING_MAX_BODY_BYTES": "200000",
+        "MODELLOOP_SERVING_CHUNK_ROWS": "1000",
+        "MODELLOOP_SERVING_SYNC_BATCH_MAX_ROWS": "2000",
+    }
+    srv = start_server(main_home, tmp_path_factory.mktemp("log") / "server.log", env, "--workers", "2")
+    _servers.append(srv)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="package")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+_servers: list[Server] = []

@@ -138,7 +138,8 @@ def register_mlp(registry: Registry, name: str, *, n_features: int = 20, n_class
                  task: Task = Task.classification, seed: int = 0, hidden: tuple[int, ...] = (16,),
                  rows: int = 2000, promote: bool = True) -> ModelMetadata:
     """Train an MLP on the synthetic task, export it to ONNX and register (and promote) it."""
-    synth = SyntheticTask(n_features=n_features, n_classes=n_classes, seed=seed)
+    synth = SyntheticTask(n_features=n_features, n_informative=min(8, n_features),
+                          n_classes=n_classes, seed=seed)
     df = synth.sample(rows, missing=0.02)
     features = synth.feature_names
     if task == Task.regression:  # a numeric target: a smooth function of the features

@@ -1,9 +1,8 @@
-"""A real `modelloop serve` (2 BentoML workers, auth on, events to a recording sidecar)."""
+"""A real `modelloop serve` (2 BentoML workers, auth on, events to a recording sidecar):
+predictions, the Open Inference Protocol, bad input, auth, events, metrics."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +14,15 @@ from modelloop.registry import Registry
 from modelloop.schemas import EventBatch
 from modelloop.synthetic import SyntheticTask
 from serving.runtime import OnnxRuntime
-from tests.serving.conftest import MODEL, Server, Sidecar, start_server, stop_server, wait_until
+from tests.serving.conftest import AUTH, FEATURES, KEY, MODEL, Server, Sidecar, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("show_log_on_failure")]
-KEY = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-FEATURES = [f"f{i:02d}" for i in range(20)]
 
 
 @pytest.fixture(scope="module")
-def server(model_home: Path, sidecar: Sidecar, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {
-        "MODELLOOP_SERVING_API_KEY": KEY,
-        "MODELLOOP_SERVING_NAN_POLICY": "reject",
-        "MODELLOOP_SERVING_SIDECAR_URL": sidecar.url,
-        "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.1",
-        "MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST": "500",
-        "MODELLOOP_SERVING_MAX_BODY_BYTES": "200000",
-    }
-    srv = start_server(model_home, log, env, "--workers", "2")
-    sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
-    yield srv
-    stop_server(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=dict(AUTH), timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def runtime(model_home: Path) -> OnnxRuntime:
+def runtime(main_home: Path) -> OnnxRuntime:
     """The same ONNX file, run in-process: the reference the server must equal."""
-    return OnnxRuntime(Registry(model_home / "registry").get(MODEL), provider="cpu").load()
+    return OnnxRuntime(Registry(main_home / "registry").get(MODEL), provider="cpu").load()
 
 
 def rows(n: int, seed: int = 7) -> np.ndarray:

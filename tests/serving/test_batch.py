@@ -1,0 +1,128 @@
+"""Batch file scoring in-process: results, formats, resumption after a failure, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from modelloop.registry import Registry
+from modelloop.synthetic import SyntheticTask
+from serving.batch import BatchInputError, parts_dir, resumable_version, score_file
+from serving.runtime import OnnxRuntime
+from tests.serving.onnx_models import register_mlp
+
+FEATURES = [f"f{i:02d}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+    reg = Registry(tmp_path_factory.mktemp("reg"))
+    register_mlp(reg, "m", n_features=6, n_classes=3)
+    return OnnxRuntime(reg.get("m"), provider="cpu", threads=1).load()
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    df = SyntheticTask(n_features=6, n_informative=6, n_classes=3).sample(2500, seed=4, missing=0.03)
+    df.insert(0, "id", [f"row{i}" for i in range(len(df))])
+    return df
+
+
+def expected(runtime: OnnxRuntime, df: pd.DataFrame) -> np.ndarray:
+    return runtime.predict(df[FEATURES].to_numpy(np.float32))["probabilities"]
+
+
+@pytest.mark.parametrize(("src", "dst"), [("csv", "parquet"), ("parquet", "csv"), ("parquet", "parquet")])
+def test_scores_every_row_like_the_runtime(runtime: OnnxRuntime, frame: pd.DataFrame, tmp_path: Path,
+                                           src: str, dst: str) -> None:
+    inp, out = tmp_path / f"in.{src}", tmp_path / f"out.{dst}"
+    frame.to_csv(inp, index=False) if src == "csv" else frame.to_parquet(inp, index=False)
+    report = score_file(inp, out, runtime, chunk_rows=700, keep=["id"])
+    assert (report.rows, report.chunks, report.resumed_chunks) == (2500, 4, 0)
+    got = pd.read_parquet(out) if dst == "parquet" else pd.read_csv(out)
+    proba = expected(runtime, frame)
+    assert list(got.columns) == ["id", "prediction", "label", "probability_class_0",
+                                 "probability_class_1", "probability_class_2"]
+    assert got["id"].tolist() == frame["id"].tolist()
+    assert got["prediction"].tolist() == proba.argmax(1).tolist()
+    assert got["label"].tolist() == [f"class_{k}" for k in proba.argmax(1)]
+    probs = got[[f"probability_class_{k}" for k in range(3)]].to_numpy(np.float32)
+    np.testing.assert_array_equal(probs, proba)  # float32 survives CSV text exactly
+    assert not parts_dir(out).exists()
+
+
+def test_resumes_after_an_interruption_with_the_same_result(runtime: OnnxRuntime, frame: pd.DataFrame,
+                                                            tmp_path: Path) -> None:
+    inp, out, ref = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "ref.parquet"
+    frame.to_parquet(inp, index=False)
+    score_file(inp, ref, runtime, chunk_rows=300)
+
+    def crash_after_three(scored: object, x: object, first_row: int) -> None:
+        if first_row == 600:
+            raise KeyboardInterrupt  # like Ctrl-C after the third chunk was written
+
+    with pytest.raises(KeyboardInterrupt):
+        score_file(inp, out, runtime, chunk_rows=300, on_chunk=crash_after_three)
+    assert not out.exists() and len(list(parts_dir(out).glob("part-*.parquet"))) == 3
+    assert resumable_version(inp, out, "m", 300, []) == runtime.model_version
+    report = score_file(inp, out, runtime, chunk_rows=300)
+    assert (report.rows, report.chunks, report.resumed_chunks) == (2500, 9, 3)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(ref))
+
+
+def test_a_different_job_does_not_reuse_old_parts(runtime: OnnxRuntime, frame: pd.DataFrame, tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    frame.to_parquet(inp, index=False)
+    with pytest.raises(KeyboardInterrupt):
+        score_file(inp, out, runtime, chunk_rows=300,
+                   on_chunk=lambda s, x, first: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert resumable_version(inp, out, "m", 500, []) is None  # another chunk size: start over
+    report = score_file(inp, out, runtime, chunk_rows=500)
+    assert report.resumed_chunks == 0 and report.rows == 2500
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+HEADER = ",".join(FEATURES)
+ONE = ",".join(["1.5"] * 6)
+
+BAD_FILES = [
+    # (case, file name, content, nan_policy, error message)
+    ("unknown extension", "in.txt", HEADER + "\n" + ONE + "\n", "allow", "unknown file type '.txt'"),
+    ("missing column", "in.csv", ",".join(FEATURES[:5]) + "\n1,2,3,4,5\n", "allow", "missing column(s) 'f05'"),
+    ("text in a feature", "in.csv", HEADER + "\n" + ONE + "\n1,2,x,4,5,6\n", "allow", "column 'f02': CSV conversion error to double: invalid value 'x'"),
+    ("infinite value", "in.csv", HEADER + "\n" + ONE + "\n1,2,3,inf,5,6\n", "allow", "row 1, column 'f03'"),
+    ("float32 overflow", "in.csv", HEADER + "\n1e39,2,3,4,5,6\n", "allow", "row 0, column 'f00'"),
+    ("empty cell under reject", "in.csv", HEADER + "\n" + ONE + "\n1,2,3,4,,6\n", "reject", "row 1, column 'f04': missing value"),
+]
+
+
+@pytest.mark.parametrize(("case", "name", "content", "policy", "message"), BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_files_fail_with_one_line_naming_file_and_column(runtime: OnnxRuntime, tmp_path: Path, case: str,
+                                                            name: str, content: str, policy: str,
+                                                            message: str) -> None:
+    inp = _write(tmp_path / name, content)
+    with pytest.raises(BatchInputError) as info:
+        score_file(inp, tmp_path / "out.csv", runtime, chunk_rows=100, nan_policy=policy)
+    text = str(info.value)
+    assert message in text and str(inp) in text and "\n" not in text.strip()
+
+
+def test_missing_input_file(runtime: OnnxRuntime, tmp_path: Path) -> None:
+    with pytest.raises(BatchInputError, match="no such file"):
+        score_file(tmp_path / "nope.csv", tmp_path / "out.csv", runtime)
+
+
+def test_empty_cells_are_imputed_under_allow(runtime: OnnxRuntime, tmp_path: Path) -> None:
+    inp = _write(tmp_path / "in.csv", HEADER + "\n1,2,3,4,,6\n")
+    score_file(inp, tmp_path / "out.parquet", runtime)
+    x = np.array([[1, 2, 3, 4, np.nan, 6]], np.float32)
+    np.testing.assert_array_equal(
+        pd.read_parquet(tmp_path / "out.parquet")[[f"probability_class_{k}" for k in range(3)]].to_numpy(np.float32),
+        runtime.predict(x)["probabilities"])

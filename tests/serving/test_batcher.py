@@ -1,0 +1,166 @@
+"""AdaptiveBatcher on a real OnnxRuntime: merging, limits, shedding, errors, swaps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from modelloop.registry import Registry
+from serving.batcher import AdaptiveBatcher, Overloaded
+from serving.runtime import OnnxRuntime
+from tests.serving.onnx_models import register_mlp
+
+
+@pytest.fixture(scope="module")
+def runtimes(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxRuntime, OnnxRuntime]:
+    reg = Registry(tmp_path_factory.mktemp("reg"))
+    register_mlp(reg, "m", n_features=4, n_classes=2, seed=0)
+    register_mlp(reg, "m", n_features=4, n_classes=2, seed=1)
+    return (OnnxRuntime(reg.get("m", 1), provider="cpu").load(),
+            OnnxRuntime(reg.get("m", 2), provider="cpu").load())
+
+
+class Calls:
+    """Records each ONNX Runtime call the batcher makes (rows per call)."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.versions: list[int] = []
+
+    def __call__(self, runtime: OnnxRuntime, rows: int, elapsed: float, waits: list[float]) -> None:
+        self.rows.append(rows)
+        self.versions.append(runtime.model_version)
+
+
+def run(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(make())
+
+
+def rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("inline_below_s", [1.0, 0.0], ids=["inline", "on-a-thread"])
+def test_concurrent_requests_share_calls_and_get_their_own_rows(
+        runtimes: tuple[OnnxRuntime, OnnxRuntime], inline_below_s: float) -> None:
+    rt = runtimes[0]
+    calls = Calls()
+    inputs = [rows(1 + i % 3, seed=i) for i in range(40)]
+
+    async def main() -> list[Any]:
+        b = AdaptiveBatcher(max_batch_rows=64, inline_below_s=inline_below_s, observer=calls)
+        await b.start()
+        results = await asyncio.gather(*(b.predict(rt, x) for x in inputs))
+        await b.stop()
+        return results
+
+    results = run(main)
+    for x, res in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(res.outputs["probabilities"], rt.predict(x)["probabilities"])
+        assert res.queue_wait_s >= 0
+    assert sum(calls.rows) == sum(len(x) for x in inputs)
+    assert len(calls.rows) < len(inputs)  # merged
+    assert max(calls.rows) <= 64
+
+
+def test_max_batch_rows_and_oversized_requests(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    calls = Calls()
+
+    async def main() -> None:
+        b = AdaptiveBatcher(max_batch_rows=8, observer=calls)
+        await b.start()
+        await asyncio.gather(*(b.predict(runtimes[0], rows(3, i)) for i in range(10)), b.predict(runtimes[0], rows(20, 99)))
+        await b.stop()
+
+    run(main)
+    assert 20 in calls.rows  # one request larger than the limit runs alone, never split
+    assert all(r <= 8 for r in calls.rows if r != 20)
+
+
+def test_batching_off_runs_each_request_alone(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    calls = Calls()
+
+    async def main() -> None:
+        b = AdaptiveBatcher(batching=False, observer=calls)
+        await b.start()
+        await asyncio.gather(*(b.predict(runtimes[0], rows(2, i)) for i in range(12)))
+        await b.stop()
+
+    run(main)
+    assert calls.rows == [2] * 12
+
+
+def test_max_wait_fills_batches(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    calls = Calls()
+
+    async def main() -> None:
+        b = AdaptiveBatcher(max_batch_rows=10, max_wait_s=0.5, observer=calls)
+        await b.start()
+
+        async def late(i: int) -> None:
+            await asyncio.sleep(0.01 * i)
+            await b.predict(runtimes[0], rows(1, i))
+
+        await asyncio.gather(*(late(i) for i in range(10)))
+        await b.stop()
+
+    run(main)
+    assert calls.rows == [10]  # waited for the batch to fill instead of running 1-row calls
+
+
+def test_full_queue_sheds_at_once(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    async def main() -> tuple[list[Any], int]:
+        b = AdaptiveBatcher(max_batch_rows=4, max_queue_rows=10, inline_below_s=0.0)
+        await b.start()
+        results = await asyncio.gather(*(b.predict(runtimes[0], rows(4, i)) for i in range(8)),
+                                       return_exceptions=True)
+        left = b.queued_rows
+        await b.stop()
+        return results, left
+
+    results, left = run(main)
+    shed = [r for r in results if isinstance(r, Overloaded)]
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert shed and done and len(shed) + len(done) == 8
+    assert all(e.retry_after_s >= 1 for e in shed)
+    assert left == 0
+
+
+def test_a_failing_call_fails_its_requests_only(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    async def main() -> tuple[Any, Any]:
+        b = AdaptiveBatcher()
+        await b.start()
+        bad = await asyncio.gather(b.predict(runtimes[0], np.zeros((2, 5), np.float32)), return_exceptions=True)
+        good = await b.predict(runtimes[0], rows(2, 0))
+        await b.stop()
+        return bad[0], good
+
+    bad, good = run(main)
+    assert isinstance(bad, Exception) and "input" in str(bad).lower()
+    assert good.outputs["probabilities"].shape == (2, 2)
+
+
+def test_requests_stay_with_the_version_they_were_checked_against(
+        runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    old, new = runtimes
+    calls = Calls()
+
+    async def main() -> list[Any]:
+        b = AdaptiveBatcher(max_batch_rows=100, observer=calls)
+        await b.start()
+        jobs = [b.predict(old if i < 5 else new, rows(1, i)) for i in range(10)]
+        results = await asyncio.gather(*jobs)
+        await b.stop()
+        return results
+
+    results = run(main)
+    assert [r.runtime.model_version for r in results] == [1] * 5 + [2] * 5
+    # each call ran one version: the old requests first, then the new
+    assert calls.versions == sorted(calls.versions) and set(calls.versions) == {1, 2}
+    for i, r in enumerate(results):
+        rt = old if i < 5 else new
+        np.testing.assert_array_equal(r.outputs["probabilities"], rt.predict(rows(1, i))["probabilities"])
