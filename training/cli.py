@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -111,6 +112,8 @@ def train(
         raise typer.BadParameter("--data needs --target COLUMN")
     if dataset is not None and target:
         raise typer.BadParameter("--target is for --data; built-in datasets know their target")
+    if data is not None and rows is not None:
+        raise typer.BadParameter("--rows is for --dataset; a file is used whole")
     try:
         get_architecture(model)
     except ValueError as exc:
@@ -126,11 +129,13 @@ def train(
             raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
                                      param_hint="--hidden") from exc
 
-    settings = TrainingSettings()
     try:
-        config = TrainingConfig.from_settings(settings, **overrides)
-    except ValueError as exc:  # pydantic names the field and the problem
-        raise _fail(str(exc).replace("\n", " "), 2) from exc
+        settings = TrainingSettings()
+    except ValidationError as exc:
+        raise _fail("; ".join(
+            f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in exc.errors()), 2) from exc
+    config = TrainingConfig.from_settings(settings, **overrides)
     source = str(dataset.value if dataset is not None else data)
     name = name or _model_name(source)
     registry = Registry(settings.registry_dir)

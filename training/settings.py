@@ -27,7 +27,8 @@ class TrainingSettings(HomeSettings):
     """Settings of ``modelloop train`` and of every job that trains a model."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MODELLOOP_TRAINING_", extra="ignore", populate_by_name=True
+        env_prefix="MODELLOOP_TRAINING_", extra="ignore", populate_by_name=True,
+        use_attribute_docstrings=True,
     )
 
     # -- export check --------------------------------------------------------------------------
@@ -35,7 +36,7 @@ class TrainingSettings(HomeSettings):
     """Largest absolute difference allowed between an ONNX Runtime output and the PyTorch output
     for the same rows; any larger difference fails the export with a ``ParityError``."""
 
-    parity_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 7, 4096])
+    parity_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 7, 4096], min_length=1)
     """Batch sizes at which the exported model is run against PyTorch (held-out rows are tiled
     to fill the largest)."""
 

@@ -70,6 +70,8 @@ runner = CliRunner()
         (["--dataset", "wine", "--model", "transformer"], "unknown architecture 'transformer'"),
         # widths are integers
         (["--dataset", "wine", "--hidden", "64,wide"], "not a comma-separated list of widths"),
+        # a file is used whole
+        (["--data", "x.csv", "--target", "y", "--rows", "100"], "--rows is for --dataset"),
         # not a built-in
         (["--dataset", "iris"], "'iris' is not one of"),
     ],
