@@ -115,7 +115,8 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
         batch = _batch_adapter.validate_json(body)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise InputError(400, "invalid_json", [f"body: invalid JSON ({exc.errors()[0]['msg']})"]) from exc
+            msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
+            raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
         raise InputError(422, "invalid_event", format_validation(exc), _count_events(body)) from exc
     errors: list[str] = []
     reason = "invalid_event"

@@ -204,10 +204,14 @@ class Sidecar:
         if not self.catalog.watched(model):
             raise InputError(422, "unknown_model", [f"model: {model!r} is not watched by this "
                                                     f"sidecar"])
+        registry = self.catalog.registry
+        if model not in registry.models():
+            raise InputError(422, "unknown_model",
+                             [f"model: {model!r} is not registered under {registry.root}"])
         try:
-            version = self.catalog.registry.resolve(model)
+            version = registry.resolve(model)
         except RegistryError:
-            version = None
+            version = None  # registered, nothing promoted yet: the job picks its base
         return self.jobs.request(model, trigger="manual", reason=reason or "manual request",
                                  version=version, manual=True)
 

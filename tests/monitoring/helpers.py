@@ -205,6 +205,31 @@ class SidecarProcess:
 
 
 @contextlib.contextmanager
+def serve_in_thread(app: Any, timeout: float = 30.0) -> Iterator[str]:
+    """Run an ASGI app under a real uvicorn server on an OS-chosen port, in a thread; yields its
+    URL and shuts it down (running the app's lifespan shutdown) afterwards."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+@contextlib.contextmanager
 def sidecar_process(home: Path, log_path: Path, **env: str) -> Iterator[SidecarProcess]:
     proc = SidecarProcess(home, log_path, env)
     try:

@@ -1,0 +1,237 @@
+"""The sidecar's routes on a real uvicorn server in the test process (real app, store, registry
+and trigger)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from modelloop.synthetic import SyntheticTask
+from monitoring.app import create_app
+from monitoring.settings import MonitorSettings
+from monitoring.sidecar import Sidecar
+from tests.monitoring.helpers import TrainedModel, serve_in_thread
+
+POLICY = """
+rules:
+  - {name: drift, metric: drift_share, threshold: 0.1, min_samples: 200, cooldown: 1h, action: retrain}
+  - {name: acc, metric: accuracy, threshold: 0.99, min_samples: 10, action: alert}
+"""
+
+
+def record_command(out: Path) -> str:
+    """A real retraining command: appends the model and job to ``out``."""
+    code = "import sys,pathlib; pathlib.Path(sys.argv[1]).open('a').write(sys.argv[2]+' '+sys.argv[3]+chr(10))"
+    return f"{sys.executable} -c \"{code}\" {out} {{model}} {{job}}"
+
+
+def make_settings(home: Path, **over: Any) -> MonitorSettings:
+    policy = home / "policy.yaml"
+    policy.write_text(POLICY)
+    base: dict[str, Any] = dict(home=home, policy_file=policy, check_interval_s=3600,
+                                window_events=1000, min_window_rows=200, job_poll_s=0.1,
+                                retrain_command=record_command(home / "retrained.txt"))
+    base.update(over)
+    return MonitorSettings(**base)
+
+
+@pytest.fixture
+def sidecar(home: Path, registered: TrainedModel) -> Iterator[Sidecar]:
+    sc = Sidecar(make_settings(home))
+    sc.start(background=False)
+    yield sc
+    sc.stop()
+
+
+@pytest.fixture
+def client(sidecar: Sidecar) -> Iterator[httpx.Client]:
+    with serve_in_thread(create_app(sidecar)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+def events_for(trained: TrainedModel, df: pd.DataFrame, prefix: str) -> tuple[list[dict[str, Any]], Any]:
+    x = df[trained.task.feature_names].to_numpy()
+    proba = trained.predict_proba(x)
+    events = [{"request_id": f"{prefix}-{i}", "timestamp": time.time(), "model": "churn",
+               "version": 1, "features": [float(v) for v in row], "prediction": int(p.argmax()),
+               "probabilities": [float(v) for v in p], "latency_s": 0.002 + 0.0001 * (i % 10)}
+              for i, (row, p) in enumerate(zip(x, proba, strict=True))]
+    return events, proba
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_events_are_acknowledged_once_stored(client: httpx.Client, sidecar: Sidecar,
+                                             registered: TrainedModel, task: SyntheticTask) -> None:
+    events, _ = events_for(registered, task.sample(50, seed=3), "a")
+    resp = client.post("/events", json={"events": events})
+    assert resp.status_code == 200 and resp.json() == {"accepted": 50, "new": 50}
+    assert sidecar.store.count_events("churn") == 50
+    again = client.post("/events", json={"events": events[:10]})  # a re-sent batch
+    assert again.json() == {"accepted": 10, "new": 0}
+    assert metric(client, "modelloop_events_ingested_total", model="churn") == 50
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "reason", "error"),
+    [
+        # malformed JSON
+        (b'{"events": [', 400, "invalid_json", "body: invalid JSON (EOF while parsing a list at line 1 column 12)"),
+        # the second event without a model
+        ({"events": [{}, {"request_id": "x"}]}, 422, "invalid_event", "events[0].request_id: Field required"),
+        # an unknown model version
+        ({"events": [{"request_id": "x", "timestamp": 1, "model": "churn", "version": 4,
+                      "features": [1.0] * 20, "prediction": 0, "latency_s": 0}]},
+         422, "unknown_model", "events[0].model: model 'churn' has no version 4"),
+    ],
+)
+def test_malformed_events_get_4xx_are_counted_and_not_stored(
+        client: httpx.Client, sidecar: Sidecar, payload: Any, status: int, reason: str, error: str) -> None:
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    resp = client.post("/events", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == status
+    assert resp.json()["error"] == error
+    assert metric(client, "modelloop_events_rejected_total", reason=reason) >= 1
+    assert sidecar.store.count_events() == 0
+
+
+def test_a_body_over_the_limit_gets_413(home: Path, registered: TrainedModel) -> None:
+    sc = Sidecar(make_settings(home, max_body_bytes=1000))
+    sc.start(background=False)
+    with serve_in_thread(create_app(sc)) as url, httpx.Client(base_url=url) as c:
+        resp = c.post("/events", content=b"x" * 2000)
+        assert resp.status_code == 413
+        assert resp.json()["error"] == "body: 2000 bytes is over the 1000 byte limit"
+        assert metric(c, "modelloop_events_rejected_total", reason="too_large") == 1
+
+
+def test_feedback_joins_and_reports_unknown_and_duplicate_ids(
+        client: httpx.Client, registered: TrainedModel, task: SyntheticTask) -> None:
+    events, _ = events_for(registered, task.sample(5, seed=4), "f")
+    client.post("/events", json={"events": events})
+    resp = client.post("/feedback", json={"feedback": [
+        {"request_id": "f-0", "label": "yes"}, {"request_id": "f-1", "label": 0},
+        {"request_id": "f-1", "label": 1}, {"request_id": "ghost", "label": "no"}]})
+    assert resp.status_code == 200
+    assert resp.json() == {"joined": 2, "unknown": ["ghost"], "duplicate": ["f-1"]}
+    single = client.post("/feedback", json={"request_id": "f-0", "label": "no"})
+    assert single.json() == {"joined": 0, "unknown": [], "duplicate": ["f-0"]}
+    assert metric(client, "modelloop_feedback_total", model="churn", result="joined") == 2
+    assert metric(client, "modelloop_feedback_total", result="unknown") == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        # a label that is not a class of the model, in the list form
+        ({"feedback": [{"request_id": "g-0", "label": "no"}, {"request_id": "g-1", "label": "maybe"}]},
+         "feedback[1].label: 'maybe' is not a class of churn v1 (classes: no, yes)"),
+        # the single form names the field without an index
+        ({"request_id": "g-0", "label": 7}, "label: class index 7 is out of range for churn v1 (0..1)"),
+    ],
+)
+def test_invalid_labels_reject_the_request_whole(client: httpx.Client, sidecar: Sidecar,
+                                                registered: TrainedModel, task: SyntheticTask,
+                                                payload: Any, error: str) -> None:
+    events, _ = events_for(registered, task.sample(2, seed=5), "g")
+    client.post("/events", json={"events": events})
+    resp = client.post("/feedback", json=payload)
+    assert resp.status_code == 422 and resp.json()["error"] == error
+    assert sidecar.store.label_targets(["g-0"])["g-0"].labelled is False  # nothing half-written
+
+
+def test_check_status_report_and_export(client: httpx.Client, sidecar: Sidecar,
+                                        registered: TrainedModel, task: SyntheticTask) -> None:
+    df = task.sample(1000, seed=6, shift={"f02": 1.5, "f09": -1.5})
+    events, _ = events_for(registered, df, "c")
+    assert client.post("/events", json={"events": events}).status_code == 200
+    labels = [{"request_id": f"c-{i}", "label": int(y)} for i, y in enumerate(df["target"][:100])]
+    client.post("/feedback", json={"feedback": labels})
+    status = client.post("/check").json()
+    drift = status["models"]["churn"]["drift"]
+    assert drift["judged"] and drift["drifted_features"] == ["f02", "f09"]
+    quality = status["models"]["churn"]["quality"]["1"]
+    assert quality["labelled"] == 100 and quality["coverage"] == pytest.approx(100 / 1000)
+    assert [f["rule"] for f in status["recent_firings"]] == ["drift", "acc"]
+    assert status["recent_firings"][0]["job"]["status"] == "running"
+    assert client.get("/status").json()["models"]["churn"]["version"] == 1
+    sidecar.evaluator.wait_for_report()
+    report = client.get("/reports/drift/latest")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "Drifted Columns" in report.text and '"f02"' in report.text  # Evidently's widgets
+    assert client.get("/reports/drift/churn/latest").status_code == 200
+    assert client.get("/reports/drift/nope/latest").status_code == 404
+    exported = pd.read_parquet(io.BytesIO(client.get("/export/labelled?model=churn").content))
+    assert len(exported) == 100 and list(exported.columns[:2]) == ["f00", "f01"]
+    assert exported["_ml_label"].tolist() == df["target"][:100].astype(float).tolist()
+
+
+def test_manual_retrain_runs_one_job_at_a_time(client: httpx.Client, sidecar: Sidecar,
+                                               home: Path) -> None:
+    first = client.post("/retrain", json={"model": "churn", "reason": "new data"})
+    assert first.status_code == 202 and first.json()["status"] == "running"
+    second = client.post("/retrain", json={"model": "churn"})
+    assert second.status_code == 409
+    assert second.json()["detail"] == f"job {first.json()['job']} of model 'churn' is still active"
+    deadline = time.monotonic() + 30
+    while sidecar.store.jobs(active_only=True) and time.monotonic() < deadline:
+        sidecar.jobs.poll(["churn"])
+        time.sleep(0.05)
+    jobs = client.get("/jobs").json()["jobs"]
+    assert [(j["trigger"], j["status"]) for j in jobs] == [("manual", "succeeded")]
+    assert (home / "retrained.txt").read_text().split() == ["churn", first.json()["job"]]
+    assert metric(client, "modelloop_retrain_jobs_total", model="churn", trigger="manual",
+                  result="succeeded") == 1
+    assert metric(client, "modelloop_retrain_job_active", model="churn") == 0
+    assert client.post("/retrain", json={}).json()["error"] == \
+        "model: required, the name of the model to retrain"
+    unknown = client.post("/retrain", json={"model": "x"})
+    assert unknown.status_code == 422
+    assert unknown.json()["error"] == f"model: 'x' is not registered under {home / 'registry'}"
+
+
+def alert_payload(fingerprint: str, **labels: str) -> dict[str, Any]:
+    return {"version": "4", "status": "firing", "receiver": "modelloop", "groupKey": "{}:{}",
+            "alerts": [{"status": "firing", "labels": {"alertname": "AccuracyLow", **labels},
+                        "annotations": {"summary": "accuracy below the floor"},
+                        "startsAt": "2024-05-01T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                        "fingerprint": fingerprint}]}
+
+
+def test_alertmanager_receiver_dedups_by_fingerprint(client: httpx.Client, sidecar: Sidecar) -> None:
+    first = client.post("/alertmanager", json=alert_payload("fp1", model="churn")).json()
+    assert [a["status"] for a in first["started"]] == ["running"]
+    assert first["started"][0]["fingerprint"] == "fp1"
+    again = client.post("/alertmanager", json=alert_payload("fp1", model="churn")).json()
+    assert again["duplicate"] == ["fp1"] and again["started"] == []
+    other = client.post("/alertmanager", json=alert_payload("fp2")).json()
+    assert other["ignored"] == [{"fingerprint": "fp2", "why": "no 'model' label"}]
+    bad = client.post("/alertmanager", json={**alert_payload("fp3"), "version": "3"})
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "version: expected Alertmanager webhook payload version '4', got '3'"
+    job = sidecar.store.jobs("churn")[0]
+    assert (job.trigger, job.reason) == ("alertmanager", "Alertmanager: AccuracyLow: accuracy below "
+                                                         "the floor")
+
+
+def test_health_routes(client: httpx.Client) -> None:
+    assert client.get("/live").json() == {"status": "alive"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    assert client.get("/reports/drift/latest").status_code == 400  # no model with events yet
