@@ -196,10 +196,11 @@ def train_model(
 
 
 def _parity_rows(x: np.ndarray) -> np.ndarray:
-    """Held-out rows, then copies with one feature missing each: imputation is checked too."""
+    """Copies of a held-out row with one feature missing each (so imputation is checked too),
+    then the held-out rows; first, so a cap on the rows checked keeps them."""
     probes = np.repeat(x[:1], x.shape[1], axis=0)
     probes[np.arange(x.shape[1]), np.arange(x.shape[1])] = np.nan
-    return np.concatenate([x, probes]) if len(x) else x
+    return np.concatenate([probes, x]) if len(x) else x
 
 
 def register_trained(trained: TrainedModel, registry: Registry, *, promote: bool = False) -> ModelMetadata:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from pydantic import BaseModel
 
-from modelloop.schemas import PROBABILITIES, Task
+from modelloop.registry import Registry
+from modelloop.schemas import PREDICTION, PROBABILITIES, Task
+from training import models
+from training.config import TrainingConfig
 from training.data import load_data
 from training.export import (
     ExportError,
@@ -23,6 +28,8 @@ from training.export import (
     run_onnx,
 )
 from training.models import InferenceGraph, MLPParams, TabularNet, build_model
+from training.pipeline import train_and_register
+from training.settings import TrainingSettings
 from training.trainer import seeded
 
 
@@ -124,3 +131,33 @@ def test_conventions_are_checked(graph: onnx.ModelProto, problem: str) -> None:
 
 def test_conventions_accept_a_conforming_graph() -> None:
     check_conventions(_graph(), n_features=4, output_names=["probabilities"])
+
+
+class _NoParams(BaseModel):
+    pass
+
+
+class _ExportsDifferently(torch.nn.Module):
+    """A backbone whose exported graph is not what runs eagerly: the bug parity must catch."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x)
+        return out + 1.0 if torch.compiler.is_exporting() else out
+
+
+def test_pipeline_registers_nothing_when_parity_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+    models.register_architecture(models.Architecture(
+        "skewed", _NoParams, lambda p, i, o: _ExportsDifferently(i, o), "exports wrong"))
+    settings = TrainingSettings(home=tmp_path, progress=False)
+    config = TrainingConfig.from_settings(settings, architecture="skewed", epochs=2)
+    with pytest.raises(ParityError) as err:
+        train_and_register("diabetes", name="skewed", config=config, settings=settings)
+    assert [(m.output, m.batch_size) for m in err.value.mismatches] == [
+        (PREDICTION, 1), (PREDICTION, 7), (PREDICTION, 4096)]
+    assert Registry(settings.registry_dir).models() == []
