@@ -10,7 +10,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
+                  "invalid_feedback", "invalid_label")
+FEEDBACK_RESULTS = ("joined", "unknown", "duplicate")
+JOB_TRIGGERS = ("policy", "manual", "alertmanager")
+JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 
 
 class MonitorMetrics:
@@ -85,3 +93,17 @@ class MonitorMetrics:
                                 ("model",))
         self.retrain_last = g("modelloop_retrain_last_timestamp_seconds", "When a job last ended.",
                               ("model", "result"))
+        for reason in REJECT_REASONS:
+            self.events_rejected.labels(reason)
+
+    def initialise(self, models: Iterable[str], rules: Iterable[str]) -> None:
+        """Create the counters' series at zero, so rates and alerts work from the first event."""
+        for rule in rules:
+            self.threshold_breaches.labels(rule)
+        for model in models:
+            for result in FEEDBACK_RESULTS:
+                self.feedback.labels(model, result)
+            for trigger in JOB_TRIGGERS:
+                for result in JOB_RESULTS:
+                    self.retrain_jobs.labels(model, trigger, result)
+            self.retrain_active.labels(model).set(0)

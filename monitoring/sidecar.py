@@ -82,6 +82,7 @@ class Sidecar:
                                timeout_s=s.job_timeout_s, clock=self.clock)
         self.evaluator = Evaluator(s, self.store, self.catalog, self.engine, self.metrics,
                                    on_fire=self._fired, clock=self.clock)
+        self.metrics.initialise(self.catalog.watched_models(), [r.name for r in self.policy.rules])
         for rule in self.policy.rules:
             if rule.action == "retrain":
                 for model in self.catalog.watched_models():

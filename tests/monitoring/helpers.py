@@ -1,6 +1,6 @@
 """Test helpers for the sidecar: a real model (scikit-learn, exported to a real ONNX graph that
-follows the project's conventions), registration with its reference sample, a client that turns
-predictions into events the way serving does, and a sidecar process on an OS-chosen port."""
+follows the project's conventions), registration with its reference sample, and real
+``modelloop serve`` and ``modelloop monitor`` processes on OS-chosen ports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,50 +107,76 @@ class TrainedModel:
         return meta
 
 
-class EmulatedServing:
-    """Predicts with ONNX Runtime on the registered file and sends one event per row to the
-    sidecar's ``POST /events``, as serving's emitter does (until the real serving process is
-    driven instead: then ``predict`` calls its ``/predict`` and serving sends the events)."""
+class ServingProcess:
+    """A real ``modelloop serve`` (one BentoML worker) whose prediction events go to the sidecar
+    at ``sidecar_url``; its log is kept for failure reports."""
 
-    def __init__(self, registry_dir: Path, name: str, sidecar_url: str) -> None:
-        import onnxruntime as ort
+    def __init__(self, home: Path, log_path: Path, sidecar_url: str, model: str = "churn") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.model = model
+        self.env = {**os.environ, "MODELLOOP_HOME": str(home),
+                    "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+                    "MODELLOOP_SERVING_MODEL": model,
+                    "MODELLOOP_SERVING_SIDECAR_URL": sidecar_url,
+                    "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.1"}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=60)
 
-        mv = Registry(registry_dir).get(name)
-        self.meta = mv.metadata
-        self.session = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
-        self.client = httpx.Client(base_url=sidecar_url, timeout=60)
-        self.sent = 0
+    def start(self, timeout: float = 120.0) -> ServingProcess:
+        exe = Path(sys.executable).with_name("modelloop")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(exe), "serve", "--port", str(self.port), "--host", "127.0.0.1",
+                 "--workers", "1"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        wait_ready(self.proc, f"{self.url}/v2/health/ready", timeout, self.log)
+        return self
 
-    def predict(self, df: pd.DataFrame, batch: int = 2000) -> tuple[list[str], np.ndarray]:
-        """Request ids and probabilities for ``df``'s rows; events acknowledged by the sidecar."""
-        x = df[self.meta.feature_names].to_numpy(np.float32)
-        ids, probas = [], []
-        for start in range(0, len(x), batch):
-            t0 = time.perf_counter()
-            proba = self.session.run(["probabilities"], {"input": x[start:start + batch]})[0]
-            latency = (time.perf_counter() - t0) / max(1, len(proba))
-            now = time.time()
-            events = []
-            for i, p in enumerate(proba):
-                rid = uuid.uuid4().hex
-                ids.append(rid)
-                row = x[start + i]
-                events.append({
-                    "request_id": rid, "timestamp": now, "model": self.meta.name,
-                    "version": self.meta.version, "mode": "batch",
-                    "features": [None if np.isnan(v) else float(v) for v in row],
-                    "prediction": int(p.argmax()), "probabilities": [float(v) for v in p],
-                    "latency_s": latency,
-                })
-            resp = self.client.post("/events", json={"events": events})
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def predict(self, df: pd.DataFrame, rows_per_request: int = 500) -> tuple[list[str], np.ndarray]:
+        """Request ids and predicted class indexes for ``df``'s rows, through ``/predict``."""
+        ids: list[str] = []
+        preds: list[int] = []
+        for start in range(0, len(df), rows_per_request):
+            part = df.iloc[start:start + rows_per_request]
+            resp = self.client.post("/predict", json={"instances": part.to_dict("records")})
             assert resp.status_code == 200, resp.text
-            assert resp.json()["accepted"] == len(events)
-            self.sent += len(events)
-            probas.append(proba)
-        return ids, np.concatenate(probas)
+            for p in resp.json()["predictions"]:
+                ids.append(p["request_id"])
+                preds.append(int(p["prediction"]))
+        return ids, np.array(preds)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def close(self) -> None:
         self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:
+    """Poll ``url`` for a 200 until ``timeout``; fail with the process's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready within {timeout} s:\n{log()}")
 
 
 def free_port() -> int:
@@ -163,9 +188,10 @@ def free_port() -> int:
 class SidecarProcess:
     """``modelloop monitor --port P`` as a child process, its log kept for failure reports."""
 
-    def __init__(self, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, log_path: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
         self.home = home
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = {**os.environ, "MODELLOOP_HOME": str(home), **(env or {})}
@@ -176,15 +202,8 @@ class SidecarProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(exe), "monitor", "--port", str(self.port)],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise AssertionError(f"sidecar not ready within {timeout} s:\n{self.log()}")
+        wait_ready(self.proc, f"{self.url}/ready", timeout, self.log)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -230,8 +249,9 @@ def serve_in_thread(app: Any, timeout: float = 30.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def sidecar_process(home: Path, log_path: Path, **env: str) -> Iterator[SidecarProcess]:
-    proc = SidecarProcess(home, log_path, env)
+def sidecar_process(home: Path, log_path: Path, port: int | None = None,
+                    **env: str) -> Iterator[SidecarProcess]:
+    proc = SidecarProcess(home, log_path, env, port)
     try:
         yield proc.start()
     except BaseException:
