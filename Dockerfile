@@ -60,6 +60,7 @@ ENV PATH="/opt/modelloop/bin:${PATH}" \
     MODELLOOP_MONITOR_HOST=0.0.0.0 \
     MODELLOOP_MONITOR_PORT=8001 \
     BENTOML_HOME=/tmp/bentoml \
+    BENTOML_DO_NOT_TRACK=True \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache
 USER 10001:10001

@@ -99,13 +99,18 @@ def test_quality_dashboard_marks_retraining_as_annotations() -> None:
     annotations = dashboards()["quality"]["annotations"]["list"]
     exprs = " ".join(a.get("expr", "") for a in annotations)
     assert "modelloop_retrain_last_timestamp_seconds" in exprs
-    assert "modelloop_retrain_jobs_total" in exprs
+    assert "modelloop_retrain_job_active" in exprs
+    # the end time is the gauge's value: no first-job blind spot of changes()/increase()
+    ended = next(a for a in annotations if "last_timestamp" in a.get("expr", ""))
+    assert ended["useValueForTime"] is True and ended["expr"].endswith("* 1000")
 
 
 def test_model_panel_shows_version_and_provider() -> None:
     info = [q for q in QUERIES if q.dashboard == "serving" and "modelloop_serving_model_info" in q.expr
             and q.where.startswith("panel")]
     assert info and all("version" in q.expr and "provider" in q.expr for q in info)
+    # serving keeps the previous version's series at 0: count the 1s only
+    assert all("modelloop_serving_model_info{" in q.expr and "} == 1" in q.expr for q in info)
 
 
 @pytest.mark.parametrize("name", sorted(dashboards()))
