@@ -1,5 +1,6 @@
 """Training benchmark: time per stage of `modelloop train` on each built-in dataset, and the
-exported model's inference speed in ONNX Runtime against PyTorch (CPU).
+exported model's inference speed in ONNX Runtime against PyTorch (CPU, both on
+MODELLOOP_TRAINING_THREADS threads, default 1).
 
     .venv/bin/python scripts/bench_training.py [--datasets breast_cancer,wine,...] [--repeat 3]
 
@@ -21,7 +22,7 @@ from training.evaluate import evaluate
 from training.export import check_parity, export_onnx, onnx_session
 from training.models import InferenceGraph, MLPParams, build_model
 from training.settings import TrainingSettings
-from training.trainer import fit, seeded
+from training.trainer import cpu_threads, fit, seeded
 
 
 def _stage_times(name: str, settings: TrainingSettings) -> dict[str, float | str]:
@@ -75,7 +76,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     speed_rows = []
     for name in args.datasets.split(","):
-        runs = [_stage_times(name, settings) for _ in range(args.repeat)]
+        with cpu_threads(settings.threads):  # as `modelloop train` runs
+            runs = [_stage_times(name, settings) for _ in range(args.repeat)]
         med = {k: statistics.median(float(r[k]) for r in runs)  # type: ignore[arg-type]
                for k in ("train_s", "export_s", "parity_s")}
         r = runs[-1]
@@ -94,9 +96,11 @@ def main() -> None:
             with torch.inference_mode():
                 return n.infer(torch.from_numpy(x))  # type: ignore[attr-defined]
 
-        # torch first: ONNX Runtime's worker threads spin after a run and would slow it down
-        torch_speed = {b: _rows_per_s(torch_run, r["x"], b) for b in (1, 64, 4096)}  # type: ignore[arg-type]
-        session = onnx_session(r["onnx"])  # type: ignore[arg-type]
+        # torch first: ONNX Runtime's worker threads spin after a run and would slow it down;
+        # both on the same number of threads
+        with cpu_threads(settings.threads):
+            torch_speed = {b: _rows_per_s(torch_run, r["x"], b) for b in (1, 64, 4096)}  # type: ignore[arg-type]
+        session = onnx_session(r["onnx"], settings.threads)  # type: ignore[arg-type]
 
         def ort_run(x: np.ndarray, s=session) -> object:
             return s.run(None, {"input": x})

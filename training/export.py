@@ -154,11 +154,14 @@ def check_conventions(proto: onnx.ModelProto, *, n_features: int, output_names: 
         raise ExportError("exported graph breaks the ONNX conventions: " + "; ".join(problems))
 
 
-def onnx_session(onnx_model: bytes | Path) -> ort.InferenceSession:
-    """An ONNX Runtime session on the CPU provider (the one every machine has)."""
+def onnx_session(onnx_model: bytes | Path, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime session on the CPU provider (the one every machine has); ``threads`` > 0
+    caps its intra-op threads (0: one per core)."""
     source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads > 0:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
@@ -193,6 +196,7 @@ def check_parity(
     tolerance: float,
     batch_sizes: Sequence[int] = (1, 7, 4096),
     max_rows: int = 512,
+    threads: int = 0,
 ) -> ParityResult:
     """Run the ONNX model and ``module`` (eval mode, CPU) on the same held-out rows at each batch
     size; raise one :class:`ParityError` listing every output and batch size off by more than
@@ -201,7 +205,7 @@ def check_parity(
     held = np.ascontiguousarray(np.asarray(holdout, dtype=np.float32)[:max_rows])
     if len(held) == 0:
         raise ExportError("no held-out rows to check the exported model on")
-    session = onnx_session(onnx_model)
+    session = onnx_session(onnx_model, threads)
     names = [o.name for o in session.get_outputs()]
     mismatches: list[Mismatch] = []
     worst = 0.0

@@ -43,7 +43,7 @@ from training.evaluate import confusion_matrix_png, evaluate
 from training.export import check_parity, export_onnx, onnx_session, run_onnx
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
 from training.settings import TrainingSettings
-from training.trainer import EpochStats, FitResult, fit, resolve_device, seeded
+from training.trainer import EpochStats, FitResult, cpu_threads, fit, resolve_device, seeded
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,28 @@ def train_model(
     starts (for a CLI to show). Raises ``DataError`` for unusable data, ``TrainingError`` when
     training diverges and ``ParityError`` when the export is not faithful.
     """
-    stage = on_stage or (lambda _: None)
     settings = settings or TrainingSettings()
+    with cpu_threads(settings.threads):
+        return _train_model(data, name=name, config=config, settings=settings,
+                            class_labels=class_labels, parent_version=parent_version,
+                            lineage=lineage, progress=progress, console=console,
+                            on_epoch=on_epoch, stage=on_stage or (lambda _: None))
+
+
+def _train_model(
+    data: Data,
+    *,
+    name: str,
+    config: TrainingConfig | None,
+    settings: TrainingSettings,
+    class_labels: Sequence[str] | None,
+    parent_version: int | None,
+    lineage: Mapping[str, Any] | None,
+    progress: bool | None,
+    console: Console | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+    stage: Callable[[str], None],
+) -> TrainedModel:
     config = config or TrainingConfig.from_settings(settings)
     ds = _dataset(data, config, class_labels)
     if config.task is not None and config.task is not ds.task:
@@ -160,10 +180,11 @@ def train_model(
                              output_names=[o.name for o in outputs], example=x_test)
     parity = check_parity(graph, onnx_bytes, _parity_rows(x_test),
                           tolerance=settings.parity_tolerance,
-                          batch_sizes=settings.parity_batch_sizes, max_rows=settings.parity_rows)
+                          batch_sizes=settings.parity_batch_sizes, max_rows=settings.parity_rows,
+                          threads=settings.threads)
 
     stage("evaluating the exported model on the test split")
-    session = onnx_session(onnx_bytes)
+    session = onnx_session(onnx_bytes, settings.threads)
     test_out = run_onnx(session, x_test)[net.output_name]
     evaluation = evaluate(ds.task, ds.target[split.test], test_out, ds.class_labels)
     log.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))

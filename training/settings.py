@@ -86,6 +86,11 @@ class TrainingSettings(HomeSettings):
     """Where to train: ``auto`` uses CUDA when available, else the CPU. Export always runs on
     the CPU."""
 
+    threads: NonNegativeInt = 1
+    """CPU threads for PyTorch and ONNX Runtime while training and checking a model (0: their
+    defaults, one per core). Small tabular models are fastest on one thread: hand-offs between
+    threads cost more than they save, and under CPU contention they cost ten times more."""
+
     reference_rows: PositiveInt = 2000
     """At most this many training rows (features, labels, predictions) are stored with each
     version as the reference that drift is measured against."""

@@ -92,6 +92,18 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
             torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Let torch use ``n`` intra-op CPU threads inside the block (0: leave torch's default)."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[nn.Parameter]]:
     # decay (and L1) only on weight matrices: penalising biases and norm scales only hurts
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]

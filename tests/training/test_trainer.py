@@ -11,7 +11,7 @@ from training.config import TrainingConfig
 from training.data import TabularDataset, load_data, split_dataset
 from training.models import MLPParams, TabularNet, build_model
 from training.settings import TrainingSettings
-from training.trainer import FitResult, TrainingError, fit, resolve_device, seeded
+from training.trainer import FitResult, TrainingError, cpu_threads, fit, resolve_device, seeded
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,11 @@ def _train(ds: TabularDataset, config: TrainingConfig, params: MLPParams | None 
     with seeded(config.seed):
         net = build_model("mlp", params or MLPParams(), train_features=ds.features[split.train],
                           task=ds.task, n_outputs=2)
-    result = fit(net, net.loss,
-                 (torch.from_numpy(ds.features[split.train]), net.encode_target(ds.target[split.train])),
-                 (torch.from_numpy(ds.features[split.val]), net.encode_target(ds.target[split.val])),
-                 config, progress=False)
+    with cpu_threads(1):  # as the pipeline does (MODELLOOP_TRAINING_THREADS)
+        result = fit(net, net.loss,
+                     (torch.from_numpy(ds.features[split.train]), net.encode_target(ds.target[split.train])),
+                     (torch.from_numpy(ds.features[split.val]), net.encode_target(ds.target[split.val])),
+                     config, progress=False)
     return net, result
 
 
@@ -119,6 +120,15 @@ def test_seeded_leaves_no_global_state_behind() -> None:
         assert torch.are_deterministic_algorithms_enabled()
     assert torch.equal(torch.rand(3), expected)
     assert torch.are_deterministic_algorithms_enabled() == was
+
+
+def test_cpu_threads_is_restored() -> None:
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    with cpu_threads(0):  # 0 leaves torch's choice alone
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
 
 
 def test_device_auto_falls_back_to_cpu_and_cuda_is_checked() -> None:
