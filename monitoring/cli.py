@@ -160,7 +160,7 @@ def feedback(
     totals = {"joined": 0, "unknown": [], "duplicate": []}
     with httpx.Client(base_url=base, timeout=60) as client, Progress(
             TextColumn("feedback"), BarColumn(), MofNCompleteColumn(), console=console,
-            transient=True) as progress:
+            transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("labels", total=len(rows))
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
