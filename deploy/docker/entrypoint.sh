@@ -87,14 +87,22 @@ batch_shard() {
   [[ "$count" =~ ^[1-9][0-9]*$ ]] || die "batch-shard: JOB_COMPLETIONS must be a positive number (got '$count')"
   [ "$index" -lt "$count" ] || die "batch-shard: JOB_COMPLETION_INDEX $index is not below JOB_COMPLETIONS $count"
   mkdir -p "$out_dir"
-  local n=0 f base
+  local n=0 done_before=0 f base out
   while IFS= read -r -d '' f; do
     base="$(basename "$f")"
+    out="$out_dir/${base%.*}.parquet"
+    # a retried pod skips what it finished (the output is renamed into place when whole) and
+    # resumes what it had begun (modelloop batch score keeps OUT.parts/)
+    if [ -e "$out" ] && [ ! -d "$out.parts" ]; then
+      echo "modelloop-entrypoint: shard $index/$count already scored $base" >&2
+      done_before=$((done_before + 1))
+      continue
+    fi
     echo "modelloop-entrypoint: shard $index/$count scores $base" >&2
-    modelloop batch score "$f" "$out_dir/${base%.*}.parquet" "$@"
+    modelloop batch score "$f" "$out" "$@"
     n=$((n + 1))
   done < <(shard_files "$in_dir" "$index" "$count")
-  echo "modelloop-entrypoint: shard $index/$count scored $n file(s)" >&2
+  echo "modelloop-entrypoint: shard $index/$count scored $n file(s), $done_before done before" >&2
 }
 
 # A first model for a fresh registry (docker-compose's bootstrap service, the chart's

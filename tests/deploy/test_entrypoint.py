@@ -190,3 +190,62 @@ def test_bootstrap_trains_once_then_leaves_the_registry_alone(
     assert again.returncode == 0, again.stderr
     assert "demo already has a production version; nothing to train" in again.stderr
     assert sorted(p.name for p in (model_home / "registry/demo/versions").iterdir()) == ["1"]
+
+
+def test_batch_shard_of_an_empty_folder_runs_without_a_writable_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # a run dir that cannot be created (as on a read-only root without its emptyDir)
+    env = env_for(tmp_path, MODELLOOP_RUN_DIR=str(blocker / "run"),
+                  JOB_COMPLETION_INDEX="0", JOB_COMPLETIONS="1")
+    result = entrypoint(["batch-shard", str(tmp_path / "in"), str(tmp_path / "out")], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "modelloop-entrypoint: shard 0/1 scored 0 file(s), 0 done before"
+    )
+
+
+@pytest.mark.slow
+def test_batch_shards_split_the_files_and_a_retry_skips_what_is_done(
+    model_home: Path, tmp_path: Path
+) -> None:
+    require_command("batch")
+    import pandas as pd
+
+    from modelloop.synthetic import TARGET, SyntheticTask
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    task = SyntheticTask(seed=0)
+    sizes = {"a.csv": 7, "b.parquet": 5, "c.csv": 3}
+    for name, rows in sizes.items():
+        frame = task.sample(rows, seed=rows).drop(columns=[TARGET])
+        if name.endswith(".csv"):
+            frame.to_csv(inp / name, index=False)
+        else:
+            frame.to_parquet(inp / name)
+    (inp / "notes.txt").write_text("not a data file")
+    scored: dict[int, list[str]] = {}
+    for index in (0, 1):
+        env = env_for(tmp_path, MODELLOOP_HOME=str(model_home), JOB_COMPLETION_INDEX=str(index),
+                      JOB_COMPLETIONS="2")
+        result = run_entrypoint(["batch-shard", str(inp), str(out), "--name", "demo"], env,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        scored[index] = [line.rsplit(" ", 1)[1] for line in result.stderr.splitlines()
+                         if " scores " in line]
+    # sorted a, b, c: shard 0 takes positions 0 and 2, shard 1 position 1
+    assert scored == {0: ["a.csv", "c.csv"], 1: ["b.parquet"]}
+    for name, rows in sizes.items():
+        frame = pd.read_parquet(out / f"{name.rsplit('.', 1)[0]}.parquet")
+        assert len(frame) == rows
+        assert {"prediction", "label"} <= set(frame.columns)
+    # the pod of shard 0 is retried: nothing is scored twice
+    env = env_for(tmp_path, MODELLOOP_HOME=str(model_home), JOB_COMPLETION_INDEX="0",
+                  JOB_COMPLETIONS="2")
+    again = run_entrypoint(["batch-shard", str(inp), str(out), "--name", "demo"], env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.splitlines()[-1] == (
+        "modelloop-entrypoint: shard 0/2 scored 0 file(s), 2 done before"
+    )
