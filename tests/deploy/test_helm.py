@@ -118,6 +118,14 @@ def test_schema_validation_catches_a_typo() -> None:
     [
         # the model to serve is required
         (("model=",), "values: `model` (the registered model to serve) is required"),
+        # a typo in a key is caught by values.schema.json, not silently ignored
+        (("serving.setings.workers=2",), "at '/serving': additional properties 'setings' not allowed"),
+        # a store the sidecar cannot use
+        (("monitor.store.url=mysql://db/events",), "at '/monitor/store/url': 'mysql://db/events' does not match pattern"),
+        # zero GPUs asked for while GPUs are enabled
+        (("serving.gpu.enabled=true", "serving.gpu.count=0"), "at '/serving/gpu/count': minimum"),
+        # a settings key that is no identifier
+        (("serving.settings.Max-Rows=3",), "invalid propertyName 'Max-Rows'"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(sets: tuple, message: str) -> None:
