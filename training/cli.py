@@ -112,6 +112,8 @@ def train(
         raise typer.BadParameter("--data needs --target COLUMN")
     if dataset is not None and target:
         raise typer.BadParameter("--target is for --data; built-in datasets know their target")
+    if dataset is not None and task is not TaskChoice.auto:
+        raise typer.BadParameter("--task is for --data; built-in datasets know their task")
     if data is not None and rows is not None:
         raise typer.BadParameter("--rows is for --dataset; a file is used whole")
     try:
@@ -135,7 +137,12 @@ def train(
         raise _fail("; ".join(
             f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
             for e in exc.errors()), 2) from exc
-    config = TrainingConfig.from_settings(settings, **overrides)
+    try:
+        config = TrainingConfig.from_settings(settings, **overrides)
+        get_architecture(config.architecture).params.model_validate(config.model)
+    except ValidationError as exc:
+        raise _fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
+                              for e in exc.errors()), 2) from exc
     source = str(dataset.value if dataset is not None else data)
     name = name or _model_name(source)
     registry = Registry(settings.registry_dir)

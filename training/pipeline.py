@@ -38,7 +38,7 @@ from modelloop.schemas import (
     Task,
 )
 from training.config import TrainingConfig
-from training.data import Split, TabularDataset, load_data, prepare, split_dataset
+from training.data import DataError, Split, TabularDataset, load_data, prepare, split_dataset
 from training.evaluate import confusion_matrix_png, evaluate
 from training.export import check_parity, export_onnx, onnx_session, run_onnx
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
@@ -143,7 +143,8 @@ def _train_model(
     config = config or TrainingConfig.from_settings(settings)
     ds = _dataset(data, config, class_labels)
     if config.task is not None and config.task is not ds.task:
-        raise ValueError(f"config asks for {config.task.value} but {ds.source} is {ds.task.value}")
+        raise DataError(f"{ds.source}: holds {ds.task.value} data but the config asks for "
+                        f"{config.task.value}")
     arch = get_architecture(config.architecture)
     params = arch.params.model_validate(config.model)
     # the stored config is complete: resolved task, target and every architecture parameter

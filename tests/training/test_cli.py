@@ -72,6 +72,8 @@ runner = CliRunner()
         (["--dataset", "wine", "--hidden", "64,wide"], "not a comma-separated list of widths"),
         # a file is used whole
         (["--data", "x.csv", "--target", "y", "--rows", "100"], "--rows is for --dataset"),
+        # built-ins know their task too
+        (["--dataset", "diabetes", "--task", "classification"], "--task is for --data"),
         # not a built-in
         (["--dataset", "iris"], "'iris' is not one of"),
     ],
@@ -81,6 +83,21 @@ def test_usage_errors_exit_2(args: list[str], message: str, home: Path) -> None:
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split())
     assert not (home / "registry").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # the config's constraints, named
+        (["--learning-rate", "0"], "invalid option learning_rate: Input should be greater than 0"),
+        # the architecture's parameters, named
+        (["--hidden", "64,0"], "invalid option hidden.1: Input should be greater than 0"),
+    ],
+)
+def test_invalid_hyperparameters_are_one_line(args: list[str], message: str, home: Path) -> None:
+    result = runner.invoke(app, ["train", "--dataset", "wine", *args])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {message}\n"
 
 
 def test_invalid_model_name_fails_before_training(home: Path) -> None:

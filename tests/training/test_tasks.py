@@ -13,8 +13,9 @@ from sklearn.metrics import roc_auc_score
 from modelloop.registry import Registry
 from modelloop.schemas import INPUT_NAME, PREDICTION, PROBABILITIES, REF_LABEL, REF_PREDICTION, Task
 from tests.training.conftest import quiet_settings
-from training.data import load_data, split_dataset
-from training.pipeline import CONFUSION_MATRIX_PNG, train_and_register
+from training.config import TrainingConfig
+from training.data import DataError, load_data, split_dataset
+from training.pipeline import CONFUSION_MATRIX_PNG, train_and_register, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +61,11 @@ def test_multiclass_model_reports_one_vs_rest_roc_auc(tmp_path: Path) -> None:
     assert np.array(meta.evaluation["confusion_matrix"]["matrix"]).shape == (3, 3)
     assert meta.evaluation["split_rows"] == {"train": len(split.train), "val": len(split.val),
                                              "test": len(split.test)}
+
+
+def test_a_config_for_another_task_is_a_data_error(tmp_path: Path) -> None:
+    settings = quiet_settings(tmp_path)
+    config = TrainingConfig.from_settings(settings, task=Task.classification)
+    with pytest.raises(DataError) as err:
+        train_model("diabetes", name="diabetes", config=config, settings=settings)
+    assert str(err.value) == "diabetes: holds regression data but the config asks for classification"
