@@ -42,6 +42,8 @@ CASES = {
     "all-on": ((), ALL_ON),
     "gpu-all-on": ((GPU_VALUES,), ALL_ON),
 }
+# schema validation covers the chart without its sidecar too
+SCHEMA_CASES = {**CASES, "no-sidecar": ((), ("monitor.enabled=false", *ALL_ON))}
 
 
 @functools.cache
@@ -92,11 +94,11 @@ def test_helm_lint(values: tuple) -> None:
     assert "0 chart(s) failed" in result.stdout
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(SCHEMA_CASES))
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_manifests_match_the_kubernetes_schemas(case: str, version: str) -> None:
     errors = []
-    for doc in render(*CASES[case]):
+    for doc in render(*SCHEMA_CASES[case]):
         if doc["kind"] in OPERATOR_KINDS:
             continue
         try:
@@ -165,9 +167,9 @@ def test_probes() -> None:
     assert monitor["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "monitor"}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(SCHEMA_CASES))
 def test_every_pod_runs_non_root_on_a_read_only_root(case: str) -> None:
-    for doc in workloads(render(*CASES[case])):
+    for doc in workloads(render(*SCHEMA_CASES[case])):
         spec = pod_spec(doc)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] != 0
@@ -357,3 +359,26 @@ def test_dashboard_configmaps_carry_the_files_unchanged() -> None:
         (cm,) = [m for m in maps if path.name in m["data"]]
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert cm["data"][path.name] == path.read_text().rstrip("\n")
+
+
+def test_without_the_sidecar_its_alert_and_container_are_left_out() -> None:
+    docs = render((), ("monitor.enabled=false", "prometheusRule.enabled=true"))
+    rules = [r["alert"] for g in find(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    # it would fire for ever (serving scraped, no sidecar)
+    assert "ModelloopSidecarDown" not in rules and "ModelloopServingDown" in rules
+    assert set(containers(find(docs, "Deployment"))) == {"serving"}
+    assert not [k for k in settings_env(docs) if k.startswith("MODELLOOP_MONITOR_")]
+    assert "MODELLOOP_SERVING_SIDECAR_URL" not in settings_env(docs)
+
+
+def test_chart_compose_and_package_agree_on_the_version() -> None:
+    import re
+    import tomllib
+
+    from tests.deploy._support import ROOT
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == version
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(r"image: modelloop:\$\{MODELLOOP_TAG:-" + re.escape(version) + r"\}", compose)
