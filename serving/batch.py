@@ -24,13 +24,13 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -40,6 +40,7 @@ from serving.runtime import OnnxRuntime
 logger = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+F32_MAX = float(np.finfo(np.float32).max)
 Progress = Callable[[int, int], None]  # (rows scored so far, input units done: rows or bytes)
 
 
@@ -156,26 +157,28 @@ class InputFile:
 
 def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_row: int,
                 nan_policy: str) -> np.ndarray:
-    """The feature columns as float32 ``[rows, features]``, checked like a /predict request."""
-    cols = []
-    for name in features:
+    """The feature columns as float32 ``[rows, features]``, checked like a /predict request
+    (float64 values are rounded to float32 exactly as a JSON number is)."""
+    x = np.empty((table.num_rows, len(features)), np.float32)
+    for j, name in enumerate(features):
         col = table.column(name)
         if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
             raise BatchInputError(f"{source}: column {name!r} has type {col.type}, expected numbers")
-        cols.append(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False))
-    wide = np.column_stack(cols) if cols else np.empty((table.num_rows, 0))
-    bad = np.abs(wide) > np.finfo(np.float32).max
-    if bad.any():
-        r, c = (int(v) for v in np.argwhere(bad)[0])
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported just below
+            x[:, j] = col.to_numpy(zero_copy_only=False)  # nulls become NaN
+    inf = np.isinf(x)
+    if inf.any():
+        r, c = (int(v) for v in np.argwhere(inf)[0])
+        value = table.column(features[c])[r].as_py()
         raise BatchInputError(f"{source}: row {first_row + r}, column {features[c]!r}: value "
-                              f"{wide[r, c]!r} is not a finite float32 number")
+                              f"{value!r} is not a finite float32 number")
     if nan_policy == "reject":
-        missing = np.isnan(wide)
+        missing = np.isnan(x)
         if missing.any():
             r, c = (int(v) for v in np.argwhere(missing)[0])
             raise BatchInputError(f"{source}: row {first_row + r}, column {features[c]!r}: missing "
                                   "value is not allowed (nan_policy=reject)")
-    return wide.astype(np.float32)
+    return x
 
 
 def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row: int = 0,
@@ -185,7 +188,7 @@ def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row
     x = features_of(table, features, source=source, first_row=first_row, nan_policy=nan_policy)
     preds = interpret(runtime.metadata, runtime.predict(x))
     out = {name: table.column(name) for name in keep}
-    out.update({k: pa.array(v) for k, v in to_columns(preds).items()})
+    out.update({k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in to_columns(preds).items()})
     return pa.table(out), x
 
 
@@ -281,22 +284,39 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
         logger.info("resuming %s: %d chunks already scored", output, len(done))
     columns = list(dict.fromkeys([*features, *keep]))
     rows = chunks = resumed = 0
-    for k, table in enumerate(src.chunks(columns, chunk_rows, features)):
-        name = f"part-{k:06d}.parquet"
-        if name in done:
-            resumed += 1
-        else:
-            scored, x = score_table(runtime, table, source=str(input_path), first_row=k * chunk_rows,
-                                    nan_policy=nan_policy, keep=keep)
-            tmp = parts / f".{name}.tmp"
-            pq.write_table(scored, tmp, compression="lz4")
-            os.replace(tmp, parts / name)
-            if on_chunk is not None:
-                on_chunk(scored, x, k * chunk_rows)
-        rows += table.num_rows
-        chunks += 1
-        if progress is not None:
-            progress(rows, src.consumed(rows))
+    reader = iter(src.chunks(columns, chunk_rows, features))
+
+    def write_part(table: pa.Table, name: str) -> None:
+        tmp = parts / f".{name}.tmp"
+        pq.write_table(table, tmp, compression="none", write_statistics=False)  # temporary: speed
+        os.replace(tmp, parts / name)
+
+    # A three-stage pipeline: the next chunk is read (and decoded) and the previous part written
+    # on threads while this chunk runs through ONNX Runtime; pyarrow, numpy and ONNX Runtime
+    # release the GIL, and at most one chunk is read ahead and one write pending (bounded memory).
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch-io") as pool:
+        pending_read = pool.submit(next, reader, None)
+        pending_write: Future[None] | None = None
+        while (table := pending_read.result()) is not None:
+            pending_read = pool.submit(next, reader, None)
+            name = f"part-{chunks:06d}.parquet"
+            first_row = chunks * chunk_rows
+            if name in done:
+                resumed += 1
+            else:
+                scored, x = score_table(runtime, table, source=str(input_path), first_row=first_row,
+                                        nan_policy=nan_policy, keep=keep)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = pool.submit(write_part, scored, name)
+                if on_chunk is not None:
+                    on_chunk(scored, x, first_row)
+            rows += table.num_rows
+            chunks += 1
+            if progress is not None:
+                progress(rows, src.consumed(rows))
+        if pending_write is not None:
+            pending_write.result()
     _join(parts, chunks, output, out_fmt)
     shutil.rmtree(parts)
     return ScoreReport(str(input_path), str(output), runtime.name, runtime.model_version, rows,
@@ -309,7 +329,7 @@ def _join(parts: Path, chunks: int, output: Path, fmt: str) -> None:
     writer: Any = None
     try:
         for k in range(chunks):
-            table = pq.read_table(parts / f"part-{k:06d}.parquet")
+            table = pq.read_table(parts / f"part-{k:06d}.parquet", memory_map=True)
             if writer is None:
                 writer = (pq.ParquetWriter(tmp, table.schema) if fmt == "parquet"
                           else pacsv.CSVWriter(tmp, table.schema))

@@ -75,12 +75,16 @@ def to_records(preds: Predictions, request_ids: list[str]) -> list[dict[str, Any
     ]
 
 
-def to_columns(preds: Predictions) -> dict[str, np.ndarray]:
+def to_columns(preds: Predictions) -> dict[str, Any]:
     """The output columns of batch scoring: ``prediction``, ``label``, ``probability_<label>``."""
-    cols: dict[str, np.ndarray] = {"prediction": preds.prediction}
+    cols: dict[str, Any] = {"prediction": preds.prediction}
     if preds.probabilities is not None:
         assert preds.labels is not None and preds.class_labels is not None
-        cols["label"] = preds.labels.astype(str)
+        import pyarrow as pa
+
+        # dictionary-encoded: the class index points into the labels, no string per row
+        cols["label"] = pa.DictionaryArray.from_arrays(
+            pa.array(preds.prediction.astype(np.int32)), pa.array(preds.class_labels, pa.string()))
         for j, name in enumerate(preds.class_labels):
             cols[f"{PROBABILITY_PREFIX}{name}"] = preds.probabilities[:, j]
     return cols
@@ -93,5 +97,5 @@ def from_columns(meta: ModelMetadata, table: Any) -> Predictions:
         return Predictions(pred.astype(np.float64), None, None, None)
     labels = class_labels_of(meta)
     proba = np.column_stack([table.column(f"{PROBABILITY_PREFIX}{c}").to_numpy() for c in labels])
-    return Predictions(pred.astype(np.int64), np.asarray(table.column("label").to_pylist(), dtype=object),
-                       proba.astype(np.float32), labels)
+    index = pred.astype(np.int64)
+    return Predictions(index, np.asarray(labels, dtype=object)[index], proba.astype(np.float32), labels)

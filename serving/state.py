@@ -67,7 +67,7 @@ class ServingState:
     async def start(self) -> None:
         runtime = self.manager.load_initial()
         await self.batcher.start()
-        self.emitter.start()
+        await self.emitter.start()
         self._follow = asyncio.create_task(self.manager.follow(), name="modelloop-follow-alias")
         logger.info("serving %s v%d on %s (events %s)", runtime.name, runtime.model_version,
                     runtime.active_provider, self.emitter.url or "off")
@@ -78,7 +78,7 @@ class ServingState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow
         await self.batcher.stop()
-        await asyncio.get_running_loop().run_in_executor(None, self.emitter.stop)
+        await self.emitter.stop()
         self.jobs.close()
         self.manager.unload()
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from modelloop.schemas import EventBatch, ModelMetadata, Task, TensorSpec
 from serving.events import EventEmitter
 from serving.predictions import interpret
-from tests.serving.conftest import free_port, wait_until
+from tests.serving.conftest import free_port
 
 META = ModelMetadata(name="m", version=3, task=Task.classification,
                      inputs=[TensorSpec(name="input", shape=[None, 2])],
@@ -55,13 +56,16 @@ class Sink:
     def events(self) -> list[dict[str, Any]]:
         return [e for b in self.bodies for e in b["events"]]
 
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     s = Sink()
     yield s
-    s.server.shutdown()
-    s.server.server_close()
+    s.close()
 
 
 def record(em: EventEmitter, base: str, n: int) -> np.ndarray:
@@ -73,35 +77,76 @@ def record(em: EventEmitter, base: str, n: int) -> np.ndarray:
     return x
 
 
+async def until(check: Callable[[], Any], what: str, timeout: float = 10) -> None:
+    """Poll check() on the event loop (the sender runs on it) until true or the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(main())
+
+
 def test_events_follow_the_contract_in_batches(sink: Sink) -> None:
     sent: list[int] = []
-    em = EventEmitter(sink.url, batch_size=4, flush_interval_s=0.05, on_sent=lambda m, n: sent.append(n))
-    em.start()
-    x = record(em, "r1", 6)
-    record(em, "r2", 1)
-    wait_until(lambda: len(sink.events) == 7, 10, "7 events")
-    em.stop()
+
+    async def main() -> np.ndarray:
+        em = EventEmitter(sink.url, batch_size=4, flush_interval_s=0.05, on_sent=lambda m, n: sent.append(n))
+        await em.start()
+        x = record(em, "r1", 6)
+        record(em, "r2", 1)
+        await until(lambda: len(sink.events) == 7, "7 events")
+        await em.stop()
+        assert em.sent == 7
+        return x
+
+    x = run(main)
     assert all(len(b["events"]) <= 4 for b in sink.bodies)
     for body in sink.bodies:
         EventBatch.model_validate(body)
-    first = sink.events[0]
-    assert first == {"request_id": "r1-0", "timestamp": 1700000000.0, "model": "m", "version": 3,
-                     "mode": "realtime", "features": [0.0, None], "prediction": 1,
-                     "probabilities": [0.25, 0.75], "latency_s": 0.002}
+    assert sink.events[0] == {"request_id": "r1-0", "timestamp": 1700000000.0, "model": "m", "version": 3,
+                              "mode": "realtime", "features": [0.0, None], "prediction": 1,
+                              "probabilities": [0.25, 0.75], "latency_s": 0.002}
     assert [e["request_id"] for e in sink.events] == [f"r1-{i}" for i in range(6)] + ["r2-0"]
     assert [e["features"] for e in sink.events[1:6]] == x[1:].tolist()
-    assert sum(sent) == 7 and em.sent == 7
+    assert sum(sent) == 7
+
+
+def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=300, flush_interval_s=0.05)
+        await em.start()
+        n = 1000
+        proba = np.tile(np.array([[0.5, 0.5]], np.float32), (n, 1))
+        em.record(model="m", version=3, base_id="job", x=np.zeros((n, 2), np.float32), first_row=5000,
+                  preds=interpret(META, {"probabilities": proba}), latency_s=0.0, mode="batch")
+        await until(lambda: len(sink.events) == n, "1000 events")
+        await em.stop()
+
+    run(main)
+    assert [len(b["events"]) for b in sink.bodies] == [300, 300, 300, 100]
+    assert [e["request_id"] for e in sink.events] == [f"job-{5000 + i}" for i in range(1000)]
+    assert {e["mode"] for e in sink.events} == {"batch"}
 
 
 def test_failed_sends_are_retried_with_backoff() -> None:
     sink = Sink(statuses=[503, 503])
-    em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=3, retry_backoff_s=0.01)
-    em.start()
-    record(em, "r", 2)
-    wait_until(lambda: len(sink.events) == 2, 10, "delivery after two 503s")
-    em.stop()
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=3, retry_backoff_s=0.01)
+        await em.start()
+        record(em, "r", 2)
+        await until(lambda: len(sink.events) == 2, "delivery after two 503s")
+        await em.stop()
+        return em
+
+    em = run(main)
+    sink.close()
     assert sink.attempts == 3 and em.dropped == {"buffer_full": 0, "send_failed": 0}
-    sink.server.shutdown()
 
 
 @pytest.mark.parametrize(("statuses", "attempts"), [([422], 1), ([500, 500, 500], 3)],
@@ -109,14 +154,18 @@ def test_failed_sends_are_retried_with_backoff() -> None:
 def test_undeliverable_events_are_dropped_and_counted(statuses: list[int], attempts: int) -> None:
     sink = Sink(statuses=statuses)
     dropped: list[tuple[str, int]] = []
-    em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=2, retry_backoff_s=0.01,
-                      on_dropped=lambda m, reason, n: dropped.append((reason, n)))
-    em.start()
-    record(em, "r", 3)
-    wait_until(lambda: dropped, 10, "the drop")
-    em.stop()
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=2, retry_backoff_s=0.01,
+                          on_dropped=lambda m, reason, n: dropped.append((reason, n)))
+        await em.start()
+        record(em, "r", 3)
+        await until(lambda: dropped, "the drop")
+        await em.stop()
+
+    run(main)
+    sink.close()
     assert dropped == [("send_failed", 3)] and sink.attempts == attempts
-    sink.server.shutdown()
 
 
 def test_a_hanging_sidecar_never_blocks_the_caller() -> None:
@@ -125,34 +174,56 @@ def test_a_hanging_sidecar_never_blocks_the_caller() -> None:
     class Hang(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             received.set()
-            release.wait(30)  # the sidecar holds the request: the sender thread is stuck in it
+            release.wait(30)  # the sidecar holds the request: the sender is stuck in it
 
         def log_message(self, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hang)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    em = EventEmitter(f"http://127.0.0.1:{server.server_address[1]}", buffer_rows=50,
-                      flush_interval_s=0.01, timeout_s=30, max_retries=0)
-    em.start()
-    record(em, "first", 1)
-    wait_until(received.is_set, 10, "the sender to be stuck in a request")
-    for i in range(200):  # would hang here if record() waited for the network
-        record(em, f"r{i}", 1)
-    assert em.dropped["buffer_full"] == 150 and em.pending_rows == 50
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(f"http://127.0.0.1:{server.server_address[1]}", buffer_rows=50,
+                          flush_interval_s=0.01, timeout_s=30, max_retries=0)
+        await em.start()
+        record(em, "first", 1)
+        await until(received.is_set, "the sender to be stuck in a request")
+        for i in range(200):  # would hang here if record() waited for the network
+            record(em, f"r{i}", 1)
+        assert em.dropped["buffer_full"] == 150 and em.pending_rows == 50
+        await em.stop(timeout_s=0.2)  # the deadline wins over the stuck send
+        return em
+
+    run(main)
     release.set()
-    em.stop()
     server.shutdown()
     server.server_close()
 
 
 def test_closed_port_drops_after_retries() -> None:
-    em = EventEmitter(f"http://127.0.0.1:{free_port()}", flush_interval_s=0.01, max_retries=1,
-                      retry_backoff_s=0.01)
-    em.start()
-    record(em, "r", 5)
-    wait_until(lambda: em.dropped["send_failed"] == 5, 10, "failed sends to be counted")
-    em.stop()
+    async def main() -> EventEmitter:
+        em = EventEmitter(f"http://127.0.0.1:{free_port()}", flush_interval_s=0.01, max_retries=1,
+                          retry_backoff_s=0.01)
+        await em.start()
+        record(em, "r", 5)
+        await until(lambda: em.dropped["send_failed"] == 5, "failed sends to be counted")
+        await em.stop()
+        return em
+
+    assert run(main).sent == 0
+
+
+def test_records_from_another_thread_are_sent(sink: Sink) -> None:
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=10, flush_interval_s=5)
+        await em.start()
+        thread = threading.Thread(target=lambda: record(em, "job", 10))  # like a batch-job thread
+        thread.start()
+        thread.join()
+        await until(lambda: len(sink.events) == 10, "a full batch woken from another thread", timeout=3)
+        await em.stop()
+
+    run(main)
 
 
 def test_full_buffer_drops_new_events() -> None:
@@ -164,8 +235,12 @@ def test_full_buffer_drops_new_events() -> None:
 
 
 def test_no_url_means_no_events() -> None:
-    em = EventEmitter(None)
-    em.start()
-    record(em, "a", 3)
+    async def main() -> EventEmitter:
+        em = EventEmitter(None)
+        await em.start()
+        record(em, "a", 3)
+        await em.stop()
+        return em
+
+    em = run(main)
     assert not em.enabled and em.pending_rows == 0
-    em.stop()
