@@ -95,7 +95,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
 
     async def check(request: Request) -> Response:
         model = request.query_params.get("model")
-        if model is not None and model not in sidecar.evaluator.models():
+        if model is not None and model not in sidecar.evaluator.models(refresh=True):
             return _error(404, f"model: no events of model {model!r} to check")
         await run_in_threadpool(sidecar.evaluator.check, [model] if model else None)
         return ORJSONResponse(await run_in_threadpool(sidecar.status))

@@ -80,6 +80,8 @@ class Evaluator:
         self._published: dict[tuple[str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
         self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-report")
         self._report_future: Future[Any] | None = None
+        self._last_report: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._models: list[str] | None = None
         self.errors = ErrorRateTracker(settings.serving_metrics_url, settings.window_seconds)
         self.gpu = GpuSampler() if settings.gpu else None
         self._process: ProcessSampler | CgroupSampler | None = None
@@ -97,18 +99,22 @@ class Evaluator:
         if self.gpu is not None:
             self.gpu.close()
 
-    def models(self) -> list[str]:
-        stored = self.store.models()
-        if self.s.models:
-            return [m for m in self.s.models if m in stored]
-        return [m for m in stored if self.catalog.watched(m)]
+    def models(self, refresh: bool = False) -> list[str]:
+        """Watched models that have events (the store is asked again at each check)."""
+        if refresh or self._models is None:
+            stored = self.store.models()
+            if self.s.models:
+                self._models = [m for m in self.s.models if m in stored]
+            else:
+                self._models = [m for m in stored if self.catalog.watched(m)]
+        return list(self._models)
 
     # -- the check ------------------------------------------------------------------------------
     def check(self, models: list[str] | None = None) -> dict[str, Any]:
         with self._lock:
             now = self.clock()
             self.errors.scrape(now)
-            for model in models or self.models():
+            for model in models or self.models(refresh=True):
                 try:
                     self._check_model(model, now)
                 except Exception as exc:  # one broken model must not stop the others' checks
@@ -162,7 +168,7 @@ class Evaluator:
                                 min_rows=s.min_window_rows)
             self._publish_drift(model, drift)
             status["drift"] = drift.summary()
-            if drift.judged:
+            if drift.judged and self._report_due(model, drift, now):
                 self._schedule_report(model, latest, ctx, current)
         else:
             status["drift"] = {"judged": False, "note": ctx.note if ctx else "not in registry"}
@@ -218,8 +224,7 @@ class Evaluator:
 
     def _publish_drift(self, model: str, drift: DriftResult) -> None:
         m = self.metrics
-        if not drift.judged:
-            self._replace(model, "drift_rows", [(m.drift_window_rows, (model,), drift.rows)])
+        if not drift.judged:  # the gauges keep describing the last judged window
             return
         entries: list[tuple[Gauge, tuple[str, ...], float]] = [
             (m.drift_share, (model,), drift.share), (m.drift_window_rows, (model,), drift.rows)]
@@ -231,7 +236,6 @@ class Evaluator:
             entries += [(m.prediction_drift_score, (model,), drift.prediction.score),
                         (m.prediction_drift_detected, (model,), float(drift.prediction.drifted))]
         self._replace(model, "drift", entries)
-        self._replace(model, "drift_rows", [])
 
     def _publish_quality(self, model: str, qualities: dict[int, Quality]) -> None:
         m = self.metrics
@@ -249,6 +253,15 @@ class Evaluator:
                                    (m.recall, "recall"), (m.f1, "f1")):
                     entries.append((gauge, (model, v, window), sc[key]))
         self._replace(model, "quality", entries)
+
+    def _report_due(self, model: str, drift: DriftResult, now: float) -> bool:
+        """A new report when the drifted features change, else at most every interval."""
+        drifted = tuple(drift.drifted_features)
+        last = self._last_report.get(model)
+        if last is not None and last[1] == drifted and now - last[0] < self.s.report_interval_s:
+            return False
+        self._last_report[model] = (now, drifted)
+        return True
 
     def _schedule_report(self, model: str, version: int, ctx: VersionContext,
                          current: Window) -> None:

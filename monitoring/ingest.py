@@ -20,12 +20,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import EventBatch, Feedback, ModelMetadata, Task
-from monitoring.records import EventRow
+from monitoring.records import EventRow, pack
 from monitoring.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -118,29 +119,72 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
             msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
             raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
         raise InputError(422, "invalid_event", format_validation(exc), _count_events(body)) from exc
-    errors: list[str] = []
-    reason = "invalid_event"
+    events = batch.events
+    errors: list[tuple[int, str]] = []
+    reasons: set[str] = set()
+    metas: dict[tuple[str, int], ModelMetadata | str] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
     seen: dict[str, int] = {}
-    rows: list[EventRow] = []
-    for i, ev in enumerate(batch.events):
-        meta = catalog.check(ev.model, ev.version)
+    for i, ev in enumerate(events):
+        key = (ev.model, ev.version)
+        meta = metas.get(key)
+        if meta is None:
+            meta = metas[key] = catalog.check(*key)
         if isinstance(meta, str):
-            errors.append(f"events[{i}].model: {meta}")
-            reason = "unknown_model"
+            errors.append((i, f"events[{i}].model: {meta}"))
+            reasons.add("unknown_model")
             continue
         problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
         if problem:
-            errors.append(f"events[{i}].{problem}")
-            reason = "wrong_shape"
+            errors.append((i, f"events[{i}].{problem}"))
+            reasons.add("wrong_shape")
             continue
         if ev.request_id in seen:
-            errors.append(f"events[{i}].request_id: {ev.request_id!r} repeats events[{seen[ev.request_id]}]")
+            errors.append((i, f"events[{i}].request_id: {ev.request_id!r} repeats "
+                              f"events[{seen[ev.request_id]}]"))
+            reasons.add("invalid_event")
             continue
         seen[ev.request_id] = i
-        rows.append(EventRow.from_event(ev, received_at))
+        groups.setdefault(key, []).append(i)
+    rows: list[tuple[int, EventRow]] = []
+    for idx in groups.values():
+        # one matrix per model version (same width): finiteness checked and rows packed at once
+        feats = np.array([events[i].features for i in idx], dtype=np.float64)  # None -> NaN
+        probs = _matrix([events[i].probabilities for i in idx])
+        bad = np.isinf(feats).any(axis=1)
+        if probs is not None:
+            bad_p = ~np.isfinite(probs).all(axis=1)
+        for j, i in enumerate(idx):
+            if bad[j]:
+                errors.append((i, f"events[{i}].features: values must be finite numbers or null"))
+                reasons.add("wrong_shape")
+                continue
+            ev = events[i]
+            if probs is not None and bad_p[j]:
+                errors.append((i, f"events[{i}].probabilities: values must be finite numbers"))
+                reasons.add("wrong_shape")
+                continue
+            p_blob = probs[j].tobytes() if probs is not None else (
+                None if ev.probabilities is None else pack(ev.probabilities))
+            rows.append((i, EventRow(ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode,
+                                     feats[j].tobytes(), ev.prediction, p_blob, ev.latency_s,
+                                     received_at)))
     if errors:
-        raise InputError(422, reason, errors, len(batch.events))
-    return rows
+        errors.sort()
+        reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
+        raise InputError(422, reason, [m for _, m in errors], len(events))
+    rows.sort(key=lambda r: r[0])
+    return [r for _, r in rows]
+
+
+def _matrix(values: list[list[float] | None]) -> np.ndarray | None:
+    """The probabilities of a group as one matrix, when every event has them at one width."""
+    if not values or values[0] is None:
+        return None
+    width = len(values[0])
+    if any(v is None or len(v) != width for v in values):
+        return None
+    return np.array(values, dtype=np.float64)
 
 
 def _shape_problem(features: list[float | None], prediction: float,
@@ -148,16 +192,12 @@ def _shape_problem(features: list[float | None], prediction: float,
     tag = f"{meta.name} v{meta.version}"
     if len(features) != meta.n_features:
         return f"features: expected {meta.n_features} values for {tag}, got {len(features)}"
-    if any(v is not None and not math.isfinite(v) for v in features):
-        return "features: values must be finite numbers or null"
     if meta.task == Task.classification and meta.class_labels:
         k = len(meta.class_labels)
         if prediction != int(prediction) or not 0 <= prediction < k:
             return f"prediction: expected a class index 0..{k - 1} for {tag}, got {prediction:g}"
         if probabilities is not None and len(probabilities) != k:
             return f"probabilities: expected {k} values for {tag}, got {len(probabilities)}"
-    if probabilities is not None and any(not math.isfinite(p) for p in probabilities):
-        return "probabilities: values must be finite numbers"
     return None
 
 

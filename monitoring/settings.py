@@ -86,6 +86,9 @@ class MonitorSettings(HomeSettings):
     """Fewer rows than this in the window: drift is not judged."""
     report_max_rows: PositiveInt = 20_000
     """Rows of the window (and of the reference) sampled into the HTML report."""
+    report_interval_s: NonNegativeFloat = 600.0
+    """A new HTML report at most this often per model, and at once when the set of drifted
+    features changes (rendering Evidently's report takes seconds)."""
     reports_keep: PositiveInt = 10
     """HTML drift reports kept per model (the newest)."""
 

@@ -73,6 +73,9 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
         # one feature short
         (body(event(features=[0.5] * 19)), 422, "wrong_shape",
          "events[0].features: expected 20 values for churn v1, got 19"),
+        # an infinite feature (1e999 overflows to inf)
+        (json.dumps({"events": [event()]}).encode().replace(b"0.5,", b"1e999,", 1), 422,
+         "wrong_shape", "events[0].features: values must be finite numbers or null"),
         # a class index the model does not have
         (body(event(prediction=2)), 422, "wrong_shape",
          "events[0].prediction: expected a class index 0..1 for churn v1, got 2"),

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Benchmarks of the monitoring sidecar; prints tables (results go to BENCHMARKS.md).
+
+1. Drift: one check over a 100k x 20 window against a 100k-row reference, ours
+   (monitoring.drift: Evidently's own stattests, reference profiled once) against Evidently's
+   DataDriftPreset on the same data, measured in one run, with the per-feature decisions compared.
+2. Ingest: events/s into SQLite through the store (batches of 1000, one transaction each), and
+   through a real `modelloop monitor` process over HTTP (concurrent clients, 1000-event batches).
+
+    .venv/bin/python scripts/bench_monitoring.py            # everything
+    .venv/bin/python scripts/bench_monitoring.py --only drift --rows 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modelloop.synthetic import SyntheticTask  # noqa: E402
+from monitoring.drift import ReferenceProfile, check_drift, stattests  # noqa: E402
+
+console = Console(width=130)
+SHIFTS: dict[str, dict[str, float]] = {
+    "stationary": {},
+    "two features (0.5 sd)": {"f03": 0.5, "f07": -0.5},
+    "small shifts (0.1-0.2 sd)": {"f00": 0.1, "f10": 0.2, "f15": 0.15},
+}
+
+
+def evidently_preset(ref: pd.DataFrame, cur: pd.DataFrame) -> tuple[float, set[str]]:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    dd = DataDefinition(numerical_columns=list(ref.columns))
+    t0 = time.perf_counter()
+    snap = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=dd),
+                                           Dataset.from_pandas(ref, data_definition=dd))
+    elapsed = time.perf_counter() - t0
+    drifted = set()
+    for m in snap.dict()["metrics"][1:]:
+        cfg = m["config"]
+        score, threshold = float(m["value"]), float(cfg["threshold"])
+        p_value = "p_value" in cfg["method"]
+        if (score <= threshold) if p_value else (score >= threshold):
+            drifted.add(cfg["column"])
+    return elapsed, drifted
+
+
+def bench_drift(rows: int) -> None:
+    task = SyntheticTask(seed=0)
+    names = task.feature_names
+    ref = task.sample(rows, seed=1)[names].astype(np.float64)
+    stattests()  # import Evidently before timing (both sides use it)
+    t0 = time.perf_counter()
+    profile = ReferenceProfile(ref, names)
+    prep = time.perf_counter() - t0
+    table = Table(title=f"Drift check, {rows:,} x {len(names)} window vs {rows:,}-row reference "
+                        f"(reference profiled once: {prep:.2f} s)")
+    for col in ("shift", "Evidently preset s", "ours s", "ratio", "ours drifted",
+                "same decisions"):
+        table.add_column(col)
+    for label, shift in SHIFTS.items():
+        cur = task.sample(rows, seed=2, shift=shift)[names].astype(np.float64)
+        x = cur.to_numpy()
+        t0 = time.perf_counter()
+        ours = check_drift(profile, x)
+        ours_s = time.perf_counter() - t0
+        ev_s, ev_drifted = evidently_preset(ref, cur)
+        same = set(ours.drifted_features) == ev_drifted
+        table.add_row(label, f"{ev_s:.2f}", f"{ours_s:.3f}", f"{ours_s / ev_s:.3f}",
+                      ", ".join(ours.drifted_features) or "-", "yes" if same else
+                      f"NO (Evidently: {sorted(ev_drifted)})")
+    console.print(table)
+    read_s, check_s = _from_store(task, profile, rows)
+    console.print(f"From the sidecar's SQLite store: reading the {rows:,}-event window "
+                  f"{read_s:.3f} s + check {check_s:.3f} s = {read_s + check_s:.3f} s")
+
+
+def _from_store(task: SyntheticTask, profile: ReferenceProfile, rows: int) -> tuple[float, float]:
+    """The sidecar's real path: the window read back from SQLite, then checked."""
+    from monitoring.records import EventRow
+    from monitoring.store import open_store
+
+    x = task.sample(rows, seed=3, shift={"f03": 0.5})[task.feature_names].to_numpy(np.float64)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/e.db")
+        proba = np.array([0.4, 0.6]).tobytes()
+        for start in range(0, rows, 10_000):
+            store.insert_events([EventRow(f"e{i}", "m", 1, float(i), "batch", x[i].tobytes(), 1.0,
+                                          proba, 0.002, 0.0)
+                                 for i in range(start, min(rows, start + 10_000))])
+        t0 = time.perf_counter()
+        window = store.window("m", version=1, last_n=rows)
+        read_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        check_drift(profile, window.features, window.prediction)
+        check_s = time.perf_counter() - t0
+        store.close()
+    return read_s, check_s
+
+
+# -- ingest --------------------------------------------------------------------------------------
+def _events(n: int, tag: str, n_features: int = 20) -> list[dict]:
+    rng = np.random.default_rng(abs(hash(tag)) % 2**32)
+    x = rng.normal(size=(n, n_features))
+    return [{"request_id": f"{tag}-{i}", "timestamp": time.time(), "model": "bench", "version": 1,
+             "mode": "realtime", "features": x[i].tolist(), "prediction": int(i % 2),
+             "probabilities": [0.4, 0.6], "latency_s": 0.002} for i in range(n)]
+
+
+def _register(home: Path) -> None:
+    from modelloop.registry import Registry
+    from modelloop.schemas import ModelMetadata, Task, TensorSpec
+
+    names = [f"f{i:02d}" for i in range(20)]
+    meta = ModelMetadata(name="bench", task=Task.classification,
+                         inputs=[TensorSpec(name="input", shape=[None, 20])],
+                         outputs=[TensorSpec(name="probabilities", shape=[None, 2])],
+                         feature_names=names, class_labels=["a", "b"])
+    Registry(home / "registry").register(meta, b"not-run-by-the-sidecar")
+
+
+def bench_store(total: int, batch: int) -> list[tuple[str, float]]:
+    from modelloop.schemas import EventBatch
+    from monitoring.records import EventRow
+    from monitoring.store import open_store
+
+    out = []
+    batches = [[EventRow.from_event(ev, 0.0) for ev in EventBatch.model_validate(
+        {"events": _events(batch, f"s{b}")}).events] for b in range(total // batch)]
+    for sync in ("FULL", "NORMAL"):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = open_store(f"sqlite:///{tmp}/e.db", sqlite_synchronous=sync)
+            t0 = time.perf_counter()
+            for rows in batches:
+                store.insert_events(rows)
+            out.append((f"store: SQLite WAL, synchronous={sync}", total / (time.perf_counter() - t0)))
+            store.close()
+    return out
+
+
+def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
+    import httpx
+
+    with httpx.Client(timeout=60) as client:
+        for body in bodies:
+            r = client.post(url, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+    results.put(len(bodies))
+
+
+def bench_http(total: int, batch: int, clients: int) -> tuple[str, float]:
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        _register(home)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MODELLOOP_HOME": str(home), "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "3600",
+               "MODELLOOP_MONITOR_GPU": "false"}
+        exe = Path(sys.executable).with_name("modelloop")
+        proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sidecar did not start")
+                time.sleep(0.1)
+            time.sleep(6)  # let the drift warm-up (Evidently's import) finish first
+            n = total // batch
+            bodies = [orjson.dumps({"events": _events(batch, f"h{b}")}) for b in range(n)]
+            per = [bodies[i::clients] for i in range(clients)]
+            results: mp.Queue = mp.Queue()
+            workers = [mp.Process(target=_client, args=(f"{url}/events", p, results)) for p in per]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            elapsed = time.perf_counter() - t0
+            stored = httpx.get(f"{url}/metrics").text
+            assert f'modelloop_events_ingested_total{{model="bench"}} {float(n * batch)}' in stored
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return (f"HTTP: modelloop monitor, {clients} client processes, SQLite FULL", total / elapsed)
+
+
+def bench_ingest(total: int, batch: int, clients: int) -> None:
+    rows = bench_store(total, batch)
+    rows.append(bench_http(total, batch, clients))
+    table = Table(title=f"Ingest, {total:,} events of 20 features in batches of {batch}")
+    table.add_column("path")
+    table.add_column("events/s", justify="right")
+    for name, rate in rows:
+        table.add_row(name, f"{rate:,.0f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["drift", "ingest"])
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of window and reference")
+    parser.add_argument("--events", type=int, default=200_000, help="events to ingest")
+    parser.add_argument("--batch", type=int, default=1000, help="events per batch")
+    parser.add_argument("--clients", type=int, default=2, help="HTTP client processes")
+    args = parser.parse_args()
+    console.print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    if args.only in (None, "drift"):
+        bench_drift(args.rows)
+    if args.only in (None, "ingest"):
+        bench_ingest(args.events, args.batch, args.clients)
+
+
+if __name__ == "__main__":
+    main()
