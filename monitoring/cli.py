@@ -157,7 +157,9 @@ def feedback(
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     base = _base_url(url)
-    totals = {"joined": 0, "unknown": [], "duplicate": []}
+    joined = 0
+    unknown: list[str] = []
+    duplicate: list[str] = []
     with httpx.Client(base_url=base, timeout=60) as client, Progress(
             TextColumn("feedback"), BarColumn(), MofNCompleteColumn(), console=console,
             transient=True, disable=not console.is_terminal) as progress:
@@ -171,12 +173,11 @@ def feedback(
             if resp.status_code != 200:
                 raise _fail(_line_error(file, chunk, resp))
             body = resp.json()
-            totals["joined"] += body["joined"]
-            totals["unknown"] += body["unknown"]
-            totals["duplicate"] += body["duplicate"]
+            joined += body["joined"]
+            unknown += body["unknown"]
+            duplicate += body["duplicate"]
             progress.advance(task, len(chunk))
-    unknown, duplicate = totals["unknown"], totals["duplicate"]
-    typer.echo(f"{file}: {totals['joined']} labels joined, {len(unknown)} unknown ids, "
+    typer.echo(f"{file}: {joined} labels joined, {len(unknown)} unknown ids, "
                f"{len(duplicate)} duplicates")
     for kind, ids in (("unknown", unknown), ("duplicate", duplicate)):
         if ids:

@@ -162,7 +162,7 @@ class Evaluator:
         status: dict[str, Any] = {"version": latest, "window_rows": len(current)}
 
         drift: DriftResult | None = None
-        if ctx is not None and ctx.profile is not None:
+        if ctx is not None and ctx.profile is not None and current.features is not None:
             drift = check_drift(ctx.profile, current.features, current.prediction, model=model,
                                 version=latest, drift_share=s.drift_share,
                                 min_rows=s.min_window_rows)

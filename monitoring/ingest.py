@@ -151,16 +151,16 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
         # one matrix per model version (same width): finiteness checked and rows packed at once
         feats = np.array([events[i].features for i in idx], dtype=np.float64)  # None -> NaN
         probs = _matrix([events[i].probabilities for i in idx])
-        bad = np.isinf(feats).any(axis=1)
-        if probs is not None:
-            bad_p = ~np.isfinite(probs).all(axis=1)
+        bad = np.asarray(np.isinf(feats).any(axis=1))
+        bad_p: np.ndarray = (np.zeros(len(idx), bool) if probs is None
+                             else ~np.isfinite(probs).all(axis=1))
         for j, i in enumerate(idx):
             if bad[j]:
                 errors.append((i, f"events[{i}].features: values must be finite numbers or null"))
                 reasons.add("wrong_shape")
                 continue
             ev = events[i]
-            if probs is not None and bad_p[j]:
+            if bad_p[j]:
                 errors.append((i, f"events[{i}].probabilities: values must be finite numbers"))
                 reasons.add("wrong_shape")
                 continue

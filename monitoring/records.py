@@ -101,7 +101,8 @@ class JobRecord:
 
 def to_window(rows: list[Any], features: bool) -> Window:
     n = len(rows)
-    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(8 if features else 6)]
+    cols: list[Any] = (list(zip(*rows, strict=True)) if rows
+                       else [() for _ in range(8 if features else 6)])
 
     def floats(i: int) -> np.ndarray:
         return np.array([np.nan if v is None else v for v in cols[i]], dtype=np.float64)

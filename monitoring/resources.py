@@ -145,11 +145,13 @@ class GpuSampler:
         return self._handles
 
     def sample(self) -> list[GpuSample]:
-        out = []
-        for i, handle in enumerate(self._init()):
+        out: list[GpuSample] = []
+        handles = self._init()
+        nvml: Any = self._nvml
+        for i, handle in enumerate(handles):
             try:
-                util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-                mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                util = nvml.nvmlDeviceGetUtilizationRates(handle)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
             except Exception as exc:  # a GPU that fell off the bus must not stop the sidecar
                 log.warning("cannot read GPU %d through NVML: %s", i, exc)
                 continue

@@ -173,7 +173,8 @@ class EventStore:
         cols = "version, ts, prediction, latency_s, label, label_ts"
         if features:
             cols += ", features, probabilities"
-        where, args = ["model = ?"], [model]
+        where: list[str] = ["model = ?"]
+        args: list[Any] = [model]
         if version is not None:
             where.append("version = ?")
             args.append(version)
