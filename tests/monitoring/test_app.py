@@ -235,3 +235,22 @@ def test_health_routes(client: httpx.Client) -> None:
     assert client.get("/live").json() == {"status": "alive"}
     assert client.get("/ready").json() == {"status": "ready"}
     assert client.get("/reports/drift/latest").status_code == 400  # no model with events yet
+
+
+def test_the_sidecar_works_the_same_on_both_store_engines(
+        home: Path, registered: TrainedModel, task: SyntheticTask,
+        store_url: tuple[str, str]) -> None:
+    url, prefix = store_url
+    sc = Sidecar(make_settings(home, store_url=url, store_table_prefix=prefix))
+    sc.start(background=False)
+    with serve_in_thread(create_app(sc)) as base, httpx.Client(base_url=base, timeout=60) as c:
+        df = task.sample(1000, seed=9, shift={"f04": 1.5, "f11": -1.5})
+        events, proba = events_for(registered, df, "e")
+        assert c.post("/events", json={"events": events}).json() == {"accepted": 1000, "new": 1000}
+        labels = [{"request_id": f"e-{i}", "label": int(y)} for i, y in enumerate(df["target"])]
+        assert c.post("/feedback", json={"feedback": labels}).json()["joined"] == 1000
+        model = c.post("/check").json()["models"]["churn"]
+        assert model["drift"]["drifted_features"] == ["f04", "f11"]
+        expected = float((proba.argmax(axis=1) == df["target"].to_numpy()).mean())
+        assert model["quality"]["1"]["scores"]["count"]["accuracy"] == pytest.approx(expected)
+        assert c.post("/retrain", json={"model": "churn"}).status_code == 409  # the policy's job
