@@ -112,6 +112,8 @@ class Evaluator:
     # -- the check ------------------------------------------------------------------------------
     def check(self, models: list[str] | None = None) -> dict[str, Any]:
         with self._lock:
+            stattests()  # Evidently's tests, imported once (usually by the warm-up already)
+            self.warm = True
             now = self.clock()
             self.errors.scrape(now)
             for model in models or self.models(refresh=True):
