@@ -169,7 +169,7 @@ class Routes:
         runtime = result.runtime
         preds = interpret(runtime.metadata, result.outputs)
         n = len(x)
-        state.child(state.metrics.rows, runtime.name, "realtime").inc(n)
+        state.count_rows(runtime.name, n)
         state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base, x=x,
                              preds=preds, latency_s=time.perf_counter() - start)
         payload = {"model": runtime.name, "version": runtime.model_version, "request_id": base,
@@ -216,7 +216,7 @@ class Routes:
         result = await state.batcher.predict(runtime, req.x)
         runtime = result.runtime
         n = len(req.x)
-        state.child(state.metrics.rows, runtime.name, "realtime").inc(n)
+        state.count_rows(runtime.name, n)
         if state.emitter.enabled:
             state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
                                  x=req.x, preds=interpret(runtime.metadata, result.outputs),

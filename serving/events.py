@@ -141,7 +141,7 @@ class EventEmitter:
 
     def _poke(self) -> None:
         """Wake the sender now (a full batch is waiting)."""
-        if self._wake is None or self._loop is None:
+        if self._wake is None or self._loop is None or self._wake.is_set():
             return
         if threading.get_ident() == self._loop_thread:
             self._wake.set()
@@ -202,13 +202,13 @@ class EventEmitter:
     async def _body(self, chunks: list[_Chunk]) -> bytes:
         """The EventBatch JSON, built in slices with a yield to the loop between them."""
         parts: list[bytes] = []
+        events: list[dict[str, Any]] = []
         for c in chunks:
             preds = c.preds
-            for lo in range(c.start, c.stop, _SLICE):
-                hi = min(lo + _SLICE, c.stop)
-                values = preds.prediction[lo:hi].tolist()
-                proba = preds.probabilities[lo:hi] if preds.probabilities is not None else None
-                events = [{
+            values = preds.prediction[c.start:c.stop].tolist()
+            proba = preds.probabilities[c.start:c.stop] if preds.probabilities is not None else None
+            for k, i in enumerate(range(c.start, c.stop)):
+                events.append({
                     "request_id": f"{c.base_id}-{c.first_row + i}",
                     "timestamp": c.timestamp,
                     "model": c.model,
@@ -218,9 +218,13 @@ class EventEmitter:
                     "prediction": values[k],
                     "probabilities": None if proba is None else proba[k],
                     "latency_s": c.latency_s,
-                } for k, i in enumerate(range(lo, hi))]
-                parts.append(orjson.dumps(events, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1])
-                await asyncio.sleep(0)
+                })
+                if len(events) == _SLICE:
+                    parts.append(orjson.dumps(events, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1])
+                    events = []
+                    await asyncio.sleep(0)  # let requests in between slices
+        if events:
+            parts.append(orjson.dumps(events, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1])
         return b'{"events":[' + b",".join(parts) + b"]}"
 
     async def _run(self) -> None:
@@ -230,9 +234,11 @@ class EventEmitter:
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             while True:
                 if self._rows < self.batch_size and not self._stopping:
+                    # a poke left over from before the last send must not cut this wait short:
+                    # that would send many small batches, each costing a whole HTTP request
+                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-                    self._wake.clear()
                 chunks = self._take()
                 if chunks:
                     await self._send(client, chunks)

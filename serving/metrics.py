@@ -13,6 +13,9 @@ Example::
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -78,3 +81,46 @@ class ServingMetrics:
         if previous is not None and previous != (version, provider):
             self.model_info.labels(model=model, version=str(previous[0]), provider=previous[1]).set(0)
         self.model_info.labels(model=model, version=str(version), provider=provider).set(1)
+
+
+class MetricBuffer:
+    """Per-request metric updates summed in plain Python, written to the metrics by :meth:`flush`.
+
+    Inside ``bentoml serve`` every prometheus_client update is a locked write to a memory-mapped
+    file (about 2.5 us); a request makes six of them, over a tenth of the CPU a small-model request
+    costs. Summing here makes each a dict update; the serving state flushes every 100 ms, so
+    ``/metrics`` lags by at most that. Only the event-loop thread may use one buffer.
+
+    Example::
+
+        buffer.inc(metrics.rows.labels(model="m", mode="realtime"), 4)
+        buffer.observe(metrics.queue_wait.labels(model="m"), 0.0012)
+        buffer.flush()
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}
+        self._hists: dict[Any, list[Any]] = {}  # child -> [sum, count per bucket]
+
+    def inc(self, child: Any, amount: float = 1.0) -> None:
+        self._counts[child] = self._counts.get(child, 0.0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        entry = self._hists.get(child)
+        if entry is None:
+            entry = self._hists[child] = [0.0, [0] * len(child._upper_bounds)]
+        entry[0] += value
+        # Histogram.observe counts a value in the first bucket whose bound is >= it
+        entry[1][bisect_left(child._upper_bounds, value)] += 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        hists, self._hists = self._hists, {}
+        for child, amount in counts.items():
+            child.inc(amount)
+        for child, (total, buckets) in hists.items():
+            # Histogram has no "observe many": write its sum and bucket values as observe() does
+            child._sum.inc(total)
+            for i, n in enumerate(buckets):
+                if n:
+                    child._buckets[i].inc(n)

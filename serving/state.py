@@ -23,13 +23,14 @@ from modelloop.registry import Registry
 from serving.batcher import AdaptiveBatcher
 from serving.events import EventEmitter
 from serving.jobs import JobStore
-from serving.metrics import ServingMetrics
+from serving.metrics import MetricBuffer, ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
 from serving.predictions import from_columns
 from serving.runtime import OnnxRuntime
 from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
+METRICS_FLUSH_S = 0.1  # how stale /metrics may be; see MetricBuffer
 
 
 class ServingState:
@@ -56,7 +57,9 @@ class ServingState:
         )
         self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
                              nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes)
+        self.buffer = MetricBuffer()
         self._follow: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         # label children cached per model name: .labels() costs a lock and a dict lookup per call
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -69,16 +72,24 @@ class ServingState:
         await self.batcher.start()
         await self.emitter.start()
         self._follow = asyncio.create_task(self.manager.follow(), name="modelloop-follow-alias")
+        self._flusher = asyncio.create_task(self._flush_metrics(), name="modelloop-metrics")
         logger.info("serving %s v%d on %s (events %s)", runtime.name, runtime.model_version,
                     runtime.active_provider, self.emitter.url or "off")
 
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_S)
+            self.buffer.flush()
+
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
+        for task in (self._follow, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.batcher.stop()
         await self.emitter.stop()
+        self.buffer.flush()
         self.jobs.close()
         self.manager.unload()
 
@@ -91,23 +102,28 @@ class ServingState:
         return found
 
     def _observe_batch(self, runtime: OnnxRuntime, rows: int, elapsed: float, waits: list[float]) -> None:
-        name = runtime.name
-        self.child(self.metrics.inference_duration, name).observe(elapsed)
-        self.child(self.metrics.batch_size, name).observe(rows)
+        name, buffer = runtime.name, self.buffer
+        buffer.observe(self.child(self.metrics.inference_duration, name), elapsed)
+        buffer.observe(self.child(self.metrics.batch_size, name), rows)
         wait_hist = self.child(self.metrics.queue_wait, name)
         for w in waits:
-            wait_hist.observe(w)
+            buffer.observe(wait_hist, w)
 
     def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:
-        self.child(self.metrics.requests, model, route, str(code)).inc()
-        self.child(self.metrics.request_duration, model, route).observe(seconds)
+        self.buffer.inc(self.child(self.metrics.requests, model, route, str(code)))
+        self.buffer.observe(self.child(self.metrics.request_duration, model, route), seconds)
+
+    def count_rows(self, model: str, rows: int) -> None:
+        """Rows predicted in real time (event-loop thread only: buffered)."""
+        self.buffer.inc(self.child(self.metrics.rows, model, "realtime"), rows)
 
     def count_error(self, model: str, reason: str) -> None:
         self.child(self.metrics.errors, model, reason).inc()
 
     def record_batch_chunk(self, runtime: OnnxRuntime, scored: pa.Table, x: np.ndarray,
                            base_id: str, first_row: int) -> None:
-        """Rows scored by a batch route: count them and send their events (mode ``batch``)."""
+        """Rows scored by a batch route: count them and send their events (mode ``batch``).
+        Called from job threads too, so the count bypasses the (loop-only) buffer."""
         self.child(self.metrics.rows, runtime.name, "batch").inc(len(x))
         self.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base_id,
                             x=x, preds=from_columns(runtime.metadata, scored), latency_s=0.0,

@@ -88,3 +88,27 @@ def test_threads_are_sized_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServingSettings(workers=0).ort_threads() == 1  # one worker per core
     assert ServingSettings(workers=16).ort_threads() == 1
     assert ServingSettings(workers=2, threads=3).ort_threads() == 3
+
+
+def test_buffered_updates_equal_direct_updates() -> None:
+    from prometheus_client import generate_latest
+
+    from serving.metrics import MetricBuffer
+
+    values = [0.0004, 0.001, 0.0011, 0.02, 0.3, 7.0, 11.0, 0.1, 0.1]
+    direct, buffered = ServingMetrics(CollectorRegistry()), ServingMetrics(CollectorRegistry())
+    buffer = MetricBuffer()
+    for v in values:
+        direct.queue_wait.labels(model="m").observe(v)
+        buffer.observe(buffered.queue_wait.labels(model="m"), v)
+        direct.rows.labels(model="m", mode="realtime").inc(3)
+        buffer.inc(buffered.rows.labels(model="m", mode="realtime"), 3)
+    assert generate_latest(buffered.registry) != generate_latest(direct.registry)  # not yet flushed
+    buffer.flush()
+
+    def text(m: ServingMetrics) -> list[str]:  # creation timestamps differ; the values must not
+        return [line for line in generate_latest(m.registry).decode().splitlines() if "_created" not in line]
+
+    assert text(buffered) == text(direct)
+    buffer.flush()  # flushing again adds nothing
+    assert text(buffered) == text(direct)
