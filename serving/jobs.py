@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,10 @@ def _pid_alive(pid: int) -> bool:
 class JobStore:
     """Batch jobs on disk, run on one background thread per worker (see the module docstring)."""
 
-    def __init__(self, root: Path, *, chunk_rows: int, nan_policy: str, max_upload_bytes: int) -> None:
+    def __init__(self, root: Path, *, chunk_rows: int, nan_policy: str, max_upload_bytes: int,
+                 retention_s: float = 86400.0) -> None:
         self.root = Path(root)
+        self.retention_s = retention_s
         self.chunk_rows = chunk_rows
         self.nan_policy = nan_policy
         self.max_upload_bytes = max_upload_bytes
@@ -74,6 +77,7 @@ class JobStore:
     async def submit(self, fmt: str, body: AsyncIterator[bytes], runtime: OnnxRuntime,
                      on_chunk: ChunkHook | None = None) -> dict[str, Any]:
         """Stream the upload to disk, queue the job, return its status."""
+        self._sweep()
         job_id = secrets.token_hex(12)
         path = self.root / job_id
         path.mkdir(parents=True)
@@ -89,9 +93,7 @@ class JobStore:
                                            "(MODELLOOP_SERVING_MAX_UPLOAD_BYTES)")
                     f.write(chunk)
         except BaseException:
-            for p in path.iterdir():
-                p.unlink()
-            path.rmdir()
+            shutil.rmtree(path, ignore_errors=True)
             raise
         status = {"job_id": job_id, "state": "queued", "format": fmt, "input_bytes": size,
                   "model": runtime.name, "version": runtime.model_version, "rows_done": 0,
@@ -99,9 +101,10 @@ class JobStore:
         self._write_status(path, status)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-job")
+        queued = dict(status)  # the job thread updates `status` from now on
         self._executor.submit(self._run, path, status, runtime, on_chunk)
         logger.info("batch job %s queued (%d bytes, %s v%d)", job_id, size, runtime.name, runtime.model_version)
-        return status
+        return queued
 
     def _run(self, path: Path, status: dict[str, Any], runtime: OnnxRuntime,
              on_chunk: ChunkHook | None) -> None:
@@ -134,6 +137,20 @@ class JobStore:
         self._write_status(path, status)
         (path / f"input{EXTENSIONS[fmt]}").unlink(missing_ok=True)
         logger.info("batch job %s %s (%d rows)", path.name, status["state"], status["rows_done"])
+
+    def _sweep(self) -> None:
+        """Delete finished jobs older than the retention."""
+        if not self.root.exists():
+            return
+        cutoff = time.time() - self.retention_s
+        for path in self.root.iterdir():
+            try:
+                status = json.loads((path / "status.json").read_bytes())
+            except (OSError, ValueError):
+                continue
+            if status.get("finished_at") and status["finished_at"] < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("deleted batch job %s (finished %.0f s ago)", path.name, time.time() - status["finished_at"])
 
     def status(self, job_id: str) -> dict[str, Any]:
         status: dict[str, Any] = json.loads((self._dir(job_id) / "status.json").read_bytes())

@@ -151,6 +151,10 @@ class ServingSettings(HomeSettings):
     """Files up to this many rows are scored synchronously by ``POST /batch/score``; larger ones
     must go through the job API (``POST /batch/jobs``)."""
 
+    job_retention_s: PositiveFloat = 86400.0
+    """Finished batch jobs (their status and result) older than this are deleted when a new job
+    is submitted."""
+
     @property
     def jobs_dir(self) -> os.PathLike[str]:
         """Where asynchronous batch jobs keep their files, ``$MODELLOOP_HOME/serving/jobs``."""

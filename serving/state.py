@@ -56,7 +56,8 @@ class ServingState:
                 model=model, reason=reason).inc(n),
         )
         self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
-                             nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes)
+                             nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes,
+                             retention_s=settings.job_retention_s)
         self.buffer = MetricBuffer()
         self._follow: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None

@@ -126,3 +126,30 @@ def test_empty_cells_are_imputed_under_allow(runtime: OnnxRuntime, tmp_path: Pat
     np.testing.assert_array_equal(
         pd.read_parquet(tmp_path / "out.parquet")[[f"probability_class_{k}" for k in range(3)]].to_numpy(np.float32),
         runtime.predict(x)["probabilities"])
+
+
+def test_finished_jobs_are_deleted_after_the_retention(runtime: OnnxRuntime, frame: pd.DataFrame, tmp_path: Path) -> None:
+    import asyncio
+    import json
+    import time
+
+    from serving.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs", chunk_rows=1000, nan_policy="allow", max_upload_bytes=10**8, retention_s=60)
+    old = tmp_path / "jobs" / ("a" * 24)
+    old.mkdir(parents=True)
+    (old / "status.json").write_text(json.dumps({"state": "succeeded", "finished_at": time.time() - 61}))
+    recent = tmp_path / "jobs" / ("b" * 24)
+    recent.mkdir()
+    (recent / "status.json").write_text(json.dumps({"state": "succeeded", "finished_at": time.time() - 5}))
+
+    async def upload() -> dict[str, object]:
+        async def body():  # type: ignore[no-untyped-def]
+            yield frame.head(10).to_csv(index=False).encode()
+
+        return await store.submit("csv", body(), runtime)
+
+    status = asyncio.run(upload())
+    assert not old.exists() and recent.exists()
+    store.close()
+    assert status["state"] == "queued"

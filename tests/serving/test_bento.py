@@ -1,4 +1,5 @@
-"""`bentoml build` packages the service offline, and the built Bento serves."""
+"""`bentoml build` packages the service offline, and the built Bento serves (with the fast path
+off, so this also covers our routes mounted inside BentoML's app and middleware)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_bentoml_build_then_serve_the_bento(main_home: Path, tmp_path: Path) -> 
     log = tmp_path / "bento.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([BENTOML, "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
-                                env=env, stdout=out,
+                                env={**env, "MODELLOOP_SERVING_FAST_PATH": "false"}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +56,11 @@ def test_bentoml_build_then_serve_the_bento(main_home: Path, tmp_path: Path) -> 
         resp = httpx.post(f"{url}/predict", json={"instances": [dict.fromkeys(FEATURES, 0.5)]})
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == MODEL
+        assert httpx.post(f"{url}/predict", json={"instances": [[1.0]]}).json()["code"] == "wrong_shape"
+        # with the fast path off our routes pass through BentoML's middleware: its metrics count them
+        metrics = httpx.get(f"{url}/metrics").text
+        assert any(line.startswith("bentoml_service_request_total{") and 'endpoint="/predict"' in line
+                   for line in metrics.splitlines())
     except AssertionError:
         print(log.read_text())
         raise
