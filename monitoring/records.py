@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,9 +19,9 @@ def pack(values: Sequence[float | None]) -> bytes:
     return np.array([np.nan if v is None else v for v in values], dtype=_F8).tobytes()
 
 
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    """A validated event as stored: the columns of the ``events`` table, in order."""
+class EventRow(NamedTuple):
+    """A validated event as stored: the columns of the ``events`` table, in order (a tuple, so a
+    batch goes to ``executemany`` as it is)."""
 
     request_id: str
     model: str
@@ -41,10 +41,6 @@ class EventRow:
             ev.prediction, None if ev.probabilities is None else pack(ev.probabilities),
             ev.latency_s, received_at,
         )
-
-    def as_tuple(self) -> tuple[Any, ...]:
-        return (self.request_id, self.model, self.version, self.ts, self.mode, self.features,
-                self.prediction, self.probabilities, self.latency_s, self.received_at)
 
 
 @dataclass

@@ -39,8 +39,9 @@ from monitoring.ingest import (
 from monitoring.jobs import JobManager, JobOutcome, build_trigger
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
+from monitoring.records import EventRow
 from monitoring.settings import MonitorSettings
-from monitoring.store import EventRow, EventStore, open_store, redact_url
+from monitoring.store import EventStore, open_store, redact_url
 
 log = logging.getLogger(__name__)
 

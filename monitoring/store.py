@@ -135,9 +135,9 @@ class EventStore:
         out: list[dict[str, int]] = []
         with self._write() as cur:
             for rows in batches:
-                by_model: dict[str, list[tuple[Any, ...]]] = {}
+                by_model: dict[str, list[EventRow]] = {}
                 for r in rows:
-                    by_model.setdefault(r.model, []).append(r.as_tuple())
+                    by_model.setdefault(r.model, []).append(r)
                 new = {}
                 for model, tuples in by_model.items():
                     cur.executemany(sql, tuples)

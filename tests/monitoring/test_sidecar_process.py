@@ -123,19 +123,19 @@ def test_sigterm_flushes_in_flight_events_and_exits_cleanly(home: Path, register
 
 
 @pytest.mark.parametrize(
-    ("env", "error"),
+    ("command", "env", "error"),
     [
         # a policy rule with a bad field stops start-up, naming the rule and the field
-        ({"MODELLOOP_MONITOR_POLICY_FILE": "{bad_policy}"},
+        (["monitor", "--port", "0"], {"MODELLOOP_MONITOR_POLICY_FILE": "{bad_policy}"},
          "error: {bad_policy}: rule 'x' (rules[0]): field 'threshold': must be between 0 and 1 "
          "for metric accuracy (got 2)"),
-        # a setting that does not parse names the variable
-        ({"MODELLOOP_MONITOR_WINDOW_EVENTS": "lots"},
+        # a setting that does not parse names the variable (`monitor run` is the same command)
+        (["monitor", "run", "--port", "0"], {"MODELLOOP_MONITOR_WINDOW_EVENTS": "lots"},
          "error: setting window_events (MODELLOOP_MONITOR_WINDOW_EVENTS): Input should be a valid "
          "integer, unable to parse string as an integer"),
     ],
 )
-def test_bad_configuration_stops_start_up_with_one_line(home: Path, tmp_path: Path,
+def test_bad_configuration_stops_start_up_with_one_line(home: Path, tmp_path: Path, command: list[str],
                                                         env: dict[str, str], error: str) -> None:
     import os
     import subprocess
@@ -145,7 +145,7 @@ def test_bad_configuration_stops_start_up_with_one_line(home: Path, tmp_path: Pa
     bad_policy.write_text("rules:\n  - {name: x, metric: accuracy, threshold: 2}\n")
     env = {k: v.format(bad_policy=bad_policy) for k, v in env.items()}
     exe = Path(sys.executable).with_name("modelloop")
-    result = subprocess.run([str(exe), "monitor", "--port", "0"], capture_output=True, text=True,
+    result = subprocess.run([str(exe), *command], capture_output=True, text=True,
                             env={**os.environ, "MODELLOOP_HOME": str(home), **env}, timeout=60)
     assert result.returncode == 2
     assert " ".join(result.stderr.split()) == error.format(bad_policy=bad_policy)
