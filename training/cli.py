@@ -154,7 +154,7 @@ def train(
             ds, name=name, config=config, settings=settings, registry=registry, promote=promote,
             progress=progress, console=console,
             on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
-            lineage={"trigger": "cli"},
+            lineage={"trigger": "cli", "dataset_rows": rows},
         )
     except DataError as exc:
         raise _fail(str(exc), 2) from exc

@@ -97,3 +97,39 @@ class TrainingSettings(HomeSettings):
 
     progress: bool = True
     """Show a progress bar while training (on stderr)."""
+
+    # -- the retraining job (`modelloop retrain`) -------------------------------------------------
+    sidecar_url: str = "http://127.0.0.1:8001"
+    """Where the retraining job fetches labelled production data (the sidecar's
+    ``/export/labelled``)."""
+
+    retrain_window_s: NonNegativeFloat = 7 * 24 * 3600
+    """Only production rows labelled within this many seconds count (0: all)."""
+
+    retrain_max_rows: PositiveInt = 100_000
+    """At most this many labelled production rows are fetched."""
+
+    retrain_min_rows: PositiveInt = 200
+    """Fewer labelled production rows than this and the job refuses to train (exit 2)."""
+
+    retrain_min_class_share: NonNegativeFloat = 0.02
+    """Each class must be at least this share of the labelled production rows."""
+
+    retrain_holdout_fraction: float = Field(default=0.3, gt=0, lt=1)
+    """The most recent share of labelled production rows: both champion and challenger are
+    judged on it, and the challenger never trains on it."""
+
+    retrain_original_ratio: NonNegativeFloat = 1.0
+    """Original training rows kept per production training row (the rest are sampled away), so
+    new data is not drowned by old."""
+
+    retrain_metric: str = "accuracy"
+    """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1``, ``roc_auc``);
+    regressors use ``r2``."""
+
+    retrain_margin: NonNegativeFloat = 0.01
+    """The challenger is promoted only when its metric beats the champion's by at least this."""
+
+    retrain_latency_tolerance: NonNegativeFloat = 0.5
+    """The challenger may be at most this much slower (single-row median ONNX Runtime call) than
+    the champion; 0.5 allows 1.5x, room for a noisy machine."""

@@ -1,0 +1,155 @@
+"""The retraining job against a real sidecar process: it fetches labelled production data,
+trains a challenger with the champion's config, judges both on the same recent holdout and
+promotes only a better model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+
+from modelloop.registry import Registry
+from modelloop.synthetic import TARGET, SyntheticTask
+from tests.monitoring.helpers import sidecar_process
+from training.data import load_data
+from training.pipeline import train_and_register
+from training.retrain import Score, decide
+from training.settings import TrainingSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SHIFT = {"f03": 2.0, "f07": -1.5}
+
+
+def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float) -> None:
+    """Predict ``df`` with the production model as serving would, send the events, then the
+    true labels as feedback."""
+    mv = registry.get("demo")
+    sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
+    x = df[mv.metadata.feature_names].to_numpy(np.float32)
+    proba = sess.run(None, {"input": x})[0]
+    ids = [uuid.uuid4().hex for _ in range(len(df))]
+    events = [{"request_id": rid, "timestamp": t0 + i * 0.01, "model": "demo",
+               "version": mv.version, "features": row.tolist(), "prediction": int(p.argmax()),
+               "probabilities": p.tolist(), "latency_s": 0.001}
+              for i, (rid, row, p) in enumerate(zip(ids, x, proba, strict=True))]
+    for start in range(0, len(events), 500):
+        r = httpx.post(f"{url}/events", json={"events": events[start:start + 500]}, timeout=60)
+        assert r.status_code == 200, r.text
+    labels = [{"request_id": rid, "label": str(y)} for rid, y in zip(ids, df[TARGET], strict=True)]
+    r = httpx.post(f"{url}/feedback", json={"feedback": labels}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def _retrain(home: Path, url: str, *args: str) -> tuple[int, dict | None, str]:
+    exe = Path(sys.executable).with_name("modelloop")
+    proc = subprocess.run([str(exe), "retrain", "--name", "demo", "--sidecar-url", url, *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={"MODELLOOP_HOME": str(home), "PATH": "/usr/bin:/bin",
+                               "MODELLOOP_TRAINING_EPOCHS": "40"})
+    out = json.loads(proc.stdout) if proc.returncode == 0 else None
+    return proc.returncode, out, proc.stderr
+
+
+@pytest.fixture
+def champion(home: Path) -> Registry:
+    registry = Registry(home / "registry")
+    settings = TrainingSettings(home=home, epochs=40, progress=False)
+    train_and_register(load_data("synthetic", rows=3000), name="demo", settings=settings,
+                       registry=registry, promote=True)
+    return registry
+
+
+def test_better_challenger_is_promoted_with_lineage(home: Path, champion: Registry,
+                                                    tmp_path: Path) -> None:
+    task = SyntheticTask(seed=0)
+    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+        # production data drifted: two features moved and the concept changed
+        _send(sidecar.url, champion, task.sample(1500, seed=50, shift=SHIFT, concept=1.0),
+              time.time() - 60)
+        code, out, err = _retrain(home, sidecar.url)
+    assert code == 0, err
+    assert out is not None and out["promoted"], out
+    assert out["challenger"]["metric"] >= out["champion"]["metric"] + out["margin"]
+    assert out["data"]["holdout_rows"] == 450 and out["data"]["production_rows"] == 1500
+    v2 = champion.get("demo", "production").metadata
+    assert v2.version == 2 and v2.parent_version == 1
+    assert champion.aliases("demo") == {"production": 2, "previous": 1}
+    gate = v2.lineage["gate"]
+    assert gate["promoted"] and gate["champion_version"] == 1
+    assert v2.lineage["original_dataset"] == "synthetic"
+    assert v2.config == champion.get("demo", 1).metadata.config  # the champion's configuration
+
+
+def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Registry,
+                                                       tmp_path: Path) -> None:
+    task = SyntheticTask(seed=0)
+    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+        # nothing changed: the challenger cannot beat the champion by 5 points
+        _send(sidecar.url, champion, task.sample(1000, seed=60), time.time() - 60)
+        code, out, err = _retrain(home, sidecar.url, "--margin", "0.05")
+    assert code == 0, err
+    assert out is not None and not out["promoted"], out
+    assert "does not beat champion" in out["reason"]
+    assert champion.aliases("demo") == {"production": 1}
+    rejected = champion.get("demo", 2).metadata
+    assert rejected.lineage["gate"]["promoted"] is False
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        # no labelled production data at all
+        (0, "only 0 labelled production rows"),
+        # too few rows to judge
+        (50, "only 50 labelled production rows"),
+    ],
+)
+def test_unusable_production_data_exits_2(home: Path, champion: Registry, tmp_path: Path,
+                                          rows: int, message: str) -> None:
+    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+        if rows:
+            _send(sidecar.url, champion, SyntheticTask(seed=0).sample(rows, seed=70), time.time())
+        code, _, err = _retrain(home, sidecar.url)
+    assert code == 2
+    assert message in err
+    assert champion.aliases("demo") == {"production": 1}
+
+
+def test_sidecar_unreachable_exits_2(home: Path, champion: Registry) -> None:
+    code, _, err = _retrain(home, "http://127.0.0.1:9")
+    assert code == 2 and "cannot reach the sidecar" in err
+
+
+def _score(metric: float, latency: float = 1e-4) -> Score:
+    return Score(version=1, metric=metric, metrics={}, latency_p50_s=latency)
+
+
+@pytest.mark.parametrize(
+    ("champ", "chall", "parity", "promote", "reason"),
+    [
+        # clearly better, as fast
+        (_score(0.60), _score(0.90), True, True, "beats champion"),
+        # better, but by less than the margin
+        (_score(0.90), _score(0.905), True, False, "does not beat champion"),
+        # worse
+        (_score(0.90), _score(0.80), True, False, "does not beat champion"),
+        # better but much slower
+        (_score(0.60), _score(0.90, latency=1e-3), True, False, "latency"),
+        # better but its export is not faithful
+        (_score(0.60), _score(0.90), False, False, "parity"),
+    ],
+)
+def test_gate(champ: Score, chall: Score, parity: bool, promote: bool, reason: str) -> None:
+    decision, why = decide(champ, chall, parity_ok=parity, margin=0.01, latency_tolerance=0.5,
+                           metric="accuracy")
+    assert decision is promote
+    assert reason in why

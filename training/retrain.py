@@ -1,0 +1,274 @@
+"""The retraining job: train a challenger on the original data plus labelled production data,
+compare it with the champion on the same recent holdout, and promote it only when it is better.
+
+Every trigger (the sidecar's local process, a Kubernetes Job, a container, a person) runs
+``modelloop retrain --name MODEL``. The steps, each its own function:
+
+1. :func:`fetch_labelled`: labelled production rows from the sidecar (``GET /labelled``).
+2. :func:`check_production_data`: enough rows, the champion's features, more than one class.
+3. :func:`split_recent`: the most recent rows are the holdout both models are judged on; the rest
+   joins the original training data.
+4. ``train_model`` with the champion's stored configuration and classes.
+5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency).
+6. Register the challenger (with lineage either way); promote only when the gate passes.
+
+Exit codes: 0 the job ran (the JSON says whether it promoted), 2 unusable data or arguments,
+3 the challenger failed its export parity check or training diverged, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+from modelloop.registry import ModelVersion, Registry
+from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, Task
+from training.config import TrainingConfig
+from training.data import DataError, load_data
+from training.evaluate import evaluate
+from training.pipeline import TrainedModel, register_trained, train_model
+from training.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+
+
+class RetrainError(Exception):
+    """The job cannot go on; the message says why (exit code 2)."""
+
+
+@dataclass
+class Score:
+    """One model judged on the holdout."""
+
+    version: int
+    metric: float
+    metrics: dict[str, float]
+    latency_p50_s: float
+    """Median time of one single-row ONNX Runtime call."""
+
+
+@dataclass
+class RetrainResult:
+    """What the job did; printed as JSON on stdout."""
+
+    model: str
+    promoted: bool
+    reason: str
+    metric: str
+    margin: float
+    champion: Score
+    challenger: Score | None
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fetch_labelled(sidecar_url: str, model: str, *, since: float, limit: int,
+                   timeout_s: float = 60.0) -> pd.DataFrame:
+    """Labelled production rows of ``model`` from the sidecar: features in the reference
+    sample's columns, ``_ml_label`` (class index or value), ``version`` and ``timestamp``."""
+    url = sidecar_url.rstrip("/") + "/export/labelled"
+    try:
+        resp = httpx.get(url, params={"model": model, "since": since, "limit": limit},
+                         timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise RetrainError(f"cannot reach the sidecar at {url}: {exc}") from exc
+    if resp.status_code == 404:
+        return pd.DataFrame()
+    if resp.status_code != 200:
+        raise RetrainError(f"sidecar {url} answered {resp.status_code}: {resp.text[:200]}")
+    return pd.read_parquet(io.BytesIO(resp.content))
+
+
+def check_production_data(frame: pd.DataFrame, champion: ModelVersion, *, min_rows: int,
+                          min_class_share: float) -> None:
+    """Refuse data that cannot make a fair challenger: too few rows, other features, one class."""
+    meta = champion.metadata
+    if len(frame) < min_rows:
+        raise RetrainError(f"only {len(frame)} labelled production rows of {meta.name!r} in the "
+                           f"window; at least {min_rows} are needed (retrain_min_rows)")
+    missing = [f for f in meta.feature_names if f not in frame.columns]
+    if missing:
+        raise RetrainError(f"labelled production data lacks the champion's features {missing[:5]}")
+    if meta.task is Task.classification:
+        counts = frame[REF_LABEL].round().astype(int).value_counts()
+        assert meta.class_labels is not None
+        bad = [i for i in counts.index if not 0 <= i < len(meta.class_labels)]
+        if bad:
+            raise RetrainError(f"labels {bad} are not classes of {meta.name!r}")
+        if len(counts) < 2:
+            raise RetrainError(f"labelled production data holds one class only "
+                               f"({meta.class_labels[int(counts.index[0])]!r})")
+        share = counts.min() / counts.sum()
+        if share < min_class_share:
+            rare = meta.class_labels[int(counts.idxmin())]
+            raise RetrainError(f"class {rare!r} is {share:.1%} of the labelled production data, "
+                               f"below retrain_min_class_share {min_class_share:.1%}")
+
+
+def split_recent(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Older rows to train on, the most recent ``holdout_fraction`` to judge both models on."""
+    ordered = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    cut = len(ordered) - max(1, round(len(ordered) * holdout_fraction))
+    return ordered.iloc[:cut], ordered.iloc[cut:]
+
+
+def _latency_p50(session: ort.InferenceSession, row: np.ndarray, runs: int) -> float:
+    names = [o.name for o in session.get_outputs()]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(names, {"input": row})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFrame, *,
+            metric: str, latency_runs: int = 300) -> tuple[Score, Score]:
+    """Score champion and challenger on the same holdout rows and time both, interleaved so
+    that a busy machine slows both alike."""
+    meta = champion.metadata
+    x = holdout[meta.feature_names].to_numpy(np.float32)
+    y = holdout[REF_LABEL].to_numpy()
+    if meta.task is Task.classification:
+        y = y.round().astype(np.int64)
+    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
+                "challenger": _session(challenger_onnx)}
+    outputs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
+    evals = {k: evaluate(meta.task, y, out, meta.class_labels).metrics for k, out in outputs.items()}
+    for m in evals.values():
+        if metric not in m:
+            raise RetrainError(f"metric {metric!r} is not measured for {meta.task.value} "
+                               f"models (have: {', '.join(sorted(m))})")
+    row = x[:1]
+    lat: dict[str, list[float]] = {"champion": [], "challenger": []}
+    for _ in range(3):
+        for k, s in sessions.items():
+            lat[k].append(_latency_p50(s, row, latency_runs // 3))
+    champ, chall = (
+        Score(version=v, metric=evals[k][metric], metrics=evals[k], latency_p50_s=min(lat[k]))
+        for k, v in (("champion", meta.version), ("challenger", 0))
+    )
+    return champ, chall
+
+
+def _session(model: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def original_data(champion: ModelVersion, config: TrainingConfig) -> pd.DataFrame:
+    """The data the model line was first trained on (built-in dataset or file), as a frame with
+    string labels, ready to take production rows."""
+    lineage = champion.metadata.lineage
+    source = lineage.get("original_dataset", champion.metadata.dataset)
+    try:
+        ds = load_data(source, config.target, task=config.task, seed=config.seed,
+                       rows=lineage.get("dataset_rows"),
+                       class_labels=champion.metadata.class_labels)
+    except DataError as exc:
+        raise RetrainError(f"original training data {source!r}: {exc}") from exc
+    return ds.to_frame()
+
+
+def _production_frame(rows: pd.DataFrame, champion: ModelVersion, target: str) -> pd.DataFrame:
+    meta = champion.metadata
+    frame = rows[meta.feature_names].astype(np.float32).copy()
+    if meta.task is Task.classification:
+        assert meta.class_labels is not None
+        labels = np.asarray(meta.class_labels, dtype=object)
+        frame[target] = labels[rows[REF_LABEL].round().astype(int).to_numpy()]
+    else:
+        frame[target] = rows[REF_LABEL].to_numpy(np.float64)
+    return frame
+
+
+def decide(champion: Score, challenger: Score, *, parity_ok: bool, margin: float,
+           latency_tolerance: float, metric: str) -> tuple[bool, str]:
+    """The gate: promote only a faithful export that beats the champion by ``margin`` on the
+    holdout and is at most ``1 + latency_tolerance`` times slower. Returns (promote, reason)."""
+    gain = challenger.metric - champion.metric
+    if not parity_ok:
+        return False, "challenger failed its export parity check"
+    if gain < margin:
+        return False, (f"challenger {metric} {challenger.metric:.4f} does not beat champion "
+                       f"{champion.metric:.4f} by the margin {margin:.4f}")
+    if challenger.latency_p50_s > champion.latency_p50_s * (1 + latency_tolerance):
+        return False, (f"challenger latency {challenger.latency_p50_s * 1e6:.0f} us is over "
+                       f"champion {champion.latency_p50_s * 1e6:.0f} us x {1 + latency_tolerance:.2f}")
+    return True, (f"challenger {metric} {challenger.metric:.4f} beats champion "
+                  f"{champion.metric:.4f} by {gain:+.4f} (margin {margin:.4f})")
+
+
+def retrain(
+    name: str,
+    *,
+    settings: TrainingSettings,
+    registry: Registry,
+    sidecar_url: str,
+    trigger: str = "manual",
+    now: float | None = None,
+    progress: bool = False,
+) -> RetrainResult:
+    """Run the whole job (see the module docstring) and return what it decided."""
+    now = time.time() if now is None else now
+    champion = registry.get(name, ALIAS_PRODUCTION)
+    meta = champion.metadata
+    config = TrainingConfig.model_validate(meta.config)
+    metric = settings.retrain_metric if meta.task is Task.classification else "r2"
+    since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
+
+    production = fetch_labelled(sidecar_url, name, since=since, limit=settings.retrain_max_rows)
+    check_production_data(production, champion, min_rows=settings.retrain_min_rows,
+                          min_class_share=settings.retrain_min_class_share)
+    recent_train, holdout = split_recent(production, settings.retrain_holdout_fraction)
+    original = original_data(champion, config)
+    cap = int(len(recent_train) * settings.retrain_original_ratio)
+    if len(original) > cap:
+        original = original.sample(n=cap, random_state=config.seed)
+    train_frame = pd.concat([original, _production_frame(recent_train, champion, config.target)],
+                            ignore_index=True)
+    data = {
+        "window_start": since, "window_end": now, "production_rows": len(production),
+        "production_train_rows": len(recent_train), "holdout_rows": len(holdout),
+        "original_rows": len(original), "train_rows": len(train_frame),
+        "holdout_start": float(holdout["timestamp"].min()),
+    }
+    log.info("retraining %s (champion v%d): %d original + %d production rows, holdout %d",
+             name, meta.version, len(original), len(recent_train), len(holdout))
+
+    trained: TrainedModel = train_model(
+        train_frame, name=name, config=config, settings=settings,
+        class_labels=meta.class_labels, parent_version=meta.version, progress=progress,
+        lineage={"trigger": trigger, "original_dataset":
+                 meta.lineage.get("original_dataset", meta.dataset),
+                 "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
+    )
+    champ, chall = compare(champion, trained.onnx_bytes, holdout, metric=metric)
+    parity_ok = trained.metadata.parity is not None and trained.metadata.parity.passed
+    promote, reason = decide(champ, chall, parity_ok=parity_ok, margin=settings.retrain_margin,
+                             latency_tolerance=settings.retrain_latency_tolerance, metric=metric)
+    trained.metadata.lineage["gate"] = {
+        "metric": metric, "margin": settings.retrain_margin, "promoted": promote,
+        "reason": reason, "champion_version": meta.version, "champion_score": champ.metric,
+        "challenger_score": chall.metric, "champion_latency_p50_s": champ.latency_p50_s,
+        "challenger_latency_p50_s": chall.latency_p50_s,
+    }
+    registered = register_trained(trained, registry, promote=promote)
+    chall.version = registered.version
+    log.info("%s v%d %s: %s", name, registered.version,
+             "promoted" if promote else "kept out of production", reason)
+    return RetrainResult(model=name, promoted=promote, reason=reason, metric=metric,
+                         margin=settings.retrain_margin, champion=champ, challenger=chall,
+                         data=data)

@@ -1,0 +1,71 @@
+"""``modelloop retrain``: the command every retraining trigger runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from modelloop.registry import Registry, RegistryError
+from training.export import ExportError
+from training.retrain import RetrainError, retrain
+from training.settings import TrainingSettings
+from training.trainer import TrainingError
+
+retrain_app = typer.Typer(add_completion=False)
+
+
+@retrain_app.command()
+def retrain_command(
+    name: Annotated[str, typer.Option("--name", help="Registered model to retrain.")],
+    sidecar_url: Annotated[str | None, typer.Option(
+        "--sidecar-url", help="Sidecar to fetch labelled production data from (default: "
+        "MODELLOOP_TRAINING_SIDECAR_URL).")] = None,
+    trigger: Annotated[str, typer.Option(
+        "--trigger", help="What started the job (recorded in the lineage).")] = "manual",
+    window_s: Annotated[float | None, typer.Option(
+        "--window-s", min=0, help="Only rows labelled in the last N seconds (0: all).")] = None,
+    margin: Annotated[float | None, typer.Option(
+        "--margin", min=0, help="How much the challenger must beat the champion by.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+) -> None:
+    """Retrain MODEL on its original data plus labelled production data, judge the challenger
+    against the production model on the most recent labelled rows, and promote it only if it
+    is better by the margin, passed its ONNX parity check and is not slower.
+
+    Prints a JSON summary on stdout. Exit codes: 0 the job ran (see "promoted"), 2 unusable
+    data or settings, 3 training diverged or the export failed its parity check, 1 any other
+    failure (a registry or sidecar error).
+    """
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = {k: v for k, v in {"sidecar_url": sidecar_url, "retrain_window_s": window_s,
+                                       "retrain_margin": margin}.items() if v is not None}
+        settings = TrainingSettings(**overrides)
+    except ValidationError as exc:
+        console.print(f"[red]error:[/] settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+        raise typer.Exit(2) from exc
+    registry = Registry(settings.registry_dir)
+    try:
+        result = retrain(name, settings=settings, registry=registry,
+                         sidecar_url=settings.sidecar_url, trigger=trigger, progress=progress)
+    except RetrainError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    except (TrainingError, ExportError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(3) from exc
+    except RegistryError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(result.to_json(), indent=2))
+    verdict = "[green]promoted[/]" if result.promoted else "[yellow]not promoted[/]"
+    console.print(f"{name}: challenger v{result.challenger.version if result.challenger else '-'} "
+                  f"{verdict}: {result.reason}")
