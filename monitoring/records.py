@@ -101,7 +101,7 @@ def to_window(rows: list[Any], features: bool) -> Window:
                        else [() for _ in range(8 if features else 6)])
 
     def floats(i: int) -> np.ndarray:
-        return np.array([np.nan if v is None else v for v in cols[i]], dtype=np.float64)
+        return np.array(cols[i], dtype=np.float64)  # NULL (None) becomes NaN
 
     win = Window(
         version=np.array(cols[0], dtype=np.int64), ts=floats(1), prediction=floats(2),
