@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -281,7 +283,7 @@ def test_retraining_cronjob_is_a_suspended_template_and_batch_is_indexed() -> No
     docs = render((), ALL_ON)
     cron = find(docs, "CronJob")
     assert cron["spec"]["suspend"] is True
-    assert containers(cron)["retrain"]["args"] == ["retrain", "--name", "demo"]
+    assert containers(cron)["retrain"]["args"] == ["retrain", "--name", "demo", "--trigger", "schedule"]
     batch = find(docs, "Job", f"{NAME}-modelloop-batch-1")
     assert batch["spec"]["completionMode"] == "Indexed"
     (container,) = containers(batch).values()
@@ -382,3 +384,58 @@ def test_chart_compose_and_package_agree_on_the_version() -> None:
     assert chart["appVersion"] == version
     compose = (ROOT / "docker-compose.yml").read_text()
     assert re.search(r"image: modelloop:\$\{MODELLOOP_TAG:-" + re.escape(version) + r"\}", compose)
+
+
+def _peer_admits(peer: dict, labels: dict[str, str]) -> bool:
+    """A NetworkPolicy `from` peer of this namespace whose pod selector matches ``labels``."""
+    return "namespaceSelector" not in peer and peer["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_sidecar_started_jobs_work_with_the_charts_settings() -> None:
+    """The Job the sidecar itself builds (monitoring/triggers_cluster.py) from the settings the
+    chart gives it: valid, in this release's account, claim and image, told where the labelled
+    data is, and let through the NetworkPolicy to fetch it."""
+    import importlib.util
+    import shlex
+
+    if importlib.util.find_spec("monitoring.triggers_cluster") is None:
+        pytest.skip("monitoring.triggers_cluster does not exist yet")
+    from monitoring.triggers import JobRequest, render_command
+    from monitoring.triggers_cluster import job_manifest
+
+    docs = render()
+    env = settings_env(docs)
+    request = JobRequest(job_id="retrain-demo-1", model="demo", version=1, trigger="alertmanager",
+                         reason="ModelloopDataDrift")
+    command = render_command(env["MODELLOOP_MONITOR_RETRAIN_COMMAND"], request)
+    service = find(docs, "Service")
+    url = f"http://{service['metadata']['name']}.models.svc:8001"
+    assert command == ["modelloop", "retrain", "--name", "demo", "--trigger", "alertmanager",
+                       "--sidecar-url", url]
+    assert env["MODELLOOP_TRAINING_SIDECAR_URL"] == url  # the chart's own jobs
+    job = job_manifest(
+        JobRequest(**{**request.__dict__, "command": command}),
+        namespace=env["MODELLOOP_MONITOR_K8S_NAMESPACE"], image=env["MODELLOOP_MONITOR_JOB_IMAGE"],
+        service_account=env["MODELLOOP_MONITOR_K8S_SERVICE_ACCOUNT"],
+        claim=env["MODELLOOP_MONITOR_K8S_REGISTRY_CLAIM"], ttl_s=float(env["MODELLOOP_MONITOR_K8S_TTL_S"]),
+    )
+    kubernetes_validate.validate(job, KUBE_VERSIONS[0], strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert find(docs, "ServiceAccount", pod["serviceAccountName"])
+    assert find(docs, "PersistentVolumeClaim", pod["volumes"][0]["persistentVolumeClaim"]["claimName"])
+    assert pod["containers"][0]["image"] == containers(find(docs, "Deployment"))["serving"]["image"]
+    policy = find(docs, "NetworkPolicy", f"{NAME}-modelloop")
+    (monitor_rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "monitor"]
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    cron_labels = find(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert any(_peer_admits(p, job_labels) for p in monitor_rule["from"])
+    assert any(_peer_admits(p, cron_labels) for p in monitor_rule["from"])
+    # and the retraining command knows these options
+    program = shlex.split(env["MODELLOOP_MONITOR_RETRAIN_COMMAND"])[0]
+    help_text = run([str(Path(sys.executable).with_name(program)), "retrain", "--help"], timeout=60)
+    assert "--sidecar-url" in help_text.stdout and "--trigger" in help_text.stdout
+
+
+def test_a_retrain_command_of_ones_own_replaces_the_default() -> None:
+    env = settings_env(render((), ("monitor.settings.retrain_command=my-retrain {model}",)))
+    assert env["MODELLOOP_MONITOR_RETRAIN_COMMAND"] == "my-retrain {model}"

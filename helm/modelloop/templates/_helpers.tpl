@@ -151,3 +151,8 @@ volumeMounts:
 {{- define "modelloop.sidecarUsesApi" -}}
 {{- if and .Values.monitor.enabled (eq (toString (default "" .Values.monitor.settings.trigger)) "kubernetes") }}true{{ end }}
 {{- end }}
+
+{{/* The sidecars behind the Service: where jobs in other pods fetch labelled data. */}}
+{{- define "modelloop.sidecarServiceUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "modelloop.fullname" .) .Release.Namespace .Values.service.monitorPort }}
+{{- end }}
