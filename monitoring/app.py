@@ -67,17 +67,15 @@ def create_app(sidecar: Sidecar) -> Starlette:
     async def events(request: Request) -> Response:
         try:
             body = await _body(request, limit)
-            rows = await run_in_threadpool(sidecar.parse_events, body)
+            accepted, new = await asyncio.wrap_future(sidecar.submit_events(body))
         except InputError as exc:
             if exc.reason == "too_large":
                 sidecar.reject("too_large")
             return ORJSONResponse(exc.body(), status_code=exc.status)
-        try:
-            new = await asyncio.wrap_future(sidecar.submit_events(rows))
         except Exception as exc:  # nothing was acknowledged: serving keeps the batch and retries
             return _error(503, f"events not stored: {exc}")
         sidecar.ingested(new)
-        return ORJSONResponse({"accepted": len(rows), "new": sum(new.values())})
+        return ORJSONResponse({"accepted": accepted, "new": sum(new.values())})
 
     async def feedback(request: Request) -> Response:
         try:

@@ -77,7 +77,7 @@ class Sidecar:
         self.engine = PolicyEngine(self.policy)
         self.store = open_store(s.store_dsn, s.store_table_prefix, s.sqlite_synchronous)
         self.catalog = ModelCatalog(Registry(s.registry_dir), s.models)
-        self.writer = GroupCommitWriter(self.store)
+        self.writer = GroupCommitWriter(self.store, self.parse_events)
         self.jobs = JobManager(self.store, build_trigger(s), self.metrics,
                                command=s.retrain_command, window_s=s.job_window_s,
                                timeout_s=s.job_timeout_s, clock=self.clock)
@@ -150,9 +150,10 @@ class Sidecar:
     def reject(self, reason: str, count: int = 1) -> None:
         self.metrics.events_rejected.labels(reason).inc(count)
 
-    def submit_events(self, rows: list[EventRow]) -> Future[dict[str, int]]:
-        """Queue validated rows for the next group commit (the future resolves once durable)."""
-        return self.writer.submit(rows)
+    def submit_events(self, body: bytes) -> Future[tuple[int, dict[str, int]]]:
+        """Queue a ``POST /events`` body: validated and committed by the writer thread; the
+        future resolves once the events are durable (or raises :class:`InputError`)."""
+        return self.writer.submit(body)
 
     def ingested(self, new_by_model: dict[str, int]) -> None:
         for model, n in new_by_model.items():

@@ -139,8 +139,8 @@ class EventStore:
                 for r in rows:
                     by_model.setdefault(r.model, []).append(r)
                 new = {}
-                for model, tuples in by_model.items():
-                    cur.executemany(sql, tuples)
+                for model, group in by_model.items():
+                    cur.executemany(sql, group)
                     new[model] = int(cur.rowcount)
                 out.append(new)
         return out

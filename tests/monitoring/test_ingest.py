@@ -164,13 +164,12 @@ def test_labels_resolve_to_class_indexes(registered: TrainedModel, home: Path, l
 def test_group_commit_merges_concurrent_batches_and_flushes_on_close(
         tmp_path: Path, catalog: ModelCatalog) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'e.db'}")
-    writer = GroupCommitWriter(store)
+    writer = GroupCommitWriter(store, lambda b: parse_events(b, catalog, 0.0))
     futures = []
     lock = threading.Lock()
 
     def send(k: int) -> None:
-        rows = parse_events(body(*[event(request_id=f"{k}-{i}") for i in range(50)]), catalog, 0.0)
-        fut = writer.submit(rows)
+        fut = writer.submit(body(*[event(request_id=f"{k}-{i}") for i in range(50)]))
         with lock:
             futures.append(fut)
 
@@ -179,11 +178,14 @@ def test_group_commit_merges_concurrent_batches_and_flushes_on_close(
         t.start()
     for t in threads:
         t.join()
+    bad = writer.submit(body(event(request_id="x", version=0)))
     writer.close()  # the shutdown flush: every queued batch is committed before it returns
     assert all(f.done() for f in futures)
-    assert sorted(f.result()["churn"] for f in futures) == [50] * 8
+    assert sorted(f.result() for f in futures) == [(50, {"churn": 50})] * 8
+    with pytest.raises(InputError, match="version"):  # a bad batch fails alone
+        bad.result()
     assert store.count_events() == 400
-    late = writer.submit([])
+    late = writer.submit(body(event(request_id="late")))
     with pytest.raises(RuntimeError, match="shutting down"):
         late.result()
     store.close()
