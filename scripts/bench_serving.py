@@ -19,11 +19,13 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,36 +89,74 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class Server:
+    """A server under test: its process group and where to send load."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the whole process tree so far."""
+        import psutil
+
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+        return total
+
+
 @contextlib.contextmanager
-def process(cmd: list[str], ready_url: str, env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[None]:
-    """Start a server process group, wait until ready_url answers 200, stop it afterwards."""
+def servers(specs: list[tuple[str, list[str], str, dict[str, str], Path | None]], tmp: Path) -> Iterator[dict[str, Server]]:
+    """Start every (name, command, ready path, env, cwd) at once; wait until all answer; stop them.
+    Running side by side, they can be measured in alternation under the same background load."""
     import httpx
 
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=cwd)
-    deadline = time.monotonic() + 120
+    started: dict[str, Server] = {}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd} not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield
+        for name, cmd, ready, env, cwd in specs:
+            port = free_port()
+            log = tmp / f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([*cmd, "--port", str(port)], env={**os.environ, **env}, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+            started[name] = Server(name, proc, f"http://127.0.0.1:{port}", log)
+            started[name].ready = ready  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 180
+        for srv in started.values():
+            while True:
+                if srv.proc.poll() is not None:
+                    raise RuntimeError(f"{srv.name} exited:\n{srv.log.read_text()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(srv.url + srv.ready, timeout=1).status_code == 200:  # type: ignore[attr-defined]
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{srv.name} not ready:\n{srv.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield started
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for srv in started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(srv.proc.pid, signal.SIGTERM)
+        for srv in started.values():
+            try:
+                srv.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(srv.proc.pid, signal.SIGKILL)
 
 
-def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[str, str], tmp: Path) -> dict[str, float]:
-    """Run wrk with a POST body; returns req/s, p50/p99 (ms), errors (non-2xx + socket errors)."""
+def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[str, str], tmp: Path,
+        server: Server | None = None) -> dict[str, float]:
+    """Run wrk with a POST body: req/s, p50/p99 (ms), errors (non-2xx + socket errors), and the
+    server's CPU microseconds per request."""
     lua = tmp / "post.lua"
     lines = ['wrk.method = "POST"', f'local f = io.open("{body}", "rb")', "wrk.body = f:read('*a')", "f:close()"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
@@ -124,8 +164,10 @@ def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[st
     threads = min(2, connections)
     # a short warm-up, then the measured run
     subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", "-d1s", "-s", str(lua), url], capture_output=True)
+    cpu0 = server.cpu_seconds() if server else 0.0
     done = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s",
                            str(lua), url], capture_output=True, text=True)
+    cpu1 = server.cpu_seconds() if server else 0.0
     out = done.stdout
     if "Requests/sec" not in out:
         raise RuntimeError(f"wrk failed: {done.stdout}\n{done.stderr}")
@@ -138,10 +180,12 @@ def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[st
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     rps = float(re.findall(r"Requests/sec:\s+([\d.]+)", out)[0])
+    count = int(re.findall(r"(\d+) requests in", out)[0])
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "errors": errors}
+    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "errors": errors,
+            "cpu_us": (cpu1 - cpu0) / count * 1e6 if count and server else float("nan")}
 
 
 def json_body(path: Path, rows: int, seed: int = 0) -> Path:
@@ -159,11 +203,13 @@ def oip_binary_body(path: Path, rows: int) -> tuple[Path, dict[str, str]]:
     return path, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
 
 
-def raw_ort(onnx_path: Path, batch: int, seconds: float = 2.0) -> float:
-    """Rows/s of ONNX Runtime in-process (all cores) at one batch size."""
+def raw_ort(onnx_path: Path, batch: int, seconds: float = 2.0, threads: int = 0) -> float:
+    """Rows/s of ONNX Runtime in-process at one batch size (threads 0: all cores)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).normal(size=(batch, N_FEATURES)).astype(np.float32)
     session.run(None, {"input": x})
     rows, start = 0, time.perf_counter()
@@ -194,23 +240,33 @@ def batch_cli(home: Path, tmp: Path, rows: int, chunk: int, onnx_path: Path) -> 
     del cols
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run([str(BIN / "modelloop"), "batch", "score", str(src), str(tmp / "batch_out.parquet"),
-                    "--name", "standard", "--chunk-rows", str(chunk)], check=True, capture_output=True,
-                   env={**os.environ, "MODELLOOP_HOME": str(home)})
-    seconds = time.perf_counter() - start
+    done = subprocess.run([str(BIN / "modelloop"), "batch", "score", str(src), str(tmp / "batch_out.parquet"),
+                           "--name", "standard", "--chunk-rows", str(chunk)], check=True, capture_output=True,
+                          text=True, env={**os.environ, "MODELLOOP_HOME": str(home), "COLUMNS": "200"})
+    wall = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    scoring = float(re.findall(r"\(([\d,]+) rows/s", done.stderr)[-1].replace(",", ""))
     raw = raw_ort(onnx_path, chunk, seconds=3)
     note = "" if rss_mb > before / 1024 else " (peak of an earlier child)"
     return [
-        (f"batch CLI {rows:,} x {N_FEATURES} Parquet, chunk {chunk}", f"{rows / seconds:,.0f} rows/s "
-         f"({rows / seconds / raw:.2f}x raw ORT at batch {chunk}: {raw:,.0f} rows/s)"),
-        ("batch CLI peak RSS", f"{rss_mb:,.0f} MiB{note}"),
+        (f"{rows:,} x {N_FEATURES} Parquet -> Parquet, chunk {chunk}",
+         f"{scoring:,.0f} rows/s scoring ({scoring / raw:.2f}x raw ORT at batch {chunk}: {raw:,.0f} rows/s); "
+         f"{rows / wall:,.0f} rows/s including process start-up and model load"),
+        ("peak RSS of `modelloop batch score`", f"{rss_mb:,.0f} MiB{note}"),
     ]
+
+
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median of each number over the rounds; errors are summed."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=6, help="measured seconds per load point")
+    parser.add_argument("--seconds", type=float, default=4, help="measured seconds per load point and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per point (the median is kept)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the batch CLI point")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "serving.md")
@@ -220,95 +276,112 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     home = tmp / "home"
     std_path = register(home, "standard", STANDARD)
-    register(home, "heavy", HEAVY)
+    heavy_path = register(home, "heavy", HEAVY)
     one, big = json_body(tmp / "one.json", 1), json_body(tmp / "big.json", 1024)
     binary, binary_headers = oip_binary_body(tmp / "big.bin", 1024)
     jh = {"Content-Type": "application/json"}
-    results: list[tuple[str, str, str]] = []  # (section, point, value)
+    rows_out: list[tuple[str, str, str]] = []  # (server, point, result)
     load_before = os.getloadavg()
-    secs, w = args.seconds, str(args.workers)
+    w = str(args.workers)
 
-    def point(section: str, label: str, url: str, body: Path, conns: int, headers: dict[str, str] = jh,
-              rows: int = 1) -> dict[str, float]:
-        r = wrk(url, body, conns, secs, headers, tmp)
-        value = (f"{r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['errors']} errors"
-                 if rows == 1 else f"{r['rps'] * rows:,.0f} rows/s ({r['rps']:,.0f} req/s), {r['errors']} errors")
-        results.append((section, label, value))
-        print(f"{section:<28} {label:<44} {value}", flush=True)
-        r["rows_s"] = r["rps"] * rows
-        return r
+    Point = tuple[str, str, Path, dict[str, str]]  # (server, path, body, headers)
 
+    def measure(group: dict[str, Server], label: str, points: dict[str, Point], conns: int,
+                rows: int = 1) -> dict[str, dict[str, float]]:
+        """Alternate the points for --rounds rounds; report each one's medians."""
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in points}
+        for r in range(args.rounds):
+            for name in list(points) if r % 2 == 0 else list(reversed(points)):
+                server, path, body, headers = points[name]
+                srv = group[server]
+                runs[name].append(wrk(srv.url + path, body, conns, args.seconds, headers, tmp, srv))
+        result = {}
+        for name, rs in runs.items():
+            m = result[name] = median_run(rs)
+            m["rows_s"] = m["rps"] * rows
+            value = (f"{m['rps']:,.0f} req/s, p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms, "
+                     if rows == 1 else f"{m['rows_s']:,.0f} rows/s ({m['rps']:,.0f} req/s), ")
+            value += f"{m['errors']:.0f} errors, {m['cpu_us']:,.0f} us server CPU/request"
+            rows_out.append((name, label, value))
+            print(f"{name:<40} {label:<34} {value}", flush=True)
+        return result
+
+    raw = {}
     for batch in (1, 64, 1024):
-        rows_s = raw_ort(std_path, batch)
-        results.append(("raw ONNX Runtime", f"standard MLP, batch {batch}", f"{rows_s:,.0f} rows/s"))
-        print(results[-1], flush=True)
-    raw1024 = raw_ort(std_path, 1024)
+        raw[batch] = raw_ort(std_path, batch)
+        rows_out.append(("raw ONNX Runtime (in-process, all cores)", f"standard MLP, batch {batch}", f"{raw[batch]:,.0f} rows/s"))
+    for batch in (1, 32):
+        rows_out.append(("raw ONNX Runtime (in-process, 1 thread)", f"heavy MLP, batch {batch}",
+                         f"{raw_ort(heavy_path, batch, threads=1):,.0f} rows/s"))
+    for row in rows_out:
+        print(row, flush=True)
 
-    port = free_port()
     (tmp / "bare_app.py").write_text(BARE_APP.format(path=str(std_path)))
-    with process([str(BIN / "uvicorn"), "bare_app:app", "--port", str(port), "--workers", w, "--no-access-log",
-                  "--log-level", "warning"], f"http://127.0.0.1:{port}/ready", {}, tmp / "bare.log", cwd=tmp):
-        url = f"http://127.0.0.1:{port}/predict"
-        bare = {c: point("bare uvicorn+Starlette+ORT", f"1-row, {c} connections", url, one, c) for c in (32, 128)}
-        point("bare uvicorn+Starlette+ORT", "1024-row JSON, 8 connections", url, big, 8, rows=1024)
-
-    port = free_port()
     (tmp / "default_bento.py").write_text(DEFAULT_BENTO.format(path=str(std_path), workers=w))
-    with process([str(BIN / "bentoml"), "serve", "default_bento:DefaultBento", "--port", str(port)],
-                 f"http://127.0.0.1:{port}/readyz", {"BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(tmp / "bh")},
-                 tmp / "default.log", cwd=tmp):
-        for c in (32, 128):
-            point("default BentoML service", f"1-row, {c} connections", f"http://127.0.0.1:{port}/predict", one, c)
-
-    sink_port = free_port()
     (tmp / "sink_app.py").write_text(SINK_APP)
-    ours: dict[str, dict[int, dict[str, float]]] = {}
-    heavy: dict[str, dict[str, float]] = {}
-    sink_cmd = [str(BIN / "uvicorn"), "sink_app:app", "--port", str(sink_port), "--log-level", "warning",
-                "--no-access-log"]
-    with process(sink_cmd, f"http://127.0.0.1:{sink_port}/ready", {}, tmp / "sink.log", cwd=tmp):
-        for label, extra in (("events on", {"MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{sink_port}"}),
-                             ("events off", {}), ("BentoML middleware (fast path off)", {"MODELLOOP_SERVING_FAST_PATH": "false"})):
-            port = free_port()
-            env = {"MODELLOOP_HOME": str(home), "BENTOML_HOME": str(tmp / "bh"), "MODELLOOP_SERVING_MODEL": "standard",
-                   "MODELLOOP_SERVING_LOG_LEVEL": "WARNING", **extra}
-            with process([str(BIN / "modelloop"), "serve", "--port", str(port), "--workers", w],
-                         f"http://127.0.0.1:{port}/v2/health/ready", env, tmp / f"ours-{label[:6]}.log"):
-                section = f"modelloop serve, {label}"
-                url = f"http://127.0.0.1:{port}"
-                conns = (32, 128) if "fast path" not in label else (32,)
-                ours[label] = {c: point(section, f"1-row, {c} connections", f"{url}/predict", one, c) for c in conns}
-                if label == "events on":
-                    r = point(section, "1024-row JSON /predict, 8 connections", f"{url}/predict", big, 8, rows=1024)
-                    results.append((section, "  vs raw ORT at batch 1024", f"{r['rows_s'] / raw1024:.2f}x"))
-                    r = point(section, "1024-row OIP binary, 8 connections", f"{url}/v2/models/standard/infer",
-                              binary, 8, binary_headers, rows=1024)
-                    results.append((section, "  vs raw ORT at batch 1024", f"{r['rows_s'] / raw1024:.2f}x"))
-        for label, flag in (("batching on", "--batching"), ("batching off", "--no-batching")):
-            port = free_port()
-            env = {"MODELLOOP_HOME": str(home), "BENTOML_HOME": str(tmp / "bh"), "MODELLOOP_SERVING_MODEL": "heavy",
-                   "MODELLOOP_SERVING_LOG_LEVEL": "WARNING"}
-            with process([str(BIN / "modelloop"), "serve", "--port", str(port), "--workers", w, flag],
-                         f"http://127.0.0.1:{port}/v2/health/ready", env, tmp / f"heavy-{label[:9]}.log"):
-                heavy[label] = point(f"heavy MLP 4x1024, {label}", "1-row, 64 connections",
-                                     f"http://127.0.0.1:{port}/predict", one, 64)
+    sink_port = free_port()
+    bento_env = {"BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(tmp / "bh")}
+    ours_env = {"MODELLOOP_HOME": str(home), **bento_env, "MODELLOOP_SERVING_LOG_LEVEL": "WARNING"}
+    uvicorn = [str(BIN / "uvicorn"), "--log-level", "warning", "--no-access-log"]
+    serve = [str(BIN / "modelloop"), "serve", "--workers", w]
+    BARE, DEFAULT = "bare uvicorn+Starlette+ORT", "default BentoML service"
+    ON, OFF, SLOW = "modelloop serve, events on", "modelloop serve, events off", "modelloop serve, fast path off"
+    OIP = "modelloop serve, events on, OIP binary"
+    std = {**ours_env, "MODELLOOP_SERVING_MODEL": "standard"}
+    events = {"MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{sink_port}"}
+    sink = subprocess.Popen([*uvicorn, "sink_app:app", "--port", str(sink_port)], cwd=tmp, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        specs = [
+            (BARE, [*uvicorn, "bare_app:app", "--workers", w], "/ready", {}, tmp),
+            (DEFAULT, [str(BIN / "bentoml"), "serve", "default_bento:DefaultBento"], "/readyz", bento_env, tmp),
+            (ON, serve, "/v2/health/ready", {**std, **events}, None),
+            (OFF, serve, "/v2/health/ready", std, None),
+            (SLOW, serve, "/v2/health/ready", {**std, **events, "MODELLOOP_SERVING_FAST_PATH": "false"}, None),
+        ]
+        with servers(specs, tmp) as group:
+            pts = {n: (n, "/predict", one, jh) for n in (BARE, DEFAULT, ON, OFF, SLOW)}
+            one_row = {c: measure(group, f"1-row, {c} connections", pts, c) for c in (32, 128)}
+            big_rows = measure(group, "1024-row requests, 8 connections", {
+                BARE: (BARE, "/predict", big, jh),
+                ON: (ON, "/predict", big, jh),
+                OIP: (ON, "/v2/models/standard/infer", binary, binary_headers),
+            }, 8, rows=1024)
+        heavy_env = {**ours_env, "MODELLOOP_SERVING_MODEL": "heavy"}
+        HON, HOFF = "heavy MLP 4x1024, batching on", "heavy MLP 4x1024, batching off"
+        with servers([(HON, [*serve, "--max-batch-wait-s", "0.005"], "/v2/health/ready", heavy_env, None),
+                      (HOFF, [*serve, "--no-batching"], "/v2/health/ready", heavy_env, None)], tmp) as group:
+            heavy = measure(group, "1-row, 64 connections",
+                            {n: (n, "/predict", one, jh) for n in (HON, HOFF)}, 64)
+            batch_rows = batch_size(group[HON])
+    finally:
+        os.killpg(sink.pid, signal.SIGTERM)
+        sink.wait(10)
 
     for label, value in batch_cli(home, tmp, args.rows, 65536, std_path):
-        results.append(("batch", label, value))
-        print(results[-1], flush=True)
+        rows_out.append(("batch scoring", label, value))
+        print(rows_out[-1], flush=True)
 
-    on, off = ours["events on"], ours["events off"]
+    b32, b128 = one_row[32], one_row[128]
     ratios = [
-        ("ours (events on) / bare, 32 conns, req/s", on[32]["rps"] / bare[32]["rps"], ">= 0.5"),
-        ("ours (events on) / bare, 32 conns, p99", on[32]["p99"] / bare[32]["p99"], "<= 2"),
-        ("events on / events off, 32 conns, req/s", on[32]["rps"] / off[32]["rps"], ">= 0.95"),
-        ("events on / events off, 128 conns, req/s", on[128]["rps"] / off[128]["rps"], ">= 0.95"),
-        ("heavy: batching on / off, rows/s", heavy["batching on"]["rps"] / heavy["batching off"]["rps"], ">= 3"),
+        ("events on / bare, 1-row, 32 connections: req/s", b32[ON]["rps"] / b32[BARE]["rps"], ">= 0.5"),
+        ("events on / bare, 1-row, 32 connections: p99", b32[ON]["p99"] / b32[BARE]["p99"], "<= 2"),
+        ("events on / events off, 32 connections: req/s", b32[ON]["rps"] / b32[OFF]["rps"], ">= 0.95"),
+        ("events on / events off, 128 connections: req/s", b128[ON]["rps"] / b128[OFF]["rps"], ">= 0.95"),
+        ("events on / events off: server CPU per request (inverse)", b32[OFF]["cpu_us"] / b32[ON]["cpu_us"], "(>= 0.95)"),
+        ("default BentoML / bare, 32 connections: req/s", b32[DEFAULT]["rps"] / b32[BARE]["rps"], "(reference)"),
+        ("fast path off / bare, 32 connections: req/s", b32[SLOW]["rps"] / b32[BARE]["rps"], "(reference)"),
+        ("heavy: batching on / off, rows/s", heavy[HON]["rps"] / heavy[HOFF]["rps"], ">= 3, no 503"),
+        ("1024-row JSON /predict / raw ORT at batch 1024", big_rows[ON]["rows_s"] / raw[1024], ">= 0.3"),
+        ("1024-row JSON bare / raw ORT at batch 1024", big_rows[BARE]["rows_s"] / raw[1024], "(reference)"),
+        ("1024-row OIP binary / raw ORT at batch 1024", big_rows[OIP]["rows_s"] / raw[1024], "more than JSON"),
     ]
     lines = [f"Load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
-             f"({os.cpu_count()} cores, {args.workers} server workers, wrk on the same cores).", "",
-             "| section | point | result |", "| --- | --- | --- |"]
-    lines += [f"| {s} | {p} | {v} |" for s, p, v in results]
+             f"({os.cpu_count()} cores, {args.workers} workers per server, wrk on the same cores; "
+             f"medians of {args.rounds} alternating rounds of {args.seconds:g} s). "
+             f"Heavy model, batching on: {batch_rows:.1f} rows per ONNX Runtime call on average.", "",
+             "| server | point | result |", "| --- | --- | --- |"]
+    lines += [f"| {s} | {p} | {v} |" for s, p, v in rows_out]
     lines += ["", "| ratio | measured | target |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value:.2f} | {target} |" for name, value, target in ratios]
     table = "\n".join(lines)
@@ -316,6 +389,16 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def batch_size(server: Server) -> float:
+    """Average rows per ONNX Runtime call, from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics").text
+    total = sum(float(v) for v in re.findall(r"^modelloop_serving_batch_size_rows_sum\{[^}]*\} (\S+)", text, re.M))
+    count = sum(float(v) for v in re.findall(r"^modelloop_serving_batch_size_rows_count\{[^}]*\} (\S+)", text, re.M))
+    return total / count if count else float("nan")
 
 
 if __name__ == "__main__":

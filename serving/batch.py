@@ -285,58 +285,80 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
     columns = list(dict.fromkeys([*features, *keep]))
     rows = chunks = resumed = 0
     reader = iter(src.chunks(columns, chunk_rows, features))
+    sink = _Output(output, out_fmt, parts)
 
-    def write_part(table: pa.Table, name: str) -> None:
-        tmp = parts / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="none", write_statistics=False)  # temporary: speed
-        os.replace(tmp, parts / name)
-
-    # A three-stage pipeline: the next chunk is read (and decoded) and the previous part written
-    # on threads while this chunk runs through ONNX Runtime; pyarrow, numpy and ONNX Runtime
-    # release the GIL, and at most one chunk is read ahead and one write pending (bounded memory).
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch-io") as pool:
-        pending_read = pool.submit(next, reader, None)
-        pending_write: Future[None] | None = None
-        while (table := pending_read.result()) is not None:
+    # A three-stage pipeline: the next chunk is read (and decoded) and the previous one written
+    # on threads while this chunk runs through ONNX Runtime (pyarrow, numpy and ONNX Runtime
+    # release the GIL). At most one chunk is read ahead and one write pending, so memory stays
+    # bounded, and writes happen in chunk order.
+    try:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch-io") as pool:
             pending_read = pool.submit(next, reader, None)
-            name = f"part-{chunks:06d}.parquet"
-            first_row = chunks * chunk_rows
-            if name in done:
-                resumed += 1
-            else:
-                scored, x = score_table(runtime, table, source=str(input_path), first_row=first_row,
-                                        nan_policy=nan_policy, keep=keep)
+            pending_write: Future[None] | None = None
+            while (table := pending_read.result()) is not None:
+                pending_read = pool.submit(next, reader, None)
+                name = f"part-{chunks:06d}.parquet"
+                first_row = chunks * chunk_rows
+                scored: pa.Table | None = None
+                if name in done:
+                    resumed += 1
+                else:
+                    scored, x = score_table(runtime, table, source=str(input_path), first_row=first_row,
+                                            nan_policy=nan_policy, keep=keep)
                 if pending_write is not None:
                     pending_write.result()
-                pending_write = pool.submit(write_part, scored, name)
-                if on_chunk is not None:
+                pending_write = pool.submit(sink.write, name, scored)
+                if scored is not None and on_chunk is not None:
                     on_chunk(scored, x, first_row)
-            rows += table.num_rows
-            chunks += 1
-            if progress is not None:
-                progress(rows, src.consumed(rows))
-        if pending_write is not None:
-            pending_write.result()
-    _join(parts, chunks, output, out_fmt)
+                rows += table.num_rows
+                chunks += 1
+                if progress is not None:
+                    progress(rows, src.consumed(rows))
+            if pending_write is not None:
+                pending_write.result()
+        sink.commit()
+    finally:
+        sink.close()
     shutil.rmtree(parts)
     return ScoreReport(str(input_path), str(output), runtime.name, runtime.model_version, rows,
                        chunks, resumed, time.perf_counter() - start)
 
 
-def _join(parts: Path, chunks: int, output: Path, fmt: str) -> None:
-    """Concatenate the parts into ``output`` (streamed; written then renamed)."""
-    tmp = output.with_name(f".{output.name}.tmp")
-    writer: Any = None
-    try:
-        for k in range(chunks):
-            table = pq.read_table(parts / f"part-{k:06d}.parquet", memory_map=True)
-            if writer is None:
-                writer = (pq.ParquetWriter(tmp, table.schema) if fmt == "parquet"
-                          else pacsv.CSVWriter(tmp, table.schema))
-            writer.write_table(table)
-        if writer is None:  # an empty input gives an empty output
-            tmp.write_bytes(b"")
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, output)
+class _Output:
+    """The output file, written in chunk order while scoring, plus the part files that make an
+    interrupted run resumable.
+
+    Each newly scored chunk goes to its part file (the checkpoint: written, then renamed) and is
+    appended to ``.OUT.tmp``; a chunk an earlier run scored is read back from its part. OUT appears
+    by rename only when every chunk is in, so an interrupted run never leaves a partial OUT.
+    """
+
+    def __init__(self, output: Path, fmt: str, parts: Path) -> None:
+        self.output = output
+        self.fmt = fmt
+        self.parts = parts
+        self.tmp = output.with_name(f".{output.name}.tmp")
+        self._writer: Any = None
+
+    def write(self, name: str, scored: pa.Table | None) -> None:
+        if scored is None:  # resumed: scored by an earlier run
+            scored = pq.read_table(self.parts / name, memory_map=True)
+        else:
+            tmp = self.parts / f".{name}.tmp"
+            pq.write_table(scored, tmp, compression="none", write_statistics=False)  # temporary
+            os.replace(tmp, self.parts / name)
+        if self._writer is None:
+            self._writer = (pq.ParquetWriter(self.tmp, scored.schema) if self.fmt == "parquet"
+                            else pacsv.CSVWriter(self.tmp, scored.schema))
+        self._writer.write_table(scored)
+
+    def commit(self) -> None:
+        self.close()
+        if not self.tmp.exists():  # an empty input gives an empty output
+            self.tmp.write_bytes(b"")
+        os.replace(self.tmp, self.output)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -4,11 +4,11 @@ Requests put their rows on one queue per worker; a single consumer task takes ev
 queued up (same model version, up to ``max_batch_rows``) and runs it as one ONNX Runtime call. At
 low load a request runs alone at once; under load, rows pile up while the previous batch runs and
 the next call takes them together, so batches grow with the load and add no fixed delay
-(``max_wait_s`` can add one, to fill batches on heavy models).
+(``max_wait_s`` lets a batch wait for more while requests keep arriving, for heavy models).
 
-A call the model runs in less than ``inline_below_s`` (from the warm-up cost model) runs on the
-event loop, where a thread hand-off would cost more than the call; a slower one runs on a thread so
-the loop keeps reading requests meanwhile.
+A model that runs even a full batch in less than ``inline_below_s`` (from the warm-up cost model)
+runs on the event loop, where a thread hand-off would cost more than the call; a slower one runs
+on a thread so the loop keeps reading requests (and filling the next batch) meanwhile.
 
 When the queue holds ``max_queue_rows``, new requests fail at once with :class:`Overloaded` (the
 routes answer 503 with ``Retry-After``) instead of waiting without bound.
@@ -150,16 +150,22 @@ class AdaptiveBatcher:
         return items
 
     async def _fill(self) -> None:
-        """Wait up to max_wait_s (from the oldest request) for a fuller batch."""
+        """Wait for a fuller batch while requests keep arriving: until a gap of a few hundred
+        microseconds with no new request, the batch is full, or max_wait_s has passed since the
+        oldest request. Under closed-loop load this lets the clients whose answers just went out
+        send their next request into this batch instead of the next one."""
         assert self._wakeup is not None
         deadline = self._queue[0].enqueued + self.max_wait_s
+        gap = max(0.0002, self.max_wait_s / 8)
         while self._queued_rows < self.max_batch_rows:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), min(gap, remaining))
+            except TimeoutError:
+                return  # nothing new arrived for a while: run what we have
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -185,7 +191,9 @@ class AdaptiveBatcher:
         x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
         rows = len(x)
         start = time.perf_counter()
-        if runtime.cost.estimate(rows) < self.inline_below_s:
+        # Judged at the largest batch, not this one: a heavy model run inline on small batches
+        # would block the loop, so requests could not pile up and batches would stay small.
+        if runtime.cost.estimate(max(rows, self.max_batch_rows)) < self.inline_below_s:
             outputs = runtime.predict(x)
         else:
             outputs = await loop.run_in_executor(self._executor, runtime.predict, x)

@@ -91,8 +91,9 @@ class ServingSettings(HomeSettings):
     """Most rows merged into one ONNX Runtime call (one request larger than this runs alone)."""
 
     max_batch_wait_s: NonNegativeFloat = 0.0
-    """Longest a request waits for more rows to join its batch. 0 batches only what queued up
-    while the previous batch ran, which adds no latency at low load."""
+    """Longest a batch waits for more requests while they keep arriving (it stops at the first
+    short gap). 0 batches only what queued up while the previous batch ran, which adds no latency;
+    a few milliseconds fill larger batches for heavy models under load."""
 
     max_queue_rows: PositiveInt = 16384
     """Rows a worker may hold waiting for the model; beyond it requests are shed at once with

@@ -164,3 +164,17 @@ def test_requests_stay_with_the_version_they_were_checked_against(
     for i, r in enumerate(results):
         rt = old if i < 5 else new
         np.testing.assert_array_equal(r.outputs["probabilities"], rt.predict(rows(1, i))["probabilities"])
+
+
+def test_waiting_for_a_fuller_batch_stops_when_requests_stop_coming(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    calls = Calls()
+
+    async def main() -> None:
+        b = AdaptiveBatcher(max_batch_rows=100, max_wait_s=8.0, observer=calls)  # quiet gap: 1 s
+        await b.start()
+        # would take 8 s if the batch waited for max_wait_s instead of the first quiet gap
+        await asyncio.wait_for(asyncio.gather(*(b.predict(runtimes[0], rows(1, i)) for i in range(3))), 4)
+        await b.stop()
+
+    run(main)
+    assert calls.rows == [3]
