@@ -95,7 +95,8 @@ class Evaluator:
         self.warm = True
 
     def close(self, timeout: float) -> None:
-        self._reports.shutdown(wait=True, cancel_futures=True)
+        # a report being rendered is not waited for: it is a view, rendered again after a restart
+        self._reports.shutdown(wait=False, cancel_futures=True)
         if self.gpu is not None:
             self.gpu.close()
 

@@ -51,6 +51,9 @@ def write_drift_report(
     )
     folder = reports_dir / model
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp"):  # left by a process that stopped while rendering
+        if time.time() - stale.stat().st_mtime > 3600:
+            stale.unlink(missing_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     final = folder / f"drift-v{version}-{stamp}.html"
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
