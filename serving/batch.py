@@ -3,7 +3,7 @@
 :func:`score_file` reads the input ``chunk_rows`` rows at a time (pyarrow's streaming readers, so
 memory stays bounded by a few chunks whatever the file size), runs each chunk through the same
 :class:`~serving.runtime.OnnxRuntime` and :func:`~serving.predictions.interpret` as ``/predict``,
-and writes each scored chunk as a part file next to the output (``OUT.parts/part-000042.parquet``,
+and writes each scored chunk as a part file next to the output (``OUT.parts/part-000042.arrow``,
 written then renamed, so a part exists whole or not at all). A manifest in that folder pins the
 input file, chunk size and model version; after an interruption the same command skips the chunks
 whose parts exist and scores the rest with the same model version. When every chunk is done the
@@ -279,7 +279,7 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
             shutil.rmtree(parts)
         parts.mkdir(parents=True)
         manifest.write(parts)
-    done = {p.name for p in parts.glob("part-*.parquet")}
+    done = {p.name for p in parts.glob("part-*.arrow")}
     if done:
         logger.info("resuming %s: %d chunks already scored", output, len(done))
     columns = list(dict.fromkeys([*features, *keep]))
@@ -297,7 +297,7 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
             pending_write: Future[None] | None = None
             while (table := pending_read.result()) is not None:
                 pending_read = pool.submit(next, reader, None)
-                name = f"part-{chunks:06d}.parquet"
+                name = f"part-{chunks:06d}.arrow"
                 first_row = chunks * chunk_rows
                 scored: pa.Table | None = None
                 if name in done:
@@ -342,10 +342,13 @@ class _Output:
 
     def write(self, name: str, scored: pa.Table | None) -> None:
         if scored is None:  # resumed: scored by an earlier run
-            scored = pq.read_table(self.parts / name, memory_map=True)
+            with pa.memory_map(str(self.parts / name)) as source:
+                scored = pa.ipc.open_file(source).read_all()
         else:
+            # Arrow IPC, uncompressed: a checkpoint costs little more than a memory copy
             tmp = self.parts / f".{name}.tmp"
-            pq.write_table(scored, tmp, compression="none", write_statistics=False)  # temporary
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, scored.schema) as writer:
+                writer.write_table(scored)
             os.replace(tmp, self.parts / name)
         if self._writer is None:
             self._writer = (pq.ParquetWriter(self.tmp, scored.schema) if self.fmt == "parquet"

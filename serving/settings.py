@@ -100,8 +100,8 @@ class ServingSettings(HomeSettings):
     503 and ``Retry-After`` instead of queueing without bound."""
 
     inline_below_s: NonNegativeFloat = 0.0005
-    """Batches the model runs faster than this (estimated at warm-up) run on the event loop;
-    slower ones run on a thread so the loop keeps reading requests."""
+    """A model that runs a full batch (``max_batch_rows``) faster than this, as timed at warm-up,
+    runs on the event loop; a slower one runs on a thread so the loop keeps reading requests."""
 
     # -- request limits and validation -------------------------------------------------------------
     max_rows_per_request: PositiveInt = 10000

@@ -66,7 +66,7 @@ def test_resumes_after_an_interruption_with_the_same_result(runtime: OnnxRuntime
 
     with pytest.raises(KeyboardInterrupt):
         score_file(inp, out, runtime, chunk_rows=300, on_chunk=crash_after_three)
-    assert not out.exists() and len(list(parts_dir(out).glob("part-*.parquet"))) == 3
+    assert not out.exists() and len(list(parts_dir(out).glob("part-*.arrow"))) == 3
     assert resumable_version(inp, out, "m", 300, []) == runtime.model_version
     report = score_file(inp, out, runtime, chunk_rows=300)
     assert (report.rows, report.chunks, report.resumed_chunks) == (2500, 9, 3)

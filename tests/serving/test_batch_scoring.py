@@ -74,11 +74,11 @@ def test_cli_resumes_after_being_killed(main_home: Path, tmp_path: Path) -> None
     proc = subprocess.Popen([MODELLOOP, "batch", "score", str(src), str(out), "--chunk-rows", "500",
                              "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = parts_dir(out)
-    wait_until(lambda: len(list(parts.glob("part-*.parquet"))) >= 5, 60, "the first chunks to be written",
+    wait_until(lambda: len(list(parts.glob("part-*.arrow"))) >= 5, 60, "the first chunks to be written",
                interval=0.005)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst interruption
     proc.wait(10)
-    written = len(list(parts.glob("part-*.parquet")))
+    written = len(list(parts.glob("part-*.arrow")))
     assert not out.exists() and 5 <= written < 300, "the run must be interrupted mid-way for this test"
     done = cli(main_home, str(src), str(out), "--chunk-rows", "500")
     assert done.returncode == 0, done.stderr
