@@ -78,10 +78,11 @@ def serve(
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
     from serving.service import ModelService
 
-    ModelService.config["workers"] = settings.worker_count()
+    service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
+    service.config["workers"] = settings.worker_count()
     logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
                 settings.worker_count())
-    ModelService.serve_http(host=settings.host, port=settings.port)
+    service.serve_http(host=settings.host, port=settings.port)
 
 
 def _preflight(settings: ServingSettings) -> None:

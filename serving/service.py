@@ -48,7 +48,7 @@ class FrontDoor:
             await self.bento(scope, receive, send)
 
 
-class ModelloopService(bentoml.Service):  # type: ignore[misc,type-arg]
+class ModelloopService(bentoml.Service):
     """A BentoML service whose ASGI app is our routes in front of (or inside) BentoML's."""
 
     def to_asgi(self, is_main: bool = True) -> Any:
@@ -72,7 +72,6 @@ class ModelloopService(bentoml.Service):  # type: ignore[misc,type-arg]
                 await state.stop()
 
         bento.router.lifespan_context = lifespan
-        self.state = state  # the inner class reaches it as self.bento_service.state
         return FrontDoor(ours, bento) if settings.fast_path else bento
 
 
