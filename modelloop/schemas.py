@@ -30,6 +30,10 @@ SCORE = "score"
 REF_LABEL = "_ml_label"
 REF_PREDICTION = "_ml_prediction"
 REF_PROBA_PREFIX = "_ml_proba_"
+REF_SPLIT = "_ml_split"
+"""``train`` for rows the model was fitted on, ``holdout`` for rows it never saw. Drift is
+measured against all rows; the confidence-based accuracy estimate is calibrated on the holdout
+rows only, since a model is over-confident on its own training rows."""
 
 ALIAS_PRODUCTION = "production"
 ALIAS_PREVIOUS = "previous"

@@ -24,7 +24,14 @@ import psutil
 from prometheus_client import Gauge
 
 from modelloop.registry import RegistryError
-from modelloop.schemas import REF_LABEL, REF_PREDICTION, REF_PROBA_PREFIX, ModelMetadata, Task
+from modelloop.schemas import (
+    REF_LABEL,
+    REF_PREDICTION,
+    REF_PROBA_PREFIX,
+    REF_SPLIT,
+    ModelMetadata,
+    Task,
+)
 from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
 from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
 from monitoring.ingest import ModelCatalog
@@ -37,6 +44,7 @@ from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, Window
 
 log = logging.getLogger(__name__)
+MIN_CALIBRATION_ROWS = 50
 
 
 @dataclass
@@ -147,9 +155,7 @@ class Evaluator:
                 prediction_categorical=meta.task == Task.classification)
             proba_cols = [c for c in ref.columns if c.startswith(REF_PROBA_PREFIX)]
             proba_cols.sort(key=lambda c: int(c[len(REF_PROBA_PREFIX):]))
-            labels = ref[REF_LABEL].to_numpy() if REF_LABEL in ref.columns else None
-            calibration = (ConfidenceCalibration.fit(ref[proba_cols].to_numpy(), labels)
-                           if proba_cols else ConfidenceCalibration(None))
+            calibration = _calibration(ref, proba_cols)
             ctx = VersionContext(meta, profile, calibration, ref)
         self._contexts[key] = ctx
         return ctx
@@ -359,6 +365,19 @@ class Evaluator:
 
     def resource_status(self) -> dict[str, Any]:
         return dict(self._resource_status)
+
+
+def _calibration(ref: Any, proba_cols: list[str]) -> ConfidenceCalibration:
+    """Calibrate on the reference rows the model never trained on when the sample marks them
+    (enough of them), else on all rows."""
+    if not proba_cols:
+        return ConfidenceCalibration(None)
+    if REF_SPLIT in ref.columns:
+        holdout = ref[ref[REF_SPLIT] == "holdout"]
+        if len(holdout) >= MIN_CALIBRATION_ROWS:
+            ref = holdout
+    labels = ref[REF_LABEL].to_numpy() if REF_LABEL in ref.columns else None
+    return ConfidenceCalibration.fit(ref[proba_cols].to_numpy(), labels)
 
 
 def _quality(version: int, win: Window, by_time: Window,
