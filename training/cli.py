@@ -22,7 +22,7 @@ from modelloop.schemas import ModelMetadata, Task
 from training.config import TrainingConfig
 from training.data import BUILTINS, DataError, load_data
 from training.export import ExportError
-from training.models import ARCHITECTURES, get_architecture
+from training.models import architecture_names, get_architecture
 from training.pipeline import train_and_register
 from training.settings import TrainingSettings
 from training.trainer import TrainingError
@@ -75,7 +75,7 @@ def train(
         "--task", help="auto: a float target or an integer one with over 20 values is "
         "regression, anything else classification.")] = TaskChoice.auto,
     model: Annotated[str, typer.Option(
-        "--model", help="Architecture (registered: " + ", ".join(sorted(ARCHITECTURES)) + ").")] = "mlp",
+        "--model", help="Architecture (registered: " + ", ".join(architecture_names()) + ").")] = "mlp",
     name: Annotated[str | None, typer.Option(
         "--name", help="Registered model name (default: the dataset or file name).")] = None,
     promote: Annotated[bool, typer.Option(

@@ -46,7 +46,8 @@ class TabularDataset:
 
     source: str
     features: np.ndarray
-    """``[rows, n_features]`` float32, NaN where a value is missing."""
+    """``[rows, n_features]`` float32, NaN where a value is missing (``[rows, time,
+    n_features]`` for sequences)."""
     target: np.ndarray
     """Class index into ``class_labels`` (int64) or the value to predict (float64)."""
     feature_names: list[str]
@@ -118,8 +119,16 @@ class BuiltinDataset:
     name: str
     task: Task
     description: str
-    load: Callable[[int | None, int], pd.DataFrame]
+    load: Callable[[int | None, int], pd.DataFrame] | None
     class_labels: Callable[[], list[str]] | None = None
+    dataset: Callable[[int | None, int], TabularDataset] | None = None
+    """Builds the dataset itself, for data that is not a table (sequences)."""
+
+
+def _sequences(rows: int | None, seed: int) -> TabularDataset:
+    from training.sequence import load_sequences  # it imports this module
+
+    return load_sequences(rows, seed)
 
 
 def _names(loader: Callable[[], object]) -> Callable[[], list[str]]:
@@ -144,6 +153,10 @@ BUILTINS: dict[str, BuiltinDataset] = {
         BuiltinDataset("synthetic", Task.classification,
                        f"seeded synthetic task, 20 features, binary ({SYNTHETIC_ROWS} rows unless --rows)",
                        _synthetic, lambda: ["0", "1"]),
+        BuiltinDataset("sequences", Task.classification,
+                       "seeded synthetic sequences [rows, 24 steps, 3 channels], 4 shape classes "
+                       "(4000 rows unless --rows; for --model gru/lstm)",
+                       None, dataset=_sequences),
     ]
 }
 
@@ -315,6 +328,9 @@ def load_data(
     name = str(source)
     if name in BUILTINS:
         builtin = BUILTINS[name]
+        if builtin.dataset is not None:
+            return builtin.dataset(rows, seed)
+        assert builtin.load is not None
         frame = builtin.load(rows, seed)
         labels = class_labels or (builtin.class_labels() if builtin.class_labels else None)
         return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name)

@@ -34,6 +34,7 @@ from modelloop.schemas import INPUT_NAME, ParityResult
 log = logging.getLogger(__name__)
 
 EXPORT_EXAMPLE_ROWS = 8  # a batch-1 example can get specialised into a constant batch axis
+DYNAMIC_AXIS_NAMES = {0: "batch", 1: "time"}  # a dynamic axis after the batch is a sequence's
 # the exporter's own chatter: its steps on stdout, INFO logs per optimisation pass, warnings
 # about optional packages (torchvision) that have nothing to do with our models
 _EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
@@ -49,6 +50,8 @@ def _quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # torch.export's note on nn.GRU/LSTM's cached flat weights: harmless for the graph
+            warnings.filterwarnings("ignore", message=".*were assigned during export")
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -86,18 +89,29 @@ class ParityError(ExportError):
 
 
 def export_onnx(
-    module: nn.Module, *, n_features: int, output_names: Sequence[str], example: np.ndarray
+    module: nn.Module,
+    *,
+    n_features: int,
+    output_names: Sequence[str],
+    example: np.ndarray,
+    input_shape: Sequence[int | None] | None = None,
 ) -> bytes:
-    """Export ``module`` (raw ``[batch, n_features]`` float32 in) to ONNX bytes, checked."""
+    """Export ``module`` (raw ``[batch, n_features]`` float32 in) to ONNX bytes, checked.
+
+    ``input_shape`` replaces ``[batch, n_features]`` for a model whose input is a tensor: its
+    ``None`` entries are dynamic axes (the first is the batch axis), e.g. ``[None, 1, 8, 8]`` for
+    an image or ``[None, None, 3]`` for a sequence of any length."""
     module = module.eval().cpu()
-    x = _example(example, n_features)
-    batch = torch.export.Dim("batch")
+    shape = list(input_shape) if input_shape is not None else [None, n_features]
+    x = _example(example, shape)
+    axes = {i: torch.export.Dim(DYNAMIC_AXIS_NAMES.get(i, f"axis{i}"))
+            for i, d in enumerate(shape) if d is None}
     try:
         # stdout stays clean for `modelloop train --json`
         with _quiet_exporter():
             program = torch.onnx.export(
                 module, (x,), input_names=[INPUT_NAME], output_names=list(output_names),
-                dynamic_shapes=({0: batch},), dynamo=True, verbose=False, external_data=False,
+                dynamic_shapes=(axes,), dynamo=True, verbose=False, external_data=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to the caller
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
@@ -112,15 +126,17 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
-    check_conventions(proto, n_features=n_features, output_names=output_names)
+    check_conventions(proto, n_features=n_features, output_names=output_names, input_shape=shape)
     log.info("exported ONNX graph: %d bytes, opset %d", len(data), proto.opset_import[0].version)
     return data
 
 
-def _example(example: np.ndarray, n_features: int) -> torch.Tensor:
-    rows = np.asarray(example, dtype=np.float32).reshape(-1, n_features)
+def _example(example: np.ndarray, shape: Sequence[int | None]) -> torch.Tensor:
+    rows = np.asarray(example, dtype=np.float32)
+    if len(shape) == 2 or rows.ndim != len(shape):
+        rows = rows.reshape(-1, *[d if d is not None else 1 for d in shape[1:]])
     if len(rows) == 0:
-        rows = np.zeros((1, n_features), dtype=np.float32)
+        rows = np.zeros((1, *rows.shape[1:]), dtype=np.float32)
     # tile to >= 2 rows so the exporter cannot take the batch size for a constant
     rows = rows[np.arange(max(len(rows), EXPORT_EXAMPLE_ROWS)) % len(rows)]
     return torch.from_numpy(np.ascontiguousarray(rows))
@@ -131,8 +147,16 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
             for d in value_info.type.tensor_type.shape.dim]
 
 
-def check_conventions(proto: onnx.ModelProto, *, n_features: int, output_names: Sequence[str]) -> None:
-    """Raise :class:`ExportError` unless the graph follows the conventions serving relies on."""
+def check_conventions(
+    proto: onnx.ModelProto,
+    *,
+    n_features: int,
+    output_names: Sequence[str],
+    input_shape: Sequence[int | None] | None = None,
+) -> None:
+    """Raise :class:`ExportError` unless the graph follows the conventions serving relies on
+    (``input_shape``: as in :func:`export_onnx`)."""
+    expected = list(input_shape) if input_shape is not None else [None, n_features]
     problems: list[str] = []
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME]:
@@ -142,8 +166,12 @@ def check_conventions(proto: onnx.ModelProto, *, n_features: int, output_names: 
         if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             problems.append("input is not float32")
         dims = _dims(inp)
-        if len(dims) != 2 or isinstance(dims[0], int) or dims[1] != n_features:
-            problems.append(f"input shape is {dims}, expected [batch, {n_features}]")
+        if len(dims) != len(expected) or any(
+                isinstance(d, int) if e is None else d != e
+                for d, e in zip(dims, expected, strict=False)):
+            want = ", ".join("batch" if i == 0 else "dynamic" if e is None else str(e)
+                             for i, e in enumerate(expected))
+            problems.append(f"input shape is {dims}, expected [{want}]")
     if [o.name for o in proto.graph.output] != list(output_names):
         problems.append(f"outputs are {[o.name for o in proto.graph.output]}, expected {list(output_names)}")
     for out in proto.graph.output:

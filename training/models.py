@@ -11,11 +11,22 @@ A new architecture registers a backbone builder and its parameters, and reuses t
 export and registration unchanged::
 
     register_architecture(Architecture("resnet", ResNetParams, build_resnet, "residual MLP"))
+
+An architecture whose input is not a row of features (an image, a sequence) or whose task is not
+a label (anomaly detection) builds its own :class:`TabularNet` subclass (``Architecture.build_net``)
+and overrides the hooks the pipeline calls: :meth:`TabularNet.layout` (dataset rows to the model's
+input tensor), :meth:`~TabularNet.calibrate` (after training, on the validation rows),
+:meth:`~TabularNet.evaluation_set`, :meth:`~TabularNet.evaluate`,
+:meth:`~TabularNet.monitored_features` (the per-row features monitoring sees) and
+:meth:`~TabularNet.parity_inputs`. The CNN (``training/vision.py``), the GRU/LSTM
+(``training/sequence.py``) and the autoencoder (``training/anomaly.py``) do so; they register
+themselves when imported, and :func:`get_architecture` imports them on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelloop.schemas import INPUT_NAME, PREDICTION, PROBABILITIES, Task, TensorSpec
+from training.evaluate import Evaluation, evaluate
 
 
 class Preprocessor(nn.Module):
@@ -71,6 +83,10 @@ class TabularNet(nn.Module):
 
     target_mean: torch.Tensor
     target_scale: torch.Tensor
+    tasks: frozenset[Task] = frozenset({Task.classification, Task.regression})
+    frozen: tuple[str, ...] = ()
+    """Submodules fine-tuning keeps fixed (``training/transfer.py``): no gradient, and eval mode
+    even while training, so their batch-norm statistics stay the parent's."""
 
     def __init__(
         self,
@@ -82,8 +98,9 @@ class TabularNet(nn.Module):
         target_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if task not in (Task.classification, Task.regression):
-            raise ValueError(f"TabularNet supports classification and regression, not {task}")
+        if task not in self.tasks:
+            raise ValueError(f"{type(self).__name__} supports "
+                             f"{', '.join(sorted(t.value for t in self.tasks))}, not {task.value}")
         self.preprocess = preprocess
         self.backbone = backbone
         self.task = task
@@ -119,6 +136,38 @@ class TabularNet(nn.Module):
     @property
     def output_name(self) -> str:
         return PROBABILITIES if self.task is Task.classification else PREDICTION
+
+    def train(self, mode: bool = True) -> TabularNet:
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
+
+    # -- hooks of the pipeline (defaults: a row of features in, a label or value out) ----------
+    def layout(self, rows: np.ndarray) -> np.ndarray:
+        """Dataset rows as this model's input tensor (an image model reshapes them)."""
+        return rows
+
+    def calibrate(self, x_val: np.ndarray, y_val: np.ndarray) -> None:
+        """Fit what training does not (e.g. an anomaly threshold) on validation inputs."""
+
+    def evaluation_set(self, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The inputs and targets the test metrics are measured on (the test split)."""
+        return x, y
+
+    def evaluate(self, y: np.ndarray, outputs: np.ndarray, class_labels: list[str] | None) -> Evaluation:
+        """Test metrics from the exported model's outputs."""
+        return evaluate(self.task, y, outputs, class_labels)
+
+    def monitored_features(self, rows: np.ndarray) -> np.ndarray:
+        """``[rows, n_features]`` values monitoring sees per predicted row (the reference
+        sample's feature columns): the raw features themselves for tabular and image models."""
+        return rows
+
+    def parity_inputs(self, x: np.ndarray) -> Sequence[np.ndarray]:
+        """Held-out inputs the export parity check runs on (a sequence model adds other
+        lengths)."""
+        return [x]
 
     def io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """The ONNX inputs and outputs, as the conventions of ``modelloop.schemas`` say."""
@@ -182,18 +231,28 @@ class MLP(nn.Module):
         return out
 
 
+NetBuilder = Callable[..., TabularNet]
+"""``(params, *, train_features, task, n_outputs, train_target) -> TabularNet``."""
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A named backbone: its parameter model and a builder ``(params, n_features, n_outputs)``."""
+    """A named backbone: its parameter model and a builder ``(params, n_features, n_outputs)``,
+    or a ``build_net`` that builds the whole model (its own preprocessing and hooks)."""
 
     name: str
     params: type[BaseModel]
-    build: Callable[[BaseModel, int, int], nn.Module]
+    build: Callable[[BaseModel, int, int], nn.Module] | None
     description: str
     tasks: frozenset[Task] = frozenset({Task.classification, Task.regression})
+    build_net: NetBuilder | None = None
+    data: Literal["tabular", "sequence"] = "tabular"
+    """The dataset layout it trains on: rows ``[rows, features]`` or ``[rows, time, features]``."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
+# modules defining more architectures; they register on import (see the module docstring)
+BUILTIN_ARCHITECTURE_MODULES = ("training.vision", "training.sequence", "training.anomaly")
 
 
 def register_architecture(arch: Architecture) -> Architecture:
@@ -209,7 +268,16 @@ def _build_mlp(params: BaseModel, n_features: int, n_outputs: int) -> nn.Module:
 register_architecture(Architecture("mlp", MLPParams, _build_mlp, "multi-layer perceptron"))
 
 
+def architecture_names() -> list[str]:
+    """Every known architecture (imports the built-in architecture modules)."""
+    for module in BUILTIN_ARCHITECTURE_MODULES:
+        importlib.import_module(module)
+    return sorted(ARCHITECTURES)
+
+
 def get_architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        architecture_names()
     try:
         return ARCHITECTURES[name]
     except KeyError:
@@ -232,6 +300,10 @@ def build_model(
     arch = get_architecture(architecture)
     if task not in arch.tasks:
         raise ValueError(f"architecture {architecture!r} does not support {task.value}")
+    if arch.build_net is not None:
+        return arch.build_net(params, train_features=train_features, task=task,
+                              n_outputs=n_outputs, train_target=train_target)
+    assert arch.build is not None, f"architecture {architecture!r} has no builder"
     pre = Preprocessor.fit(train_features)
     backbone = arch.build(params, train_features.shape[1], n_outputs)
     mean, scale = 0.0, 1.0

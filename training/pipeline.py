@@ -17,16 +17,18 @@ served; the reference sample's predictions come from it too.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
 from modelloop.registry import Registry
@@ -35,20 +37,25 @@ from modelloop.schemas import (
     REF_PREDICTION,
     REF_PROBA_PREFIX,
     ModelMetadata,
+    ParityResult,
     Task,
 )
 from training.config import TrainingConfig
 from training.data import DataError, Split, TabularDataset, load_data, prepare, split_dataset
-from training.evaluate import confusion_matrix_png, evaluate
-from training.export import check_parity, export_onnx, onnx_session, run_onnx
+from training.evaluate import confusion_matrix_png
+from training.export import Mismatch, ParityError, check_parity, export_onnx, onnx_session, run_onnx
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
 from training.settings import TrainingSettings
 from training.trainer import EpochStats, FitResult, cpu_threads, fit, resolve_device, seeded
+
+if TYPE_CHECKING:
+    from training.transfer import WarmStart
 
 log = logging.getLogger(__name__)
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 HISTORY_JSON = "history.json"
+WEIGHTS_FILE = "weights.pt"  # the PyTorch state dict: what fine-tuning starts from
 
 Data: TypeAlias = TabularDataset | pd.DataFrame | str | Path
 
@@ -69,8 +76,10 @@ class TrainedModel:
     fit: FitResult
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """The exported model's output for raw features (probabilities or predictions)."""
-        return run_onnx(onnx_session(self.onnx_bytes), features)[self.net.output_name]
+        """The exported model's output for raw features (probabilities, predictions or anomaly
+        scores); dataset rows are laid out as the model's input first (an image model's)."""
+        x = self.net.layout(np.asarray(features, dtype=np.float32))
+        return run_onnx(onnx_session(self.onnx_bytes), x)[self.net.output_name]
 
 
 def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | None) -> TabularDataset:
@@ -81,12 +90,14 @@ def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | N
     return load_data(data, config.target, task=config.task, class_labels=class_labels)
 
 
-def _reference(ds: TabularDataset, rows: np.ndarray, outputs: np.ndarray) -> pd.DataFrame:
-    """Training ``rows``: raw features, true label (class index or value) and the exported
-    model's outputs (predicted class index and probabilities, or the prediction)."""
-    frame = pd.DataFrame(ds.features[rows], columns=ds.feature_names)
-    frame[REF_LABEL] = ds.target[rows]
-    if ds.task is Task.classification:
+def _reference(ds: TabularDataset, task: Task, rows: np.ndarray, features: np.ndarray,
+               outputs: np.ndarray) -> pd.DataFrame:
+    """Training ``rows``: the features monitoring sees, true label (class index or value; 0,
+    normal, for an anomaly detector) and the exported model's outputs (predicted class index and
+    probabilities, the prediction, or the anomaly score)."""
+    frame = pd.DataFrame(features, columns=ds.feature_names)
+    frame[REF_LABEL] = ds.target[rows] if task is not Task.anomaly else np.zeros(len(rows), np.int64)
+    if task is Task.classification:
         frame[REF_PREDICTION] = outputs.argmax(axis=1).astype(np.int64)
         for i in range(outputs.shape[1]):
             frame[f"{REF_PROBA_PREFIX}{i}"] = outputs[:, i].astype(np.float64)
@@ -104,6 +115,7 @@ def train_model(
     class_labels: Sequence[str] | None = None,
     parent_version: int | None = None,
     lineage: Mapping[str, Any] | None = None,
+    init: WarmStart | None = None,
     progress: bool | None = None,
     console: Console | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
@@ -115,15 +127,97 @@ def train_model(
     or a :class:`TabularDataset`. ``config`` defaults to ``TrainingConfig.from_settings``;
     ``class_labels`` fixes the classes and their order (pass the champion's when retraining).
     ``on_epoch`` sees each epoch's losses; ``on_stage`` is told when a stage after training
-    starts (for a CLI to show). Raises ``DataError`` for unusable data, ``TrainingError`` when
-    training diverges and ``ParityError`` when the export is not faithful.
+    starts (for a CLI to show). ``init`` starts from a registered version's weights instead of
+    random ones (fine-tuning, :mod:`training.transfer`). Raises ``DataError`` for unusable data,
+    ``TrainingError`` when training diverges and ``ParityError`` when the export is not faithful.
     """
     settings = settings or TrainingSettings()
     with cpu_threads(settings.threads):
         return _train_model(data, name=name, config=config, settings=settings,
                             class_labels=class_labels, parent_version=parent_version,
-                            lineage=lineage, progress=progress, console=console,
+                            lineage=lineage, init=init, progress=progress, console=console,
                             on_epoch=on_epoch, stage=on_stage or (lambda _: None))
+
+
+@dataclass
+class Fitted:
+    """A trained PyTorch model (CPU, eval mode, calibrated) and how it came to be."""
+
+    net: TabularNet
+    dataset: TabularDataset
+    split: Split
+    config: TrainingConfig
+    """Complete: resolved task and target, every architecture parameter."""
+    fit: FitResult
+
+
+def model_task(architecture: str, ds: TabularDataset) -> Task:
+    """The task a model of ``architecture`` learns from ``ds``: an anomaly detector learns the
+    features (labels unused), anything else the dataset's target."""
+    arch = get_architecture(architecture)
+    return Task.anomaly if arch.tasks == {Task.anomaly} else ds.task
+
+
+def fit_model(
+    ds: TabularDataset,
+    config: TrainingConfig,
+    settings: TrainingSettings,
+    *,
+    init: WarmStart | None = None,
+    progress: bool | None = None,
+    console: Console | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> Fitted:
+    """Split ``ds``, build the model (or start from ``init``'s weights), train and calibrate it:
+    everything before the export. The hyperparameter search runs trials with it."""
+    if config.task is not None and config.task not in (ds.task, Task.anomaly):
+        raise DataError(f"{ds.source}: holds {ds.task.value} data but the config asks for "
+                        f"{config.task.value}")
+    arch = get_architecture(config.architecture)
+    layouts = {2: "rows of features", 3: "sequences [rows, time, features]"}
+    wanted = 3 if arch.data == "sequence" else 2
+    if ds.features.ndim != wanted:
+        raise DataError(f"{ds.source}: architecture {arch.name!r} trains on {layouts[wanted]}; "
+                        f"the data holds {layouts.get(ds.features.ndim, 'something else')}")
+    task = model_task(config.architecture, ds)
+    try:
+        params = arch.params.model_validate(config.model)
+    except ValidationError as exc:
+        raise DataError(f"{ds.source}: invalid parameters of architecture {arch.name!r}: "
+                        + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                    for e in exc.errors())) from exc
+    # the stored config is complete: resolved task, target and every architecture parameter
+    config = config.model_copy(update={"task": task, "target": ds.target_name,
+                                       "model": params.model_dump(mode="json")})
+    split = split_dataset(ds, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction, seed=config.seed)
+    log.info("%s: %d rows, %d features%s; split %d train / %d validation / %d test", ds.source,
+             len(ds), ds.n_features,
+             f", {len(ds.class_labels)} classes" if ds.class_labels else "",
+             len(split.train), len(split.val), len(split.test))
+
+    device = resolve_device(settings.device)
+    n_outputs = len(ds.class_labels) if ds.class_labels and task is Task.classification else 1
+    x_train, y_train = ds.features[split.train], ds.target[split.train]
+    with seeded(config.seed):
+        try:
+            net = build_model(config.architecture, params, train_features=x_train, task=task,
+                              n_outputs=n_outputs, train_target=y_train)
+        except ValueError as exc:  # the data does not fit the architecture (e.g. image size)
+            raise DataError(f"{ds.source}: {exc}") from exc
+    if init is not None:
+        init.apply(net)
+    result = fit(
+        net, net.loss,
+        (torch.from_numpy(net.layout(x_train)), net.encode_target(y_train)),
+        (torch.from_numpy(net.layout(ds.features[split.val])), net.encode_target(ds.target[split.val])),
+        config, device=device,
+        progress=settings.progress if progress is None else progress,
+        console=console, on_epoch=on_epoch,
+    )
+    net = net.cpu().eval()
+    net.calibrate(net.layout(ds.features[split.val]), ds.target[split.val])
+    return Fitted(net, ds, split, config, result)
 
 
 def _train_model(
@@ -135,6 +229,7 @@ def _train_model(
     class_labels: Sequence[str] | None,
     parent_version: int | None,
     lineage: Mapping[str, Any] | None,
+    init: WarmStart | None,
     progress: bool | None,
     console: Console | None,
     on_epoch: Callable[[EpochStats], None] | None,
@@ -142,63 +237,41 @@ def _train_model(
 ) -> TrainedModel:
     config = config or TrainingConfig.from_settings(settings)
     ds = _dataset(data, config, class_labels)
-    if config.task is not None and config.task is not ds.task:
-        raise DataError(f"{ds.source}: holds {ds.task.value} data but the config asks for "
-                        f"{config.task.value}")
-    arch = get_architecture(config.architecture)
-    params = arch.params.model_validate(config.model)
-    # the stored config is complete: resolved task, target and every architecture parameter
-    config = config.model_copy(update={"task": ds.task, "target": ds.target_name,
-                                       "model": params.model_dump(mode="json")})
-    split = split_dataset(ds, val_fraction=config.val_fraction,
-                          test_fraction=config.test_fraction, seed=config.seed)
-    log.info("%s: %d rows, %d features%s; split %d train / %d validation / %d test", ds.source,
-             len(ds), ds.n_features,
-             f", {len(ds.class_labels)} classes" if ds.class_labels else "",
-             len(split.train), len(split.val), len(split.test))
-
-    device = resolve_device(settings.device)
-    n_outputs = len(ds.class_labels) if ds.class_labels else 1
-    x_train, y_train = ds.features[split.train], ds.target[split.train]
-    with seeded(config.seed):
-        net = build_model(config.architecture, params, train_features=x_train, task=ds.task,
-                          n_outputs=n_outputs, train_target=y_train)
-    result = fit(
-        net, net.loss,
-        (torch.from_numpy(x_train), net.encode_target(y_train)),
-        (torch.from_numpy(ds.features[split.val]), net.encode_target(ds.target[split.val])),
-        config, device=device,
-        progress=settings.progress if progress is None else progress,
-        console=console, on_epoch=on_epoch,
-    )
-    net = net.cpu().eval()
+    fitted = fit_model(ds, config, settings, init=init, progress=progress, console=console,
+                       on_epoch=on_epoch)
+    net, split, config, result = fitted.net, fitted.split, fitted.config, fitted.fit
+    task = net.task
 
     stage("exporting to ONNX and checking parity with PyTorch")
     graph = InferenceGraph(net)
     inputs, outputs = net.io_specs()
-    x_test = ds.features[split.test]
-    onnx_bytes = export_onnx(graph, n_features=ds.n_features,
+    x_test = net.layout(ds.features[split.test])
+    onnx_bytes = export_onnx(graph, n_features=ds.n_features, input_shape=inputs[0].shape,
                              output_names=[o.name for o in outputs], example=x_test)
-    parity = check_parity(graph, onnx_bytes, _parity_rows(x_test),
-                          tolerance=settings.parity_tolerance,
-                          batch_sizes=settings.parity_batch_sizes, max_rows=settings.parity_rows,
-                          threads=settings.threads)
+    parity = _check_parity(graph, onnx_bytes,
+                           net.parity_inputs(net.layout(_parity_rows(ds.features[split.test]))),
+                           settings)
 
     stage("evaluating the exported model on the test split")
     session = onnx_session(onnx_bytes, settings.threads)
-    test_out = run_onnx(session, x_test)[net.output_name]
-    evaluation = evaluate(ds.task, ds.target[split.test], test_out, ds.class_labels)
+    x_eval, y_eval = net.evaluation_set(x_test, ds.target[split.test], config.seed)
+    test_out = run_onnx(session, x_eval)[net.output_name]
+    evaluation = net.evaluate(y_eval, test_out, ds.class_labels)
     log.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
 
     ref_rows = split.train
     if len(ref_rows) > settings.reference_rows:
         rng = np.random.default_rng(config.seed)
         ref_rows = np.sort(rng.choice(ref_rows, size=settings.reference_rows, replace=False))
-    reference = _reference(ds, ref_rows, run_onnx(session, ds.features[ref_rows])[net.output_name])
+    ref_out = run_onnx(session, net.layout(ds.features[ref_rows]))[net.output_name]
+    reference = _reference(ds, task, ref_rows, net.monitored_features(ds.features[ref_rows]), ref_out)
 
-    artifacts = {HISTORY_JSON: json.dumps([vars(h) for h in result.history], indent=1).encode()}
+    weights = io.BytesIO()
+    torch.save(net.state_dict(), weights)
+    artifacts = {HISTORY_JSON: json.dumps([vars(h) for h in result.history], indent=1).encode(),
+                 WEIGHTS_FILE: weights.getvalue()}
     details = dict(evaluation.details)
-    if ds.class_labels is not None:
+    if task is Task.classification and ds.class_labels is not None:
         cm = details["confusion_matrix"]
         artifacts[CONFUSION_MATRIX_PNG] = confusion_matrix_png(
             cm["matrix"], cm["labels"], title=f"{name}: test split ({len(split.test)} rows)")
@@ -207,14 +280,38 @@ def _train_model(
         "split_rows": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "training": result.summary(),
     })
+    lineage = dict(lineage or {})
+    if init is not None:
+        lineage["fine_tuned_from"] = init.describe()
     metadata = ModelMetadata(
-        name=name, task=ds.task, architecture=config.architecture,
+        name=name, task=task, architecture=config.architecture,
         inputs=inputs, outputs=outputs, feature_names=ds.feature_names,
-        class_labels=ds.class_labels, metrics=evaluation.metrics, evaluation=details,
+        class_labels=ds.class_labels if task is Task.classification else None,
+        metrics=evaluation.metrics, evaluation=details,
         data_fingerprint=ds.fingerprint, dataset=ds.source, parent_version=parent_version,
-        parity=parity, config=config.model_dump(mode="json"), lineage=dict(lineage or {}),
+        parity=parity, config=config.model_dump(mode="json"), lineage=lineage,
     )
     return TrainedModel(metadata, onnx_bytes, reference, artifacts, net, ds, split, result)
+
+
+def _check_parity(graph: InferenceGraph, onnx_bytes: bytes, holdouts: Sequence[np.ndarray],
+                  settings: TrainingSettings) -> ParityResult:
+    """:func:`check_parity` on each held-out set (a sequence model's come in several lengths);
+    one ParityError lists the mismatches of all of them."""
+    results: list[ParityResult] = []
+    mismatches: list[Mismatch] = []
+    for held in holdouts:
+        try:
+            results.append(check_parity(graph, onnx_bytes, held, tolerance=settings.parity_tolerance,
+                                        batch_sizes=settings.parity_batch_sizes,
+                                        max_rows=settings.parity_rows, threads=settings.threads))
+        except ParityError as exc:
+            mismatches.extend(exc.mismatches)
+    if mismatches:
+        raise ParityError(mismatches, settings.parity_tolerance)
+    first = results[0]
+    return first.model_copy(update={"max_abs_diff": max(r.max_abs_diff for r in results),
+                                    "rows_checked": sum(r.rows_checked for r in results)})
 
 
 def _parity_rows(x: np.ndarray) -> np.ndarray:
@@ -247,6 +344,7 @@ def train_and_register(
     parent_version: int | None = None,
     lineage: Mapping[str, Any] | None = None,
     class_labels: Sequence[str] | None = None,
+    init: WarmStart | None = None,
     progress: bool | None = None,
     console: Console | None = None,
     on_stage: Callable[[str], None] | None = None,
@@ -258,6 +356,6 @@ def train_and_register(
     settings = settings or TrainingSettings()
     trained = train_model(data, name=name, config=config, settings=settings,
                           class_labels=class_labels, parent_version=parent_version,
-                          lineage=lineage, progress=progress, console=console,
+                          lineage=lineage, init=init, progress=progress, console=console,
                           on_stage=on_stage)
     return register_trained(trained, registry or Registry(settings.registry_dir), promote=promote)

@@ -33,3 +33,15 @@ def cancer(tmp_path_factory: pytest.TempPathFactory) -> Registered:
     trained = train_model("breast_cancer", name="cancer", settings=settings)
     meta = register_trained(trained, registry, promote=True)
     return Registered(trained, registry.get("cancer", meta.version), registry, settings)
+
+
+# the training-breadth models (CNN, GRU, autoencoder), trained once per session
+from tests.training.breadth_fixtures import (  # noqa: E402
+    breadth_home,
+    digits_autoencoder,
+    digits_cnn,
+    sequences_gru,
+)
+
+__all__ = ["Registered", "breadth_home", "digits_autoencoder", "digits_cnn", "quiet_settings",
+           "sequences_gru"]

@@ -71,8 +71,9 @@ def test_mlp_params_reject_unknown_and_bad_values() -> None:
 
 
 def test_unknown_architecture_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"^unknown architecture 'cnn' \(known: mlp"):
-        get_architecture("cnn")
+    with pytest.raises(ValueError, match=r"^unknown architecture 'resnet' \(known: "
+                                         r"autoencoder, cnn, gru, lstm, mlp\)$"):
+        get_architecture("resnet")
 
 
 class LinearParams(BaseModel):
