@@ -36,6 +36,7 @@ from modelloop.schemas import (
     REF_LABEL,
     REF_PREDICTION,
     REF_PROBA_PREFIX,
+    REF_SPLIT,
     ModelMetadata,
     ParityResult,
     Task,
@@ -88,6 +89,12 @@ def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | N
     if isinstance(data, pd.DataFrame):
         return prepare(data, config.target, task=config.task, class_labels=class_labels)
     return load_data(data, config.target, task=config.task, class_labels=class_labels)
+
+
+def _subsample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+    if len(rows) <= at_most:
+        return np.sort(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, size=at_most, replace=False))
 
 
 def _reference(ds: TabularDataset, task: Task, rows: np.ndarray, features: np.ndarray,
@@ -259,12 +266,15 @@ def _train_model(
     evaluation = net.evaluate(y_eval, test_out, ds.class_labels)
     log.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
 
-    ref_rows = split.train
-    if len(ref_rows) > settings.reference_rows:
-        rng = np.random.default_rng(config.seed)
-        ref_rows = np.sort(rng.choice(ref_rows, size=settings.reference_rows, replace=False))
-    ref_out = run_onnx(session, net.layout(ds.features[ref_rows]))[net.output_name]
-    reference = _reference(ds, task, ref_rows, net.monitored_features(ds.features[ref_rows]), ref_out)
+    # training rows for drift; a classifier's held-out rows too, marked, so the sidecar can
+    # calibrate its accuracy estimate on rows the model did not fit
+    ref_rows = _subsample(split.train, settings.reference_rows, config.seed)
+    held_out = (_subsample(np.concatenate([split.val, split.test]), settings.reference_rows,
+                           config.seed) if task is Task.classification else ref_rows[:0])
+    rows = np.concatenate([ref_rows, held_out])
+    ref_out = run_onnx(session, net.layout(ds.features[rows]))[net.output_name]
+    reference = _reference(ds, task, rows, net.monitored_features(ds.features[rows]), ref_out)
+    reference[REF_SPLIT] = np.where(np.arange(len(rows)) < len(ref_rows), "train", "holdout")
 
     weights = io.BytesIO()
     torch.save(net.state_dict(), weights)

@@ -16,6 +16,7 @@ from modelloop.schemas import (
     REF_LABEL,
     REF_PREDICTION,
     REF_PROBA_PREFIX,
+    REF_SPLIT,
 )
 from tests.training.conftest import Registered
 from training.config import TrainingConfig
@@ -111,13 +112,17 @@ def test_version_stores_evaluation_fingerprint_and_reference(cancer: Registered)
 
     ref = cancer.version.reference()
     assert list(ref.columns) == [*ds.feature_names, REF_LABEL, REF_PREDICTION,
-                                 f"{REF_PROBA_PREFIX}0", f"{REF_PROBA_PREFIX}1"]
-    assert len(ref) == len(cancer.trained.split.train)  # fewer than the 2000-row cap
+                                 f"{REF_PROBA_PREFIX}0", f"{REF_PROBA_PREFIX}1", REF_SPLIT]
+    split = cancer.trained.split
+    # every training row (fewer than the 2000-row cap), then the held-out rows, marked
+    rows = np.concatenate([np.sort(split.train), np.sort(np.concatenate([split.val, split.test]))])
+    assert len(ref) == len(rows)
+    assert (ref[REF_SPLIT] == np.where(np.arange(len(rows)) < len(split.train), "train", "holdout")).all()
     (proba,) = _session(cancer).run(
         [PROBABILITIES], {INPUT_NAME: ref[ds.feature_names].to_numpy(np.float32)})
     np.testing.assert_allclose(ref[[f"{REF_PROBA_PREFIX}0", f"{REF_PROBA_PREFIX}1"]], proba, atol=1e-6)
     assert (ref[REF_PREDICTION] == proba.argmax(axis=1)).all()
-    assert (ref[REF_LABEL] == ds.target[cancer.trained.split.train]).all()
+    assert (ref[REF_LABEL] == ds.target[rows]).all()
 
 
 def test_stored_config_retrains_the_same_model_from_a_dataframe(cancer: Registered) -> None:

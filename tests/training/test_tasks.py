@@ -11,7 +11,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from modelloop.registry import Registry
-from modelloop.schemas import INPUT_NAME, PREDICTION, PROBABILITIES, REF_LABEL, REF_PREDICTION, Task
+from modelloop.schemas import (
+    INPUT_NAME,
+    PREDICTION,
+    PROBABILITIES,
+    REF_LABEL,
+    REF_PREDICTION,
+    REF_SPLIT,
+    Task,
+)
 from tests.training.conftest import quiet_settings
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
@@ -37,7 +45,8 @@ def test_regression_model_end_to_end(tmp_path: Path) -> None:
     # in the target's own units (disease progression 25..346), not standardized
     assert abs(float(pred.mean()) - ds.target.mean()) < 15
     ref = version.reference()
-    assert list(ref.columns) == [*ds.feature_names, REF_LABEL, REF_PREDICTION]
+    assert list(ref.columns) == [*ds.feature_names, REF_LABEL, REF_PREDICTION, REF_SPLIT]
+    assert (ref[REF_SPLIT] == "train").all()  # held-out rows calibrate classifiers only
     assert ref[REF_PREDICTION].dtype == np.float64
 
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from modelloop.schemas import INPUT_NAME, PROBABILITIES
+from modelloop.schemas import INPUT_NAME, PROBABILITIES, REF_SPLIT
 from tests.training.conftest import Registered
 from training.config import TrainingConfig
 from training.data import DataError, load_data
@@ -54,6 +54,7 @@ def test_onnx_equals_torch_on_test_images(digits_cnn: Registered, batch: int) ->
 
 def test_reference_sample_holds_the_64_pixels(digits_cnn: Registered) -> None:
     ref = digits_cnn.version.reference()
+    ref = ref[ref[REF_SPLIT] == "train"]  # the held-out rows follow, for calibration
     trained = digits_cnn.trained
     assert list(ref.columns[:64]) == trained.dataset.feature_names
     rows = trained.dataset.features[trained.split.train][: len(ref)]
