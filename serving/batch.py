@@ -182,10 +182,13 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
 
 
 def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row: int = 0,
-                nan_policy: str = "allow", keep: Sequence[str] = ()) -> tuple[pa.Table, np.ndarray]:
-    """Score one table; returns the output table (kept columns, then predictions) and its features."""
-    features = runtime.metadata.feature_names
-    x = features_of(table, features, source=source, first_row=first_row, nan_policy=nan_policy)
+                nan_policy: str = "allow", keep: Sequence[str] = (),
+                x: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Score one table; returns the output table (kept columns, then predictions) and its
+    features (``x``, when given, are the table's features already extracted)."""
+    if x is None:
+        x = features_of(table, runtime.metadata.feature_names, source=source, first_row=first_row,
+                        nan_policy=nan_policy)
     preds = interpret(runtime.metadata, runtime.predict(x))
     out = {name: table.column(name) for name in keep}
     out.update({k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in to_columns(preds).items()})
@@ -284,18 +287,28 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
         logger.info("resuming %s: %d chunks already scored", output, len(done))
     columns = list(dict.fromkeys([*features, *keep]))
     rows = chunks = resumed = 0
-    reader = iter(src.chunks(columns, chunk_rows, features))
     sink = _Output(output, out_fmt, parts)
 
-    # A three-stage pipeline: the next chunk is read (and decoded) and the previous one written
-    # on threads while this chunk runs through ONNX Runtime (pyarrow, numpy and ONNX Runtime
-    # release the GIL). At most one chunk is read ahead and one write pending, so memory stays
-    # bounded, and writes happen in chunk order.
+    def prepared() -> Iterator[tuple[pa.Table, np.ndarray | None]]:
+        for k, table in enumerate(src.chunks(columns, chunk_rows, features)):
+            if f"part-{k:06d}.arrow" in done:
+                yield table, None
+            else:
+                yield table, features_of(table, features, source=str(input_path),
+                                         first_row=k * chunk_rows, nan_policy=nan_policy)
+
+    reader = prepared()
+
+    # A three-stage pipeline: the next chunk is read, decoded and turned into a feature matrix,
+    # and the previous one written, on threads while this chunk runs through ONNX Runtime
+    # (pyarrow, numpy and ONNX Runtime release the GIL). At most one chunk is read ahead and one
+    # write pending, so memory stays bounded, and writes happen in chunk order.
     try:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch-io") as pool:
             pending_read = pool.submit(next, reader, None)
             pending_write: Future[None] | None = None
-            while (table := pending_read.result()) is not None:
+            while (item := pending_read.result()) is not None:
+                table, x = item
                 pending_read = pool.submit(next, reader, None)
                 name = f"part-{chunks:06d}.arrow"
                 first_row = chunks * chunk_rows
@@ -304,11 +317,11 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
                     resumed += 1
                 else:
                     scored, x = score_table(runtime, table, source=str(input_path), first_row=first_row,
-                                            nan_policy=nan_policy, keep=keep)
+                                            nan_policy=nan_policy, keep=keep, x=x)
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = pool.submit(sink.write, name, scored)
-                if scored is not None and on_chunk is not None:
+                if scored is not None and x is not None and on_chunk is not None:
                     on_chunk(scored, x, first_row)
                 rows += table.num_rows
                 chunks += 1

@@ -139,9 +139,11 @@ def score(
         if version is not None:
             console.print(f"resuming the interrupted run of {output} with {model} v{version}", soft_wrap=True)
         ref = version if version is not None else settings.alias
+        # warmed up at the chunk size too, so ONNX Runtime sizes its memory arena once, up front
         runtime = OnnxRuntime(registry.get(model, ref), provider=settings.providers,
                               threads=settings.threads or (os.cpu_count() or 1),
-                              io_binding=settings.io_binding, device_id=settings.device_id).load()
+                              io_binding=settings.io_binding, device_id=settings.device_id,
+                              warmup_rows=(1, settings.chunk_rows)).load()
         report = _score_with_progress(score_file, input_path, output, runtime, settings, keep)
     except (BatchInputError, ModelLoadError, RegistryError) as exc:
         raise _fail(str(exc)) from exc
