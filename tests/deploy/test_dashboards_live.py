@@ -229,8 +229,11 @@ def drive(stack: Stack) -> None:
         "feedback": [{"request_id": r, "label": int(y)} for r, y in labelled]})
     assert feedback.status_code == 200, feedback.text
     assert feedback.json()["joined"] == len(labelled), feedback.text
-    # judge this labelled window now, before the shifted (unlabelled) rows push it out
+    # judge this labelled window now, before the shifted (unlabelled) rows push it out, and
+    # let Prometheus scrape its quality gauges: the shifted rows remove them from the sidecar
     _check(stack)
+    for name in ("modelloop_accuracy_ratio", "modelloop_f1_ratio", "modelloop_label_lag_seconds"):
+        wait_for(lambda name=name: _scraped(stack, name), 30, f"Prometheus to scrape {name}")
     for i in range(30):  # 600 rows with two features moved: the window is all shifted
         _predict(stack, task.sample(20, seed=200 + i, shift={"f03": 4.0, "f07": -4.0}))
     _check(stack)
@@ -257,6 +260,13 @@ def drive(stack: Stack) -> None:
 def _check(stack: Stack) -> None:
     response = httpx.post(f"{stack.monitor}/check", params={"model": MODEL}, timeout=60)
     assert response.status_code == 200, response.text
+
+
+def _scraped(stack: Stack, name: str) -> bool:
+    """Prometheus holds a current sample of ``name`` for the model."""
+    response = httpx.get(f"{stack.prometheus}/api/v1/query", timeout=10,
+                         params={"query": f'{name}{{model="{MODEL}"}}'})
+    return bool(response.json()["data"]["result"])
 
 
 def _sample_sum(url: str, name: str) -> float:
