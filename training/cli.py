@@ -26,6 +26,7 @@ from training.models import architecture_names, get_architecture
 from training.pipeline import train_and_register
 from training.settings import TrainingSettings
 from training.trainer import TrainingError
+from training.transfer import WarmStart
 
 train_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -45,6 +46,11 @@ def _model_name(source: str) -> str:
     # a file stem can hold anything; registry names are letters, digits, '_', '-', '.'
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem).strip("_.-")
     return name[:64] or "model"
+
+
+def _ref(text: str) -> int | str:
+    """``3`` -> version 3, ``previous`` -> that alias, empty -> production."""
+    return int(text) if text.isdigit() else (text or "production")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -74,8 +80,9 @@ def train(
     task: Annotated[TaskChoice, typer.Option(
         "--task", help="auto: a float target or an integer one with over 20 values is "
         "regression, anything else classification.")] = TaskChoice.auto,
-    model: Annotated[str, typer.Option(
-        "--model", help="Architecture (registered: " + ", ".join(architecture_names()) + ").")] = "mlp",
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Architecture (registered: " + ", ".join(architecture_names())
+        + "; default mlp, or the parent's with --init-from).")] = None,
     name: Annotated[str | None, typer.Option(
         "--name", help="Registered model name (default: the dataset or file name).")] = None,
     promote: Annotated[bool, typer.Option(
@@ -93,6 +100,13 @@ def train(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the registered version as JSON on stdout (the table goes to "
         "stderr).")] = False,
+    init_from: Annotated[str | None, typer.Option(
+        "--init-from", metavar="NAME[@VERSION|ALIAS]", help="Fine-tune: start from this "
+        "registered version's weights (default alias production) with its configuration, "
+        "instead of training from scratch. The data must have the same features.")] = None,
+    freeze: Annotated[int, typer.Option(
+        "--freeze", min=0, help="With --init-from: keep the first N weight layers fixed "
+        "(0: train them all).")] = 0,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="Show the progress bar (default: "
         "MODELLOOP_TRAINING_PROGRESS, on).")] = None,
@@ -105,6 +119,8 @@ def train(
       modelloop train --dataset breast_cancer --promote
 
       modelloop train --data churn.csv --target churned --name churn --epochs 50
+
+      modelloop train --data churn-2026.csv --target churned --init-from churn --freeze 1
     """
     if (dataset is None) == (data is None):
         raise typer.BadParameter("give exactly one of --dataset NAME or --data FILE")
@@ -116,8 +132,10 @@ def train(
         raise typer.BadParameter("--task is for --data; built-in datasets know their task")
     if data is not None and rows is not None:
         raise typer.BadParameter("--rows is for --dataset; a file is used whole")
+    if freeze and not init_from:
+        raise typer.BadParameter("--freeze is for --init-from", param_hint="--freeze")
     try:
-        get_architecture(model)
+        get_architecture(model or "mlp")
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
     overrides: dict[str, Any] = {"epochs": epochs, "seed": seed, "batch_size": batch_size,
@@ -137,22 +155,31 @@ def train(
         raise _fail("; ".join(
             f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
             for e in exc.errors()), 2) from exc
+    registry = Registry(settings.registry_dir)
+    init: WarmStart | None = None
     try:
-        config = TrainingConfig.from_settings(settings, **overrides)
+        if init_from:
+            parent, _, ref = init_from.partition("@")
+            init = WarmStart.from_registry(registry, parent, _ref(ref), freeze=freeze)
+            config = init.config(**overrides)
+        else:
+            config = TrainingConfig.from_settings(settings, **overrides)
         get_architecture(config.architecture).params.model_validate(config.model)
     except ValidationError as exc:
         raise _fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
                               for e in exc.errors()), 2) from exc
+    except DataError as exc:
+        raise _fail(str(exc), 2) from exc
     source = str(dataset.value if dataset is not None else data)
-    name = name or _model_name(source)
-    registry = Registry(settings.registry_dir)
+    name = name or (init.name if init else _model_name(source))
     console = Console(stderr=True)
     try:
         registry.aliases(name)  # validates the name before minutes of training
         ds = load_data(source, config.target, task=config.task, rows=rows, seed=config.seed)
         meta = train_and_register(
             ds, name=name, config=config, settings=settings, registry=registry, promote=promote,
-            progress=progress, console=console,
+            progress=progress, console=console, init=init,
+            parent_version=init.version if init and init.name == name else None,
             on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
             lineage={"trigger": "cli", "dataset_rows": rows},
         )

@@ -8,7 +8,8 @@ Every trigger (the sidecar's local process, a Kubernetes Job, a container, a per
 2. :func:`check_production_data`: enough rows, the champion's features, more than one class.
 3. :func:`split_recent`: the most recent rows are the holdout both models are judged on; the rest
    joins the original training data.
-4. ``train_model`` with the champion's stored configuration and classes.
+4. ``train_model`` with the champion's stored configuration and classes, starting from the
+   champion's weights (fine-tuning) unless ``retrain_fine_tune`` is off.
 5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency).
 6. Register the challenger (with lineage either way); promote only when the gate passes.
 
@@ -36,6 +37,7 @@ from training.data import DataError, load_data
 from training.evaluate import evaluate
 from training.pipeline import TrainedModel, register_trained, train_model
 from training.settings import TrainingSettings
+from training.transfer import TransferError, WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +250,14 @@ def retrain(
     log.info("retraining %s (champion v%d): %d original + %d production rows, holdout %d",
              name, meta.version, len(original), len(recent_train), len(holdout))
 
+    init: WarmStart | None = None
+    if settings.retrain_fine_tune:
+        try:
+            init = WarmStart.from_version(champion)
+        except TransferError as exc:
+            log.info("training the challenger from scratch: %s", exc)
     trained: TrainedModel = train_model(
-        train_frame, name=name, config=config, settings=settings,
+        train_frame, name=name, config=config, settings=settings, init=init,
         class_labels=meta.class_labels, parent_version=meta.version, progress=progress,
         lineage={"trigger": trigger, "original_dataset":
                  meta.lineage.get("original_dataset", meta.dataset),

@@ -123,6 +123,10 @@ class TrainingSettings(HomeSettings):
     """Original training rows kept per production training row (the rest are sampled away), so
     new data is not drowned by old."""
 
+    retrain_fine_tune: bool = True
+    """The challenger starts from the champion's weights (fine-tuning, ``training.transfer``)
+    when the champion stored them; off: it trains from scratch with the champion's config."""
+
     retrain_metric: str = "accuracy"
     """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1``, ``roc_auc``);
     regressors use ``r2``."""

@@ -87,6 +87,9 @@ def test_better_challenger_is_promoted_with_lineage(home: Path, champion: Regist
     assert gate["promoted"] and gate["champion_version"] == 1
     assert v2.lineage["original_dataset"] == "synthetic"
     assert v2.config == champion.get("demo", 1).metadata.config  # the champion's configuration
+    # fine-tuned from the champion's weights: every tensor fits, none trained from scratch
+    assert v2.lineage["fine_tuned_from"]["version"] == 1
+    assert v2.lineage["fine_tuned_from"]["tensors_fresh"] == []
 
 
 def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Registry,
