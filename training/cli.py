@@ -84,7 +84,8 @@ def train(
         "--model", help="Architecture (registered: " + ", ".join(architecture_names())
         + "; default mlp, or the parent's with --init-from).")] = None,
     name: Annotated[str | None, typer.Option(
-        "--name", help="Registered model name (default: the dataset or file name).")] = None,
+        "--name", help="Registered model name (default: the parent's with --init-from, "
+        "else the dataset or file name).")] = None,
     promote: Annotated[bool, typer.Option(
         "--promote", help="Make the new version production.")] = False,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum epochs.")] = None,
