@@ -93,6 +93,32 @@ class ModelMetadata(BaseModel):
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    @property
+    def input_dims(self) -> tuple[int | None, ...]:
+        """The input's axes after the batch axis: ``(n_features,)`` for rows of features,
+        e.g. ``(1, 8, 8)`` for an image, ``(None, n_features)`` for a sequence of any length."""
+        if not self.inputs or len(self.inputs[0].shape) <= 2:  # rows: the feature names count
+            return (self.n_features,)
+        return tuple(self.inputs[0].shape[1:])
+
+
+def monitored_features(x: Any, dims: tuple[int | None, ...]) -> Any:
+    """``[rows, n_features]`` values that monitoring sees for a model input ``x`` of shape
+    ``[rows, *dims]``: the features of a row, the pixels of an image (flattened), the mean over
+    time of each feature of a sequence (NaN steps skipped). The reference sample holds the same."""
+    import warnings
+
+    import numpy as np
+
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return x
+    if len(dims) == 2 and dims[0] is None:  # [rows, time, features]
+        with warnings.catch_warnings():  # a feature missing at every step stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(x, axis=1)
+    return x.reshape(len(x), -1)
+
 
 Mode = Literal["realtime", "batch"]
 

@@ -39,8 +39,9 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from modelloop import __version__
+from modelloop.schemas import monitored_features
 from serving import oip
-from serving.batch import BatchInputError, score_table
+from serving.batch import BatchInputError, check_scorable, score_table
 from serving.batcher import Overloaded, retry_after_header
 from serving.events import request_ids
 from serving.predictions import interpret, to_records
@@ -170,8 +171,9 @@ class Routes:
         preds = interpret(runtime.metadata, result.outputs)
         n = len(x)
         state.count_rows(runtime.name, n)
-        state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base, x=x,
-                             preds=preds, latency_s=time.perf_counter() - start)
+        state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
+                             x=monitored_features(x, runtime.input_dims), preds=preds,
+                             latency_s=time.perf_counter() - start)
         payload = {"model": runtime.name, "version": runtime.model_version, "request_id": base,
                    "predictions": to_records(preds, request_ids(base, n))}
         return Response(orjson.dumps(payload), 200, {"x-request-id": base}, JSON)
@@ -219,7 +221,8 @@ class Routes:
         state.count_rows(runtime.name, n)
         if state.emitter.enabled:
             state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
-                                 x=req.x, preds=interpret(runtime.metadata, result.outputs),
+                                 x=monitored_features(req.x, runtime.input_dims),
+                                 preds=interpret(runtime.metadata, result.outputs),
                                  latency_s=time.perf_counter() - start)
         content, headers = oip.encode_infer(runtime.metadata, runtime.model_version, base, req, result.outputs)
         media = "application/octet-stream" if headers else JSON
@@ -238,9 +241,17 @@ class Routes:
                                "application/vnd.apache.parquet (or ?format=csv|parquet)")
         return fmt
 
+    @staticmethod
+    def _scorable(runtime: Any) -> None:
+        try:
+            check_scorable(runtime, "body")
+        except BatchInputError as exc:
+            raise RequestError(422, "wrong_shape", "body", str(exc)) from None
+
     async def batch_score(self, request: Request, state: ServingState) -> Response:
         fmt = self._file_format(request)
         runtime = state.manager.current
+        self._scorable(runtime)
         body = await read_body(request, self.max_body)
         base = self.request_id(request)
         try:
@@ -277,6 +288,7 @@ class Routes:
 
     async def job_submit(self, request: Request, state: ServingState) -> Response:
         fmt = self._file_format(request)
+        self._scorable(state.manager.current)
         status = await state.jobs.submit(fmt, request.stream(), state.manager.current,
                                          on_chunk=state.record_batch_chunk)
         return json_response(status, 202, {"Location": f"/batch/jobs/{status['job_id']}"})

@@ -181,11 +181,22 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
     return x
 
 
+def check_scorable(runtime: OnnxRuntime, source: str) -> None:
+    """Batch scoring reads rows of features (an image model's pixels too); a sequence model's
+    input has a time axis that a row of a table cannot hold."""
+    if not runtime.takes_rows:
+        raise BatchInputError(
+            f"{source}: {runtime.name} v{runtime.model_version} takes sequences "
+            f"[rows, steps, {runtime.n_features}], and batch scoring reads one row of features "
+            "per prediction; send sequences to /predict or /v2/models/{name}/infer")
+
+
 def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row: int = 0,
                 nan_policy: str = "allow", keep: Sequence[str] = (),
                 x: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
     """Score one table; returns the output table (kept columns, then predictions) and its
     features (``x``, when given, are the table's features already extracted)."""
+    check_scorable(runtime, source)
     if x is None:
         x = features_of(table, runtime.metadata.feature_names, source=source, first_row=first_row,
                         nan_policy=nan_policy)
@@ -271,6 +282,7 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
     ``on_chunk(scored, features, first_row)`` is called after each newly scored chunk."""
     start = time.perf_counter()
     out_fmt = file_format(output)
+    check_scorable(runtime, str(input_path))
     src = InputFile.open(input_path)
     features = runtime.metadata.feature_names
     check_columns(src, features, keep)

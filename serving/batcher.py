@@ -136,13 +136,16 @@ class AdaptiveBatcher:
         return await future
 
     def _take(self) -> list[_Item]:
-        """The next batch: queued items of the first item's model version, up to the row limit."""
+        """The next batch: queued items of the first item's model version and input shape, up to
+        the row limit."""
         first = self._queue.popleft()
         items = [first]
         rows = len(first.x)
         if self.batching:
             queue = self._queue
-            while queue and queue[0].runtime is first.runtime and rows + len(queue[0].x) <= self.max_batch_rows:
+            shape = first.x.shape[1:]  # a sequence model's requests may differ in length
+            while (queue and queue[0].runtime is first.runtime and queue[0].x.shape[1:] == shape
+                   and rows + len(queue[0].x) <= self.max_batch_rows):
                 item = queue.popleft()
                 items.append(item)
                 rows += len(item.x)

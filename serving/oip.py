@@ -6,7 +6,8 @@ JSON tensor data and the binary tensor data extension are both read and written:
 ``binary_data`` or the request sets ``binary_data_output`` (what tritonclient does by default).
 The routes live in ``serving/app.py``; this module is pure data handling.
 
-The model's one input is ``input`` ``FP32 [-1, n_features]``; its outputs are the graph's
+The model's one input is ``input`` ``FP32 [-1, n_features]`` (an image model's ``[-1, 1, 8, 8]``,
+which also takes ``[-1, 64]``; a sequence model's ``[-1, -1, n_features]``); its outputs are the graph's
 (``probabilities`` for a classifier). Per-row request ids are ``<id>-<row>`` where ``id`` is the
 request's ``id`` (or a generated one, returned in the response).
 """
@@ -20,7 +21,7 @@ import numpy as np
 import orjson
 
 from modelloop.schemas import INPUT_NAME, ModelMetadata
-from serving.validation import RequestError, check_array, parse_json, rows_to_array
+from serving.validation import RequestError, check_array, nested_rows, parse_json, rows_to_array
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16}
@@ -55,9 +56,35 @@ class InferRequest:
     binary: dict[str, bool]
 
 
+def _check_tensor_shape(shape: Any, dims: tuple[int | None, ...], n_features: int) -> list[int]:
+    """``[rows, *dims]`` (any length >= 1 on a dynamic axis), or ``[rows, n_features]`` for an
+    image model (rows of pixels)."""
+    ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and (
+        (len(shape) == 1 + len(dims)
+         and all(d >= 1 if m is None else d == m for d, m in zip(shape[1:], dims, strict=True)))
+        or (None not in dims and shape[1:] == [n_features]))
+    if not ok:
+        axes = ", ".join("steps" if d is None else str(d) for d in dims)
+        also = f" or [rows, {n_features}]" if None not in dims else ""
+        raise RequestError(400, "wrong_shape", "inputs[0].shape",
+                           f"inputs[0].shape: expected [rows, {axes}]{also}, got {shape!r}")
+    return list(shape)
+
+
 def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str) -> np.ndarray:
     if not isinstance(data, list):
         raise RequestError(400, "wrong_type", "inputs[0].data", "inputs[0].data: expected an array")
+    if len(shape) > 2:  # an image or sequence tensor: nested to its shape, or flat row-major
+        field = "inputs[0].data"
+        if data and isinstance(data[0], list):
+            rows = nested_rows(data, shape, field)
+        elif len(data) != int(np.prod(shape)):
+            raise RequestError(400, "wrong_shape", field,
+                               f"{field}: {len(data)} values do not fill shape {shape}")
+        else:
+            rows = [data[i:i + shape[-1]] for i in range(0, len(data), shape[-1])]
+        x = rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix=field)
+        return x.reshape(shape)
     if data and isinstance(data[0], list):  # row-major nested form
         if len(data) != shape[0] or any(type(r) is not list or len(r) != shape[1] for r in data):
             raise RequestError(400, "wrong_shape", "inputs[0].data",
@@ -99,13 +126,17 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         raise RequestError(400, "wrong_type", "inputs[0].datatype",
                            f"inputs[0].datatype: {datatype!r} is not numeric; send FP32")
     shape = tensor.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 2
+    dims = meta.input_dims
+    if len(dims) > 1:
+        shape = _check_tensor_shape(shape, dims, meta.n_features)
+    elif (not isinstance(shape, list) or len(shape) != 2
             or not all(type(d) is int and d >= 0 for d in shape)):
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
                            f"inputs[0].shape: expected [rows, {meta.n_features}], got {shape!r}")
-    if shape[1] != meta.n_features:
+    elif shape[1] != meta.n_features:
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
                            f"inputs[0].shape: expected {meta.n_features} features, got {shape[1]}")
+    count = int(np.prod(shape))
     if not 1 <= shape[0] <= max_rows:
         status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
         raise RequestError(status, code, "inputs[0].shape",
@@ -114,11 +145,11 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
         dtype = np.dtype(DATATYPES[datatype])
-        if type(size) is not int or size != shape[0] * shape[1] * dtype.itemsize or size > len(binary):
+        if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
             raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
                                f"inputs[0].parameters.binary_data_size: {size!r} bytes do not hold "
                                f"{datatype} {shape} ({len(binary)} binary bytes sent)")
-        x = np.frombuffer(binary, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
+        x = np.frombuffer(binary, dtype=dtype, count=count).reshape(shape)
         if dtype != np.float32:
             x = x.astype(np.float32)
         check_array(x, "inputs[0].data", nan_policy=nan_policy)

@@ -32,6 +32,7 @@ TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_LABELS = {TRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
+WARMUP_STEPS = 16  # time steps of the warm-up input of a sequence model (any length is served)
 
 
 class ModelLoadError(Exception):
@@ -105,6 +106,9 @@ class OnnxRuntime:
         self.io_binding_choice = io_binding
         self.device_id = device_id
         self.warmup_rows = tuple(warmup_rows)
+        self._dims = self.metadata.input_dims
+        # rows of features are reshaped to this (an image model's [channels, height, width])
+        self._row_shape = self._dims if len(self._dims) > 1 and self.takes_rows else None
         self.active_provider = ""
         self.cost = CostModel(0.0, 0.0)
         self.output_names: list[str] = []
@@ -123,6 +127,17 @@ class OnnxRuntime:
     @property
     def n_features(self) -> int:
         return self.metadata.n_features
+
+    @property
+    def input_dims(self) -> tuple[int | None, ...]:
+        """The input's axes after the batch axis (``ModelMetadata.input_dims``)."""
+        return self._dims
+
+    @property
+    def takes_rows(self) -> bool:
+        """Rows of ``n_features`` values can be fed (reshaped for an image model); False for a
+        model whose input has a dynamic axis besides the batch (a sequence model)."""
+        return None not in self._dims
 
     @property
     def ready(self) -> bool:
@@ -189,9 +204,13 @@ class OnnxRuntime:
             raise ModelLoadError(f"{label}: expected one input named {INPUT_NAME!r}, got "
                                  f"{[i.name for i in inputs]}")
         shape = inputs[0].shape
-        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != self.n_features):
-            raise ModelLoadError(f"{label}: input shape {shape} does not match the "
-                                 f"{self.n_features} features in its metadata")
+        dims = self._dims
+        if len(shape) != 1 + len(dims) or any(
+                isinstance(g, int) and m is not None and g != m for g, m in zip(shape[1:], dims, strict=True)):
+            want = (f"{self.n_features} features" if len(dims) == 1 else "input [batch, "
+                    + ", ".join("any" if d is None else str(d) for d in dims) + "]")
+            raise ModelLoadError(f"{label}: input shape {shape} does not match the {want} "
+                                 "in its metadata")
         outs = {o.name for o in session.get_outputs()}
         expected = {o.name for o in self.metadata.outputs}
         if not expected <= outs:
@@ -201,7 +220,7 @@ class OnnxRuntime:
         # The first runs allocate and (on GPU) build kernels; time the later ones for the cost model.
         timings: list[tuple[int, float]] = []
         for rows in self.warmup_rows:
-            x = np.zeros((rows, self.n_features), np.float32)
+            x = np.zeros((rows, *(WARMUP_STEPS if d is None else d for d in self._dims)), np.float32)
             self.predict(x)
             best = float("inf")
             for _ in range(3):
@@ -219,10 +238,13 @@ class OnnxRuntime:
 
     # -- inference ---------------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``x`` (float32 ``[rows, n_features]``); returns every graph output by name."""
+        """Run ``x`` (float32 ``[rows, *input_dims]``, or ``[rows, n_features]`` for an image
+        model); returns every graph output by name."""
         session = self._session
         if session is None:
             raise RuntimeError(f"{self!r} is not loaded")
+        if self._row_shape is not None and x.ndim == 2:
+            x = x.reshape(len(x), *self._row_shape)
         if self._use_io_binding:
             return self._predict_bound(session, x)
         return dict(zip(self.output_names, session.run(self.output_names, {INPUT_NAME: x}), strict=True))

@@ -164,6 +164,9 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
                            "(MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST)")
     names = meta.feature_names
     n = len(names)
+    dims = meta.input_dims
+    if len(dims) > 1:
+        return _tensor_instances(instances, dims, names, nan_policy)
     if isinstance(instances[0], dict):
         name_set = set(names)
         getter = operator.itemgetter(*names)
@@ -179,6 +182,67 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
         if type(row) is not list or len(row) != n:
             raise _array_row_error(i, row, n)
     return rows_to_array(instances, names, nan_policy, records=False)
+
+
+def _shape_text(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("any" if d is None else str(d) for d in dims) + "]"
+
+
+def nested_rows(value: Any, dims: Sequence[int | None], field: str) -> list[Any]:
+    """A nested list of shape ``dims`` (None: any length >= 1) as rows of its last axis; a
+    RequestError naming the first sub-array of the wrong type or length."""
+    want = dims[0]
+    if type(value) is not list:
+        return_type = "numbers" if len(dims) == 1 else "arrays"
+        raise RequestError(422, "wrong_type", field,
+                           f"{field}: expected an array of {return_type}, got {_type_name(value)}")
+    if (want is not None and len(value) != want) or not value:
+        raise RequestError(422, "wrong_shape", field,
+                           f"{field}: expected {want if want is not None else 'at least 1'} "
+                           f"values, got {len(value)} (the model takes {_shape_text(dims)} here)")
+    if len(dims) == 1:
+        return [value]
+    rows: list[Any] = []
+    for k, child in enumerate(value):
+        rows += nested_rows(child, dims[1:], f"{field}[{k}]")
+    return rows
+
+
+def _tensor_instances(instances: list[Any], dims: tuple[int | None, ...], names: Sequence[str],
+                      nan_policy: str) -> np.ndarray:
+    """Instances of an image or sequence model: each a nested array of shape ``dims`` (every
+    instance of one request the same length on a dynamic axis); an image model also takes each
+    as a flat array of its ``n_features`` values or a record of them by name."""
+    static = None not in dims
+    n = len(names)
+    shape = [-1 if d is None else d for d in dims]
+    parts: list[np.ndarray] = []
+    for i, inst in enumerate(instances):
+        field = f"instances[{i}]"
+        if static and type(inst) is dict:
+            name_set = set(names)
+            if inst.keys() != name_set:
+                raise _record_error(i, inst, names, name_set)
+            x = rows_to_array([operator.itemgetter(*names)(inst)], names, nan_policy, records=True,
+                              prefix=field)
+            parts.append(x.reshape(shape))
+            continue
+        if static and type(inst) is list and inst and type(inst[0]) is not list:  # flat pixels
+            if len(inst) != n:
+                raise RequestError(422, "wrong_shape", field,
+                                   f"{field}: expected {n} values or an array of shape "
+                                   f"{_shape_text(dims)}, got {len(inst)} values")
+            parts.append(rows_to_array([inst], names, nan_policy, records=False, prefix=field)
+                         .reshape(shape))
+            continue
+        x = rows_to_array(nested_rows(inst, dims, field), names, nan_policy, records=False,
+                          prefix=field)
+        parts.append(x.reshape([-1 if d is None else d for d in dims]))
+        if parts[0].shape != parts[-1].shape:
+            raise RequestError(422, "wrong_shape", field,
+                               f"{field}: shape {list(parts[-1].shape)} differs from instances[0]'s "
+                               f"{list(parts[0].shape)}; send instances of one length per request")
+    return np.stack(parts)
 
 
 def check_array(x: np.ndarray, field: str, *, nan_policy: str) -> None:

@@ -28,7 +28,6 @@ Monitoring sees one row per sequence: each channel's mean over time.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from modelloop.schemas import INPUT_NAME, Task, TensorSpec
+from modelloop.schemas import INPUT_NAME, Task, TensorSpec, monitored_features
 from training.data import TARGET, TabularDataset
 from training.models import Architecture, Preprocessor, TabularNet, register_architecture
 
@@ -160,9 +159,9 @@ class SequenceClassifier(TabularNet):
         return out
 
     def monitored_features(self, rows: np.ndarray) -> np.ndarray:
-        with warnings.catch_warnings():  # a channel missing at every step stays NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(rows, axis=1)
+        # the rule serving applies to the sequences it is sent: each feature's mean over time
+        out: np.ndarray = monitored_features(rows, (None, rows.shape[-1]))
+        return out
 
     def parity_inputs(self, x: np.ndarray) -> Sequence[np.ndarray]:
         steps = x.shape[1]
