@@ -18,9 +18,9 @@ from typer.core import TyperGroup
 # command -> (module, attribute, one-line help shown by `modelloop --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "train_app", "Train, evaluate, export to ONNX and register a model."),
-    "tune": ("training.cli", "tune_app", "Hyperparameter search (grid, random, Bayesian)."),
+    "tune": ("training.tune_cli", "tune_app", "Hyperparameter search (grid, random, Bayesian)."),
     "retrain": ("training.retrain_cli", "retrain_app", "Retrain on production data; promote if better."),
-    "quantize": ("training.cli", "quantize_app", "Quantize a registered version to int8."),
+    "quantize": ("training.quantize_cli", "quantize_app", "Quantize a registered version to int8."),
     "models": ("modelloop.models_cli", "app", "List, show, promote and roll back model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),
     "batch": ("serving.cli", "batch_app", "Score CSV/Parquet files in bounded memory."),

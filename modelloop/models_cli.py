@@ -22,7 +22,7 @@ def _registry() -> Registry:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {exc}")
+    console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, however long
     return typer.Exit(code=1)
 
 
@@ -94,25 +94,56 @@ def _pretty(data: dict) -> str:
              f"  parent:    {data['parent_version']}",
              f"  features:  {len(data['feature_names'])}",
              f"  classes:   {data['class_labels']}"]
+    q = data["lineage"].get("quantization")
+    if isinstance(q, dict):
+        lines.append(f"  int8:      {q.get('method')} from v{q.get('source_version')}, "
+                     f"{q.get('metric')} loss {float(q.get('loss_points', 0.0)):.2f} points, "
+                     f"{'promotable' if q.get('promotable') else 'not promotable'}")
     if data.get("parity"):
         p = data["parity"]
-        lines.append(f"  parity:    {'ok' if p['passed'] else 'FAILED'} "
-                     f"(max abs diff {p['max_abs_diff']:.2e} <= {p['tolerance']:.0e})")
+        against = f"int8 vs fp32 v{q.get('source_version')}" if isinstance(q, dict) else "vs PyTorch"
+        lines.append(f"  parity:    {'ok' if p['passed'] else 'FAILED'} ({against}: max abs diff "
+                     f"{p['max_abs_diff']:.2e}, tolerance {p['tolerance']:.0e})")
     lines.append("  metrics:")
     lines += [f"    {k:<12} {v:.4f}" for k, v in sorted(data["metrics"].items())]
     return "\n".join(lines)
+
+
+def not_promotable(lineage: dict[str, Any]) -> str | None:
+    """Why a version must not be promoted without ``--force``, or None: an int8 quantization
+    whose metric loss exceeded the allowed one when it was quantized (``modelloop quantize``)."""
+    q = lineage.get("quantization")
+    if not isinstance(q, dict) or q.get("promotable") is not False:
+        return None
+    return (f"it is an int8 quantization of v{q.get('source_version')} that loses "
+            f"{float(q.get('loss_points', float('nan'))):.2f} points of {q.get('metric')} "
+            f"(at most {float(q.get('max_loss_points', float('nan'))):.2f} allowed)")
 
 
 @app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Version number (or alias) to make production.")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Promote an int8 version even though it lost more accuracy than "
+        "allowed.")] = False,
 ) -> None:
-    """Make VERSION the production version; the old production becomes 'previous'."""
+    """Make VERSION the production version; the old production becomes 'previous'.
+
+    An int8 version (`modelloop quantize`) that lost more than the allowed accuracy is refused
+    unless --force is given.
+    """
+    reg = _registry()
     try:
-        aliases = _registry().promote(name, version)
+        target = reg.get(name, version)
+        why = None if force else not_promotable(target.metadata.lineage)
+        if why is None:
+            aliases = reg.promote(name, target.version)
     except RegistryError as exc:
         raise _fail(exc) from exc
+    if why is not None:
+        raise _fail(RegistryError(f"{name} v{target.version} not promoted: {why}; use --force "
+                                  "to promote it anyway"))
     console.print(f"{name}: production -> v{aliases['production']}"
                   + (f" (previous v{aliases['previous']})" if "previous" in aliases else ""))
 

@@ -44,6 +44,12 @@ class TrainingSettings(HomeSettings):
     """At most this many held-out rows are checked one by one (batch size 1) and in small
     batches; enough to catch a bad export without making large data slow."""
 
+    # -- int8 quantization (`modelloop quantize`) ----------------------------------------------
+    quantize_max_loss: NonNegativeFloat = 0.01
+    """Largest drop of the primary test metric (accuracy for classifiers, R² for regressors,
+    ROC-AUC for anomaly detectors) an int8 version may show against its fp32 source and still
+    be promotable, as a fraction: 0.01 is one point."""
+
     # -- defaults of the training config -------------------------------------------------------
     epochs: PositiveInt = 150
     """Maximum number of passes over the training split (early stopping usually ends sooner)."""
