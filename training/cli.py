@@ -39,10 +39,10 @@ class TaskChoice(StrEnum):
     regression = "regression"
 
 
-_DATASETS_HELP = "; ".join(f"{d.name}: {d.description}" for d in BUILTINS.values())
+DATASETS_HELP = "; ".join(f"{d.name}: {d.description}" for d in BUILTINS.values())
 
 
-def _model_name(source: str) -> str:
+def model_name(source: str) -> str:
     # a file stem can hold anything; registry names are letters, digits, '_', '-', '.'
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem).strip("_.-")
     return name[:64] or "model"
@@ -53,12 +53,22 @@ def _ref(text: str) -> int | str:
     return int(text) if text.isdigit() else (text or "production")
 
 
-def _fail(message: str, code: int) -> typer.Exit:
+def fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)  # one plain line: no wrapping, no traceback
     return typer.Exit(code=code)
 
 
-def _metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
+def load_settings() -> TrainingSettings:
+    """The settings from the environment, or exit 2 with one line naming each bad variable."""
+    try:
+        return TrainingSettings()
+    except ValidationError as exc:
+        raise fail("; ".join(
+            f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in exc.errors()), 2) from exc
+
+
+def metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
     table = Table(title=f"{meta.name} v{meta.version}" + (" (production)" if promoted else ""))
     table.add_column("metric")
     table.add_column("test", justify="right")
@@ -72,7 +82,7 @@ def _metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
 @train_app.command(no_args_is_help=True)
 def train(
     dataset: Annotated[DatasetName | None, typer.Option(
-        "--dataset", help=f"A built-in dataset ({_DATASETS_HELP}).")] = None,
+        "--dataset", help=f"A built-in dataset ({DATASETS_HELP}).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="A CSV or Parquet file of numeric features and a target column.")] = None,
     target: Annotated[str | None, typer.Option(
@@ -150,12 +160,7 @@ def train(
             raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
                                      param_hint="--hidden") from exc
 
-    try:
-        settings = TrainingSettings()
-    except ValidationError as exc:
-        raise _fail("; ".join(
-            f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors()), 2) from exc
+    settings = load_settings()
     registry = Registry(settings.registry_dir)
     init: WarmStart | None = None
     try:
@@ -167,12 +172,12 @@ def train(
             config = TrainingConfig.from_settings(settings, **overrides)
         get_architecture(config.architecture).params.model_validate(config.model)
     except ValidationError as exc:
-        raise _fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
+        raise fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
                               for e in exc.errors()), 2) from exc
     except DataError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     source = str(dataset.value if dataset is not None else data)
-    name = name or (init.name if init else _model_name(source))
+    name = name or (init.name if init else model_name(source))
     console = Console(stderr=True)
     try:
         registry.aliases(name)  # validates the name before minutes of training
@@ -185,13 +190,13 @@ def train(
             lineage={"trigger": "cli", "dataset_rows": rows},
         )
     except DataError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     except (ExportError, TrainingError, RegistryError) as exc:
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
 
     version = registry.get(name, meta.version)
     out = Console(stderr=as_json)
-    out.print(_metrics_table(meta, promote))
+    out.print(metrics_table(meta, promote))
     out.print(f"registered {name} v{meta.version}: {version.onnx_path}", soft_wrap=True)
     if as_json:
         typer.echo(json.dumps({

@@ -104,13 +104,19 @@ def _reference(ds: TabularDataset, task: Task, rows: np.ndarray, features: np.nd
     probabilities, the prediction, or the anomaly score)."""
     frame = pd.DataFrame(features, columns=ds.feature_names)
     frame[REF_LABEL] = ds.target[rows] if task is not Task.anomaly else np.zeros(len(rows), np.int64)
+    return with_outputs(frame, task, outputs)
+
+
+def with_outputs(reference: pd.DataFrame, task: Task, outputs: np.ndarray) -> pd.DataFrame:
+    """``reference`` with its prediction (and probability) columns set from a model's
+    ``outputs`` (in place; returned)."""
     if task is Task.classification:
-        frame[REF_PREDICTION] = outputs.argmax(axis=1).astype(np.int64)
+        reference[REF_PREDICTION] = outputs.argmax(axis=1).astype(np.int64)
         for i in range(outputs.shape[1]):
-            frame[f"{REF_PROBA_PREFIX}{i}"] = outputs[:, i].astype(np.float64)
+            reference[f"{REF_PROBA_PREFIX}{i}"] = outputs[:, i].astype(np.float64)
     else:
-        frame[REF_PREDICTION] = outputs.reshape(-1).astype(np.float64)
-    return frame
+        reference[REF_PREDICTION] = outputs.reshape(-1).astype(np.float64)
+    return reference
 
 
 def train_model(

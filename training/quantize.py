@@ -66,8 +66,6 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from modelloop.registry import ModelVersion, Registry, RegistryError
 from modelloop.schemas import (
-    REF_PREDICTION,
-    REF_PROBA_PREFIX,
     REF_SPLIT,
     ModelMetadata,
     ParityResult,
@@ -78,7 +76,7 @@ from training.config import TrainingConfig
 from training.data import DataError, Split, TabularDataset, load_data, split_dataset
 from training.evaluate import Evaluation, confusion_matrix_png, evaluate
 from training.export import check_conventions, onnx_session, run_onnx
-from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE
+from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE, with_outputs
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -364,15 +362,8 @@ def evaluate_outputs(meta: ModelMetadata, y: np.ndarray, outputs: np.ndarray) ->
 
 
 def reference_with_outputs(reference: pd.DataFrame, task: Task, outputs: np.ndarray) -> pd.DataFrame:
-    """``reference`` with its prediction (and probability) columns replaced by ``outputs``."""
-    frame = reference.copy()
-    if task is Task.classification:
-        frame[REF_PREDICTION] = outputs.argmax(axis=1).astype(np.int64)
-        for i in range(outputs.shape[1]):
-            frame[f"{REF_PROBA_PREFIX}{i}"] = outputs[:, i].astype(np.float64)
-    else:
-        frame[REF_PREDICTION] = outputs.reshape(-1).astype(np.float64)
-    return frame
+    """A copy of ``reference`` with its prediction (and probability) columns from ``outputs``."""
+    return with_outputs(reference.copy(), task, outputs)
 
 
 def _reference_inputs(reference: pd.DataFrame, meta: ModelMetadata, ds: TabularDataset,

@@ -10,11 +10,11 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from modelloop.registry import Registry, RegistryError
+from training.cli import fail, load_settings
 from training.data import DataError
 from training.quantize import (
     Method,
@@ -24,14 +24,8 @@ from training.quantize import (
     quantize_version,
     register_quantized,
 )
-from training.settings import TrainingSettings
 
 quantize_app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)  # one plain line: no wrapping, no traceback
-    return typer.Exit(code=code)
 
 
 def _table(name: str, source: int, version: int, report: QuantizationReport) -> Table:
@@ -80,17 +74,12 @@ def quantize(
 
       modelloop quantize cancer --version 3 --method dynamic --json
     """
-    try:
-        settings = TrainingSettings()
-    except ValidationError as exc:
-        raise _fail("; ".join(
-            f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors()), 2) from exc
+    settings = load_settings()
     registry = Registry(settings.registry_dir)
     try:
         source = registry.get(name, version)
     except RegistryError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     console = Console(stderr=True)
     console.print(f"[dim]quantizing {name} v{source.version} ({source.metadata.architecture}) "
                   "and measuring it on the test split...[/]")
@@ -98,9 +87,9 @@ def quantize(
         quantized = quantize_version(source, method=method, settings=settings)
         meta, promoted, reason = register_quantized(quantized, registry, promote=promote)
     except (NotQuantizable, DataError) as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     except (QuantizeError, RegistryError) as exc:
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
 
     report = quantized.report
     onnx_path = registry.get(name, meta.version).onnx_path

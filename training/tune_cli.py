@@ -22,12 +22,19 @@ from rich.table import Table
 
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import Task
-from training.cli import _DATASETS_HELP, DatasetName, TaskChoice, _fail, _metrics_table, _model_name
+from training.cli import (
+    DATASETS_HELP,
+    DatasetName,
+    TaskChoice,
+    fail,
+    load_settings,
+    metrics_table,
+    model_name,
+)
 from training.config import TrainingConfig
 from training.data import DataError, load_data
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
-from training.settings import TrainingSettings
 from training.trainer import TrainingError
 from training.tune import (
     OBJECTIVE,
@@ -82,7 +89,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
 @tune_app.command(no_args_is_help=True)
 def tune(
     dataset: Annotated[DatasetName | None, typer.Option(
-        "--dataset", help=f"A built-in dataset ({_DATASETS_HELP}).")] = None,
+        "--dataset", help=f"A built-in dataset ({DATASETS_HELP}).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="A CSV or Parquet file of numeric features and a target column.")] = None,
     target: Annotated[str | None, typer.Option(
@@ -145,31 +152,26 @@ def tune(
       modelloop tune --data churn.csv --target churned --sampler grid --space space.yaml
     """
     if (dataset is None) == (data is None):
-        raise _fail("give exactly one of --dataset NAME or --data FILE", 2)
+        raise fail("give exactly one of --dataset NAME or --data FILE", 2)
     if data is not None and not target:
-        raise _fail("--data needs --target COLUMN", 2)
+        raise fail("--data needs --target COLUMN", 2)
     if dataset is not None and target:
-        raise _fail("--target is for --data; built-in datasets know their target", 2)
+        raise fail("--target is for --data; built-in datasets know their target", 2)
     if dataset is not None and task is not TaskChoice.auto:
-        raise _fail("--task is for --data; built-in datasets know their task", 2)
+        raise fail("--task is for --data; built-in datasets know their task", 2)
     if data is not None and rows is not None:
-        raise _fail("--rows is for --dataset; a file is used whole", 2)
+        raise fail("--rows is for --dataset; a file is used whole", 2)
     try:
         get_architecture(model)
     except ValueError as exc:
-        raise _fail(f"--model: {exc}", 2) from exc
-    try:
-        settings = TrainingSettings()
-    except ValidationError as exc:
-        raise _fail("; ".join(
-            f"setting MODELLOOP_TRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors()), 2) from exc
+        raise fail(f"--model: {exc}", 2) from exc
+    settings = load_settings()
     try:
         base = TrainingConfig.from_settings(
             settings, epochs=epochs, seed=seed, architecture=model, target=target,
             task=None if task is TaskChoice.auto else Task(task.value))
     except ValidationError as exc:
-        raise _fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
+        raise fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
                               for e in exc.errors()), 2) from exc
     if progress is None:
         progress = settings.progress
@@ -179,7 +181,7 @@ def tune(
         optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     source = str(dataset.value if dataset is not None else data)
-    name = name or _model_name(source)
+    name = name or model_name(source)
     registry = Registry(settings.registry_dir)
     console = Console(stderr=True)
     out = Console(stderr=as_json)
@@ -213,12 +215,12 @@ def tune(
             lineage={"dataset_rows": rows}, progress=progress, console=console,
             on_stage=lambda s: console.print(f"[dim]{s}...[/]"))
     except (DataError, SpaceError, StudyConflict) as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     except (TuneError, ExportError, TrainingError, RegistryError) as exc:
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
 
     version = registry.get(name, meta.version)
-    out.print(_metrics_table(meta, promote))
+    out.print(metrics_table(meta, promote))
     out.print(f"registered {name} v{meta.version} (trial {result.best.number if result.best else '-'}"
               f" of {result.study}): {version.onnx_path}", soft_wrap=True)
     if as_json:
