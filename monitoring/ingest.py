@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import EventBatch, Feedback, ModelMetadata, Task
+from modelloop.schemas import ColumnBatch, EventBatch, EventColumns, Feedback, ModelMetadata, Task
 from monitoring.records import EventRow, pack
 from monitoring.store import EventStore
 
@@ -108,10 +110,15 @@ class ModelCatalog:
 
 
 _batch_adapter = TypeAdapter(EventBatch)
+_columns_adapter = TypeAdapter(ColumnBatch)
+_COLUMNS = re.compile(rb'^\s*\{\s*"columns"\s*:')
 
 
 def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
-    """Validate a ``{"events": [...]}`` body; the rows to store, or :class:`InputError`."""
+    """Validate a ``{"events": [...]}`` or ``{"columns": [...]}`` body (serving sends columns);
+    the rows to store, or :class:`InputError`."""
+    if _COLUMNS.match(body):
+        return parse_columns(body, catalog, received_at)
     try:
         batch = _batch_adapter.validate_json(body)
     except ValidationError as exc:
@@ -175,6 +182,100 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
         raise InputError(422, reason, [m for _, m in errors], len(events))
     rows.sort(key=lambda r: r[0])
     return [r for _, r in rows]
+
+
+def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
+    """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
+    version with whole-matrix checks; errors name ``columns[g].field[row]``."""
+    try:
+        batch = _columns_adapter.validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
+            raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
+        raise InputError(422, "invalid_event", format_validation(exc), _count_rows(body)) from exc
+    errors: list[str] = []
+    reasons: set[str] = set()
+    rows: list[EventRow] = []
+    seen: set[str] = set()
+    total = sum(sum(g.rows) for g in batch.columns)
+    for gi, g in enumerate(batch.columns):
+        where = f"columns[{gi}]"
+        meta = catalog.check(g.model, g.version)
+        if isinstance(meta, str):
+            errors.append(f"{where}.model: {meta}")
+            reasons.add("unknown_model")
+            continue
+        problem, feats, probs = _check_columns(g, meta)
+        if problem:
+            errors.append(f"{where}.{problem}")
+            reasons.add("wrong_shape")
+            continue
+        ids = g.row_ids()
+        repeated = next((i for i in ids if i in seen), None) if len(seen) else None
+        if repeated is not None or len(set(ids)) != len(ids):
+            repeated = repeated or next(i for i, c in Counter(ids).items() if c > 1)
+            errors.append(f"{where}.request_ids: request id {repeated!r} repeats in the batch")
+            reasons.add("invalid_event")
+            continue
+        seen.update(ids)
+        ts = np.repeat(np.asarray(g.timestamp), g.rows).tolist()
+        latency = np.repeat(np.asarray(g.latency_s), g.rows).tolist()
+        for r, rid in enumerate(ids):
+            rows.append(EventRow(rid, g.model, g.version, ts[r], g.mode, feats[r].tobytes(),
+                                 g.prediction[r], None if probs is None else probs[r].tobytes(),
+                                 latency[r], received_at))
+    if errors:
+        reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
+        raise InputError(422, reason, errors, total)
+    return rows
+
+
+Checked = tuple[str | None, np.ndarray, np.ndarray | None]
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argwhere(mask)[0][0])
+
+
+def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
+    """What does not fit the model version in a column group (whole-matrix checks), and the
+    features and probabilities as float64 matrices (NaN for null)."""
+    tag, n = f"{meta.name} v{meta.version}", meta.n_features
+    empty = np.empty((0, n))
+    r = next((r for r, f in enumerate(g.features) if len(f) != n), None)
+    if r is not None:
+        return f"features[{r}]: expected {n} values for {tag}, got {len(g.features[r])}", empty, None
+    feats = np.array(g.features, dtype=np.float64).reshape(-1, n)
+    if np.isinf(feats).any():
+        return f"features[{_first(np.isinf(feats))}]: values must be finite numbers or null", empty, None
+    pred = np.asarray(g.prediction, dtype=np.float64)
+    if not np.isfinite(pred).all():
+        return f"prediction[{_first(~np.isfinite(pred))}]: must be a finite number", empty, None
+    k = len(meta.class_labels) if meta.task == Task.classification and meta.class_labels else None
+    if k is not None and ((bad := (pred != np.round(pred)) | (pred < 0) | (pred >= k)).any()):
+        r = _first(bad)
+        return f"prediction[{r}]: expected a class index 0..{k - 1} for {tag}, got {pred[r]:g}", empty, None
+    if g.probabilities is None:
+        return None, feats, None
+    width = k if k is not None else len(g.probabilities[0]) if g.probabilities else 0
+    r = next((r for r, p in enumerate(g.probabilities) if len(p) != width), None)
+    if r is not None:
+        return (f"probabilities[{r}]: expected {width} values for {tag}, "
+                f"got {len(g.probabilities[r])}"), empty, None
+    probs = np.array(g.probabilities, dtype=np.float64).reshape(-1, width)
+    if not np.isfinite(probs).all():
+        return f"probabilities[{_first(~np.isfinite(probs))}]: values must be finite numbers", empty, None
+    return None, feats, probs
+
+
+def _count_rows(body: bytes) -> int:
+    """Rows of a column batch that failed validation (for the rejected counter)."""
+    try:
+        data = orjson.loads(body)
+        return max(1, sum(len(g.get("prediction") or []) for g in data["columns"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return 1
 
 
 def _matrix(values: list[list[float] | None]) -> np.ndarray | None:

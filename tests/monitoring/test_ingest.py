@@ -107,6 +107,70 @@ def test_a_bad_batch_counts_all_its_events_and_lists_each_error(catalog: ModelCa
         "events[2].version: Input should be greater than or equal to 1"]
 
 
+def columns(n: int = 3, **over: Any) -> dict[str, Any]:
+    """A column group of one request of ``n`` rows to churn v1 (what serving sends)."""
+    group = {"model": "churn", "version": 1, "mode": "realtime", "request_ids": ["req"],
+             "first_row": [0], "rows": [n], "timestamp": [1.0], "latency_s": [0.01],
+             "features": [[0.5] * 20 for _ in range(n)], "prediction": [1] * n,
+             "probabilities": [[0.3, 0.7]] * n}
+    group.update(over)
+    return group
+
+
+def column_body(*groups: dict[str, Any]) -> bytes:
+    return json.dumps({"columns": list(groups)}).encode()
+
+
+def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> None:
+    groups = [columns(2, request_ids=["a", "b"], first_row=[0, 7], rows=[1, 1],
+                      timestamp=[1.0, 2.0], latency_s=[0.01, 0.02],
+                      features=[[0.5] * 20, [None] * 19 + [1.5]]),
+              columns(3, mode="batch", request_ids=["job"], first_row=[4000])]
+    from modelloop.schemas import ColumnBatch
+
+    events = [e.model_dump() for g in ColumnBatch.model_validate({"columns": groups}).columns
+              for e in g.events()]
+    assert [e["request_id"] for e in events] == ["a-0", "b-7", "job-4000", "job-4001", "job-4002"]
+    assert parse_events(column_body(*groups), catalog, 5.0) == parse_events(body(*events), catalog, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "error"),
+    [
+        # a request list of the wrong length
+        (column_body(columns(timestamp=[1.0, 2.0])), "invalid_event",
+         "columns[0]: Value error, timestamp has 2 values for 1 requests"),
+        # more rows of features than the requests hold
+        (column_body(columns(rows=[2])), "invalid_event",
+         "columns[0]: Value error, features has 3 rows; the requests hold 2"),
+        # a feature row one short
+        (column_body(columns(features=[[0.5] * 20, [0.5] * 19, [0.5] * 20])), "wrong_shape",
+         "columns[0].features[1]: expected 20 values for churn v1, got 19"),
+        # an infinite feature
+        (column_body(columns()).replace(b"0.5,", b"1e999,", 1), "wrong_shape",
+         "columns[0].features[0]: values must be finite numbers or null"),
+        # a class index the model does not have, in the third row
+        (column_body(columns(prediction=[1, 0, 2])), "wrong_shape",
+         "columns[0].prediction[2]: expected a class index 0..1 for churn v1, got 2"),
+        # probabilities of three classes
+        (column_body(columns(probabilities=[[0.3, 0.7], [0.3, 0.7], [0.2, 0.3, 0.5]])),
+         "wrong_shape", "columns[0].probabilities[2]: expected 2 values for churn v1, got 3"),
+        # a version the registry does not have (the second group)
+        (column_body(columns(), columns(version=9, request_ids=["other"])), "unknown_model",
+         "columns[1].model: model 'churn' has no version 9"),
+        # the same request id in two groups
+        (column_body(columns(), columns()), "invalid_event",
+         "columns[1].request_ids: request id 'req-0' repeats in the batch"),
+    ],
+)
+def test_bad_column_batches_are_rejected_whole(catalog: ModelCatalog, payload: bytes, reason: str,
+                                               error: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_events(payload, catalog, 0.0)
+    assert (err.value.status, err.value.reason, str(err.value)) == (422, reason, error)
+    assert err.value.rejected >= 3  # every row of the batch is counted as rejected
+
+
 def test_unwatched_models_are_rejected(registered: TrainedModel, home: Path) -> None:
     catalog = ModelCatalog(Registry(home / "registry"), ["other"])
     with pytest.raises(InputError, match=r"events\[0\].model: model 'churn' is not watched by "

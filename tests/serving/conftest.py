@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from modelloop.registry import Registry
+from modelloop.schemas import ColumnBatch
 from tests.serving.onnx_models import register_mlp
 
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
@@ -67,6 +68,11 @@ def main_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def events_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-row events of a ``POST /events`` body, validated (serving sends columns)."""
+    return [e.model_dump() for g in ColumnBatch.model_validate(body).columns for e in g.events()]
+
+
 # -- a recording sidecar ---------------------------------------------------------------------
 @dataclass
 class Sidecar:
@@ -75,7 +81,7 @@ class Sidecar:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        return [e for b in self.batches for e in b["events"]]
+        return [e for b in self.batches for e in events_of(b)]
 
 
 @pytest.fixture(scope="package")
@@ -90,7 +96,7 @@ def sidecar() -> Iterator[Sidecar]:
             doc = json.loads(body)
             with lock:
                 record.batches.append(doc)
-            out = json.dumps({"accepted": len(doc["events"])}).encode()
+            out = json.dumps({"accepted": len(events_of(doc))}).encode()
             self.send_response(200 if self.path == "/events" else 404)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(out)))

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelloop.schemas import EventBatch, ModelMetadata, Task, TensorSpec
+from modelloop.schemas import ColumnBatch, ModelMetadata, Task, TensorSpec
 from serving.events import EventEmitter
 from serving.predictions import interpret
-from tests.serving.conftest import free_port
+from tests.serving.conftest import events_of, free_port
 
 META = ModelMetadata(name="m", version=3, task=Task.classification,
                      inputs=[TensorSpec(name="input", shape=[None, 2])],
@@ -39,7 +39,7 @@ class Sink:
                 status = sink.statuses.pop(0) if sink.statuses else 200
                 if status == 200:
                     sink.bodies.append(body)
-                out = json.dumps({"accepted": len(body["events"])}).encode()
+                out = json.dumps({"accepted": len(events_of(body))}).encode()
                 self.send_response(status)
                 self.send_header("content-length", str(len(out)))
                 self.end_headers()
@@ -54,7 +54,7 @@ class Sink:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        return [e for b in self.bodies for e in b["events"]]
+        return [e for b in self.bodies for e in events_of(b)]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -105,9 +105,9 @@ def test_events_follow_the_contract_in_batches(sink: Sink) -> None:
         return x
 
     x = run(main)
-    assert all(len(b["events"]) <= 4 for b in sink.bodies)
+    assert all(len(events_of(b)) <= 4 for b in sink.bodies)
     for body in sink.bodies:
-        EventBatch.model_validate(body)
+        ColumnBatch.model_validate(body)
     assert sink.events[0] == {"request_id": "r1-0", "timestamp": 1700000000.0, "model": "m", "version": 3,
                               "mode": "realtime", "features": [0.0, None], "prediction": 1,
                               "probabilities": [0.25, 0.75], "latency_s": 0.002}
@@ -128,7 +128,7 @@ def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -
         await em.stop()
 
     run(main)
-    assert [len(b["events"]) for b in sink.bodies] == [300, 300, 300, 100]
+    assert [len(events_of(b)) for b in sink.bodies] == [300, 300, 300, 100]
     assert [e["request_id"] for e in sink.events] == [f"job-{5000 + i}" for i in range(1000)]
     assert {e["mode"] for e in sink.events} == {"batch"}
 

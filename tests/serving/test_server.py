@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from modelloop.registry import Registry
-from modelloop.schemas import EventBatch
+from modelloop.schemas import ColumnBatch
 from modelloop.synthetic import SyntheticTask
 from serving.runtime import OnnxRuntime
 from tests.serving.conftest import AUTH, FEATURES, KEY, MODEL, Server, Sidecar, wait_until
@@ -172,7 +172,7 @@ def test_events_reach_the_sidecar_with_joinable_ids(client: httpx.Client, server
     wait_until(lambda: {"evt-1-0", "evt-1-1", "evt-1-2"} <= {e["request_id"] for e in sidecar.events}, 10,
                "the sidecar to receive the events")
     for batch in sidecar.batches:
-        EventBatch.model_validate(batch)  # the contract
+        ColumnBatch.model_validate(batch)  # the contract
     by_id = {e["request_id"]: e for e in sidecar.events}
     preds = resp.json()["predictions"]
     for i, p in enumerate(preds):
