@@ -171,9 +171,10 @@ class Routes:
         preds = interpret(runtime.metadata, result.outputs)
         n = len(x)
         state.count_rows(runtime.name, n)
-        state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
-                             x=monitored_features(x, runtime.input_dims), preds=preds,
-                             latency_s=time.perf_counter() - start)
+        if state.emitter.enabled:
+            state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
+                                 x=monitored_features(x, runtime.input_dims), preds=preds,
+                                 latency_s=time.perf_counter() - start)
         payload = {"model": runtime.name, "version": runtime.model_version, "request_id": base,
                    "predictions": to_records(preds, request_ids(base, n))}
         return Response(orjson.dumps(payload), 200, {"x-request-id": base}, JSON)

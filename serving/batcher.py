@@ -196,7 +196,7 @@ class AdaptiveBatcher:
         start = time.perf_counter()
         # Judged at the largest batch, not this one: a heavy model run inline on small batches
         # would block the loop, so requests could not pile up and batches would stay small.
-        if runtime.cost.estimate(max(rows, self.max_batch_rows)) < self.inline_below_s:
+        if runtime.cost.estimate(max(runtime.work_rows(x), self.max_batch_rows)) < self.inline_below_s:
             outputs = runtime.predict(x)
         else:
             outputs = await loop.run_in_executor(self._executor, runtime.predict, x)

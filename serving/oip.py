@@ -14,6 +14,7 @@ request's ``id`` (or a generated one, returned in the response).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,14 @@ import numpy as np
 import orjson
 
 from modelloop.schemas import INPUT_NAME, ModelMetadata
-from serving.validation import RequestError, check_array, nested_rows, parse_json, rows_to_array
+from serving.validation import (
+    RequestError,
+    check_array,
+    index_text,
+    nested_rows,
+    parse_json,
+    rows_to_array,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16}
@@ -76,14 +84,20 @@ def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str
         raise RequestError(400, "wrong_type", "inputs[0].data", "inputs[0].data: expected an array")
     if len(shape) > 2:  # an image or sequence tensor: nested to its shape, or flat row-major
         field = "inputs[0].data"
-        if data and isinstance(data[0], list):
-            rows = nested_rows(data, shape, field)
-        elif len(data) != int(np.prod(shape)):
+        width = shape[-1]
+        nested = bool(data) and isinstance(data[0], list)
+
+        def where(r: int, j: int) -> str:  # the value's place in the data as it was sent
+            return field + (index_text(r, shape[:-1], j) if nested else f"[{r * width + j}]")
+
+        if nested:
+            rows = nested_rows(data, shape, field, status=400)
+        elif len(data) != math.prod(shape):
             raise RequestError(400, "wrong_shape", field,
                                f"{field}: {len(data)} values do not fill shape {shape}")
         else:
-            rows = [data[i:i + shape[-1]] for i in range(0, len(data), shape[-1])]
-        x = rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix=field)
+            rows = [data[i:i + width] for i in range(0, len(data), width)]
+        x = rows_to_array(rows, meta.feature_names, nan_policy, records=False, field_of=where)
         return x.reshape(shape)
     if data and isinstance(data[0], list):  # row-major nested form
         if len(data) != shape[0] or any(type(r) is not list or len(r) != shape[1] for r in data):
@@ -136,7 +150,7 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     elif shape[1] != meta.n_features:
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
                            f"inputs[0].shape: expected {meta.n_features} features, got {shape[1]}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around
     if not 1 <= shape[0] <= max_rows:
         status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
         raise RequestError(status, code, "inputs[0].shape",
@@ -155,6 +169,8 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         check_array(x, "inputs[0].data", nan_policy=nan_policy)
     else:
         x = _json_rows(tensor.get("data"), shape, meta, nan_policy)
+    if len(dims) > 1 and x.ndim == 2:  # an image model's rows of pixels: batched with images
+        x = x.reshape(-1, *dims)
     wanted = doc.get("outputs")
     names = [o.name for o in meta.outputs]
     default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))

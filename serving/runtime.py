@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes.util
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class CostModel:
     fixed_s: float
     per_row_s: float
 
-    def estimate(self, rows: int) -> float:
+    def estimate(self, rows: float) -> float:
         return self.fixed_s + self.per_row_s * rows
 
 
@@ -107,6 +108,7 @@ class OnnxRuntime:
         self.device_id = device_id
         self.warmup_rows = tuple(warmup_rows)
         self._dims = self.metadata.input_dims
+        self._row_size = math.prod(WARMUP_STEPS if d is None else d for d in self._dims)
         # rows of features are reshaped to this (an image model's [channels, height, width])
         self._row_shape = self._dims if len(self._dims) > 1 and self.takes_rows else None
         self.active_provider = ""
@@ -132,6 +134,11 @@ class OnnxRuntime:
     def input_dims(self) -> tuple[int | None, ...]:
         """The input's axes after the batch axis (``ModelMetadata.input_dims``)."""
         return self._dims
+
+    def work_rows(self, x: np.ndarray) -> float:
+        """``x`` in rows of the warm-up's size, what the cost model counts: its rows, or for a
+        sequence model its rows times its steps over the warm-up's steps."""
+        return x.size / self._row_size
 
     @property
     def takes_rows(self) -> bool:

@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,13 +84,16 @@ def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
     return None
 
 
-def _locate(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
-            records: bool, prefix: str) -> RequestError:
+FieldOf = Callable[[int, int], str]
+"""``(row, column) -> field name`` of a value, for the error that names it."""
+
+
+def _locate(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
             problem = _value_problem(value, nan_policy)
             if problem:
-                field = f"{prefix}[{i}].{names[j]}" if records else f"{prefix}[{i}][{j}]"
+                field = field_of(i, j)
                 return RequestError(422, problem[0], field, f"{field}: {problem[1]}")
     raise AssertionError("no offending value found")  # pragma: no cover - callers checked
 
@@ -122,22 +125,27 @@ def _array_row_error(i: int, row: Any, n: int) -> RequestError:
 
 
 def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
-                  records: bool, prefix: str = "instances") -> np.ndarray:
-    """Rows of Python scalars to float32 ``[n, features]``, or the RequestError of the first bad value."""
+                  records: bool, prefix: str = "instances",
+                  field_of: FieldOf | None = None) -> np.ndarray:
+    """Rows of Python scalars to float32 ``[n, features]``, or the RequestError of the first bad
+    value, named ``prefix[i].name`` (records), ``prefix[i][j]`` or by ``field_of(i, j)``."""
+    if field_of is None:
+        field_of = ((lambda i, j: f"{prefix}[{i}].{names[j]}") if records
+                    else (lambda i, j: f"{prefix}[{i}][{j}]"))
     types = set(map(type, itertools.chain.from_iterable(rows)))
     allowed = _NUMBER_TYPES | {type(None)} if nan_policy == "allow" else _NUMBER_TYPES
     if not types <= allowed:  # null under "reject", strings, booleans, nested values
-        raise _locate(rows, names, nan_policy, records, prefix)
+        raise _locate(rows, nan_policy, field_of)
     try:
         wide = np.array(rows, dtype=np.float64)  # null -> NaN
     except OverflowError:  # an integer beyond float64
-        raise _locate(rows, names, nan_policy, records, prefix) from None
+        raise _locate(rows, nan_policy, field_of) from None
     # Infinity/1e999 and values beyond float32 (NaN compares False here) ...
     if (np.abs(wide) > F32_MAX).any():
-        raise _locate(rows, names, nan_policy, records, prefix)
+        raise _locate(rows, nan_policy, field_of)
     # ... and NaN literals, which only the fallback parser produces
     if nan_policy == "reject" and np.isnan(wide).any():
-        raise _locate(rows, names, nan_policy, records, prefix)
+        raise _locate(rows, nan_policy, field_of)
     return wide.astype(np.float32)
 
 
@@ -163,10 +171,20 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
                            f"instances: {len(instances)} rows is more than the limit of {max_rows} "
                            "(MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST)")
     names = meta.feature_names
-    n = len(names)
     dims = meta.input_dims
-    if len(dims) > 1:
-        return _tensor_instances(instances, dims, names, nan_policy)
+    if len(dims) == 1:
+        return _rows_instances(instances, names, nan_policy)
+    first = instances[0]
+    if None not in dims and (type(first) is dict or (type(first) is list and first
+                                                     and type(first[0]) is not list)):
+        # an image model sent rows: records of its pixels, or flat arrays of them
+        return _rows_instances(instances, names, nan_policy).reshape(-1, *dims)
+    return _tensor_instances(instances, dims, names, nan_policy)
+
+
+def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str) -> np.ndarray:
+    """Instances that are rows of features: records by name, or arrays in the feature order."""
+    n = len(names)
     if isinstance(instances[0], dict):
         name_set = set(names)
         getter = operator.itemgetter(*names)
@@ -188,61 +206,54 @@ def _shape_text(dims: Sequence[int | None]) -> str:
     return "[" + ", ".join("any" if d is None else str(d) for d in dims) + "]"
 
 
-def nested_rows(value: Any, dims: Sequence[int | None], field: str) -> list[Any]:
+def nested_rows(value: Any, dims: Sequence[int | None], field: str, status: int = 422) -> list[Any]:
     """A nested list of shape ``dims`` (None: any length >= 1) as rows of its last axis; a
-    RequestError naming the first sub-array of the wrong type or length."""
+    RequestError (``status``) naming the first sub-array of the wrong type or length."""
     want = dims[0]
     if type(value) is not list:
         return_type = "numbers" if len(dims) == 1 else "arrays"
-        raise RequestError(422, "wrong_type", field,
+        raise RequestError(status, "wrong_type", field,
                            f"{field}: expected an array of {return_type}, got {_type_name(value)}")
     if (want is not None and len(value) != want) or not value:
-        raise RequestError(422, "wrong_shape", field,
+        raise RequestError(status, "wrong_shape", field,
                            f"{field}: expected {want if want is not None else 'at least 1'} "
                            f"values, got {len(value)} (the model takes {_shape_text(dims)} here)")
     if len(dims) == 1:
         return [value]
     rows: list[Any] = []
     for k, child in enumerate(value):
-        rows += nested_rows(child, dims[1:], f"{field}[{k}]")
+        rows += nested_rows(child, dims[1:], f"{field}[{k}]", status)
     return rows
 
 
 def _tensor_instances(instances: list[Any], dims: tuple[int | None, ...], names: Sequence[str],
                       nan_policy: str) -> np.ndarray:
-    """Instances of an image or sequence model: each a nested array of shape ``dims`` (every
-    instance of one request the same length on a dynamic axis); an image model also takes each
-    as a flat array of its ``n_features`` values or a record of them by name."""
-    static = None not in dims
-    n = len(names)
-    shape = [-1 if d is None else d for d in dims]
-    parts: list[np.ndarray] = []
+    """Instances of an image or sequence model, each a nested array of shape ``dims`` (a
+    sequence's steps, ``dims[0]``, may be any number, the same in every instance of a request):
+    checked and converted in one pass, an error naming the value's place in its instance."""
+    rows: list[Any] = []
+    shape: tuple[int, ...] | None = None
     for i, inst in enumerate(instances):
         field = f"instances[{i}]"
-        if static and type(inst) is dict:
-            name_set = set(names)
-            if inst.keys() != name_set:
-                raise _record_error(i, inst, names, name_set)
-            x = rows_to_array([operator.itemgetter(*names)(inst)], names, nan_policy, records=True,
-                              prefix=field)
-            parts.append(x.reshape(shape))
-            continue
-        if static and type(inst) is list and inst and type(inst[0]) is not list:  # flat pixels
-            if len(inst) != n:
-                raise RequestError(422, "wrong_shape", field,
-                                   f"{field}: expected {n} values or an array of shape "
-                                   f"{_shape_text(dims)}, got {len(inst)} values")
-            parts.append(rows_to_array([inst], names, nan_policy, records=False, prefix=field)
-                         .reshape(shape))
-            continue
-        x = rows_to_array(nested_rows(inst, dims, field), names, nan_policy, records=False,
-                          prefix=field)
-        parts.append(x.reshape([-1 if d is None else d for d in dims]))
-        if parts[0].shape != parts[-1].shape:
+        rows += nested_rows(inst, dims, field)
+        own = (len(inst), *dims[1:]) if dims[0] is None else dims
+        if shape is None:
+            shape = own  # type: ignore[assignment]
+        elif own != shape:
             raise RequestError(422, "wrong_shape", field,
-                               f"{field}: shape {list(parts[-1].shape)} differs from instances[0]'s "
-                               f"{list(parts[0].shape)}; send instances of one length per request")
-    return np.stack(parts)
+                               f"{field}: shape {list(own)} differs from instances[0]'s "
+                               f"{list(shape)}; send instances of one length per request")
+    assert shape is not None
+    lead = shape[:-1]
+    x = rows_to_array(rows, names, nan_policy, records=False,
+                      field_of=lambda r, j: "instances" + index_text(r, (len(instances), *lead), j))
+    return x.reshape(len(instances), *shape)
+
+
+def index_text(row: int, lead: Sequence[int], column: int) -> str:
+    """``[i][k]...[column]``: where row ``row`` of the rows of the last axis of a tensor whose
+    leading axes are ``lead`` lies, and the value's column in it."""
+    return "".join(f"[{int(v)}]" for v in np.unravel_index(row, tuple(lead))) + f"[{column}]"
 
 
 def check_array(x: np.ndarray, field: str, *, nan_policy: str) -> None:
