@@ -203,7 +203,8 @@ def fit_model(
     config = config.model_copy(update={"task": task, "target": ds.target_name,
                                        "model": params.model_dump(mode="json")})
     if init is not None:
-        init.check(config)
+        init.check(config, ds.feature_names,
+                   ds.class_labels if task is Task.classification else None)
     split = split_dataset(ds, val_fraction=config.val_fraction,
                           test_fraction=config.test_fraction, seed=config.seed)
     log.info("%s: %d rows, %d features%s; split %d train / %d validation / %d test", ds.source,

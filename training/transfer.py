@@ -76,7 +76,12 @@ class WarmStart:
     architecture: str
     parent_config: dict[str, Any]
     state: dict[str, torch.Tensor]
+    feature_names: list[str]
+    class_labels: list[str] | None
     freeze: int = 0
+    new_head: bool = False
+    """Set by :meth:`check`: the classes differ from the parent's, so its output layer (whose
+    rows mean the parent's classes) is not loaded."""
     loaded: list[str] = field(default_factory=list)
     """Filled by :meth:`apply`: the tensors taken from the parent."""
     fresh: list[str] = field(default_factory=list)
@@ -91,7 +96,8 @@ class WarmStart:
             raise TransferError(f"{meta.name} v{meta.version} has no stored weights ({WEIGHTS_FILE}); "
                                 "it cannot be fine-tuned (train it with this version of modelloop)")
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-        return cls(meta.name, meta.version, meta.architecture, dict(meta.config), state, freeze)
+        return cls(meta.name, meta.version, meta.architecture, dict(meta.config), state,
+                   list(meta.feature_names), meta.class_labels, freeze)
 
     @classmethod
     def from_registry(cls, registry: Registry, name: str, ref: int | str = "production",
@@ -117,7 +123,9 @@ class WarmStart:
             shape = tuple(own[pre[0]].shape) if pre else ()
             raise TransferError(f"cannot fine-tune from {self.name} v{self.version}: its inputs "
                                 f"differ from this data's (input preprocessing of shape {shape})")
-        take = {k: v for k, v in self.state.items() if k in own and v.shape == own[k].shape}
+        head = [f"{m}." for m in weight_layers(net)[-1]] if self.new_head else []
+        take = {k: v for k, v in self.state.items()
+                if k in own and v.shape == own[k].shape and not any(map(k.startswith, head))}
         self.loaded = sorted(take)
         self.fresh = sorted(k for k in own if k not in take)
         if not any(k.startswith("backbone.") for k in take):
@@ -126,8 +134,11 @@ class WarmStart:
         net.load_state_dict(take, strict=False)
         self.frozen = freeze_layers(net, self.freeze) if self.freeze else []
 
-    def check(self, config: TrainingConfig) -> None:
-        """The model to train must be the parent's architecture with the parent's parameters."""
+    def check(self, config: TrainingConfig, feature_names: list[str],
+              class_labels: list[str] | None) -> None:
+        """The model to train must be the parent's architecture with the parent's parameters,
+        on the parent's features in the same order. Other classes than the parent's get a fresh
+        output layer."""
         if config.architecture != self.architecture:
             raise TransferError(f"cannot fine-tune a {config.architecture!r} model from "
                                 f"{self.name} v{self.version}, a {self.architecture!r} model")
@@ -136,6 +147,16 @@ class WarmStart:
             raise TransferError(f"cannot fine-tune from {self.name} v{self.version} with other "
                                 f"architecture parameters ({config.model} vs "
                                 f"{self.parent_config['model']})")
+        if feature_names != self.feature_names:
+            diff = next((i for i, (a, b) in enumerate(zip(feature_names, self.feature_names,
+                                                          strict=False)) if a != b),
+                        min(len(feature_names), len(self.feature_names)))
+            ours = feature_names[diff] if diff < len(feature_names) else "nothing"
+            theirs = self.feature_names[diff] if diff < len(self.feature_names) else "nothing"
+            raise TransferError(f"cannot fine-tune from {self.name} v{self.version}: its inputs "
+                                f"differ from this data's (feature {diff} is {theirs!r} there, "
+                                f"{ours!r} here)")
+        self.new_head = class_labels != self.class_labels
 
     def describe(self) -> dict[str, Any]:
         """What went into the new version's lineage."""

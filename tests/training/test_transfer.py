@@ -79,6 +79,28 @@ def test_other_classes_get_a_fresh_head(cancer: Registered) -> None:
     assert tuned.metadata.metrics["accuracy"] > 0.8
 
 
+def test_the_same_number_of_other_classes_gets_a_fresh_head(cancer: Registered) -> None:
+    frame = load_data("breast_cancer").to_frame()
+    median = frame["mean radius"].median()
+    frame["target"] = np.where(frame["mean radius"] > median, "large", "small")  # 2 classes again
+    init = WarmStart.from_registry(cancer.registry, "cancer")
+    tuned = train_model(frame, name="sizes", config=_config(cancer, epochs=20),
+                        settings=cancer.settings, init=init)
+    # the parent's output rows meant malignant/benign: not loaded, though the shapes fit
+    assert init.new_head and init.fresh == ["backbone.layers.8.bias", "backbone.layers.8.weight"]
+    assert tuned.metadata.metrics["accuracy"] > 0.85
+
+
+def test_other_features_of_the_same_count_are_refused(cancer: Registered) -> None:
+    frame = load_data("breast_cancer").to_frame()
+    names = [c for c in frame.columns if c != "target"]
+    swapped = frame.rename(columns={names[0]: names[1], names[1]: names[0]})  # same count
+    init = WarmStart.from_registry(cancer.registry, "cancer")
+    with pytest.raises(TransferError, match="feature 0 is 'mean radius' there, 'mean texture' here"):
+        train_model(swapped, name="x", config=_config(cancer, epochs=2), settings=cancer.settings,
+                    init=init)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
