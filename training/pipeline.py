@@ -91,7 +91,8 @@ def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | N
     return load_data(data, config.target, task=config.task, class_labels=class_labels)
 
 
-def _subsample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+def subsample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+    """At most ``at_most`` of ``rows``, a seeded choice, sorted (the reference sample's rows)."""
     if len(rows) <= at_most:
         return np.sort(rows)
     return np.sort(np.random.default_rng(seed).choice(rows, size=at_most, replace=False))
@@ -277,8 +278,8 @@ def _train_model(
 
     # training rows for drift; a classifier's held-out rows too, marked, so the sidecar can
     # calibrate its accuracy estimate on rows the model did not fit
-    ref_rows = _subsample(split.train, settings.reference_rows, config.seed)
-    held_out = (_subsample(np.concatenate([split.val, split.test]), settings.reference_rows,
+    ref_rows = subsample(split.train, settings.reference_rows, config.seed)
+    held_out = (subsample(np.concatenate([split.val, split.test]), settings.reference_rows,
                            config.seed) if task is Task.classification else ref_rows[:0])
     rows = np.concatenate([ref_rows, held_out])
     ref_out = run_onnx(session, net.layout(ds.features[rows]))[net.output_name]

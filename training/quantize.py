@@ -48,7 +48,6 @@ import math
 import statistics
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,13 +69,20 @@ from modelloop.schemas import (
     ModelMetadata,
     ParityResult,
     Task,
+    monitored_features,
 )
 from training.anomaly import anomaly_metrics, with_injected_anomalies
 from training.config import TrainingConfig
 from training.data import DataError, Split, TabularDataset, load_data, split_dataset
 from training.evaluate import Evaluation, confusion_matrix_png, evaluate
 from training.export import check_conventions, onnx_session, run_onnx
-from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE, with_outputs
+from training.pipeline import (
+    CONFUSION_MATRIX_PNG,
+    HISTORY_JSON,
+    WEIGHTS_FILE,
+    subsample,
+    with_outputs,
+)
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -151,9 +157,13 @@ def verdict(report: QuantizationReport) -> str:
     change = (f"loses {report.loss_points:.2f} points" if report.loss_points > 1e-9 else
               f"gains {-report.loss_points:.2f} points" if report.loss_points < -1e-9 else
               "is unchanged")
-    return (f"{report.metric} {report.fp32_metrics[report.metric]:.4f} -> "
+    line = (f"{report.metric} {report.fp32_metrics[report.metric]:.4f} -> "
             f"{report.int8_metrics[report.metric]:.4f} {change} (a loss of at most "
             f"{report.max_loss_points:.2f} allowed: MODELLOOP_TRAINING_QUANTIZE_MAX_LOSS)")
+    if not report.parity_passed:
+        line += (f"; its outputs stray up to {report.max_abs_diff:.3g} from the fp32 model's, "
+                 "over the int8 parity tolerance")
+    return line
 
 
 # -- the graph -----------------------------------------------------------------------------------
@@ -334,13 +344,6 @@ def check_data(meta: ModelMetadata, ds: TabularDataset) -> None:
             "quantize a version trained by `modelloop train`")
 
 
-def _sample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
-    # the same seeded choice as training.pipeline's reference sample
-    if len(rows) <= at_most:
-        return np.sort(rows)
-    return np.sort(np.random.default_rng(seed).choice(rows, size=at_most, replace=False))
-
-
 def evaluation_set(meta: ModelMetadata, config: TrainingConfig, x_test: np.ndarray,
                    y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows the version's test metrics were measured on: the test split, plus the injected
@@ -376,14 +379,12 @@ def _reference_inputs(reference: pd.DataFrame, meta: ModelMetadata, ds: TabularD
         return layout(reference[meta.feature_names].to_numpy(np.float32), shape)
     is_train = (reference[REF_SPLIT] == "train").to_numpy() if REF_SPLIT in reference else \
         np.ones(len(reference), bool)
-    rows = _sample(split.train, int(is_train.sum()), seed)
+    rows = subsample(split.train, int(is_train.sum()), seed)
     if (~is_train).any():
         held = np.concatenate([split.val, split.test])
-        rows = np.concatenate([rows, _sample(held, int((~is_train).sum()), seed)])
+        rows = np.concatenate([rows, subsample(held, int((~is_train).sum()), seed)])
     x = ds.features[rows]
-    with warnings.catch_warnings():  # a channel missing at every step stays NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(x, axis=1) if x.ndim == 3 else x
+    means = monitored_features(x, meta.input_dims)  # what the reference sample holds
     stored = reference[meta.feature_names].to_numpy(np.float64)
     if means.shape != stored.shape or not np.allclose(means, stored, equal_nan=True, atol=1e-5):
         raise QuantizeError(f"{meta.name} v{meta.version}: its reference rows cannot be found "
@@ -421,6 +422,8 @@ class QuantizationReport:
     """Bytes of the constants of each graph (:func:`weight_bytes`)."""
     max_abs_diff: float
     """Largest difference of an int8 output from the fp32 one (test rows and NaN probes)."""
+    parity_passed: bool
+    """``max_abs_diff`` within the int8 tolerance (else the version is never promotable)."""
     int8_ops: dict[str, int]
     kept_float: list[str]
     calibration_rows: int
@@ -440,6 +443,7 @@ class QuantizationReport:
             "speedup": {str(b): s for b, s in self.speedup.items()},
             "threads": SPEED_THREADS, "bytes": self.bytes,
             "weight_bytes": self.weight_bytes, "max_abs_diff": self.max_abs_diff,
+            "parity_passed": self.parity_passed,
             "int8_ops": self.int8_ops, "kept_float": self.kept_float,
             "calibration_rows": self.calibration_rows,
         }
@@ -493,7 +497,7 @@ def quantize_version(
 
     calibration = None
     if chosen == "static":
-        rows = _sample(split.train, calibration_rows, config.seed)
+        rows = subsample(split.train, calibration_rows, config.seed)
         calibration = layout(ds.features[rows], shape)
     log.info("%s: %s int8 quantization%s", label, chosen,
              f", calibrated on {len(calibration)} training rows" if calibration is not None else "")
@@ -536,11 +540,12 @@ def quantize_version(
         method=chosen, source_version=meta.version, metric=metric,
         fp32_metrics=ev32.metrics, int8_metrics=ev8.metrics, loss_points=loss,
         max_loss_points=settings.quantize_max_loss * 100.0,
-        promotable=is_promotable(loss, settings.quantize_max_loss),
+        # a graph that strays from its fp32 model beyond the int8 tolerance is never promoted
+        promotable=parity.passed and is_promotable(loss, settings.quantize_max_loss),
         rows_per_s=speed, bytes={"fp32": len(fp32), "int8": len(int8)},
         weight_bytes={"fp32": weight_bytes(onnx.load_from_string(fp32)),
                       "int8": weight_bytes(proto)},
-        max_abs_diff=parity.max_abs_diff, int8_ops=integer, kept_float=kept_float(proto),
+        max_abs_diff=parity.max_abs_diff, parity_passed=parity.passed, int8_ops=integer, kept_float=kept_float(proto),
         calibration_rows=0 if calibration is None else len(calibration),
     )
     log.info("%s: %s %.4f -> %.4f (%.2f points), rows/s %s", label, metric,
