@@ -590,10 +590,12 @@ def search(
             "objective": OBJECTIVE, "architecture": base.architecture, "dataset": ds.source,
             "data_fingerprint": ds.fingerprint, "base_config": base.model_dump(mode="json"),
             "space": space_json(space)}, directory)
-        storage = study._storage
+        storage = _storage(url)
+        sid = storage.get_study_id_from_name(study_id)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             # the lock says no other process runs this study: these were cut off by a kill
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_state_values(
+                storage.get_trial_id_from_study_id_trial_number(sid, t.number), TrialState.FAIL)
         existing = study.get_trials(deepcopy=False)
         first = len(existing)
         left = max(0, budget - _counted(existing, first))

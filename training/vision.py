@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 from torch.nn import functional as F
 
-from modelloop.schemas import INPUT_NAME, Task, TensorSpec
+from modelloop.schemas import INPUT_NAME, Task, TensorSpec, monitored_features
 from training.models import Architecture, TabularNet, register_architecture
 
 
@@ -157,7 +157,9 @@ class ImageClassifier(TabularNet):
         return np.ascontiguousarray(np.asarray(rows, dtype=np.float32).reshape(-1, *self.image_shape))
 
     def monitored_features(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(rows).reshape(len(rows), -1)
+        # the rule serving applies to the images it is sent: their pixels
+        out: np.ndarray = monitored_features(np.asarray(rows), self.image_shape)
+        return out
 
     def io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         inputs = [TensorSpec(name=INPUT_NAME, dtype="float32", shape=[None, *self.image_shape])]
