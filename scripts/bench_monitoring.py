@@ -123,6 +123,16 @@ def _events(n: int, tag: str, n_features: int = 20) -> list[dict]:
              "probabilities": [0.4, 0.6], "latency_s": 0.002} for i in range(n)]
 
 
+def _columns(n: int, tag: str, n_features: int = 20) -> dict:
+    """The same events as serving sends them: one column group of ``n`` one-row requests."""
+    rng = np.random.default_rng(abs(hash(tag)) % 2**32)
+    return {"model": "bench", "version": 1, "mode": "realtime",
+            "request_ids": [f"{tag}r{i}" for i in range(n)], "first_row": [0] * n, "rows": [1] * n,
+            "timestamp": [time.time()] * n, "latency_s": [0.002] * n,
+            "features": rng.normal(size=(n, n_features)).tolist(),
+            "prediction": [i % 2 for i in range(n)], "probabilities": [[0.4, 0.6]] * n}
+
+
 def _register(home: Path) -> None:
     from modelloop.registry import Registry
     from modelloop.schemas import ModelMetadata, Task, TensorSpec
@@ -165,7 +175,7 @@ def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
     results.put(len(bodies))
 
 
-def bench_http(total: int, batch: int, clients: int) -> tuple[str, float, float]:
+def bench_http(total: int, batch: int, clients: int, columns: bool = False) -> tuple[str, float, float]:
     import httpx
     import psutil
 
@@ -196,7 +206,8 @@ def bench_http(total: int, batch: int, clients: int) -> tuple[str, float, float]
                 time.sleep(0.1)
             time.sleep(6)  # let the drift warm-up (Evidently's import) finish first
             n = total // batch
-            bodies = [orjson.dumps({"events": _events(batch, f"h{b}")}) for b in range(n)]
+            bodies = [orjson.dumps({"columns": [_columns(batch, f"h{b}")]} if columns
+                                   else {"events": _events(batch, f"h{b}")}) for b in range(n)]
             per = [bodies[i::clients] for i in range(clients)]
             results: mp.Queue = mp.Queue()
             workers = [mp.Process(target=_client, args=(f"{url}/events", p, results)) for p in per]
@@ -214,13 +225,15 @@ def bench_http(total: int, batch: int, clients: int) -> tuple[str, float, float]
         finally:
             proc.terminate()
             proc.wait(30)
-    return (f"HTTP: modelloop monitor, {clients} client processes, SQLite FULL", total / elapsed,
-            total / cpu)
+    form = "columns (as serving sends them)" if columns else "one object per event"
+    return (f"HTTP: modelloop monitor, {clients} client processes, SQLite FULL, {form}",
+            total / elapsed, total / cpu)
 
 
 def bench_ingest(total: int, batch: int, clients: int) -> None:
     rows = bench_store(total, batch)
     rows.append(bench_http(total, batch, clients))
+    rows.append(bench_http(total, batch, clients, columns=True))
     table = Table(title=f"Ingest, {total:,} events of 20 features in batches of {batch}")
     table.add_column("path")
     table.add_column("events/s (wall)", justify="right")
