@@ -179,3 +179,16 @@ def test_cli_errors(cancer: Registered, tmp_path: Path, args: list[str], message
     proc = _modelloop(home, "--epochs", "2", *args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_fine_tuning_a_cnn_freezes_its_first_convolution(digits_cnn: Registered) -> None:
+    init = WarmStart.from_version(digits_cnn.version, freeze=1)
+    config = _config(digits_cnn, epochs=2, seed=3)
+    tuned = train_model(load_data("digits", rows=600, seed=3), name="digits-cnn", config=config,
+                        settings=digits_cnn.settings, init=init)
+    assert init.frozen == ["backbone.features.0", "backbone.features.1"]  # conv and its norm
+    parent, child = digits_cnn.trained.net.state_dict(), tuned.net.state_dict()
+    for key in ("backbone.features.0.weight", "backbone.features.1.running_mean"):
+        assert torch.equal(parent[key], child[key]), key
+    assert not torch.equal(parent["backbone.features.3.weight"], child["backbone.features.3.weight"])
+    assert tuned.metadata.metrics["accuracy"] > 0.9  # it starts from a trained CNN
