@@ -119,13 +119,7 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
     the rows to store, or :class:`InputError`."""
     if _COLUMNS.match(body):
         return parse_columns(body, catalog, received_at)
-    try:
-        batch = _batch_adapter.validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
-            raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
-        raise InputError(422, "invalid_event", format_validation(exc), _count_events(body)) from exc
+    batch = _validate(_batch_adapter, body, _count_events)
     events = batch.events
     errors: list[tuple[int, str]] = []
     reasons: set[str] = set()
@@ -184,16 +178,22 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
     return [r for _, r in rows]
 
 
-def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
-    """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
-    version with whole-matrix checks; errors name ``columns[g].field[row]``."""
+def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], int]) -> Any:
+    """The body validated by ``adapter``; broken JSON is a 400, a schema error a 422 counting
+    ``count(body)`` rejected events."""
     try:
-        batch = _columns_adapter.validate_json(body)
+        return adapter.validate_json(body)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
             raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
-        raise InputError(422, "invalid_event", format_validation(exc), _count_rows(body)) from exc
+        raise InputError(422, "invalid_event", format_validation(exc), count(body)) from exc
+
+
+def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
+    """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
+    version with whole-matrix checks; errors name ``columns[g].field[row]``."""
+    batch = _validate(_columns_adapter, body, _count_rows)
     errors: list[str] = []
     reasons: set[str] = set()
     rows: list[EventRow] = []

@@ -79,14 +79,19 @@ def metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
     return table
 
 
+# the data options of `train` and `tune`
+DatasetOption = Annotated[DatasetName | None, typer.Option(
+    "--dataset", help=f"A built-in dataset ({DATASETS_HELP}).")]
+DataOption = Annotated[Path | None, typer.Option(
+    "--data", help="A CSV or Parquet file of numeric features and a target column.")]
+TargetOption = Annotated[str | None, typer.Option("--target", help="The target column of --data.")]
+
+
 @train_app.command(no_args_is_help=True)
 def train(
-    dataset: Annotated[DatasetName | None, typer.Option(
-        "--dataset", help=f"A built-in dataset ({DATASETS_HELP}).")] = None,
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="A CSV or Parquet file of numeric features and a target column.")] = None,
-    target: Annotated[str | None, typer.Option(
-        "--target", help="The target column of --data.")] = None,
+    dataset: DatasetOption = None,
+    data: DataOption = None,
+    target: TargetOption = None,
     task: Annotated[TaskChoice, typer.Option(
         "--task", help="auto: a float target or an integer one with over 20 values is "
         "regression, anything else classification.")] = TaskChoice.auto,

@@ -23,8 +23,9 @@ from rich.table import Table
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import Task
 from training.cli import (
-    DATASETS_HELP,
-    DatasetName,
+    DataOption,
+    DatasetOption,
+    TargetOption,
     TaskChoice,
     fail,
     load_settings,
@@ -88,12 +89,9 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 @tune_app.command(no_args_is_help=True)
 def tune(
-    dataset: Annotated[DatasetName | None, typer.Option(
-        "--dataset", help=f"A built-in dataset ({DATASETS_HELP}).")] = None,
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="A CSV or Parquet file of numeric features and a target column.")] = None,
-    target: Annotated[str | None, typer.Option(
-        "--target", help="The target column of --data.")] = None,
+    dataset: DatasetOption = None,
+    data: DataOption = None,
+    target: TargetOption = None,
     task: Annotated[TaskChoice, typer.Option(
         "--task", help="For --data: auto infers it from the target column.")] = TaskChoice.auto,
     model: Annotated[str, typer.Option(
