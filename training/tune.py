@@ -489,16 +489,36 @@ def _work(job: _Job, on_trial: Callable[[FrozenTrial], None] | None = None) -> i
                               pruner=_pruner(job.prune, job.base))
     objective = _Objective(job.space, job.base, job.dataset, job.settings, job.sampler == "grid")
     callbacks = [lambda _, t: on_trial(t)] if on_trial is not None else []
+    # A worker claims its next trial under a lock shared by the workers, held from the budget
+    # check until Optuna has created the trial (the objective's first step releases it): a check
+    # then an ask in each worker could start up to jobs - 1 trials over the budget.
+    slots = FileLock(job.url.removeprefix("sqlite:///") + ".slots.lock")
     ran = 0
     with cpu_threads(job.threads):
-        while _counted(study.get_trials(deepcopy=False), job.first_number) < job.budget:
-            if job.deadline is not None and time.time() >= job.deadline:
-                break
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-                break
-            study.optimize(objective, n_trials=1, catch=(TrainingError, InvalidTrial),
-                           callbacks=callbacks)
-            ran += 1
+        while True:
+            slots.acquire()
+            held = [True]
+
+            def claimed(trial: optuna.Trial, held: list[bool] = held) -> float:
+                slots.release()  # the trial is RUNNING in the study now: others count it
+                held[0] = False
+                return objective(trial)
+
+            try:
+                trials = study.get_trials(deepcopy=False)
+                started = sum(1 for t in trials if t.state is TrialState.RUNNING
+                              and t.number >= job.first_number)
+                if (_counted(trials, job.first_number) + started >= job.budget
+                        or (job.deadline is not None and time.time() >= job.deadline)
+                        or (isinstance(sampler, optuna.samplers.GridSampler)
+                            and sampler.is_exhausted(study))):
+                    break
+                study.optimize(claimed, n_trials=1, catch=(TrainingError, InvalidTrial),
+                               callbacks=callbacks)
+                ran += 1
+            finally:
+                if held[0]:
+                    slots.release()
     return ran
 
 
