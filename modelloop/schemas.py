@@ -201,19 +201,13 @@ class EventColumns(BaseModel):
 
     def events(self) -> list[PredictionEvent]:
         """One :class:`PredictionEvent` per row."""
-        out: list[PredictionEvent] = []
-        r = 0
-        for i, (base, first, n) in enumerate(zip(self.request_ids, self.first_row, self.rows,
-                                                 strict=True)):
-            for k in range(n):
-                out.append(PredictionEvent(
-                    request_id=f"{base}-{first + k}", timestamp=self.timestamp[i],
-                    model=self.model, version=self.version, mode=self.mode,
-                    features=self.features[r], prediction=self.prediction[r],
-                    probabilities=None if self.probabilities is None else self.probabilities[r],
-                    latency_s=self.latency_s[i]))
-                r += 1
-        return out
+        request = [i for i, n in enumerate(self.rows) for _ in range(n)]  # each row's request
+        return [PredictionEvent(
+            request_id=rid, timestamp=self.timestamp[i], model=self.model, version=self.version,
+            mode=self.mode, features=self.features[r], prediction=self.prediction[r],
+            probabilities=None if self.probabilities is None else self.probabilities[r],
+            latency_s=self.latency_s[i]) for r, (rid, i) in enumerate(zip(self.row_ids(), request,
+                                                                          strict=True))]
 
 
 class ColumnBatch(BaseModel):

@@ -216,8 +216,8 @@ def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row
                 nan_policy: str = "allow", keep: Sequence[str] = (),
                 x: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
     """Score one table; returns the output table (kept columns, then predictions) and its
-    features (``x``, when given, are the table's features already extracted)."""
-    check_scorable(runtime, source)
+    features (``x``, when given, are the table's features already extracted). Callers check
+    :func:`check_scorable` once, before the first table."""
     if x is None:
         x = features_of(table, runtime.metadata.feature_names, source=source, first_row=first_row,
                         nan_policy=nan_policy)

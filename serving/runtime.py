@@ -108,7 +108,9 @@ class OnnxRuntime:
         self.device_id = device_id
         self.warmup_rows = tuple(warmup_rows)
         self._dims = self.metadata.input_dims
-        self._row_size = math.prod(WARMUP_STEPS if d is None else d for d in self._dims)
+        # one row of the warm-up input; the cost model counts work in these
+        self._warm_row = tuple(WARMUP_STEPS if d is None else d for d in self._dims)
+        self._row_size = math.prod(self._warm_row)
         # rows of features are reshaped to this (an image model's [channels, height, width])
         self._row_shape = self._dims if len(self._dims) > 1 and self.takes_rows else None
         self.active_provider = ""
@@ -227,7 +229,7 @@ class OnnxRuntime:
         # The first runs allocate and (on GPU) build kernels; time the later ones for the cost model.
         timings: list[tuple[int, float]] = []
         for rows in self.warmup_rows:
-            x = np.zeros((rows, *(WARMUP_STEPS if d is None else d for d in self._dims)), np.float32)
+            x = np.zeros((rows, *self._warm_row), np.float32)
             self.predict(x)
             best = float("inf")
             for _ in range(3):

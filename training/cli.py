@@ -58,6 +58,22 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+def data_options_problem(dataset: DatasetName | None, data: Path | None, target: str | None,
+                         task: TaskChoice, rows: int | None) -> str | None:
+    """What is wrong with a command's data options (``train``, ``tune``), or None."""
+    if (dataset is None) == (data is None):
+        return "give exactly one of --dataset NAME or --data FILE"
+    if data is not None and not target:
+        return "--data needs --target COLUMN"
+    if dataset is not None and target:
+        return "--target is for --data; built-in datasets know their target"
+    if dataset is not None and task is not TaskChoice.auto:
+        return "--task is for --data; built-in datasets know their task"
+    if data is not None and rows is not None:
+        return "--rows is for --dataset; a file is used whole"
+    return None
+
+
 def load_settings() -> TrainingSettings:
     """The settings from the environment, or exit 2 with one line naming each bad variable."""
     try:
@@ -138,16 +154,9 @@ def train(
 
       modelloop train --data churn-2026.csv --target churned --init-from churn --freeze 1
     """
-    if (dataset is None) == (data is None):
-        raise typer.BadParameter("give exactly one of --dataset NAME or --data FILE")
-    if data is not None and not target:
-        raise typer.BadParameter("--data needs --target COLUMN")
-    if dataset is not None and target:
-        raise typer.BadParameter("--target is for --data; built-in datasets know their target")
-    if dataset is not None and task is not TaskChoice.auto:
-        raise typer.BadParameter("--task is for --data; built-in datasets know their task")
-    if data is not None and rows is not None:
-        raise typer.BadParameter("--rows is for --dataset; a file is used whole")
+    problem = data_options_problem(dataset, data, target, task, rows)
+    if problem:
+        raise typer.BadParameter(problem)
     if freeze and not init_from:
         raise typer.BadParameter("--freeze is for --init-from", param_hint="--freeze")
     try:

@@ -27,6 +27,7 @@ from training.cli import (
     DatasetOption,
     TargetOption,
     TaskChoice,
+    data_options_problem,
     fail,
     load_settings,
     metrics_table,
@@ -149,16 +150,9 @@ def tune(
 
       modelloop tune --data churn.csv --target churned --sampler grid --space space.yaml
     """
-    if (dataset is None) == (data is None):
-        raise fail("give exactly one of --dataset NAME or --data FILE", 2)
-    if data is not None and not target:
-        raise fail("--data needs --target COLUMN", 2)
-    if dataset is not None and target:
-        raise fail("--target is for --data; built-in datasets know their target", 2)
-    if dataset is not None and task is not TaskChoice.auto:
-        raise fail("--task is for --data; built-in datasets know their task", 2)
-    if data is not None and rows is not None:
-        raise fail("--rows is for --dataset; a file is used whole", 2)
+    problem = data_options_problem(dataset, data, target, task, rows)
+    if problem:
+        raise fail(problem, 2)
     try:
         get_architecture(model)
     except ValueError as exc:
