@@ -129,11 +129,13 @@ def score(
         resumable_version,
         reuse_freed_memory,
         score_file,
+        warm_arrow_numpy_bridge,
     )
     from serving.models import resolve_model_name
     from serving.runtime import ModelLoadError, OnnxRuntime
 
     reuse_freed_memory()  # this process only scores: chunk buffers are reused, not re-faulted
+    warm_arrow_numpy_bridge()  # overlaps the model's load
 
     settings = _settings(model=name, alias=alias, chunk_rows=chunk_rows, threads=threads,
                          providers=providers, nan_policy=nan_policy)
@@ -156,7 +158,8 @@ def score(
     except (BatchInputError, ModelLoadError, RegistryError) as exc:
         raise _fail(str(exc)) from exc
     console.print(
-        f"scored {report.rows} rows of {input_path} with {report.model} v{report.version} into "
+        f"scored {report.rows} rows of {input_path} with {report.model} v{report.version} on "
+        f"{runtime.active_provider} into "
         f"{output} in {report.seconds:.1f} s ({report.rows_per_s:,.0f} rows/s"
         + (f"; {report.resumed_chunks} of {report.chunks} chunks resumed" if report.resumed_chunks else "")
         + ")", highlight=False, soft_wrap=True)

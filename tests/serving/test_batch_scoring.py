@@ -60,7 +60,7 @@ def test_cli_scores_like_predict(main_home: Path, client: httpx.Client, tmp_path
     done = cli(main_home, str(tmp_path / "in.csv"), str(tmp_path / "out.parquet"), "--name", MODEL,
                "--chunk-rows", "1000", "--keep", "id")
     assert done.returncode == 0, done.stderr
-    assert f"scored 2300 rows of {tmp_path / 'in.csv'} with {MODEL} v1" in done.stderr
+    assert f"scored 2300 rows of {tmp_path / 'in.csv'} with {MODEL} v1 on cpu into" in done.stderr
     scored = pd.read_parquet(tmp_path / "out.parquet")
     assert scored["id"].tolist() == list(range(2300))
     assert_same(scored, predict_all(client, df))
