@@ -153,14 +153,14 @@ def servers(specs: list[tuple[str, list[str], str, dict[str, str], Path | None]]
 
 
 def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[str, str], tmp: Path,
-        server: Server | None = None) -> dict[str, float]:
+        server: Server | None = None, threads: int = 2) -> dict[str, float]:
     """Run wrk with a POST body: req/s, p50/p99 (ms), errors (non-2xx + socket errors), and the
     server's CPU microseconds per request."""
     lua = tmp / "post.lua"
     lines = ['wrk.method = "POST"', f'local f = io.open("{body}", "rb")', "wrk.body = f:read('*a')", "f:close()"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     lua.write_text("\n".join(lines) + "\n")
-    threads = min(2, connections)
+    threads = min(threads, connections)
     # a short warm-up, then the measured run
     subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", "-d1s", "-s", str(lua), url], capture_output=True)
     cpu0 = server.cpu_seconds() if server else 0.0
