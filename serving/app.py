@@ -164,7 +164,7 @@ class Routes:
         runtime = state.manager.current
         body = await read_body(request, self.max_body)
         x = parse_instances(parse_json(body), runtime.metadata, nan_policy=self.nan_policy,
-                            max_rows=self.max_rows)
+                            max_rows=self.max_rows, body=body)
         base = self.request_id(request)
         result = await state.batcher.predict(runtime, x)
         runtime = result.runtime

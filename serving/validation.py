@@ -124,21 +124,35 @@ def _array_row_error(i: int, row: Any, n: int) -> RequestError:
                         f"instances[{i}]: expected {n} values, got {len(row)}")
 
 
+def only_numbers(body: bytes | None) -> bool:
+    """Whether the JSON body of ``{"instances": [[...], ...]}`` holds nothing but numbers, null
+    and arrays after its one key: no string (``"``), no ``true`` or ``false`` (``t``, ``f``; JSON
+    numbers and null have neither). Three memchr scans of the bytes: a twentieth of the cost of
+    looking at the type of every parsed value, which was half the parse of a 1024-row request."""
+    if body is None:
+        return False
+    key_end = body.find(b'"', body.find(b'"') + 1) + 1
+    return key_end > 0 and all(body.find(c, key_end) == -1 for c in (b'"', b"t", b"f"))
+
+
 def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
                   records: bool, prefix: str = "instances",
-                  field_of: FieldOf | None = None) -> np.ndarray:
+                  field_of: FieldOf | None = None, numbers_only: bool = False) -> np.ndarray:
     """Rows of Python scalars to float32 ``[n, features]``, or the RequestError of the first bad
-    value, named ``prefix[i].name`` (records), ``prefix[i][j]`` or by ``field_of(i, j)``."""
+    value, named ``prefix[i].name`` (records), ``prefix[i][j]`` or by ``field_of(i, j)``.
+    ``numbers_only``: the body was seen to hold no strings or booleans (:func:`only_numbers`),
+    so the values need no type check of their own (nested values still fail below)."""
     if field_of is None:
         field_of = ((lambda i, j: f"{prefix}[{i}].{names[j]}") if records
                     else (lambda i, j: f"{prefix}[{i}][{j}]"))
-    types = set(map(type, itertools.chain.from_iterable(rows)))
-    allowed = _NUMBER_TYPES | {type(None)} if nan_policy == "allow" else _NUMBER_TYPES
-    if not types <= allowed:  # null under "reject", strings, booleans, nested values
-        raise _locate(rows, nan_policy, field_of)
+    if not numbers_only:  # (a null under "reject" is found as NaN below)
+        types = set(map(type, itertools.chain.from_iterable(rows)))
+        allowed = _NUMBER_TYPES | {type(None)} if nan_policy == "allow" else _NUMBER_TYPES
+        if not types <= allowed:  # null under "reject", strings, booleans, nested values
+            raise _locate(rows, nan_policy, field_of)
     try:
         wide = np.array(rows, dtype=np.float64)  # null -> NaN
-    except OverflowError:  # an integer beyond float64
+    except (OverflowError, TypeError, ValueError):  # an integer beyond float64; a nested value
         raise _locate(rows, nan_policy, field_of) from None
     # Infinity/1e999 and values beyond float32 (NaN compares False here) ...
     if (np.abs(wide) > F32_MAX).any():
@@ -149,8 +163,10 @@ def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_polic
     return wide.astype(np.float32)
 
 
-def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows: int) -> np.ndarray:
-    """The ``/predict`` body ``{"instances": [...]}`` (records or arrays) as float32 rows."""
+def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows: int,
+                    body: bytes | None = None) -> np.ndarray:
+    """The ``/predict`` body ``{"instances": [...]}`` (records or arrays) as float32 rows;
+    ``body``, the raw bytes of ``doc``, lets the value check run on the bytes."""
     if not isinstance(doc, dict):
         raise RequestError(422, "wrong_type", "body",
                            f'body: expected an object {{"instances": [...]}}, got {_type_name(doc)}')
@@ -173,7 +189,7 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
     names = meta.feature_names
     dims = meta.input_dims
     if len(dims) == 1:
-        return _rows_instances(instances, names, nan_policy)
+        return _rows_instances(instances, names, nan_policy, body)
     first = instances[0]
     if None not in dims and (type(first) is dict or (type(first) is list and first
                                                      and type(first[0]) is not list)):
@@ -182,7 +198,8 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
     return _tensor_instances(instances, dims, names, nan_policy)
 
 
-def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str) -> np.ndarray:
+def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str,
+                    body: bytes | None = None) -> np.ndarray:
     """Instances that are rows of features: records by name, or arrays in the feature order."""
     n = len(names)
     if isinstance(instances[0], dict):
@@ -199,7 +216,7 @@ def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str)
     for i, row in enumerate(instances):
         if type(row) is not list or len(row) != n:
             raise _array_row_error(i, row, n)
-    return rows_to_array(instances, names, nan_policy, records=False)
+    return rows_to_array(instances, names, nan_policy, records=False, numbers_only=only_numbers(body))
 
 
 def _shape_text(dims: Sequence[int | None]) -> str:

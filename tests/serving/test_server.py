@@ -107,6 +107,11 @@ BAD_INPUTS = [
     ("boolean value", {"instances": [_record(f05=True)]}, {}, 422, "wrong_type", "instances[0].f05", "got boolean"),
     ("nested value", {"instances": [_record(f05=[1])]}, {}, 422, "wrong_type", "instances[0].f05", "got array"),
     ("row of wrong type", {"instances": [_record(), 3]}, {}, 422, "wrong_type", "instances[1]", "expected an object"),
+    # array rows of numbers only skip the per-value type check (serving.validation.only_numbers):
+    # what that check would have caught must still be named
+    ("nested value in an array row", {"instances": [_ROW, [*_ROW[:19], [1]]]}, {}, 422, "wrong_type", "instances[1][19]", "got array"),
+    ("object in an array row", {"instances": [[*_ROW[:3], {}, *_ROW[4:]]]}, {}, 422, "wrong_type", "instances[0][3]", "got object"),
+    ("null in an array row under reject", {"instances": [[*_ROW[:19], None]]}, {}, 422, "missing_value", "instances[0][19]", "nan_policy=reject"),
     ("array row too short", {"instances": [_ROW, _ROW[:19]]}, {}, 422, "wrong_shape", "instances[1]", "expected 20 values, got 19"),
     ("array row too long", {"instances": [[*_ROW, 1.0]]}, {}, 422, "wrong_shape", "instances[0]", "got 21"),
     ("null under nan_policy=reject", {"instances": [_record(f11=None)]}, {}, 422, "missing_value", "instances[0].f11", "nan_policy=reject"),
@@ -204,3 +209,17 @@ def test_metrics_catalog_is_exposed(client: httpx.Client, server: Server) -> Non
 def test_admin_reports_the_served_model(client: httpx.Client) -> None:
     doc = client.get("/admin/model").json()
     assert (doc["model"], doc["version"], doc["provider"], doc["ready"]) == (MODEL, 1, "cpu", True)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"instances": [[1.5, -2e3, null]]}', True),
+    (b'{"instances": [[1.5, "2"]]}', False),     # a string value
+    (b'{"instances": [[1.5, true]]}', False),    # a boolean
+    (b'{"instances": [[false, 1]]}', False),
+    (b'{"instances": [[Infinity, 1]]}', False),  # read by the fallback parser, then judged
+    (b'[[1.5]]', False),                         # no key at all
+])
+def test_only_numbers_reads_the_bytes(body: bytes, expected: bool) -> None:
+    from serving.validation import only_numbers
+
+    assert only_numbers(body) is expected
