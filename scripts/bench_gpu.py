@@ -57,7 +57,8 @@ from bench_serving import (
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 DRY = {"provider": CUDA, "device": "cuda", "flag": "cuda"}  # --dry-run: the same steps on the CPU
 MODELLOOP = [sys.executable, "-m", "modelloop.cli"]
-BATCHES = (1, 64, 1024, 8192, 65536)
+BATCHES = (1, 64, 1024, 8192, 65536, 262144)
+CPU_MAX_BATCH = 65536  # the CPU reference stops here (a heavy-model call at 262144 takes seconds)
 
 
 def session(path: Path, provider: str):  # type: ignore[no-untyped-def]
@@ -108,7 +109,8 @@ def raw_points(path: Path, seconds: float) -> tuple[dict[tuple[str, int], float]
             binding.synchronize_outputs()
 
         result["cuda, IO binding on device", batch] = timed(bound, batch, seconds)
-        result["cpu, all cores", batch] = timed(lambda x=x: cpu.run(None, {"input": x}), batch, seconds / 2)
+        if batch <= CPU_MAX_BATCH:
+            result["cpu, all cores", batch] = timed(lambda x=x: cpu.run(None, {"input": x}), batch, seconds / 2)
     return result, diff
 
 
@@ -146,13 +148,16 @@ def provider_of(srv: Server) -> str:
     return ",".join(sorted(set(found))) or "?"
 
 
-def batch_score(home: Path, tmp: Path, src: Path, name: str, chunk: int) -> tuple[float, float, str]:
-    """(rows/s scoring as the CLI reports it, peak RSS MiB, provider line of its log)."""
+def batch_score(home: Path, tmp: Path, src: Path, name: str, chunk: int,
+                profile: Path | None = None) -> tuple[float, float, str]:
+    """(rows/s scoring as the CLI reports it, peak RSS MiB, provider line of its log); with
+    ``profile``, under py-spy (all threads, raw stacks written there)."""
     import psutil
 
     log = tmp / f"batch-{name}.log"
+    spy = ["py-spy", "record", "-r", "250", "--threads", "-f", "raw", "-o", str(profile), "--"] if profile else []
     with open(log, "w") as err:
-        proc = subprocess.Popen([*MODELLOOP, "batch", "score", str(src), str(tmp / f"out-{name}.parquet"), "--name", name,
+        proc = subprocess.Popen([*spy, *MODELLOOP, "batch", "score", str(src), str(tmp / f"out-{name}.parquet"), "--name", name,
                                  "--chunk-rows", str(chunk), "--providers", DRY["flag"], "--restart"],
                                 stdout=subprocess.DEVNULL, stderr=err,
                                 env={**os.environ, "MODELLOOP_HOME": str(home), "COLUMNS": "200"})
@@ -171,6 +176,26 @@ def batch_score(home: Path, tmp: Path, src: Path, name: str, chunk: int) -> tupl
     return scoring, peak / 2**20, ",".join(provider) or "?"
 
 
+def summarize_profile(path: Path, top: int = 14) -> list[str]:
+    """Share of py-spy samples per thread and per innermost frame of our code, pyarrow or ORT."""
+    import collections
+
+    threads: collections.Counter[str] = collections.Counter()
+    frames: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        parts = stack.split(";")
+        threads[parts[0].split(" (")[-1].rstrip(")")[:30] if parts else "?"] += n
+        ours = [f for f in parts if any(k in f for k in ("serving/", "onnxruntime", "pyarrow", "numpy"))]
+        frames[(ours[-1] if ours else parts[-1]).split(" (")[0]] += n
+    lines = [f"py-spy samples: {total}; by thread: " + ", ".join(f"{t} {v / total:.0%}" for t, v in threads.most_common(4))]
+    lines += [f"  {v / total:6.1%}  {k}" for k, v in frames.most_common(top)]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3, help="measured seconds per load point")
@@ -180,6 +205,7 @@ def main() -> None:
     parser.add_argument("--wrk-threads", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "gpu.md")
     parser.add_argument("--dry-run", action="store_true", help="run every step on the CPU provider (checks the script)")
+    parser.add_argument("--profile", action="store_true", help="also profile one batch run with py-spy (when on the PATH)")
     args = parser.parse_args()
     if args.dry_run:
         DRY.update(provider=CPU, device="cpu", flag="cpu")
@@ -239,9 +265,12 @@ def main() -> None:
                "MODELLOOP_SERVING_LOG_LEVEL": "WARNING"}
         serve = [*MODELLOOP, "serve", "--workers", str(args.workers), "--providers", DRY["flag"]]
         HON, HOFF, STD = "heavy MLP, batching on", "heavy MLP, batching off", "standard MLP"
+        HCPU = "heavy MLP, batching on, CPU provider (reference)"
+        cpu_serve = [*MODELLOOP, "serve", "--workers", str(args.workers), "--providers", "cpu"]
         specs = [(HON, [*serve, "--name", "heavy", "--max-batch-wait-s", "0.005"], "/v2/health/ready", env, None),
                  (HOFF, [*serve, "--name", "heavy", "--no-batching"], "/v2/health/ready", env, None),
-                 (STD, [*serve, "--name", "standard"], "/v2/health/ready", env, None)]
+                 (STD, [*serve, "--name", "standard"], "/v2/health/ready", env, None),
+                 (HCPU, [*cpu_serve, "--name", "heavy", "--max-batch-wait-s", "0.005"], "/v2/health/ready", env, None)]
 
         def point(srv: Server, label: str, path: str, body: Path, headers: dict[str, str], conns: int, n: int) -> None:
             m = wrk(srv.url + path, body, conns, args.seconds, headers, tmp, srv, threads=args.wrk_threads)
@@ -278,6 +307,7 @@ def main() -> None:
                 scraper.start()
                 point(group[HON], "1-row, 64 connections", "/predict", one, jh, 64, 1)
                 point(group[HOFF], "1-row, 64 connections", "/predict", one, jh, 64, 1)
+                point(group[HCPU], "1-row, 64 connections", "/predict", one, jh, 64, 1)
                 add(f"modelloop serve, {HON}", "rows per ONNX Runtime call (batching on)", f"{batch_size(group[HON]):.1f}")
                 point(group[HON], "1024-row JSON /predict, 16 connections", "/predict", big, jh, 16, 1024)
                 point(group[HON], "1024-row OIP binary, 16 connections", "/v2/models/heavy/infer", binary, bin_headers, 16, 1024)
@@ -299,27 +329,37 @@ def main() -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        chunk = 65536
         rng = np.random.default_rng(1)
         src = tmp / "batch_in.parquet"
         pq.write_table(pa.table({f"f{i:02d}": rng.normal(size=args.rows).astype(np.float32) for i in range(N_FEATURES)}),
-                       src, row_group_size=chunk)
+                       src, row_group_size=65536)
         for name in paths:
-            runs = [batch_score(home, tmp, src, name, chunk) for _ in range(2)]
-            scoring = statistics.median(r[0] for r in runs)
-            base = raw.get(name, {}).get(("cuda, numpy in/out", chunk), float("nan"))
-            add("modelloop batch score --providers cuda", f"{args.rows:,} x {N_FEATURES} Parquet, {name} MLP, chunk {chunk}",
-                f"{scoring:,.0f} rows/s, {scoring / base:.2f}x raw CUDA numpy in/out at batch {chunk} "
-                f"({base:,.0f} rows/s); peak RSS {max(r[1] for r in runs):,.0f} MiB (2 runs: "
-                f"{', '.join(f'{r[0]:,.0f}' for r in runs)})")
+            for chunk in (65536, 262144):
+                runs = [batch_score(home, tmp, src, name, chunk) for _ in range(2)]
+                scoring = statistics.median(r[0] for r in runs)
+                base = raw.get(name, {}).get(("cuda, numpy in/out", chunk), float("nan"))
+                add("modelloop batch score --providers cuda", f"{args.rows:,} x {N_FEATURES} Parquet, {name} MLP, chunk {chunk}",
+                    f"{scoring:,.0f} rows/s, {scoring / base:.2f}x raw CUDA numpy in/out at batch {chunk} "
+                    f"({base:,.0f} rows/s); peak RSS {max(r[1] for r in runs):,.0f} MiB (2 runs: "
+                    f"{', '.join(f'{r[0]:,.0f}' for r in runs)})")
         add("modelloop batch score --providers cuda", "active provider (its last line)", runs[-1][2])
 
     attempt("batch", batch_section)
 
+    def profile_section() -> None:
+        if args.profile and shutil.which("py-spy"):
+            profile = args.out.parent / "batch-profile.txt"
+            batch_score(home, tmp, tmp / "batch_in.parquet", "standard", 65536, profile)
+            summary = summarize_profile(profile)
+            (args.out.parent / "batch-profile-summary.txt").write_text("\n".join(summary) + "\n")
+            print("\n".join(summary), flush=True)
+
+    attempt("batch profile", profile_section)
+
     lines = [head, "", "| section | point | result |", "| --- | --- | --- |"]
     lines += [f"| {s} | {p} | {v} |" for s, p, v in rows]
     if failures:
-        lines += ["", "Failed sections:", *[f"    {f.splitlines()[0]} {f.splitlines()[-1]}" for f in failures]]
+        lines += ["", "Failed sections:", *[f"    {line}" for f in failures for line in f.strip().splitlines()[-12:]]]
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
