@@ -78,11 +78,26 @@ def serve(
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
     from serving.service import ModelService
 
+    _own_metrics_dir(settings)
     service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
     service.config["workers"] = settings.worker_count()
     logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
                 settings.worker_count())
     service.serve_http(host=settings.host, port=settings.port)
+
+
+def _own_metrics_dir(settings: ServingSettings) -> None:
+    """Give this server its own Prometheus multiprocess directory. BentoML keeps one under
+    BENTOML_HOME and empties it when a server starts, so a second server on the host wiped the
+    first one's metric files and the two then reported each other's requests."""
+    import re
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    name = f"{re.sub(r'[^A-Za-z0-9.]+', '_', settings.host)}-{settings.port}"
+    path = settings.home / "serving" / "prometheus" / name
+    BentoMLContainer.prometheus_multiproc_dir.set(str(path))
+    logger.info("metrics of this server's workers in %s", path)
 
 
 def _preflight(settings: ServingSettings) -> None:
