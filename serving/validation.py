@@ -154,6 +154,8 @@ def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_polic
         wide = np.array(rows, dtype=np.float64)  # null -> NaN
     except (OverflowError, TypeError, ValueError):  # an integer beyond float64; a nested value
         raise _locate(rows, nan_policy, field_of) from None
+    if wide.ndim != 2:  # every value nested alike ([[[1], [2], ...]]) makes no error above
+        raise _locate(rows, nan_policy, field_of)
     # Infinity/1e999 and values beyond float32 (NaN compares False here) ...
     if (np.abs(wide) > F32_MAX).any():
         raise _locate(rows, nan_policy, field_of)

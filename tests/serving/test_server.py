@@ -110,6 +110,7 @@ BAD_INPUTS = [
     # array rows of numbers only skip the per-value type check (serving.validation.only_numbers):
     # what that check would have caught must still be named
     ("nested value in an array row", {"instances": [_ROW, [*_ROW[:19], [1]]]}, {}, 422, "wrong_type", "instances[1][19]", "got array"),
+    ("every value an array", {"instances": [[[v] for v in _ROW]]}, {}, 422, "wrong_type", "instances[0][0]", "got array"),
     ("object in an array row", {"instances": [[*_ROW[:3], {}, *_ROW[4:]]]}, {}, 422, "wrong_type", "instances[0][3]", "got object"),
     ("null in an array row under reject", {"instances": [[*_ROW[:19], None]]}, {}, 422, "missing_value", "instances[0][19]", "nan_policy=reject"),
     ("array row too short", {"instances": [_ROW, _ROW[:19]]}, {}, 422, "wrong_shape", "instances[1]", "expected 20 values, got 19"),
