@@ -1,21 +1,25 @@
 #!/usr/bin/env python
 """GPU path check, in one run on a machine with an NVIDIA GPU and onnxruntime-gpu:
 
-    python scripts/bench_gpu.py [--seconds 3] [--rows 1000000] [--workers 4] [--out bench_out/gpu.md]
+    python scripts/bench_gpu.py [--sections raw,served,batch] [--seconds 3] [--rows 1000000]
+                                [--workers 4] [--profile] [--dry-run] [--out bench_out/gpu.md]
 
-1. raw ONNX Runtime in-process on the CUDA provider at batch 1 to 65536 (numpy in and out, and
-   through IO binding with the input already on the GPU: the limit), the CPU provider beside it,
-   and the largest difference between the two providers' probabilities;
-2. `modelloop serve --providers cuda` under wrk: 1-row requests with batching on and off, 1024-row
-   JSON and Open Inference Protocol binary requests; the provider the server reports;
-3. `modelloop batch score --providers cuda` of a 1M x 30 Parquet file against raw CUDA at the
-   chunk size, with its peak RSS;
-4. GPU memory (NVML, per process) and the monitoring sidecar's own GPU and process metrics while
-   the served load runs.
+1. raw (section ``raw``): ONNX Runtime in-process on the CUDA provider at batch 1 to 262144
+   (numpy in and out, and through IO binding with the input already on the GPU: the limit), the
+   CPU provider beside it up to 65536, and the largest difference between the two providers'
+   probabilities;
+2. served (``served``): `modelloop serve --providers cuda` under wrk: 1-row requests with
+   batching on and off (and the heavy model on the CPU provider for reference), 1024-row JSON and
+   Open Inference Protocol binary requests; the provider each server reports; GPU memory (NVML,
+   per process); the monitoring sidecar's own GPU and process metrics while the load runs;
+3. batch (``batch``): `modelloop batch score --providers cuda` of a ``--rows`` x 30 Parquet file
+   at chunks of 65536 and 262144 rows against raw CUDA at the chunk size, with its peak RSS;
+   ``--profile`` then runs one more under py-spy (all threads) and prints where its time went.
 
 A figure counts only with CUDAExecutionProvider active: the script stops when a session does not
 report it first in get_providers(). Each section that fails is reported and the rest still run.
-Needs wrk on the PATH. Prints a markdown table and writes it to --out.
+``--dry-run`` runs the same steps on the CPU provider (to check the script on a machine without
+a GPU). Needs wrk on the PATH. Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -357,8 +361,9 @@ def main() -> None:
         attempt("batch", batch_section)
 
     def profile_section() -> None:
-        if args.profile and shutil.which("py-spy"):
+        if args.profile and shutil.which("py-spy") and (tmp / "batch_in.parquet").exists():
             profile = args.out.parent / "batch-profile.txt"
+            # (the peak RSS it returns is py-spy's own here, so it is not reported)
             batch_score(home, tmp, tmp / "batch_in.parquet", "standard", 65536, profile)
             summary = summarize_profile(profile)
             (args.out.parent / "batch-profile-summary.txt").write_text("\n".join(summary) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,26 +79,32 @@ def serve(
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
     from serving.service import ModelService
 
-    _own_metrics_dir(settings)
+    metrics_dir = _own_metrics_dir(settings)
     service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
     service.config["workers"] = settings.worker_count()
     logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
                 settings.worker_count())
-    service.serve_http(host=settings.host, port=settings.port)
+    try:
+        service.serve_http(host=settings.host, port=settings.port)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _own_metrics_dir(settings: ServingSettings) -> None:
-    """Give this server its own Prometheus multiprocess directory. BentoML keeps one under
-    BENTOML_HOME and empties it when a server starts, so a second server on the host wiped the
-    first one's metric files and the two then reported each other's requests."""
+def _own_metrics_dir(settings: ServingSettings) -> Path:
+    """Give this server its own Prometheus multiprocess directory, new at each start, on local
+    disk. BentoML keeps one under BENTOML_HOME and empties it when a server starts, so a second
+    server on the host wiped the first one's metric files and the two then reported each
+    other's requests (and pods sharing a volume for their home would do the same)."""
     import re
+    import tempfile
 
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     name = f"{re.sub(r'[^A-Za-z0-9.]+', '_', settings.host)}-{settings.port}"
-    path = settings.home / "serving" / "prometheus" / name
+    path = Path(tempfile.mkdtemp(prefix=f"modelloop-metrics-{name}-"))
     BentoMLContainer.prometheus_multiproc_dir.set(str(path))
     logger.info("metrics of this server's workers in %s", path)
+    return path
 
 
 def _preflight(settings: ServingSettings) -> None:
@@ -136,8 +143,6 @@ def score(
     """Score IN into OUT chunk by chunk with ONNX Runtime: bounded memory, a progress bar, the
     same results as POST /predict. An interrupted run resumes where it stopped when the same
     command is run again (the chunks done are kept in OUT.parts/)."""
-    import shutil
-
     from serving.batch import (
         BatchInputError,
         parts_dir,

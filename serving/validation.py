@@ -4,8 +4,10 @@ Every problem becomes a :class:`RequestError`: an HTTP status, a short ``code``,
 concerns (``instances[2].f03``, ``inputs[0].shape``, ``body``) and a sentence naming the problem.
 The routes turn it into a 4xx JSON body; nothing a client sends can cause a 500.
 
-The common case is kept cheap: one pass over the values' Python types (C speed) and one numpy
-conversion; the slow, precise search for the offending value runs only when something is wrong.
+The common case is kept cheap: one pass over the values' Python types (C speed), or for array
+rows a few scans of the raw bytes that rule out strings and booleans (:func:`only_numbers`), and
+one numpy conversion; the slow, precise search for the offending value runs only when something
+is wrong.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
         return None
     if type(value) not in _NUMBER_TYPES:
         return "wrong_type", f"expected a number, got {_type_name(value)} {json.dumps(value)[:40]}"
-    if not math.isfinite(value) or abs(value) > F32_MAX:
-        return "not_finite", f"value {value!r} is not a finite float32 number"
+    if abs(value) > F32_MAX or not math.isfinite(value):  # (an int beyond float64 fails isfinite)
+        return "not_finite", f"value {value!r:.40} is not a finite float32 number"
     return None
 
 

@@ -211,16 +211,3 @@ def test_admin_reports_the_served_model(client: httpx.Client) -> None:
     doc = client.get("/admin/model").json()
     assert (doc["model"], doc["version"], doc["provider"], doc["ready"]) == (MODEL, 1, "cpu", True)
 
-
-@pytest.mark.parametrize(("body", "expected"), [
-    (b'{"instances": [[1.5, -2e3, null]]}', True),
-    (b'{"instances": [[1.5, "2"]]}', False),     # a string value
-    (b'{"instances": [[1.5, true]]}', False),    # a boolean
-    (b'{"instances": [[false, 1]]}', False),
-    (b'{"instances": [[Infinity, 1]]}', False),  # read by the fallback parser, then judged
-    (b'[[1.5]]', False),                         # no key at all
-])
-def test_only_numbers_reads_the_bytes(body: bytes, expected: bool) -> None:
-    from serving.validation import only_numbers
-
-    assert only_numbers(body) is expected
