@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +53,7 @@ from bench_serving import (
     json_body,
     oip_binary_body,
     register,
+    run_batch_score,
     servers,
     wrk,
 )
@@ -156,28 +156,12 @@ def batch_score(home: Path, tmp: Path, src: Path, name: str, chunk: int,
                 profile: Path | None = None) -> tuple[float, float, str]:
     """(rows/s scoring as the CLI reports it, peak RSS MiB, provider line of its log); with
     ``profile``, under py-spy (all threads, raw stacks written there)."""
-    import psutil
-
-    log = tmp / f"batch-{name}.log"
     spy = ["py-spy", "record", "-r", "250", "--threads", "-f", "raw", "-o", str(profile), "--"] if profile else []
-    with open(log, "w") as err:
-        proc = subprocess.Popen([*spy, *MODELLOOP, "batch", "score", str(src), str(tmp / f"out-{name}.parquet"), "--name", name,
-                                 "--chunk-rows", str(chunk), "--providers", DRY["flag"], "--restart"],
-                                stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "MODELLOOP_HOME": str(home), "COLUMNS": "200"})
-        peak = 0
-        with contextlib.suppress(psutil.NoSuchProcess):
-            watched = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                peak = max(peak, watched.memory_info().rss)
-                time.sleep(0.01)
-        proc.wait()
-    text = log.read_text()
-    if proc.returncode != 0:
-        raise RuntimeError(f"modelloop batch score failed:\n{text[-3000:]}")
-    scoring = float(re.findall(r"\(([\d,]+) rows/s", text)[-1].replace(",", ""))
+    text, scoring, peak = run_batch_score(
+        [*spy, *MODELLOOP, "batch", "score", str(src), str(tmp / f"out-{name}.parquet"), "--name", name,
+         "--chunk-rows", str(chunk), "--providers", DRY["flag"], "--restart"], home, tmp / f"batch-{name}.log")
     provider = re.findall(r" v\d+ on (\S+) into ", text.replace("\n", " "))
-    return scoring, peak / 2**20, ",".join(provider) or "?"
+    return scoring, peak, ",".join(provider) or "?"
 
 
 def summarize_profile(path: Path, top: int = 14) -> list[str]:

@@ -237,29 +237,15 @@ def batch_cli(home: Path, tmp: Path, rows: int, chunk: int, onnx_path: Path) -> 
     src = tmp / "batch_in.parquet"
     pq.write_table(pa.table(cols), src, row_group_size=chunk)
     del cols
-    import psutil
-
     runs = []
     for r in range(3):  # alternate the CLI and raw ORT, keep the medians
         start = time.perf_counter()
-        log = tmp / f"batch-{r}.log"
-        with open(log, "w") as err:
-            proc = subprocess.Popen([str(BIN / "modelloop"), "batch", "score", str(src), str(tmp / "batch_out.parquet"),
-                                     "--name", "standard", "--chunk-rows", str(chunk)], stdout=subprocess.DEVNULL,
-                                    stderr=err, env={**os.environ, "MODELLOOP_HOME": str(home), "COLUMNS": "200"})
-            peak = 0
-            with contextlib.suppress(psutil.NoSuchProcess):
-                watched = psutil.Process(proc.pid)
-                while proc.poll() is None:  # peak resident memory, sampled every 10 ms
-                    peak = max(peak, watched.memory_info().rss)
-                    time.sleep(0.01)
-            proc.wait()
+        _, scoring, peak = run_batch_score(
+            [str(BIN / "modelloop"), "batch", "score", str(src), str(tmp / "batch_out.parquet"), "--name", "standard",
+             "--chunk-rows", str(chunk)], home, tmp / f"batch-{r}.log")
         wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"modelloop batch score failed: {log.read_text()}")
-        scoring = float(re.findall(r"\(([\d,]+) rows/s", log.read_text())[-1].replace(",", ""))
         raw = raw_ort(onnx_path, chunk, seconds=2)
-        runs.append({"scoring": scoring, "raw": raw, "ratio": scoring / raw, "wall": rows / wall, "rss": peak / 2**20})
+        runs.append({"scoring": scoring, "raw": raw, "ratio": scoring / raw, "wall": rows / wall, "rss": peak})
     m = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     each = ", ".join(f"{run['ratio']:.2f}" for run in runs)
     return [
@@ -269,6 +255,27 @@ def batch_cli(home: Path, tmp: Path, rows: int, chunk: int, onnx_path: Path) -> 
          "including process start-up and model load"),
         ("peak RSS of `modelloop batch score` (sampled every 10 ms)", f"{max(run['rss'] for run in runs):,.0f} MiB"),
     ]
+
+
+def run_batch_score(cmd: list[str], home: Path, log: Path) -> tuple[str, float, float]:
+    """Run a `modelloop batch score` command line: (its log, the rows/s it reports, its peak
+    resident memory in MiB, sampled every 10 ms). Raises when it fails."""
+    import psutil
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "MODELLOOP_HOME": str(home), "COLUMNS": "200"})
+        peak = 0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            watched = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                peak = max(peak, watched.memory_info().rss)
+                time.sleep(0.01)
+        proc.wait()
+    text = log.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"modelloop batch score failed:\n{text[-3000:]}")
+    return text, float(re.findall(r"\(([\d,]+) rows/s", text)[-1].replace(",", "")), peak / 2**20
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
