@@ -104,18 +104,16 @@ def _parquet_batches(pfile: pq.ParquetFile, columns: list[str], chunk_rows: int)
             yield from pfile.iter_batches(batch_size=chunk_rows, row_groups=[i], columns=columns)
 
 
-def warm_arrow_numpy_bridge() -> Any:
+def warm_arrow_numpy_bridge() -> None:
     """pyarrow imports pandas at its first numpy conversion (0.2-0.3 s); start that import on
-    a thread now, so it overlaps the model's load instead of stalling the first chunk. Returns
-    the thread (joined by nobody: the import lock makes a later user wait for it)."""
+    a thread now, so it overlaps the model's load instead of stalling the first chunk (nobody
+    joins it: the import lock makes a later user wait for the import to finish)."""
     import threading
 
     def touch() -> None:
         pa.array(np.zeros(1, np.float32))
 
-    thread = threading.Thread(target=touch, name="arrow-warm-up", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=touch, name="arrow-warm-up", daemon=True).start()
 
 
 @dataclass
