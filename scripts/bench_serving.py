@@ -39,6 +39,7 @@ BIN = Path(sys.executable).parent
 N_FEATURES = 30
 STANDARD = (128, 64)  # the training package's default MLP shape
 HEAVY = (1024, 1024, 1024, 1024)
+SECTIONS = ("one-row", "big", "heavy", "batch")
 
 BARE_APP = """
 import numpy as np, onnxruntime as ort, orjson
@@ -292,7 +293,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the batch CLI point")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "serving.md")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (the ratios "
+                             "table keeps the ratios whose points ran)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}; "
+                     f"choose from {', '.join(SECTIONS)}")
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: run scripts/ci_services.sh")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -361,48 +369,70 @@ def main() -> None:
             (OFF, serve, "/v2/health/ready", std, None),
             (SLOW, serve, "/v2/health/ready", {**std, **events, "MODELLOOP_SERVING_FAST_PATH": "false"}, None),
         ]
-        with servers(specs, tmp) as group:
-            pts = {n: (n, "/predict", one, jh) for n in (BARE, DEFAULT, ON, OFF, SLOW)}
-            one_row = {c: measure(group, f"1-row, {c} connections", pts, c) for c in (32, 128)}
-            big_rows = measure(group, "1024-row requests, 8 connections", {
-                BARE: (BARE, "/predict", big, jh),
-                ON: (ON, "/predict", big, jh),
-                OIP: (ON, "/v2/models/standard/infer", binary, binary_headers),
-            }, 8, rows=1024)
+        one_row: dict[int, dict[str, dict[str, float]]] = {}
+        big_rows: dict[str, dict[str, float]] = {}
+        heavy: dict[str, dict[str, float]] = {}
+        if only & {"one-row", "big"}:
+            if "one-row" not in only:
+                specs = [spec for spec in specs if spec[0] in (BARE, ON, OFF)]
+            with servers(specs, tmp) as group:
+                if "one-row" in only:
+                    pts = {n: (n, "/predict", one, jh) for n in (BARE, DEFAULT, ON, OFF, SLOW)}
+                    one_row = {c: measure(group, f"1-row, {c} connections", pts, c) for c in (32, 128)}
+                if "big" in only:
+                    big_rows = measure(group, "1024-row requests, 8 connections", {
+                        BARE: (BARE, "/predict", big, jh),
+                        ON: (ON, "/predict", big, jh),
+                        OFF: (OFF, "/predict", big, jh),
+                        OIP: (ON, "/v2/models/standard/infer", binary, binary_headers),
+                    }, 8, rows=1024)
         heavy_env = {**ours_env, "MODELLOOP_SERVING_MODEL": "heavy"}
         HON, HOFF = "heavy MLP 4x1024, batching on", "heavy MLP 4x1024, batching off"
-        with servers([(HON, [*serve, "--max-batch-wait-s", "0.005"], "/v2/health/ready", heavy_env, None),
-                      (HOFF, [*serve, "--no-batching"], "/v2/health/ready", heavy_env, None)], tmp) as group:
-            heavy = measure(group, "1-row, 64 connections",
-                            {n: (n, "/predict", one, jh) for n in (HON, HOFF)}, 64)
-            batch_rows = batch_size(group[HON])
+        batch_rows = float("nan")
+        if "heavy" in only:
+            with servers([(HON, [*serve, "--max-batch-wait-s", "0.005"], "/v2/health/ready", heavy_env, None),
+                          (HOFF, [*serve, "--no-batching"], "/v2/health/ready", heavy_env, None)], tmp) as group:
+                heavy = measure(group, "1-row, 64 connections",
+                                {n: (n, "/predict", one, jh) for n in (HON, HOFF)}, 64)
+                batch_rows = batch_size(group[HON])
     finally:
         os.killpg(sink.pid, signal.SIGTERM)
         sink.wait(10)
 
-    for label, value in batch_cli(home, tmp, args.rows, 65536, std_path):
-        rows_out.append(("batch scoring", label, value))
-        print(rows_out[-1], flush=True)
+    if "batch" in only:
+        for label, value in batch_cli(home, tmp, args.rows, 65536, std_path):
+            rows_out.append(("batch scoring", label, value))
+            print(rows_out[-1], flush=True)
 
-    b32, b128 = one_row[32], one_row[128]
-    ratios = [
-        ("events on / bare, 1-row, 32 connections: req/s", b32[ON]["rps"] / b32[BARE]["rps"], ">= 0.5"),
-        ("events on / bare, 1-row, 32 connections: p99", b32[ON]["p99"] / b32[BARE]["p99"], "<= 2"),
-        ("events on / events off, 32 connections: req/s", b32[ON]["rps"] / b32[OFF]["rps"], ">= 0.95"),
-        ("events on / events off, 128 connections: req/s", b128[ON]["rps"] / b128[OFF]["rps"], ">= 0.95"),
-        ("events off / events on: server CPU per request, 32 connections", b32[OFF]["cpu_us"] / b32[ON]["cpu_us"], "(noisy here)"),
-        ("events off / events on: server CPU per request, 128 connections", b128[OFF]["cpu_us"] / b128[ON]["cpu_us"], "(noisy here)"),
-        ("default BentoML / bare, 32 connections: req/s", b32[DEFAULT]["rps"] / b32[BARE]["rps"], "(reference)"),
-        ("fast path off / bare, 32 connections: req/s", b32[SLOW]["rps"] / b32[BARE]["rps"], "(reference)"),
-        ("heavy: batching on / off, rows/s", heavy[HON]["rps"] / heavy[HOFF]["rps"], ">= 3, no 503"),
-        ("1024-row JSON /predict / raw ORT at batch 1024", big_rows[ON]["rows_s"] / raw[1024], ">= 0.3"),
-        ("1024-row JSON bare / raw ORT at batch 1024", big_rows[BARE]["rows_s"] / raw[1024], "(reference)"),
-        ("1024-row OIP binary / raw ORT at batch 1024", big_rows[OIP]["rows_s"] / raw[1024], "more than JSON"),
-    ]
+    ratios: list[tuple[str, float, str]] = []
+    if one_row:
+        b32, b128 = one_row[32], one_row[128]
+        ratios += [
+            ("events on / bare, 1-row, 32 connections: req/s", b32[ON]["rps"] / b32[BARE]["rps"], ">= 0.5"),
+            ("events on / bare, 1-row, 32 connections: p99", b32[ON]["p99"] / b32[BARE]["p99"], "<= 2"),
+            ("events on / events off, 32 connections: req/s", b32[ON]["rps"] / b32[OFF]["rps"], ">= 0.95"),
+            ("events on / events off, 128 connections: req/s", b128[ON]["rps"] / b128[OFF]["rps"], ">= 0.95"),
+            ("events off / events on: server CPU per request, 32 connections",
+             b32[OFF]["cpu_us"] / b32[ON]["cpu_us"], "(noisy here)"),
+            ("events off / events on: server CPU per request, 128 connections",
+             b128[OFF]["cpu_us"] / b128[ON]["cpu_us"], "(noisy here)"),
+            ("default BentoML / bare, 32 connections: req/s", b32[DEFAULT]["rps"] / b32[BARE]["rps"], "(reference)"),
+            ("fast path off / bare, 32 connections: req/s", b32[SLOW]["rps"] / b32[BARE]["rps"], "(reference)"),
+        ]
+    if heavy:
+        ratios.append(("heavy: batching on / off, rows/s", heavy[HON]["rps"] / heavy[HOFF]["rps"], ">= 3, no 503"))
+    if big_rows:
+        ratios += [
+            ("1024-row JSON /predict / raw ORT at batch 1024", big_rows[ON]["rows_s"] / raw[1024], ">= 0.3"),
+            ("1024-row JSON, events off / raw ORT at batch 1024", big_rows[OFF]["rows_s"] / raw[1024], "(reference)"),
+            ("1024-row JSON bare / raw ORT at batch 1024", big_rows[BARE]["rows_s"] / raw[1024], "(reference)"),
+            ("1024-row OIP binary / raw ORT at batch 1024", big_rows[OIP]["rows_s"] / raw[1024], "more than JSON"),
+        ]
     lines = [f"Load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
              f"({os.cpu_count()} cores, {args.workers} workers per server, wrk on the same cores; "
              f"medians of {args.rounds} alternating rounds of {args.seconds:g} s). "
-             f"Heavy model, batching on: {batch_rows:.1f} rows per ONNX Runtime call on average.", "",
+             + (f"Heavy model, batching on: {batch_rows:.1f} rows per ONNX Runtime call on average."
+                if heavy else f"Sections run: {args.only}."), "",
              "| server | point | result |", "| --- | --- | --- |"]
     lines += [f"| {s} | {p} | {v} |" for s, p, v in rows_out]
     lines += ["", "| ratio | measured | target |", "| --- | --- | --- |"]
