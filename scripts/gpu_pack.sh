@@ -30,7 +30,7 @@ pin() { .venv/bin/pip freeze | grep -i "^$1==" ; }
 
 echo "downloading wheels for CPython 3.12 ..."
 .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-  -d "$work/wheels" "onnxruntime-gpu==1.31.1" "$(pin bentoml)" "$(pin evidently)" "$(pin orjson)" \
+  -d "$work/wheels" "onnxruntime-gpu==1.31.1" "$(pin bentoml)" "$(pin evidently)" "$(pin orjson)" "$(pin pysimdjson)" \
   "$(pin pydantic)" "$(pin pydantic-settings)" "$(pin starlette)" "$(pin uvicorn)" "$(pin pandas)" 'numpy<2.5'
 
 # What the CUDA image already has (its package list, device/KINDS.md of the tool library):

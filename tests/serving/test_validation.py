@@ -1,5 +1,6 @@
-"""The numbers-only shortcut of array bodies: it must accept exactly what the full per-value
-check accepts, and every value it lets through must still get its 422 when wrong."""
+"""The shortcuts of array bodies (the numbers-only check, the simdjson reader): each must accept
+exactly what the full per-value check accepts and give the same matrix, and every value they
+let through must still get its 422 when wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.validation import RequestError, only_numbers, parse_json, rows_to_array
+from serving.validation import (
+    RequestError,
+    numeric_rows,
+    only_numbers,
+    parse_instances,
+    parse_json,
+    parse_predict_body,
+    rows_to_array,
+)
+from tests.serving.onnx_models import metadata_for, random_mlp
 
 NAMES = ["a", "b", "c"]
 
@@ -59,3 +69,64 @@ def test_numbers_only_still_names_the_bad_value(instances: list[Any], nan_policy
     with pytest.raises(RequestError) as err:
         convert(body, nan_policy)
     assert (err.value.status, err.value.code, err.value.field) == (422, code, field)
+
+
+def general(body: bytes, nan_policy: str = "allow", max_rows: int = 100) -> np.ndarray:
+    """The general path: orjson (or the NaN-reading fallback), then the per-row checks."""
+    meta = metadata_for("m", random_mlp(3, (4,), 2), NAMES, ["no", "yes"])
+    return parse_instances(parse_json(body), meta, nan_policy=nan_policy, max_rows=max_rows, body=body)
+
+
+def test_simdjson_reader_gives_the_general_paths_matrix() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(scale=1e3, size=(257, 3))
+    x[0] = [0.0, -0.0, 1e-45]
+    x[1] = [3.4e38, -3.4e38, 1.17549435e-38]
+    ints = [*rng.integers(-2 ** 62, 2 ** 62, size=(5, 3)).tolist(), [2 ** 64 - 1, -2 ** 63, 0]]
+    bodies = [
+        json.dumps({"instances": x.tolist()}).encode(),
+        json.dumps({"instances": x.astype(np.float32).tolist()}, indent=2).encode(),  # whitespace
+        json.dumps({"instances": ints}).encode(),                                     # 64-bit integers
+        b'{"instances":[[1E2,-2.5e-3,7],[0.1,1e+1,-0]]}',
+    ]
+    for body in bodies:
+        fast = numeric_rows(body, 3, 1000)
+        assert fast is not None, body[:60]
+        slow = general(body, max_rows=1000)
+        assert fast.dtype == np.float32 and fast.shape == slow.shape
+        np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"instances": [[1, 2, null]]}',                    # null: the NaN policy decides
+    b'{"instances": [[1, 2, NaN]]}',                     # not JSON; the fallback parser reads it
+    b'{"instances": [[1, 2, 1e999]]}',
+    b'{"instances": [[1, 2, 1e39]]}',                    # beyond float32
+    b'{"instances": [[1, 2, 123456789012345678901234567890]]}',
+    b'{"instances": [[1, 2, 3], [4, 5]]}',               # ragged
+    b'{"instances": [[1, 2, 3, 4], [5, 6]]}',            # ragged with the right total
+    b'{"instances": [[[1], [2], [3]]]}',                 # nested: the flat copy would fit
+    b'{"instances": [5, [[1, 2], [3, 4], 6]]}',
+    b'{"instances": [1, 2, 3]}',                         # rows that are not arrays
+    b'{"instances": []}',
+    b'{"instances": [[1, 2, 3]], "extra": 1}',
+    b'{"inputs": [[1, 2, 3]]}',
+    b'{"instances": [[1, 2, 3]]',                        # broken JSON
+    b'[[1, 2, 3]]',
+    b'{"instances": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}',  # more rows than the limit (2)
+])
+def test_simdjson_reader_leaves_the_rest_to_the_general_path(body: bytes) -> None:
+    assert numeric_rows(body, 3, 2) is None
+    meta = metadata_for("m", random_mlp(3, (4,), 2), NAMES, ["no", "yes"])
+    try:
+        expected: Any = general(body, max_rows=2)
+    except RequestError as exc:
+        expected = exc
+    try:
+        got: Any = parse_predict_body(body, meta, nan_policy="allow", max_rows=2)
+    except RequestError as exc:
+        got = exc
+    if isinstance(expected, RequestError):
+        assert isinstance(got, RequestError) and repr(got) == repr(expected)
+    else:
+        np.testing.assert_array_equal(got, expected)
