@@ -14,12 +14,25 @@ scaling) is inside the graph, so serving passes raw features, NaN included.
 
 from __future__ import annotations
 
+import base64
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 INPUT_NAME = "input"
 PROBABILITIES = "probabilities"
@@ -152,6 +165,52 @@ class EventBatch(BaseModel):
     events: list[PredictionEvent] = Field(min_length=1)
 
 
+class PackedMatrix(BaseModel):
+    """A float matrix as the base64 of its little-endian bytes in row order: how serving sends
+    the features and probabilities of its events. Writing and reading 30 numbers per row as JSON
+    text cost serving 0.7 ms per 1024 events, about 0.7 us a row; packed, 0.05 ms. NaN stands
+    for a missing value, as null does in the list form."""
+
+    dtype: Literal["float32", "float64"]
+    shape: tuple[NonNegativeInt, NonNegativeInt]
+    """``[rows, values per row]``."""
+    data: Base64Bytes
+
+    @model_validator(mode="after")
+    def _size(self) -> PackedMatrix:
+        need = self.shape[0] * self.shape[1] * (4 if self.dtype == "float32" else 8)
+        if len(self.data) != need:
+            raise ValueError(f"data holds {len(self.data)} bytes; shape {list(self.shape)} of "
+                             f"{self.dtype} needs {need}")
+        return self
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def array(self) -> np.ndarray:
+        """The matrix (a read-only view of the decoded bytes)."""
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype="<f4" if self.dtype == "float32" else "<f8").reshape(self.shape)
+
+    def rows(self) -> list[list[float | None]]:
+        """The list form: one list per row, None for NaN."""
+        return [[None if v != v else v for v in row] for row in self.array().tolist()]
+
+    @staticmethod
+    def pack(x: np.ndarray) -> dict[str, Any]:
+        """The JSON form of a 2-D float32 or float64 array (others are sent as float64)."""
+        import numpy as np
+
+        dtype = "float32" if x.dtype == np.float32 else "float64"
+        data = np.ascontiguousarray(x, dtype="<f4" if dtype == "float32" else "<f8")
+        return {"dtype": dtype, "shape": list(data.shape), "data": base64.b64encode(data.data).decode("ascii")}
+
+
+def _rows_of(values: list[Any] | PackedMatrix | None) -> list[Any] | None:
+    return values.rows() if isinstance(values, PackedMatrix) else values
+
+
 class EventColumns(BaseModel):
     """The events of some requests to one model version, column by column: what serving sends
     (one JSON array per column costs a fraction of one object per event to write and to read).
@@ -170,9 +229,22 @@ class EventColumns(BaseModel):
     rows: list[int]
     timestamp: list[float]
     latency_s: list[float]
-    features: list[list[float | None]]
+    features: list[list[float | None]] | PackedMatrix
     prediction: list[float]
-    probabilities: list[list[float]] | None = None
+    probabilities: list[list[float]] | PackedMatrix | None = None
+
+    @field_validator("features", "probabilities", mode="before")
+    @classmethod
+    def _packed(cls, value: Any) -> Any:
+        """An object is the packed form; its problems are reported as this field's."""
+        if not isinstance(value, dict):
+            return value
+        try:
+            return PackedMatrix.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                ".".join(map(str, e["loc"])) + (": " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors(include_url=False))) from None
 
     @model_validator(mode="after")
     def _lengths(self) -> EventColumns:
@@ -202,10 +274,12 @@ class EventColumns(BaseModel):
     def events(self) -> list[PredictionEvent]:
         """One :class:`PredictionEvent` per row."""
         request = [i for i, n in enumerate(self.rows) for _ in range(n)]  # each row's request
+        features, probabilities = _rows_of(self.features), _rows_of(self.probabilities)
+        assert features is not None
         return [PredictionEvent(
             request_id=rid, timestamp=self.timestamp[i], model=self.model, version=self.version,
-            mode=self.mode, features=self.features[r], prediction=self.prediction[r],
-            probabilities=None if self.probabilities is None else self.probabilities[r],
+            mode=self.mode, features=features[r], prediction=self.prediction[r],
+            probabilities=None if probabilities is None else probabilities[r],
             latency_s=self.latency_s[i]) for r, (rid, i) in enumerate(zip(self.row_ids(), request,
                                                                           strict=True))]
 

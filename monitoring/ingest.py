@@ -27,7 +27,15 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import ColumnBatch, EventBatch, EventColumns, Feedback, ModelMetadata, Task
+from modelloop.schemas import (
+    ColumnBatch,
+    EventBatch,
+    EventColumns,
+    Feedback,
+    ModelMetadata,
+    PackedMatrix,
+    Task,
+)
 from monitoring.records import EventRow, pack
 from monitoring.store import EventStore
 
@@ -243,10 +251,15 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
     features and probabilities as float64 matrices (NaN for null)."""
     tag, n = f"{meta.name} v{meta.version}", meta.n_features
     empty = np.empty((0, n))
-    r = next((r for r, f in enumerate(g.features) if len(f) != n), None)
-    if r is not None:
-        return f"features[{r}]: expected {n} values for {tag}, got {len(g.features[r])}", empty, None
-    feats = np.array(g.features, dtype=np.float64).reshape(-1, n)
+    if isinstance(g.features, PackedMatrix):
+        if g.features.shape[1] != n:
+            return f"features.shape: expected {n} values per row for {tag}, got {g.features.shape[1]}", empty, None
+        feats = g.features.array().astype(np.float64)
+    else:
+        r = next((r for r, f in enumerate(g.features) if len(f) != n), None)
+        if r is not None:
+            return f"features[{r}]: expected {n} values for {tag}, got {len(g.features[r])}", empty, None
+        feats = np.array(g.features, dtype=np.float64).reshape(-1, n)
     if np.isinf(feats).any():
         return f"features[{_first(np.isinf(feats))}]: values must be finite numbers or null", empty, None
     pred = np.asarray(g.prediction, dtype=np.float64)
@@ -258,12 +271,18 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
         return f"prediction[{r}]: expected a class index 0..{k - 1} for {tag}, got {pred[r]:g}", empty, None
     if g.probabilities is None:
         return None, feats, None
-    width = k if k is not None else len(g.probabilities[0]) if g.probabilities else 0
-    r = next((r for r, p in enumerate(g.probabilities) if len(p) != width), None)
-    if r is not None:
-        return (f"probabilities[{r}]: expected {width} values for {tag}, "
-                f"got {len(g.probabilities[r])}"), empty, None
-    probs = np.array(g.probabilities, dtype=np.float64).reshape(-1, width)
+    if isinstance(g.probabilities, PackedMatrix):
+        if k is not None and g.probabilities.shape[1] != k:
+            return (f"probabilities.shape: expected {k} values per row for {tag}, "
+                    f"got {g.probabilities.shape[1]}"), empty, None
+        probs = g.probabilities.array().astype(np.float64)
+    else:
+        width = k if k is not None else len(g.probabilities[0]) if g.probabilities else 0
+        r = next((r for r, p in enumerate(g.probabilities) if len(p) != width), None)
+        if r is not None:
+            return (f"probabilities[{r}]: expected {width} values for {tag}, "
+                    f"got {len(g.probabilities[r])}"), empty, None
+        probs = np.array(g.probabilities, dtype=np.float64).reshape(-1, width)
     if not np.isfinite(probs).all():
         return f"probabilities[{_first(~np.isfinite(probs))}]: values must be finite numbers", empty, None
     return None, feats, probs

@@ -123,14 +123,20 @@ def _events(n: int, tag: str, n_features: int = 20) -> list[dict]:
              "probabilities": [0.4, 0.6], "latency_s": 0.002} for i in range(n)]
 
 
-def _columns(n: int, tag: str, n_features: int = 20) -> dict:
-    """The same events as serving sends them: one column group of ``n`` one-row requests."""
+def _columns(n: int, tag: str, n_features: int = 20, packed: bool = True) -> dict:
+    """The same events in columns: one column group of ``n`` one-row requests, the features and
+    probabilities packed as serving sends them, or as JSON lists of numbers."""
+    from modelloop.schemas import PackedMatrix
+
     rng = np.random.default_rng(abs(hash(tag)) % 2**32)
+    x = rng.normal(size=(n, n_features)).astype(np.float32)
+    p = np.tile(np.array([0.4, 0.6], np.float32), (n, 1))
     return {"model": "bench", "version": 1, "mode": "realtime",
             "request_ids": [f"{tag}r{i}" for i in range(n)], "first_row": [0] * n, "rows": [1] * n,
             "timestamp": [time.time()] * n, "latency_s": [0.002] * n,
-            "features": rng.normal(size=(n, n_features)).tolist(),
-            "prediction": [i % 2 for i in range(n)], "probabilities": [[0.4, 0.6]] * n}
+            "features": PackedMatrix.pack(x) if packed else x.tolist(),
+            "prediction": [i % 2 for i in range(n)],
+            "probabilities": PackedMatrix.pack(p) if packed else p.tolist()}
 
 
 def _register(home: Path) -> None:
@@ -175,7 +181,9 @@ def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
     results.put(len(bodies))
 
 
-def bench_http(total: int, batch: int, clients: int, columns: bool = False) -> tuple[str, float, float]:
+def bench_http(total: int, batch: int, clients: int, columns: str = "") -> tuple[str, float, float]:
+    """``columns``: "" one JSON object per event, "lists" columns of JSON numbers, "packed" columns
+    with packed features and probabilities (as serving sends them)."""
     import httpx
     import psutil
 
@@ -206,8 +214,8 @@ def bench_http(total: int, batch: int, clients: int, columns: bool = False) -> t
                 time.sleep(0.1)
             time.sleep(6)  # let the drift warm-up (Evidently's import) finish first
             n = total // batch
-            bodies = [orjson.dumps({"columns": [_columns(batch, f"h{b}")]} if columns
-                                   else {"events": _events(batch, f"h{b}")}) for b in range(n)]
+            bodies = [orjson.dumps({"columns": [_columns(batch, f"h{b}", packed=columns == "packed")]}
+                                   if columns else {"events": _events(batch, f"h{b}")}) for b in range(n)]
             per = [bodies[i::clients] for i in range(clients)]
             results: mp.Queue = mp.Queue()
             workers = [mp.Process(target=_client, args=(f"{url}/events", p, results)) for p in per]
@@ -225,7 +233,8 @@ def bench_http(total: int, batch: int, clients: int, columns: bool = False) -> t
         finally:
             proc.terminate()
             proc.wait(30)
-    form = "columns (as serving sends them)" if columns else "one object per event"
+    form = {"": "one object per event", "lists": "columns, numbers in JSON lists",
+            "packed": "columns, features and probabilities packed (as serving sends them)"}[columns]
     return (f"HTTP: modelloop monitor, {clients} client processes, SQLite FULL, {form}",
             total / elapsed, total / cpu)
 
@@ -233,7 +242,8 @@ def bench_http(total: int, batch: int, clients: int, columns: bool = False) -> t
 def bench_ingest(total: int, batch: int, clients: int) -> None:
     rows = bench_store(total, batch)
     rows.append(bench_http(total, batch, clients))
-    rows.append(bench_http(total, batch, clients, columns=True))
+    rows.append(bench_http(total, batch, clients, columns="lists"))
+    rows.append(bench_http(total, batch, clients, columns="packed"))
     table = Table(title=f"Ingest, {total:,} events of 20 features in batches of {batch}")
     table.add_column("path")
     table.add_column("events/s (wall)", justify="right")

@@ -7,9 +7,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from modelloop.registry import Registry
+from modelloop.schemas import PackedMatrix
 from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
@@ -121,6 +123,23 @@ def column_body(*groups: dict[str, Any]) -> bytes:
     return json.dumps({"columns": list(groups)}).encode()
 
 
+def packed(x: Any) -> dict[str, Any]:
+    """A matrix in the packed form serving sends (float32 bytes, base64)."""
+    return PackedMatrix.pack(np.asarray(x, dtype=np.float32))
+
+
+def test_packed_columns_store_what_the_list_form_stores(catalog: ModelCatalog) -> None:
+    x = np.random.default_rng(3).normal(size=(4, 20)).astype(np.float32)
+    x[1, 5] = np.nan  # a missing value: NaN packed, null in lists
+    p = np.array([[0.25, 0.75], [0.5, 0.5], [0.875, 0.125], [0.0, 1.0]], dtype=np.float32)
+    as_lists = columns(4, features=[[None if v != v else v for v in row] for row in x.tolist()],
+                       prediction=[1, 0, 0, 1], probabilities=p.tolist())
+    as_packed = {**as_lists, "features": packed(x), "probabilities": packed(p)}
+    stored = parse_events(column_body(as_packed), catalog, 5.0)
+    assert stored == parse_events(column_body(as_lists), catalog, 5.0)
+    assert len(stored) == 4 and np.isnan(np.frombuffer(stored[1].features)[5])
+
+
 def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> None:
     groups = [columns(2, request_ids=["a", "b"], first_row=[0, 7], rows=[1, 1],
                       timestamp=[1.0, 2.0], latency_s=[0.01, 0.02],
@@ -161,6 +180,18 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
         # the same request id in two groups
         (column_body(columns(), columns()), "invalid_event",
          "columns[1].request_ids: request id 'req-0' repeats in the batch"),
+        # packed features of the wrong width
+        (column_body(columns(features=packed(np.zeros((3, 19))))), "wrong_shape",
+         "columns[0].features.shape: expected 20 values per row for churn v1, got 19"),
+        # packed bytes that do not fill the shape
+        (column_body(columns(features={**packed(np.zeros((3, 20))), "shape": [4, 20]})), "invalid_event",
+         "columns[0].features: Value error, data holds 240 bytes; shape [4, 20] of float32 needs 320"),
+        # an infinite packed feature in the second row
+        (column_body(columns(features=packed(np.where(np.arange(60).reshape(3, 20) == 25, np.inf, 0.0)))),
+         "wrong_shape", "columns[0].features[1]: values must be finite numbers or null"),
+        # packed probabilities of three classes
+        (column_body(columns(probabilities=packed(np.full((3, 3), 1 / 3)))), "wrong_shape",
+         "columns[0].probabilities.shape: expected 2 values per row for churn v1, got 3"),
     ],
 )
 def test_bad_column_batches_are_rejected_whole(catalog: ModelCatalog, payload: bytes, reason: str,

@@ -1,0 +1,146 @@
+"""A small keep-alive HTTP/1.1 client that POSTs event batches to the sidecar.
+
+httpx's ``AsyncClient`` spent about 610 us of CPU per POST on this machine (its transport, h11
+and anyio layers), aiohttp 160 us; this client writes each request with one call and reads the
+answer from asyncio streams: 50 us. At 1000 one-row events per send that is 0.6 us of a worker's
+CPU per request saved, and 0.6 ms per 1024-row request, whose events take about one send each.
+
+What it reads of an answer: the status, and the body by Content-Length, chunked, or up to the
+connection's close (an HTTP/1.0 server). A kept-alive connection that the server closed while it
+was idle is reopened once, and only when not a byte of the answer had come. ``https`` URLs go
+through httpx (no TLS of our own).
+
+Example (inside a running event loop)::
+
+    client = poster("http://127.0.0.1:8001/events", timeout_s=2.0)
+    answer = await client.post(b'{"columns": [...]}')   # Answer(status=200, text='{"accepted": 3}')
+    await client.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
+
+
+class Answer(NamedTuple):
+    status: int
+    text: str
+
+
+class Poster(Protocol):
+    async def post(self, body: bytes) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+def poster(url: str, timeout_s: float) -> Poster:
+    """The client for ``url``: ours for ``http``, httpx's for ``https``."""
+    if urlsplit(url).scheme == "https":
+        return _HttpxPoster(url, timeout_s)
+    return StreamPoster(url, timeout_s)
+
+
+class StreamPoster:
+    """POSTs JSON bodies to one ``http://`` URL over one kept-alive connection."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url!r}: expected an http:// URL")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.timeout_s = timeout_s
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._head = (f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: ").encode("latin-1")
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> Answer:
+        """Send ``body``; the answer, or an exception (connection refused, timeout, a broken
+        answer), after which the next call opens a new connection."""
+        try:
+            return await asyncio.wait_for(self._exchange(body), self.timeout_s)
+        except BaseException:
+            self._close()  # the connection's state is unknown: never reuse it
+            raise
+
+    async def _exchange(self, body: bytes) -> Answer:
+        if self._writer is not None:
+            try:
+                return await self._once(body)
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+                if getattr(exc, "partial", b""):
+                    raise  # the server answered in part: sending again could store twice
+                self._close()  # closed while idle, before it read this request: reopen once
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return await self._once(body)
+
+    async def _once(self, body: bytes) -> Answer:
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        writer.writelines((self._head, str(len(body)).encode(), b"\r\n\r\n", body))
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *lines = head[:-4].split("\r\n")
+        version, status = status_line.split(" ", 2)[:2]
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if "chunked" in headers.get("transfer-encoding", ""):
+            content = await self._chunks(reader)
+        elif "content-length" in headers:
+            content = await reader.readexactly(int(headers["content-length"]))
+        else:  # the body ends with the connection
+            content = await reader.read()
+            self._close()
+        connection = headers.get("connection", "")
+        if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
+            self._close()
+        return Answer(int(status), content.decode("utf-8", "replace"))
+
+    @staticmethod
+    async def _chunks(reader: asyncio.StreamReader) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, then an empty line
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self._reader = self._writer = None
+
+    async def aclose(self) -> None:
+        writer = self._writer
+        self._close()
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _HttpxPoster:
+    """The same interface over httpx, for https sidecars."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        import httpx
+
+        self.url = url
+        self._client: Any = httpx.AsyncClient(timeout=timeout_s)
+
+    async def post(self, body: bytes) -> Answer:
+        resp = await self._client.post(self.url, content=body, headers={"content-type": "application/json"})
+        return Answer(resp.status_code, resp.text)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
