@@ -39,7 +39,6 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from modelloop import __version__
-from modelloop.schemas import monitored_features
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, score_table
 from serving.batcher import Overloaded, retry_after_header
@@ -164,15 +163,12 @@ class Routes:
         body = await read_body(request, self.max_body)
         x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
         base = self.request_id(request)
-        result = await state.batcher.predict(runtime, x)
+        # the batcher hands the rows of the whole model batch to the event emitter at once
+        result = await state.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
         runtime = result.runtime
         preds = interpret(runtime.metadata, result.outputs)
         n = len(x)
         state.count_rows(runtime.name, n)
-        if state.emitter.enabled:
-            state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
-                                 x=monitored_features(x, runtime.input_dims), preds=preds,
-                                 latency_s=time.perf_counter() - start)
         head = orjson.dumps({"model": runtime.name, "version": runtime.model_version, "request_id": base,
                              "predictions": None})
         body = head[:-5] + records_json(preds, base) + b"}"  # (head ends with null})
@@ -215,15 +211,10 @@ class Routes:
         req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
                                nan_policy=self.nan_policy, max_rows=self.max_rows)
         base = self.request_id(request, req.id)
-        result = await state.batcher.predict(runtime, req.x)
+        result = await state.batcher.predict(runtime, req.x, base if state.emitter.enabled else None, start)
         runtime = result.runtime
         n = len(req.x)
         state.count_rows(runtime.name, n)
-        if state.emitter.enabled:
-            state.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base,
-                                 x=monitored_features(req.x, runtime.input_dims),
-                                 preds=interpret(runtime.metadata, result.outputs),
-                                 latency_s=time.perf_counter() - start)
         content, headers = oip.encode_infer(runtime.metadata, runtime.model_version, base, req, result.outputs)
         media = "application/octet-stream" if headers else JSON
         return Response(content, 200, headers, media)

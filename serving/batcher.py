@@ -61,10 +61,16 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future[BatchResult]
     enqueued: float
+    event_id: str | None
+    started: float
 
 
 # Called after each ONNX Runtime call: (runtime, rows, inference seconds, queue waits).
 BatchObserver = Callable[[OnnxRuntime, int, float, list[float]], None]
+# Called after each ONNX Runtime call with requests that asked for events (an event id): (runtime,
+# the batch's inputs, its outputs, and per request its id, rows and start time), with every
+# request of the batch or only the rows of those that asked.
+BatchRecorder = Callable[[OnnxRuntime, np.ndarray, dict[str, np.ndarray], list[tuple[str, int, float]]], None]
 
 
 class AdaptiveBatcher:
@@ -79,6 +85,7 @@ class AdaptiveBatcher:
         batching: bool = True,
         inline_below_s: float = 0.0005,
         observer: BatchObserver | None = None,
+        recorder: BatchRecorder | None = None,
     ) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
@@ -86,6 +93,7 @@ class AdaptiveBatcher:
         self.batching = batching
         self.inline_below_s = inline_below_s
         self.observer = observer
+        self.recorder = recorder
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._wakeup: asyncio.Event | None = None
@@ -121,8 +129,11 @@ class AdaptiveBatcher:
             self._executor.shutdown(wait=True)
         self._task = None
 
-    async def predict(self, runtime: OnnxRuntime, x: np.ndarray) -> BatchResult:
-        """Queue ``x`` for ``runtime`` and wait for its outputs. Raises Overloaded when full."""
+    async def predict(self, runtime: OnnxRuntime, x: np.ndarray, event_id: str | None = None,
+                      started: float = 0.0) -> BatchResult:
+        """Queue ``x`` for ``runtime`` and wait for its outputs. Raises Overloaded when full.
+        With an ``event_id``, the rows go to the recorder (as one request that started at
+        ``started``, a ``perf_counter`` time) with the rest of their batch."""
         if self._wakeup is None:
             raise RuntimeError("the batcher is not started")
         rows = len(x)
@@ -130,7 +141,7 @@ class AdaptiveBatcher:
             per_row = self._recent_s_per_row or runtime.cost.per_row_s
             raise Overloaded(self._queued_rows, max(1.0, self._queued_rows * per_row))
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(runtime, x, future, time.perf_counter()))
+        self._queue.append(_Item(runtime, x, future, time.perf_counter(), event_id, started))
         self._queued_rows += rows
         self._wakeup.set()
         return await future
@@ -212,6 +223,21 @@ class AdaptiveBatcher:
                 item.future.set_result(BatchResult(part, wait, runtime))
         if self.observer is not None:
             self.observer(runtime, rows, elapsed, waits)
+        if self.recorder is not None:
+            self._record(runtime, x, outputs, items)
+
+    def _record(self, runtime: OnnxRuntime, x: np.ndarray, outputs: dict[str, np.ndarray],
+                items: list[_Item]) -> None:
+        asked = [i for i in items if i.event_id is not None]
+        if not asked:
+            return
+        if len(asked) < len(items):  # only some requests asked: their rows only
+            ends = np.cumsum([len(i.x) for i in items])
+            keep = np.concatenate([np.arange(e - len(i.x), e) for i, e in zip(items, ends, strict=True)
+                                   if i.event_id is not None])
+            x, outputs = x[keep], {k: v[keep] for k, v in outputs.items()}
+        assert self.recorder is not None
+        self.recorder(runtime, x, outputs, [(i.event_id, len(i.x), i.started) for i in asked])  # type: ignore[misc]
 
 
 def retry_after_header(seconds: float) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -48,29 +49,38 @@ DroppedHook = Callable[[str, str, int], None]
 
 
 class _Chunk(NamedTuple):
-    """The events of one request (or a slice of one), still as arrays.
+    """The events of one request, or of the requests of one model batch, still as arrays.
 
-    A tuple of strings, numbers and numeric arrays on purpose: the garbage collector stops
-    tracking such tuples, so thousands of buffered requests do not get promoted through the
-    generations and make every full collection slower (which showed as lost throughput and
-    tail latency with events on)."""
+    A tuple of strings, numbers, tuples of them and numeric arrays on purpose: the garbage
+    collector stops tracking such tuples, so thousands of buffered requests do not get promoted
+    through the generations and make every full collection slower (which showed as lost
+    throughput and tail latency with events on)."""
 
     model: str
     version: int
     mode: str
-    base_id: str
-    first_row: int
+    base_ids: tuple[str, ...]
+    first_rows: tuple[int, ...]
+    counts: tuple[int, ...]
+    """Rows of each request, in the order of the arrays' rows."""
+    latencies: tuple[float, ...]
     x: np.ndarray
     prediction: np.ndarray
     probabilities: np.ndarray | None
     start: int
     stop: int
-    latency_s: float
+    """The rows of the arrays still to send (only a one-request chunk is ever split)."""
     timestamp: float
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+    def requests(self) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+        """Base ids, first rows, row counts and latencies of the requests of the rows to send."""
+        if len(self.base_ids) == 1:
+            return self.base_ids, (self.first_rows[0] + self.start,), (self.rows,), self.latencies
+        return self.base_ids, self.first_rows, self.counts, self.latencies
 
 
 def _key(c: _Chunk) -> tuple[str, int, str, int, int]:
@@ -92,13 +102,15 @@ def _group_columns(group: list[_Chunk]) -> bytes:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     first = group[0]
+    ids, firsts, counts, latencies = zip(*map(_Chunk.requests, group), strict=True)
+    flat = itertools.chain.from_iterable
     return orjson.dumps({
         "model": first.model, "version": first.version, "mode": first.mode,
-        "request_ids": [c.base_id for c in group],
-        "first_row": [c.first_row + c.start for c in group],
-        "rows": [c.rows for c in group],
-        "timestamp": [c.timestamp for c in group],
-        "latency_s": [c.latency_s for c in group],
+        "request_ids": list(flat(ids)),
+        "first_row": list(flat(firsts)),
+        "rows": list(flat(counts)),
+        "timestamp": list(flat(itertools.repeat(c.timestamp, len(c.base_ids)) for c in group)),
+        "latency_s": list(flat(latencies)),
         "features": PackedMatrix.pack(rows(lambda c: c.x)),
         "prediction": rows(lambda c: c.prediction),
         "probabilities": None if first.probabilities is None else PackedMatrix.pack(rows(
@@ -157,16 +169,30 @@ class EventEmitter:
         """Queue the events of one request, or count them dropped when the buffer is full.
 
         Row ``i`` gets the request id ``<base_id>-<first_row + i>``."""
+        self.record_requests(model=model, version=version, base_ids=(base_id,), counts=(len(x),), x=x,
+                             preds=preds, latencies=(latency_s,), mode=mode, timestamp=timestamp,
+                             first_rows=(first_row,))
+
+    def record_requests(self, *, model: str, version: int, base_ids: tuple[str, ...],
+                        counts: tuple[int, ...], x: np.ndarray, preds: Predictions,
+                        latencies: tuple[float, ...], mode: Mode = "realtime",
+                        timestamp: float | None = None, first_rows: tuple[int, ...] | None = None) -> None:
+        """Queue the events of requests whose rows are stacked in ``x`` (``counts[i]`` rows of
+        request ``i``, in order; the requests of one model batch): one buffer entry for all of
+        them, so the per-request cost of events is a share of one append. Rows of request ``i``
+        get the ids ``<base_ids[i]>-<first_rows[i] + k>`` (``first_rows`` 0 by default)."""
         if self.url is None:
             return
         n = len(x)
+        if first_rows is None:
+            first_rows = (0,) * len(base_ids)
         with self._lock:
             if self._rows + n > self.buffer_rows:
                 full = True
             else:
                 full = False
-                self._buffer.append(_Chunk(model, version, mode, base_id, first_row, x, preds.prediction,
-                                           preds.probabilities, 0, n, latency_s,
+                self._buffer.append(_Chunk(model, version, mode, base_ids, first_rows, counts, latencies, x,
+                                           preds.prediction, preds.probabilities, 0, n,
                                            time.time() if timestamp is None else timestamp))
                 self._rows += n
         if full:
@@ -215,7 +241,8 @@ class EventEmitter:
         self._task = None
 
     def _take(self) -> list[_Chunk]:
-        """Up to batch_size rows from the front of the buffer (splitting a large request)."""
+        """About batch_size rows from the front of the buffer: a large request is split, a model
+        batch of requests is sent whole."""
         taken: list[_Chunk] = []
         room = self.batch_size
         with self._lock:
@@ -224,9 +251,11 @@ class EventEmitter:
                 return taken
             while self._buffer and room > 0:
                 chunk = self._buffer[0]
-                if chunk.rows <= room:
-                    self._buffer.popleft()
+                if chunk.rows <= room or (len(chunk.base_ids) > 1 and not taken):
+                    self._buffer.popleft()  # (a batch of requests goes whole, even a bit over)
                     taken.append(chunk)
+                elif len(chunk.base_ids) > 1:
+                    break  # it goes whole in the next send
                 else:  # a large request: send its first rows now, keep the rest at the front
                     taken.append(chunk._replace(stop=chunk.start + room))
                     self._buffer[0] = chunk._replace(start=chunk.start + room)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,13 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry
 
 from modelloop.registry import Registry
+from modelloop.schemas import monitored_features
 from serving.batcher import AdaptiveBatcher
 from serving.events import EventEmitter
 from serving.jobs import JobStore
 from serving.metrics import MetricBuffer, ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
-from serving.predictions import from_columns
+from serving.predictions import from_columns, interpret
 from serving.runtime import OnnxRuntime
 from serving.settings import ServingSettings
 
@@ -42,11 +44,6 @@ class ServingState:
         self.settings = settings
         self.metrics = ServingMetrics(registry)
         self.manager = ModelManager(Registry(settings.registry_dir), settings, self.metrics, factory)
-        self.batcher = AdaptiveBatcher(
-            max_batch_rows=settings.max_batch_rows, max_wait_s=settings.max_batch_wait_s,
-            max_queue_rows=settings.max_queue_rows, batching=settings.batching,
-            inline_below_s=settings.inline_below_s, observer=self._observe_batch,
-        )
         self.emitter = EventEmitter(
             str(settings.sidecar_url) if settings.sidecar_url else None,
             buffer_rows=settings.event_buffer_rows, batch_size=settings.event_batch_size,
@@ -55,6 +52,12 @@ class ServingState:
             on_sent=lambda model, n: self.metrics.events_sent.labels(model=model).inc(n),
             on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(
                 model=model, reason=reason).inc(n),
+        )
+        self.batcher = AdaptiveBatcher(
+            max_batch_rows=settings.max_batch_rows, max_wait_s=settings.max_batch_wait_s,
+            max_queue_rows=settings.max_queue_rows, batching=settings.batching,
+            inline_below_s=settings.inline_below_s, observer=self._observe_batch,
+            recorder=self._record_batch if self.emitter.enabled else None,
         )
         self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
                              nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes,
@@ -118,6 +121,17 @@ class ServingState:
         wait_hist = self.child(self.metrics.queue_wait, name)
         for w in waits:
             buffer.observe(wait_hist, w)
+
+    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, outputs: dict[str, np.ndarray],
+                      requests: list[tuple[str, int, float]]) -> None:
+        """The events of a model batch's requests, as one buffer entry (real-time mode); each
+        request's latency runs from its start to the end of the batch."""
+        ids, counts, started = zip(*requests, strict=True)
+        now = time.perf_counter()
+        self.emitter.record_requests(model=runtime.name, version=runtime.model_version, base_ids=ids,
+                                     counts=counts, x=monitored_features(x, runtime.input_dims),
+                                     preds=interpret(runtime.metadata, outputs),
+                                     latencies=tuple(now - s for s in started))
 
     def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:
         self.buffer.inc(self.child(self.metrics.requests, model, route, str(code)))

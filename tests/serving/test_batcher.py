@@ -178,3 +178,29 @@ def test_waiting_for_a_fuller_batch_stops_when_requests_stop_coming(runtimes: tu
 
     run(main)
     assert calls.rows == [3]
+
+
+def test_the_recorder_gets_each_batch_with_the_rows_of_the_requests_that_asked(
+        runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    rt = runtimes[0]
+    recorded: list[tuple[np.ndarray, np.ndarray, list[tuple[str, int, float]]]] = []
+    calls = Calls()
+    inputs = [rows(1 + i % 3, seed=i) for i in range(30)]
+    asks = [None if i % 4 == 3 else f"req{i}" for i in range(30)]  # every fourth asks for no events
+
+    async def main() -> None:
+        b = AdaptiveBatcher(max_batch_rows=64, observer=calls,
+                            recorder=lambda runtime, x, out, reqs: recorded.append((x, out["probabilities"], reqs)))
+        await b.start()
+        await asyncio.gather(*(b.predict(rt, x, rid, started=float(i))
+                               for i, (x, rid) in enumerate(zip(inputs, asks, strict=True))))
+        await b.stop()
+
+    run(main)
+    assert len(recorded) == len(calls.rows) < len(inputs)  # one call per merged batch
+    got = {rid: (n, started) for _, _, reqs in recorded for rid, n, started in reqs}
+    assert got == {rid: (len(x), float(i)) for i, (x, rid) in enumerate(zip(inputs, asks, strict=True)) if rid}
+    for x, proba, reqs in recorded:  # the rows are those of the requests, in their order
+        want = np.concatenate([inputs[int(rid[3:])] for rid, _, _ in reqs])
+        np.testing.assert_array_equal(x, want)
+        np.testing.assert_allclose(proba, rt.predict(want)["probabilities"], rtol=1e-6)

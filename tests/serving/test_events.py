@@ -116,6 +116,31 @@ def test_events_follow_the_contract_in_batches(sink: Sink) -> None:
     assert sum(sent) == 7
 
 
+def test_a_model_batch_of_requests_is_one_entry_sent_whole(sink: Sink) -> None:
+    """record_requests (what the batcher calls): the rows of several requests in one entry; each
+    row gets its request's id and latency; the entry is never split, even past batch_size."""
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=4, flush_interval_s=0.05)
+        await em.start()
+        record(em, "first", 2)
+        x = np.arange(12, dtype=np.float32).reshape(6, 2)
+        proba = np.tile(np.array([[0.75, 0.25]], np.float32), (6, 1))
+        em.record_requests(model="m", version=3, base_ids=("a", "b", "c"), counts=(1, 3, 2), x=x,
+                           preds=interpret(META, {"probabilities": proba}), latencies=(0.5, 0.25, 0.125),
+                           timestamp=1700000001.0)
+        await until(lambda: len(sink.events) == 8, "8 events")
+        await em.stop()
+
+    run(main)
+    assert [len(events_of(b)) for b in sink.bodies] == [2, 6]  # 6 rows sent whole past the 4 of a batch
+    later = sink.events[2:]
+    assert [e["request_id"] for e in later] == ["a-0", "b-0", "b-1", "b-2", "c-0", "c-1"]
+    assert [e["latency_s"] for e in later] == [0.5, 0.25, 0.25, 0.25, 0.125, 0.125]
+    assert [e["features"] for e in later] == np.arange(12, dtype=np.float32).reshape(6, 2).tolist()
+    assert {e["timestamp"] for e in later} == {1700000001.0} and {e["prediction"] for e in later} == {0}
+
+
 def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
     async def main() -> None:
         em = EventEmitter(sink.url, batch_size=300, flush_interval_s=0.05)
