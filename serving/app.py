@@ -42,7 +42,7 @@ from modelloop import __version__
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, score_table
 from serving.batcher import Overloaded, retry_after_header
-from serving.predictions import interpret, records_json
+from serving.predictions import records_json
 from serving.state import ServingState
 from serving.validation import RequestError, parse_predict_body
 
@@ -166,7 +166,7 @@ class Routes:
         # the batcher hands the rows of the whole model batch to the event emitter at once
         result = await state.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
         runtime = result.runtime
-        preds = interpret(runtime.metadata, result.outputs)
+        preds = result.predictions
         n = len(x)
         state.count_rows(runtime.name, n)
         head = orjson.dumps({"model": runtime.name, "version": runtime.model_version, "request_id": base,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.predictions import Predictions, interpret
 from serving.runtime import OnnxRuntime
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Overloaded(Exception):
 @dataclass(slots=True)
 class BatchResult:
     outputs: dict[str, np.ndarray]
+    predictions: Predictions
+    """The outputs read as predictions (:func:`~serving.predictions.interpret`, once per batch)."""
     queue_wait_s: float
     runtime: OnnxRuntime
 
@@ -68,9 +71,9 @@ class _Item:
 # Called after each ONNX Runtime call: (runtime, rows, inference seconds, queue waits).
 BatchObserver = Callable[[OnnxRuntime, int, float, list[float]], None]
 # Called after each ONNX Runtime call with requests that asked for events (an event id): (runtime,
-# the batch's inputs, its outputs, and per request its id, rows and start time), with every
+# the batch's inputs, its predictions, and per request its id, rows and start time), with every
 # request of the batch or only the rows of those that asked.
-BatchRecorder = Callable[[OnnxRuntime, np.ndarray, dict[str, np.ndarray], list[tuple[str, int, float]]], None]
+BatchRecorder = Callable[[OnnxRuntime, np.ndarray, Predictions, list[tuple[str, int, float]]], None]
 
 
 class AdaptiveBatcher:
@@ -214,30 +217,35 @@ class AdaptiveBatcher:
         elapsed = time.perf_counter() - start
         self._recent_s_per_row = elapsed / rows
         waits = [start - i.enqueued for i in items]
-        offset = 0
-        for item, wait in zip(items, waits, strict=True):
-            n = len(item.x)
-            part = outputs if len(items) == 1 else {k: v[offset:offset + n] for k, v in outputs.items()}
-            offset += n
+        preds = interpret(runtime.metadata, outputs)  # once per batch, each request gets its rows
+        if len(items) == 1:
+            item = items[0]
             if not item.future.done():  # done: the client went away
-                item.future.set_result(BatchResult(part, wait, runtime))
+                item.future.set_result(BatchResult(outputs, preds, waits[0], runtime))
+        else:
+            offset = 0
+            for item, wait in zip(items, waits, strict=True):
+                part = slice(offset, offset + len(item.x))
+                offset = part.stop
+                if not item.future.done():
+                    item.future.set_result(BatchResult({k: v[part] for k, v in outputs.items()},
+                                                       preds.rows(part), wait, runtime))
         if self.observer is not None:
             self.observer(runtime, rows, elapsed, waits)
         if self.recorder is not None:
-            self._record(runtime, x, outputs, items)
+            self._record(runtime, x, preds, items)
 
-    def _record(self, runtime: OnnxRuntime, x: np.ndarray, outputs: dict[str, np.ndarray],
-                items: list[_Item]) -> None:
-        asked = [i for i in items if i.event_id is not None]
+    def _record(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions, items: list[_Item]) -> None:
+        asked = [(i.event_id, len(i.x), i.started) for i in items if i.event_id is not None]
         if not asked:
             return
         if len(asked) < len(items):  # only some requests asked: their rows only
             ends = np.cumsum([len(i.x) for i in items])
             keep = np.concatenate([np.arange(e - len(i.x), e) for i, e in zip(items, ends, strict=True)
                                    if i.event_id is not None])
-            x, outputs = x[keep], {k: v[keep] for k, v in outputs.items()}
+            x, preds = x[keep], preds.rows(keep)
         assert self.recorder is not None
-        self.recorder(runtime, x, outputs, [(i.event_id, len(i.x), i.started) for i in asked])  # type: ignore[misc]
+        self.recorder(runtime, x, preds, asked)  # type: ignore[arg-type]
 
 
 def retry_after_header(seconds: float) -> str:

@@ -37,6 +37,12 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.prediction)
 
+    def rows(self, index: slice | np.ndarray) -> Predictions:
+        """The predictions of some rows (a slice: views, no copy)."""
+        return Predictions(self.prediction[index], None if self.labels is None else self.labels[index],
+                           None if self.probabilities is None else self.probabilities[index],
+                           self.class_labels)
+
 
 def class_labels_of(meta: ModelMetadata) -> list[str]:
     """The class labels of a classifier; class indices as strings when the metadata has none."""

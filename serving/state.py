@@ -28,7 +28,7 @@ from serving.events import EventEmitter
 from serving.jobs import JobStore
 from serving.metrics import MetricBuffer, ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
-from serving.predictions import from_columns, interpret
+from serving.predictions import Predictions, from_columns
 from serving.runtime import OnnxRuntime
 from serving.settings import ServingSettings
 
@@ -122,7 +122,7 @@ class ServingState:
         for w in waits:
             buffer.observe(wait_hist, w)
 
-    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, outputs: dict[str, np.ndarray],
+    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions,
                       requests: list[tuple[str, int, float]]) -> None:
         """The events of a model batch's requests, as one buffer entry (real-time mode); each
         request's latency runs from its start to the end of the batch."""
@@ -130,7 +130,7 @@ class ServingState:
         now = time.perf_counter()
         self.emitter.record_requests(model=runtime.name, version=runtime.model_version, base_ids=ids,
                                      counts=counts, x=monitored_features(x, runtime.input_dims),
-                                     preds=interpret(runtime.metadata, outputs),
+                                     preds=preds,
                                      latencies=tuple(now - s for s in started))
 
     def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:

@@ -190,7 +190,7 @@ def test_the_recorder_gets_each_batch_with_the_rows_of_the_requests_that_asked(
 
     async def main() -> None:
         b = AdaptiveBatcher(max_batch_rows=64, observer=calls,
-                            recorder=lambda runtime, x, out, reqs: recorded.append((x, out["probabilities"], reqs)))
+                            recorder=lambda runtime, x, preds, reqs: recorded.append((x, preds.probabilities, reqs)))
         await b.start()
         await asyncio.gather(*(b.predict(rt, x, rid, started=float(i))
                                for i, (x, rid) in enumerate(zip(inputs, asks, strict=True))))
