@@ -141,6 +141,14 @@ def only_numbers(body: bytes | None) -> bool:
 _SIMDJSON_ERRORS = (ValueError, TypeError, RuntimeError, KeyError)
 
 
+def _brackets(body: bytes) -> int:
+    """Opening brackets in ``body``: ``bytes.count`` for a small body (0.2 us for a row), numpy
+    for a large one (a fifth of ``bytes.count``'s 170 us for 1024 rows)."""
+    if len(body) < 8192:
+        return body.count(b"[")
+    return int(np.count_nonzero(np.frombuffer(body, np.uint8) == ord("[")))
+
+
 def numeric_rows(body: bytes, n_features: int, max_rows: int) -> np.ndarray | None:
     """The float32 ``[n, n_features]`` matrix of a body that is exactly ``{"instances": [[n_features
     numbers], ...]}`` with every value finite in float32, read straight into a buffer by
@@ -151,8 +159,7 @@ def numeric_rows(body: bytes, n_features: int, max_rows: int) -> np.ndarray | No
     The shape is checked, not assumed: the body holds no strings or booleans
     (:func:`only_numbers`), its one key is ``instances``, each of its ``n`` rows is an array of
     ``n_features`` values, and the body has ``n + 1`` opening brackets, so no row nests another
-    array (which the flattening copy would not notice; counted by numpy, a fifth of the time of
-    ``bytes.count``)."""
+    array (which the flattening copy would not notice)."""
     if not only_numbers(body):
         return None
     try:
@@ -163,14 +170,14 @@ def numeric_rows(body: bytes, n_features: int, max_rows: int) -> np.ndarray | No
         if not isinstance(rows, simdjson.Array):
             return None
         n = len(rows)
-        if not 0 < n <= max_rows or np.count_nonzero(np.frombuffer(body, np.uint8) == 91) != n + 1:  # "["
+        if not 0 < n <= max_rows or _brackets(body) != n + 1:
             return None
         if any(type(row) is not simdjson.Array or len(row) != n_features for row in rows):
             return None
         flat = np.frombuffer(rows.as_buffer(of_type="d"), dtype=np.float64)  # null raises here
     except _SIMDJSON_ERRORS:  # broken JSON, null, 1e999, integers beyond 64 bits
         return None
-    if flat.size != n * n_features or (np.abs(flat) > F32_MAX).any():
+    if flat.size != n * n_features or np.abs(flat).max() > F32_MAX:
         return None
     return flat.astype(np.float32).reshape(n, n_features)
 

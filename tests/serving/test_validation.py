@@ -130,3 +130,10 @@ def test_simdjson_reader_leaves_the_rest_to_the_general_path(body: bytes) -> Non
         assert isinstance(got, RequestError) and repr(got) == repr(expected)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+def test_simdjson_reader_finds_nested_rows_in_a_large_body() -> None:
+    nested = json.dumps({"instances": [[[1], [2], [3]]] * 400}).encode()  # counted by numpy
+    flat = json.dumps({"instances": [[1, 2, 3]] * 400}).encode()
+    assert len(nested) > 8192 and numeric_rows(nested, 3, 1000) is None
+    assert numeric_rows(flat, 3, 1000) is not None
