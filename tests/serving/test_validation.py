@@ -133,7 +133,7 @@ def test_simdjson_reader_leaves_the_rest_to_the_general_path(body: bytes) -> Non
 
 
 def test_simdjson_reader_finds_nested_rows_in_a_large_body() -> None:
-    nested = json.dumps({"instances": [[[1], [2], [3]]] * 400}).encode()  # counted by numpy
-    flat = json.dumps({"instances": [[1, 2, 3]] * 400}).encode()
+    nested = json.dumps({"instances": [[[1], [2], [3]]] * 600}).encode()  # counted by numpy
+    flat = json.dumps({"instances": [[1, 2, 3]] * 600}).encode()
     assert len(nested) > 8192 and numeric_rows(nested, 3, 1000) is None
     assert numeric_rows(flat, 3, 1000) is not None
