@@ -236,16 +236,23 @@ class AdaptiveBatcher:
             self._record(runtime, x, preds, items)
 
     def _record(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions, items: list[_Item]) -> None:
-        asked = [(i.event_id, len(i.x), i.started) for i in items if i.event_id is not None]
+        """Hand the rows of the requests that asked for events to the recorder; a request whose
+        caller went away (its future cancelled) got no answer, so it gets no events either.
+        A failure here is logged and never reaches the requests."""
+        wanted = [i.event_id is not None and not i.future.cancelled() for i in items]
+        asked = [(i.event_id, len(i.x), i.started) for i, w in zip(items, wanted, strict=True) if w]
         if not asked:
             return
-        if len(asked) < len(items):  # only some requests asked: their rows only
-            ends = np.cumsum([len(i.x) for i in items])
-            keep = np.concatenate([np.arange(e - len(i.x), e) for i, e in zip(items, ends, strict=True)
-                                   if i.event_id is not None])
-            x, preds = x[keep], preds.rows(keep)
-        assert self.recorder is not None
-        self.recorder(runtime, x, preds, asked)  # type: ignore[arg-type]
+        try:
+            if len(asked) < len(items):  # only some requests: their rows only
+                ends = np.cumsum([len(i.x) for i in items])
+                keep = np.concatenate([np.arange(e - len(i.x), e)
+                                       for i, e, w in zip(items, ends, wanted, strict=True) if w])
+                x, preds = x[keep], preds.rows(keep)
+            assert self.recorder is not None
+            self.recorder(runtime, x, preds, asked)  # type: ignore[arg-type]
+        except Exception:
+            logger.exception("recording the events of %d requests failed", len(asked))
 
 
 def retry_after_header(seconds: float) -> str:

@@ -177,7 +177,7 @@ def numeric_rows(body: bytes, n_features: int, max_rows: int) -> np.ndarray | No
         flat = np.frombuffer(rows.as_buffer(of_type="d"), dtype=np.float64)  # null raises here
     except _SIMDJSON_ERRORS:  # broken JSON, null, 1e999, integers beyond 64 bits
         return None
-    if flat.size != n * n_features or np.abs(flat).max() > F32_MAX:
+    if flat.size != n * n_features or not flat.size or np.abs(flat).max() > F32_MAX:
         return None
     return flat.astype(np.float32).reshape(n, n_features)
 

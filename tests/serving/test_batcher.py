@@ -204,3 +204,42 @@ def test_the_recorder_gets_each_batch_with_the_rows_of_the_requests_that_asked(
         want = np.concatenate([inputs[int(rid[3:])] for rid, _, _ in reqs])
         np.testing.assert_array_equal(x, want)
         np.testing.assert_allclose(proba, rt.predict(want)["probabilities"], rtol=1e-6)
+
+
+def test_a_request_whose_caller_went_away_gets_no_events(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    rt = runtimes[0]
+    recorded: list[list[tuple[str, int, float]]] = []
+    kept_rows: list[np.ndarray] = []
+
+    def recorder(runtime: OnnxRuntime, x: np.ndarray, preds: Any, reqs: list[tuple[str, int, float]]) -> None:
+        recorded.append(reqs)
+        kept_rows.append(x)
+
+    async def main() -> None:
+        # a wait long enough for the first request to be cancelled while it is queued
+        b = AdaptiveBatcher(max_batch_rows=64, max_wait_s=0.05, recorder=recorder)
+        await b.start()
+        gone = asyncio.create_task(b.predict(rt, np.zeros((2, 4), np.float32), "gone", 1.0))
+        kept = asyncio.create_task(b.predict(rt, np.ones((1, 4), np.float32), "kept", 2.0))
+        await asyncio.sleep(0.001)
+        gone.cancel()
+        await kept
+        await b.stop()
+
+    run(main)
+    assert recorded == [[("kept", 1, 2.0)]]
+    np.testing.assert_array_equal(kept_rows[0], np.ones((1, 4), np.float32))
+
+
+def test_a_failing_recorder_never_fails_the_requests(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    def recorder(*args: Any) -> None:
+        raise RuntimeError("the emitter is broken")
+
+    async def main() -> list[Any]:
+        b = AdaptiveBatcher(recorder=recorder)
+        await b.start()
+        results = await asyncio.gather(*(b.predict(runtimes[0], rows(1, i), f"r{i}") for i in range(5)))
+        await b.stop()
+        return results
+
+    assert [r.outputs["probabilities"].shape for r in run(main)] == [(1, 2)] * 5
