@@ -15,17 +15,17 @@ scaling) is inside the graph, so serving passes raw features, NaN included.
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
-    Base64Bytes,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -165,6 +165,15 @@ class EventBatch(BaseModel):
     events: list[PredictionEvent] = Field(min_length=1)
 
 
+def _base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not base64: {exc}") from None
+
+
 class PackedMatrix(BaseModel):
     """A float matrix as the base64 of its little-endian bytes in row order: how serving sends
     the features and probabilities of its events. Writing and reading 30 numbers per row as JSON
@@ -172,9 +181,10 @@ class PackedMatrix(BaseModel):
     for a missing value, as null does in the list form."""
 
     dtype: Literal["float32", "float64"]
-    shape: tuple[NonNegativeInt, NonNegativeInt]
+    shape: tuple[Annotated[int, Field(ge=0, strict=True)], Annotated[int, Field(ge=0, strict=True)]]
     """``[rows, values per row]``."""
-    data: Base64Bytes
+    data: Annotated[bytes, BeforeValidator(_base64)]
+    """Standard base64 with padding; any other character is refused."""
 
     @model_validator(mode="after")
     def _size(self) -> PackedMatrix:

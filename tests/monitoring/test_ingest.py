@@ -186,6 +186,9 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
         # packed bytes that do not fill the shape
         (column_body(columns(features={**packed(np.zeros((3, 20))), "shape": [4, 20]})), "invalid_event",
          "columns[0].features: Value error, data holds 240 bytes; shape [4, 20] of float32 needs 320"),
+        # packed bytes with a character base64 does not have
+        (column_body(columns(features={**packed(np.zeros((3, 20))), "data": "AAA!" * 80})), "invalid_event",
+         "columns[0].features: Value error, data: not base64: Only base64 data is allowed"),
         # an infinite packed feature in the second row
         (column_body(columns(features=packed(np.where(np.arange(60).reshape(3, 20) == 25, np.inf, 0.0)))),
          "wrong_shape", "columns[0].features[1]: values must be finite numbers or null"),

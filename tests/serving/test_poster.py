@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving.poster import Answer, StreamPoster, poster
+from serving.poster import Answer, BrokenAnswer, StreamPoster, poster
 
 Reply = Callable[[asyncio.StreamWriter, int], Awaitable[bool]]  # (writer, request no.) -> keep open?
 
@@ -29,6 +29,19 @@ async def chunked(writer: asyncio.StreamWriter, i: int) -> bool:
 async def http10(writer: asyncio.StreamWriter, i: int) -> bool:
     writer.write(b"HTTP/1.0 422 Unprocessable Entity\r\n\r\nno such model")
     return False  # the body ends with the connection
+
+
+async def interim_then_empty(writer: asyncio.StreamWriter, i: int) -> bool:
+    writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                 b"HTTP/1.1 204 No Content\r\n\r\n")
+    return True
+
+
+async def cut_after_head(writer: asyncio.StreamWriter, i: int) -> bool:
+    if i == 1:
+        return await length(writer, i)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n{\"acc")
+    return False  # the body stops early: the request may have been stored
 
 
 async def close_after(writer: asyncio.StreamWriter, i: int) -> bool:
@@ -98,6 +111,32 @@ def test_a_chunked_answer_is_read_whole() -> None:
 def test_an_http10_answer_ends_with_the_connection() -> None:
     answers, server = run(http10, [b"{}", b"{}"])
     assert answers == [Answer(422, "no such model")] * 2 and server.connections == 2
+
+
+def test_interim_answers_are_skipped_and_a_204_has_no_body() -> None:
+    answers, server = run(interim_then_empty, [b"{}", b"{}"])
+    assert answers == [Answer(204, "")] * 2 and server.connections == 1
+
+
+def test_an_answer_cut_after_its_head_is_an_error_and_not_sent_again() -> None:
+    server = Server(cut_after_head)
+
+    async def main() -> None:
+        async with server as url:
+            client = poster(url, timeout_s=5)
+            assert await client.post(b"{}") == Answer(200, '{"accepted": 1}')
+            with pytest.raises(BrokenAnswer, match=r"the answer \(200\) ended early"):
+                await client.post(b"{}")
+            await client.aclose()
+
+    asyncio.run(main())
+    assert len(server.requests) == 2  # the second request was not re-sent on a new connection
+
+
+def test_the_host_header_holds_no_credentials() -> None:
+    client = StreamPoster("http://user:secret@sidecar.local:8001/events", 1.0)
+    assert client._head.startswith(b"POST /events HTTP/1.1\r\nHost: sidecar.local:8001\r\n")
+    assert b"secret" not in client._head
 
 
 def test_a_connection_the_server_closed_is_reopened() -> None:
