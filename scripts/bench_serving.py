@@ -3,6 +3,7 @@
 `modelloop serve`, all in one run on this machine, with wrk as the load generator.
 
     .venv/bin/python scripts/bench_serving.py [--seconds 6] [--rows 1000000] [--out bench_out/serving.md]
+        [--only one-row,big,heavy,batch]
 
 Prints one markdown table (and writes it to --out). Compare ratios within one run: the machine
 is shared, the load average is printed with the results. Needs `wrk` (scripts/ci_services.sh).
