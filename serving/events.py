@@ -1,12 +1,15 @@
 """Prediction events to the monitoring sidecar, off the request path.
 
-The request path calls :meth:`EventEmitter.record` once per request: it appends a reference to the
-request's arrays to a bounded buffer (O(1), no serialisation) or, when the buffer is full, counts
-the rows as dropped. A background task on the worker's event loop writes the buffer as
-:class:`~modelloop.schemas.EventColumns` (one :class:`~modelloop.schemas.PredictionEvent` per row,
-column by column) and POSTs them in batches to ``{sidecar_url}/events`` as a
-:class:`~modelloop.schemas.ColumnBatch`, retrying failed sends with exponential backoff and
-counting what it finally gives up on. Serving never waits for the sidecar.
+The batcher calls :meth:`EventEmitter.record_requests` once per model batch (batch routes call
+:meth:`EventEmitter.record` per chunk): it appends a reference to the batch's arrays, with the
+requests' ids, row counts and latencies, to a bounded buffer (O(1), no serialisation) or, when the
+buffer is full, counts the rows as dropped. A background task on the worker's event loop writes
+the buffer as :class:`~modelloop.schemas.EventColumns` (one
+:class:`~modelloop.schemas.PredictionEvent` per row, column by column, features and probabilities
+packed) and POSTs them in batches to ``{sidecar_url}/events`` as a
+:class:`~modelloop.schemas.ColumnBatch` (:mod:`serving.poster`), retrying failed sends with
+exponential backoff and counting what it finally gives up on. Serving never waits for the
+sidecar.
 
 Why a task and not a thread: the body is built in slices of a few hundred rows between which
 the task yields to the loop, and the HTTP send is non-blocking. A thread would compete with the
@@ -272,7 +275,7 @@ class EventEmitter:
         group_key: tuple[str, int, str, int, int] | None = None
         size = 0
         for c in chunks:
-            key = _key(c)  # once per chunk: this loop runs once per buffered request
+            key = _key(c)  # once per chunk: this loop runs once per buffer entry
             if group and (size >= _SLICE or key != group_key):
                 groups.append(_group_columns(group))
                 group, size = [], 0
