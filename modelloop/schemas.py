@@ -176,9 +176,9 @@ def _base64(value: Any) -> bytes:
 
 class PackedMatrix(BaseModel):
     """A float matrix as the base64 of its little-endian bytes in row order: how serving sends
-    the features and probabilities of its events. Writing and reading 30 numbers per row as JSON
-    text cost serving 0.7 ms per 1024 events, about 0.7 us a row; packed, 0.05 ms. NaN stands
-    for a missing value, as null does in the list form."""
+    the features and probabilities of its events. The body of 1024 events of 30 features took
+    serving 0.74 ms to write with the numbers as JSON text, 0.12 ms packed. NaN stands for a
+    missing value, as null does in the list form."""
 
     dtype: Literal["float32", "float64"]
     shape: tuple[Annotated[int, Field(ge=0, strict=True)], Annotated[int, Field(ge=0, strict=True)]]

@@ -246,20 +246,33 @@ def _first(mask: np.ndarray) -> int:
     return int(np.argwhere(mask)[0][0])
 
 
+_EMPTY = np.empty((0, 0))
+
+
+def _column_matrix(values: list[list[float | None]] | list[list[float]] | PackedMatrix, width: int | None,
+                   field: str, tag: str) -> tuple[str | None, np.ndarray]:
+    """A column of per-row values (JSON lists, or packed) as a float64 matrix of ``width``
+    values per row (None: the width of its first row), or what does not fit."""
+    if isinstance(values, PackedMatrix):
+        if width is not None and values.shape[1] != width:
+            return f"{field}.shape: expected {width} values per row for {tag}, got {values.shape[1]}", _EMPTY
+        return None, values.array().astype(np.float64)
+    if width is None:
+        width = len(values[0]) if values else 0
+    r = next((r for r, v in enumerate(values) if len(v) != width), None)
+    if r is not None:
+        return f"{field}[{r}]: expected {width} values for {tag}, got {len(values[r])}", _EMPTY
+    return None, np.array(values, dtype=np.float64).reshape(-1, width)
+
+
 def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
     """What does not fit the model version in a column group (whole-matrix checks), and the
     features and probabilities as float64 matrices (NaN for null)."""
     tag, n = f"{meta.name} v{meta.version}", meta.n_features
     empty = np.empty((0, n))
-    if isinstance(g.features, PackedMatrix):
-        if g.features.shape[1] != n:
-            return f"features.shape: expected {n} values per row for {tag}, got {g.features.shape[1]}", empty, None
-        feats = g.features.array().astype(np.float64)
-    else:
-        r = next((r for r, f in enumerate(g.features) if len(f) != n), None)
-        if r is not None:
-            return f"features[{r}]: expected {n} values for {tag}, got {len(g.features[r])}", empty, None
-        feats = np.array(g.features, dtype=np.float64).reshape(-1, n)
+    problem, feats = _column_matrix(g.features, n, "features", tag)
+    if problem:
+        return problem, empty, None
     if np.isinf(feats).any():
         return f"features[{_first(np.isinf(feats))}]: values must be finite numbers or null", empty, None
     pred = np.asarray(g.prediction, dtype=np.float64)
@@ -271,18 +284,9 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
         return f"prediction[{r}]: expected a class index 0..{k - 1} for {tag}, got {pred[r]:g}", empty, None
     if g.probabilities is None:
         return None, feats, None
-    if isinstance(g.probabilities, PackedMatrix):
-        if k is not None and g.probabilities.shape[1] != k:
-            return (f"probabilities.shape: expected {k} values per row for {tag}, "
-                    f"got {g.probabilities.shape[1]}"), empty, None
-        probs = g.probabilities.array().astype(np.float64)
-    else:
-        width = k if k is not None else len(g.probabilities[0]) if g.probabilities else 0
-        r = next((r for r, p in enumerate(g.probabilities) if len(p) != width), None)
-        if r is not None:
-            return (f"probabilities[{r}]: expected {width} values for {tag}, "
-                    f"got {len(g.probabilities[r])}"), empty, None
-        probs = np.array(g.probabilities, dtype=np.float64).reshape(-1, width)
+    problem, probs = _column_matrix(g.probabilities, k, "probabilities", tag)
+    if problem:
+        return problem, empty, None
     if not np.isfinite(probs).all():
         return f"probabilities[{_first(~np.isfinite(probs))}]: values must be finite numbers", empty, None
     return None, feats, probs
