@@ -71,9 +71,9 @@ class _Item:
 # Called after each ONNX Runtime call: (runtime, rows, inference seconds, queue waits).
 BatchObserver = Callable[[OnnxRuntime, int, float, list[float]], None]
 # Called after each ONNX Runtime call with requests that asked for events (an event id): (runtime,
-# the batch's inputs, its predictions, and per request its id, rows and start time), with every
-# request of the batch or only the rows of those that asked.
-BatchRecorder = Callable[[OnnxRuntime, np.ndarray, Predictions, list[tuple[str, int, float]]], None]
+# the batch's inputs, its predictions, and per request, in order, the ids, row counts and start
+# times), with every request of the batch or only the rows of those that asked.
+BatchRecorder = Callable[[OnnxRuntime, np.ndarray, Predictions, list[str], list[int], list[float]], None]
 
 
 class AdaptiveBatcher:
@@ -239,18 +239,19 @@ class AdaptiveBatcher:
         """Hand the rows of the requests that asked for events to the recorder; a request whose
         caller went away (its future cancelled) got no answer, so it gets no events either.
         A failure here is logged and never reaches the requests."""
-        wanted = [i.event_id is not None and not i.future.cancelled() for i in items]
-        asked = [(i.event_id, len(i.x), i.started) for i, w in zip(items, wanted, strict=True) if w]
+        asked = [i for i in items if i.event_id is not None and not i.future.cancelled()]
         if not asked:
             return
         try:
             if len(asked) < len(items):  # only some requests: their rows only
+                wanted = set(map(id, asked))
                 ends = np.cumsum([len(i.x) for i in items])
                 keep = np.concatenate([np.arange(e - len(i.x), e)
-                                       for i, e, w in zip(items, ends, wanted, strict=True) if w])
+                                       for i, e in zip(items, ends, strict=True) if id(i) in wanted])
                 x, preds = x[keep], preds.rows(keep)
             assert self.recorder is not None
-            self.recorder(runtime, x, preds, asked)  # type: ignore[arg-type]
+            self.recorder(runtime, x, preds, [i.event_id for i in asked],  # type: ignore[misc]
+                          [len(i.x) for i in asked], [i.started for i in asked])
         except Exception:
             logger.exception("recording the events of %d requests failed", len(asked))
 

@@ -1,10 +1,11 @@
 """Prediction events to the monitoring sidecar, off the request path.
 
 The batcher calls :meth:`EventEmitter.record_requests` once per model batch (batch routes call
-:meth:`EventEmitter.record` per chunk): it appends a reference to the batch's arrays, with the
-requests' ids, row counts and latencies, to a bounded buffer (O(1), no serialisation) or, when the
-buffer is full, counts the rows as dropped. A background task on the worker's event loop writes
-the buffer as :class:`~modelloop.schemas.EventColumns` (one
+:meth:`EventEmitter.record` per chunk): it extends the open segment of a bounded buffer, the
+requests' ids, row counts and latencies as per-column lists and the batch's arrays by reference
+(a few C calls, no serialisation), or, when the buffer is full, counts the rows as dropped. A
+background task on the worker's event loop writes each segment as one
+:class:`~modelloop.schemas.EventColumns` (one
 :class:`~modelloop.schemas.PredictionEvent` per row, column by column, features and probabilities
 packed) and POSTs them in batches to ``{sidecar_url}/events`` as a
 :class:`~modelloop.schemas.ColumnBatch` (:mod:`serving.poster`), retrying failed sends with
@@ -28,13 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import orjson
@@ -45,80 +44,65 @@ from serving.predictions import Predictions
 
 logger = logging.getLogger(__name__)
 
-_SLICE = 256  # events built between two yields to the event loop
+_SLICE = 256  # rows of a column group at most: the body is built a group at a time, with a yield
 # on_sent(model, n), on_dropped(model, reason, n)
 SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
 
 
-class _Chunk(NamedTuple):
-    """The events of one request, or of the requests of one model batch, still as arrays.
+class _Segment:
+    """Events of consecutive requests to one model version, already column by column: per-request
+    lists that each record extends (one C call per column, no per-request object) and the model
+    batches' arrays. One segment becomes one :class:`~modelloop.schemas.EventColumns` group.
 
-    A tuple of strings, numbers, tuples of them and numeric arrays on purpose: the garbage
-    collector stops tracking such tuples, so thousands of buffered requests do not get promoted
-    through the generations and make every full collection slower (which showed as lost
-    throughput and tail latency with events on)."""
+    Only lists of strings and numbers and a few arrays: the garbage collector scans a handful of
+    lists instead of an object per request (buffered objects promoted through the generations
+    made every full collection slower, which showed as lost throughput with events on)."""
 
-    model: str
-    version: int
-    mode: str
-    base_ids: tuple[str, ...]
-    first_rows: tuple[int, ...]
-    counts: tuple[int, ...]
-    """Rows of each request, in the order of the arrays' rows."""
-    latencies: tuple[float, ...]
-    x: np.ndarray
-    prediction: np.ndarray
-    probabilities: np.ndarray | None
-    start: int
-    stop: int
-    """The rows of the arrays still to send (only a one-request chunk is ever split)."""
-    timestamp: float
+    __slots__ = (
+        "counts",
+        "first_rows",
+        "ids",
+        "latencies",
+        "mode",
+        "model",
+        "predictions",
+        "probabilities",
+        "rows",
+        "timestamps",
+        "version",
+        "widths",
+        "xs",
+    )
 
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
+    def __init__(self, model: str, version: int, mode: str, widths: tuple[int, int]) -> None:
+        self.model, self.version, self.mode, self.widths = model, version, mode, widths
+        self.ids: list[str] = []
+        self.first_rows: list[int] = []
+        self.counts: list[int] = []
+        self.timestamps: list[float] = []
+        self.latencies: list[float] = []
+        self.xs: list[np.ndarray] = []
+        self.predictions: list[np.ndarray] = []
+        self.probabilities: list[np.ndarray] = []
+        self.rows = 0
 
-    def requests(self) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
-        """Base ids, first rows, row counts and latencies of the requests of the rows to send."""
-        if len(self.base_ids) == 1:
-            return self.base_ids, (self.first_rows[0] + self.start,), (self.rows,), self.latencies
-        return self.base_ids, self.first_rows, self.counts, self.latencies
+    def json(self) -> bytes:
+        """The segment as one EventColumns object: one orjson call, features and probabilities
+        packed as base64 bytes (:class:`~modelloop.schemas.PackedMatrix`; the 30 feature values
+        of a row written as text cost about 0.7 us)."""
 
+        def rows(parts: list[np.ndarray]) -> np.ndarray:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-def _key(c: _Chunk) -> tuple[str, int, str, int, int]:
-    """Chunks with the same key go into one column group."""
-    return (c.model, c.version, c.mode, c.x.shape[1],
-            -1 if c.probabilities is None else c.probabilities.shape[1])
-
-
-def _group_columns(group: list[_Chunk]) -> bytes:
-    """One :class:`~modelloop.schemas.EventColumns` of chunks with the same key: one orjson call
-    writes the group, features and probabilities packed as base64 bytes
-    (:class:`~modelloop.schemas.PackedMatrix`; the 30 feature values of a row written as text
-    cost about 0.7 us), a fifth of the cost of one JSON object per event, which showed as a
-    tenth of a worker's throughput with events on."""
-    whole = all(c.start == 0 and c.stop == len(c.x) for c in group)  # no request was split
-
-    def rows(get: Callable[[_Chunk], np.ndarray]) -> np.ndarray:
-        parts = [get(c) for c in group] if whole else [get(c)[c.start:c.stop] for c in group]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    first = group[0]
-    ids, firsts, counts, latencies = zip(*map(_Chunk.requests, group), strict=True)
-    flat = itertools.chain.from_iterable
-    return orjson.dumps({
-        "model": first.model, "version": first.version, "mode": first.mode,
-        "request_ids": list(flat(ids)),
-        "first_row": list(flat(firsts)),
-        "rows": list(flat(counts)),
-        "timestamp": list(flat(itertools.repeat(c.timestamp, len(c.base_ids)) for c in group)),
-        "latency_s": list(flat(latencies)),
-        "features": PackedMatrix.pack(rows(lambda c: c.x)),
-        "prediction": rows(lambda c: c.prediction),
-        "probabilities": None if first.probabilities is None else PackedMatrix.pack(rows(
-            lambda c: c.probabilities)),  # type: ignore[arg-type, return-value]
-    }, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps({
+            "model": self.model, "version": self.version, "mode": self.mode,
+            "request_ids": self.ids, "first_row": self.first_rows, "rows": self.counts,
+            "timestamp": self.timestamps, "latency_s": self.latencies,
+            "features": PackedMatrix.pack(rows(self.xs)),
+            "prediction": rows(self.predictions),
+            "probabilities": PackedMatrix.pack(rows(self.probabilities)) if self.probabilities else None,
+        }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class EventEmitter:
@@ -148,7 +132,9 @@ class EventEmitter:
         self.on_dropped = on_dropped
         self.sent = 0
         self.dropped: dict[str, int] = {"buffer_full": 0, "send_failed": 0}
-        self._buffer: deque[_Chunk] = deque()
+        self._segment_rows = max(1, min(_SLICE, batch_size))
+        self._closed: deque[_Segment] = deque()  # full segments, oldest first
+        self._open: _Segment | None = None  # the segment records go to
         self._rows = 0
         self._lock = threading.Lock()  # record() is also called from batch-job threads
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,32 +162,73 @@ class EventEmitter:
                              preds=preds, latencies=(latency_s,), mode=mode, timestamp=timestamp,
                              first_rows=(first_row,))
 
-    def record_requests(self, *, model: str, version: int, base_ids: tuple[str, ...],
-                        counts: tuple[int, ...], x: np.ndarray, preds: Predictions,
-                        latencies: tuple[float, ...], mode: Mode = "realtime",
-                        timestamp: float | None = None, first_rows: tuple[int, ...] | None = None) -> None:
+    def record_requests(self, model: str, version: int, base_ids: Sequence[str], counts: Sequence[int],
+                        x: np.ndarray, preds: Predictions, latencies: Sequence[float],
+                        mode: Mode = "realtime", timestamp: float | None = None,
+                        first_rows: Sequence[int] | None = None) -> None:
         """Queue the events of requests whose rows are stacked in ``x`` (``counts[i]`` rows of
-        request ``i``, in order; the requests of one model batch): one buffer entry for all of
-        them, so the per-request cost of events is a share of one append. Rows of request ``i``
-        get the ids ``<base_ids[i]>-<first_rows[i] + k>`` (``first_rows`` 0 by default)."""
+        request ``i``, in order; the requests of one model batch): their columns are extended in
+        one go, so the per-request cost of events is a share of a few list extends. Rows of
+        request ``i`` get the ids ``<base_ids[i]>-<first_rows[i] + k>`` (``first_rows`` 0 by
+        default). The requests of one call are sent together (only a single request larger than
+        a column group is split)."""
         if self.url is None:
             return
         n = len(x)
-        if first_rows is None:
-            first_rows = (0,) * len(base_ids)
+        proba = preds.probabilities
+        widths = (x.shape[1], -1 if proba is None else proba.shape[1])
+        k = len(base_ids)
         with self._lock:
-            if self._rows + n > self.buffer_rows:
-                full = True
-            else:
-                full = False
-                self._buffer.append(_Chunk(model, version, mode, base_ids, first_rows, counts, latencies, x,
-                                           preds.prediction, preds.probabilities, 0, n,
-                                           time.time() if timestamp is None else timestamp))
+            full = self._rows + n > self.buffer_rows
+            if not full:
+                ts = time.time() if timestamp is None else timestamp
+                if k == 1 and n > self._segment_rows:
+                    self._split(model, version, mode, widths, base_ids[0],
+                                0 if first_rows is None else first_rows[0], x, preds, latencies[0], ts)
+                else:
+                    seg = self._open
+                    if (seg is None or (seg.rows and seg.rows + n > self._segment_rows) or seg.version != version
+                            or seg.model != model or seg.mode != mode or seg.widths != widths):
+                        seg = self._new_segment(model, version, mode, widths)
+                    seg.ids += base_ids
+                    seg.first_rows += [0] * k if first_rows is None else first_rows
+                    seg.counts += counts
+                    seg.timestamps += [ts] * k
+                    seg.latencies += latencies
+                    seg.xs.append(x)
+                    seg.predictions.append(preds.prediction)
+                    if proba is not None:
+                        seg.probabilities.append(proba)
+                    seg.rows += n
                 self._rows += n
         if full:
             self._drop(model, "buffer_full", n)
         elif self._rows >= self.batch_size:
             self._poke()
+
+    def _new_segment(self, model: str, version: int, mode: str, widths: tuple[int, int]) -> _Segment:
+        """Close the open segment and open a new one (with the lock held)."""
+        if self._open is not None and self._open.rows:
+            self._closed.append(self._open)
+        self._open = _Segment(model, version, mode, widths)
+        return self._open
+
+    def _split(self, model: str, version: int, mode: str, widths: tuple[int, int], base_id: str,
+               first_row: int, x: np.ndarray, preds: Predictions, latency: float, ts: float) -> None:
+        """A request larger than a column group, as several segments of consecutive rows (views)."""
+        for lo in range(0, len(x), self._segment_rows):
+            hi = min(len(x), lo + self._segment_rows)
+            seg = self._new_segment(model, version, mode, widths)
+            seg.ids.append(base_id)
+            seg.first_rows.append(first_row + lo)
+            seg.counts.append(hi - lo)
+            seg.timestamps.append(ts)
+            seg.latencies.append(latency)
+            seg.xs.append(x[lo:hi])
+            seg.predictions.append(preds.prediction[lo:hi])
+            if preds.probabilities is not None:
+                seg.probabilities.append(preds.probabilities[lo:hi])
+            seg.rows = hi - lo
 
     def _poke(self) -> None:
         """Wake the sender now (a full batch is waiting)."""
@@ -243,49 +270,32 @@ class EventEmitter:
                 await self._task
         self._task = None
 
-    def _take(self) -> list[_Chunk]:
-        """About batch_size rows from the front of the buffer: a large request is split, a model
-        batch of requests is sent whole."""
-        taken: list[_Chunk] = []
+    def _take(self) -> list[_Segment]:
+        """The oldest segments, about batch_size rows (at least one segment; segments are never
+        split here)."""
+        taken: list[_Segment] = []
         room = self.batch_size
         with self._lock:
-            if self._rows <= room:  # the usual case: everything buffered fits, take it at once
-                taken, self._buffer, self._rows = list(self._buffer), deque(), 0
-                return taken
-            while self._buffer and room > 0:
-                chunk = self._buffer[0]
-                if chunk.rows <= room or (len(chunk.base_ids) > 1 and not taken):
-                    self._buffer.popleft()  # (a batch of requests goes whole, even a bit over)
-                    taken.append(chunk)
-                elif len(chunk.base_ids) > 1:
-                    break  # it goes whole in the next send
-                else:  # a large request: send its first rows now, keep the rest at the front
-                    taken.append(chunk._replace(stop=chunk.start + room))
-                    self._buffer[0] = chunk._replace(start=chunk.start + room)
-                room -= taken[-1].rows
-                self._rows -= taken[-1].rows
+            if self._open is not None and self._open.rows:
+                self._closed.append(self._open)
+            self._open = None
+            closed = self._closed
+            while closed and (not taken or closed[0].rows <= room):
+                seg = closed.popleft()
+                taken.append(seg)
+                room -= seg.rows
+                self._rows -= seg.rows
         return taken
 
-    async def _body(self, chunks: list[_Chunk]) -> bytes:
-        """The ColumnBatch JSON: one column group per run of chunks of the same model version
-        and widths (they differ only across a model swap), at most _SLICE rows each, with a
-        yield to the loop between groups."""
+    @staticmethod
+    async def _body(segments: list[_Segment]) -> bytes:
+        """The ColumnBatch JSON: one column group per segment, with a yield to the loop between
+        groups (a group is at most _SLICE rows unless one model batch was larger)."""
         groups: list[bytes] = []
-        group: list[_Chunk] = []
-        group_key: tuple[str, int, str, int, int] | None = None
-        size = 0
-        for c in chunks:
-            key = _key(c)  # once per chunk: this loop runs once per buffer entry
-            if group and (size >= _SLICE or key != group_key):
-                groups.append(_group_columns(group))
-                group, size = [], 0
-                await asyncio.sleep(0)  # let requests in between slices
-            if not group:
-                group_key = key
-            group.append(c)
-            size += c.rows
-        if group:
-            groups.append(_group_columns(group))
+        for seg in segments:
+            if groups:
+                await asyncio.sleep(0)  # let requests in between groups
+            groups.append(seg.json())
         return b'{"columns":[' + b",".join(groups) + b"]}"
 
     async def _run(self) -> None:
@@ -299,18 +309,18 @@ class EventEmitter:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-                chunks = self._take()
-                if chunks:
-                    await self._send(client, chunks)
+                segments = self._take()
+                if segments:
+                    await self._send(client, segments)
                 elif self._stopping:
                     return
         finally:
             await client.aclose()
 
-    async def _send(self, client: Poster, chunks: list[_Chunk]) -> None:
-        body = await self._body(chunks)
-        n = sum(c.rows for c in chunks)
-        model = chunks[0].model
+    async def _send(self, client: Poster, segments: list[_Segment]) -> None:
+        body = await self._body(segments)
+        n = sum(seg.rows for seg in segments)
+        model = segments[0].model
         delay = self.retry_backoff_s
         assert self.url is not None
         problem = ""

@@ -122,16 +122,15 @@ class ServingState:
         for w in waits:
             buffer.observe(wait_hist, w)
 
-    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions,
-                      requests: list[tuple[str, int, float]]) -> None:
-        """The events of a model batch's requests, as one buffer entry (real-time mode); each
-        request's latency runs from its start to the end of the batch."""
-        ids, counts, started = zip(*requests, strict=True)
+    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions, ids: list[str],
+                      counts: list[int], started: list[float]) -> None:
+        """The events of a model batch's requests, in one record (real-time mode); each request's
+        latency runs from its start to the end of the batch."""
         now = time.perf_counter()
-        self.emitter.record_requests(model=runtime.name, version=runtime.model_version, base_ids=ids,
-                                     counts=counts, x=monitored_features(x, runtime.input_dims),
-                                     preds=preds,
-                                     latencies=tuple(now - s for s in started))
+        if x.ndim != 2:
+            x = monitored_features(x, runtime.input_dims)
+        meta = runtime.metadata
+        self.emitter.record_requests(meta.name, meta.version, ids, counts, x, preds, [now - s for s in started])
 
     def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:
         self.buffer.inc(self.child(self.metrics.requests, model, route, str(code)))

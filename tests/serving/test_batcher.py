@@ -190,7 +190,8 @@ def test_the_recorder_gets_each_batch_with_the_rows_of_the_requests_that_asked(
 
     async def main() -> None:
         b = AdaptiveBatcher(max_batch_rows=64, observer=calls,
-                            recorder=lambda runtime, x, preds, reqs: recorded.append((x, preds.probabilities, reqs)))
+                            recorder=lambda runtime, x, preds, ids, counts, started: recorded.append(
+                                (x, preds.probabilities, list(zip(ids, counts, started, strict=True)))))
         await b.start()
         await asyncio.gather(*(b.predict(rt, x, rid, started=float(i))
                                for i, (x, rid) in enumerate(zip(inputs, asks, strict=True))))
@@ -211,8 +212,9 @@ def test_a_request_whose_caller_went_away_gets_no_events(runtimes: tuple[OnnxRun
     recorded: list[list[tuple[str, int, float]]] = []
     kept_rows: list[np.ndarray] = []
 
-    def recorder(runtime: OnnxRuntime, x: np.ndarray, preds: Any, reqs: list[tuple[str, int, float]]) -> None:
-        recorded.append(reqs)
+    def recorder(runtime: OnnxRuntime, x: np.ndarray, preds: Any, ids: list[str], counts: list[int],
+                 started: list[float]) -> None:
+        recorded.append(list(zip(ids, counts, started, strict=True)))
         kept_rows.append(x)
 
     async def main() -> None:

@@ -141,9 +141,39 @@ def test_a_model_batch_of_requests_is_one_entry_sent_whole(sink: Sink) -> None:
     assert {e["timestamp"] for e in later} == {1700000001.0} and {e["prediction"] for e in later} == {0}
 
 
-def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
+def test_a_new_model_version_mode_or_width_starts_a_new_column_group(sink: Sink) -> None:
+    """Records of one model version, mode and widths share a column group; a swap (a new version),
+    batch rows or a regressor after them start the next group, and every event keeps its order."""
+    reg = ModelMetadata(name="m", version=4, task=Task.regression, inputs=[TensorSpec(name="input", shape=[None, 3])],
+                        outputs=[TensorSpec(name="prediction", shape=[None, 1])], feature_names=["a", "b", "c"])
+
     async def main() -> None:
-        em = EventEmitter(sink.url, batch_size=300, flush_interval_s=0.05)
+        em = EventEmitter(sink.url, batch_size=100, flush_interval_s=5)
+        await em.start()
+        record(em, "a", 2)
+        record(em, "b", 1)  # same version: same group
+        em.record(model="m", version=4, base_id="c", x=np.ones((2, 3), np.float32), latency_s=0.001,
+                  preds=interpret(reg, {"prediction": np.array([[1.5], [2.5]], np.float32)}))
+        em.record(model="m", version=4, base_id="d", x=np.ones((1, 3), np.float32), latency_s=0.0, mode="batch",
+                  preds=interpret(reg, {"prediction": np.array([[3.5]], np.float32)}))
+        record(em, "e", 1)
+        await em.stop()  # the last flush sends everything in one body
+
+    run(main)
+    (body,) = sink.bodies
+    groups = [(g["version"], g["mode"], g["request_ids"], g["probabilities"] is None) for g in body["columns"]]
+    assert groups == [(3, "realtime", ["a", "b"], False), (4, "realtime", ["c"], True), (4, "batch", ["d"], True),
+                      (3, "realtime", ["e"], False)]
+    assert [e["request_id"] for e in sink.events] == ["a-0", "a-1", "b-0", "c-0", "c-1", "d-0", "e-0"]
+    assert [e["prediction"] for e in sink.events[3:6]] == [1.5, 2.5, 3.5]
+    assert sink.events[3]["features"] == [1.0, 1.0, 1.0] and sink.events[3]["probabilities"] is None
+
+
+def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
+    """A request is split into column groups of 256 rows; a send takes whole groups up to batch_size."""
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=600, flush_interval_s=0.05)
         await em.start()
         n = 1000
         proba = np.tile(np.array([[0.5, 0.5]], np.float32), (n, 1))
@@ -153,7 +183,8 @@ def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -
         await em.stop()
 
     run(main)
-    assert [len(events_of(b)) for b in sink.bodies] == [300, 300, 300, 100]
+    assert [len(events_of(b)) for b in sink.bodies] == [512, 488]
+    assert [[g["rows"] for g in b["columns"]] for b in sink.bodies] == [[[256], [256]], [[256], [232]]]
     assert [e["request_id"] for e in sink.events] == [f"job-{5000 + i}" for i in range(1000)]
     assert {e["mode"] for e in sink.events} == {"batch"}
 
