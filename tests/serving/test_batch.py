@@ -10,7 +10,7 @@ import pytest
 
 from modelloop.registry import Registry
 from modelloop.synthetic import SyntheticTask
-from serving.batch import BatchInputError, parts_dir, resumable_version, score_file
+from serving.batch import BatchInputError, features_of, parts_dir, resumable_version, score_file
 from serving.runtime import OnnxRuntime
 from tests.serving.onnx_models import register_mlp
 
@@ -112,6 +112,23 @@ def test_bad_files_fail_with_one_line_naming_file_and_column(runtime: OnnxRuntim
         score_file(inp, tmp_path / "out.csv", runtime, chunk_rows=100, nan_policy=policy)
     text = str(info.value)
     assert message in text and str(inp) in text and "\n" not in text.strip()
+
+
+def test_feature_columns_of_any_numeric_type_become_float32_rows() -> None:
+    """Integers (with a null), float64 (rounded as a JSON number would be), float32 and a column
+    in several chunks: each value lands in its row and column as float32, a null as NaN."""
+    import pyarrow as pa
+
+    table = pa.table({
+        "a": pa.array([1, None, -3], pa.int64()),
+        "b": pa.array([0.1, 1e30, -2.5], pa.float64()),
+        "c": pa.array([7, 8, 9], pa.uint8()),
+        "d": pa.chunked_array([pa.array([0.5], pa.float32()), pa.array([1.5, 2.5], pa.float32())]),
+    })
+    x = features_of(table, ["d", "a", "b", "c"], source="in.parquet", first_row=0, nan_policy="allow")
+    want = np.array([[0.5, 1, 0.1, 7], [1.5, np.nan, 1e30, 8], [2.5, -3, -2.5, 9]], np.float32)
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, want)
 
 
 def test_missing_input_file(runtime: OnnxRuntime, tmp_path: Path) -> None:
