@@ -346,13 +346,16 @@ def main() -> None:
         a's req/s over b's and b's server CPU per request over a's. Pairing cancels the slow drift
         of the machine's other load, which the medians of separate runs keep."""
         out = []
+        errors = 0
         for r in range(args.pair_rounds):
             order = (a, b) if r % 2 == 0 else (b, a)
             got = {n: wrk(group[n].url + "/predict", one, conns, args.seconds, jh, tmp, group[n]) for n in order}
-            out.append((got[a]["rps"] / got[b]["rps"], got[b]["cpu_us"] / got[a]["cpu_us"]))
+            errors += int(got[a]["errors"] + got[b]["errors"])
+            out.append((got[a]["rps"] / got[b]["rps"] if got[b]["rps"] else float("nan"),
+                        got[b]["cpu_us"] / got[a]["cpu_us"] if got[a]["cpu_us"] else float("nan")))
         ratios = ", ".join(f"{x:.2f}" for x, _ in out)
         rows_out.append((f"{a} / {b}", f"1-row, {conns} connections, {len(out)} paired rounds",
-                         f"req/s ratio per round: {ratios}"))
+                         f"req/s ratio per round: {ratios}; {errors} errors"))
         print(rows_out[-1], flush=True)
         return out
 

@@ -87,6 +87,31 @@ class _Segment:
         self.probabilities: list[np.ndarray] = []
         self.rows = 0
 
+    def add_one(self, base_id: str, first_row: int, x: np.ndarray, prediction: np.ndarray,
+                probabilities: np.ndarray | None, ts: float, latency: float) -> _Segment:
+        """Append one request's rows (used for a request that fills a segment of its own)."""
+        self.ids.append(base_id)
+        self.first_rows.append(first_row)
+        self.counts.append(len(x))
+        self.timestamps.append(ts)
+        self.latencies.append(latency)
+        self.xs.append(x)
+        self.predictions.append(prediction)
+        if probabilities is not None:
+            self.probabilities.append(probabilities)
+        self.rows += len(x)
+        return self
+
+    def cut(self, k: int) -> tuple[_Segment, _Segment]:
+        """A one-request segment as its first ``k`` rows and the rest (views, no copy)."""
+        x, pred = self.xs[0], self.predictions[0]
+        proba = self.probabilities[0] if self.probabilities else None
+        base, first, ts, latency = self.ids[0], self.first_rows[0], self.timestamps[0], self.latencies[0]
+        key = (self.model, self.version, self.mode, self.widths)
+        return (_Segment(*key).add_one(base, first, x[:k], pred[:k], None if proba is None else proba[:k], ts, latency),
+                _Segment(*key).add_one(base, first + k, x[k:], pred[k:], None if proba is None else proba[k:], ts,
+                                       latency))
+
     def json(self) -> bytes:
         """The segment as one EventColumns object: one orjson call, features and probabilities
         packed as base64 bytes (:class:`~modelloop.schemas.PackedMatrix`; the 30 feature values
@@ -132,7 +157,9 @@ class EventEmitter:
         self.on_dropped = on_dropped
         self.sent = 0
         self.dropped: dict[str, int] = {"buffer_full": 0, "send_failed": 0}
-        self._segment_rows = max(1, min(_SLICE, batch_size))
+        # at most _SLICE rows, and batch_size split evenly (500 -> 2 x 250), so a send of whole
+        # segments fills batch_size instead of stopping at one segment and a remainder
+        self._segment_rows = -(-batch_size // -(-batch_size // _SLICE))
         self._closed: deque[_Segment] = deque()  # full segments, oldest first
         self._open: _Segment | None = None  # the segment records go to
         self._rows = 0
@@ -175,16 +202,23 @@ class EventEmitter:
         if self.url is None:
             return
         n = len(x)
+        if n == 0:  # a request of no rows has no events (and the sidecar takes none)
+            return
         proba = preds.probabilities
         widths = (x.shape[1], -1 if proba is None else proba.shape[1])
         k = len(base_ids)
         with self._lock:
             full = self._rows + n > self.buffer_rows
-            if not full:
+            if full:
+                self.dropped["buffer_full"] += n
+            else:
                 ts = time.time() if timestamp is None else timestamp
-                if k == 1 and n > self._segment_rows:
-                    self._split(model, version, mode, widths, base_ids[0],
-                                0 if first_rows is None else first_rows[0], x, preds, latencies[0], ts)
+                if k == 1 and n > self._segment_rows:  # a large request: a segment of its own,
+                    # cut into sends by _take (nothing here grows with its size)
+                    self._new_segment(model, version, mode, widths).add_one(
+                        base_ids[0], 0 if first_rows is None else first_rows[0], x, preds.prediction, proba, ts,
+                        latencies[0])
+                    self._new_segment(model, version, mode, widths)
                 else:
                     seg = self._open
                     if (seg is None or (seg.rows and seg.rows + n > self._segment_rows) or seg.version != version
@@ -202,7 +236,8 @@ class EventEmitter:
                     seg.rows += n
                 self._rows += n
         if full:
-            self._drop(model, "buffer_full", n)
+            if self.on_dropped is not None:
+                self.on_dropped(model, "buffer_full", n)
         elif self._rows >= self.batch_size:
             self._poke()
 
@@ -212,23 +247,6 @@ class EventEmitter:
             self._closed.append(self._open)
         self._open = _Segment(model, version, mode, widths)
         return self._open
-
-    def _split(self, model: str, version: int, mode: str, widths: tuple[int, int], base_id: str,
-               first_row: int, x: np.ndarray, preds: Predictions, latency: float, ts: float) -> None:
-        """A request larger than a column group, as several segments of consecutive rows (views)."""
-        for lo in range(0, len(x), self._segment_rows):
-            hi = min(len(x), lo + self._segment_rows)
-            seg = self._new_segment(model, version, mode, widths)
-            seg.ids.append(base_id)
-            seg.first_rows.append(first_row + lo)
-            seg.counts.append(hi - lo)
-            seg.timestamps.append(ts)
-            seg.latencies.append(latency)
-            seg.xs.append(x[lo:hi])
-            seg.predictions.append(preds.prediction[lo:hi])
-            if preds.probabilities is not None:
-                seg.probabilities.append(preds.probabilities[lo:hi])
-            seg.rows = hi - lo
 
     def _poke(self) -> None:
         """Wake the sender now (a full batch is waiting)."""
@@ -240,7 +258,8 @@ class EventEmitter:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _drop(self, model: str, reason: str, n: int) -> None:
-        self.dropped[reason] += n
+        with self._lock:  # record() drops from other threads too
+            self.dropped[reason] += n
         if self.on_dropped is not None:
             self.on_dropped(model, reason, n)
 
@@ -271,8 +290,9 @@ class EventEmitter:
         self._task = None
 
     def _take(self) -> list[_Segment]:
-        """The oldest segments, about batch_size rows (at least one segment; segments are never
-        split here)."""
+        """The oldest segments, about batch_size rows: whole segments while they fit (the first
+        always goes, so a model batch larger than batch_size goes whole), and the next rows of a
+        large request, at most a segment's worth."""
         taken: list[_Segment] = []
         room = self.batch_size
         with self._lock:
@@ -280,8 +300,15 @@ class EventEmitter:
                 self._closed.append(self._open)
             self._open = None
             closed = self._closed
-            while closed and (not taken or closed[0].rows <= room):
-                seg = closed.popleft()
+            while closed and room > 0:
+                seg = closed[0]
+                piece = min(room, self._segment_rows)
+                if len(seg.ids) == 1 and seg.rows > piece:
+                    seg, closed[0] = seg.cut(piece)
+                elif seg.rows <= room or not taken:
+                    closed.popleft()
+                else:
+                    break
                 taken.append(seg)
                 room -= seg.rows
                 self._rows -= seg.rows

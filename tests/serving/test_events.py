@@ -169,8 +169,49 @@ def test_a_new_model_version_mode_or_width_starts_a_new_column_group(sink: Sink)
     assert sink.events[3]["features"] == [1.0, 1.0, 1.0] and sink.events[3]["probabilities"] is None
 
 
+def test_a_backlog_drains_in_sends_of_batch_size(sink: Sink) -> None:
+    """Events that piled up (the sidecar was slow) go batch_size rows per send, not a column
+    group per send."""
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=500, flush_interval_s=0.05)
+        x = np.ones((5, 2), np.float32)
+        preds = interpret(META, {"probabilities": np.full((5, 2), 0.5, np.float32)})
+        for b in range(400):  # model batches of 5 one-row requests, buffered before the sender runs
+            em.record_requests("m", 3, [f"r{b}-{i}" for i in range(5)], [1] * 5, x, preds, [0.001] * 5)
+        await em.start()
+        await until(lambda: len(sink.events) == 2000, "2000 events")
+        await em.stop()
+
+    run(main)
+    assert [len(events_of(b)) for b in sink.bodies] == [500] * 4
+    assert [e["request_id"] for e in sink.events][:7] == [f"r0-{i}-0" for i in range(5)] + ["r1-0-0", "r1-1-0"]
+
+
+def test_a_request_of_no_rows_sends_nothing_and_spoils_no_batch(sink: Sink) -> None:
+    """A header-only file scored by a batch route records 0 rows: no event (the sidecar refuses a
+    request of 0 rows, which would have cost the whole send)."""
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(sink.url, flush_interval_s=0.05)
+        await em.start()
+        empty = interpret(META, {"probabilities": np.zeros((0, 2), np.float32)})
+        em.record(model="m", version=3, base_id="empty", x=np.zeros((0, 2), np.float32), preds=empty,
+                  latency_s=0.0, mode="batch")
+        em.record(model="m", version=3, base_id="job", x=np.ones((5, 2), np.float32), latency_s=0.0, mode="batch",
+                  preds=interpret(META, {"probabilities": np.full((5, 2), 0.5, np.float32)}))
+        await until(lambda: len(sink.events) == 5, "5 events")
+        await em.stop()
+        return em
+
+    em = run(main)
+    assert {e["request_id"] for e in sink.events} == {f"job-{i}" for i in range(5)}
+    assert em.dropped == {"buffer_full": 0, "send_failed": 0} and sink.attempts == 1
+
+
 def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
-    """A request is split into column groups of 256 rows; a send takes whole groups up to batch_size."""
+    """A large request is cut into column groups (at most 256 rows, batch_size split evenly: 200
+    for 600) as it is sent, batch_size rows per send."""
 
     async def main() -> None:
         em = EventEmitter(sink.url, batch_size=600, flush_interval_s=0.05)
@@ -183,8 +224,9 @@ def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -
         await em.stop()
 
     run(main)
-    assert [len(events_of(b)) for b in sink.bodies] == [512, 488]
-    assert [[g["rows"] for g in b["columns"]] for b in sink.bodies] == [[[256], [256]], [[256], [232]]]
+    assert [len(events_of(b)) for b in sink.bodies] == [600, 400]
+    assert [[g["rows"] for g in b["columns"]] for b in sink.bodies] == [[[200]] * 3, [[200]] * 2]
+    assert [g["first_row"] for b in sink.bodies for g in b["columns"]] == [[5000 + 200 * i] for i in range(5)]
     assert [e["request_id"] for e in sink.events] == [f"job-{5000 + i}" for i in range(1000)]
     assert {e["mode"] for e in sink.events} == {"batch"}
 
