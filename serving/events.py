@@ -45,6 +45,7 @@ from serving.predictions import Predictions
 logger = logging.getLogger(__name__)
 
 _SLICE = 256  # rows of a column group at most: the body is built a group at a time, with a yield
+
 # on_sent(model, n), on_dropped(model, reason, n)
 SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
