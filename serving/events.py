@@ -210,16 +210,16 @@ class EventEmitter:
         k = len(base_ids)
         with self._lock:
             full = self._rows + n > self.buffer_rows
-            if full:
-                self.dropped["buffer_full"] += n
-            else:
+            if not full:
                 ts = time.time() if timestamp is None else timestamp
-                if k == 1 and n > self._segment_rows:  # a large request: a segment of its own,
-                    # cut into sends by _take (nothing here grows with its size)
-                    self._new_segment(model, version, mode, widths).add_one(
-                        base_ids[0], 0 if first_rows is None else first_rows[0], x, preds.prediction, proba, ts,
-                        latencies[0])
-                    self._new_segment(model, version, mode, widths)
+                if k == 1 and n > self._segment_rows:
+                    # a large request: a closed segment of its own, cut into groups by _take as it
+                    # is sent (nothing here grows with its size)
+                    own = self._new_segment(model, version, mode, widths)
+                    own.add_one(base_ids[0], 0 if first_rows is None else first_rows[0], x, preds.prediction,
+                                proba, ts, latencies[0])
+                    self._closed.append(own)
+                    self._open = None
                 else:
                     seg = self._open
                     if (seg is None or (seg.rows and seg.rows + n > self._segment_rows) or seg.version != version
@@ -237,8 +237,7 @@ class EventEmitter:
                     seg.rows += n
                 self._rows += n
         if full:
-            if self.on_dropped is not None:
-                self.on_dropped(model, "buffer_full", n)
+            self._drop(model, "buffer_full", n)
         elif self._rows >= self.batch_size:
             self._poke()
 
