@@ -88,14 +88,15 @@ class _Segment:
         self.probabilities: list[np.ndarray] = []
         self.rows = 0
 
-    def add_one(self, base_id: str, first_row: int, x: np.ndarray, prediction: np.ndarray,
-                probabilities: np.ndarray | None, ts: float, latency: float) -> _Segment:
-        """Append one request's rows (used for a request that fills a segment of its own)."""
-        self.ids.append(base_id)
-        self.first_rows.append(first_row)
-        self.counts.append(len(x))
-        self.timestamps.append(ts)
-        self.latencies.append(latency)
+    def add(self, ids: Sequence[str], first_rows: Sequence[int], counts: Sequence[int], ts: float,
+            latencies: Sequence[float], x: np.ndarray, prediction: np.ndarray,
+            probabilities: np.ndarray | None) -> _Segment:
+        """Append requests whose rows are stacked in ``x``: each column grows by one extend."""
+        self.ids += ids
+        self.first_rows += first_rows
+        self.counts += counts
+        self.timestamps += [ts] * len(ids)
+        self.latencies += latencies
         self.xs.append(x)
         self.predictions.append(prediction)
         if probabilities is not None:
@@ -107,11 +108,13 @@ class _Segment:
         """A one-request segment as its first ``k`` rows and the rest (views, no copy)."""
         x, pred = self.xs[0], self.predictions[0]
         proba = self.probabilities[0] if self.probabilities else None
-        base, first, ts, latency = self.ids[0], self.first_rows[0], self.timestamps[0], self.latencies[0]
-        key = (self.model, self.version, self.mode, self.widths)
-        return (_Segment(*key).add_one(base, first, x[:k], pred[:k], None if proba is None else proba[:k], ts, latency),
-                _Segment(*key).add_one(base, first + k, x[k:], pred[k:], None if proba is None else proba[k:], ts,
-                                       latency))
+
+        def part(rows: slice) -> _Segment:
+            return _Segment(self.model, self.version, self.mode, self.widths).add(
+                self.ids, [self.first_rows[0] + rows.indices(len(x))[0]], [len(x[rows])], self.timestamps[0],
+                self.latencies, x[rows], pred[rows], None if proba is None else proba[rows])
+
+        return part(slice(0, k)), part(slice(k, None))
 
     def json(self) -> bytes:
         """The segment as one EventColumns object: one orjson call, features and probabilities
@@ -211,30 +214,16 @@ class EventEmitter:
         with self._lock:
             full = self._rows + n > self.buffer_rows
             if not full:
-                ts = time.time() if timestamp is None else timestamp
-                if k == 1 and n > self._segment_rows:
-                    # a large request: a closed segment of its own, cut into groups by _take as it
-                    # is sent (nothing here grows with its size)
-                    own = self._new_segment(model, version, mode, widths)
-                    own.add_one(base_ids[0], 0 if first_rows is None else first_rows[0], x, preds.prediction,
-                                proba, ts, latencies[0])
-                    self._closed.append(own)
+                large = k == 1 and n > self._segment_rows
+                seg = self._open
+                if (large or seg is None or (seg.rows and seg.rows + n > self._segment_rows)
+                        or seg.version != version or seg.model != model or seg.mode != mode or seg.widths != widths):
+                    seg = self._new_segment(model, version, mode, widths)
+                seg.add(base_ids, [0] * k if first_rows is None else first_rows, counts,
+                        time.time() if timestamp is None else timestamp, latencies, x, preds.prediction, proba)
+                if large:  # a closed segment of its own, cut into groups by _take as it is sent
+                    self._closed.append(seg)  # (nothing here grows with its size)
                     self._open = None
-                else:
-                    seg = self._open
-                    if (seg is None or (seg.rows and seg.rows + n > self._segment_rows) or seg.version != version
-                            or seg.model != model or seg.mode != mode or seg.widths != widths):
-                        seg = self._new_segment(model, version, mode, widths)
-                    seg.ids += base_ids
-                    seg.first_rows += [0] * k if first_rows is None else first_rows
-                    seg.counts += counts
-                    seg.timestamps += [ts] * k
-                    seg.latencies += latencies
-                    seg.xs.append(x)
-                    seg.predictions.append(preds.prediction)
-                    if proba is not None:
-                        seg.probabilities.append(proba)
-                    seg.rows += n
                 self._rows += n
         if full:
             self._drop(model, "buffer_full", n)
