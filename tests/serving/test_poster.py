@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving.poster import Answer, BrokenAnswer, StreamPoster, poster
+from serving.poster import Answer, BrokenAnswer, StreamPoster, poster, retry_after
 
 Reply = Callable[[asyncio.StreamWriter, int], Awaitable[bool]]  # (writer, request no.) -> keep open?
 
@@ -49,12 +49,20 @@ async def close_after(writer: asyncio.StreamWriter, i: int) -> bool:
     return False  # answers, then closes without saying so (as an idle timeout would)
 
 
+async def busy(writer: asyncio.StreamWriter, i: int) -> bool:
+    body = b'{"error": "the ingest queue is full"}'
+    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\ncontent-length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    return True
+
+
 class Server:
     """Reads each request whole (head, then Content-Length bytes) and answers with ``reply``."""
 
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         self.requests: list[tuple[str, bytes]] = []
+        self.heads: list[str] = []
         self.connections = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -64,6 +72,7 @@ class Server:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode()
                 size = int(next(line.split(":")[1] for line in head.split("\r\n")
                                 if line.lower().startswith("content-length")))
+                self.heads.append(head)
                 self.requests.append((head.split("\r\n")[0], await reader.readexactly(size)))
                 keep = await self.reply(writer, len(self.requests))
                 await writer.drain()
@@ -81,12 +90,12 @@ class Server:
         self.server.close()
 
 
-def run(reply: Reply, bodies: list[bytes]) -> tuple[list[Answer], Server]:
+def run(reply: Reply, bodies: list[bytes], headers: dict[str, str] | None = None) -> tuple[list[Answer], Server]:
     server = Server(reply)
 
     async def main() -> list[Answer]:
         async with server as url:
-            client = poster(url, timeout_s=5)
+            client = poster(url, timeout_s=5, headers=headers)
             answers = [await client.post(b) for b in bodies]
             await client.aclose()
             return answers
@@ -131,6 +140,50 @@ def test_an_answer_cut_after_its_head_is_an_error_and_not_sent_again() -> None:
 
     asyncio.run(main())
     assert len(server.requests) == 2  # the second request was not re-sent on a new connection
+
+
+def test_retry_after_comes_with_the_answer() -> None:
+    answers, _ = run(busy, [b"{}"])
+    assert answers == [Answer(503, '{"error": "the ingest queue is full"}', 2.0)]
+    assert run(length, [b"{}"])[0] == [Answer(200, '{"accepted": 1}', None)]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("2", 2.0),  # delay-seconds
+    ("0.5", 0.5),  # not in the RFC, but plain enough to honour
+    ("fri, 01 jan 2010 00:00:00 gmt", 0.0),  # a date in the past (lower case: as the client reads it)
+    ("-3", 0.0),  # never a negative wait
+    ("inf", None),  # no endless wait
+    ("soon", None),  # unreadable: as if absent
+    (None, None),  # absent
+])
+def test_retry_after_values(value: str | None, seconds: float | None) -> None:
+    assert retry_after(value) == seconds
+
+
+def test_a_retry_after_date_is_a_wait_from_now() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    wait = retry_after(format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True))
+    assert wait is not None and 100 < wait <= 120
+
+
+def test_extra_headers_are_in_every_request() -> None:
+    key = {"Authorization": "Bearer ingest-key-0123456789"}
+    _, server = run(length, [b"{}", b"{}"], headers=key)
+    assert [h.split("\r\n")[2] for h in server.heads] == ["Authorization: Bearer ingest-key-0123456789"] * 2
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Bearer k\r\nX-Injected: 1"},  # a value of two lines
+    {"Bad Name": "x"},  # a name that is not a token
+])
+def test_a_header_that_would_break_the_request_head_is_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="a name must be a token and a value one line"):
+        StreamPoster("http://sidecar:8001/events", 1.0, headers)
+    with pytest.raises(ValueError, match="a name must be a token and a value one line"):
+        poster("https://sidecar:8001/events", 1.0, headers)
 
 
 def test_the_host_header_holds_no_credentials() -> None:
