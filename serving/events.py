@@ -3,14 +3,21 @@
 The batcher calls :meth:`EventEmitter.record_requests` once per model batch (batch routes call
 :meth:`EventEmitter.record` per chunk): it extends the open segment of a bounded buffer, the
 requests' ids, row counts and latencies as per-column lists and the batch's arrays by reference
-(a few C calls, no serialisation), or, when the buffer is full, counts the rows as dropped. A
-background task on the worker's event loop writes each segment as one
-:class:`~modelloop.schemas.EventColumns` (one
+(a few C calls, no serialisation). A background task on the worker's event loop writes each
+segment as one :class:`~modelloop.schemas.EventColumns` (one
 :class:`~modelloop.schemas.PredictionEvent` per row, column by column, features and probabilities
 packed) and POSTs them in batches to ``{sidecar_url}/events`` as a
-:class:`~modelloop.schemas.ColumnBatch` (:mod:`serving.poster`), retrying failed sends with
-exponential backoff and counting what it finally gives up on. Serving never waits for the
+:class:`~modelloop.schemas.ColumnBatch` (:mod:`serving.poster`). Serving never waits for the
 sidecar.
+
+While the sidecar is away (refused connections, timeouts, 5xx, 408, 429), the batch being sent
+stays at the head of the buffer and is sent again, in order, after a backoff that doubles up to a
+cap, with jitter, and never shorter than the sidecar's ``Retry-After``; newer events wait behind
+it. Sending again is safe: the sidecar stores an event once per request id. Events are dropped,
+and counted by reason, only as the oldest first: to make room in a full buffer
+(``buffer_full``), past the age limit (``expired``), when the sidecar refuses them with another
+4xx (``rejected``: the key, the size or the events are wrong, so sending again cannot help), or
+when the worker stops before they could be sent (``shutdown``).
 
 Why a task and not a thread: the body is built in slices of a few hundred rows between which
 the task yields to the loop, and the HTTP send is non-blocking. A thread would compete with the
@@ -19,7 +26,8 @@ system call), which cost about a tenth of the throughput and much of the tail la
 
 Example (inside a running event loop)::
 
-    emitter = EventEmitter("http://127.0.0.1:8001", on_sent=..., on_dropped=...)
+    emitter = EventEmitter("http://127.0.0.1:8001", headers={"Authorization": "Bearer k"},
+                           on_sent=..., on_dropped=...)
     await emitter.start()
     emitter.record(model="churn", version=3, base_id="ab12", x=x, preds=preds, latency_s=0.004)
     await emitter.stop()   # sends what is left, bounded by a deadline
@@ -30,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -49,6 +58,13 @@ _SLICE = 256  # rows of a column group at most: the body is built a group at a t
 # on_sent(model, n), on_dropped(model, reason, n)
 SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
+DROP_REASONS = ("buffer_full", "expired", "rejected", "shutdown")
+
+
+def retryable(status: int) -> bool:
+    """Whether a send answered with ``status`` may succeed later: the sidecar is busy, starting,
+    failing or behind a proxy that cannot reach it (408, 429, 5xx but 501 and 505)."""
+    return status in (408, 429) or (status >= 500 and status not in (501, 505))
 
 
 class _Segment:
@@ -61,6 +77,7 @@ class _Segment:
     made every full collection slower, which showed as lost throughput with events on)."""
 
     __slots__ = (
+        "born",
         "counts",
         "first_rows",
         "ids",
@@ -76,8 +93,9 @@ class _Segment:
         "xs",
     )
 
-    def __init__(self, model: str, version: int, mode: str, widths: tuple[int, int]) -> None:
+    def __init__(self, model: str, version: int, mode: str, widths: tuple[int, int], born: float) -> None:
         self.model, self.version, self.mode, self.widths = model, version, mode, widths
+        self.born = born  # time.monotonic() of its first row: what the age limit is judged by
         self.ids: list[str] = []
         self.first_rows: list[int] = []
         self.counts: list[int] = []
@@ -110,11 +128,38 @@ class _Segment:
         proba = self.probabilities[0] if self.probabilities else None
 
         def part(rows: slice) -> _Segment:
-            return _Segment(self.model, self.version, self.mode, self.widths).add(
+            return _Segment(self.model, self.version, self.mode, self.widths, self.born).add(
                 self.ids, [self.first_rows[0] + rows.indices(len(x))[0]], [len(x[rows])], self.timestamps[0],
                 self.latencies, x[rows], pred[rows], None if proba is None else proba[rows])
 
         return part(slice(0, k)), part(slice(k, None))
+
+    def trim(self, need: int) -> int:
+        """Drop the oldest rows in place, at least ``need`` (whole requests; of a single request
+        only its first ``need`` rows) or all; the number dropped."""
+        if len(self.ids) == 1:
+            dropped, gone = min(need, self.rows), 0
+            self.first_rows[0] += dropped
+            self.counts[0] -= dropped
+        else:
+            dropped = gone = 0
+            while dropped < need and gone < len(self.counts):
+                dropped += self.counts[gone]
+                gone += 1
+            for column in (self.ids, self.first_rows, self.counts, self.timestamps, self.latencies):
+                del column[:gone]
+        left = dropped
+        while left:
+            first = len(self.xs[0])
+            for arrays in (self.xs, self.predictions, self.probabilities):
+                if arrays:
+                    if first <= left:
+                        del arrays[0]
+                    else:
+                        arrays[0] = arrays[0][left:]
+            left -= min(first, left)
+        self.rows -= dropped
+        return dropped
 
     def json(self) -> bytes:
         """The segment as one EventColumns object: one orjson call, features and probabilities
@@ -135,7 +180,8 @@ class _Segment:
 
 
 class EventEmitter:
-    """Bounded, batched, retried event delivery to the sidecar (see the module docstring)."""
+    """Bounded, batched event delivery to the sidecar that keeps events through its outages (see
+    the module docstring)."""
 
     def __init__(
         self,
@@ -144,9 +190,11 @@ class EventEmitter:
         buffer_rows: int = 100_000,
         batch_size: int = 1000,
         flush_interval_s: float = 0.5,
-        max_retries: int = 3,
         retry_backoff_s: float = 0.2,
+        retry_backoff_max_s: float = 2.0,
+        max_age_s: float = 600.0,
         timeout_s: float = 2.0,
+        headers: Mapping[str, str] | None = None,
         on_sent: SentHook | None = None,
         on_dropped: DroppedHook | None = None,
     ) -> None:
@@ -154,25 +202,34 @@ class EventEmitter:
         self.buffer_rows = buffer_rows
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
-        self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        self.max_age_s = max_age_s
         self.timeout_s = timeout_s
         self.on_sent = on_sent
         self.on_dropped = on_dropped
         self.sent = 0
-        self.dropped: dict[str, int] = {"buffer_full": 0, "send_failed": 0}
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._headers = dict(headers or {})  # (the ingest key: given to the client, never logged)
         # at most _SLICE rows, and batch_size split evenly (500 -> 2 x 250), so a send of whole
         # segments fills batch_size instead of stopping at one segment and a remainder
         self._segment_rows = -(-batch_size // -(-batch_size // _SLICE))
-        self._closed: deque[_Segment] = deque()  # full segments, oldest first
+        self._flight: tuple[_Segment, ...] = ()  # the batch being sent: the oldest rows held
+        self._flight_rows = 0
+        self._posting = False  # a POST of the flight is under way: it cannot be dropped meanwhile
+        self._closed: deque[_Segment] = deque()  # full segments waiting, oldest first
         self._open: _Segment | None = None  # the segment records go to
-        self._rows = 0
+        self._rows = 0  # in the flight, the closed segments and the open one
         self._lock = threading.Lock()  # record() is also called from batch-job threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._backoff = retry_backoff_s  # the next wait after a failed send (before jitter)
+        self._failing_since: float | None = None  # when the sends began to fail, while they do
+        self._dropped_before = 0  # events dropped before that
+        self._refusals: set[int] = set()  # statuses of refusals logged already
 
     @property
     def enabled(self) -> bool:
@@ -180,13 +237,14 @@ class EventEmitter:
 
     @property
     def pending_rows(self) -> int:
+        """Events held, the batch being sent included."""
         return self._rows
 
     # -- request path ------------------------------------------------------------------------
     def record(self, *, model: str, version: int, base_id: str, x: np.ndarray, preds: Predictions,
                latency_s: float, mode: Mode = "realtime", timestamp: float | None = None,
                first_row: int = 0) -> None:
-        """Queue the events of one request, or count them dropped when the buffer is full.
+        """Queue the events of one request (see :meth:`record_requests`).
 
         Row ``i`` gets the request id ``<base_id>-<first_row + i>``."""
         self.record_requests(model=model, version=version, base_ids=(base_id,), counts=(len(x),), x=x,
@@ -202,7 +260,11 @@ class EventEmitter:
         one go, so the per-request cost of events is a share of a few list extends. Rows of
         request ``i`` get the ids ``<base_ids[i]>-<first_rows[i] + k>`` (``first_rows`` 0 by
         default). The requests of one call are sent together (only a single request larger than
-        a column group is split)."""
+        a column group is split).
+
+        When the buffer is full the oldest rows held are dropped to make room; only rows that
+        cannot fit at all (more than the buffer, less a batch whose POST is under way) are
+        dropped themselves."""
         if self.url is None:
             return
         n = len(x)
@@ -211,9 +273,12 @@ class EventEmitter:
         proba = preds.probabilities
         widths = (x.shape[1], -1 if proba is None else proba.shape[1])
         k = len(base_ids)
+        evicted: list[tuple[str, int]] = []
         with self._lock:
-            full = self._rows + n > self.buffer_rows
-            if not full:
+            fits = n <= self.buffer_rows - (self._flight_rows if self._posting else 0)
+            if fits:
+                if self._rows + n > self.buffer_rows:
+                    evicted = self._evict(self._rows + n - self.buffer_rows)
                 large = k == 1 and n > self._segment_rows
                 seg = self._open
                 if (large or seg is None or (seg.rows and seg.rows + n > self._segment_rows)
@@ -225,8 +290,12 @@ class EventEmitter:
                     self._closed.append(seg)  # (nothing here grows with its size)
                     self._open = None
                 self._rows += n
-        if full:
-            self._drop(model, "buffer_full", n)
+            else:
+                self.dropped["buffer_full"] += n
+        if evicted:
+            self._report(evicted, "buffer_full")
+        if not fits:
+            self._report([(model, n)], "buffer_full")
         elif self._rows >= self.batch_size:
             self._poke()
 
@@ -234,8 +303,76 @@ class EventEmitter:
         """Close the open segment and open a new one (with the lock held)."""
         if self._open is not None and self._open.rows:
             self._closed.append(self._open)
-        self._open = _Segment(model, version, mode, widths)
+        self._open = _Segment(model, version, mode, widths, time.monotonic())
         return self._open
+
+    def _evict(self, need: int) -> list[tuple[str, int]]:
+        """Drop at least ``need`` of the oldest rows (lock held): first of the batch in flight,
+        unless its POST is under way, then of the waiting segments; whole requests, or the first
+        rows of a single large one."""
+        drops: list[tuple[str, int]] = []
+        if self._flight and not self._posting:
+            flight = deque(self._flight)
+            need = self._trim(flight, need, drops)
+            self._flight = tuple(flight)  # a new tuple: the sender builds its body again
+            self._flight_rows = sum(seg.rows for seg in flight)
+        need = self._trim(self._closed, need, drops)
+        if need > 0 and self._open is not None and self._open.rows:
+            self._closed.append(self._open)  # the newest rows held, but the oldest left to drop
+            self._open = None
+            self._trim(self._closed, need, drops)
+        dropped = sum(n for _, n in drops)
+        self._rows -= dropped
+        self.dropped["buffer_full"] += dropped
+        return drops
+
+    @staticmethod
+    def _trim(segments: deque[_Segment], need: int, drops: list[tuple[str, int]]) -> int:
+        """Drop at least ``need`` rows from the head of ``segments``, noting ``(model, rows)``
+        in ``drops``; what is still needed."""
+        while need > 0 and segments:
+            seg = segments[0]
+            n = seg.trim(need)
+            drops.append((seg.model, n))
+            need -= n
+            if not seg.rows:
+                segments.popleft()
+        return need
+
+    def _expire(self, now: float) -> list[tuple[str, int]]:
+        """Drop the segments recorded more than max_age_s before ``now`` (lock held); the buffer
+        is in the order they were opened, so they are at its head."""
+        limit = now - self.max_age_s
+        gone: list[_Segment] = []
+        if self._flight and self._flight[0].born < limit:
+            gone += [s for s in self._flight if s.born < limit]
+            self._flight = tuple(s for s in self._flight if s.born >= limit)
+            self._flight_rows = sum(s.rows for s in self._flight)
+        closed = self._closed
+        while closed and closed[0].born < limit:
+            gone.append(closed.popleft())
+        if not closed and self._open is not None and self._open.rows and self._open.born < limit:
+            gone.append(self._open)
+            self._open = None
+        return self._forget(gone, "expired")
+
+    def _forget(self, segments: Sequence[_Segment], reason: str) -> list[tuple[str, int]]:
+        """Take dropped segments off the count of rows held and count them dropped (lock held);
+        ``(model, rows)`` of each, for :meth:`_report` once the lock is released."""
+        rows = sum(seg.rows for seg in segments)
+        self._rows -= rows
+        self.dropped[reason] += rows
+        return [(seg.model, seg.rows) for seg in segments]
+
+    def _report(self, drops: Sequence[tuple[str, int]], reason: str) -> None:
+        """Tell on_dropped, once per model."""
+        if self.on_dropped is None or not drops:
+            return
+        per_model: dict[str, int] = {}
+        for model, n in drops:
+            per_model[model] = per_model.get(model, 0) + n
+        for model, n in per_model.items():
+            self.on_dropped(model, reason, n)
 
     def _poke(self) -> None:
         """Wake the sender now (a full batch is waiting)."""
@@ -245,12 +382,6 @@ class EventEmitter:
             self._wake.set()
         else:
             self._loop.call_soon_threadsafe(self._wake.set)
-
-    def _drop(self, model: str, reason: str, n: int) -> None:
-        with self._lock:  # record() drops from other threads too
-            self.dropped[reason] += n
-        if self.on_dropped is not None:
-            self.on_dropped(model, reason, n)
 
     # -- sender task -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -264,7 +395,8 @@ class EventEmitter:
         self._task = asyncio.create_task(self._run(), name="modelloop-events")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the sender after a last flush (what cannot be sent by the deadline stays unsent)."""
+        """Stop the sender after a last flush, which keeps trying until the deadline; what is
+        still unsent then is dropped and counted (``shutdown``)."""
         if self._task is None:
             return
         self._stopping = True
@@ -277,11 +409,21 @@ class EventEmitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._task = None
+        with self._lock:
+            left = [*self._flight, *self._closed, *([self._open] if self._open is not None else [])]
+            self._flight, self._flight_rows, self._open, self._posting = (), 0, None, False
+            self._closed.clear()
+            drops = self._forget(left, "shutdown")
+        if drops:
+            logger.warning("stopped with %d prediction events not sent to the sidecar %s",
+                           sum(n for _, n in drops), self.url)
+            self._report(drops, "shutdown")
 
-    def _take(self) -> list[_Segment]:
-        """The oldest segments, about batch_size rows: whole segments while they fit (the first
-        always goes, so a model batch larger than batch_size goes whole), and the next rows of a
-        large request, at most a segment's worth."""
+    def _take(self) -> bool:
+        """Make the oldest segments, about batch_size rows, the batch in flight: whole segments
+        while they fit (the first always goes, so a model batch larger than batch_size goes
+        whole), and the next rows of a large request, at most a segment's worth. False when
+        there are none."""
         taken: list[_Segment] = []
         room = self.batch_size
         with self._lock:
@@ -300,11 +442,12 @@ class EventEmitter:
                     break
                 taken.append(seg)
                 room -= seg.rows
-                self._rows -= seg.rows
-        return taken
+            self._flight = tuple(taken)
+            self._flight_rows = self.batch_size - room
+        return bool(taken)
 
     @staticmethod
-    async def _body(segments: list[_Segment]) -> bytes:
+    async def _body(segments: Sequence[_Segment]) -> bytes:
         """The ColumnBatch JSON: one column group per segment, with a yield to the loop between
         groups (a group is at most _SLICE rows unless one model batch was larger)."""
         groups: list[bytes] = []
@@ -316,7 +459,7 @@ class EventEmitter:
 
     async def _run(self) -> None:
         assert self._wake is not None and self.url is not None
-        client = poster(self.url, self.timeout_s)
+        client = poster(self.url, self.timeout_s, self._headers)
         try:
             while True:
                 if self._rows < self.batch_size and not self._stopping:
@@ -325,36 +468,91 @@ class EventEmitter:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-                segments = self._take()
-                if segments:
-                    await self._send(client, segments)
+                if self._take():
+                    await self._deliver(client)
                 elif self._stopping:
                     return
         finally:
             await client.aclose()
 
-    async def _send(self, client: Poster, segments: list[_Segment]) -> None:
-        body = await self._body(segments)
-        n = sum(seg.rows for seg in segments)
-        model = segments[0].model
-        delay = self.retry_backoff_s
-        assert self.url is not None
-        problem = ""
-        for attempt in range(self.max_retries + 1):
+    async def _deliver(self, client: Poster) -> None:
+        """Send the batch in flight until the sidecar takes or refuses it, or it is dropped (the
+        oldest rows of a full buffer, or past the age limit); after each failure wait the
+        backoff, at least the sidecar's Retry-After, and send it again."""
+        body, built_for = b"", ()
+        while True:
+            with self._lock:
+                expired = self._expire(time.monotonic())
+                flight = self._flight
+                self._posting = bool(flight)
+            self._report(expired, "expired")
+            if not flight:
+                return  # dropped, to make room or for its age
+            answer, problem = None, ""
             try:
+                if flight is not built_for:
+                    body, built_for = await self._body(flight), flight
                 answer = await client.post(body)
-                if answer.status == 200:
-                    self.sent += n
-                    if self.on_sent is not None:
-                        self.on_sent(model, n)
-                    return
-                problem = f"HTTP {answer.status}: {answer.text[:200]}"
-                if 400 <= answer.status < 500 and answer.status not in (408, 429):
-                    break  # the sidecar refuses these events; sending them again cannot help
-            except Exception as exc:  # connection refused, timeout, ...: the sidecar is away
+            except Exception as exc:  # connection refused, timeout, a broken answer: the sidecar is away
                 problem = f"{type(exc).__name__}: {exc}"
-            if attempt < self.max_retries and not self._stopping:
-                await asyncio.sleep(delay)
-                delay *= 2
-        logger.warning("dropped %d prediction events: sidecar %s: %s", n, self.url, problem)
-        self._drop(model, "send_failed", n)
+            finally:
+                with self._lock:
+                    self._posting = False
+            if answer is not None and 200 <= answer.status < 300:
+                self._settle(flight, answer.status)
+                return
+            if answer is not None and not retryable(answer.status):
+                self._settle(flight, answer.status, answer.text)
+                return
+            if answer is not None:
+                problem = f"HTTP {answer.status}: {answer.text[:200]}"
+            wait = self._backoff * random.uniform(0.5, 1.0)  # jitter: workers and replicas do not retry in step
+            if answer is not None and answer.retry_after is not None:
+                wait = max(wait, answer.retry_after)
+            self._backoff = min(self._backoff * 2, self.retry_backoff_max_s)
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                self._dropped_before = sum(self.dropped.values())
+                logger.warning("sidecar %s: %s; keeping prediction events (%d held) and sending them "
+                               "again with backoff", self.url, problem, self._rows)
+            await asyncio.sleep(wait)
+
+    def _settle(self, flight: tuple[_Segment, ...], status: int, refusal: str | None = None) -> None:
+        """The sidecar answered the flight: taken (2xx), or refused (``refusal``, its answer):
+        dropped and counted, and logged once per status."""
+        with self._lock:
+            self._flight, self._flight_rows = (), 0
+            if refusal is None:
+                self._rows -= sum(seg.rows for seg in flight)
+                drops = []
+            else:
+                drops = self._forget(flight, "rejected")
+        self._backoff = self.retry_backoff_s
+        if self._failing_since is not None:
+            logger.info("sidecar %s answers again after %.1f s; %d prediction events dropped meanwhile",
+                        self.url, time.monotonic() - self._failing_since,
+                        sum(self.dropped.values()) - self._dropped_before)
+            self._failing_since = None
+        if refusal is not None:
+            self._report(drops, "rejected")
+            if status not in self._refusals:
+                self._refusals.add(status)
+                logger.warning("sidecar %s refused %d prediction events with HTTP %d: %s (they are dropped; "
+                               "further refusals with %d are counted, not logged)", self.url,
+                               sum(n for _, n in drops), status, _error_text(refusal), status)
+            return
+        n = sum(seg.rows for seg in flight)
+        self.sent += n
+        if self.on_sent is not None:
+            per_model: dict[str, int] = {}
+            for seg in flight:
+                per_model[seg.model] = per_model.get(seg.model, 0) + seg.rows
+            for model, rows in per_model.items():
+                self.on_sent(model, rows)
+
+
+def _error_text(body: str) -> str:
+    """The ``error`` of the sidecar's JSON error body, else the start of the body."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return str(orjson.loads(body)["error"])[:300]
+    return body[:300]

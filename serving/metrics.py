@@ -68,7 +68,7 @@ class ServingMetrics:
         )
         self.events_dropped = Counter(
             "modelloop_serving_events_dropped_total",
-            "Prediction events dropped (buffer_full, send_failed).",
+            "Prediction events dropped (buffer_full, expired, rejected, shutdown).",
             ["model", "reason"], registry=registry,
         )
         self.reloads = Counter(

@@ -130,7 +130,8 @@ class ServingSettings(HomeSettings):
     """Base URL of the monitoring sidecar (events go to ``{url}/events``); None sends no events."""
 
     event_buffer_rows: PositiveInt = 100_000
-    """Events a worker holds for sending; when full, new events are dropped and counted."""
+    """Events a worker holds for sending, the batch being sent included. While the sidecar is
+    away they wait here; when it is full, the oldest are dropped (and counted) to make room."""
 
     event_batch_size: PositiveInt = 1000
     """Most events in one POST to the sidecar."""
@@ -138,12 +139,18 @@ class ServingSettings(HomeSettings):
     event_flush_interval_s: PositiveFloat = 0.5
     """Longest an event waits in the buffer before it is sent."""
 
-    event_max_retries: NonNegativeInt = 3
-    """Retries of a failed send (exponential backoff from ``event_retry_backoff_s``) before its
-    events are dropped and counted."""
-
     event_retry_backoff_s: PositiveFloat = 0.2
-    """First retry delay; it doubles with each retry."""
+    """Wait after a first failed send (refused connection, timeout, 5xx, 408, 429); it doubles
+    with each failure in a row up to ``event_retry_backoff_max_s``, and each wait is drawn between
+    half and all of it (jitter). A failed batch is sent again until it goes through, the buffer
+    needs its room or it is older than ``event_max_age_s``."""
+
+    event_retry_backoff_max_s: PositiveFloat = 2.0
+    """Longest wait between two sends while the sidecar is away, unless its ``Retry-After``
+    asks for longer."""
+
+    event_max_age_s: PositiveFloat = 600.0
+    """Events not yet delivered this long after they were recorded are dropped (and counted)."""
 
     event_timeout_s: PositiveFloat = 2.0
     """HTTP timeout of one send to the sidecar."""

@@ -1,10 +1,13 @@
-"""EventEmitter against a real HTTP server: batching, the contract, retries, drops, never blocking."""
+"""EventEmitter against a real HTTP server: batching, the contract, holding events through an
+outage, retries, refusals, drops of the oldest, extra headers, never blocking."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 from modelloop.schemas import ColumnBatch, ModelMetadata, Task, TensorSpec
-from serving.events import EventEmitter
+from serving.events import DROP_REASONS, EventEmitter
 from serving.predictions import interpret
 from tests.serving.conftest import events_of, free_port
 
@@ -24,23 +27,35 @@ META = ModelMetadata(name="m", version=3, task=Task.classification,
 
 
 class Sink:
-    """A real HTTP endpoint for POST /events answering with a scripted status sequence."""
+    """A real HTTP endpoint for POST /events answering with a scripted sequence: a status, or a
+    status with headers and an error text (as the sidecar writes them); 200 once the script is
+    through. It keeps the accepted bodies, and the headers and arrival time of every request."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int | tuple[int, dict[str, str], str]] | None = None,
+                 port: int = 0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.attempts = 0
-        self.statuses = statuses or []
+        self.headers: list[dict[str, str]] = []
+        self.times: list[float] = []
+        self.answers = answers or []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 sink.attempts += 1
-                status = sink.statuses.pop(0) if sink.statuses else 200
+                sink.times.append(time.monotonic())
+                sink.headers.append(dict(self.headers))
+                answer = sink.answers.pop(0) if sink.answers else 200
+                status, headers, error = answer if isinstance(answer, tuple) else (answer, {}, "refused")
                 if status == 200:
                     sink.bodies.append(body)
-                out = json.dumps({"accepted": len(events_of(body))}).encode()
+                    out = json.dumps({"accepted": len(events_of(body))}).encode()
+                else:
+                    out = json.dumps({"error": error, "errors": [error]}).encode()
                 self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("content-length", str(len(out)))
                 self.end_headers()
                 self.wfile.write(out)
@@ -48,7 +63,7 @@ class Sink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -206,7 +221,7 @@ def test_a_request_of_no_rows_sends_nothing_and_spoils_no_batch(sink: Sink) -> N
 
     em = run(main)
     assert {e["request_id"] for e in sink.events} == {f"job-{i}" for i in range(5)}
-    assert em.dropped == {"buffer_full": 0, "send_failed": 0} and sink.attempts == 1
+    assert not any(em.dropped.values()) and sink.attempts == 1
 
 
 def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -> None:
@@ -231,39 +246,181 @@ def test_large_requests_are_split_across_batches_and_rows_numbered(sink: Sink) -
     assert {e["mode"] for e in sink.events} == {"batch"}
 
 
-def test_failed_sends_are_retried_with_backoff() -> None:
-    sink = Sink(statuses=[503, 503])
+def test_failed_sends_are_retried_until_delivered() -> None:
+    """Busy, failing or unreachable through a proxy: each is sent again, the same batch in order."""
+    sink = Sink(answers=[503, 500, 502, 504, 429, 408])
 
     async def main() -> EventEmitter:
-        em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=3, retry_backoff_s=0.01)
+        em = EventEmitter(sink.url, flush_interval_s=0.02, retry_backoff_s=0.01, retry_backoff_max_s=0.02)
         await em.start()
         record(em, "r", 2)
-        await until(lambda: len(sink.events) == 2, "delivery after two 503s")
+        await until(lambda: len(sink.events) == 2, "delivery after six failed sends")
         await em.stop()
         return em
 
     em = run(main)
     sink.close()
-    assert sink.attempts == 3 and em.dropped == {"buffer_full": 0, "send_failed": 0}
+    assert sink.attempts == 7 and em.sent == 2 and not any(em.dropped.values())
+    assert [e["request_id"] for e in sink.events] == ["r-0", "r-1"]
 
 
-@pytest.mark.parametrize(("statuses", "attempts"), [([422], 1), ([500, 500, 500], 3)],
-                         ids=["refused-not-retried", "retries-exhausted"])
-def test_undeliverable_events_are_dropped_and_counted(statuses: list[int], attempts: int) -> None:
-    sink = Sink(statuses=statuses)
-    dropped: list[tuple[str, int]] = []
+def test_a_sidecar_that_is_down_loses_nothing_when_it_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Refused connections for as long as it takes (far past the old 1.4 s of retries): the
+    events wait in the buffer and arrive in order, once, when the sidecar listens again."""
+    port = free_port()
+
+    async def main() -> tuple[EventEmitter, Sink]:
+        em = EventEmitter(f"http://127.0.0.1:{port}", batch_size=4, flush_interval_s=0.01,
+                          retry_backoff_s=0.01, retry_backoff_max_s=0.05)
+        await em.start()
+        for i in range(10):
+            record(em, f"r{i}", 1)
+        await until(lambda: "keeping prediction events" in caplog.text, "a failed send")
+        for i in range(10, 30):
+            record(em, f"r{i}", 1)
+            await asyncio.sleep(0)
+        assert em.pending_rows == 30 and not any(em.dropped.values())
+        sink = Sink(port=port)  # the sidecar is back, on the same port
+        await until(lambda: len(sink.events) == 30, "every event after the outage")
+        await em.stop()
+        return em, sink
+
+    with caplog.at_level(logging.INFO, logger="serving.events"):
+        em, sink = run(main)
+    sink.close()
+    assert [e["request_id"] for e in sink.events] == [f"r{i}-0" for i in range(30)]
+    assert em.sent == 30 and not any(em.dropped.values())
+    assert "answers again after" in caplog.text and "0 prediction events dropped meanwhile" in caplog.text
+
+
+def test_a_full_buffer_drops_the_oldest_events(caplog: pytest.LogCaptureFixture) -> None:
+    """While the sidecar is away the buffer fills; each new event pushes out the oldest held,
+    the batch waiting to be sent again first, so what arrives afterwards is the newest."""
+    sink = Sink(answers=[(503, {"Retry-After": "1"}, "the ingest queue is full")])
+    dropped: list[tuple[str, str, int]] = []
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(sink.url, buffer_rows=10, batch_size=4, flush_interval_s=0.01, retry_backoff_s=0.01,
+                          on_dropped=lambda m, reason, n: dropped.append((m, reason, n)))
+        await em.start()
+        for i in range(4):
+            record(em, f"r{i}", 1)  # a full batch: sent at once, answered 503, waits 1 s to go again
+        await until(lambda: "keeping prediction events" in caplog.text, "the 503")
+        for i in range(4, 30):  # (no await in between: the sender is in its wait throughout)
+            record(em, f"r{i}", 1)
+        assert em.pending_rows == 10 and em.dropped["buffer_full"] == 20
+        await until(lambda: len(sink.events) == 10, "the newest 10 events")
+        await em.stop()
+        return em
+
+    with caplog.at_level(logging.WARNING, logger="serving.events"):
+        em = run(main)
+    sink.close()
+    assert [e["request_id"] for e in sink.events] == [f"r{i}-0" for i in range(20, 30)]
+    assert sum(n for _, reason, n in dropped if reason == "buffer_full") == 20
+    assert {reason for _, reason, _ in dropped} == {"buffer_full"} and em.sent == 10
+
+
+def test_a_request_larger_than_the_room_left_pushes_out_only_what_it_needs() -> None:
+    """The oldest rows go first, and of one large request only its first rows (not started:
+    nothing drains the buffer)."""
+    em = EventEmitter("http://127.0.0.1:9", buffer_rows=5)
+    record(em, "a", 4)
+    record(em, "b", 2)  # needs 1 row: a-0 goes
+    assert em.dropped["buffer_full"] == 1 and em.pending_rows == 5
+    record(em, "c", 6)  # larger than the buffer: it cannot fit, and pushes nothing out
+    assert em.dropped["buffer_full"] == 7 and em.pending_rows == 5
+    record(em, "d", 5)  # everything held goes
+    assert em.dropped["buffer_full"] == 12 and em.pending_rows == 5
+
+
+def test_rows_pushed_out_of_a_model_batch_are_whole_requests_and_the_rest_stay_right(sink: Sink) -> None:
+    """Making room drops whole requests of a model batch (two rows needed: a and b go), and the
+    events of the requests left keep their own features, predictions and ids."""
+    em = EventEmitter(sink.url, buffer_rows=8, flush_interval_s=0.01)
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    proba = np.linspace(0, 1, 12, dtype=np.float32).reshape(6, 2)
+    em.record_requests(model="m", version=3, base_ids=("a", "b", "c"), counts=(1, 3, 2), x=x,
+                       preds=interpret(META, {"probabilities": proba}), latencies=(0.5, 0.25, 0.125))
+    record(em, "d", 4)  # 10 rows for 8: a goes, and b with it (whole requests)
+    assert em.dropped["buffer_full"] == 4 and em.pending_rows == 6
 
     async def main() -> None:
-        em = EventEmitter(sink.url, flush_interval_s=0.02, max_retries=2, retry_backoff_s=0.01,
-                          on_dropped=lambda m, reason, n: dropped.append((reason, n)))
         await em.start()
-        record(em, "r", 3)
-        await until(lambda: dropped, "the drop")
+        await until(lambda: len(sink.events) == 6, "the 6 events left")
+        await em.stop()
+
+    run(main)
+    assert [e["request_id"] for e in sink.events] == ["c-0", "c-1", "d-0", "d-1", "d-2", "d-3"]
+    assert [e["features"] for e in sink.events[:2]] == x[4:].tolist()
+    assert [e["probabilities"] for e in sink.events[:2]] == proba[4:].tolist()
+    assert [e["latency_s"] for e in sink.events[:2]] == [0.125, 0.125]
+
+
+def test_retry_after_is_the_least_wait() -> None:
+    sink = Sink(answers=[(503, {"Retry-After": "1"}, "the ingest queue is full")])
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, flush_interval_s=0.01, retry_backoff_s=0.01, retry_backoff_max_s=0.01)
+        await em.start()
+        record(em, "r", 1)
+        await until(lambda: len(sink.events) == 1, "delivery after the 503")
         await em.stop()
 
     run(main)
     sink.close()
-    assert dropped == [("send_failed", 3)] and sink.attempts == attempts
+    assert sink.attempts == 2 and sink.times[1] - sink.times[0] >= 1.0
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (401, "Authorization: a valid key is required"),  # no key, or the wrong one
+    (413, "body: over the 1024 byte limit"),  # too large for the sidecar
+    (422, "columns[0].version: model 'm' has no version 3"),  # events it will never take
+    (404, "no such route"),  # a URL that is not a sidecar's
+])
+def test_a_refusal_is_not_sent_again_but_counted_and_logged_once(
+        status: int, error: str, caplog: pytest.LogCaptureFixture) -> None:
+    sink = Sink(answers=[(status, {}, error)] * 2)
+    dropped: list[tuple[str, int]] = []
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(sink.url, batch_size=3, flush_interval_s=0.02, retry_backoff_s=0.01,
+                          on_dropped=lambda m, reason, n: dropped.append((reason, n)))
+        await em.start()
+        record(em, "a", 3)
+        await until(lambda: len(dropped) == 1, "the first refusal")
+        record(em, "b", 3)
+        await until(lambda: len(dropped) == 2, "the second refusal")
+        record(em, "c", 3)  # the sidecar takes these
+        await until(lambda: len(sink.events) == 3, "the third batch")
+        await em.stop()
+        return em
+
+    with caplog.at_level(logging.WARNING, logger="serving.events"):
+        em = run(main)
+    sink.close()
+    assert dropped == [("rejected", 3), ("rejected", 3)] and sink.attempts == 3
+    assert em.dropped == {**dict.fromkeys(DROP_REASONS, 0), "rejected": 6}
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == [f"sidecar {sink.url}/events refused 3 prediction events with HTTP {status}: "
+                        f"{error} (they are dropped; further refusals with {status} are counted, not logged)"]
+
+
+def test_events_older_than_the_age_limit_are_dropped() -> None:
+    dropped: list[tuple[str, int]] = []
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(f"http://127.0.0.1:{free_port()}", flush_interval_s=0.01, retry_backoff_s=0.01,
+                          retry_backoff_max_s=0.02, max_age_s=0.1,
+                          on_dropped=lambda m, reason, n: dropped.append((reason, n)))
+        await em.start()
+        record(em, "r", 5)
+        await until(lambda: em.dropped["expired"] == 5, "the events to expire")
+        await em.stop()
+        return em
+
+    em = run(main)
+    assert dropped == [("expired", 5)] and em.pending_rows == 0 and em.sent == 0
 
 
 def test_a_hanging_sidecar_never_blocks_the_caller() -> None:
@@ -282,33 +439,55 @@ def test_a_hanging_sidecar_never_blocks_the_caller() -> None:
 
     async def main() -> EventEmitter:
         em = EventEmitter(f"http://127.0.0.1:{server.server_address[1]}", buffer_rows=50,
-                          flush_interval_s=0.01, timeout_s=30, max_retries=0)
+                          flush_interval_s=0.01, timeout_s=30)
         await em.start()
         record(em, "first", 1)
         await until(received.is_set, "the sender to be stuck in a request")
         for i in range(200):  # would hang here if record() waited for the network
             record(em, f"r{i}", 1)
-        assert em.dropped["buffer_full"] == 150 and em.pending_rows == 50
+        # the row being posted cannot be dropped; the oldest of the others made room
+        assert em.dropped["buffer_full"] == 151 and em.pending_rows == 50
         await em.stop(timeout_s=0.2)  # the deadline wins over the stuck send
         return em
 
-    run(main)
+    em = run(main)
     release.set()
     server.shutdown()
     server.server_close()
+    assert em.dropped["shutdown"] == 50 and em.pending_rows == 0
 
 
-def test_closed_port_drops_after_retries() -> None:
+def test_what_is_unsent_at_the_stop_deadline_is_counted() -> None:
+    dropped: list[tuple[str, int]] = []
+
     async def main() -> EventEmitter:
-        em = EventEmitter(f"http://127.0.0.1:{free_port()}", flush_interval_s=0.01, max_retries=1,
-                          retry_backoff_s=0.01)
+        em = EventEmitter(f"http://127.0.0.1:{free_port()}", flush_interval_s=0.01, retry_backoff_s=0.01,
+                          on_dropped=lambda m, reason, n: dropped.append((reason, n)))
         await em.start()
         record(em, "r", 5)
-        await until(lambda: em.dropped["send_failed"] == 5, "failed sends to be counted")
-        await em.stop()
+        await em.stop(timeout_s=0.2)
         return em
 
-    assert run(main).sent == 0
+    em = run(main)
+    assert dropped == [("shutdown", 5)] and em.dropped["shutdown"] == 5 and em.sent == 0
+
+
+def test_extra_headers_go_with_every_send() -> None:
+    sink = Sink(answers=[503])
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=2, flush_interval_s=0.01, retry_backoff_s=0.01,
+                          headers={"Authorization": "Bearer ingest-key-0123456789"})
+        await em.start()
+        record(em, "a", 2)
+        record(em, "b", 2)
+        await until(lambda: len(sink.events) == 4, "4 events")
+        await em.stop()
+
+    run(main)
+    sink.close()
+    assert sink.attempts == 3
+    assert [h["Authorization"] for h in sink.headers] == ["Bearer ingest-key-0123456789"] * 3
 
 
 def test_records_from_another_thread_are_sent(sink: Sink) -> None:
@@ -324,14 +503,6 @@ def test_records_from_another_thread_are_sent(sink: Sink) -> None:
     run(main)
 
 
-def test_full_buffer_drops_new_events() -> None:
-    dropped: list[tuple[str, int]] = []
-    em = EventEmitter("http://127.0.0.1:9", buffer_rows=5, on_dropped=lambda m, r, n: dropped.append((r, n)))
-    record(em, "a", 4)  # not started: nothing drains the buffer
-    record(em, "b", 2)
-    assert dropped == [("buffer_full", 2)] and em.pending_rows == 4
-
-
 def test_no_url_means_no_events() -> None:
     async def main() -> EventEmitter:
         em = EventEmitter(None)
@@ -342,3 +513,4 @@ def test_no_url_means_no_events() -> None:
 
     em = run(main)
     assert not em.enabled and em.pending_rows == 0
+
