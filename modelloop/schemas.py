@@ -26,6 +26,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
+    StrictInt,
+    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -134,23 +137,27 @@ def monitored_features(x: Any, dims: tuple[int | None, ...]) -> Any:
 
 
 Mode = Literal["realtime", "batch"]
+Number = Annotated[float, Strict()]
+"""A JSON number (an integer too); never a string or a boolean, which lax parsing would turn
+into one (``"1.5"``, ``true``)."""
+Count = Annotated[StrictInt, Field(ge=0)]
 
 
 class PredictionEvent(BaseModel):
     """One predicted row, sent from serving to the sidecar off the request path."""
 
     request_id: str = Field(min_length=1, max_length=200)
-    timestamp: float
+    timestamp: Number
     """Unix time (seconds) when the prediction was made."""
-    model: str = Field(min_length=1)
-    version: int = Field(ge=1)
+    model: str = Field(min_length=1, max_length=200)
+    version: StrictInt = Field(ge=1)
     mode: Mode = "realtime"
-    features: list[float | None]
+    features: list[Number | None]
     """Raw input features in the model's feature order; ``None`` stands for a missing value."""
-    prediction: float
+    prediction: Number
     """Class index for a classifier, the value for a regressor, the score for an anomaly model."""
-    probabilities: list[float] | None = None
-    latency_s: float = Field(ge=0)
+    probabilities: list[Number] | None = None
+    latency_s: Number = Field(ge=0)
     """Time the request spent in serving (queue wait and inference)."""
 
     @field_validator("timestamp", "prediction", "latency_s")
@@ -230,18 +237,18 @@ class EventColumns(BaseModel):
     of the requests taken in order. Each row stands for one :class:`PredictionEvent`
     (:meth:`events` gives them)."""
 
-    model: str = Field(min_length=1)
-    version: int = Field(ge=1)
+    model: str = Field(min_length=1, max_length=200)
+    version: StrictInt = Field(ge=1)
     mode: Mode = "realtime"
-    request_ids: list[str] = Field(min_length=1)
+    request_ids: list[StrictStr] = Field(min_length=1)
     """The base id of each request (its rows' ids add ``-<row>``)."""
-    first_row: list[int]
-    rows: list[int]
-    timestamp: list[float]
-    latency_s: list[float]
-    features: list[list[float | None]] | PackedMatrix
-    prediction: list[float]
-    probabilities: list[list[float]] | PackedMatrix | None = None
+    first_row: list[Count]
+    rows: list[Count]
+    timestamp: list[Number]
+    latency_s: list[Number]
+    features: list[list[Number | None]] | PackedMatrix
+    prediction: list[Number]
+    probabilities: list[list[Number]] | PackedMatrix | None = None
 
     @field_validator("features", "probabilities", mode="before")
     @classmethod
@@ -304,6 +311,15 @@ class Feedback(BaseModel):
     """The true label of one earlier prediction."""
 
     request_id: str = Field(min_length=1, max_length=200)
-    label: str | int | float
-    timestamp: float | None = None
+    label: StrictStr | StrictInt | Number
+    """A class name or index, or a regression target: see the sidecar's ``resolve_label``."""
+    timestamp: Number | None = None
     """When the label became known (unix seconds); the sidecar's clock when omitted."""
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label_kind(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected a class name, a class index or a number, got "
+                             f"{type(value).__name__}")
+        return value

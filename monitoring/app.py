@@ -1,9 +1,15 @@
 """The sidecar's HTTP API (Starlette): a thin transport over :class:`~monitoring.sidecar.Sidecar`.
 
-Routes: ``POST /events``, ``POST /feedback``, ``GET /status``, ``POST /check``,
-``GET /reports/drift/latest``, ``POST /retrain``, ``POST /alertmanager``, ``GET /jobs``,
-``GET /export/labelled``, ``GET /metrics``, ``GET /live``, ``GET /ready``. Bad input gets a 4xx
-JSON body ``{"error": ..., "errors": [...]}`` naming the field.
+Routes, with the role whose key each needs once ``MODELLOOP_MONITOR_API_KEY`` is set (the admin
+key opens every route; see :mod:`monitoring.auth`)::
+
+    POST /events          ingest         POST /feedback       feedback
+    POST /alertmanager    alertmanager   GET  /status  POST /check  POST /retrain  GET /jobs
+    GET  /reports/drift/latest  GET /reports/drift/{model}/latest   GET /export/labelled   admin
+    GET  /metrics  GET /live  GET /ready                                                   open
+
+Bad input gets a 4xx JSON body ``{"error": ..., "errors": [...]}`` naming the field; a full
+ingest queue a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import contextlib
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from monitoring.ingest import InputError, parse_feedback
+from monitoring.auth import Role, RoleKeys
+from monitoring.ingest import InputError
 from monitoring.reports import latest_report
 from monitoring.sidecar import Sidecar
 
@@ -42,8 +49,48 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def _error(status: int, message: str, **extra: Any) -> ORJSONResponse:
-    return ORJSONResponse({"error": message, "errors": [message], **extra}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> ORJSONResponse:
+    return ORJSONResponse({"error": message, "errors": [message]}, status_code=status,
+                          headers=headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+EXPORT_MAX_ROWS = 1_000_000
+
+
+class IngestBudget:
+    """Bytes of ingest bodies held at once, from reading to commit: a body that would pass the
+    budget is refused at once (503), so bursts cannot grow memory or the writer's queue. One
+    body is always let in, so a body under the body limit is never refused forever."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held and self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+def _query_number(request: Request, name: str, default: float, low: float, high: float,
+                  integer: bool = False) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise InputError(422, "invalid_query", [
+            f"{name}: expected {'a whole number' if integer else 'a number'}, got {raw[:40]!r}"]) from None
+    if not low <= value <= high:  # NaN fails too
+        raise InputError(422, "invalid_query", [f"{name}: must be between {low:g} and {high:g}, "
+                                                f"got {raw[:40]}"])
+    return value
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -63,30 +110,68 @@ def create_app(sidecar: Sidecar) -> Starlette:
     """The ASGI app; the sidecar is started by the caller and stopped when the app shuts down."""
     settings = sidecar.settings
     limit = settings.max_body_bytes
+    keys = RoleKeys.from_settings(settings)
+    budget = IngestBudget(settings.ingest_queue_bytes)
 
-    async def events(request: Request) -> Response:
+    def guard(role: Role, handler: Handler) -> Handler:
+        if not keys.enabled:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            denied = keys.denial(request.headers.get("authorization"), role)
+            if denied is None:
+                return await handler(request)
+            sidecar.metrics.denied.labels(denied).inc()
+            if denied == "wrong_role":
+                return _error(403, f"Authorization: this key may not use {request.url.path} "
+                                   f"(it needs the {role} or the admin key)")
+            return _error(401, "Authorization: a valid key is required (Authorization: Bearer "
+                               "<key>)", headers={"WWW-Authenticate": 'Bearer realm="modelloop"'})
+        return guarded
+
+    async def budgeted(request: Request, work: Callable[[bytes], Awaitable[Response]]) -> Response:
+        """Read the body within the ingest budget (by its declared length, else by the limit),
+        run ``work`` on it, give the bytes back when it is done."""
+        declared = request.headers.get("content-length")
+        size = min(int(declared), limit) if declared is not None and declared.isdigit() else limit
+        if not budget.take(size):
+            sidecar.metrics.ingest_busy.inc()
+            return _error(503, f"body: the ingest queue is full ({budget.held} of {budget.limit} "
+                               "bytes held); retry after 1 s", headers={"Retry-After": "1"})
         try:
-            body = await _body(request, limit)
-            accepted, new = await asyncio.wrap_future(sidecar.submit_events(body))
+            return await work(await _body(request, limit))
         except InputError as exc:
             if exc.reason == "too_large":
                 sidecar.reject("too_large")
             return ORJSONResponse(exc.body(), status_code=exc.status)
+        finally:
+            budget.give(size)
+
+    async def store_events(body: bytes) -> Response:
+        try:
+            accepted, new = await asyncio.wrap_future(sidecar.submit_events(body))
+        except InputError:
+            raise  # answered by budgeted()
         except Exception as exc:  # nothing was acknowledged: serving keeps the batch and retries
             return _error(503, f"events not stored: {exc}")
         sidecar.ingested(new)
         return ORJSONResponse({"accepted": accepted, "new": sum(new.values())})
 
-    async def feedback(request: Request) -> Response:
+    async def store_feedback(body: bytes) -> Response:
         try:
-            body = await _body(request, limit)
-            items, single = parse_feedback(body)
+            items, single = sidecar.parse_feedback(body)
             result = await run_in_threadpool(sidecar.feedback, items, single)
         except InputError as exc:
             if exc.reason != "invalid_label":
                 sidecar.reject(exc.reason, exc.rejected)
-            return ORJSONResponse(exc.body(), status_code=exc.status)
+            raise
         return ORJSONResponse(result)
+
+    async def events(request: Request) -> Response:
+        return await budgeted(request, store_events)
+
+    async def feedback(request: Request) -> Response:
+        return await budgeted(request, store_feedback)
 
     async def status(request: Request) -> Response:
         return ORJSONResponse(await run_in_threadpool(sidecar.status))
@@ -106,6 +191,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
                 return _error(400, "model: name the model (?model=NAME); this sidecar watches "
                                    f"{', '.join(models) or 'no model with events yet'}")
             model = models[0]
+        elif model not in sidecar.evaluator.models():  # a name, never a path
+            return _error(404, f"model: no events of model {model!r}")
         path = latest_report(settings.reports_dir, model)
         if path is None:
             return _error(404, f"no drift report for model {model!r} yet (one is written after "
@@ -120,12 +207,15 @@ def create_app(sidecar: Sidecar) -> Starlette:
         if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not data["model"]:
             return _error(422, "model: required, the name of the model to retrain")
         reason = data.get("reason") or "manual request"
-        if not isinstance(reason, str):
-            return _error(422, "reason: must be a string")
+        if not isinstance(reason, str) or len(reason) > 1000:
+            return _error(422, "reason: must be a string of at most 1000 characters")
         try:
             outcome = await run_in_threadpool(sidecar.retrain, data["model"], reason)
         except InputError as exc:
             return ORJSONResponse(exc.body(), status_code=exc.status)
+        if outcome.refused == "at_capacity":
+            return ORJSONResponse(outcome.as_dict(), status_code=429,
+                                  headers={"Retry-After": str(int(settings.job_poll_s * 30))})
         code = {"running": 202, "skipped": 409, "failed": 502}[outcome.status]
         return ORJSONResponse(outcome.as_dict(), status_code=code)
 
@@ -146,10 +236,10 @@ def create_app(sidecar: Sidecar) -> Starlette:
         if not model:
             return _error(422, "model: required")
         try:
-            since = float(request.query_params.get("since", 0))
-            limit_rows = int(request.query_params.get("limit", 100_000))
-        except ValueError:
-            return _error(422, "since/limit: must be numbers")
+            since = _query_number(request, "since", 0.0, 0.0, 1e11)
+            limit_rows = int(_query_number(request, "limit", 100_000, 1, EXPORT_MAX_ROWS, True))
+        except InputError as exc:
+            return ORJSONResponse(exc.body(), status_code=exc.status)
         data = await run_in_threadpool(_labelled_parquet, sidecar, model, since, limit_rows)
         if data is None:
             return _error(404, f"model: no labelled events of model {model!r}")
@@ -173,16 +263,16 @@ def create_app(sidecar: Sidecar) -> Starlette:
         await run_in_threadpool(sidecar.stop)
 
     routes = [
-        Route("/events", events, methods=["POST"]),
-        Route("/feedback", feedback, methods=["POST"]),
-        Route("/status", status, methods=["GET"]),
-        Route("/check", check, methods=["POST"]),
-        Route("/reports/drift/latest", report, methods=["GET"]),
-        Route("/reports/drift/{model}/latest", report, methods=["GET"]),
-        Route("/retrain", retrain, methods=["POST"]),
-        Route("/alertmanager", alertmanager, methods=["POST"]),
-        Route("/jobs", jobs, methods=["GET"]),
-        Route("/export/labelled", export_labelled, methods=["GET"]),
+        Route("/events", guard("ingest", events), methods=["POST"]),
+        Route("/feedback", guard("feedback", feedback), methods=["POST"]),
+        Route("/status", guard("admin", status), methods=["GET"]),
+        Route("/check", guard("admin", check), methods=["POST"]),
+        Route("/reports/drift/latest", guard("admin", report), methods=["GET"]),
+        Route("/reports/drift/{model}/latest", guard("admin", report), methods=["GET"]),
+        Route("/retrain", guard("admin", retrain), methods=["POST"]),
+        Route("/alertmanager", guard("alertmanager", alertmanager), methods=["POST"]),
+        Route("/jobs", guard("admin", jobs), methods=["GET"]),
+        Route("/export/labelled", guard("admin", export_labelled), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/live", live, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),

@@ -55,6 +55,8 @@ def _settings(**overrides: Any) -> MonitorSettings:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a rule across settings: its message names them
+            raise _fail(f"settings: {err['msg'].removeprefix('Value error, ')}", 2) from exc
         raise _fail(f"setting {field} (MODELLOOP_MONITOR_{field.upper()}): {err['msg']}", 2) from exc
 
 
@@ -63,11 +65,16 @@ def _serve(port: int | None, host: str | None, store: str | None, policy: Path |
     import uvicorn
 
     from monitoring.app import create_app
+    from monitoring.auth import ExposureError, check_exposure
     from monitoring.policy import PolicyError
     from monitoring.sidecar import Sidecar
     from monitoring.store import StoreError
 
     settings = _settings(port=port, host=host, store_url=store, policy_file=policy, models=models)
+    try:
+        check_exposure(settings)
+    except ExposureError as exc:
+        raise _fail(str(exc), 2) from exc
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("monitoring").setLevel(logging.INFO)  # a server says what it does
     sidecar = Sidecar(settings)
@@ -75,6 +82,9 @@ def _serve(port: int | None, host: str | None, store: str | None, policy: Path |
         sidecar.start()
     except (PolicyError, StoreError, ValueError, OSError) as exc:
         raise _fail(str(exc), 2) from exc
+    if settings.api_key is None:
+        log.warning("no MODELLOOP_MONITOR_API_KEY: every route is open to anyone on %s",
+                    settings.host)
     uvicorn.run(create_app(sidecar), host=settings.host, port=settings.port, access_log=False,
                 log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
 
@@ -82,7 +92,11 @@ def _serve(port: int | None, host: str | None, store: str | None, policy: Path |
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context, port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
          policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
-    """The monitoring sidecar: `modelloop monitor --port 8001` runs it (as does `... run`)."""
+    """The monitoring sidecar: `modelloop monitor --port 8001` runs it (as does `... run`).
+
+    Keys come from the environment only: MODELLOOP_MONITOR_API_KEY (admin),
+    MODELLOOP_MONITOR_INGEST_KEY (serving's events), MODELLOOP_MONITOR_FEEDBACK_KEY (labels).
+    Without an admin key the sidecar refuses to listen beyond loopback."""
     if ctx.invoked_subcommand is None:
         _serve(port, host, store, policy, models)
 
@@ -90,16 +104,27 @@ def main(ctx: typer.Context, port: PortOpt = None, host: HostOpt = None, store: 
 @app.command("run")
 def run(port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
         policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
-    """Run the sidecar: event ingest, feedback, drift, policy, retraining, /metrics."""
+    """Run the sidecar: event ingest, feedback, drift, policy, retraining, /metrics.
+
+    Keys come from the environment only: MODELLOOP_MONITOR_API_KEY (admin),
+    MODELLOOP_MONITOR_INGEST_KEY (serving's events), MODELLOOP_MONITOR_FEEDBACK_KEY (labels).
+    Without an admin key the sidecar refuses to listen beyond loopback."""
     _serve(port, host, store, policy, models)
 
 
 def _base_url(url: str | None) -> str:
-    if url:
-        return url.rstrip("/")
+    return url.rstrip("/") if url else _settings().self_url
+
+
+def _auth(*roles: str) -> dict[str, str]:
+    """The Authorization header with the first of the roles' keys found in the environment
+    (``MODELLOOP_MONITOR_FEEDBACK_KEY``, ``MODELLOOP_MONITOR_API_KEY``, ...); none without."""
     s = _settings()
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    return f"http://{host}:{s.port}"
+    for role in roles:
+        key = getattr(s, f"{role}_key")
+        if key is not None:
+            return {"Authorization": f"Bearer {key.get_secret_value()}"}
+    return {}
 
 
 _FEEDBACK_LINE = re.compile(r"^feedback\[(\d+)\]\.(.*)$")
@@ -160,7 +185,7 @@ def feedback(
     joined = 0
     unknown: list[str] = []
     duplicate: list[str] = []
-    with httpx.Client(base_url=base, timeout=60) as client, Progress(
+    with httpx.Client(base_url=base, timeout=60, headers=_auth("feedback", "api")) as client, Progress(
             TextColumn("feedback"), BarColumn(), MofNCompleteColumn(), console=console,
             transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("labels", total=len(rows))
@@ -202,8 +227,9 @@ def status(url: UrlOpt = None,
     """Show drift, accuracy, latency, policy rules and jobs of a running sidecar."""
     base = _base_url(url)
     try:
-        resp = (httpx.post(f"{base}/check", timeout=300) if check
-                else httpx.get(f"{base}/status", timeout=30))
+        headers = _auth("api")
+        resp = (httpx.post(f"{base}/check", timeout=300, headers=headers) if check
+                else httpx.get(f"{base}/status", timeout=30, headers=headers))
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         raise _fail(f"cannot get the status of the sidecar at {base}: {exc}") from exc

@@ -41,6 +41,29 @@ from monitoring.store import EventStore
 
 log = logging.getLogger(__name__)
 MAX_ERRORS = 20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Features beyond float32 cannot come from serving (its models take float32); one such value
+(1e300) would make a drift score of 1e297."""
+PROB_SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class TimeBounds:
+    """Timestamps the sidecar takes: not older than retention keeps (the row would be deleted
+    at once), not further ahead than the senders' clocks may run."""
+
+    max_age_s: float = math.inf
+    max_skew_s: float = math.inf
+
+    def problem(self, ts: np.ndarray, now: float) -> tuple[int, str] | None:
+        """The first timestamp out of bounds (its index and why), or None."""
+        bad = ~((ts >= now - self.max_age_s) & (ts <= now + self.max_skew_s))
+        if not bad.any():
+            return None
+        i = _first(bad)
+        side = "in the future" if ts[i] > now else "older than the retention age"
+        return i, (f"{ts[i]:.6g} is {side} (now {now:.0f}; at most {self.max_skew_s:g} s ahead "
+                   f"and {self.max_age_s:g} s behind)")
 
 
 @dataclass
@@ -122,11 +145,12 @@ _columns_adapter = TypeAdapter(ColumnBatch)
 _COLUMNS = re.compile(rb'^\s*\{\s*"columns"\s*:')
 
 
-def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
+def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
+                 bounds: TimeBounds = TimeBounds()) -> list[EventRow]:
     """Validate a ``{"events": [...]}`` or ``{"columns": [...]}`` body (serving sends columns);
     the rows to store, or :class:`InputError`."""
     if _COLUMNS.match(body):
-        return parse_columns(body, catalog, received_at)
+        return parse_columns(body, catalog, received_at, bounds)
     batch = _validate(_batch_adapter, body, _count_events)
     events = batch.events
     errors: list[tuple[int, str]] = []
@@ -144,6 +168,9 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
             reasons.add("unknown_model")
             continue
         problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
+        late = bounds.problem(np.array([ev.timestamp]), received_at)
+        if late is not None:
+            problem = problem or f"timestamp: {late[1]}"
         if problem:
             errors.append((i, f"events[{i}].{problem}"))
             reasons.add("wrong_shape")
@@ -160,17 +187,16 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float) -> list
         # one matrix per model version (same width): finiteness checked and rows packed at once
         feats = np.array([events[i].features for i in idx], dtype=np.float64)  # None -> NaN
         probs = _matrix([events[i].probabilities for i in idx])
-        bad = np.asarray(np.isinf(feats).any(axis=1))
-        bad_p: np.ndarray = (np.zeros(len(idx), bool) if probs is None
-                             else ~np.isfinite(probs).all(axis=1))
+        bad = np.asarray((np.abs(feats) > FLOAT32_MAX).any(axis=1))  # inf too; NaN is missing
+        bad_p: np.ndarray = (np.zeros(len(idx), bool) if probs is None else ~_distributions(probs))
         for j, i in enumerate(idx):
             if bad[j]:
-                errors.append((i, f"events[{i}].features: values must be finite numbers or null"))
+                errors.append((i, f"events[{i}].features: {_FEATURES_RULE}"))
                 reasons.add("wrong_shape")
                 continue
             ev = events[i]
             if bad_p[j]:
-                errors.append((i, f"events[{i}].probabilities: values must be finite numbers"))
+                errors.append((i, f"events[{i}].probabilities: {_PROBS_RULE}"))
                 reasons.add("wrong_shape")
                 continue
             p_blob = probs[j].tobytes() if probs is not None else (
@@ -198,7 +224,8 @@ def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], i
         raise InputError(422, "invalid_event", format_validation(exc), count(body)) from exc
 
 
-def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float) -> list[EventRow]:
+def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
+                  bounds: TimeBounds = TimeBounds()) -> list[EventRow]:
     """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
     version with whole-matrix checks; errors name ``columns[g].field[row]``."""
     batch = _validate(_columns_adapter, body, _count_rows)
@@ -215,6 +242,9 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float) -> lis
             reasons.add("unknown_model")
             continue
         problem, feats, probs = _check_columns(g, meta)
+        late = bounds.problem(np.asarray(g.timestamp, dtype=np.float64), received_at)
+        if late is not None:
+            problem = problem or f"timestamp[{late[0]}]: {late[1]}"
         if problem:
             errors.append(f"{where}.{problem}")
             reasons.add("wrong_shape")
@@ -273,8 +303,8 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
     problem, feats = _column_matrix(g.features, n, "features", tag)
     if problem:
         return problem, empty, None
-    if np.isinf(feats).any():
-        return f"features[{_first(np.isinf(feats))}]: values must be finite numbers or null", empty, None
+    if (too_big := np.abs(feats) > FLOAT32_MAX).any():  # inf too; NaN is a missing value
+        return f"features[{_first(too_big)}]: {_FEATURES_RULE}", empty, None
     pred = np.asarray(g.prediction, dtype=np.float64)
     if not np.isfinite(pred).all():
         return f"prediction[{_first(~np.isfinite(pred))}]: must be a finite number", empty, None
@@ -287,9 +317,19 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
     problem, probs = _column_matrix(g.probabilities, k, "probabilities", tag)
     if problem:
         return problem, empty, None
-    if not np.isfinite(probs).all():
-        return f"probabilities[{_first(~np.isfinite(probs))}]: values must be finite numbers", empty, None
+    if not (ok := _distributions(probs)).all():
+        return f"probabilities[{_first(~ok)}]: {_PROBS_RULE}", empty, None
     return None, feats, probs
+
+
+_FEATURES_RULE = "values must be numbers within float32 range (|x| <= 3.4e38) or null"
+_PROBS_RULE = f"values must be in [0, 1] and sum to 1 (within {PROB_SUM_TOLERANCE:g})"
+
+
+def _distributions(probs: np.ndarray) -> np.ndarray:
+    """Per row: every value in [0, 1] (NaN fails) and the row sums to 1."""
+    in_range = ((probs >= 0) & (probs <= 1)).all(axis=1)
+    return np.asarray(in_range & (np.abs(probs.sum(axis=1) - 1) <= PROB_SUM_TOLERANCE))
 
 
 def _count_rows(body: bytes) -> int:
@@ -338,9 +378,24 @@ def _count_events(body: bytes) -> int:
 _feedback_list = TypeAdapter(list[Feedback])
 
 
-def parse_feedback(body: bytes) -> tuple[list[Feedback], bool]:
+def parse_feedback(body: bytes, now: float | None = None,
+                   bounds: TimeBounds = TimeBounds()) -> tuple[list[Feedback], bool]:
     """One ``{request_id, label}`` object or ``{"feedback": [...]}``; the labels, and whether it
-    was the single form (its errors name ``label``, not ``feedback[0].label``)."""
+    was the single form (its errors name ``label``, not ``feedback[0].label``). Timestamps out
+    of ``bounds`` around ``now`` are refused."""
+    items, single = _parse_feedback(body)
+    if now is not None:
+        stamped = [(i, f.timestamp) for i, f in enumerate(items) if f.timestamp is not None]
+        if stamped:
+            late = bounds.problem(np.array([t for _, t in stamped], dtype=np.float64), now)
+            if late is not None:
+                i = stamped[late[0]][0]
+                where = "timestamp" if single else f"feedback[{i}].timestamp"
+                raise InputError(422, "invalid_feedback", [f"{where}: {late[1]}"], len(items))
+    return items, single
+
+
+def _parse_feedback(body: bytes) -> tuple[list[Feedback], bool]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -359,29 +414,38 @@ def parse_feedback(body: bytes) -> tuple[list[Feedback], bool]:
         raise InputError(422, "invalid_feedback", format_validation(exc)) from exc
 
 
+_INDEX = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def resolve_label(label: str | int | float, meta: ModelMetadata) -> float | str:
-    """The stored value of a label: the class index for a classifier, the number otherwise;
-    or a string saying why the label does not fit the model version."""
+    """The stored value of a label, or a string saying why it does not fit the model version.
+
+    A classifier's label is a class name exactly as the model has it, or a class index: a
+    whole JSON number, or a string of ASCII digits (``"1"``; not ``" 1 "``, ``"-0"`` or other
+    scripts' digits). Any other task's label is a finite number, or a string of one in plain
+    decimal notation (``"3.5"``, ``"-1e3"``), as a CSV column holds it.
+    """
     tag = f"{meta.name} v{meta.version}"
     if meta.task == Task.classification and meta.class_labels:
         labels = meta.class_labels
         if isinstance(label, str):
             if label in labels:
                 return float(labels.index(label))
-            if label.strip().lstrip("-").isdigit():
-                label = int(label)
-            else:
+            if not _INDEX.fullmatch(label):
                 return f"{label!r} is not a class of {tag} (classes: {', '.join(labels)})"
+            label = int(label)
         if isinstance(label, float) and not label.is_integer():
             return f"{label!r} is not a class index of {tag}"
-        if not 0 <= int(label) < len(labels):
-            return f"class index {int(label)} is out of range for {tag} (0..{len(labels) - 1})"
+        if not 0 <= label < len(labels):
+            return f"class index {label:g} is out of range for {tag} (0..{len(labels) - 1})"
         return float(int(label))
-    try:
-        value = float(label)
-    except ValueError:
+    if isinstance(label, str) and not _DECIMAL.fullmatch(label):
         return f"{label!r} is not a number (the target of {tag})"
-    return value if math.isfinite(value) else f"{label!r} is not a finite number"
+    value = float(label)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        return f"{label!r} is not a finite number within float32 range"
+    return value
 
 
 # -- group commit ----------------------------------------------------------------------------------

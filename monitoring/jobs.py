@@ -27,6 +27,8 @@ from monitoring.metrics import MonitorMetrics
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, JobRecord
 from monitoring.triggers import (
+    SIDECAR_KEY_ENV,
+    SIDECAR_URL_ENV,
     JobRequest,
     LocalProcessTrigger,
     NoTrigger,
@@ -58,9 +60,14 @@ class JobOutcome:
     status: str
     """``running`` (started), ``failed`` (could not start) or ``skipped`` (not allowed now)."""
     detail: str = ""
+    refused: str = ""
+    """Why a ``skipped`` request was refused: ``model_busy`` or ``at_capacity``."""
 
     def as_dict(self) -> dict[str, str]:
-        return {"job": self.job_id, "status": self.status, "detail": self.detail}
+        out = {"job": self.job_id, "status": self.status, "detail": self.detail}
+        if self.refused:
+            out["refused"] = self.refused
+        return out
 
 
 class JobManager:
@@ -68,8 +75,11 @@ class JobManager:
 
     def __init__(self, store: EventStore, trigger: Trigger, metrics: MonitorMetrics, *,
                  command: str, window_s: float = 3600.0, timeout_s: float = 21600.0,
+                 max_active: int = 2, env: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.max_active = max_active
+        self.env = dict(env or {})
         self.trigger = trigger
         self.metrics = metrics
         self.command = command
@@ -86,17 +96,23 @@ class JobManager:
             record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
                                reason=reason, status="started", created_at=now, ended_at=None,
                                handle="", detail="")
+            active = self.store.jobs(active_only=True, limit=self.max_active)
+            if len(active) >= self.max_active:
+                return self._skipped(model, trigger, job_id, (
+                    f"{len(active)} retraining jobs are running ({', '.join(j.model for j in active)})"
+                    f"; at most {self.max_active} at once (MODELLOOP_MONITOR_MAX_ACTIVE_JOBS)"),
+                    "at_capacity")
             why_not = self.store.try_start_job(record)
             if why_not:
-                return self._skipped(model, trigger, job_id, why_not)
+                return self._skipped(model, trigger, job_id, why_not, "model_busy")
             req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
-                             reason=reason)
+                             reason=reason, env=self.env)
             try:
                 req = replace(req, command=render_command(self.command, req))
                 handle = self.trigger.start(req)
             except TriggerConflict as exc:
                 self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)
-                return self._skipped(model, trigger, job_id, str(exc))
+                return self._skipped(model, trigger, job_id, str(exc), "model_busy")
             except (TriggerError, OSError) as exc:
                 log.error("retraining job %s for %s failed to start: %s", job_id, model, exc)
                 self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
@@ -109,10 +125,11 @@ class JobManager:
         log.warning("retraining job %s started for %s (%s): %s", job_id, model, trigger, reason)
         return JobOutcome(job_id, "running", f"{self.trigger.kind} job {handle}")
 
-    def _skipped(self, model: str, trigger: str, job_id: str, why: str) -> JobOutcome:
+    def _skipped(self, model: str, trigger: str, job_id: str, why: str, refused: str) -> JobOutcome:
         log.info("retraining of %s not started: %s", model, why)
         self.metrics.retrain_jobs.labels(model, trigger, "skipped").inc()
-        return JobOutcome(job_id, "skipped", why)
+        self.metrics.retrain_refused.labels(trigger, refused).inc()
+        return JobOutcome(job_id, "skipped", why, refused)
 
     def poll(self, models: list[str] | None = None) -> None:
         """Check every active job of this trigger kind; record the ones that ended."""
@@ -150,6 +167,14 @@ class JobManager:
         return None
 
 
+def job_env(settings: MonitorSettings) -> dict[str, str]:
+    """What every job is told of the sidecar that starts it: its URL and admin key."""
+    env = {SIDECAR_URL_ENV: settings.self_url}
+    if settings.api_key is not None:
+        env[SIDECAR_KEY_ENV] = settings.api_key.get_secret_value()
+    return env
+
+
 def build_trigger(settings: MonitorSettings) -> Trigger:
     """The trigger named by ``settings.trigger``."""
     if settings.trigger == "local":
@@ -165,7 +190,7 @@ def build_trigger(settings: MonitorSettings) -> Trigger:
             namespace=settings.k8s_namespace, image=settings.job_image,
             service_account=settings.k8s_service_account, claim=settings.k8s_registry_claim,
             ttl_s=settings.k8s_ttl_s, deadline_s=settings.job_timeout_s,
-            api_url=settings.k8s_api_url)
+            api_url=settings.k8s_api_url, key_secret=settings.k8s_key_secret)
     if settings.trigger == "docker":
         from monitoring.triggers_cluster import DockerTrigger
 

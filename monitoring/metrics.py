@@ -19,6 +19,8 @@ REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape
 FEEDBACK_RESULTS = ("joined", "unknown", "duplicate")
 JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
+DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
+REFUSE_REASONS = ("unknown_model", "not_watched", "model_busy", "at_capacity")
 
 
 class MonitorMetrics:
@@ -93,8 +95,21 @@ class MonitorMetrics:
                                 ("model",))
         self.retrain_last = g("modelloop_retrain_last_timestamp_seconds", "When a job last ended.",
                               ("model", "result"))
+        # who may steer, and what is refused before any work
+        self.denied = c("modelloop_monitor_denied_total", "Requests refused for a missing or "
+                        "wrong key, or a key of another role.", ("reason",))
+        self.retrain_refused = c("modelloop_retrain_refused_total", "Retraining requests refused "
+                                 "before a job (unknown model, busy, at the global cap).",
+                                 ("trigger", "reason"))
+        self.ingest_busy = c("modelloop_ingest_busy_total", "Bodies answered 503 because the "
+                             "ingest queue was full (the sender retries them).", ())
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
+        for reason in DENY_REASONS:
+            self.denied.labels(reason)
+        for trigger in JOB_TRIGGERS:
+            for reason in REFUSE_REASONS:
+                self.retrain_refused.labels(trigger, reason)
 
     def initialise(self, models: Iterable[str], rules: Iterable[str]) -> None:
         """Create the counters' series at zero, so rates and alerts work from the first event."""

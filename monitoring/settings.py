@@ -13,7 +13,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelloop.settings import HomeSettings
@@ -45,6 +53,30 @@ class MonitorSettings(HomeSettings):
     """Largest request body accepted by ``/events`` and ``/feedback`` (413 beyond)."""
     shutdown_timeout_s: PositiveFloat = 20.0
     """How long a graceful shutdown waits for in-flight writes and checks."""
+    ingest_queue_bytes: PositiveInt = 64 * 1024 * 1024
+    """Bytes of ``/events`` and ``/feedback`` bodies held at once (read, queued or being
+    written); a body that would pass it is answered 503 with ``Retry-After``, and serving
+    retries it. Bounds the sidecar's memory under bursts."""
+    max_clock_skew_s: PositiveFloat = 300.0
+    """Event and label timestamps may be at most this far in the future (the sender's clock
+    ahead of ours); older than the retention age is refused too (it would be deleted at once)."""
+
+    # -- who may steer (see monitoring/auth.py) -----------------------------------------------
+    api_key: SecretStr | None = None
+    """The admin key (``Authorization: Bearer <key>``): every route, among them retraining,
+    checks, status, reports, jobs and the labelled export. Without it the sidecar is open and
+    refuses to listen beyond loopback."""
+    ingest_key: SecretStr | None = None
+    """Key for ``POST /events`` only; serving sends it as ``MODELLOOP_SERVING_SIDECAR_KEY``."""
+    feedback_key: SecretStr | None = None
+    """Key for ``POST /feedback`` only: a label provider can neither retrain nor read features."""
+    alertmanager_key: SecretStr | None = None
+    """Key for ``POST /alertmanager`` only (Alertmanager's ``http_config.authorization``)."""
+    allow_unauthenticated: bool = False
+    """Listen beyond loopback without an admin key (only behind a gateway that authenticates)."""
+    max_active_jobs: PositiveInt = 2
+    """Retraining jobs running at once over all models (at most one per model besides);
+    requests beyond it are refused (429 to ``POST /retrain``) and counted."""
 
     # -- store -----------------------------------------------------------------------------
     store_url: str | None = None
@@ -98,7 +130,7 @@ class MonitorSettings(HomeSettings):
     trigger: TriggerKind = "local"
     """How a retraining job runs: a local process, a Kubernetes Job, a Docker container, a
     webhook call, or ``none`` (alerts only)."""
-    retrain_command: str = "modelloop retrain --name {model}"
+    retrain_command: str = "modelloop retrain --name {model} --trigger {trigger}"
     """Command of a retraining job; ``{model}``, ``{version}``, ``{job}``, ``{trigger}`` and
     ``{reason}`` are filled in. Runs as a local process, or as the container command."""
     job_window_s: PositiveFloat = 3600.0
@@ -118,6 +150,12 @@ class MonitorSettings(HomeSettings):
     """Kubernetes API server; empty means in-cluster config, else ``~/.kube/config``."""
     k8s_registry_claim: str | None = None
     """PersistentVolumeClaim holding ``$MODELLOOP_HOME``, mounted into retraining Jobs."""
+    k8s_key_secret: str | None = None
+    """Secret (key ``api-key``) holding the admin key, read by retraining Jobs instead of the key
+    being written into each Job's spec (the Helm chart sets it)."""
+    public_url: str | None = None
+    """This sidecar's URL as its retraining jobs reach it (they fetch labelled data from it);
+    empty means ``http://127.0.0.1:<port>``, right for a local job; in a cluster, the Service."""
     k8s_ttl_s: NonNegativeFloat = 24 * 3600.0
     """``ttlSecondsAfterFinished`` of retraining Jobs."""
     docker_url: str | None = None
@@ -165,10 +203,36 @@ class MonitorSettings(HomeSettings):
             raise ValueError("must start with sqlite:/// or postgresql://")
         return value or None
 
+    @field_validator("api_key", "ingest_key", "feedback_key", "alertmanager_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        key = value.get_secret_value()
+        if len(key) < 16 or any(c.isspace() or not c.isprintable() for c in key):
+            raise ValueError("must be at least 16 printable characters without spaces "
+                             "(e.g. `openssl rand -hex 32`)")
+        return value
+
+    @model_validator(mode="after")
+    def _roles_need_admin(self) -> MonitorSettings:
+        if self.api_key is None and (self.ingest_key or self.feedback_key or self.alertmanager_key):
+            raise ValueError("MODELLOOP_MONITOR_API_KEY (the admin key) is required when a role "
+                             "key (ingest, feedback, alertmanager) is set")
+        return self
+
     @property
     def store_dsn(self) -> str:
         """The store URL, with the SQLite default under ``$MODELLOOP_HOME`` filled in."""
         return self.store_url or f"sqlite:///{self.home / 'monitor' / 'events.db'}"
+
+    @property
+    def self_url(self) -> str:
+        """:attr:`public_url`, or the loopback URL of this sidecar's port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     @property
     def reports_dir(self) -> Path:

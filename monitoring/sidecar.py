@@ -33,10 +33,12 @@ from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
     ModelCatalog,
+    TimeBounds,
     parse_events,
+    parse_feedback,
     resolve_label,
 )
-from monitoring.jobs import JobManager, JobOutcome, build_trigger
+from monitoring.jobs import JobManager, JobOutcome, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
 from monitoring.records import EventRow
@@ -80,7 +82,8 @@ class Sidecar:
         self.writer = GroupCommitWriter(self.store, self.parse_events)
         self.jobs = JobManager(self.store, build_trigger(s), self.metrics,
                                command=s.retrain_command, window_s=s.job_window_s,
-                               timeout_s=s.job_timeout_s, clock=self.clock)
+                               timeout_s=s.job_timeout_s, max_active=s.max_active_jobs,
+                               env=job_env(s), clock=self.clock)
         self.evaluator = Evaluator(s, self.store, self.catalog, self.engine, self.metrics,
                                    on_fire=self._fired, clock=self.clock)
         self.metrics.initialise(self.catalog.watched_models(), [r.name for r in self.policy.rules])
@@ -140,12 +143,20 @@ class Sidecar:
                 log.exception("polling retraining jobs failed")
 
     # -- input ----------------------------------------------------------------------------------
+    @property
+    def time_bounds(self) -> TimeBounds:
+        return TimeBounds(self.settings.retention_max_age_s, self.settings.max_clock_skew_s)
+
     def parse_events(self, body: bytes) -> list[EventRow]:
         try:
-            return parse_events(body, self.catalog, self.clock())
+            return parse_events(body, self.catalog, self.clock(), self.time_bounds)
         except InputError as exc:
             self.metrics.events_rejected.labels(exc.reason).inc(exc.rejected)
             raise
+
+    def parse_feedback(self, body: bytes) -> tuple[list[Feedback], bool]:
+        """A ``POST /feedback`` body, its timestamps within :attr:`time_bounds`."""
+        return parse_feedback(body, self.clock(), self.time_bounds)
 
     def reject(self, reason: str, count: int = 1) -> None:
         self.metrics.events_rejected.labels(reason).inc(count)
@@ -202,15 +213,27 @@ class Sidecar:
                 self.metrics.feedback.labels(model, "duplicate").inc()
         return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate}
 
+    def not_retrainable(self, model: str, trigger: str) -> tuple[str, str] | None:
+        """Why ``model`` cannot be retrained at all (``not_watched``/``unknown_model`` and a
+        message), counted; None for a watched, registered model. Checked before a job is asked
+        for, so no name from a request reaches the registry's paths or a metric label."""
+        registry = self.catalog.registry
+        if not self.catalog.watched(model):
+            found = ("not_watched", f"{model!r} is not watched by this sidecar "
+                                    f"(watching: {', '.join(self.catalog.models)})")
+        elif model not in registry.models():
+            found = ("unknown_model", f"{model!r} is not registered under {registry.root}")
+        else:
+            return None
+        self.metrics.retrain_refused.labels(trigger, found[0]).inc()
+        return found
+
     def retrain(self, model: str, reason: str) -> JobOutcome:
         """A manual retraining request (``POST /retrain``)."""
-        if not self.catalog.watched(model):
-            raise InputError(422, "unknown_model", [f"model: {model!r} is not watched by this "
-                                                    f"sidecar"])
+        refused = self.not_retrainable(model, "manual")
+        if refused is not None:
+            raise InputError(422, refused[0], [f"model: {refused[1]}"])
         registry = self.catalog.registry
-        if model not in registry.models():
-            raise InputError(422, "unknown_model",
-                             [f"model: {model!r} is not registered under {registry.root}"])
         try:
             version = registry.resolve(model)
         except RegistryError:
@@ -227,12 +250,13 @@ class Sidecar:
             if action.model is None:
                 out["ignored"].append({"fingerprint": alert.fingerprint, "why": action.note})
                 continue
+            refused = self.not_retrainable(action.model, "alertmanager")
+            if refused is not None:
+                out["ignored"].append({"fingerprint": alert.fingerprint,
+                                       "why": f"model {refused[1]}"})
+                continue
             if not self.store.first_seen_alert(alert.fingerprint, alert.starts_at, now):
                 out["duplicate"].append(alert.fingerprint)
-                continue
-            if not self.catalog.watched(action.model):
-                out["ignored"].append({"fingerprint": alert.fingerprint,
-                                       "why": f"model {action.model!r} is not watched"})
                 continue
             outcome = self.jobs.request(action.model, trigger="alertmanager",
                                         reason=alertmanager.alert_reason(alert))

@@ -23,6 +23,8 @@ import psutil
 
 log = logging.getLogger(__name__)
 JobStatus = Literal["running", "succeeded", "failed"]
+SIDECAR_URL_ENV = "MODELLOOP_TRAINING_SIDECAR_URL"
+SIDECAR_KEY_ENV = "MODELLOOP_TRAINING_SIDECAR_KEY"
 
 
 class TriggerError(Exception):
@@ -43,6 +45,9 @@ class JobRequest:
     """What asked for it: ``policy``, ``manual`` or ``alertmanager``."""
     reason: str
     command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """What the job needs to know of the sidecar that started it, set in the job's
+    environment: its URL (:data:`SIDECAR_URL_ENV`) and admin key (:data:`SIDECAR_KEY_ENV`)."""
 
     def fields(self) -> dict[str, str]:
         return {"model": self.model, "version": "" if self.version is None else str(self.version),
@@ -90,9 +95,8 @@ class LocalProcessTrigger:
 
     kind = "local"
 
-    def __init__(self, jobs_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, jobs_dir: Path) -> None:
         self.jobs_dir = Path(jobs_dir)
-        self.env = env
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def paths(self, job_id: str) -> tuple[Path, Path]:
@@ -111,7 +115,7 @@ class LocalProcessTrigger:
                 proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", *request.command],
                                         stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env=self.env)
+                                        env={**os.environ, **request.env})
             except OSError as exc:
                 raise TriggerError(f"cannot start {request.command[0]!r}: {exc}") from exc
         self._procs[proc.pid] = proc
@@ -164,7 +168,8 @@ class WebhookTrigger:
 
     def payload(self, request: JobRequest) -> dict[str, Any]:
         return {"job": request.job_id, "model": request.model, "version": request.version,
-                "trigger": request.trigger, "reason": request.reason, "command": request.command}
+                "trigger": request.trigger, "reason": request.reason, "command": request.command,
+                "sidecar_url": request.env.get(SIDECAR_URL_ENV)}
 
     def start(self, request: JobRequest) -> str:
         try:

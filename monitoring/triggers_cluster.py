@@ -9,7 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from monitoring.triggers import JobRequest, JobStatus, TriggerConflict, TriggerError
+from monitoring.triggers import (
+    SIDECAR_KEY_ENV,
+    JobRequest,
+    JobStatus,
+    TriggerConflict,
+    TriggerError,
+)
 
 log = logging.getLogger(__name__)
 HOME_MOUNT = "/var/lib/modelloop"
@@ -17,9 +23,12 @@ HOME_MOUNT = "/var/lib/modelloop"
 
 def job_manifest(request: JobRequest, *, namespace: str, image: str,
                  service_account: str | None = None, claim: str | None = None,
-                 ttl_s: float = 86400, deadline_s: float = 21600) -> dict[str, Any]:
+                 ttl_s: float = 86400, deadline_s: float = 21600,
+                 key_secret: str | None = None) -> dict[str, Any]:
     """The ``batch/v1`` Job that runs the retraining command once (no retries: a failed
-    retraining is reported, and the policy decides whether to try again after its cooldown)."""
+    retraining is reported, and the policy decides whether to try again after its cooldown).
+    The sidecar's URL and key reach it in its environment; with ``key_secret`` the key is read
+    from that Secret (key ``api-key``) rather than written into the Job's spec."""
     labels = {"app.kubernetes.io/name": "modelloop", "app.kubernetes.io/component": "retrain",
               "modelloop.io/model": _label_value(request.model),
               "modelloop.io/trigger": request.trigger}
@@ -27,7 +36,10 @@ def job_manifest(request: JobRequest, *, namespace: str, image: str,
         "name": "retrain", "image": image, "command": request.command,
         "env": [{"name": "MODELLOOP_HOME", "value": HOME_MOUNT},
                 {"name": "MODELLOOP_RETRAIN_JOB", "value": request.job_id},
-                {"name": "MODELLOOP_RETRAIN_TRIGGER", "value": request.trigger}],
+                {"name": "MODELLOOP_RETRAIN_TRIGGER", "value": request.trigger},
+                *(({"name": k, "valueFrom": {"secretKeyRef": {"name": key_secret, "key": "api-key"}}}
+                   if k == SIDECAR_KEY_ENV and key_secret else {"name": k, "value": v})
+                  for k, v in request.env.items())],
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
@@ -60,8 +72,9 @@ class KubernetesJobTrigger:
 
     def __init__(self, *, namespace: str, image: str, service_account: str | None = None,
                  claim: str | None = None, ttl_s: float = 86400, deadline_s: float = 21600,
-                 api_url: str | None = None) -> None:
+                 api_url: str | None = None, key_secret: str | None = None) -> None:
         self.namespace = namespace
+        self.key_secret = key_secret
         self.image = image
         self.service_account = service_account
         self.claim = claim
@@ -93,7 +106,8 @@ class KubernetesJobTrigger:
     def manifest(self, request: JobRequest) -> dict[str, Any]:
         return job_manifest(request, namespace=self.namespace, image=self.image,
                             service_account=self.service_account, claim=self.claim,
-                            ttl_s=self.ttl_s, deadline_s=self.deadline_s)
+                            ttl_s=self.ttl_s, deadline_s=self.deadline_s,
+                            key_secret=self.key_secret)
 
     def start(self, request: JobRequest) -> str:
         from kubernetes.client.exceptions import ApiException
@@ -178,7 +192,7 @@ class DockerTrigger:
                        "modelloop.io/trigger": request.trigger},
             "environment": {"MODELLOOP_HOME": HOME_MOUNT,
                             "MODELLOOP_RETRAIN_JOB": request.job_id,
-                            "MODELLOOP_RETRAIN_TRIGGER": request.trigger},
+                            "MODELLOOP_RETRAIN_TRIGGER": request.trigger, **request.env},
         }
         if self.volume:
             spec["volumes"] = {self.volume: {"bind": HOME_MOUNT, "mode": "rw"}}

@@ -42,7 +42,15 @@ from modelloop.schemas import (
     Task,
 )
 from training.config import TrainingConfig
-from training.data import DataError, Split, TabularDataset, load_data, prepare, split_dataset
+from training.data import (
+    BUILTINS,
+    DataError,
+    Split,
+    TabularDataset,
+    load_data,
+    prepare,
+    split_dataset,
+)
 from training.evaluate import confusion_matrix_png
 from training.export import Mismatch, ParityError, check_parity, export_onnx, onnx_session, run_onnx
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
@@ -81,6 +89,13 @@ class TrainedModel:
         scores); dataset rows are laid out as the model's input first (an image model's)."""
         x = self.net.layout(np.asarray(features, dtype=np.float32))
         return run_onnx(onnx_session(self.onnx_bytes), x)[self.net.output_name]
+
+
+def _where(source: str) -> str:
+    """A data file as an absolute path (the retraining job reads it again, from any working
+    directory or in a pod mounting the same path); a built-in name or other source as it is."""
+    path = Path(source)
+    return str(path.resolve()) if source not in BUILTINS and path.is_file() else source
 
 
 def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | None) -> TabularDataset:
@@ -308,7 +323,7 @@ def _train_model(
         inputs=inputs, outputs=outputs, feature_names=ds.feature_names,
         class_labels=ds.class_labels if task is Task.classification else None,
         metrics=evaluation.metrics, evaluation=details,
-        data_fingerprint=ds.fingerprint, dataset=ds.source, parent_version=parent_version,
+        data_fingerprint=ds.fingerprint, dataset=_where(ds.source), parent_version=parent_version,
         parity=parity, config=config.model_dump(mode="json"), lineage=lineage,
     )
     return TrainedModel(metadata, onnx_bytes, reference, artifacts, net, ds, split, result)

@@ -75,17 +75,22 @@ class RetrainResult:
 
 
 def fetch_labelled(sidecar_url: str, model: str, *, since: float, limit: int,
-                   timeout_s: float = 60.0) -> pd.DataFrame:
-    """Labelled production rows of ``model`` from the sidecar: features in the reference
-    sample's columns, ``_ml_label`` (class index or value), ``version`` and ``timestamp``."""
+                   key: str | None = None, timeout_s: float = 60.0) -> pd.DataFrame:
+    """Labelled production rows of ``model`` from the sidecar (with its admin ``key``):
+    features in the reference sample's columns, ``_ml_label`` (class index or value),
+    ``version`` and ``timestamp``."""
     url = sidecar_url.rstrip("/") + "/export/labelled"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         resp = httpx.get(url, params={"model": model, "since": since, "limit": limit},
-                         timeout=timeout_s)
+                         headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise RetrainError(f"cannot reach the sidecar at {url}: {exc}") from exc
     if resp.status_code == 404:
         return pd.DataFrame()
+    if resp.status_code in (401, 403):
+        raise RetrainError(f"sidecar {url} refused the key ({resp.status_code}): set "
+                           "MODELLOOP_TRAINING_SIDECAR_KEY to its MODELLOOP_MONITOR_API_KEY")
     if resp.status_code != 200:
         raise RetrainError(f"sidecar {url} answered {resp.status_code}: {resp.text[:200]}")
     return pd.read_parquet(io.BytesIO(resp.content))
@@ -231,7 +236,9 @@ def retrain(
     metric = settings.retrain_metric if meta.task is Task.classification else "r2"
     since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
 
-    production = fetch_labelled(sidecar_url, name, since=since, limit=settings.retrain_max_rows)
+    key = settings.sidecar_key.get_secret_value() if settings.sidecar_key else None
+    production = fetch_labelled(sidecar_url, name, since=since, limit=settings.retrain_max_rows,
+                                key=key)
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
     recent_train, holdout = split_recent(production, settings.retrain_holdout_fraction)

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+)
 from pydantic_settings import SettingsConfigDict
 
 from modelloop.settings import HomeSettings
@@ -108,6 +115,10 @@ class TrainingSettings(HomeSettings):
     sidecar_url: str = "http://127.0.0.1:8001"
     """Where the retraining job fetches labelled production data (the sidecar's
     ``/export/labelled``)."""
+
+    sidecar_key: SecretStr | None = None
+    """The sidecar's admin key, sent to ``/export/labelled`` (the sidecar sets it, with
+    ``sidecar_url``, in the environment of every job it starts)."""
 
     retrain_window_s: NonNegativeFloat = 7 * 24 * 3600
     """Only production rows labelled within this many seconds count (0: all)."""

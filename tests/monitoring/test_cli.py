@@ -32,7 +32,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert s.store_dsn == f"sqlite:///{tmp_path / 'monitor' / 'events.db'}"
     assert s.reports_dir == tmp_path / "reports" / "drift"
     assert s.policy_file == default_policy_file() and s.policy_file.exists()
-    assert s.retrain_command == "modelloop retrain --name {model}"
+    assert s.retrain_command == "modelloop retrain --name {model} --trigger {trigger}"
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def running(home: Path, registered: TrainedModel, task: SyntheticTask) -> Iterat
 def test_feedback_command_posts_labels_and_reports(running: str, tmp_path: Path) -> None:
     f = tmp_path / "labels.csv"
     rows = "".join(f"cli-{i},{'yes' if i % 2 else 'no'},{time.time():.3f}\n" for i in range(250))
-    f.write_text("request_id,label,timestamp\n" + rows + "ghost,no,1\ncli-0,yes,2\n")
+    f.write_text("request_id,label,timestamp\n" + rows + f"ghost,no,{time.time()}\ncli-0,yes,\n")
     result = runner.invoke(root_app, ["monitor", "feedback", str(f), "--url", running, "--batch", "100"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

@@ -62,8 +62,7 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
          422, "invalid_event", "events[3].version: Input should be greater than or equal to 1"),
         # a feature is a string
         (body(event(features=[0.5] * 19 + ["x"])), 422, "invalid_event",
-         "events[0].features[19]: Input should be a valid number, unable to parse string "
-         "as a number"),
+         "events[0].features[19]: Input should be a valid number"),
         # negative latency
         (body(event(latency_s=-1)), 422, "invalid_event",
          "events[0].latency_s: Input should be greater than or equal to 0"),
@@ -77,7 +76,8 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
          "events[0].features: expected 20 values for churn v1, got 19"),
         # an infinite feature (1e999 overflows to inf)
         (json.dumps({"events": [event()]}).encode().replace(b"0.5,", b"1e999,", 1), 422,
-         "wrong_shape", "events[0].features: values must be finite numbers or null"),
+         "wrong_shape", "events[0].features: values must be numbers within float32 range "
+                        "(|x| <= 3.4e38) or null"),
         # a class index the model does not have
         (body(event(prediction=2)), 422, "wrong_shape",
          "events[0].prediction: expected a class index 0..1 for churn v1, got 2"),
@@ -167,7 +167,8 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
          "columns[0].features[1]: expected 20 values for churn v1, got 19"),
         # an infinite feature
         (column_body(columns()).replace(b"0.5,", b"1e999,", 1), "wrong_shape",
-         "columns[0].features[0]: values must be finite numbers or null"),
+         "columns[0].features[0]: values must be numbers within float32 range (|x| <= 3.4e38) "
+         "or null"),
         # a class index the model does not have, in the third row
         (column_body(columns(prediction=[1, 0, 2])), "wrong_shape",
          "columns[0].prediction[2]: expected a class index 0..1 for churn v1, got 2"),
@@ -191,7 +192,8 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
          "columns[0].features: Value error, data: not base64: Only base64 data is allowed"),
         # an infinite packed feature in the second row
         (column_body(columns(features=packed(np.where(np.arange(60).reshape(3, 20) == 25, np.inf, 0.0)))),
-         "wrong_shape", "columns[0].features[1]: values must be finite numbers or null"),
+         "wrong_shape", "columns[0].features[1]: values must be numbers within float32 range "
+                        "(|x| <= 3.4e38) or null"),
         # packed probabilities of three classes
         (column_body(columns(probabilities=packed(np.full((3, 3), 1 / 3)))), "wrong_shape",
          "columns[0].probabilities.shape: expected 2 values per row for churn v1, got 3"),
@@ -249,7 +251,14 @@ def test_feedback_single_and_list_forms() -> None:
         (1.0, 1.0),                   # an integral float
         ("maybe", "'maybe' is not a class of churn v1 (classes: no, yes)"),
         (2, "class index 2 is out of range for churn v1 (0..1)"),
-        ("-1", "class index -1 is out of range for churn v1 (0..1)"),
+        (-1, "class index -1 is out of range for churn v1 (0..1)"),
+        # text that is not exactly a class or an ASCII index: no coercion guesses
+        ("-1", "'-1' is not a class of churn v1 (classes: no, yes)"),
+        (" 1 ", "' 1 ' is not a class of churn v1 (classes: no, yes)"),
+        ("-0", "'-0' is not a class of churn v1 (classes: no, yes)"),
+        ("\u0661", "'\u0661' is not a class of churn v1 (classes: no, yes)"),  # Arabic-Indic one
+        ("Yes", "'Yes' is not a class of churn v1 (classes: no, yes)"),
+        (1e300, "class index 1e+300 is out of range for churn v1 (0..1)"),
         (0.5, "0.5 is not a class index of churn v1"),
     ],
 )

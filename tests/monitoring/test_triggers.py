@@ -22,6 +22,8 @@ from monitoring.metrics import MonitorMetrics
 from monitoring.settings import MonitorSettings
 from monitoring.store import open_store
 from monitoring.triggers import (
+    SIDECAR_KEY_ENV,
+    SIDECAR_URL_ENV,
     JobRequest,
     LocalProcessTrigger,
     TriggerConflict,
@@ -65,6 +67,17 @@ def test_local_process_runs_and_reports_its_exit(tmp_path: Path, code: int, stat
     assert "training" in log_path.read_text() and exit_path.read_text().strip() == str(code)
     # a restarted sidecar (a fresh trigger) still learns how the job ended
     assert LocalProcessTrigger(tmp_path).poll(handle) == status
+
+
+def test_a_local_job_is_told_the_sidecars_url_and_key(tmp_path: Path) -> None:
+    out = tmp_path / "env.txt"
+    env = {SIDECAR_URL_ENV: "http://127.0.0.1:18001", SIDECAR_KEY_ENV: "a" * 32}
+    req = JobRequest(**{**REQ.__dict__, "env": env, "command": [
+        sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ[{SIDECAR_URL_ENV!r}]"
+                              f" + ' ' + os.environ[{SIDECAR_KEY_ENV!r}] + ' ' + os.environ['PATH'][:1])"]})
+    trigger = LocalProcessTrigger(tmp_path)
+    assert wait_for(trigger, trigger.start(req)) == "succeeded"
+    assert out.read_text() == "http://127.0.0.1:18001 " + "a" * 32 + " /"  # and the rest kept
 
 
 def test_local_process_can_be_cancelled_and_missing_programs_are_named(tmp_path: Path) -> None:
@@ -126,11 +139,13 @@ def http_server() -> Iterator[tuple[str, list[tuple[str, str, Any]], dict[str, A
 def test_webhook_posts_the_job_and_names_failures(http_server: Any) -> None:
     url, seen, behaviour = http_server
     trigger = WebhookTrigger(f"{url}/hooks/retrain")
-    req = JobRequest(**{**REQ.__dict__, "command": ["modelloop", "retrain", "--name", "churn"]})
+    req = JobRequest(**{**REQ.__dict__, "command": ["modelloop", "retrain", "--name", "churn"],
+                        "env": {SIDECAR_URL_ENV: "http://sidecar:8001", SIDECAR_KEY_ENV: "k" * 20}})
     assert trigger.start(req) == "webhook:201"
-    assert seen[-1] == ("POST", "/hooks/retrain", {
+    assert seen[-1] == ("POST", "/hooks/retrain", {  # the sidecar's URL, never its key
         "job": REQ.job_id, "model": "churn", "version": 3, "trigger": "policy",
-        "reason": REQ.reason, "command": ["modelloop", "retrain", "--name", "churn"]})
+        "reason": REQ.reason, "command": ["modelloop", "retrain", "--name", "churn"],
+        "sidecar_url": "http://sidecar:8001"})
     assert trigger.poll("webhook:201") == "succeeded"
     behaviour["post"] = 500
     with pytest.raises(TriggerError, match=r"answered 500"):
@@ -155,6 +170,18 @@ def test_the_job_manifest_is_valid_kubernetes(claim: str | None) -> None:
     container = spec["template"]["spec"]["containers"][0]
     assert container["command"] == ["modelloop", "retrain", "--name", "churn"]
     assert ("volumes" in spec["template"]["spec"]) == (claim is not None)
+
+
+def test_a_job_reads_the_key_from_a_secret_never_from_its_spec() -> None:
+    env = {SIDECAR_URL_ENV: "http://modelloop-monitor:8001", SIDECAR_KEY_ENV: "s" * 32}
+    req = JobRequest(**{**REQ.__dict__, "env": env, "command": ["modelloop", "retrain"]})
+    manifest = job_manifest(req, namespace="ml", image="img", key_secret="modelloop-keys")
+    kubernetes_validate.validate(manifest, "1.30", strict=True)
+    container_env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": SIDECAR_URL_ENV, "value": "http://modelloop-monitor:8001"} in container_env
+    assert {"name": SIDECAR_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": "modelloop-keys", "key": "api-key"}}} in container_env
+    assert "s" * 32 not in str(manifest)
 
 
 def test_a_broken_manifest_fails_validation() -> None:
