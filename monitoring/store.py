@@ -5,6 +5,12 @@ One interface, :class:`EventStore`, two engines: SQLite in WAL mode (the embedde
 PostgreSQL (shared by many replicas). Every write is one transaction that is committed before the
 call returns, so whatever a caller acknowledges survives the process being killed.
 
+Retention (:meth:`EventStore.retain`) deletes the oldest events by age, count and size in chunks
+of :data:`RETENTION_CHUNK_ROWS` rows, one transaction each, so a large delete never holds a copy
+of the table in the write-ahead log. SQLite files are made with ``auto_vacuum=INCREMENTAL``: the
+pages a chunk frees are given back to the file system and the WAL is truncated after it, so the
+file tracks what is kept. PostgreSQL's autovacuum makes deleted rows' space reusable.
+
 Features and probabilities are stored as packed little-endian float64 blobs (NaN for a missing
 value): ingest stays cheap, and a 100k-row window is read back as one numpy matrix.
 
@@ -18,9 +24,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +41,49 @@ from monitoring.records import (
     to_window,
 )
 
+log = logging.getLogger(__name__)
+
 _EVENT_COLS = ("request_id, model, version, ts, mode, features, prediction, probabilities, "
                "latency_s, received_at")
+
+RETENTION_CHUNK_ROWS = 50_000
+"""Events deleted per transaction by retention. Each chunk's pages pass through the write-ahead
+log (SQLite's WAL, PostgreSQL's too), so the chunk bounds what a large delete adds to it."""
+
+SQLITE_VACUUM_AT_OPEN_MAX_BYTES = 256 * 1024 * 1024
+"""A SQLite file made without incremental auto-vacuum and smaller than this is rebuilt with it
+when opened (VACUUM, about a second per 100 MiB); a larger one is left as it is, with a warning."""
+
+SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+"""``journal_size_limit``: a WAL file larger than this is truncated to it after a checkpoint."""
+
+ChunkCallback = Callable[[int], bool | None]
+"""Called after each retention chunk with the events it deleted; returning False stops there."""
+
+
+class _Chunks:
+    """A caller's chunk callback that remembers whether it asked to stop."""
+
+    def __init__(self, on_chunk: ChunkCallback | None) -> None:
+        self.on_chunk = on_chunk
+        self.stopped = False
+
+    def __call__(self, n: int) -> bool:
+        self.stopped = self.stopped or (self.on_chunk is not None and self.on_chunk(n) is False)
+        return not self.stopped
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Events deleted by one :meth:`EventStore.retain`, by the bound that deleted them."""
+
+    by_age: int = 0
+    by_count: int = 0
+    by_bytes: int = 0
+
+    @property
+    def deleted(self) -> int:
+        return self.by_age + self.by_count + self.by_bytes
 
 
 class StoreError(Exception):
@@ -54,6 +104,8 @@ class EventStore:
         self.p = prefix
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
+        self._growth: tuple[int, Callable[[], None]] | None = None
+        self._grown = 0
 
     # -- connection plumbing (engine specific) -----------------------------------------------
     def _writer(self) -> Any:
@@ -133,6 +185,7 @@ class EventStore:
         sql = self._sql(f"INSERT INTO {{p}}events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
                         "ON CONFLICT (request_id) DO NOTHING")
         out: list[dict[str, int]] = []
+        due = None
         with self._write() as cur:
             for rows in batches:
                 by_model: dict[str, list[EventRow]] = {}
@@ -143,7 +196,22 @@ class EventStore:
                     cur.executemany(sql, group)
                     new[model] = int(cur.rowcount)
                 out.append(new)
+            if self._growth is not None:
+                self._grown += sum(sum(new.values()) for new in out)
+                if self._grown >= self._growth[0]:
+                    self._grown, due = 0, self._growth[1]
+        if due is not None:
+            try:
+                due()
+            except Exception:  # the events are committed: a failing hook must not say otherwise
+                log.exception("the store's growth callback failed")
         return out
+
+    def on_growth(self, every_events: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time ``every_events`` more new events have been stored through
+        this object (on the inserting thread, after the commit: it must return quickly)."""
+        with self._wlock:
+            self._growth, self._grown = (every_events, callback), 0
 
     def count_events(self, model: str | None = None) -> int:
         with self._read() as cur:
@@ -190,21 +258,93 @@ class EventStore:
         rows.reverse()
         return to_window(rows, features)
 
-    def delete_older(self, cutoff_ts: float) -> int:
-        with self._write() as cur:
-            cur.execute(self._sql("DELETE FROM {p}events WHERE ts < ?"), (cutoff_ts,))
-            return int(cur.rowcount)
+    # -- retention ---------------------------------------------------------------------------
+    def retain(self, *, cutoff_ts: float | None = None, max_events: int | None = None,
+               max_bytes: int | None = None, chunk_rows: int = RETENTION_CHUNK_ROWS,
+               on_chunk: ChunkCallback | None = None) -> Retention:
+        """Delete events older than ``cutoff_ts``, then beyond the newest ``max_events``, then the
+        oldest until :meth:`used_bytes` is at most ``max_bytes``; chunked as
+        :meth:`delete_older` (``on_chunk`` returning False stops all three)."""
+        chunks = _Chunks(on_chunk)
+        age = count = size = 0
+        if cutoff_ts is not None:
+            age = self.delete_older(cutoff_ts, chunk_rows=chunk_rows, on_chunk=chunks)
+        if max_events is not None and not chunks.stopped:
+            count = self.keep_newest(max_events, chunk_rows=chunk_rows, on_chunk=chunks)
+        if max_bytes is not None and not chunks.stopped:
+            size = self.keep_bytes(max_bytes, chunk_rows=chunk_rows, on_chunk=chunks)
+        return Retention(age, count, size)
 
-    def keep_newest(self, max_events: int) -> int:
-        """Delete all but the newest ``max_events`` events; returns how many were deleted."""
-        with self._write() as cur:
+    def delete_older(self, cutoff_ts: float, *, chunk_rows: int = RETENTION_CHUNK_ROWS,
+                     on_chunk: ChunkCallback | None = None) -> int:
+        """Delete the events older than ``cutoff_ts`` (prediction time), oldest first, at most
+        ``chunk_rows`` per transaction; returns how many were deleted. ``on_chunk(n)`` is called
+        after each chunk is committed and its pages freed, before the WAL is checkpointed and
+        truncated (so a caller sees the WAL at its largest); returning False stops there."""
+        return self._delete_oldest("ts < ?", (cutoff_ts,), chunk_rows, on_chunk)
+
+    def keep_newest(self, max_events: int, *, chunk_rows: int = RETENTION_CHUNK_ROWS,
+                    on_chunk: ChunkCallback | None = None) -> int:
+        """Delete all but the newest ``max_events`` events, chunked as :meth:`delete_older`;
+        returns how many were deleted."""
+        with self._read() as cur:
             cur.execute(self._sql(f"SELECT seq FROM {{p}}events ORDER BY seq DESC "
                                   f"LIMIT 1 OFFSET {int(max_events)}"))
             row = cur.fetchone()
-            if row is None:
-                return 0
-            cur.execute(self._sql("DELETE FROM {p}events WHERE seq <= ?"), (row[0],))
-            return int(cur.rowcount)
+        if row is None:
+            return 0
+        return self._delete_oldest("seq <= ?", (row[0],), chunk_rows, on_chunk)
+
+    def keep_bytes(self, max_bytes: int, *, chunk_rows: int = RETENTION_CHUNK_ROWS,
+                   on_chunk: ChunkCallback | None = None) -> int:
+        """Delete the oldest events until :meth:`used_bytes` is at most ``max_bytes``, chunked as
+        :meth:`delete_older`; returns how many were deleted. How many to delete is estimated
+        from the bytes per event, at first on average, then from what the last pass freed per
+        event (pages left part full free less than the average)."""
+        chunks = on_chunk if isinstance(on_chunk, _Chunks) else _Chunks(on_chunk)
+        used, rows = self.used_bytes(), self.count_events()
+        per_event = used / max(rows, 1)
+        floor = per_event / 4  # not fooled into deleting everything by a pass that freed little
+        deleted = 0
+        for _ in range(4):
+            if used <= max_bytes or rows == 0 or chunks.stopped:
+                break
+            n = self.keep_newest(max(0, rows - math.ceil((used - max_bytes) / per_event)),
+                                 chunk_rows=chunk_rows, on_chunk=chunks)
+            deleted += n
+            before, (used, rows) = used, (self.used_bytes(), self.count_events())
+            if n:
+                per_event = max(floor, (before - used) / n)
+        return deleted
+
+    def _delete_oldest(self, where: str, args: tuple[Any, ...], chunk_rows: int,
+                       on_chunk: ChunkCallback | None) -> int:
+        sql = self._sql(f"DELETE FROM {{p}}events WHERE seq IN (SELECT seq FROM {{p}}events "
+                        f"WHERE {where} ORDER BY seq LIMIT {int(chunk_rows)})")
+        total = 0
+        while True:
+            with self._write() as cur:
+                cur.execute(sql, args)
+                n = int(cur.rowcount)
+            total += n
+            if n == 0:
+                break
+            self._free_pages()
+            stop = on_chunk is not None and on_chunk(n) is False
+            self.checkpoint()
+            if n < chunk_rows or stop:
+                break
+        return total
+
+    def used_bytes(self) -> int:
+        """Bytes the stored events take (see the engines)."""
+        raise NotImplementedError
+
+    def _free_pages(self) -> None:
+        """Give the pages a delete freed back to the file system, where the engine can."""
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database and truncate it, where the engine can."""
 
     # -- feedback ----------------------------------------------------------------------------
     def label_targets(self, request_ids: Sequence[str]) -> dict[str, LabelTarget]:
@@ -314,7 +454,8 @@ class SQLiteStore(EventStore):
     dialect = "sqlite"
     integrity_errors = (sqlite3.IntegrityError,)
 
-    def __init__(self, path: Path, prefix: str = "modelloop_", synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, prefix: str = "modelloop_", synchronous: str = "FULL",
+                 vacuum_at_open_max_bytes: int = SQLITE_VACUUM_AT_OPEN_MAX_BYTES) -> None:
         super().__init__(prefix)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,13 +463,17 @@ class SQLiteStore(EventStore):
         self._w = self._connect()
         self._r = self._connect()
         self.create_schema()
+        self._make_incremental(vacuum_at_open_max_bytes)
 
     def _connect(self) -> sqlite3.Connection:
         try:
             # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by writers
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0,
                                    isolation_level=None)
+            # takes effect in a new file (before its first table), else at the next VACUUM
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
@@ -344,6 +489,48 @@ class SQLiteStore(EventStore):
 
     def _reader(self) -> sqlite3.Connection:
         return self._r
+
+    def _pragma(self, name: str) -> int:
+        with self._wlock:
+            return int(self._w.execute(f"PRAGMA {name}").fetchone()[0])
+
+    def _make_incremental(self, vacuum_max_bytes: int) -> None:
+        """A file made before the store set ``auto_vacuum`` keeps its size whatever is deleted
+        (its free pages are reused by new events). A small one is rebuilt now; a large one is
+        left as it is, because rebuilding it would hold up start-up for minutes and need its
+        size again in free disk (VACUUM copies the database, here through the WAL)."""
+        if self._pragma("auto_vacuum") == 2:
+            return
+        size = self.used_bytes()
+        if size > vacuum_max_bytes:
+            log.warning("SQLite store %s (%d MiB) was made without incremental auto-vacuum: "
+                        "retention frees space for new events, but the file will not shrink. "
+                        "To convert it, stop the sidecar and run: sqlite3 %s "
+                        "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;' (needs its size free on disk)",
+                        self.path, size >> 20, self.path)
+            return
+        with self._wlock:
+            self._w.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._w.execute("VACUUM")
+            self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info("SQLite store %s (%d MiB) rebuilt with incremental auto-vacuum", self.path,
+                 size >> 20)
+
+    def used_bytes(self) -> int:
+        """The database's pages in use (the whole file: events dominate), without free pages."""
+        with self._wlock:
+            size, pages, free = (int(self._w.execute(f"PRAGMA {name}").fetchone()[0])
+                                 for name in ("page_size", "page_count", "freelist_count"))
+        return (pages - free) * size
+
+    def _free_pages(self) -> None:
+        with self._wlock:
+            # executescript steps the pragma to its end (execute frees one page per step)
+            self._w.executescript("PRAGMA incremental_vacuum")
+
+    def checkpoint(self) -> None:
+        with self._wlock:
+            self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def close(self) -> None:
         with self._wlock, self._rlock:
@@ -391,6 +578,23 @@ class PostgresStore(EventStore):
         if self._r is None or self._r.closed or self._r.broken:
             self._r = self._connect(autocommit=True)
         return self._r
+
+    def used_bytes(self) -> int:
+        """An estimate of the bytes the events take, indexes included: the rows times the
+        newest 1000 rows' average size (and a line pointer each), scaled by the share of the
+        indexes in the table's files. Not the files' size itself: PostgreSQL does not shrink
+        them after a delete (autovacuum makes the space reusable), so that size would not fall
+        and every retention run would delete more."""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT (SELECT count(*) FROM {p}events), "
+                "(SELECT avg(pg_column_size(e.*)) FROM "
+                "(SELECT * FROM {p}events ORDER BY seq DESC LIMIT 1000) e), "
+                "pg_total_relation_size('{p}events'), pg_table_size('{p}events')"))
+            rows, row_bytes, total, table = cur.fetchone()
+        if not rows:
+            return 0
+        return int(rows * (float(row_bytes) + 4) * total / max(table, 1))
 
     def close(self) -> None:
         with self._wlock, self._rlock:

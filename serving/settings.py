@@ -129,6 +129,11 @@ class ServingSettings(HomeSettings):
     sidecar_url: HttpUrl | None = None
     """Base URL of the monitoring sidecar (events go to ``{url}/events``); None sends no events."""
 
+    sidecar_key: SecretStr | None = None
+    """The sidecar's ingest key (the sidecar's ``MODELLOOP_MONITOR_INGEST_KEY``), sent as
+    ``Authorization: Bearer <key>`` with every POST of events; None sends no key. Set it in the
+    environment only: a command line is visible to every user of the host (``ps``)."""
+
     event_buffer_rows: PositiveInt = 100_000
     """Events a worker holds for sending, the batch being sent included. While the sidecar is
     away they wait here; when it is full, the oldest are dropped (and counted) to make room."""

@@ -44,12 +44,14 @@ class ServingState:
         self.settings = settings
         self.metrics = ServingMetrics(registry)
         self.manager = ModelManager(Registry(settings.registry_dir), settings, self.metrics, factory)
+        key = settings.sidecar_key
         self.emitter = EventEmitter(
             str(settings.sidecar_url) if settings.sidecar_url else None,
             buffer_rows=settings.event_buffer_rows, batch_size=settings.event_batch_size,
             flush_interval_s=settings.event_flush_interval_s, retry_backoff_s=settings.event_retry_backoff_s,
             retry_backoff_max_s=settings.event_retry_backoff_max_s, max_age_s=settings.event_max_age_s,
             timeout_s=settings.event_timeout_s,
+            headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else None,
             on_sent=lambda model, n: self.metrics.events_sent.labels(model=model).inc(n),
             on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(
                 model=model, reason=reason).inc(n),

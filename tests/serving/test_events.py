@@ -1,5 +1,5 @@
 """EventEmitter against a real HTTP server: batching, the contract, holding events through an
-outage, retries, refusals, drops of the oldest, extra headers, never blocking."""
+outage, retries, refusals, drops of the oldest, the ingest key, never blocking."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -514,3 +515,27 @@ def test_no_url_means_no_events() -> None:
     em = run(main)
     assert not em.enabled and em.pending_rows == 0
 
+
+def test_the_sidecar_key_setting_is_sent_with_every_post(sink: Sink, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """MODELLOOP_SERVING_SIDECAR_KEY (a secret: not in the settings' repr) reaches the emitter
+    the serving state builds, and every POST carries it as a bearer token."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.settings import ServingSettings
+    from serving.state import ServingState
+
+    monkeypatch.setenv("MODELLOOP_SERVING_SIDECAR_KEY", "ingest-key-0123456789")
+    settings = ServingSettings(home=tmp_path, sidecar_url=sink.url, event_flush_interval_s=0.01)
+    assert "ingest-key" not in repr(settings)
+    state = ServingState(settings, CollectorRegistry())
+
+    async def main() -> None:
+        await state.emitter.start()
+        record(state.emitter, "a", 1)
+        await until(lambda: len(sink.events) == 1, "the event")
+        await state.emitter.stop()
+
+    run(main)
+    state.jobs.close()
+    assert [h["Authorization"] for h in sink.headers] == ["Bearer ingest-key-0123456789"]
