@@ -41,7 +41,7 @@ from monitoring.policy import Firing, Observation, PolicyEngine, Rule
 from monitoring.reports import write_drift_report
 from monitoring.resources import CgroupSampler, GpuSampler, ProcessSample, ProcessSampler
 from monitoring.settings import MonitorSettings
-from monitoring.store import EventStore, Window
+from monitoring.store import EventStore, Retention, Window
 
 log = logging.getLogger(__name__)
 MIN_CALIBRATION_ROWS = 50
@@ -96,6 +96,11 @@ class Evaluator:
         self._resource_status: dict[str, Any] = {}
         if settings.target_cgroup is not None:
             self._process = CgroupSampler(settings.target_cgroup)  # a bad path stops start-up
+        self._retention_lock = threading.Lock()
+        self._retention_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention")
+        self._retention_future: Future[Any] | None = None
+        self._closing = False
+        store.on_growth(settings.retention_every_events, self._retention_due)
 
     def warm_up(self) -> None:
         """Import Evidently's stattests ahead of the first check (it takes seconds)."""
@@ -105,6 +110,9 @@ class Evaluator:
     def close(self, timeout: float) -> None:
         # a report being rendered is not waited for: it is a view, rendered again after a restart
         self._reports.shutdown(wait=False, cancel_futures=True)
+        # a retention run stops after its current chunk (one transaction, committed or not)
+        self._closing = True
+        self._retention_pool.shutdown(wait=True, cancel_futures=True)
         if self.gpu is not None:
             self.gpu.close()
 
@@ -352,13 +360,39 @@ class Evaluator:
             for firing in self.engine.evaluate("gpu", f"gpu{g.index}", observe_gpu, now):
                 self.on_fire(firing, None)
 
-    def retention(self) -> None:
-        cutoff = self.clock() - self.s.retention_max_age_s
-        old = self.store.delete_older(cutoff)
-        extra = self.store.keep_newest(self.s.retention_max_events)
-        if old or extra:
-            log.info("retention deleted %d events older than %.0f s and %d beyond %d events",
-                     old, self.s.retention_max_age_s, extra, self.s.retention_max_events)
+    def retention(self) -> Retention:
+        """Delete events beyond the retention bounds (age, count, bytes); one run at a time."""
+        s = self.s
+        with self._retention_lock:
+            done = self.store.retain(cutoff_ts=self.clock() - s.retention_max_age_s,
+                                     max_events=s.retention_max_events,
+                                     max_bytes=s.retention_max_bytes,
+                                     on_chunk=lambda _: not self._closing)
+        if done.deleted:
+            log.info("retention deleted %d events older than %.0f s, %d beyond %d events and "
+                     "%d beyond %d bytes", done.by_age, s.retention_max_age_s, done.by_count,
+                     s.retention_max_events, done.by_bytes, s.retention_max_bytes)
+        return done
+
+    def _retention_due(self) -> None:
+        """The store stored ``retention_every_events`` more events: run retention now on its
+        own thread (this is the writer's), unless a run is queued or running already."""
+        if self._closing or (self._retention_future is not None
+                             and not self._retention_future.done()):
+            return
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            self._retention_future = self._retention_pool.submit(self._logged_retention)
+
+    def _logged_retention(self) -> None:
+        try:
+            self.retention()
+        except Exception:
+            log.exception("retention failed; it runs again at the next interval")
+
+    def wait_for_retention(self, timeout: float = 120.0) -> None:
+        """Wait for a retention run started by ingest (tests)."""
+        if self._retention_future is not None:
+            self._retention_future.result(timeout)
 
     def status(self) -> dict[str, Any]:
         return {m: dict(st) for m, st in self._status.items()}

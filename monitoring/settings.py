@@ -91,8 +91,14 @@ class MonitorSettings(HomeSettings):
     """Events older than this (by prediction time) are deleted."""
     retention_max_events: PositiveInt = 2_000_000
     """At most this many events are kept (the oldest are deleted first)."""
+    retention_max_bytes: PositiveInt = 2 * 1024**3
+    """The events kept take at most this many bytes (the oldest are deleted first): SQLite's
+    pages in use, which its file shrinks to; PostgreSQL's estimated table and index size."""
     retention_interval_s: PositiveFloat = 600.0
     """How often retention runs."""
+    retention_every_events: PositiveInt = 500_000
+    """Retention also runs as soon as this many new events were stored since its last run, so a
+    full ingest cannot pile up between runs (the bounds are passed by at most about this many)."""
 
     # -- what to watch ---------------------------------------------------------------------
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from monitoring.records import EventRow
+from monitoring.settings import MonitorSettings
+from monitoring.sidecar import Sidecar
 from monitoring.store import EventStore, Retention, SQLiteStore, open_store
 
 BASE_TS = 1_000_000.0
@@ -130,3 +133,20 @@ def test_an_old_sqlite_file_without_auto_vacuum(tmp_path: Path,
     assert store.count_events() == 1000
     store.close()
 
+
+def test_ingest_runs_retention_after_every_so_many_events(tmp_path: Path) -> None:
+    settings = MonitorSettings(home=tmp_path, retention_every_events=100, retention_max_events=50,
+                               check_interval_s=3600, gpu=False)
+    sidecar = Sidecar(settings)
+    sidecar.start(background=False)
+    try:
+        now = time.time()
+        sidecar.store.insert_events(_rows(0, 60, base_ts=now))
+        sidecar.evaluator.wait_for_retention()
+        assert sidecar.store.count_events() == 60  # 60 new events: not yet
+        sidecar.store.insert_events(_rows(60, 60, base_ts=now))
+        sidecar.evaluator.wait_for_retention()  # 120 new events: retention ran on its thread
+        assert sidecar.store.count_events() == 50
+        assert sidecar.store.window("m", features=False).ts[0] == now + 70
+    finally:
+        sidecar.stop()
