@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -106,6 +107,15 @@ class Stack:
         self.serve_url = f"http://127.0.0.1:{self.serve_port}"
         self.monitor_url = f"http://127.0.0.1:{self.monitor_port}"
         self.prometheus_url: str | None = None
+        # the sidecar's role keys, new each run, as a deployment would hold them
+        self.keys = {role: secrets.token_hex(24) for role in ("api", "ingest", "feedback")}
+
+    def key_env(self) -> dict[str, str]:
+        return {f"MODELLOOP_MONITOR_{role.upper()}_KEY": key for role, key in self.keys.items()}
+
+    def monitor(self, role: str) -> dict[str, str]:
+        """The Authorization header of a role's key (``api`` is the admin key)."""
+        return {"Authorization": f"Bearer {self.keys[role]}"}
 
     def start(self, name: str, args: list[str], env: dict[str, str], ready_url: str,
               timeout: float = 180.0) -> None:
@@ -194,17 +204,25 @@ def _ingested(monitor_url: str) -> float:
                if line.startswith("modelloop_events_ingested_total{"))
 
 
-def _feedback(monitor_url: str, ids: list[str], labels: np.ndarray, expected: float) -> None:
-    """Labels arrive after their predictions: wait until the sidecar holds the events."""
+def _feedback(stack: Stack, ids: list[str], labels: np.ndarray, expected: float) -> None:
+    """Labels arrive after their predictions (from a label provider holding the feedback key):
+    wait until the sidecar holds the events."""
     deadline = time.monotonic() + 30
-    while _ingested(monitor_url) < expected and time.monotonic() < deadline:
+    while _ingested(stack.monitor_url) < expected and time.monotonic() < deadline:
         time.sleep(0.1)
     body = {"feedback": [{"request_id": r, "label": str(y)} for r, y in zip(ids, labels, strict=True)]}
-    httpx.post(f"{monitor_url}/feedback", json=body, timeout=30).raise_for_status()
+    httpx.post(f"{stack.monitor_url}/feedback", json=body, timeout=30,
+               headers=stack.monitor("feedback")).raise_for_status()
 
 
-def _model_status(monitor_url: str) -> dict[str, Any]:
-    status = httpx.get(f"{monitor_url}/status", timeout=30).json()
+def _check(stack: Stack) -> None:
+    httpx.post(f"{stack.monitor_url}/check", timeout=120,
+               headers=stack.monitor("api")).raise_for_status()
+
+
+def _model_status(stack: Stack) -> dict[str, Any]:
+    resp = httpx.get(f"{stack.monitor_url}/status", timeout=30, headers=stack.monitor("api"))
+    status = resp.raise_for_status().json()
     return {"model": status["models"].get(MODEL, {}), "jobs": status["jobs"]}
 
 
@@ -241,7 +259,8 @@ def run_demo(home: Path, *, keep_running: bool, batch_rows: int, timeout_s: floa
                    f"--trigger {{trigger}}")
     try:
         stack.start("sidecar", [_exe(), "monitor", "--port", str(stack.monitor_port)], {
-            **env, "MODELLOOP_MONITOR_MODELS": MODEL, "MODELLOOP_MONITOR_POLICY_FILE": str(policy),
+            **env, **stack.key_env(),
+            "MODELLOOP_MONITOR_MODELS": MODEL, "MODELLOOP_MONITOR_POLICY_FILE": str(policy),
             "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "2", "MODELLOOP_MONITOR_WINDOW_EVENTS": str(batch_rows * 4),
             "MODELLOOP_MONITOR_MIN_WINDOW_ROWS": str(batch_rows * 2),
             "MODELLOOP_MONITOR_REPORT_INTERVAL_S": "10", "MODELLOOP_MONITOR_RETRAIN_COMMAND": retrain_cmd,
@@ -249,6 +268,7 @@ def run_demo(home: Path, *, keep_running: bool, batch_rows: int, timeout_s: floa
         stack.start("serving", [_exe(), "serve", "--port", str(stack.serve_port),
                                 "--host", "127.0.0.1", "--workers", "1"], {
             **env, "MODELLOOP_SERVING_MODEL": MODEL, "MODELLOOP_SERVING_SIDECAR_URL": stack.monitor_url,
+            "MODELLOOP_SERVING_SIDECAR_KEY": stack.keys["ingest"],
             "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.2",
             "MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "1",
         }, f"{stack.serve_url}/v2/health/ready")
@@ -300,7 +320,7 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
         nonlocal sent
         ids, preds, version = _predict(client, df)
         sent += len(ids)
-        _feedback(stack.monitor_url, ids, df[TARGET].to_numpy(), sent)
+        _feedback(stack, ids, df[TARGET].to_numpy(), sent)
         a = float((preds == df[TARGET].to_numpy()).mean())
         acc.setdefault(f"{phase} v{version}", []).append(a)
         return version, a
@@ -308,8 +328,8 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
     # 3. stationary traffic: no drift, accuracy as at training time
     for i in range(4):
         step(task.sample(batch_rows, seed=100 + i), "stationary")
-    httpx.post(f"{stack.monitor_url}/check", timeout=120).raise_for_status()  # judge now
-    state = _model_status(stack.monitor_url)["model"]
+    _check(stack)  # judge now
+    state = _model_status(stack)["model"]
     drift = state.get("drift", {})
     tl("stationary traffic sent with labels",
        f"{4 * batch_rows} rows; v1 accuracy {np.mean(acc['stationary v1']):.3f}; drift share "
@@ -327,7 +347,7 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
             version, a = step(task.sample(batch_rows, seed=200 + i, shift=SHIFT, concept=1.0), "shifted")
             i += 1
             time.sleep(0.5)  # steady traffic, not a flood
-            st = _model_status(stack.monitor_url)
+            st = _model_status(stack)
             drift = st["model"].get("drift", {})
             if not seen_drift and drift.get("drifted_features"):
                 seen_drift = True
@@ -355,8 +375,8 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
                 tl("retraining failed", f"see {stack.home / 'jobs'}")
                 break
     client.close()
-    httpx.post(f"{stack.monitor_url}/check", timeout=120).raise_for_status()
-    quality = _model_status(stack.monitor_url)["model"].get("quality", {})
+    _check(stack)
+    quality = _model_status(stack)["model"].get("quality", {})
     tl("sidecar's view of the served version", "; ".join(
         f"v{v}: realised accuracy {(q['scores'].get('count') or {}).get('accuracy', float('nan')):.3f} "
         f"over {q['labelled']} labels, estimated {q.get('estimated_accuracy') or float('nan'):.3f}"
@@ -378,8 +398,13 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
 
 def _where_to_look(stack: Stack, home: Path) -> None:
     console.print("\n[bold]Where to look[/]")
+    keys = home / "sidecar-keys.env"
+    keys.write_text("".join(f"export {k}={v}\n" for k, v in stack.key_env().items()))
+    keys.chmod(0o600)
     lines = [
         f"serving          {stack.serve_url}/predict  (metrics: {stack.serve_url}/metrics)",
+        f"sidecar keys     {keys}  (`source` it; then curl -H \"Authorization: Bearer "
+        "$MODELLOOP_MONITOR_API_KEY\" ...)",
         f"sidecar status   {stack.monitor_url}/status",
         f"drift report     {stack.monitor_url}/reports/drift/latest",
         f"sidecar metrics  {stack.monitor_url}/metrics",

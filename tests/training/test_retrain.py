@@ -29,9 +29,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHIFT = {"f03": 2.0, "f07": -1.5}
 
 
-def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float) -> None:
+def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float,
+          keys: dict[str, str] | None = None) -> None:
     """Predict ``df`` with the production model as serving would, send the events, then the
-    true labels as feedback."""
+    true labels as feedback (with the ingest and feedback ``keys`` of a keyed sidecar)."""
+    auth = {role: {"Authorization": f"Bearer {key}"} for role, key in (keys or {}).items()}
     mv = registry.get("demo")
     sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
     x = df[mv.metadata.feature_names].to_numpy(np.float32)
@@ -42,10 +44,12 @@ def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float) -> None:
                "probabilities": p.tolist(), "latency_s": 0.001}
               for i, (rid, row, p) in enumerate(zip(ids, x, proba, strict=True))]
     for start in range(0, len(events), 500):
-        r = httpx.post(f"{url}/events", json={"events": events[start:start + 500]}, timeout=60)
+        r = httpx.post(f"{url}/events", json={"events": events[start:start + 500]}, timeout=60,
+                       headers=auth.get("ingest"))
         assert r.status_code == 200, r.text
     labels = [{"request_id": rid, "label": str(y)} for rid, y in zip(ids, df[TARGET], strict=True)]
-    r = httpx.post(f"{url}/feedback", json={"feedback": labels}, timeout=60)
+    r = httpx.post(f"{url}/feedback", json={"feedback": labels}, timeout=60,
+                   headers=auth.get("feedback"))
     assert r.status_code == 200, r.text
 
 
@@ -90,6 +94,46 @@ def test_better_challenger_is_promoted_with_lineage(home: Path, champion: Regist
     # fine-tuned from the champion's weights: every tensor fits, none trained from scratch
     assert v2.lineage["fine_tuned_from"]["version"] == 1
     assert v2.lineage["fine_tuned_from"]["tensors_fresh"] == []
+
+
+def test_a_job_of_a_keyed_sidecar_retrains_a_model_trained_elsewhere(home: Path,
+                                                                     tmp_path: Path) -> None:
+    """A model trained with ``--data train.csv`` in one directory; the sidecar (keyed, on a port
+    of its own, in another directory) starts its job: the job finds the data, fetches the
+    labelled rows with the key it was given, and records what started it."""
+    exe = str(Path(sys.executable).with_name("modelloop"))
+    task = SyntheticTask(seed=0)
+    workdir = tmp_path / "where-i-trained"
+    workdir.mkdir()
+    task.sample(2000, seed=1).to_csv(workdir / "train.csv", index=False)
+    env = {"MODELLOOP_HOME": str(home), "PATH": "/usr/bin:/bin", "MODELLOOP_TRAINING_EPOCHS": "30"}
+    trained = subprocess.run([exe, "train", "--data", "train.csv", "--target", TARGET, "--name",
+                              "demo", "--promote", "--no-progress"], cwd=workdir, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    registry = Registry(home / "registry")
+    assert registry.get("demo").metadata.dataset == str(workdir / "train.csv")
+    keys = {"api": "a" * 32, "ingest": "i" * 32, "feedback": "f" * 32}
+    with sidecar_process(home, tmp_path / "sidecar.log", MODELLOOP_TRAINING_EPOCHS="30",
+                         MODELLOOP_MONITOR_RETRAIN_COMMAND=f"{exe} retrain --name {{model}} "
+                                                           "--trigger {trigger}",
+                         **{f"MODELLOOP_MONITOR_{r.upper()}_KEY": k for r, k in keys.items()}) as sc:
+        _send(sc.url, registry, task.sample(1000, seed=51, shift=SHIFT, concept=1.0),
+              time.time() - 60, keys)
+        admin = {"Authorization": f"Bearer {keys['api']}"}
+        started = httpx.post(f"{sc.url}/retrain", json={"model": "demo"}, headers=admin)
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{sc.url}/jobs", headers=admin).json()["jobs"][0]
+            if job["status"] not in ("started", "running"):
+                break
+            time.sleep(0.5)
+    log = (home / "jobs" / f"{job['id']}.log").read_text()
+    assert job["status"] == "succeeded", log
+    challenger = registry.get("demo", 2).metadata
+    assert challenger.lineage["trigger"] == "manual"
+    assert challenger.lineage["original_dataset"] == str(workdir / "train.csv")
 
 
 def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Registry,
