@@ -6,9 +6,12 @@
    DataDriftPreset on the same data, measured in one run, with the per-feature decisions compared.
 2. Ingest: events/s into SQLite through the store (batches of 1000, one transaction each), and
    through a real `modelloop monitor` process over HTTP (concurrent clients, 1000-event batches).
+3. Retention: the SQLite store's size on disk (database, WAL) after each of 10 retention runs,
+   each after a burst of ingest at full speed, against the events kept and the bounds.
 
     .venv/bin/python scripts/bench_monitoring.py            # everything
     .venv/bin/python scripts/bench_monitoring.py --only drift --rows 100000
+    .venv/bin/python scripts/bench_monitoring.py --only retention [--legacy]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -253,19 +257,91 @@ def bench_ingest(total: int, batch: int, clients: int) -> None:
     console.print(table)
 
 
+# -- retention -----------------------------------------------------------------------------------
+def _event_rows(n: int, seed: int, n_features: int = 20) -> list:
+    """Store rows as serving's events become: UUID request ids, 20 float64 features."""
+    from monitoring.records import EventRow
+
+    x = np.random.default_rng(seed).normal(size=(n, n_features))
+    proba = np.array([0.4, 0.6]).tobytes()
+    now = time.time()
+    return [EventRow(str(uuid.uuid4()), "bench", 1, now, "realtime", x[i].tobytes(), 1.0, proba,
+                     0.002, now) for i in range(n)]
+
+
+def bench_retention(cycles: int, burst: int, batch: int, max_events: int, max_bytes: int,
+                    legacy: bool = False) -> None:
+    """``legacy``: a file made without incremental auto-vacuum, each bound deleted in one
+    transaction (as the store did before retention was chunked)."""
+    import sqlite3
+
+    from monitoring.store import RETENTION_CHUNK_ROWS, SQLiteStore
+
+    mib = 1024 * 1024
+    how = ("a file without auto-vacuum, one transaction per bound" if legacy else
+           f"auto_vacuum=INCREMENTAL, chunks of {RETENTION_CHUNK_ROWS:,}")
+    table = Table(title=f"SQLite store ({how}) over {cycles} retention runs, each after "
+                        f"{burst:,} events ingested at full speed (batches of {batch}); bounds "
+                        f"{max_events:,} events, {max_bytes / mib:.0f} MiB")
+    for col in ("run", "ingest events/s", "WAL after ingest MiB", "retention s",
+                "deleted by count, by bytes", "WAL peak in retention MiB", "kept events",
+                "used MiB", "db MiB", "WAL MiB"):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "e.db"
+        wal = path.with_name(path.name + "-wal")
+        if legacy:
+            sqlite3.connect(path).execute("CREATE TABLE made_before (x)").connection.close()
+        store = SQLiteStore(path, vacuum_at_open_max_bytes=0)
+        chunk_rows = 2**62 if legacy else RETENTION_CHUNK_ROWS
+
+        def size(p: Path) -> float:
+            return p.stat().st_size / mib if p.exists() else 0.0
+
+        for run in range(1, cycles + 1):
+            batches = [_event_rows(batch, run * 1000 + b) for b in range(burst // batch)]
+            t0 = time.perf_counter()
+            for rows in batches:
+                store.insert_events(rows)
+            rate = burst / (time.perf_counter() - t0)
+            del batches
+            after_ingest = size(wal)
+            peak = [0.0]  # the WAL's size after each chunk, before it is truncated
+            t0 = time.perf_counter()
+            done = store.retain(cutoff_ts=time.time() - 7 * 24 * 3600, max_events=max_events,
+                                max_bytes=max_bytes, chunk_rows=chunk_rows,
+                                on_chunk=lambda _, p=peak: p.append(size(wal)))
+            took = time.perf_counter() - t0
+            table.add_row(str(run), f"{rate:,.0f}", f"{after_ingest:.1f}", f"{took:.2f}",
+                          f"{done.by_count:,}, {done.by_bytes:,}", f"{max(peak):.1f}",
+                          f"{store.count_events():,}", f"{store.used_bytes() / mib:.1f}",
+                          f"{size(path):.1f}", f"{size(wal):.1f}")
+        store.close()
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["drift", "ingest"])
+    parser.add_argument("--only", choices=["drift", "ingest", "retention"])
     parser.add_argument("--rows", type=int, default=100_000, help="rows of window and reference")
     parser.add_argument("--events", type=int, default=200_000, help="events to ingest")
     parser.add_argument("--batch", type=int, default=1000, help="events per batch")
     parser.add_argument("--clients", type=int, default=2, help="HTTP client processes")
+    parser.add_argument("--cycles", type=int, default=10, help="retention runs")
+    parser.add_argument("--burst", type=int, default=60_000, help="events ingested per run")
+    parser.add_argument("--max-events", type=int, default=100_000, help="retention's count bound")
+    parser.add_argument("--max-mib", type=int, default=20, help="retention's size bound (MiB)")
+    parser.add_argument("--legacy", action="store_true",
+                        help="retention as before: a file without auto-vacuum, one transaction")
     args = parser.parse_args()
     console.print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if args.only in (None, "drift"):
         bench_drift(args.rows)
     if args.only in (None, "ingest"):
         bench_ingest(args.events, args.batch, args.clients)
+    if args.only in (None, "retention"):
+        bench_retention(args.cycles, args.burst, args.batch, args.max_events,
+                        args.max_mib * 1024 * 1024, args.legacy)
 
 
 if __name__ == "__main__":
