@@ -4,10 +4,15 @@ matter checked one by one."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +54,8 @@ SCHEMA_CASES = {**CASES, "no-sidecar": ((), ("monitor.enabled=false", *ALL_ON))}
 
 
 @functools.cache
-def render(values: tuple = (), sets: tuple = ()) -> tuple[dict[str, Any], ...]:
-    args = [tool("helm"), "template", NAME, str(CHART), "--namespace", "models"]
+def render(values: tuple = (), sets: tuple = (), extra: tuple = ()) -> tuple[dict[str, Any], ...]:
+    args = [tool("helm"), "template", NAME, str(CHART), "--namespace", "models", *extra]
     for path in values:
         args += ["-f", str(path)]
     for item in sets:
@@ -83,6 +88,55 @@ def workloads(docs: tuple[dict, ...]) -> list[dict]:
 
 def settings_env(docs: tuple[dict, ...]) -> dict[str, str]:
     return find(docs, "ConfigMap", f"{NAME}-modelloop-settings")["data"]
+
+
+# ----------------------------------------------------------------------------- the sidecar's keys
+KEYS_SECRET = f"{NAME}-modelloop-monitor-keys"
+# the sidecar's variable of each data key of the keys Secret (monitoring/settings.py)
+MONITOR_KEY_ENV = {
+    "MODELLOOP_MONITOR_API_KEY": "api-key",
+    "MODELLOOP_MONITOR_INGEST_KEY": "ingest-key",
+    "MODELLOOP_MONITOR_FEEDBACK_KEY": "feedback-key",
+    "MODELLOOP_MONITOR_ALERTMANAGER_KEY": "alertmanager-key",
+}
+# the cases with a sidecar (its keys are checked in each)
+KEYED_CASES = {**CASES, "existing-keys": ((), ("monitor.keys.existingSecret=my-keys", *ALL_ON)),
+               "local-trigger": ((), ("monitor.settings.trigger=local",))}
+
+
+def secret_refs(container: dict) -> dict[str, dict]:
+    """The container's env read from Secrets: variable -> {name, key}."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def secret_values(docs: tuple[dict, ...], name: str) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", name)["data"].items()}
+
+
+def resolve_env(docs: tuple[dict, ...], container: dict) -> dict[str, str]:
+    """The environment a container starts with: the settings ConfigMap, then its own env with
+    each secretKeyRef resolved (a Secret the chart does not render holds a stand-in key)."""
+    env = dict(settings_env(docs))
+    rendered = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is None:
+            env[entry["name"]] = entry["value"]
+        elif ref["name"] in rendered:
+            env[entry["name"]] = secret_values(docs, ref["name"])[ref["key"]]
+        else:
+            env[entry["name"]] = f"stand-in-{ref['key']}-0123456789"
+    return env
+
+
+def monitor_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """MonitorSettings as the sidecar builds them from this environment (and nothing else)."""
+    for key in [k for k in os.environ if k.startswith("MODELLOOP_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return settings_class("MODELLOOP_MONITOR_")()
 
 
 # ----------------------------------------------------------------------------- the tools
@@ -130,6 +184,18 @@ def test_schema_validation_catches_a_typo() -> None:
         (("serving.gpu.enabled=true", "serving.gpu.count=0"), "at '/serving/gpu/count': minimum"),
         # a settings key that is no identifier
         (("serving.settings.Max-Rows=3",), "invalid propertyName 'Max-Rows'"),
+        # keys given as settings would land in the ConfigMap: refused, each where it was given
+        (("monitor.settings.api_key=0123456789abcdef",),
+         "values: monitor.settings.api_key would put a key into the settings ConfigMap"),
+        (("monitor.settings.feedback_key=0123456789abcdef",),
+         "values: monitor.settings.feedback_key would put a key into the settings ConfigMap"),
+        (("serving.settings.sidecar_key=0123456789abcdef",),
+         "values: serving.settings.sidecar_key would put a key into the settings ConfigMap"),
+        (("jobs.trainingSettings.sidecar_key=0123456789abcdef",),
+         "values: jobs.trainingSettings.sidecar_key would put a key into the settings ConfigMap"),
+        # a typo in the keys' Secret is not silently a generated one
+        (("monitor.keys.existingsecret=my-keys",),
+         "at '/monitor/keys': additional properties 'existingsecret' not allowed"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(sets: tuple, message: str) -> None:
@@ -254,6 +320,157 @@ def test_api_key_and_store_url_come_from_secrets_not_the_configmap() -> None:
     assert find(docs, "Secret", store["valueFrom"]["secretKeyRef"]["name"])
 
 
+@pytest.mark.parametrize("case", sorted(KEYED_CASES))
+def test_sidecar_and_serving_take_their_role_keys_from_the_keys_secret(case: str) -> None:
+    docs = render(*KEYED_CASES[case])
+    name = "my-keys" if case == "existing-keys" else KEYS_SECRET
+    pods = containers(find(docs, "Deployment"))
+    monitor = secret_refs(pods["monitor"])
+    # required references (no `optional`): a Secret without one of them stops the pod, loudly
+    assert {k: monitor.get(k) for k in MONITOR_KEY_ENV} == {
+        k: {"name": name, "key": key} for k, key in MONITOR_KEY_ENV.items()}
+    assert secret_refs(pods["serving"])["MODELLOOP_SERVING_SIDECAR_KEY"] == {"name": name, "key": "ingest-key"}
+    assert settings_env(docs)["MODELLOOP_MONITOR_K8S_KEY_SECRET"] == name
+
+
+@pytest.mark.parametrize("case", sorted(KEYED_CASES))
+def test_the_sidecar_never_listens_beyond_loopback_without_a_key(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from monitoring.auth import check_exposure, is_loopback
+
+    docs = render(*KEYED_CASES[case])
+    monitor = containers(find(docs, "Deployment"))["monitor"]
+    settings = monitor_settings(resolve_env(docs, monitor), monkeypatch)
+    # it serves the Service, so it listens on the pod's address: with every role's key
+    assert not is_loopback(settings.host)
+    assert settings.allow_unauthenticated is False
+    assert None not in (settings.api_key, settings.ingest_key, settings.feedback_key,
+                        settings.alertmanager_key)
+    check_exposure(settings)
+
+
+def test_generated_keys_are_long_distinct_and_new_for_each_install() -> None:
+    keys = secret_values(render(), KEYS_SECRET)
+    assert set(keys) == set(MONITOR_KEY_ENV.values())
+    assert len(set(keys.values())) == 4
+    assert all(len(key) >= 32 and key.isalnum() for key in keys.values())
+    # no cluster to read them back from: another install gets keys of its own, not a constant
+    other = secret_values(render((), ("nameOverride=modelloop",)), KEYS_SECRET)
+    assert not set(keys.values()) & set(other.values())
+
+
+@pytest.mark.parametrize("case", sorted(KEYED_CASES))
+def test_keys_appear_in_no_configmap_job_or_pod_spec(case: str) -> None:
+    docs = render(*KEYED_CASES[case])
+    assert not [k for k in settings_env(docs) if k.endswith("_KEY")]
+    rendered = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    keys = secret_values(docs, KEYS_SECRET).values() if KEYS_SECRET in rendered else ()
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            text = json.dumps(doc)
+            assert not [k for k in keys if k in text], f"{doc['kind']}/{doc['metadata']['name']} holds a key"
+
+
+def test_an_existing_keys_secret_is_used_and_none_is_made() -> None:
+    docs = render(*KEYED_CASES["existing-keys"])
+    assert KEYS_SECRET not in {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    key_vars = {*MONITOR_KEY_ENV, "MODELLOOP_SERVING_SIDECAR_KEY", "MODELLOOP_TRAINING_SIDECAR_KEY"}
+    refs = {(doc["metadata"]["name"], var): ref["name"] for doc in workloads(docs)
+            for c in containers(doc).values() for var, ref in secret_refs(c).items() if var in key_vars}
+    assert len(refs) == len(key_vars) and set(refs.values()) == {"my-keys"}, refs
+    assert settings_env(docs)["MODELLOOP_MONITOR_K8S_KEY_SECRET"] == "my-keys"
+    webhook = find(docs, "AlertmanagerConfig")["spec"]["receivers"][0]["webhookConfigs"][0]
+    assert webhook["httpConfig"]["authorization"]["credentials"]["name"] == "my-keys"
+
+
+@contextmanager
+def fake_cluster(tmp_path: Path, secrets: dict[str, dict[str, str]]) -> Iterator[Path]:
+    """A Kubernetes API just large enough for `helm template --dry-run=server`: discovery of the
+    chart's kinds, nothing stored but ``secrets`` (name -> data) of this release. Yields the
+    kubeconfig."""
+    kinds: dict[str, set[str]] = {}
+    for doc in render():
+        kinds.setdefault(doc["apiVersion"], set()).add(doc["kind"])
+    plural = {kind: (kind[:-1] + "ies" if kind.endswith("y") else kind + "s").lower()
+              for names in kinds.values() for kind in names}
+
+    def resources(group_version: str) -> dict:
+        return {"kind": "APIResourceList", "groupVersion": group_version, "resources": [
+            {"name": plural[k], "singularName": k.lower(), "namespaced": True, "kind": k,
+             "verbs": ["get", "list"]} for k in sorted(kinds[group_version])]}
+
+    def secret(name: str, data: dict[str, str]) -> dict:
+        # what Helm wrote on install: it adopts nothing else
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": "models",
+                             "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                             "annotations": {"meta.helm.sh/release-name": NAME,
+                                             "meta.helm.sh/release-namespace": "models"}},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+    groups = sorted(gv for gv in kinds if "/" in gv)
+    routes = {
+        "/version": {"major": "1", "minor": "31", "gitVersion": "v1.31.0"},
+        "/api": {"kind": "APIVersions", "versions": ["v1"]},
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+             "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in groups]},
+        "/api/v1": resources("v1"),
+        **{f"/apis/{gv}": resources(gv) for gv in groups},
+        **{f"/api/v1/namespaces/models/secrets/{n}": secret(n, d) for n, d in secrets.items()},
+    }
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = routes.get(self.path.partition("?")[0])
+            self.send_response(200 if body else 404)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body or {"kind": "Status", "apiVersion": "v1",
+                                                 "status": "Failure", "reason": "NotFound",
+                                                 "code": 404}).encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "fake", "user": {"token": "fake"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }))
+    try:
+        yield kubeconfig
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        # an upgrade: every key of the installed release kept
+        {key: f"kept-{key}-0123456789" for key in MONITOR_KEY_ENV.values()},
+        # a Secret from before a role existed: the others kept, the new one made
+        {key: f"kept-{key}-0123456789" for key in ("api-key", "ingest-key", "feedback-key")},
+    ],
+    ids=["all-kept", "one-new"],
+)
+def test_an_upgrade_keeps_the_generated_keys(stored: dict[str, str], tmp_path: Path) -> None:
+    with fake_cluster(tmp_path, {KEYS_SECRET: stored}) as kubeconfig:
+        docs = render((), (), ("--dry-run=server", "--disable-openapi-validation",
+                               "--kubeconfig", str(kubeconfig)))
+    keys = secret_values(docs, KEYS_SECRET)
+    assert set(keys) == set(MONITOR_KEY_ENV.values())
+    assert {k: v for k, v in keys.items() if k in stored} == stored
+    assert all(len(v) >= 32 for k, v in keys.items() if k not in stored)
+
+
 def test_sidecar_may_create_retraining_jobs_and_serving_holds_no_token() -> None:
     docs = render()
     deployment = find(docs, "Deployment")
@@ -284,6 +501,12 @@ def test_retraining_cronjob_is_a_suspended_template_and_batch_is_indexed() -> No
     cron = find(docs, "CronJob")
     assert cron["spec"]["suspend"] is True
     assert containers(cron)["retrain"]["args"] == ["retrain", "--name", "demo", "--trigger", "schedule"]
+    # it fetches labelled data from the sidecar with the admin key; batch and bootstrap get none
+    assert secret_refs(containers(cron)["retrain"]) == {
+        "MODELLOOP_TRAINING_SIDECAR_KEY": {"name": KEYS_SECRET, "key": "api-key"}}
+    for job in [d for d in docs if d["kind"] == "Job"]:
+        assert not [r for c in containers(job).values() for r in secret_refs(c).values()
+                    if r["name"] == KEYS_SECRET], job["metadata"]["name"]
     batch = find(docs, "Job", f"{NAME}-modelloop-batch-1")
     assert batch["spec"]["completionMode"] == "Indexed"
     (container,) = containers(batch).values()
@@ -346,9 +569,16 @@ def test_operator_resources() -> None:
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
     am = find(docs, "AlertmanagerConfig")
     assert am["spec"]["route"]["matchers"] == [{"name": "action", "value": "retrain", "matchType": "="}]
-    url = am["spec"]["receivers"][0]["webhookConfigs"][0]["url"]
+    webhook = am["spec"]["receivers"][0]["webhookConfigs"][0]
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "monitor")
-    assert url == f"http://{service['metadata']['name']}.models.svc:{port}/alertmanager"
+    assert webhook["url"] == f"http://{service['metadata']['name']}.models.svc:{port}/alertmanager"
+    # with the sidecar's alertmanager key, read by the operator from the keys Secret
+    assert webhook["httpConfig"] == {"authorization": {
+        "type": "Bearer", "credentials": {"name": KEYS_SECRET, "key": "alertmanager-key"}}}
+    assert "alertmanager-key" in find(docs, "Secret", KEYS_SECRET)["data"]
+    # /metrics stays open: Prometheus scrapes both ports without a key
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert not {"authorization", "bearerTokenSecret", "basicAuth", "oauth2"} & endpoint.keys()
     # without the CRDs nothing of the operator is rendered
     assert not [d for d in render() if d["kind"] in OPERATOR_KINDS]
 
@@ -371,6 +601,10 @@ def test_without_the_sidecar_its_alert_and_container_are_left_out() -> None:
     assert set(containers(find(docs, "Deployment"))) == {"serving"}
     assert not [k for k in settings_env(docs) if k.startswith("MODELLOOP_MONITOR_")]
     assert "MODELLOOP_SERVING_SIDECAR_URL" not in settings_env(docs)
+    # nor its keys, nor references to them
+    assert KEYS_SECRET not in {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    assert not [r for doc in workloads(docs) for c in containers(doc).values()
+                for r in secret_refs(c).values() if r["name"] == KEYS_SECRET]
 
 
 def test_chart_compose_and_package_agree_on_the_version() -> None:
@@ -391,49 +625,55 @@ def _peer_admits(peer: dict, labels: dict[str, str]) -> bool:
     return "namespaceSelector" not in peer and peer["podSelector"]["matchLabels"].items() <= labels.items()
 
 
-def test_sidecar_started_jobs_work_with_the_charts_settings() -> None:
-    """The Job the sidecar itself builds (monitoring/triggers_cluster.py) from the settings the
-    chart gives it: valid, in this release's account, claim and image, told where the labelled
-    data is, and let through the NetworkPolicy to fetch it."""
+def test_sidecar_started_jobs_work_with_the_charts_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Job the sidecar itself builds (monitoring/jobs.py, monitoring/triggers_cluster.py) from
+    the settings and keys the chart gives it: valid, in this release's account, claim and image,
+    told the Service's URL, its admin key a reference to the keys Secret (never the key itself),
+    and let through the NetworkPolicy to fetch the labelled data."""
     import importlib.util
     import shlex
+    from dataclasses import replace
 
     if importlib.util.find_spec("monitoring.triggers_cluster") is None:
         pytest.skip("monitoring.triggers_cluster does not exist yet")
+    from monitoring.jobs import build_trigger, job_env
     from monitoring.triggers import JobRequest, render_command
-    from monitoring.triggers_cluster import job_manifest
 
     docs = render()
-    env = settings_env(docs)
+    settings = monitor_settings(resolve_env(docs, containers(find(docs, "Deployment"))["monitor"]),
+                                monkeypatch)
     request = JobRequest(job_id="retrain-demo-1", model="demo", version=1, trigger="alertmanager",
-                         reason="ModelloopDataDrift")
-    command = render_command(env["MODELLOOP_MONITOR_RETRAIN_COMMAND"], request)
-    service = find(docs, "Service")
-    url = f"http://{service['metadata']['name']}.models.svc:8001"
-    assert command == ["modelloop", "retrain", "--name", "demo", "--trigger", "alertmanager",
-                       "--sidecar-url", url]
-    assert env["MODELLOOP_TRAINING_SIDECAR_URL"] == url  # the chart's own jobs
-    job = job_manifest(
-        JobRequest(**{**request.__dict__, "command": command}),
-        namespace=env["MODELLOOP_MONITOR_K8S_NAMESPACE"], image=env["MODELLOOP_MONITOR_JOB_IMAGE"],
-        service_account=env["MODELLOOP_MONITOR_K8S_SERVICE_ACCOUNT"],
-        claim=env["MODELLOOP_MONITOR_K8S_REGISTRY_CLAIM"], ttl_s=float(env["MODELLOOP_MONITOR_K8S_TTL_S"]),
-    )
+                         reason="ModelloopDataDrift", env=job_env(settings))
+    request = replace(request, command=render_command(settings.retrain_command, request))
+    assert request.command == ["modelloop", "retrain", "--name", "demo", "--trigger", "alertmanager"]
+    job = build_trigger(settings).manifest(request)  # type: ignore[attr-defined]
     kubernetes_validate.validate(job, KUBE_VERSIONS[0], strict=True)
+    service = find(docs, "Service")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "monitor")
+    url = f"http://{service['metadata']['name']}.models.svc:{port}"
     pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MODELLOOP_TRAINING_SIDECAR_URL"]["value"] == url
+    assert env["MODELLOOP_TRAINING_SIDECAR_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": KEYS_SECRET, "key": "api-key"}
+    assert settings.api_key.get_secret_value() not in json.dumps(job)
+    assert settings_env(docs)["MODELLOOP_TRAINING_SIDECAR_URL"] == url  # the chart's own jobs
     assert find(docs, "ServiceAccount", pod["serviceAccountName"])
     assert find(docs, "PersistentVolumeClaim", pod["volumes"][0]["persistentVolumeClaim"]["claimName"])
-    assert pod["containers"][0]["image"] == containers(find(docs, "Deployment"))["serving"]["image"]
+    assert container["image"] == containers(find(docs, "Deployment"))["serving"]["image"]
     policy = find(docs, "NetworkPolicy", f"{NAME}-modelloop")
     (monitor_rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "monitor"]
     job_labels = job["spec"]["template"]["metadata"]["labels"]
     cron_labels = find(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
     assert any(_peer_admits(p, job_labels) for p in monitor_rule["from"])
     assert any(_peer_admits(p, cron_labels) for p in monitor_rule["from"])
-    # and the retraining command knows these options
-    program = shlex.split(env["MODELLOOP_MONITOR_RETRAIN_COMMAND"])[0]
+    # and the retraining command reads what it is given
+    program = request.command[0]
     help_text = run([str(Path(sys.executable).with_name(program)), "retrain", "--help"], timeout=60)
-    assert "--sidecar-url" in help_text.stdout and "--trigger" in help_text.stdout
+    assert "--trigger" in help_text.stdout, help_text.stdout + help_text.stderr
+    assert {"sidecar_url", "sidecar_key"} <= set(settings_class("MODELLOOP_TRAINING_").model_fields)
+    assert shlex.split(settings.retrain_command)[0] == program
 
 
 def test_a_retrain_command_of_ones_own_replaces_the_default() -> None:

@@ -63,6 +63,33 @@ app.kubernetes.io/part-of: modelloop
 {{- default (printf "%s-store" (include "modelloop.fullname" .)) .Values.monitor.store.existingSecret }}
 {{- end }}
 
+{{/* The sidecar's role keys: data keys `api-key`, `ingest-key`, `feedback-key`, `alertmanager-key`. */}}
+{{- define "modelloop.monitorKeysSecret" -}}
+{{- default (printf "%s-monitor-keys" (include "modelloop.fullname" .)) .Values.monitor.keys.existingSecret }}
+{{- end }}
+
+{{/* An env entry `name` read from data key `key` of the sidecar's keys Secret. */}}
+{{- define "modelloop.monitorKeyEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "modelloop.monitorKeysSecret" .root }}
+      key: {{ .key }}
+{{- end }}
+
+{{/*
+Keys belong in Secrets: a key field given among `settings` (which become the ConfigMap) stops
+the render instead of being written there or silently dropped.
+*/}}
+{{- define "modelloop.noKeysIn" -}}
+{{- $settings := .settings }}
+{{- range $field := .fields }}
+{{- if hasKey $settings $field }}
+{{- fail (printf "values: %s.%s would put a key into the settings ConfigMap; %s" $.path $field $.instead) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/*
 A settings value as an environment string: booleans lower-case, whole numbers without an
 exponent (values arrive as float64), lists and maps as JSON (pydantic-settings parses them).
