@@ -449,6 +449,22 @@ def resolve_label(label: str | int | float, meta: ModelMetadata) -> float | str:
 
 
 # -- group commit ----------------------------------------------------------------------------------
+TRIM_AFTER_BYTES = 4 * 1024 * 1024
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed after a large body back to the kernel (glibc's ``malloc_trim``): its
+    parsed rows spread over the heap, and glibc would keep those pages for the life of the
+    process. Measured with 8 parallel 20 MiB bodies: in ``scripts/bench_sidecar_memory.py``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+
+
 @dataclass
 class _Pending:
     body: bytes
@@ -507,6 +523,13 @@ class GroupCommitWriter:
             self._commit(group)
 
     def _commit(self, group: list[_Pending]) -> None:
+        try:
+            self._write(group)
+        finally:
+            if sum(len(p.body) for p in group) >= TRIM_AFTER_BYTES:
+                release_freed_memory()
+
+    def _write(self, group: list[_Pending]) -> None:
         valid = []
         for p in group:
             try:
