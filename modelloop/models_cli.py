@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from modelloop.registry import Registry, RegistryError
+from modelloop.registry import BrokenVersion, Registry, RegistryError
 from modelloop.settings import HomeSettings
 
 app = typer.Typer(help="List, show, promote and roll back registered model versions.",
@@ -22,7 +23,7 @@ def _registry() -> Registry:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, however long
+    console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # one line, however long
     return typer.Exit(code=1)
 
 
@@ -31,7 +32,9 @@ def list_models(
     name: Annotated[str | None, typer.Argument(help="Only this model's versions.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List registered models and their versions, with aliases and headline metrics."""
+    """List registered models and their versions, with aliases and headline metrics.
+
+    A version whose metadata cannot be read is listed as broken, with the reason."""
     reg = _registry()
     rows: list[dict[str, Any]] = []
     try:
@@ -40,7 +43,13 @@ def list_models(
             by_version: dict[int, list[str]] = {}
             for alias, v in aliases.items():
                 by_version.setdefault(v, []).append(alias)
-            for meta in reg.versions(model):
+            for number in reg.version_numbers(model):
+                try:
+                    meta = reg.get(model, number).metadata
+                except BrokenVersion as exc:
+                    rows.append({"name": model, "version": number,
+                                 "aliases": sorted(by_version.get(number, [])), "error": str(exc)})
+                    continue
                 rows.append({
                     "name": model,
                     "version": meta.version,
@@ -60,12 +69,19 @@ def list_models(
     for col in ("name", "version", "aliases", "arch", "created", "accuracy/r2", "parent"):
         table.add_column(col)
     for r in rows:
+        if "error" in r:
+            table.add_row(r["name"], str(r["version"]), ",".join(r["aliases"]), "[red]broken[/]",
+                          "", "", "")
+            continue
         m = r["metrics"]
         score = m.get("accuracy", m.get("r2", m.get("roc_auc")))
         table.add_row(r["name"], str(r["version"]), ",".join(r["aliases"]), r["architecture"],
                       r["created_at"][:19], "" if score is None else f"{score:.4f}",
                       "" if r["parent_version"] is None else str(r["parent_version"]))
     console.print(table)
+    for r in rows:
+        if "error" in r:
+            console.print(f"[red]broken:[/] {escape(r['error'])}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -126,10 +142,12 @@ def promote(
     version: Annotated[str, typer.Argument(help="Version number (or alias) to make production.")],
     force: Annotated[bool, typer.Option(
         "--force", help="Promote an int8 version even though it lost more accuracy than "
-        "allowed.")] = False,
+        "allowed (the version is still checked: a broken one is never promoted).")] = False,
 ) -> None:
     """Make VERSION the production version; the old production becomes 'previous'.
 
+    The version is loaded and run on its reference rows first; one that fails to load, gives
+    NaN or infinity, or predicts otherwise than its reference sample is refused, --force or not.
     An int8 version (`modelloop quantize`) that lost more than the allowed accuracy is refused
     unless --force is given.
     """
@@ -139,6 +157,8 @@ def promote(
         why = None if force else not_promotable(target.metadata.lineage)
         if why is None:
             aliases = reg.promote(name, target.version)
+    except BrokenVersion as exc:
+        raise _fail(RegistryError(f"not promoted: {exc}")) from exc
     except RegistryError as exc:
         raise _fail(exc) from exc
     if why is not None:
@@ -150,10 +170,15 @@ def promote(
 
 @app.command()
 def rollback(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
-    """Bring the previous version back into production (swap 'production' and 'previous')."""
+    """Bring the previous version back into production (swap 'production' and 'previous').
+
+    The previous version is checked first (as promote does); a broken one is refused."""
     try:
         aliases = _registry().rollback(name)
+    except BrokenVersion as exc:
+        raise _fail(RegistryError(f"not rolled back: {exc}")) from exc
     except RegistryError as exc:
         raise _fail(exc) from exc
-    console.print(f"{name}: rolled back, production -> v{aliases['production']} "
-                  f"(previous v{aliases['previous']})")
+    console.print(f"{name}: rolled back, production -> v{aliases['production']}"
+                  + (f" (previous v{aliases['previous']})" if "previous" in aliases else
+                     " (no previous version: the one replaced failed its check)"), soft_wrap=True)

@@ -15,6 +15,12 @@ version or none; aliases are replaced with a temp file and ``os.replace``, so a 
 mapping or the new one. Writers serialise on a file lock, so two processes cannot take the same
 version number or lose each other's alias change.
 
+No alias moves to a version that fails its check (``modelloop.verify``: loaded, run on its
+reference rows, outputs finite and consistent with the sample): :meth:`Registry.promote`,
+:meth:`Registry.rollback` and :meth:`Registry.set_alias` raise :class:`BrokenVersion` instead, and
+``previous`` only ever names a version that passed. A version whose files cannot be read raises
+:class:`BrokenVersion` too, naming the file, on one line.
+
 Example::
 
     reg = Registry(settings.registry_dir)
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,8 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from pydantic import ValidationError
 
 from modelloop.schemas import ALIAS_PREVIOUS, ALIAS_PRODUCTION, ModelMetadata
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -55,6 +65,17 @@ class RegistryError(Exception):
 
 class ModelNotFound(RegistryError):
     pass
+
+
+class BrokenVersion(RegistryError):
+    """A version cannot be used: a file of it cannot be read, or it failed its check
+    (``modelloop.verify``). The message names the version, the file and the reason, on one line."""
+
+    def __init__(self, label: str, path: Path, reason: str) -> None:
+        self.label = label
+        self.path = path
+        self.reason = " ".join(reason.split())  # one line, whatever a library put in it
+        super().__init__(f"{label} is broken: {path}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,10 @@ class ModelVersion:
     @property
     def reference_path(self) -> Path:
         return self.path / REFERENCE_FILE
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / METADATA_FILE
 
     def reference(self) -> Any:
         """The reference sample as a pandas DataFrame (features, labels, predictions)."""
@@ -144,47 +169,65 @@ class Registry:
         if not self.root.exists():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and self._version_numbers(p.name)
+            p.name for p in self.root.iterdir() if p.is_dir() and self.version_numbers(p.name)
         )
 
-    def _version_numbers(self, name: str) -> list[int]:
+    def version_numbers(self, name: str) -> list[int]:
+        """The version numbers of ``name``, oldest first (reads no metadata)."""
         vdir = self._model_dir(name) / "versions"
         if not vdir.exists():
             return []
         return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit())
 
     def versions(self, name: str) -> list[ModelMetadata]:
-        """Every version of ``name``, oldest first."""
-        return [self.get(name, v).metadata for v in self._version_numbers(name)]
+        """Every version of ``name``, oldest first; BrokenVersion when one's metadata cannot be
+        read (:meth:`version_numbers` and :meth:`get` list around it)."""
+        return [self.get(name, v).metadata for v in self.version_numbers(name)]
 
     def aliases(self, name: str) -> dict[str, int]:
         """The alias mapping of ``name`` (empty when nothing is promoted yet)."""
         path = self._model_dir(name) / "aliases.json"
         try:
             data = json.loads(path.read_bytes())
+            return {str(k): int(v) for k, v in data.items()}
         except FileNotFoundError:
             return {}
-        return {str(k): int(v) for k, v in data.items()}
+        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not {alias: number}
+            raise RegistryError(f"{path} is not a valid alias mapping: {exc}") from exc
 
     def resolve(self, name: str, ref: int | str = ALIAS_PRODUCTION) -> int:
         """Turn a version number, a numeric string or an alias into a version number."""
         if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
             version = int(ref)
-            if version not in self._version_numbers(name):
+            if version not in self.version_numbers(name):
                 raise ModelNotFound(f"model {name!r} has no version {version}")
             return version
         aliases = self.aliases(name)
         if ref not in aliases:
-            if not self._version_numbers(name):
+            if not self.version_numbers(name):
                 raise ModelNotFound(f"model {name!r} is not registered under {self.root}")
             raise ModelNotFound(f"model {name!r} has no alias {ref!r} (aliases: {aliases or 'none'})")
         return aliases[ref]
 
     def get(self, name: str, ref: int | str = ALIAS_PRODUCTION) -> ModelVersion:
-        """A version by number or alias."""
+        """A version by number or alias; BrokenVersion when its metadata cannot be read."""
         version = self.resolve(name, ref)
         path = self._model_dir(name) / "versions" / str(version)
-        meta = ModelMetadata.model_validate_json((path / METADATA_FILE).read_bytes())
+        file = path / METADATA_FILE
+        label = f"{name} v{version}"
+        try:
+            meta = ModelMetadata.model_validate_json(file.read_bytes())
+        except OSError as exc:
+            raise BrokenVersion(label, file, f"cannot be read: {exc.strerror or exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(
+                (".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + e["msg"]
+                for e in exc.errors(include_url=False)[:3])
+            more = exc.error_count() - 3
+            raise BrokenVersion(label, file, f"not valid metadata: {problems}"
+                                + (f" (and {more} more)" if more > 0 else "")) from exc
+        if (meta.name, meta.version) != (name, version):
+            raise BrokenVersion(label, file, f"it describes {meta.name} v{meta.version}")
         return ModelVersion(path=path, metadata=meta)
 
     def history(self, name: str) -> list[dict[str, Any]]:
@@ -213,7 +256,7 @@ class Registry:
             vroot = mdir / "versions"
             vroot.mkdir(exist_ok=True)
             self._clean_partial(vroot)
-            existing = self._version_numbers(name)
+            existing = self.version_numbers(name)
             version = (existing[-1] if existing else 0) + 1
             meta = metadata.model_copy(update={"version": version})
             tmp = vroot / f".tmp-{uuid.uuid4().hex}"
@@ -249,44 +292,104 @@ class Registry:
         with open(mdir / "history.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **event, "aliases": aliases}) + "\n")
 
+    def _check(self, name: str, version: int, known: dict[int, BrokenVersion | None]) -> BrokenVersion | None:
+        """Why ``version`` may not be aliased, or None when it passes its check. Kept in
+        ``known``: a version never changes, so one checked before the lock is not checked again
+        under it."""
+        if version not in known:
+            from modelloop.verify import check_version  # onnxruntime, only when an alias moves
+
+            try:
+                check_version(self.get(name, version))
+                known[version] = None
+            except BrokenVersion as exc:
+                known[version] = exc
+        return known[version]
+
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, int]:
-        """Point ``alias`` at ``version`` (any alias but the two that promote/rollback manage)."""
+        """Point ``alias`` at ``version`` (any alias but the two that promote/rollback manage);
+        BrokenVersion, and nothing changes, when the version fails its check."""
         if not _ALIAS.match(alias):
             raise RegistryError(f"invalid alias {alias!r}: lower-case letters, digits, '_' or '-'")
+        if alias in (ALIAS_PRODUCTION, ALIAS_PREVIOUS):
+            raise RegistryError(f"alias {alias!r} is moved by promote and rollback only")
+        target = self.resolve(name, version)
+        problem = self._check(name, target, {})  # outside the lock: the version cannot change
+        if problem is not None:
+            raise problem
         with self._locked(name) as mdir:
-            self.resolve(name, version)
             aliases = self.aliases(name)
-            aliases[alias] = version
-            self._write_aliases(mdir, aliases, {"op": "set", "alias": alias, "version": version})
+            aliases[alias] = target
+            self._write_aliases(mdir, aliases, {"op": "set", "alias": alias, "version": target})
             return aliases
 
     def promote(self, name: str, version: int | str) -> dict[str, int]:
-        """Make ``version`` production; the old production becomes ``previous``. Atomic."""
+        """Make ``version`` production; the old production becomes ``previous``. Atomic.
+
+        ``version`` is checked first: BrokenVersion, and nothing changes, when it fails. The old
+        production becomes ``previous`` only if it passes its check too (otherwise ``previous``
+        stays as it was, and the history says why), so a rollback never lands on a broken version.
+        The checks run before the lock is taken (a version never changes), so other writers wait
+        only for the alias write; should production move meanwhile, the new one is checked under
+        the lock.
+        """
+        target = self.resolve(name, version)
+        known: dict[int, BrokenVersion | None] = {}
+        problem = self._check(name, target, known)
+        if problem is not None:
+            raise problem
+        current = self.aliases(name).get(ALIAS_PRODUCTION)
+        if current is not None and current != target:
+            self._check(name, current, known)
         with self._locked(name) as mdir:
-            target = self.resolve(name, version)
             aliases = self.aliases(name)
             current = aliases.get(ALIAS_PRODUCTION)
             if current == target:
                 return aliases
+            event: dict[str, Any] = {"op": "promote", "version": target}
             if current is not None:
-                aliases[ALIAS_PREVIOUS] = current
+                problem = self._check(name, current, known)
+                if problem is None:
+                    aliases[ALIAS_PREVIOUS] = current
+                else:
+                    event["not_previous"] = str(problem)
+                    logger.warning("%s: v%d does not become %r: %s", name, current, ALIAS_PREVIOUS,
+                                   problem)
             aliases[ALIAS_PRODUCTION] = target
-            self._write_aliases(mdir, aliases, {"op": "promote", "version": target})
+            self._write_aliases(mdir, aliases, event)
             return aliases
 
     def rollback(self, name: str) -> dict[str, int]:
-        """Swap ``production`` and ``previous``: the previous version serves again. Atomic."""
+        """Swap ``production`` and ``previous``: the previous version serves again. Atomic.
+
+        The previous version is checked first: BrokenVersion, and nothing changes, when it fails.
+        The production version becomes ``previous`` only if it passes its check too; otherwise
+        ``previous`` is removed. Checked before the lock, as :meth:`promote` does.
+        """
+        known: dict[int, BrokenVersion | None] = {}
+        before = self.aliases(name)
+        for alias in (ALIAS_PREVIOUS, ALIAS_PRODUCTION):
+            if alias in before:
+                self._check(name, before[alias], known)
         with self._locked(name) as mdir:
             aliases = self.aliases(name)
             if ALIAS_PREVIOUS not in aliases or ALIAS_PRODUCTION not in aliases:
                 raise RegistryError(f"model {name!r} has no previous version to roll back to")
-            aliases[ALIAS_PRODUCTION], aliases[ALIAS_PREVIOUS] = (
-                aliases[ALIAS_PREVIOUS],
-                aliases[ALIAS_PRODUCTION],
-            )
-            self._write_aliases(
-                mdir, aliases, {"op": "rollback", "version": aliases[ALIAS_PRODUCTION]}
-            )
+            target, current = aliases[ALIAS_PREVIOUS], aliases[ALIAS_PRODUCTION]
+            problem = self._check(name, target, known)
+            if problem is not None:
+                raise problem
+            event: dict[str, Any] = {"op": "rollback", "version": target}
+            aliases[ALIAS_PRODUCTION] = target
+            problem = self._check(name, current, known)
+            if problem is None:
+                aliases[ALIAS_PREVIOUS] = current
+            else:
+                del aliases[ALIAS_PREVIOUS]
+                event["not_previous"] = str(problem)
+                logger.warning("%s: v%d does not become %r: %s", name, current, ALIAS_PREVIOUS,
+                               problem)
+            self._write_aliases(mdir, aliases, event)
             return aliases
 
     def alias_stamp(self, name: str) -> int:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from modelloop.registry import ModelNotFound, Registry, RegistryError
+from modelloop.registry import BrokenVersion, ModelNotFound, Registry, RegistryError
 from modelloop.schemas import ModelMetadata, Task, TensorSpec
+from tests.modelloop.onnx_graphs import tiny
 
 
 def _meta(name: str = "m") -> ModelMetadata:
@@ -45,8 +46,8 @@ def test_register_assigns_increasing_versions_and_keeps_files(tmp_path: Path) ->
 
 def test_promote_and_rollback_move_aliases(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
-    for _ in range(3):
-        reg.register(_meta(), b"x")
+    for seed in range(3):
+        tiny(seed=seed).register(reg)
     assert reg.promote("m", 1) == {"production": 1}
     assert reg.promote("m", "2") == {"production": 2, "previous": 1}
     assert reg.get("m").version == 2
@@ -99,16 +100,20 @@ def test_two_writers_never_share_a_version(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys
+    from pathlib import Path
+    import pandas as pd
     from modelloop.registry import Registry
-    from modelloop.schemas import ModelMetadata, Task, TensorSpec
+    from modelloop.schemas import ModelMetadata
+    from modelloop.verify import check_version
     reg = Registry(sys.argv[1])
-    meta = ModelMetadata(name="m", task=Task.classification,
-        inputs=[TensorSpec(name="input", shape=[None, 2])],
-        outputs=[TensorSpec(name="probabilities", shape=[None, 2])], feature_names=["a", "b"])
+    model = Path(sys.argv[2])
+    meta = ModelMetadata.model_validate_json((model / "metadata.json").read_text())
+    onnx, reference = (model / "model.onnx").read_bytes(), pd.read_parquet(model / "reference.parquet")
     payload = b"o" * 4_000_000
+    check_version(reg.get("m", 1))  # ONNX Runtime imported before the kills begin
     print("ready", flush=True)
     while True:
-        v = reg.register(meta, payload).version
+        v = reg.register(meta, onnx, reference, artifacts={"payload.bin": payload}).version
         reg.promote("m", v)
     """
 )
@@ -117,9 +122,12 @@ _WRITER = textwrap.dedent(
 def test_registry_consistent_after_writer_killed_mid_write(tmp_path: Path) -> None:
     """SIGKILL a writer at many points in its loop; every state left behind must be whole."""
     reg = Registry(tmp_path)
+    first = tiny().register(reg)  # a real model: every promotion runs its check
+    model = reg.get("m", first.version).path
     for i in range(8):
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _WRITER, str(tmp_path), str(model)], stdout=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         time.sleep(0.05 + 0.037 * i)  # kill at a different point of the write each time
@@ -127,14 +135,121 @@ def test_registry_consistent_after_writer_killed_mid_write(tmp_path: Path) -> No
         proc.wait()
         aliases = json.loads((tmp_path / "m" / "aliases.json").read_text()) if (
             tmp_path / "m" / "aliases.json").exists() else {}
-        for version in [m.version for m in reg.versions("m")]:
+        for version in [m.version for m in reg.versions("m")][1:]:
             mv = reg.get("m", version)
-            assert mv.onnx_path.stat().st_size == 4_000_000, f"v{version} is partial"
+            assert (mv.path / "payload.bin").stat().st_size == 4_000_000, f"v{version} is partial"
+            assert mv.onnx_path.read_bytes() == (model / "model.onnx").read_bytes()
         for alias, v in aliases.items():
             assert reg.get("m", alias).version == v
     # a new writer cleans leftovers and carries on from the last whole version
     before = len(reg.versions("m"))
-    assert before > 0
+    assert before > 1
     meta = reg.register(_meta(), b"y")
     assert meta.version == before + 1
     assert not list((tmp_path / "m" / "versions").glob(".tmp-*"))
+
+
+# -- no alias moves to a broken version ------------------------------------------------------
+def _hand_written(reg: Registry, aliases: dict[str, int]) -> None:
+    """Aliases written behind the registry's back (as someone editing aliases.json would)."""
+    (reg.root / "m" / "aliases.json").write_text(json.dumps(aliases))
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    """v1 and v2 pass their checks; v3 outputs NaN (a scale of zero); v4 is not ONNX."""
+    reg = Registry(tmp_path)
+    tiny(seed=0).register(reg)
+    tiny(seed=1).register(reg)
+    tiny(seed=0, scale=0.0).register(reg)
+    reg.register(_meta().model_copy(update={"feature_names": ["a", "b", "c"]}), b"not onnx",
+                 reference=tiny().reference)
+    return reg
+
+
+NAN = "output 'probabilities' is not finite (NaN or infinity) in 64 of 64 reference rows, first row 0"
+
+
+@pytest.mark.parametrize("move", [
+    lambda r: r.promote("m", 3),
+    lambda r: r.set_alias("m", "canary", 3),
+])
+def test_no_alias_moves_to_a_version_that_fails_its_check(reg: Registry, move) -> None:
+    reg.promote("m", 1)
+    before = (reg.aliases("m"), reg.history("m"))
+    with pytest.raises(BrokenVersion) as caught:
+        move(reg)
+    assert str(caught.value) == f"m v3 is broken: {reg.get('m', 3).onnx_path}: {NAN}"
+    assert (reg.aliases("m"), reg.history("m")) == before
+
+
+def test_a_file_onnx_runtime_cannot_load_is_never_promoted(reg: Registry) -> None:
+    with pytest.raises(BrokenVersion, match="ONNX Runtime cannot load it"):
+        reg.promote("m", 4)
+    assert reg.aliases("m") == {}
+
+
+def test_a_broken_production_does_not_become_previous(reg: Registry) -> None:
+    reg.promote("m", 1)
+    _hand_written(reg, {"production": 3, "previous": 1})
+    assert reg.promote("m", 2) == {"production": 2, "previous": 1}  # previous stays as it was
+    assert NAN in reg.history("m")[-1]["not_previous"]
+
+
+def test_rollback_to_a_broken_version_is_refused(reg: Registry) -> None:
+    _hand_written(reg, {"production": 1, "previous": 3})
+    with pytest.raises(BrokenVersion, match=r"m v3 is broken: .*not finite"):
+        reg.rollback("m")
+    assert reg.aliases("m") == {"production": 1, "previous": 3}
+
+
+def test_rollback_from_a_broken_version_leaves_no_previous(reg: Registry) -> None:
+    _hand_written(reg, {"production": 3, "previous": 1})
+    assert reg.rollback("m") == {"production": 1}
+    with pytest.raises(RegistryError, match="has no previous version to roll back to"):
+        reg.rollback("m")
+
+
+@pytest.mark.parametrize("alias", ["production", "previous"])
+def test_set_alias_leaves_the_promotion_aliases_alone(reg: Registry, alias: str) -> None:
+    with pytest.raises(RegistryError, match=f"alias '{alias}' is moved by promote and rollback only"):
+        reg.set_alias("m", alias, 1)
+
+
+def test_set_alias_points_at_a_version_that_passes(reg: Registry) -> None:
+    assert reg.set_alias("m", "canary", 2) == {"canary": 2}
+
+
+# -- unreadable files name themselves ----------------------------------------------------------
+@pytest.mark.parametrize(("content", "reason"), [
+    # cut short
+    (b'{"name": "m", "vers', "not valid metadata: Invalid JSON: EOF while parsing a string at line 1 column 19"),
+    # valid JSON, not metadata
+    (b'{"name": "m", "version": 2}', "not valid metadata: task: Field required; inputs: Field "
+     "required; outputs: Field required (and 1 more)"),
+    # another version's metadata copied in
+    (tiny().metadata.model_copy(update={"version": 1}).model_dump_json().encode(),
+     "it describes m v1"),
+])
+def test_unreadable_metadata_is_one_line_naming_the_file(tmp_path: Path, content: bytes,
+                                                         reason: str) -> None:
+    reg = Registry(tmp_path)
+    tiny().register(reg)
+    tiny().register(reg)
+    file = tmp_path / "m" / "versions" / "2" / "metadata.json"
+    file.write_bytes(content)
+    with pytest.raises(BrokenVersion) as caught:
+        reg.get("m", 2)
+    assert str(caught.value) == f"m v2 is broken: {file}: {reason}"
+    assert reg.version_numbers("m") == [1, 2] and reg.get("m", 1).version == 1
+    with pytest.raises(BrokenVersion):  # and it is never promoted
+        reg.promote("m", 2)
+
+
+def test_unreadable_aliases_name_the_file(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    tiny().register(reg)
+    (tmp_path / "m" / "aliases.json").write_text("[1, 2]")
+    with pytest.raises(RegistryError, match=r"aliases.json is not a valid alias mapping"):
+        reg.get("m")
+

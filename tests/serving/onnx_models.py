@@ -4,7 +4,8 @@
 imputation with the training means and standardisation, and ``mlp_graph`` writes the same
 computation as an ONNX graph (IsNaN/Where, Sub/Div, MatMul/Add/Relu, Softmax) that follows the
 conventions of ``modelloop.schemas``, so serving can be tested on a real trained model and a real
-ONNX file. ``register_mlp`` puts it in a registry with its metadata and reference sample.
+ONNX file. ``register_mlp`` puts it in a registry with its metadata and reference sample (the
+model's own predictions on those rows, as training stores them).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from modelloop.schemas import (
     PREDICTION,
     PROBABILITIES,
     REF_LABEL,
-    REF_PREDICTION,
     ModelMetadata,
     Task,
     TensorSpec,
 )
 from modelloop.synthetic import TARGET, SyntheticTask
+from tests.modelloop.onnx_graphs import with_predictions
 
 
 @dataclass
@@ -134,10 +135,26 @@ def metadata_for(name: str, mlp: Mlp, features: list[str], class_labels: list[st
     )
 
 
+def reference_sample(onnx_bytes: bytes, rows: pd.DataFrame, features: list[str],
+                     task: Task) -> pd.DataFrame:
+    """``rows`` (features and ``TARGET``) as a reference sample: the features, the label and the
+    model's predictions (a classifier's class index and probabilities)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {INPUT_NAME: rows[features].to_numpy(np.float32)})
+    reference = rows[features].copy()
+    reference[REF_LABEL] = rows[TARGET].to_numpy()
+    return with_predictions(reference, task, out)
+
+
 def register_mlp(registry: Registry, name: str, *, n_features: int = 20, n_classes: int = 3,
                  task: Task = Task.classification, seed: int = 0, hidden: tuple[int, ...] = (16,),
-                 rows: int = 2000, promote: bool = True) -> ModelMetadata:
-    """Train an MLP on the synthetic task, export it to ONNX and register (and promote) it."""
+                 rows: int = 2000, promote: bool = True, zero_scale: bool = False) -> ModelMetadata:
+    """Train an MLP on the synthetic task, export it to ONNX and register (and promote) it.
+
+    ``zero_scale`` registers a broken export beside the reference sample of the intact model: a
+    valid ONNX graph whose preprocessing divides by a scale of zero, so every output is NaN."""
     synth = SyntheticTask(n_features=n_features, n_informative=min(8, n_features),
                           n_classes=n_classes, seed=seed)
     df = synth.sample(rows, missing=0.02)
@@ -147,9 +164,10 @@ def register_mlp(registry: Registry, name: str, *, n_features: int = 20, n_class
     mlp = fit_mlp(df, features, task=task, hidden=hidden, seed=seed)
     labels = [f"class_{i}" for i in range(n_classes)] if task == Task.classification else None
     onnx_bytes = mlp_graph(mlp, n_features)
-    reference = df.head(200).copy()
-    reference = reference.rename(columns={TARGET: REF_LABEL})
-    reference[REF_PREDICTION] = 0.0
+    reference = reference_sample(onnx_bytes, df.head(200), features, task)
+    if zero_scale:
+        mlp.scales = np.zeros_like(mlp.scales)
+        onnx_bytes = mlp_graph(mlp, n_features)
     meta = registry.register(metadata_for(name, mlp, features, labels), onnx_bytes, reference=reference)
     if promote:
         registry.promote(name, meta.version)
