@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from modelloop.registry import Registry, RegistryError
 from serving.settings import NanPolicy, Provider, ServingSettings
@@ -34,7 +35,9 @@ def _batch() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # one line, printed as it is (a library's message may hold newlines or look like markup)
+    console.print(f"[red]error:[/] {escape(' '.join(message.splitlines()))}", highlight=False,
+                  soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -67,7 +70,8 @@ def serve(
 
     Every option has an environment variable MODELLOOP_SERVING_<OPTION> (e.g. MODELLOOP_SERVING_API_KEY
     for bearer-token auth); see docs/serving.md. The model swaps without downtime when its alias
-    moves (modelloop models promote NAME VERSION).
+    moves (modelloop models promote NAME VERSION) to a version that passes its check; a broken
+    model stops start-up with one line naming the file and why.
     """
     settings = _settings(port=port, host=host, model=name, alias=alias, workers=workers,
                          threads=threads, providers=providers, batching=batching,
@@ -77,9 +81,11 @@ def serve(
     _preflight(settings)
     os.environ.update(settings.to_env())  # BentoML's workers build their settings from these
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
-    from serving.service import ModelService
+    from serving.service import ModelService, startup_failure_file
 
     metrics_dir = _own_metrics_dir(settings)
+    failure = startup_failure_file(os.getpid())
+    failure.unlink(missing_ok=True)  # a former process's with our pid
     service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
     service.config["workers"] = settings.worker_count()
     logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
@@ -88,6 +94,10 @@ def serve(
         service.serve_http(host=settings.host, port=settings.port)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if failure.exists():  # a worker could not load the model and stopped the server
+        reason = failure.read_text()
+        failure.unlink(missing_ok=True)
+        raise _fail(reason)
 
 
 def _own_metrics_dir(settings: ServingSettings) -> Path:
@@ -108,15 +118,16 @@ def _own_metrics_dir(settings: ServingSettings) -> Path:
 
 
 def _preflight(settings: ServingSettings) -> None:
-    """Load the model once here, so a bad model stops start-up with one clear line (BentoML
-    would otherwise restart failing workers forever)."""
-    from serving.models import resolve_model_name, runtime_factory
+    """Load and check the model once here (as each worker will), so a bad model stops start-up
+    with one clear line naming the file and why (BentoML would otherwise restart failing workers
+    forever)."""
+    from serving.models import load_checked, resolve_model_name, runtime_factory
     from serving.runtime import ModelLoadError
 
     registry = Registry(settings.registry_dir)
     try:
         name = resolve_model_name(registry, settings.model)
-        runtime = runtime_factory(settings)(registry.get(name, settings.alias)).load()
+        runtime = load_checked(runtime_factory(settings), registry.get(name, settings.alias))
     except (ModelLoadError, RegistryError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"serving {name} v{runtime.model_version} ({settings.alias}) on "

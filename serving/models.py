@@ -2,11 +2,12 @@
 
 :class:`ModelManager` follows an alias (``production`` by default) in the registry. When the alias
 moves, it loads and warms the new version beside the old one (on a thread, so requests keep being
-served), then swaps one reference. Requests already validated against the old version still run
-on it (the batcher keeps each request with the runtime it was checked against), so no request
-fails or sees a schema it was not checked against; the old session is freed when the last of them
-is done. A version that fails to load is logged, counted, remembered and not tried again until
-the alias moves once more; the old version keeps serving.
+served), checks it on its reference rows (:func:`load_checked`), then swaps one reference.
+Requests already validated against the old version still run on it (the batcher keeps each
+request with the runtime it was checked against), so no request fails or sees a schema it was not
+checked against; the old session is freed when the last of them is done. A version that fails to load or to pass its check (the alias may have been written by
+hand, or the file damaged after promotion) is logged, counted, shown in :meth:`ModelManager.status`,
+remembered and not tried again until the alias moves once more; the old version keeps serving.
 
 Example::
 
@@ -25,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modelloop.registry import ModelVersion, Registry, RegistryError
+from modelloop.registry import BrokenVersion, ModelVersion, Registry, RegistryError
+from modelloop.verify import check_outputs
 from serving.metrics import ServingMetrics
 from serving.runtime import ModelLoadError, OnnxRuntime
 from serving.settings import ServingSettings
@@ -57,6 +59,19 @@ def runtime_factory(settings: ServingSettings) -> RuntimeFactory:
                            io_binding=settings.io_binding, device_id=settings.device_id)
 
     return make
+
+
+def load_checked(factory: RuntimeFactory, version: ModelVersion) -> OnnxRuntime:
+    """Load ``version`` and check it on the session that will serve it, on its provider: run on
+    its reference rows, outputs finite and consistent with the sample (``modelloop.verify``).
+    Raises ModelLoadError, whose one-line message names the file and why."""
+    runtime = factory(version).load()
+    try:
+        check_outputs(version, runtime.predict)
+    except BrokenVersion as exc:
+        runtime.unload()
+        raise ModelLoadError(str(exc)) from exc
+    return runtime
 
 
 @dataclass
@@ -97,7 +112,7 @@ class ModelManager:
         return self._current is not None and self._current.ready
 
     def load_initial(self) -> OnnxRuntime:
-        """Resolve and load the model to serve; raises ModelLoadError (start-up must stop)."""
+        """Resolve, load and check the model to serve; raises ModelLoadError (start-up must stop)."""
         self.name = resolve_model_name(self.registry, self.settings.model)
         self._stamp = self.registry.alias_stamp(self.name)
         try:
@@ -107,7 +122,7 @@ class ModelManager:
                 f"{exc} (MODELLOOP_SERVING_ALIAS={self.settings.alias}); promote a version with "
                 f"`modelloop models promote {self.name} <version>`"
             ) from exc
-        runtime = self.factory(version).load()
+        runtime = load_checked(self.factory, version)
         self._install(runtime)
         return runtime
 
@@ -146,13 +161,13 @@ class ModelManager:
                         self.settings.alias, number, self.current.model_version)
             loop = asyncio.get_running_loop()
             try:
-                runtime = await loop.run_in_executor(None, lambda: self.factory(version).load())
+                runtime = await loop.run_in_executor(None, load_checked, self.factory, version)
             except Exception as exc:
                 self._failed.add(number)
                 self.last_reload = ReloadStatus(number, "failure", str(exc), time.time())
                 self.metrics.reloads.labels(model=self.name, result="failure").inc()
-                logger.error("%s: v%d failed to load; still serving v%d: %s", self.name, number,
-                             self.current.model_version, exc)
+                logger.error("%s: v%d failed to load or its check; still serving v%d: %s",
+                             self.name, number, self.current.model_version, exc)
                 return self.status()
             old = self.current
             self._install(runtime)

@@ -14,23 +14,59 @@ With the fast path off our app is mounted inside BentoML's app and every request
 BentoML's ``service_class`` hook is what makes this a BentoML service still: the worker loads
 ``ModelService``, calls :meth:`ModelloopService.to_asgi`, and serves what it returns. Settings
 come from the environment (``MODELLOOP_SERVING_*``), read once per worker here.
+
+A worker whose model cannot load or fails its check at start-up (``production`` moved to a broken
+version behind the registry's back, then a worker was respawned) logs the reason in one line and
+stops the whole server (:func:`stop_server`) instead of failing with a traceback and being
+respawned forever; ``modelloop serve`` then exits non-zero with that line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import bentoml
 from prometheus_client import CollectorRegistry
 
 from serving.app import OWN_PREFIXES, build_app
+from serving.runtime import ModelLoadError
 from serving.settings import ServingSettings
 from serving.state import ServingState
 
 logger = logging.getLogger(__name__)
+BENTOML_WORKER = "_bentoml_impl.worker.service"  # the module BentoML's arbiter runs as a worker
+
+
+def startup_failure_file(server_pid: int) -> Path:
+    """Where a worker that could not start leaves its reason for ``modelloop serve`` (the arbiter,
+    process ``server_pid``) to print as it exits."""
+    return Path(tempfile.gettempdir()) / f"modelloop-serve-{server_pid}.failed"
+
+
+def stop_server(reason: str) -> None:
+    """In a BentoML worker: log ``reason`` in one line, leave it for ``modelloop serve``, ask the
+    arbiter (the parent process) to stop the server and exit, since a respawned worker would fail
+    the same way forever. Anywhere else (the app run in-process) it returns at once."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    server = os.getppid()
+    if getattr(spec, "name", None) != BENTOML_WORKER or server <= 1:
+        return
+    logger.error("%s; stopping the server", reason)
+    with contextlib.suppress(OSError):
+        startup_failure_file(server).write_text(reason)
+    os.kill(server, signal.SIGTERM)  # circus stops the other workers gracefully
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(3)  # no traceback: the line above says it all
 
 
 class FrontDoor:
@@ -64,7 +100,11 @@ class ModelloopService(bentoml.Service):
         @contextlib.asynccontextmanager
         async def lifespan(app: Any) -> AsyncIterator[None]:
             # the model loads before BentoML marks the worker ready (/readyz)
-            await state.start()
+            try:
+                await state.start()
+            except ModelLoadError as exc:
+                stop_server(str(exc))
+                raise
             try:
                 async with bento_lifespan(app):
                     yield

@@ -1,10 +1,13 @@
 """Zero-downtime swap and a sidecar that is down: a real `modelloop serve` with 2 workers.
 
 The sidecar URL points at a closed port, so every event send fails: callers must not notice.
+A version that fails its check is never swapped in, even when ``aliases.json`` is written by hand
+(the registry refuses to point an alias at it).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections import Counter
@@ -14,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelloop.registry import Registry
+from modelloop.registry import Registry, atomic_write_bytes
 from modelloop.schemas import ModelMetadata
 from tests.serving.conftest import MODEL, Server, free_port, start_server, stop_server, wait_until
 from tests.serving.onnx_models import register_mlp
@@ -104,25 +107,47 @@ def test_swap_under_continuous_load_fails_no_request(server: Server, model_home:
     assert server.metric("modelloop_serving_model_info", model=MODEL, version="1") == 0
 
 
-def test_version_that_fails_to_load_leaves_the_old_one_serving(server: Server, model_home: Path) -> None:
+def _point_production_at(registry: Registry, version: int, previous: int) -> None:
+    """Write aliases.json by hand, as the registry would not: production at ``version``."""
+    atomic_write_bytes(registry.root / MODEL / "aliases.json",
+                       json.dumps({"production": version, "previous": previous}).encode())
+
+
+@pytest.mark.parametrize(("broken", "error"), [
+    # a valid graph whose preprocessing divides by a scale of zero: it loads, and answers NaN
+    ("nan", "{label} is broken: {path}: output 'probabilities' is not finite (NaN or infinity) in "
+            "200 of 200 reference rows"),
+    # bytes ONNX Runtime cannot load
+    ("corrupt", "{label}: ONNX Runtime cannot load {path}: "),
+])
+def test_version_that_fails_its_check_is_never_swapped_in(server: Server, model_home: Path,
+                                                          broken: str, error: str) -> None:
     registry = Registry(model_home / "registry")
     current = registry.get(MODEL, "production").metadata
-    broken = registry.register(current.model_copy(), b"this is not an ONNX model")
+    if broken == "nan":
+        bad = register_mlp(registry, MODEL, seed=0, promote=False, zero_scale=True)
+    else:
+        bad = registry.register(current.model_copy(), b"this is not an ONNX model",
+                                reference=registry.get(MODEL, current.version).reference())
+    failures = server.metric("modelloop_serving_reloads_total", model=MODEL, result="failure")
     with Hammer(server.url, threads=2) as hammer:
-        wait_until(lambda: hammer.count() >= 50, 30, "load before the promotion")
-        registry.promote(MODEL, broken.version)
+        wait_until(lambda: hammer.count() >= 50, 30, "load before the alias moves")
+        _point_production_at(registry, bad.version, current.version)
         wait_until(lambda: server.metric("modelloop_serving_reloads_total", model=MODEL,
-                                         result="failure") == 2, 30, "both workers to try the new version")
+                                         result="failure") == failures + 2, 30,
+                   "both workers to try the new version")
         before = hammer.count()
-        wait_until(lambda: hammer.count() >= before + 50, 30, "load after the failed swap")
+        wait_until(lambda: hammer.count() >= before + 50, 30, "load after the refused swap")
     assert hammer.failures == []
     assert set(hammer.versions) == {current.version}
     status = httpx.get(f"{server.url}/admin/model").json()
     assert status["version"] == current.version
     assert status["last_reload"]["result"] == "failure"
-    assert f"v{broken.version}" in status["last_reload"]["error"]
-    assert "ONNX Runtime cannot load" in server.log_text()
-    registry.rollback(MODEL)  # production points at a good version again
+    assert status["last_reload"]["error"].startswith(error.format(
+        label=f"{MODEL} v{bad.version}", path=registry.get(MODEL, bad.version).onnx_path))
+    assert server.metric("modelloop_serving_model_info", model=MODEL, version=str(bad.version)) == 0
+    # production points at a good version again; the broken one does not become previous
+    assert registry.rollback(MODEL) == {"production": current.version}
 
 
 def test_sidecar_down_changes_nothing_for_callers(server: Server) -> None:
