@@ -360,14 +360,15 @@ class Evaluator:
             for firing in self.engine.evaluate("gpu", f"gpu{g.index}", observe_gpu, now):
                 self.on_fire(firing, None)
 
-    def retention(self) -> Retention:
-        """Delete events beyond the retention bounds (age, count, bytes); one run at a time."""
+    def retention(self, stopping: Callable[[], bool] = lambda: False) -> Retention:
+        """Delete events beyond the retention bounds (age, count, bytes); one run at a time.
+        A run ends after its current chunk once the evaluator closes or ``stopping()`` holds."""
         s = self.s
         with self._retention_lock:
             done = self.store.retain(cutoff_ts=self.clock() - s.retention_max_age_s,
                                      max_events=s.retention_max_events,
                                      max_bytes=s.retention_max_bytes,
-                                     on_chunk=lambda _: not self._closing)
+                                     on_chunk=lambda _: not (self._closing or stopping()))
         if done.deleted:
             log.info("retention deleted %d events older than %.0f s, %d beyond %d events and "
                      "%d beyond %d bytes", done.by_age, s.retention_max_age_s, done.by_count,

@@ -129,7 +129,7 @@ class Sidecar:
             try:
                 self.evaluator.check()
                 if self.clock() >= next_retention:
-                    self.evaluator.retention()
+                    self.evaluator.retention(stopping=self._stop.is_set)
                     next_retention = self.clock() + self.settings.retention_interval_s
             except Exception:
                 log.exception("periodic check failed; retrying at the next interval")
