@@ -410,7 +410,7 @@ class EventEmitter:
                 await self._task
         self._task = None
         with self._lock:
-            left = [*self._flight, *self._closed, *([self._open] if self._open is not None else [])]
+            left = [seg for seg in (*self._flight, *self._closed, self._open) if seg is not None and seg.rows]
             self._flight, self._flight_rows, self._open, self._posting = (), 0, None, False
             self._closed.clear()
             drops = self._forget(left, "shutdown")
@@ -479,7 +479,7 @@ class EventEmitter:
         """Send the batch in flight until the sidecar takes or refuses it, or it is dropped (the
         oldest rows of a full buffer, or past the age limit); after each failure wait the
         backoff, at least the sidecar's Retry-After, and send it again."""
-        body, built_for = b"", ()
+        body, built_for = b"", None  # the body of which flight
         while True:
             with self._lock:
                 expired = self._expire(time.monotonic())
