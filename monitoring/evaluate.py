@@ -369,6 +369,7 @@ class Evaluator:
                                      max_events=s.retention_max_events,
                                      max_bytes=s.retention_max_bytes,
                                      on_chunk=lambda _: not (self._closing or stopping()))
+        self.metrics.store_bytes.set(self.store.used_bytes())
         if done.deleted:
             log.info("retention deleted %d events older than %.0f s, %d beyond %d events and "
                      "%d beyond %d bytes", done.by_age, s.retention_max_age_s, done.by_count,

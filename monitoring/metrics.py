@@ -101,6 +101,9 @@ class MonitorMetrics:
         self.retrain_refused = c("modelloop_retrain_refused_total", "Retraining requests refused "
                                  "before a job (unknown model, busy, at the global cap).",
                                  ("trigger", "reason"))
+        self.store_bytes = Gauge("modelloop_store_size_bytes", "Bytes the stored events take "
+                                 "(as retention measures them), after each retention run.",
+                                 registry=registry)
         self.ingest_busy = c("modelloop_ingest_busy_total", "Bodies answered 503 because the "
                              "ingest queue was full (the sender retries them).", ())
         for reason in REJECT_REASONS:

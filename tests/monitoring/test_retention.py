@@ -148,5 +148,8 @@ def test_ingest_runs_retention_after_every_so_many_events(tmp_path: Path) -> Non
         sidecar.evaluator.wait_for_retention()  # 120 new events: retention ran on its thread
         assert sidecar.store.count_events() == 50
         assert sidecar.store.window("m", features=False).ts[0] == now + 70
+        # what the store holds after the run is on /metrics
+        assert sidecar.prometheus.get_sample_value("modelloop_store_size_bytes") == \
+            sidecar.store.used_bytes() > 0
     finally:
         sidecar.stop()
