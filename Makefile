@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   sets up .venv and runs the whole loop on embedded defaults
-#   make test   sets up .venv and runs lint, type checks, the import rule and the tests
+#   make test   sets up .venv and the tools the tests use, then runs lint, type checks, the
+#               import rule and the tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint test-fast bench clean
+.PHONY: setup tools demo test lint test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,11 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-test: lint
+# PostgreSQL running, and prometheus/promtool, amtool, wrk and helm installed (the tests use them)
+tools:
+	bash scripts/ci_services.sh
+
+test: tools lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: setup
