@@ -100,8 +100,13 @@ MONITOR_KEY_ENV = {
     "MODELLOOP_MONITOR_ALERTMANAGER_KEY": "alertmanager-key",
 }
 # the cases with a sidecar (its keys are checked in each)
-KEYED_CASES = {**CASES, "existing-keys": ((), ("monitor.keys.existingSecret=my-keys", *ALL_ON)),
-               "local-trigger": ((), ("monitor.settings.trigger=local",))}
+KEYED_CASES = {
+    **CASES,
+    "existing-keys": ((), ("monitor.keys.existingSecret=my-keys", *ALL_ON)),
+    "local-trigger": ((), ("monitor.settings.trigger=local",)),
+    # values reused (helm upgrade --reuse-values) from a release before monitor.keys existed
+    "reused-values": ((), ("monitor.keys=null",)),
+}
 
 
 def secret_refs(container: dict) -> dict[str, dict]:

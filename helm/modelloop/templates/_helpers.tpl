@@ -63,9 +63,12 @@ app.kubernetes.io/part-of: modelloop
 {{- default (printf "%s-store" (include "modelloop.fullname" .)) .Values.monitor.store.existingSecret }}
 {{- end }}
 
-{{/* The sidecar's role keys: data keys `api-key`, `ingest-key`, `feedback-key`, `alertmanager-key`. */}}
+{{/*
+The sidecar's role keys: data keys `api-key`, `ingest-key`, `feedback-key`, `alertmanager-key`.
+`dig`: values reused (helm upgrade --reuse-values) from a release before monitor.keys lack it.
+*/}}
 {{- define "modelloop.monitorKeysSecret" -}}
-{{- default (printf "%s-monitor-keys" (include "modelloop.fullname" .)) .Values.monitor.keys.existingSecret }}
+{{- default (printf "%s-monitor-keys" (include "modelloop.fullname" .)) (dig "keys" "existingSecret" "" .Values.monitor) }}
 {{- end }}
 
 {{/* An env entry `name` read from data key `key` of the sidecar's keys Secret. */}}
