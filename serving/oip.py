@@ -28,7 +28,9 @@ from serving.validation import (
     index_text,
     nested_rows,
     parse_json,
+    preview,
     rows_to_array,
+    type_name,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -75,7 +77,7 @@ def _check_tensor_shape(shape: Any, dims: tuple[int | None, ...], n_features: in
         axes = ", ".join("steps" if d is None else str(d) for d in dims)
         also = f" or [rows, {n_features}]" if None not in dims else ""
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
-                           f"inputs[0].shape: expected [rows, {axes}]{also}, got {shape!r}")
+                           f"inputs[0].shape: expected [rows, {axes}]{also}, got {preview(shape)}")
     return list(shape)
 
 
@@ -113,6 +115,25 @@ def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str
     return rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix="inputs[0].data")
 
 
+def _parameters(value: Any, field: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent or null: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(400, "wrong_type", field,
+                           f"{field}: expected an object of parameters, got {type_name(value)} {preview(value)}")
+    return value
+
+
+def _flag(params: dict[str, Any], name: str, field: str, default: bool) -> bool:
+    """A boolean parameter such as ``binary_data`` (the protocol's type; Triton refuses others)."""
+    value = params.get(name, default)
+    if type(value) is not bool:
+        raise RequestError(400, "wrong_type", f"{field}.{name}",
+                           f"{field}.{name}: expected true or false, got {type_name(value)} {preview(value)}")
+    return value
+
+
 def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
                  nan_policy: str, max_rows: int) -> InferRequest:
     """Parse an infer request (JSON or binary extension) into float32 rows for the model."""
@@ -134,11 +155,16 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     tensor = inputs[0]
     if tensor.get("name") != INPUT_NAME:
         raise RequestError(400, "unknown_input", "inputs[0].name",
-                           f"inputs[0].name: unknown input {tensor.get('name')!r}; the model's input is {INPUT_NAME!r}")
+                           f"inputs[0].name: unknown input {preview(tensor.get('name'))}; "
+                           f"the model's input is {INPUT_NAME!r}")
     datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise RequestError(400, "wrong_type", "inputs[0].datatype",
+                           f'inputs[0].datatype: expected a string such as "FP32", got {type_name(datatype)} '
+                           f"{preview(datatype)}")
     if datatype not in DATATYPES:
         raise RequestError(400, "wrong_type", "inputs[0].datatype",
-                           f"inputs[0].datatype: {datatype!r} is not numeric; send FP32")
+                           f"inputs[0].datatype: {preview(datatype)} is not numeric; send FP32")
     shape = tensor.get("shape")
     dims = meta.input_dims
     if len(dims) > 1:
@@ -146,7 +172,7 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     elif (not isinstance(shape, list) or len(shape) != 2
             or not all(type(d) is int and d >= 0 for d in shape)):
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
-                           f"inputs[0].shape: expected [rows, {meta.n_features}], got {shape!r}")
+                           f"inputs[0].shape: expected [rows, {meta.n_features}], got {preview(shape)}")
     elif shape[1] != meta.n_features:
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
                            f"inputs[0].shape: expected {meta.n_features} features, got {shape[1]}")
@@ -155,13 +181,12 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
         raise RequestError(status, code, "inputs[0].shape",
                            f"inputs[0].shape: {shape[0]} rows; between 1 and {max_rows} are accepted")
-    params = tensor.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    size = _parameters(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
     if size is not None:
         dtype = np.dtype(DATATYPES[datatype])
         if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
             raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
-                               f"inputs[0].parameters.binary_data_size: {size!r} bytes do not hold "
+                               f"inputs[0].parameters.binary_data_size: {preview(size)} bytes do not hold "
                                f"{datatype} {shape} ({len(binary)} binary bytes sent)")
         x = np.frombuffer(binary, dtype=dtype, count=count).reshape(shape)
         if dtype != np.float32:
@@ -173,7 +198,8 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         x = x.reshape(-1, *dims)
     wanted = doc.get("outputs")
     names = [o.name for o in meta.outputs]
-    default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = _flag(_parameters(doc.get("parameters"), "parameters"), "binary_data_output", "parameters",
+                           False)
     if wanted is None:
         return InferRequest(x, _request_id(doc), names, dict.fromkeys(names, default_binary))
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
@@ -182,8 +208,9 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     for k, out in enumerate(wanted):
         if out.get("name") not in names:
             raise RequestError(400, "unknown_output", f"outputs[{k}].name",
-                               f"outputs[{k}].name: unknown output {out.get('name')!r}; the model has {names}")
-        binary_of[out["name"]] = bool((out.get("parameters") or {}).get("binary_data", default_binary))
+                               f"outputs[{k}].name: unknown output {preview(out.get('name'))}; the model has {names}")
+        field = f"outputs[{k}].parameters"
+        binary_of[out["name"]] = _flag(_parameters(out.get("parameters"), field), "binary_data", field, default_binary)
     return InferRequest(x, _request_id(doc), list(binary_of), binary_of)
 
 

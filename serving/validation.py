@@ -33,12 +33,15 @@ _NUMBER_TYPES = {float, int}
 class RequestError(Exception):
     """A client error: status, code, the field concerned and a message naming the problem."""
 
-    def __init__(self, status: int, code: str, field: str, message: str) -> None:
+    def __init__(self, status: int, code: str, field: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.field = field
         self.message = message
+        self.headers = headers
+        """Extra response headers (``Retry-After`` on a refusal that a later try may pass)."""
 
     def to_json(self) -> dict[str, str]:
         return {"error": self.message, "code": self.code, "field": self.field}
@@ -60,7 +63,8 @@ def parse_json(body: bytes) -> Any:
             raise RequestError(400, "malformed_json", "body", f"body is not valid JSON: {exc}") from None
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -74,6 +78,45 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+class _Text(str):
+    """Text of :func:`preview` itself (brackets, commas), as opposed to a value to render."""
+
+
+def preview(value: Any, limit: int = 40) -> str:
+    """``value`` as JSON text, cut after ``limit`` characters: what an error message shows of
+    a client's value. Built with a stack rather than ``json.dumps`` or ``repr``, which recurse
+    (a value a thousand arrays deep raised RecursionError, a 500, while its error was written),
+    and without rendering more of a large value than is shown."""
+    out: list[str] = []
+    size = 0
+    stack: list[Any] = [value]
+    while stack and size <= limit:
+        item = stack.pop()
+        if isinstance(item, _Text):
+            text = str(item)
+        elif isinstance(item, (list, dict)):
+            is_list = isinstance(item, list)
+            head = list(itertools.islice(item if isinstance(item, list) else item.items(), limit))
+            more = ", ..." if len(item) > limit else ""
+            stack.append(_Text(more + ("]" if is_list else "}")))
+            for k in range(len(head) - 1, -1, -1):  # pushed last first
+                stack.extend([head[k]] if is_list else [head[k][1], _Text(": "), head[k][0]])
+                if k:
+                    stack.append(_Text(", "))
+            text = "[" if is_list else "{"
+        elif isinstance(item, str):
+            text = json.dumps(item[:limit])
+        else:
+            try:
+                text = json.dumps(item)
+            except (TypeError, ValueError):  # an integer of thousands of digits
+                text = type(item).__name__
+        out.append(text)
+        size += len(text)
+    shown = "".join(out)
+    return shown if len(shown) <= limit and not stack else shown[:limit] + "..."
+
+
 def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
     """(code, message) when a single feature value is not acceptable."""
     if value is None or (type(value) is float and math.isnan(value)):
@@ -81,7 +124,7 @@ def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
             return "missing_value", "missing value (null/NaN) is not allowed (nan_policy=reject)"
         return None
     if type(value) not in _NUMBER_TYPES:
-        return "wrong_type", f"expected a number, got {_type_name(value)} {json.dumps(value)[:40]}"
+        return "wrong_type", f"expected a number, got {type_name(value)} {preview(value)}"
     if abs(value) > F32_MAX or not math.isfinite(value):  # (an int beyond float64 fails isfinite)
         return "not_finite", f"value {value!r:.40} is not a finite float32 number"
     return None
@@ -104,11 +147,13 @@ def _locate(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -
 def _record_error(i: int, rec: Any, names: Sequence[str], name_set: set[str]) -> RequestError:
     if not isinstance(rec, dict):
         return RequestError(422, "wrong_type", f"instances[{i}]",
-                            f"instances[{i}]: expected an object of features, got {_type_name(rec)}")
+                            f"instances[{i}]: expected an object of features, got {type_name(rec)}")
     unknown = sorted(set(rec) - name_set)
     missing = [n for n in names if n not in rec]
     if unknown:
         key = unknown[0]
+        if len(key) > 100:  # the field names it: not a megabyte of it
+            key = key[:100] + "..."
         near = difflib.get_close_matches(key, missing or names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         return RequestError(422, "unknown_feature", f"instances[{i}].{key}",
@@ -122,7 +167,7 @@ def _record_error(i: int, rec: Any, names: Sequence[str], name_set: set[str]) ->
 def _array_row_error(i: int, row: Any, n: int) -> RequestError:
     if not isinstance(row, list):
         return RequestError(422, "wrong_type", f"instances[{i}]",
-                            f"instances[{i}]: expected an array of {n} numbers, got {_type_name(row)}")
+                            f"instances[{i}]: expected an array of {n} numbers, got {type_name(row)}")
     return RequestError(422, "wrong_shape", f"instances[{i}]",
                         f"instances[{i}]: expected {n} values, got {len(row)}")
 
@@ -229,7 +274,7 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
     ``body``, the raw bytes of ``doc``, lets the value check run on the bytes."""
     if not isinstance(doc, dict):
         raise RequestError(422, "wrong_type", "body",
-                           f'body: expected an object {{"instances": [...]}}, got {_type_name(doc)}')
+                           f'body: expected an object {{"instances": [...]}}, got {type_name(doc)}')
     if "instances" not in doc:
         raise RequestError(422, "missing_field", "instances",
                            'instances: missing; send {"instances": [{"feature": value, ...}, ...]}')
@@ -239,7 +284,7 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
     instances = doc["instances"]
     if not isinstance(instances, list):
         raise RequestError(422, "wrong_type", "instances",
-                           f"instances: expected an array of rows, got {_type_name(instances)}")
+                           f"instances: expected an array of rows, got {type_name(instances)}")
     if not instances:
         raise RequestError(422, "empty", "instances", "instances: at least one row is needed")
     if len(instances) > max_rows:
@@ -290,7 +335,7 @@ def nested_rows(value: Any, dims: Sequence[int | None], field: str, status: int 
     if type(value) is not list:
         return_type = "numbers" if len(dims) == 1 else "arrays"
         raise RequestError(status, "wrong_type", field,
-                           f"{field}: expected an array of {return_type}, got {_type_name(value)}")
+                           f"{field}: expected an array of {return_type}, got {type_name(value)}")
     if (want is not None and len(value) != want) or not value:
         raise RequestError(status, "wrong_shape", field,
                            f"{field}: expected {want if want is not None else 'at least 1'} "

@@ -3,6 +3,7 @@ predictions, the Open Inference Protocol, bad input, auth, events, metrics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def _record(**changes: Any) -> dict[str, Any]:
 
 _DROP = object()
 _ROW = [1.5] * 20
+_DEEP = b"[" * 1000 + b"1" + b"]" * 1000  # orjson reads up to 1024 levels
 
 BAD_INPUTS = [
     # (case, body bytes or JSON, extra headers, status, code, field, message part)
@@ -122,6 +124,10 @@ BAD_INPUTS = [
     ("too many rows", {"instances": [_ROW] * 501}, {}, 413, "too_many_rows", "instances", "limit of 500"),
     ("body too large", b'{"instances": [' + b" " * 200_001 + b"]}", {}, 413, "body_too_large", "body", "limit of 200000"),
     ("bad request id", {"instances": [_ROW]}, {"X-Request-ID": "no spaces please"}, 422, "wrong_type", "X-Request-ID", "1-100 characters"),
+    # a value nested 1,000 deep: its error was written with json.dumps, which recursed (500)
+    ("value nested 1,000 deep", b'{"instances": [[' + _DEEP + b",1.5" * 19 + b"]]}", {}, 422, "wrong_type", "instances[0][0]", "got array [[[["),
+    ("record value nested 1,000 deep", b'{"instances": [{"f00": ' + _DEEP + "".join(f',"f{i:02d}": 1' for i in range(1, 20)).encode() + b"}]}", {}, 422, "wrong_type", "instances[0].f00", "got array [[[["),
+    ("nested beyond the parser's depth", b'{"instances": [[' + b"[" * 5000 + b"]" * 5000 + b"]]}", {}, 400, "malformed_json", "body", "not valid JSON"),
 ]
 
 
@@ -137,21 +143,52 @@ def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, case: str, bo
     assert message in doc["error"] and field in doc["error"]
 
 
+def _tensor(**changes: Any) -> dict[str, Any]:
+    return {"name": "input", "shape": [1, 20], "datatype": "FP32", "data": _ROW, **changes}
+
+
+_OUT = {"name": "probabilities"}
+_DEEP_LIST = "<1,000 deep>"
+"""Stands for :data:`_DEEP` in a body (json.dumps cannot write it: it recurses too)."""
+
 OIP_BAD = [
-    ("wrong input name", {"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": _ROW}]}, 400, "inputs[0].name"),
-    ("wrong datatype", {"inputs": [{"name": "input", "shape": [1, 20], "datatype": "BYTES", "data": _ROW}]}, 400, "inputs[0].datatype"),
-    ("wrong feature count", {"inputs": [{"name": "input", "shape": [1, 19], "datatype": "FP32", "data": _ROW[:19]}]}, 400, "inputs[0].shape"),
-    ("data does not fill shape", {"inputs": [{"name": "input", "shape": [2, 20], "datatype": "FP32", "data": _ROW}]}, 400, "inputs[0].data"),
-    ("string in data", {"inputs": [{"name": "input", "shape": [1, 20], "datatype": "FP32", "data": ["a", *_ROW[1:]]}]}, 422, "inputs[0].data[0][0]"),
-    ("unknown output", {"inputs": [{"name": "input", "shape": [1, 20], "datatype": "FP32", "data": _ROW}], "outputs": [{"name": "logits"}]}, 400, "outputs[0].name"),
+    # (case, body, status, field, message part)
+    ("wrong input name", {"inputs": [_tensor(name="x")]}, 400, "inputs[0].name", "unknown input"),
+    ("wrong datatype", {"inputs": [_tensor(datatype="BYTES")]}, 400, "inputs[0].datatype", "send FP32"),
+    ("wrong feature count", {"inputs": [_tensor(shape=[1, 19], data=_ROW[:19])]}, 400, "inputs[0].shape", "expected 20 features"),
+    ("negative shape", {"inputs": [_tensor(shape=[-1, 20])]}, 400, "inputs[0].shape", "got [-1, 20]"),
+    ("data does not fill shape", {"inputs": [_tensor(shape=[2, 20])]}, 400, "inputs[0].data", "do not fill shape"),
+    ("data longer than shape", {"inputs": [_tensor(data=_ROW * 2)]}, 400, "inputs[0].data", "40 values do not fill"),
+    ("string in data", {"inputs": [_tensor(data=["a", *_ROW[1:]])]}, 422, "inputs[0].data[0][0]", "got string"),
+    ("NaN as a string", {"inputs": [_tensor(data=["NaN", *_ROW[1:]])]}, 422, "inputs[0].data[0][0]", 'got string "NaN"'),
+    ("unknown output", {"inputs": [_tensor()], "outputs": [{"name": "logits"}]}, 400, "outputs[0].name", "unknown output"),
+    # parameters and datatype of the wrong JSON type were read as if right (500)
+    ("parameters an array", {"inputs": [_tensor()], "parameters": [1]}, 400, "parameters", "expected an object of parameters, got array"),
+    ("parameters a string", {"inputs": [_tensor()], "parameters": "x"}, 400, "parameters", "got string"),
+    ("parameters a number", {"inputs": [_tensor()], "parameters": 5}, 400, "parameters", "got int"),
+    ("output parameters an array", {"inputs": [_tensor()], "outputs": [{**_OUT, "parameters": [1]}]}, 400, "outputs[0].parameters", "got array"),
+    ("output parameters a string", {"inputs": [_tensor()], "outputs": [{**_OUT, "parameters": "x"}]}, 400, "outputs[0].parameters", "got string"),
+    ("input parameters an array", {"inputs": [_tensor(parameters=[1])]}, 400, "inputs[0].parameters", "got array"),
+    ("binary_data_output not a boolean", {"inputs": [_tensor()], "parameters": {"binary_data_output": "yes"}}, 400, "parameters.binary_data_output", "expected true or false"),
+    ("binary_data not a boolean", {"inputs": [_tensor()], "outputs": [{**_OUT, "parameters": {"binary_data": 1}}]}, 400, "outputs[0].parameters.binary_data", "expected true or false"),
+    ("datatype an array", {"inputs": [_tensor(datatype=["FP32"])]}, 400, "inputs[0].datatype", 'expected a string such as "FP32", got array'),
+    ("datatype an object", {"inputs": [_tensor(datatype={"a": 1})]}, 400, "inputs[0].datatype", "got object"),
+    # values 1,000 deep in a field that is echoed in the error (repr recursed: 500)
+    ("shape nested 1,000 deep", {"inputs": [_tensor(shape=_DEEP_LIST)]}, 400, "inputs[0].shape", "got [[[["),
+    ("name nested 1,000 deep", {"inputs": [_tensor(name=_DEEP_LIST)]}, 400, "inputs[0].name", "unknown input [[[["),
+    ("output name nested 1,000 deep", {"inputs": [_tensor()], "outputs": [{"name": _DEEP_LIST}]}, 400, "outputs[0].name", "[[[["),
+    ("data nested 1,000 deep", {"inputs": [_tensor(data=[[_DEEP_LIST, *_ROW[1:]]])]}, 422, "inputs[0].data[0][0]", "got array [[[["),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "field"), OIP_BAD, ids=[c[0] for c in OIP_BAD])
-def test_bad_oip_request_names_the_field(client: httpx.Client, case: str, body: Any, status: int, field: str) -> None:
-    resp = client.post(f"/v2/models/{MODEL}/infer", json=body)
+@pytest.mark.parametrize(("case", "body", "status", "field", "message"), OIP_BAD, ids=[c[0] for c in OIP_BAD])
+def test_bad_oip_request_names_the_field(client: httpx.Client, case: str, body: Any, status: int, field: str,
+                                         message: str) -> None:
+    content = json.dumps(body).encode().replace(json.dumps(_DEEP_LIST).encode(), _DEEP)
+    resp = client.post(f"/v2/models/{MODEL}/infer", content=content)
     assert resp.status_code == status, resp.text
     assert resp.json()["field"] == field and field in resp.json()["error"]
+    assert message in resp.json()["error"]
 
 
 @pytest.mark.parametrize(("method", "path"), [

@@ -139,6 +139,40 @@ def test_bad_oip_tensors(meta: ModelMetadata, shape: list[int], data: Any, statu
     assert message in err.value.message, err.value
 
 
+_DEEP = b"[" * 1000 + b"0.5" + b"]" * 1000
+_IMAGE_TENSOR = {"name": "input", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [0.5] * 16}
+
+
+@pytest.mark.parametrize(
+    ("meta", "body", "field", "message"),
+    [
+        # a tensor model's shape check echoes the shape: 1,000 deep, repr recursed (500)
+        (SEQUENCE, b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": ' + _DEEP + b', "data": []}]}',
+         "inputs[0].shape", "expected [rows, steps, 3], got [[[["),
+        # a value 1,000 deep in nested image data
+        (IMAGE, b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [[[['
+         + _DEEP + b"," + b"0.5," * 2 + b"0.5]" + b",[0.5,0.5,0.5,0.5]" * 3 + b"]]]}]}",
+         "inputs[0].data[0][0][0][0]", "got array [[[["),
+        # parameters and datatype of the wrong JSON type (500 before)
+        (IMAGE, json.dumps({"inputs": [{**_IMAGE_TENSOR, "parameters": "x"}]}).encode(), "inputs[0].parameters",
+         "expected an object of parameters, got string"),
+        (IMAGE, json.dumps({"inputs": [{**_IMAGE_TENSOR, "datatype": ["FP32"]}]}).encode(), "inputs[0].datatype",
+         'expected a string such as "FP32", got array ["FP32"]'),
+        (IMAGE, json.dumps({"inputs": [_IMAGE_TENSOR], "parameters": [1]}).encode(), "parameters",
+         "expected an object of parameters, got array [1]"),
+        (IMAGE, json.dumps({"inputs": [_IMAGE_TENSOR], "outputs": [{"name": "probabilities", "parameters": 5}]}).encode(),
+         "outputs[0].parameters", "got int 5"),
+    ],
+    ids=["deep shape", "deep value", "input parameters", "datatype", "parameters", "output parameters"],
+)
+def test_hostile_oip_bodies_get_4xx_naming_the_field(meta: ModelMetadata, body: bytes, field: str,
+                                                     message: str) -> None:
+    with pytest.raises(RequestError) as err:
+        decode_infer(body, None, meta, nan_policy="allow", max_rows=100)
+    assert (err.value.status, err.value.field) == (422 if "data[" in field else 400, field)
+    assert message in err.value.message, err.value
+
+
 def test_monitoring_sees_pixels_and_mean_steps() -> None:
     images = np.arange(32, dtype=np.float32).reshape(2, 1, 4, 4)
     assert monitored_features(images, IMAGE.input_dims).shape == (2, 16)

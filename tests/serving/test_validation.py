@@ -17,6 +17,7 @@ from serving.validation import (
     parse_instances,
     parse_json,
     parse_predict_body,
+    preview,
     rows_to_array,
 )
 from tests.serving.onnx_models import metadata_for, random_mlp
@@ -137,3 +138,36 @@ def test_simdjson_reader_finds_nested_rows_in_a_large_body() -> None:
     flat = json.dumps({"instances": [[1, 2, 3]] * 600}).encode()
     assert len(nested) > 8192 and numeric_rows(nested, 3, 1000) is None
     assert numeric_rows(flat, 3, 1000) is not None
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ([1, "a", None, True, 1.5], '[1, "a", null, true, 1.5]'),         # as json.dumps writes it
+    ({"a": [1, {"b": None}]}, '{"a": [1, {"b": null}]}'),
+    ("x" * 100, '"' + "x" * 39 + "..."),                               # cut after 40 characters
+    (list(range(100)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1..."),
+    (_nested(100_000), "[" * 40 + "..."),                              # json.dumps and repr recurse
+    (10 ** 5000, "int"),                                               # beyond int-to-text's 4300 digits
+    (float("nan"), "NaN"),
+], ids=["scalars", "nested object", "long string", "long array", "100,000 deep", "huge integer", "NaN"])
+def test_preview_shows_a_bounded_prefix_of_any_value(value: Any, shown: str) -> None:
+    assert preview(value) == shown
+
+
+@pytest.mark.parametrize("body", [
+    b'{"instances": [[' + b"[" * 1000 + b"1" + b"]" * 1000 + b', 2, 3]]}',                # an array row
+    b'{"instances": [{"a": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b', "b": 2, "c": 3}]}',  # a record
+], ids=["array row", "record"])
+def test_a_value_nested_1000_deep_is_named_not_a_recursion_error(body: bytes) -> None:
+    meta = metadata_for("m", random_mlp(3, (4,), 2), NAMES, ["no", "yes"])
+    with pytest.raises(RequestError) as err:
+        parse_predict_body(body, meta, nan_policy="allow", max_rows=10)
+    assert (err.value.status, err.value.code) == (422, "wrong_type")
+    assert err.value.field in ("instances[0][0]", "instances[0].a")
+    assert "expected a number, got array [[[[" in err.value.message
