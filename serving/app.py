@@ -59,18 +59,32 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
 
 
 def error_response(exc: RequestError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return json_response(exc.to_json(), exc.status, headers)
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, None when it is not given; a body in a content coding
+    (gzip, ...) is refused: the routes read bodies as sent, and inflating one is a way to
+    make a small request large."""
+    coding = request.headers.get("content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        raise RequestError(415, "unsupported_encoding", "Content-Encoding",
+                           f"Content-Encoding: {coding[:40]!r} is not accepted; send the body uncompressed")
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.isascii() or not declared.isdigit():
+        raise RequestError(400, "malformed_body", "Content-Length", "Content-Length: not a number")
+    return int(declared)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes before reading them."""
-    declared = request.headers.get("content-length")
+    declared = declared_length(request)
     if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, "malformed_body", "Content-Length", "Content-Length: not a number")
-        if int(declared) > limit:
-            raise _too_large(int(declared), limit)
+        if declared > limit:
+            raise _too_large(declared, limit)
         return await request.body()
     parts, size = [], 0
     async for chunk in request.stream():
@@ -102,17 +116,18 @@ class Routes:
         self.state = state
         s = state.settings
         key = s.api_key.get_secret_value() if s.api_key else None
-        self._auth = f"Bearer {key}".encode() if key else None
+        self._key = key.encode() if key else None
         self.max_body = s.max_body_bytes
         self.max_rows = s.max_rows_per_request
         self.nan_policy = s.nan_policy
 
     # -- shared plumbing ---------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
-        if self._auth is None:
+        if self._key is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self._auth):
+        # the scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"), the token is not
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (hmac.compare_digest(token.lstrip(" ").encode(), self._key) and scheme.lower() == "bearer"):
             raise RequestError(401, "unauthorized", "Authorization",
                                "Authorization: a valid bearer token is required "
                                "(Authorization: Bearer <MODELLOOP_SERVING_API_KEY>)")

@@ -3,6 +3,7 @@ predictions, the Open Inference Protocol, bad input, auth, events, metrics."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ BAD_INPUTS = [
     ("value nested 1,000 deep", b'{"instances": [[' + _DEEP + b",1.5" * 19 + b"]]}", {}, 422, "wrong_type", "instances[0][0]", "got array [[[["),
     ("record value nested 1,000 deep", b'{"instances": [{"f00": ' + _DEEP + "".join(f',"f{i:02d}": 1' for i in range(1, 20)).encode() + b"}]}", {}, 422, "wrong_type", "instances[0].f00", "got array [[[["),
     ("nested beyond the parser's depth", b'{"instances": [[' + b"[" * 5000 + b"]" * 5000 + b"]]}", {}, 400, "malformed_json", "body", "not valid JSON"),
+    # bodies are read as sent: a compressed one is refused, not inflated
+    ("gzip body", gzip.compress(json.dumps({"instances": [_ROW]}).encode()), {"Content-Encoding": "gzip"}, 415, "unsupported_encoding", "Content-Encoding", "send the body uncompressed"),
 ]
 
 
@@ -195,13 +198,20 @@ def test_bad_oip_request_names_the_field(client: httpx.Client, case: str, body: 
     ("POST", "/predict"), ("POST", f"/v2/models/{MODEL}/infer"), ("GET", f"/v2/models/{MODEL}"),
     ("POST", "/batch/score"), ("POST", "/batch/jobs"), ("GET", "/admin/model"), ("POST", "/admin/reload"),
 ])
-@pytest.mark.parametrize("token", [None, "Bearer wrong", KEY])
+@pytest.mark.parametrize("token", [None, "Bearer wrong", KEY, f"Basic {KEY}", f"Bearer{KEY}", f"Bearer {KEY.upper()}"])
 def test_auth_is_enforced(server: Server, method: str, path: str, token: str | None) -> None:
     headers = {"Authorization": token} if token else {}
     resp = httpx.request(method, server.url + path, headers=headers, json={"instances": [_ROW]})
     assert resp.status_code == 401
     assert resp.json()["field"] == "Authorization"
     assert resp.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR", "Bearer "])
+def test_the_bearer_scheme_is_case_insensitive(server: Server, scheme: str) -> None:
+    """RFC 7235: the scheme is case-insensitive (the token is not); spaces before the token."""
+    resp = httpx.post(server.url + "/predict", headers={"Authorization": f"{scheme} {KEY}"}, json={"instances": [_ROW]})
+    assert resp.status_code == 200, resp.text
 
 
 @pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz", "/livez", "/readyz", "/metrics", "/v2"])
