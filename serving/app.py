@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -40,7 +41,7 @@ from starlette.routing import Route
 
 from modelloop import __version__
 from serving import oip
-from serving.batch import BatchInputError, check_scorable, score_table
+from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import Overloaded, retry_after_header
 from serving.predictions import records_json
 from serving.state import ServingState
@@ -107,6 +108,14 @@ def _reason(exc: RequestError) -> str:
     if exc.status == 413:
         return "too_large"
     return "validation"
+
+
+_BATCH_STATUS = {"malformed_body": 400, "unsupported_encoding": 415, "too_many_rows": 413, "too_large": 413}
+"""HTTP status of a :class:`BatchInputError` by its code; any other is 422."""
+
+
+def batch_error(exc: BatchInputError) -> RequestError:
+    return RequestError(_BATCH_STATUS.get(exc.code, 422), exc.code, exc.column or "body", str(exc))
 
 
 class Routes:
@@ -260,37 +269,28 @@ class Routes:
         self._scorable(runtime)
         body = await read_body(request, self.max_body)
         base = self.request_id(request)
-        try:
-            table = (pq.read_table(io.BytesIO(body)) if fmt == "parquet"
-                     else pacsv.read_csv(io.BytesIO(body)))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise RequestError(400, "malformed_body", "body", f"body: cannot read {fmt}: {exc}") from None
-        limit = state.settings.sync_batch_max_rows
-        if table.num_rows > limit:
-            raise RequestError(413, "too_many_rows", "body",
-                               f"body: {table.num_rows} rows is more than {limit} for synchronous scoring "
-                               "(MODELLOOP_SERVING_SYNC_BATCH_MAX_ROWS); submit it to POST /batch/jobs")
-        missing = [f for f in runtime.metadata.feature_names if f not in table.column_names]
-        if missing:
-            raise RequestError(422, "missing_feature", missing[0],
-                               f"{missing[0]}: missing column ({len(missing)} missing)")
-        loop_runtime = runtime
+        s = state.settings
 
-        def score() -> tuple[pa.Table, Any]:
-            return score_table(loop_runtime, table, source="body", nan_policy=self.nan_policy)
+        def score() -> tuple[bytes, pa.Table, np.ndarray]:
+            # on a thread: reading, scoring and writing a file of 100,000 rows would stall the
+            # event loop (and every /predict on this worker) for as long as they take
+            table = read_upload(body, fmt, runtime.metadata.feature_names, max_rows=s.sync_batch_max_rows,
+                                max_decoded_bytes=s.sync_batch_max_decoded_bytes)
+            scored, x = score_table(runtime, table, source="body", nan_policy=self.nan_policy)
+            sink = io.BytesIO()
+            if fmt == "parquet":
+                pq.write_table(scored, sink)
+            else:
+                pacsv.write_csv(scored, sink)
+            return sink.getvalue(), scored, x
 
         try:
-            scored, x = await asyncio.get_running_loop().run_in_executor(None, score)
+            content, scored, x = await asyncio.get_running_loop().run_in_executor(None, score)
         except BatchInputError as exc:
-            raise RequestError(422, "invalid_value", "body", str(exc)) from None
+            raise batch_error(exc) from None
         state.record_batch_chunk(runtime, scored, x, base, 0)
-        sink = io.BytesIO()
-        if fmt == "parquet":
-            pq.write_table(scored, sink)
-        else:
-            pacsv.write_csv(scored, sink)
         media = PARQUET_TYPES[0] if fmt == "parquet" else "text/csv"
-        return Response(sink.getvalue(), 200, {"x-request-id": base, "x-model-version": str(runtime.model_version)}, media)
+        return Response(content, 200, {"x-request-id": base, "x-model-version": str(runtime.model_version)}, media)
 
     async def job_submit(self, request: Request, state: ServingState) -> Response:
         fmt = self._file_format(request)

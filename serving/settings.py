@@ -166,7 +166,14 @@ class ServingSettings(HomeSettings):
 
     sync_batch_max_rows: PositiveInt = 100_000
     """Files up to this many rows are scored synchronously by ``POST /batch/score``; larger ones
-    must go through the job API (``POST /batch/jobs``)."""
+    must go through the job API (``POST /batch/jobs``). A Parquet file's rows are read from its
+    footer, before anything is decoded."""
+
+    sync_batch_max_decoded_bytes: PositiveInt = 256 * 1024 * 1024
+    """Most bytes the feature columns of a Parquet file sent to ``POST /batch/score`` may decode
+    to, as its footer declares (per column chunk the larger of its uncompressed size and 8 bytes
+    a row), checked before anything is decoded: a file of a megabyte can declare gigabytes.
+    More gets 413."""
 
     job_retention_s: PositiveFloat = 86400.0
     """Finished batch jobs (their status and result) older than this are deleted when a new job

@@ -84,8 +84,8 @@ def test_a_different_job_does_not_reuse_old_parts(runtime: OnnxRuntime, frame: p
     assert report.resumed_chunks == 0 and report.rows == 2500
 
 
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -100,6 +100,16 @@ BAD_FILES = [
     ("infinite value", "in.csv", HEADER + "\n" + ONE + "\n1,2,3,inf,5,6\n", "allow", "row 1, column 'f03'"),
     ("float32 overflow", "in.csv", HEADER + "\n1e39,2,3,4,5,6\n", "allow", "row 0, column 'f00'"),
     ("empty cell under reject", "in.csv", HEADER + "\n" + ONE + "\n1,2,3,4,,6\n", "reject", "row 1, column 'f04': missing value"),
+    # a column named twice: which one is the feature? (pyarrow's KeyError escaped before)
+    ("duplicate column", "in.csv", HEADER + ",f02\n" + ONE + ",1\n", "allow", "column 'f02' appears twice (columns 3 and 7)"),
+    ("UTF-16", "in.csv", (HEADER + "\n" + ONE + "\n").encode("utf-16"), "allow", "is UTF-16 or UTF-32 text"),
+    ("header not UTF-8", "in.csv", (HEADER + ",\xe9t\xe9\n" + ONE + ",1\n").encode("latin-1"), "allow",
+     "column 7 of the header ('\ufffdt\ufffd') is not UTF-8 text"),
+    ("empty CSV", "in.csv", b"", "allow", "the CSV is empty"),
+    ("not Parquet", "in.parquet", b"PAR1 nothing else", "allow", "cannot read parquet"),
+    # a footer of 100 MB declared in the last 8 bytes: its metadata would take about ten times that
+    ("huge footer", "in.parquet", b"PAR1" + (100 << 20).to_bytes(4, "little") + b"PAR1", "allow",
+     "the Parquet footer is 104857600 bytes"),
 ]
 
 
@@ -112,6 +122,25 @@ def test_bad_files_fail_with_one_line_naming_file_and_column(runtime: OnnxRuntim
         score_file(inp, tmp_path / "out.csv", runtime, chunk_rows=100, nan_policy=policy)
     text = str(info.value)
     assert message in text and str(inp) in text and "\n" not in text.strip()
+
+
+def test_a_parquet_file_is_refused_from_its_footer_before_decoding(runtime: OnnxRuntime, tmp_path: Path) -> None:
+    """A job decodes a row group at a time; one beyond the limit (as the footer declares) fails
+    naming it, and a feature column that does not hold numbers fails from the schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({f: pa.array(np.zeros(50_000)) for f in FEATURES})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=10_000)  # 6 x 80 KB a row group
+    with pytest.raises(BatchInputError) as info:
+        score_file(tmp_path / "in.parquet", tmp_path / "out.csv", runtime, max_row_group_bytes=400_000)
+    assert info.value.code == "too_large"
+    assert "row group 0 decodes to 480000 bytes in the feature columns (as the footer declares)" in str(info.value)
+    assert score_file(tmp_path / "in.parquet", tmp_path / "out.csv", runtime, max_row_group_bytes=480_000).rows == 50_000
+    pq.write_table(table.set_column(2, "f02", pa.array(["x"] * 50_000)), tmp_path / "text.parquet")
+    with pytest.raises(BatchInputError) as info:
+        score_file(tmp_path / "text.parquet", tmp_path / "out.csv", runtime)
+    assert (info.value.code, info.value.column) == ("wrong_type", "f02")
 
 
 def test_feature_columns_of_any_numeric_type_become_float32_rows() -> None:

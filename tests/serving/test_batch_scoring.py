@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from modelloop.registry import Registry
@@ -125,6 +127,81 @@ def test_sync_batch_route_returns_the_scored_file(client: httpx.Client, fmt: str
 def test_sync_batch_route_rejects_bad_files(client: httpx.Client, body: bytes, ctype: str, status: int, code: str) -> None:
     resp = client.post("/batch/score", content=body, headers={"Content-Type": ctype})
     assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+
+
+HEADER = ",".join(FEATURES)
+ONE_ROW = ",".join(["1.5"] * 20)
+
+
+def parquet(table: pa.Table, **options: object) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **options)
+    return buf.getvalue()
+
+
+def features_table(n: int, **extra: pa.Array) -> pa.Table:
+    return pa.table({**{f: pa.array(np.full(n, 1.5)) for f in FEATURES}, **extra})
+
+
+HOSTILE_FILES = [
+    # (case, body, content type, status, code, field, message part)
+    # a column name twice: pyarrow's table.column() raised KeyError (500)
+    ("CSV feature named twice", (HEADER + ",f00\n" + ONE_ROW + ",2\n").encode(), "text/csv", 422, "duplicate_column", "f00",
+     "column 'f00' appears twice (columns 1 and 21)"),
+    ("CSV other column named twice", ("id," + HEADER + ",id\n1," + ONE_ROW + ",2\n").encode(), "text/csv", 422, "duplicate_column",
+     "id", "column 'id' appears twice"),
+    ("Parquet feature named twice", parquet(pa.Table.from_arrays([pa.array([1.0])] * 21, [*FEATURES, "f03"])),
+     "application/vnd.apache.parquet", 422, "duplicate_column", "f03", "column 'f03' appears twice"),
+    # a UTF-16 file (byte-order mark first): the header's bytes failed to decode (500)
+    ("CSV in UTF-16", (HEADER + "\n" + ONE_ROW + "\n").encode("utf-16"), "text/csv", 415, "unsupported_encoding", "body",
+     "the CSV is UTF-16 or UTF-32 text"),
+    ("CSV in UTF-16 of one column", "f00\n1\n".encode("utf-16"), "text/csv", 415, "unsupported_encoding", "body", "send it as UTF-8"),
+    ("CSV header in Latin-1", (HEADER + ",caf\xe9\n" + ONE_ROW + ",1\n").encode("latin-1"), "text/csv", 415, "unsupported_encoding",
+     "body", "column 21 of the header ('caf\ufffd') is not UTF-8 text"),
+    ("CSV empty", b"", "text/csv", 400, "malformed_body", "body", "the CSV is empty"),
+    ("CSV text in a feature", (HEADER + "\n" + ONE_ROW + "\n1,2,x" + ",1" * 17 + "\n").encode(), "text/csv", 422, "wrong_type", "f02",
+     "column 'f02': CSV conversion error to double: invalid value 'x'"),
+    ("CSV ragged row", (HEADER + "\n" + ONE_ROW + ",7\n").encode(), "text/csv", 400, "malformed_body", "body", "Expected 20 columns, got 21"),
+    ("Parquet feature of strings", parquet(features_table(2).set_column(3, "f03", pa.array(["a", "b"]))),
+     "application/vnd.apache.parquet", 422, "wrong_type", "f03", "column 'f03' has type string, expected numbers"),
+    ("Parquet missing a feature", parquet(features_table(2).drop_columns(["f07"])), "application/vnd.apache.parquet", 422,
+     "missing_feature", "f07", "missing column(s) 'f07'"),
+    # more rows than synchronous scoring takes, as the footer declares (the server's limit is 2,000)
+    ("Parquet of too many rows", parquet(pa.table({f: pa.array(np.zeros(3000)) for f in FEATURES})),
+     "application/vnd.apache.parquet", 413, "too_many_rows", "body", "the file has 3000 rows (as its footer declares)"),
+    ("Parquet cut short", b"PAR1", "application/vnd.apache.parquet", 400, "malformed_body", "body", "cannot read parquet"),
+    ("gzip body", b"\x1f\x8b\x08\x00", "text/csv", 415, "unsupported_encoding", "Content-Encoding", "not accepted"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "ctype", "status", "code", "field", "message"), HOSTILE_FILES,
+                         ids=[c[0] for c in HOSTILE_FILES])
+def test_sync_batch_route_names_what_is_wrong_with_a_file(client: httpx.Client, case: str, body: bytes, ctype: str,
+                                                          status: int, code: str, field: str, message: str) -> None:
+    headers = {"Content-Type": ctype, **({"Content-Encoding": "gzip"} if case == "gzip body" else {})}
+    resp = client.post("/batch/score", content=body, headers=headers)
+    assert resp.status_code == status, resp.text
+    doc = resp.json()
+    assert (doc["code"], doc["field"]) == (code, field)
+    assert message in doc["error"], doc["error"]
+
+
+def test_sync_batch_route_reads_a_wide_header_quickly(client: httpx.Client) -> None:
+    """20,000 columns besides the features: only the features are converted (pyarrow inferred
+    the type of every column of the first block: seconds and a gigabyte for 100,000)."""
+    extra = [f"x{i}" for i in range(20_000)]
+    body = (",".join([*FEATURES, *extra]) + "\n" + ONE_ROW + ",0" * len(extra) + "\n").encode()
+    resp = client.post("/batch/score", content=body, headers={"Content-Type": "text/csv"})
+    assert resp.status_code == 200, resp.text
+    assert len(pd.read_csv(io.BytesIO(resp.content))) == 1
+
+
+def test_a_job_with_a_duplicate_column_fails_naming_it(client: httpx.Client) -> None:
+    resp = client.post("/batch/jobs?format=csv", content=(HEADER + ",f05\n" + ONE_ROW + ",1\n").encode())
+    assert resp.status_code == 202, resp.text
+    job = resp.json()["job_id"]
+    status = wait_until(lambda: (s := client.get(f"/batch/jobs/{job}").json())["state"] == "failed" and s, 30, "failure")
+    assert "column 'f05' appears twice (columns 6 and 21)" in status["error"], status
 
 
 def test_async_job_api(client: httpx.Client, server: Server, sidecar: Sidecar, main_home: Path) -> None:
