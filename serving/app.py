@@ -14,6 +14,7 @@ Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
     POST /batch/score                      auth   CSV or Parquet body -> scored file
     POST /batch/jobs                       auth   CSV or Parquet body -> {"job_id": ...}
     GET  /batch/jobs/{id}  /batch/jobs/{id}/result  auth
+    DELETE /batch/jobs/{id}                auth   a finished job and its files
     GET  /admin/model   POST /admin/reload auth
 """
 
@@ -43,6 +44,7 @@ from modelloop import __version__
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import Overloaded, retry_after_header
+from serving.jobs import JobLimits
 from serving.predictions import records_json
 from serving.state import ServingState
 from serving.validation import RequestError, parse_predict_body
@@ -129,6 +131,8 @@ class Routes:
         self.max_body = s.max_body_bytes
         self.max_rows = s.max_rows_per_request
         self.nan_policy = s.nan_policy
+        self.job_limits = JobLimits(max_active=s.max_active_jobs, max_disk_bytes=s.max_jobs_disk_bytes,
+                                    max_row_group_bytes=s.job_max_row_group_bytes)
 
     # -- shared plumbing ---------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -296,8 +300,12 @@ class Routes:
         fmt = self._file_format(request)
         self._scorable(state.manager.current)
         status = await state.jobs.submit(fmt, request.stream(), state.manager.current,
-                                         on_chunk=state.record_batch_chunk)
+                                         on_chunk=state.record_batch_chunk, limits=self.job_limits,
+                                         declared_bytes=declared_length(request))
         return json_response(status, 202, {"Location": f"/batch/jobs/{status['job_id']}"})
+
+    async def job_delete(self, request: Request, state: ServingState) -> Response:
+        return json_response(await asyncio.to_thread(state.jobs.delete, request.path_params["job_id"]))
 
     async def job_status(self, request: Request, state: ServingState) -> Response:
         return json_response(state.jobs.status(request.path_params["job_id"]))
@@ -335,6 +343,7 @@ def build_app(state: ServingState) -> Starlette:
         Route("/batch/score", g("batch", r.batch_score), methods=["POST"]),
         Route("/batch/jobs", g("batch", r.job_submit), methods=["POST"]),
         Route("/batch/jobs/{job_id}", g("", r.job_status), methods=["GET"]),
+        Route("/batch/jobs/{job_id}", g("", r.job_delete), methods=["DELETE"]),
         Route("/batch/jobs/{job_id}/result", g("", r.job_result), methods=["GET"]),
         Route("/admin/model", g("", r.admin_model), methods=["GET"]),
         Route("/admin/reload", g("", r.admin_reload), methods=["POST"]),

@@ -175,6 +175,20 @@ class ServingSettings(HomeSettings):
     a row), checked before anything is decoded: a file of a megabyte can declare gigabytes.
     More gets 413."""
 
+    job_max_row_group_bytes: PositiveInt = 1024 * 1024 * 1024
+    """Most bytes one row group of a batch job's Parquet file may decode to in its feature
+    columns, as the footer declares (a job decodes one row group at a time); a job with a larger
+    one fails naming it, before anything is decoded."""
+
+    max_active_jobs: PositiveInt = 4
+    """Most batch jobs uploading, queued or running at once, all workers of this home together;
+    more get 429 with ``Retry-After``."""
+
+    max_jobs_disk_bytes: PositiveInt = 10 * 1024 * 1024 * 1024
+    """Most bytes the batch jobs' files (uploads, results, parts of running jobs) may take on
+    disk; while they take this much a new job gets 507 with ``Retry-After`` (until finished jobs
+    are deleted or expire), and an upload that fills it is cut off with 507."""
+
     job_retention_s: PositiveFloat = 86400.0
     """Finished batch jobs (their status and result) older than this are deleted when a new job
     is submitted."""

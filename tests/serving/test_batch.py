@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import serving.jobs
 from modelloop.registry import Registry
 from modelloop.synthetic import SyntheticTask
 from serving.batch import BatchInputError, features_of, parts_dir, resumable_version, score_file
+from serving.jobs import JobLimits, JobStore
 from serving.runtime import OnnxRuntime
+from serving.validation import RequestError
+from tests.serving.conftest import wait_until
 from tests.serving.onnx_models import register_mlp
 
 FEATURES = [f"f{i:02d}" for i in range(6)]
@@ -175,12 +187,6 @@ def test_empty_cells_are_imputed_under_allow(runtime: OnnxRuntime, tmp_path: Pat
 
 
 def test_finished_jobs_are_deleted_after_the_retention(runtime: OnnxRuntime, frame: pd.DataFrame, tmp_path: Path) -> None:
-    import asyncio
-    import json
-    import time
-
-    from serving.jobs import JobStore
-
     store = JobStore(tmp_path / "jobs", chunk_rows=1000, nan_policy="allow", max_upload_bytes=10**8, retention_s=60)
     old = tmp_path / "jobs" / ("a" * 24)
     old.mkdir(parents=True)
@@ -199,3 +205,74 @@ def test_finished_jobs_are_deleted_after_the_retention(runtime: OnnxRuntime, fra
     assert not old.exists() and recent.exists()
     store.close()
     assert status["state"] == "queued"
+
+
+# -- job quotas ------------------------------------------------------------------------------------
+def _store(root: Path, **kw: Any) -> JobStore:
+    return JobStore(root, chunk_rows=1000, nan_policy="allow", max_upload_bytes=10**8, **kw)
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def test_job_quotas_refuse_with_the_right_status(runtime: OnnxRuntime, frame: pd.DataFrame, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(tmp_path / "jobs")
+    csv = frame.head(10).to_csv(index=False).encode()
+    limits = JobLimits(max_active=1, max_disk_bytes=10_000)
+
+    def submit(*parts: bytes, declared: int | None = None, lim: JobLimits = limits) -> dict[str, Any]:
+        return asyncio.run(store.submit("csv", _chunks(*parts), runtime, limits=lim, declared_bytes=declared))
+
+    def refusal(*parts: bytes, declared: int | None = None, lim: JobLimits = limits) -> RequestError:
+        with pytest.raises(RequestError) as info:
+            submit(*parts, declared=declared, lim=lim)
+        return info.value
+
+    first = submit(csv)["job_id"]
+    # one job at work (queued or running: this process is alive) fills the quota of 1
+    err = refusal(csv)
+    assert (err.status, err.code, err.headers) == (429, "too_many_jobs", {"Retry-After": "30"})
+    with pytest.raises(RequestError, match=r"is (queued|running); delete it once"):
+        store.delete(first)
+    wait_until(lambda: store.status(first)["state"] == "succeeded", 30, "the job")
+    # a body larger than the whole quota: 413; one that does not fit beside what is kept: 507
+    err = refusal(csv, declared=20_000)
+    assert (err.status, err.code) == (413, "body_too_large") and "disk quota of 10000" in err.message
+    err = refusal(csv, declared=9_500)  # beside the first job's result (537 bytes) and status
+    assert (err.status, err.code) == (507, "storage_full")
+    assert err.headers is not None and 86_000 < int(err.headers["Retry-After"]) <= 86_400  # when `first` expires
+    # an upload without a length is measured as it arrives and cut off when it fills the quota
+    monkeypatch.setattr(serving.jobs, "RECHECK_BYTES", 4096)
+    err = refusal(*[b"x" * 4096] * 5, lim=JobLimits(max_active=5, max_disk_bytes=12_000))
+    assert (err.status, err.code) == (507, "storage_full") and "this upload filled" in err.message
+    assert len(list((tmp_path / "jobs").iterdir())) == 2  # the lock and `first`: the cut upload is gone
+    assert store.delete(first) == {"job_id": first, "deleted": True}
+    assert submit(csv)["state"] == "queued"
+    store.close()
+
+
+def test_lost_and_statusless_jobs_are_swept_after_the_retention(runtime: OnnxRuntime, frame: pd.DataFrame,
+                                                                tmp_path: Path) -> None:
+    """A job whose worker died never finishes; its files must not hold the disk quota for good."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    root = tmp_path / "jobs"
+    now = time.time()
+    jobs = {  # id: (pid, created)
+        "a" * 24: (int(dead.stdout), now - 120),  # lost, and older than the retention: deleted
+        "b" * 24: (int(dead.stdout), now - 5),    # lost, recent: kept (its status says why)
+        "c" * 24: (os.getpid(), now - 120),       # running for long: kept
+    }
+    for job, (pid, created) in jobs.items():
+        (root / job).mkdir(parents=True)
+        (root / job / "status.json").write_text(json.dumps({"state": "running", "pid": pid, "created_at": created,
+                                                            "finished_at": None}))
+    (root / ("d" * 24)).mkdir()  # no status, old: deleted
+    os.utime(root / ("d" * 24), (now - 120, now - 120))
+    store = _store(root, retention_s=60)
+    asyncio.run(store.submit("csv", _chunks(frame.head(3).to_csv(index=False).encode()), runtime))
+    left = {p.name for p in root.iterdir() if p.is_dir()}
+    assert {"b" * 24, "c" * 24} <= left and not {"a" * 24, "d" * 24} & left
+    store.close()
