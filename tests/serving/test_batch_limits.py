@@ -91,7 +91,7 @@ BOMBS = [
     ("a huge column besides the features",
      lambda: parquet(pa.table({**features(64), "blob": pa.array(["a" * (4 << 20)] * 64)}), compression="zstd",
                      use_dictionary=False), 200, None, None),
-    # 5M rows of zeros in the features: 400 KB that decoded to 800 MB before the rows were
+    # 5M rows of zeros in the features: 460 KB that decoded to 800 MB before the rows were
     # counted (the report's 1.35 MB body took a worker to 3.0 GB); now refused from the footer
     ("millions of rows", lambda: parquet(pa.table(features(5_000_000, 0.0)), compression="zstd"), 413,
      "too_many_rows", "the file has 5000000 rows (as its footer declares)"),
