@@ -187,7 +187,7 @@ class EventEmitter:
         self,
         sidecar_url: str | None,
         *,
-        buffer_rows: int = 100_000,
+        buffer_rows: int = 250_000,
         batch_size: int = 1000,
         flush_interval_s: float = 0.5,
         retry_backoff_s: float = 0.2,

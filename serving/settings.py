@@ -134,9 +134,11 @@ class ServingSettings(HomeSettings):
     ``Authorization: Bearer <key>`` with every POST of events; None sends no key. Set it in the
     environment only: a command line is visible to every user of the host (``ps``)."""
 
-    event_buffer_rows: PositiveInt = 100_000
+    event_buffer_rows: PositiveInt = 250_000
     """Events a worker holds for sending, the batch being sent included. While the sidecar is
-    away they wait here; when it is full, the oldest are dropped (and counted) to make room."""
+    away they wait here; when it is full, the oldest are dropped (and counted) to make room.
+    An event takes a few hundred bytes; the default is sized to hold a 30 s outage at a
+    worker's full one-row load (BENCHMARKS.md, events through a sidecar outage)."""
 
     event_batch_size: PositiveInt = 1000
     """Most events in one POST to the sidecar."""
