@@ -94,7 +94,10 @@ def csv_header(head: bytes, source: str) -> list[str]:
                               "of one); send it as UTF-8", code="unsupported_encoding")
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n")
     ends = [i for i in (head.find(b"\n", 0, CSV_BLOCK_BYTES), head.find(b"\r", 0, CSV_BLOCK_BYTES)) if i >= 0]
-    line = head[:min(ends, default=CSV_BLOCK_BYTES)]
+    if not ends and len(head) >= CSV_BLOCK_BYTES:  # cut short, its last name would be wrong
+        raise BatchInputError(f"{source}: the CSV header is longer than {CSV_BLOCK_BYTES} bytes, the most read",
+                              code="malformed_body")
+    line = head[:min(ends, default=len(head))]
     try:
         names = next(csv.reader([line.decode("utf-8", "surrogateescape")]), [])
     except csv.Error as exc:  # a name beyond csv's field size limit (128 KiB)
