@@ -34,7 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modelloop.registry import Registry  # noqa: E402
-from tests.serving.onnx_models import metadata_for, mlp_graph, random_mlp  # noqa: E402
+from tests.serving.onnx_models import (  # noqa: E402
+    metadata_for,
+    mlp_graph,
+    random_mlp,
+    reference_sample,
+)
 
 BIN = Path(sys.executable).parent
 N_FEATURES = 30
@@ -221,10 +226,21 @@ def raw_ort(onnx_path: Path, batch: int, seconds: float = 2.0, threads: int = 0)
 
 
 def register(home: Path, name: str, hidden: tuple[int, ...]) -> Path:
+    """A random MLP registered with a reference sample of its own predictions (an alias moves
+    only to a version that reproduces its reference) and promoted."""
+    import pandas as pd
+
+    from modelloop.schemas import Task
+    from modelloop.synthetic import TARGET
+
     mlp = random_mlp(N_FEATURES, hidden, 2)
     features = [f"f{i:02d}" for i in range(N_FEATURES)]
+    onnx_bytes = mlp_graph(mlp, N_FEATURES)
+    rows = pd.DataFrame(np.random.default_rng(1).normal(size=(200, N_FEATURES)), columns=features)
+    rows[TARGET] = 0
     reg = Registry(home / "registry")
-    meta = reg.register(metadata_for(name, mlp, features, ["no", "yes"]), mlp_graph(mlp, N_FEATURES))
+    meta = reg.register(metadata_for(name, mlp, features, ["no", "yes"]), onnx_bytes,
+                        reference=reference_sample(onnx_bytes, rows, features, Task.classification))
     reg.promote(name, meta.version)
     return reg.get(name).onnx_path
 
