@@ -30,6 +30,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -190,7 +191,8 @@ class PackedMatrix(BaseModel):
     dtype: Literal["float32", "float64"]
     shape: tuple[Annotated[int, Field(ge=0, strict=True)], Annotated[int, Field(ge=0, strict=True)]]
     """``[rows, values per row]``."""
-    data: Annotated[bytes, BeforeValidator(_base64)]
+    data: Annotated[bytes, BeforeValidator(_base64),
+                    WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
     """Standard base64 with padding; any other character is refused."""
 
     @model_validator(mode="after")

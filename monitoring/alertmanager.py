@@ -31,7 +31,8 @@ class WebhookPayload(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    version: str
+    version: str = Field(json_schema_extra={"const": "4"})
+    """Only version 4 is read (:func:`parse_payload` refuses others, naming the version)."""
     status: Literal["firing", "resolved"]
     receiver: str = ""
     group_key: str = Field(default="", alias="groupKey")

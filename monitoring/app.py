@@ -6,10 +6,11 @@ key opens every route; see :mod:`monitoring.auth`)::
     POST /events          ingest         POST /feedback       feedback
     POST /alertmanager    alertmanager   GET  /status  POST /check  POST /retrain  GET /jobs
     GET  /reports/drift/latest  GET /reports/drift/{model}/latest   GET /export/labelled   admin
-    GET  /metrics  GET /live  GET /ready                                                   open
+    GET  /metrics  GET /live  GET /ready  GET /openapi.json                                open
 
 Bad input gets a 4xx JSON body ``{"error": ..., "errors": [...]}`` naming the field; a full
-ingest queue a 503 with ``Retry-After``.
+ingest queue a 503 with ``Retry-After``. ``/openapi.json`` describes all of it
+(:mod:`monitoring.openapi`, built once from this table of routes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from monitoring.auth import Role, RoleKeys
-from monitoring.ingest import InputError
+from monitoring.ingest import InputError, parse_retrain
+from monitoring.openapi import openapi_document
 from monitoring.reports import latest_report
 from monitoring.sidecar import Sidecar
 
@@ -47,6 +49,11 @@ def _default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+async def _input_error(request: Request, exc: InputError) -> Response:
+    """Every refused request gets the one error shape, whichever handler refused it."""
+    return ORJSONResponse(exc.body(), status_code=exc.status)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> ORJSONResponse:
@@ -200,19 +207,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return FileResponse(path, media_type="text/html")
 
     async def retrain(request: Request) -> Response:
-        try:
-            data = orjson.loads(await _body(request, limit) or b"{}")
-        except orjson.JSONDecodeError:
-            return _error(400, "body: invalid JSON")
-        if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not data["model"]:
-            return _error(422, "model: required, the name of the model to retrain")
-        reason = data.get("reason") or "manual request"
-        if not isinstance(reason, str) or len(reason) > 1000:
-            return _error(422, "reason: must be a string of at most 1000 characters")
-        try:
-            outcome = await run_in_threadpool(sidecar.retrain, data["model"], reason)
-        except InputError as exc:
-            return ORJSONResponse(exc.body(), status_code=exc.status)
+        req = parse_retrain(await _body(request, limit))
+        outcome = await run_in_threadpool(sidecar.retrain, req.model, req.reason or "manual request")
         if outcome.refused == "at_capacity":
             return ORJSONResponse(outcome.as_dict(), status_code=429,
                                   headers={"Retry-After": str(int(settings.job_poll_s * 30))})
@@ -220,12 +216,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return ORJSONResponse(outcome.as_dict(), status_code=code)
 
     async def alertmanager(request: Request) -> Response:
-        try:
-            body = await _body(request, limit)
-            result = await run_in_threadpool(sidecar.alertmanager, body)
-        except InputError as exc:
-            return ORJSONResponse(exc.body(), status_code=exc.status)
-        return ORJSONResponse(result)
+        body = await _body(request, limit)
+        return ORJSONResponse(await run_in_threadpool(sidecar.alertmanager, body))
 
     async def jobs(request: Request) -> Response:
         records = await run_in_threadpool(sidecar.store.jobs, request.query_params.get("model"))
@@ -235,11 +227,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
         model = request.query_params.get("model")
         if not model:
             return _error(422, "model: required")
-        try:
-            since = _query_number(request, "since", 0.0, 0.0, 1e11)
-            limit_rows = int(_query_number(request, "limit", 100_000, 1, EXPORT_MAX_ROWS, True))
-        except InputError as exc:
-            return ORJSONResponse(exc.body(), status_code=exc.status)
+        since = _query_number(request, "since", 0.0, 0.0, 1e11)
+        limit_rows = int(_query_number(request, "limit", 100_000, 1, EXPORT_MAX_ROWS, True))
         data = await run_in_threadpool(_labelled_parquet, sidecar, model, since, limit_rows)
         if data is None:
             return _error(404, f"model: no labelled events of model {model!r}")
@@ -250,6 +239,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
 
     async def live(request: Request) -> Response:
         return ORJSONResponse({"status": "alive"})
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
 
     async def ready(request: Request) -> Response:
         if sidecar.ready:
@@ -262,22 +254,27 @@ def create_app(sidecar: Sidecar) -> Starlette:
         # uvicorn has finished the in-flight requests: flush and close
         await run_in_threadpool(sidecar.stop)
 
-    routes = [
-        Route("/events", guard("ingest", events), methods=["POST"]),
-        Route("/feedback", guard("feedback", feedback), methods=["POST"]),
-        Route("/status", guard("admin", status), methods=["GET"]),
-        Route("/check", guard("admin", check), methods=["POST"]),
-        Route("/reports/drift/latest", guard("admin", report), methods=["GET"]),
-        Route("/reports/drift/{model}/latest", guard("admin", report), methods=["GET"]),
-        Route("/retrain", guard("admin", retrain), methods=["POST"]),
-        Route("/alertmanager", guard("alertmanager", alertmanager), methods=["POST"]),
-        Route("/jobs", guard("admin", jobs), methods=["GET"]),
-        Route("/export/labelled", guard("admin", export_labelled), methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/live", live, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
+    table: list[tuple[str, str, Role | None, Handler]] = [
+        ("/events", "POST", "ingest", events),
+        ("/feedback", "POST", "feedback", feedback),
+        ("/status", "GET", "admin", status),
+        ("/check", "POST", "admin", check),
+        ("/reports/drift/latest", "GET", "admin", report),
+        ("/reports/drift/{model}/latest", "GET", "admin", report),
+        ("/retrain", "POST", "admin", retrain),
+        ("/alertmanager", "POST", "alertmanager", alertmanager),
+        ("/jobs", "GET", "admin", jobs),
+        ("/export/labelled", "GET", "admin", export_labelled),
+        ("/metrics", "GET", None, metrics),
+        ("/live", "GET", None, live),
+        ("/ready", "GET", None, ready),
+        ("/openapi.json", "GET", None, openapi),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    document = orjson.dumps(openapi_document((path, method, role) for path, method, role, _ in table))
+    routes = [Route(path, guard(role, handler) if role else handler, methods=[method])
+              for path, method, role, handler in table]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={InputError: _input_error})  # type: ignore[dict-item]
 
 
 def _labelled_parquet(sidecar: Sidecar, model: str, since: float, limit: int) -> bytes | None:

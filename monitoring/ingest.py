@@ -1,4 +1,5 @@
-"""Ingest: validate event batches and feedback at the boundary, and commit events in groups.
+"""Ingest: validate event batches, feedback and retraining requests at the boundary, and commit
+events in groups.
 
 A batch is checked whole before anything is written: the JSON schema (:class:`EventBatch`), then
 each event against its model version's metadata (watched model, registered version, feature
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, StrictStr, TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import (
@@ -446,6 +447,30 @@ def resolve_label(label: str | int | float, meta: ModelMetadata) -> float | str:
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         return f"{label!r} is not a finite number within float32 range"
     return value
+
+
+# -- retraining requests -----------------------------------------------------------------------------
+class RetrainRequest(BaseModel):
+    """``POST /retrain``: the model to retrain and why (``manual request`` when left out)."""
+
+    model: StrictStr = Field(min_length=1)
+    reason: StrictStr | None = Field(None, max_length=1000)
+
+
+_RETRAIN_RULES = {"model": "model: required, the name of the model to retrain",
+                  "reason": "reason: must be a string of at most 1000 characters"}
+
+
+def parse_retrain(body: bytes) -> RetrainRequest:
+    """A ``POST /retrain`` body (an empty one is ``{}``); one line per field that is wrong."""
+    try:
+        return RetrainRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise InputError(400, "invalid_json", ["body: invalid JSON"]) from exc
+        fields = {str(e["loc"][0]) if e["loc"] else "model" for e in exc.errors()}
+        raise InputError(422, "invalid_request",
+                         [_RETRAIN_RULES[f] for f in ("model", "reason") if f in fields]) from exc
 
 
 # -- group commit ----------------------------------------------------------------------------------
