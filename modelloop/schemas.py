@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -144,13 +145,25 @@ into one (``"1.5"``, ``true``)."""
 Count = Annotated[StrictInt, Field(ge=0)]
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000)")  # PostgreSQL's text cannot hold it
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_no_nul),
+                 Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+"""A string the sidecar may store: without NUL (one in a request id made PostgreSQL refuse the
+whole group of batches committed with it)."""
+
+
 class PredictionEvent(BaseModel):
     """One predicted row, sent from serving to the sidecar off the request path."""
 
-    request_id: str = Field(min_length=1, max_length=200)
+    request_id: Text = Field(min_length=1, max_length=200)
     timestamp: Number
     """Unix time (seconds) when the prediction was made."""
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     version: StrictInt = Field(ge=1)
     mode: Mode = "realtime"
     features: list[Number | None]
@@ -182,6 +195,11 @@ def _base64(value: Any) -> bytes:
         raise ValueError(f"not base64: {exc}") from None
 
 
+MAX_AXIS = 2**31 - 1
+"""The longest axis of a packed matrix: ``[2**63, 0]`` holds no bytes, yet its length does not fit
+an index (``len()`` raised OverflowError, which reached the client as a 5xx)."""
+
+
 class PackedMatrix(BaseModel):
     """A float matrix as the base64 of its little-endian bytes in row order: how serving sends
     the features and probabilities of its events. The body of 1024 events of 30 features took
@@ -189,7 +207,8 @@ class PackedMatrix(BaseModel):
     missing value, as null does in the list form."""
 
     dtype: Literal["float32", "float64"]
-    shape: tuple[Annotated[int, Field(ge=0, strict=True)], Annotated[int, Field(ge=0, strict=True)]]
+    shape: tuple[Annotated[int, Field(ge=0, le=MAX_AXIS, strict=True)],
+                 Annotated[int, Field(ge=0, le=MAX_AXIS, strict=True)]]
     """``[rows, values per row]``."""
     data: Annotated[bytes, BeforeValidator(_base64),
                     WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
@@ -239,10 +258,10 @@ class EventColumns(BaseModel):
     of the requests taken in order. Each row stands for one :class:`PredictionEvent`
     (:meth:`events` gives them)."""
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     version: StrictInt = Field(ge=1)
     mode: Mode = "realtime"
-    request_ids: list[StrictStr] = Field(min_length=1)
+    request_ids: list[Text] = Field(min_length=1)
     """The base id of each request (its rows' ids add ``-<row>``)."""
     first_row: list[Count]
     rows: list[Count]
@@ -312,7 +331,7 @@ class ColumnBatch(BaseModel):
 class Feedback(BaseModel):
     """The true label of one earlier prediction."""
 
-    request_id: str = Field(min_length=1, max_length=200)
+    request_id: Text = Field(min_length=1, max_length=200)
     label: StrictStr | StrictInt | Number
     """A class name or index, or a regression target: see the sidecar's ``resolve_label``."""
     timestamp: Number | None = None

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelloop.schemas import Text
 from monitoring.ingest import InputError, format_validation
 
 
@@ -20,10 +21,11 @@ class Alert(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     status: Literal["firing", "resolved"]
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    starts_at: str = Field(alias="startsAt")
-    fingerprint: str = Field(min_length=1)
+    labels: dict[str, Text] = Field(default_factory=dict)
+    annotations: dict[str, Text] = Field(default_factory=dict)
+    """Values stored with the job they start (its reason): :data:`~modelloop.schemas.Text`."""
+    starts_at: Text = Field(alias="startsAt")
+    fingerprint: Text = Field(min_length=1)
 
 
 class WebhookPayload(BaseModel):

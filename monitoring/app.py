@@ -100,6 +100,14 @@ def _query_number(request: Request, name: str, default: float, low: float, high:
     return value
 
 
+def _query_model(request: Request) -> str | None:
+    """``?model=``, refused with a NUL in it (the store is asked about it; PostgreSQL would fail)."""
+    model = request.query_params.get("model")
+    if model is not None and "\x00" in model:
+        raise InputError(422, "invalid_query", ["model: must not contain NUL (\\u0000)"])
+    return model
+
+
 async def _body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -220,11 +228,11 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return ORJSONResponse(await run_in_threadpool(sidecar.alertmanager, body))
 
     async def jobs(request: Request) -> Response:
-        records = await run_in_threadpool(sidecar.store.jobs, request.query_params.get("model"))
+        records = await run_in_threadpool(sidecar.store.jobs, _query_model(request))
         return ORJSONResponse({"jobs": [r.__dict__ for r in records]})
 
     async def export_labelled(request: Request) -> Response:
-        model = request.query_params.get("model")
+        model = _query_model(request)
         if not model:
             return _error(422, "model: required")
         since = _query_number(request, "since", 0.0, 0.0, 1e11)

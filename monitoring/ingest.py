@@ -36,6 +36,7 @@ from modelloop.schemas import (
     ModelMetadata,
     PackedMatrix,
     Task,
+    Text,
 )
 from monitoring.records import EventRow, pack
 from monitoring.store import EventStore
@@ -454,11 +455,11 @@ class RetrainRequest(BaseModel):
     """``POST /retrain``: the model to retrain and why (``manual request`` when left out)."""
 
     model: StrictStr = Field(min_length=1)
-    reason: StrictStr | None = Field(None, max_length=1000)
+    reason: Text | None = Field(None, max_length=1000)
 
 
 _RETRAIN_RULES = {"model": "model: required, the name of the model to retrain",
-                  "reason": "reason: must be a string of at most 1000 characters"}
+                  "reason": "reason: must be a string of at most 1000 characters (no NUL)"}
 
 
 def parse_retrain(body: bytes) -> RetrainRequest:

@@ -145,7 +145,7 @@ def _query(name: str, schema: dict[str, Any], what: str, required: bool = False)
             "schema": schema}
 
 
-_MODEL_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+_MODEL_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000]*$"}
 _MODEL_QUERY = _query("model", _MODEL_NAME, "A model's name.")
 _HTML = ("text/html", {"type": "string"})
 _BAD_BODY = (400, 413, 422)
@@ -169,7 +169,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/reports/drift/{model}/latest"): Operation(
         "The newest drift report (HTML) of a model", {200: _HTML}, (404,),
         params=[{"name": "model", "in": "path", "required": True, "description": "A model's name.",
-                 "schema": {**_MODEL_NAME, "pattern": "^[^/]+$"}}]),
+                 "schema": {**_MODEL_NAME, "pattern": "^[^/\\u0000]+$"}}]),
     ("POST", "/retrain"): Operation(
         "Start a retraining job of a model",
         {202: _json("JobAnswer"), 409: _json("JobAnswer"), 429: _json("JobAnswer"),
@@ -177,7 +177,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/alertmanager"): Operation(
         "Alertmanager's webhook: each firing alert with a `model` label asks for a retraining",
         {200: _json("AlertsResult")}, _BAD_BODY, body=_ref("WebhookPayload")),
-    ("GET", "/jobs"): Operation("Retraining jobs, newest first", {200: _json("Jobs")},
+    ("GET", "/jobs"): Operation("Retraining jobs, newest first", {200: _json("Jobs")}, (422,),
                                 params=[_MODEL_QUERY]),
     ("GET", "/export/labelled"): Operation(
         "Labelled events of a model as Parquet (features, label, prediction, version, timestamp)",
