@@ -183,6 +183,11 @@ class PredictionEvent(BaseModel):
 
 
 class EventBatch(BaseModel):
+    """``POST /events`` one object per event: ``{"events": [PredictionEvent, ...]}``. No other
+    key: a body is one form or the other, told apart by its first key."""
+
+    model_config = ConfigDict(extra="forbid")
+
     events: list[PredictionEvent] = Field(min_length=1)
 
 
@@ -323,7 +328,9 @@ class EventColumns(BaseModel):
 
 
 class ColumnBatch(BaseModel):
-    """``POST /events`` in columns: ``{"columns": [EventColumns, ...]}``."""
+    """``POST /events`` in columns: ``{"columns": [EventColumns, ...]}`` and no other key."""
+
+    model_config = ConfigDict(extra="forbid")
 
     columns: list[EventColumns] = Field(min_length=1)
 

@@ -89,6 +89,10 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
          "events[0].probabilities: expected 2 values for churn v1, got 3"),
         # the same request id twice in one batch
         (body(event(), event()), 422, "invalid_event", "events[1].request_id: 'r1' repeats events[0]"),
+        # a key beside the events: a body is one form or the other, nothing else
+        (b'{"x": 1, "events": ' + json.dumps([event()]).encode() + b"}", 422, "invalid_event",
+         "x: Extra inputs are not permitted"),
+        (b'{"x": 1, "columns": []}', 422, "invalid_event", "events: Field required"),
     ],
 )
 def test_bad_batches_are_rejected_whole_naming_the_event(
