@@ -33,7 +33,7 @@ def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
         "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.05",
         "MODELLOOP_SERVING_EVENT_RETRY_BACKOFF_S": "0.02",
-        "MODELLOOP_SERVING_EVENT_MAX_RETRIES": "2",
+        "MODELLOOP_SERVING_EVENT_MAX_AGE_S": "0.5",  # kept and retried, then expired
         "MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "0.1",
     }
     srv = start_server(model_home, log, env, "--workers", "2")
@@ -155,8 +155,8 @@ def test_sidecar_down_changes_nothing_for_callers(server: Server) -> None:
         for _ in range(50):
             resp = client.post("/predict", json={"instances": [ROW]})
             assert resp.status_code == 200
-    # the events were tried, retried and then dropped and counted, off the request path
+    # the events were kept and retried off the request path, then dropped once too old, and counted
     wait_until(lambda: server.metric("modelloop_serving_events_dropped_total", model=MODEL,
-                                     reason="send_failed") >= 50, 30, "dropped events to be counted")
+                                     reason="expired") >= 50, 30, "expired events to be counted")
     assert server.metric("modelloop_serving_events_sent_total", model=MODEL) == 0
     assert server.metric("modelloop_serving_errors_total", model=MODEL) == 0
