@@ -154,7 +154,12 @@ def create_app(sidecar: Sidecar) -> Starlette:
             return _error(503, f"body: the ingest queue is full ({budget.held} of {budget.limit} "
                                "bytes held); retry after 1 s", headers={"Retry-After": "1"})
         try:
-            return await work(await _body(request, limit))
+            try:
+                body = await asyncio.wait_for(_body(request, limit), settings.body_read_timeout_s)
+            except TimeoutError:  # a slow sender must not hold the budget
+                raise InputError(408, "too_slow", [
+                    f"body: not received within {settings.body_read_timeout_s:g} s"]) from None
+            return await work(body)
         except InputError as exc:
             if exc.reason == "too_large":
                 sidecar.reject("too_large")

@@ -154,11 +154,11 @@ _BAD_BODY = (400, 413, 422)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/events"): Operation(
         "Store prediction events (a batch, validated whole; 200 once committed)",
-        {200: _json("EventsAccepted")}, (*_BAD_BODY, 503),
+        {200: _json("EventsAccepted")}, (*_BAD_BODY, 408, 503),
         body={"anyOf": [_ref("EventBatch"), _ref("ColumnBatch")]}),
     ("POST", "/feedback"): Operation(
         "Join true labels to earlier predictions", {200: _json("FeedbackResult")},
-        (*_BAD_BODY, 503), body={"anyOf": [_ref("Feedback"), _ref("FeedbackList")]}),
+        (*_BAD_BODY, 408, 503), body={"anyOf": [_ref("Feedback"), _ref("FeedbackList")]}),
     ("GET", "/status"): Operation("The sidecar's summary", {200: _json("Status")}),
     ("POST", "/check"): Operation(
         "Run the check now (of one model, or all) and answer the status",
@@ -203,6 +203,7 @@ _STATUS_TEXT = {
     401: "No key, or an unknown one (`WWW-Authenticate: Bearer`)",
     403: "A key of another role",
     404: "No such model, report or data",
+    408: "The body was not received within `BODY_READ_TIMEOUT_S`",
     413: "The body is over `MAX_BODY_BYTES`",
     422: "The request does not fit its schema or the model version; `errors` name the fields",
     503: "Busy (the ingest queue is full: retry after `Retry-After` seconds) or nothing stored",

@@ -57,6 +57,9 @@ class MonitorSettings(HomeSettings):
     """Bytes of ``/events`` and ``/feedback`` bodies held at once (read, queued or being
     written); a body that would pass it is answered 503 with ``Retry-After``, and serving
     retries it. Bounds the sidecar's memory under bursts."""
+    body_read_timeout_s: PositiveFloat = 30.0
+    """An ingest body not received whole within this time is answered 408 and its bytes given
+    back to the ingest budget (a slow sender cannot hold it)."""
     max_clock_skew_s: PositiveFloat = 300.0
     """Event and label timestamps may be at most this far in the future (the sender's clock
     ahead of ours); older than the retention age is refused too (it would be deleted at once)."""

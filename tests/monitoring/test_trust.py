@@ -312,6 +312,31 @@ def test_a_full_ingest_queue_answers_503_and_frees_itself(
         proc.close()
 
 
+def test_a_slow_sender_cannot_hold_the_ingest_queue(
+        home: Path, registered: TrainedModel, task: SyntheticTask) -> None:
+    body = json.dumps(events(registered, task, "slow", n=400)).encode()
+    proc = SidecarProcess(home, home / "sidecar.log", env={
+        "MODELLOOP_MONITOR_INGEST_QUEUE_BYTES": str(len(body)),
+        "MODELLOOP_MONITOR_BODY_READ_TIMEOUT_S": "1", "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "3600"})
+    try:
+        proc.start()
+        slow = socket.create_connection(("127.0.0.1", proc.port))
+        slow.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        slow.settimeout(30)
+        answer = slow.recv(65536)  # the sidecar gives up on it and answers
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"body: not received within 1 s" in answer
+        ok = httpx.post(f"{proc.url}/events", content=body, headers={"content-type": "application/json"})
+        assert (ok.status_code, ok.json()["accepted"]) == (200, 400)
+    except BaseException:
+        print(f"--- sidecar log ---\n{proc.log()}")
+        raise
+    finally:
+        proc.close()
+
+
 def test_the_default_retrain_command_passes_the_trigger() -> None:
     from monitoring.settings import MonitorSettings
     from monitoring.triggers import JobRequest, render_command
