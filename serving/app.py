@@ -16,6 +16,9 @@ Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
     GET  /batch/jobs/{id}  /batch/jobs/{id}/result  auth
     DELETE /batch/jobs/{id}                auth   a finished job and its files
     GET  /admin/model   POST /admin/reload auth
+
+Their OpenAPI document (:mod:`serving.openapi`) is built from the table of routes in
+:func:`build_app` and merged into BentoML's ``/docs.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import Overloaded, retry_after_header
 from serving.jobs import JobLimits
+from serving.openapi import REQUEST_ID_PATTERN, openapi_document
 from serving.predictions import records_json
 from serving.state import ServingState
 from serving.validation import RequestError, parse_predict_body
@@ -53,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/parquet")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 Handler = Callable[[Request, ServingState], Awaitable[Response]]
 
 
@@ -327,28 +331,33 @@ class Routes:
 
 
 def build_app(state: ServingState) -> Starlette:
-    """The Starlette app of our routes (no lifespan: ``serving/service.py`` runs the state's)."""
+    """The Starlette app of our routes (no lifespan: ``serving/service.py`` runs the state's),
+    with its OpenAPI document, built from the same table, in ``app.state.openapi``."""
     r = Routes(state)
-    g = r.guarded
     v2 = "/v2/models/{name}"
     vv = "/v2/models/{name}/versions/{version}"
-    routes = [
-        Route("/predict", g("predict", r.predict), methods=["POST"]),
-        Route("/v2", g("", r.server_metadata, auth=False), methods=["GET"]),
-        Route("/v2/health/live", g("", r.live, auth=False), methods=["GET"]),
-        Route("/v2/health/ready", g("", r.ready, auth=False), methods=["GET"]),
-        *[Route(p, g("", r.model_metadata), methods=["GET"]) for p in (v2, vv)],
-        *[Route(p + "/ready", g("", r.model_ready), methods=["GET"]) for p in (v2, vv)],
-        *[Route(p + "/infer", g("infer", r.infer), methods=["POST"]) for p in (v2, vv)],
-        Route("/batch/score", g("batch", r.batch_score), methods=["POST"]),
-        Route("/batch/jobs", g("batch", r.job_submit), methods=["POST"]),
-        Route("/batch/jobs/{job_id}", g("", r.job_status), methods=["GET"]),
-        Route("/batch/jobs/{job_id}", g("", r.job_delete), methods=["DELETE"]),
-        Route("/batch/jobs/{job_id}/result", g("", r.job_result), methods=["GET"]),
-        Route("/admin/model", g("", r.admin_model), methods=["GET"]),
-        Route("/admin/reload", g("", r.admin_reload), methods=["POST"]),
+    # (path, method, route label of the request metrics ("": not counted), guarded, handler)
+    table: list[tuple[str, str, str, bool, Handler]] = [
+        ("/predict", "POST", "predict", True, r.predict),
+        ("/v2", "GET", "", False, r.server_metadata),
+        ("/v2/health/live", "GET", "", False, r.live),
+        ("/v2/health/ready", "GET", "", False, r.ready),
+        *[(p, "GET", "", True, r.model_metadata) for p in (v2, vv)],
+        *[(p + "/ready", "GET", "", True, r.model_ready) for p in (v2, vv)],
+        *[(p + "/infer", "POST", "infer", True, r.infer) for p in (v2, vv)],
+        ("/batch/score", "POST", "batch", True, r.batch_score),
+        ("/batch/jobs", "POST", "batch", True, r.job_submit),
+        ("/batch/jobs/{job_id}", "GET", "", True, r.job_status),
+        ("/batch/jobs/{job_id}", "DELETE", "", True, r.job_delete),
+        ("/batch/jobs/{job_id}/result", "GET", "", True, r.job_result),
+        ("/admin/model", "GET", "", True, r.admin_model),
+        ("/admin/reload", "POST", "", True, r.admin_reload),
     ]
-    return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    routes = [Route(path, r.guarded(label, handler, auth=guarded), methods=[method])
+              for path, method, label, guarded, handler in table]
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    app.state.openapi = openapi_document((path, method, guarded) for path, method, _, guarded, _ in table)
+    return app
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

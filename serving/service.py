@@ -37,6 +37,7 @@ import bentoml
 from prometheus_client import CollectorRegistry
 
 from serving.app import OWN_PREFIXES, build_app
+from serving.openapi import merge_into
 from serving.runtime import ModelLoadError
 from serving.settings import ServingSettings
 from serving.state import ServingState
@@ -95,6 +96,8 @@ class ModelloopService(bentoml.Service):
         if not settings.fast_path:
             self.mount_asgi_app(ours, path="/", name="modelloop")
         bento = super().to_asgi(is_main)
+        # /docs.json (BentoML's view of openapi_spec, below): built once, here
+        self._docs = merge_into(super().openapi_spec.asdict(), ours.state.openapi)
         bento_lifespan = bento.router.lifespan_context
 
         @contextlib.asynccontextmanager
@@ -113,6 +116,23 @@ class ModelloopService(bentoml.Service):
 
         bento.router.lifespan_context = lifespan
         return FrontDoor(ours, bento) if settings.fast_path else bento
+
+    @property
+    def openapi_spec(self) -> Any:
+        """What BentoML's ``/docs.json`` answers: its document with ours merged in, once the app
+        is made (``bentoml build``, which writes the document too, gets BentoML's alone)."""
+        docs = getattr(self, "_docs", None)
+        return super().openapi_spec if docs is None else _Document(docs)
+
+
+class _Document:
+    """A finished document where BentoML expects its ``OpenAPISpecification`` (``.asdict()``)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self._doc = doc
+
+    def asdict(self) -> dict[str, Any]:
+        return self._doc
 
 
 @bentoml.service(
