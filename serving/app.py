@@ -150,12 +150,15 @@ class Routes:
                                "(Authorization: Bearer <MODELLOOP_SERVING_API_KEY>)")
 
     def request_id(self, request: Request, given: str | None = None) -> str:
+        """The request's id: ``given`` (an inference request's ``id``), else ``X-Request-ID``,
+        else a new one; it names the rows' events, so its characters are few."""
         rid = given or request.headers.get("x-request-id")
         if rid is None:
             return secrets.token_hex(8)
-        if not _REQUEST_ID.match(rid):
-            raise RequestError(422, "wrong_type", "X-Request-ID",
-                               "X-Request-ID: 1-100 characters of letters, digits, '.', '_', ':' or '-'")
+        if not _REQUEST_ID.fullmatch(rid):  # (match would pass a trailing "\n")
+            field = "id" if given else "X-Request-ID"
+            raise RequestError(422, "wrong_type", field,
+                               f"{field}: 1-100 characters of letters, digits, '.', '_', ':' or '-'")
         return rid
 
     def guarded(self, route: str, handler: Handler, *, auth: bool = True) -> Callable[[Request], Awaitable[Response]]:

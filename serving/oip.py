@@ -139,7 +139,8 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     """Parse an infer request (JSON or binary extension) into float32 rows for the model."""
     binary = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # (isdigit alone passes "²", which int() refuses: a 500)
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise RequestError(400, "malformed_body", "Inference-Header-Content-Length",
                                f"Inference-Header-Content-Length: {header_length!r} does not fit a "
                                f"body of {len(body)} bytes")

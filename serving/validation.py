@@ -44,10 +44,22 @@ class RequestError(Exception):
         """Extra response headers (``Retry-After`` on a refusal that a later try may pass)."""
 
     def to_json(self) -> dict[str, str]:
-        return {"error": self.message, "code": self.code, "field": self.field}
+        """The answer's body. A lone surrogate the client sent (``"\\ud800"``, which Python's
+        JSON parser reads) is written as its escape: it is not UTF-8, and the JSON writer
+        failed on it (a 500 instead of this error)."""
+        return {"error": _utf8(self.message), "code": self.code, "field": _utf8(self.field)}
 
     def __repr__(self) -> str:
         return f"RequestError({self.status}, {self.code!r}, {self.field!r}, {self.message!r})"
+
+
+def _utf8(text: str) -> str:
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
+
+
+def _key_text(key: str) -> str:
+    """A key the client sent, as an error's field names it: not a megabyte of it."""
+    return key if len(key) <= 100 else key[:100] + "..."
 
 
 def parse_json(body: bytes) -> Any:
@@ -151,9 +163,7 @@ def _record_error(i: int, rec: Any, names: Sequence[str], name_set: set[str]) ->
     unknown = sorted(set(rec) - name_set)
     missing = [n for n in names if n not in rec]
     if unknown:
-        key = unknown[0]
-        if len(key) > 100:  # the field names it: not a megabyte of it
-            key = key[:100] + "..."
+        key = _key_text(unknown[0])
         near = difflib.get_close_matches(key, missing or names, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         return RequestError(422, "unknown_feature", f"instances[{i}].{key}",
@@ -280,7 +290,8 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
                            'instances: missing; send {"instances": [{"feature": value, ...}, ...]}')
     extra = sorted(set(doc) - {"instances"})
     if extra:
-        raise RequestError(422, "unknown_field", extra[0], f"{extra[0]}: unknown field; only 'instances' is read")
+        key = _key_text(extra[0])
+        raise RequestError(422, "unknown_field", key, f"{key}: unknown field; only 'instances' is read")
     instances = doc["instances"]
     if not isinstance(instances, list):
         raise RequestError(422, "wrong_type", "instances",

@@ -263,6 +263,43 @@ def test_the_job_routes_and_binary_inference_are_answered_as_documented(keyed: S
             answered_as_documented(docs, method, path, resp)
 
 
+BODY = json.dumps(INFER).encode()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "error"),
+    [
+        # a digit int() does not read ("²" passes str.isdigit): a 500
+        (f"/v2/models/{MODEL}/infer", BODY, {"Inference-Header-Content-Length": b"\xb2"}, 400,
+         f"Inference-Header-Content-Length: '\xb2' does not fit a body of {len(BODY)} bytes"),
+        # a lone surrogate in a feature's name (Python's JSON parser reads it): the error naming it
+        # could not be written (a 500)
+        ("/predict", b'{"instances": [{"\\ud800": 1}]}', {}, 422,
+         "instances[0].\\ud800: unknown feature; the model takes 20 features: f00, f01, f02, f03, "
+         "f04, f05, f06, f07, ..."),
+        # ... or in an unknown top-level field
+        ("/predict", b'{"instances": [[1]], "\\udfff": 1}', {}, 422,
+         "\\udfff: unknown field; only 'instances' is read"),
+        # an unknown field's name was shown whole, however long
+        ("/predict", json.dumps({"instances": [[1]], "x" * 5000: 1}).encode(), {}, 422,
+         "x" * 100 + "...: unknown field; only 'instances' is read"),
+        # an inference request's id that is refused was named as X-Request-ID; one ending in a
+        # newline was taken
+        (f"/v2/models/{MODEL}/infer", json.dumps({**INFER, "id": "a b"}).encode(), {}, 422,
+         "id: 1-100 characters of letters, digits, '.', '_', ':' or '-'"),
+        (f"/v2/models/{MODEL}/infer", json.dumps({**INFER, "id": "a\n"}).encode(), {}, 422,
+         "id: 1-100 characters of letters, digits, '.', '_', ':' or '-'"),
+    ],
+)
+def test_requests_that_broke_serving_are_refused_with_the_documented_error(
+        keyed: Server, docs: dict[str, Any], path: str, body: bytes, headers: dict[str, Any], status: int,
+        error: str) -> None:
+    resp = httpx.post(f"{keyed.url}{path}", content=body, headers={**AUTH, **headers})
+    assert (resp.status_code, resp.json()["error"]) == (status, error), resp.text
+    answered_as_documented(docs, "POST", path, resp)
+
+
 # -- schemathesis --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(keyed: Server, docs: dict[str, Any]) -> Any:
