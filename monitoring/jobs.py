@@ -2,9 +2,11 @@
 
 At most one job per model is active: the store refuses a second active row (a unique index, so
 this holds across replicas sharing PostgreSQL). Jobs requested by the policy or Alertmanager are
-named per model and time window (``retrain-<model>-<hash>-<window start>``), so two replicas
-judging the same window ask for the same name and only one job is created. Manual requests get a
-name of their own.
+named per model, trigger and time window (``retrain-<model>-<hash>-<p|a><window start>``), so two
+replicas judging the same window ask for the same name and only one job is created: the second
+request is a ``duplicate``, whether that job still runs or has ended. A job of another trigger
+does not make a duplicate: while it runs the model is busy (refused, asked again later), and once
+it ended it blocks nothing. Manual requests get a name of their own.
 
 Example::
 
@@ -42,16 +44,20 @@ from monitoring.triggers import (
 log = logging.getLogger(__name__)
 
 
-def job_name(model: str, at: float, window_s: float, manual: bool = False) -> str:
-    """A DNS-1123 name (<= 63 chars) for the model's job in the window containing ``at``."""
+_TRIGGER_MARKS = {"policy": "p", "alertmanager": "a", "manual": "m"}
+
+
+def job_name(model: str, at: float, window_s: float, trigger: str = "policy") -> str:
+    """A DNS-1123 name (<= 63 chars) for ``trigger``'s job of the model: one per time window (the
+    one containing ``at``) for the policy and Alertmanager, one per second for manual requests."""
     slug = re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")[:28] or "model"
     digest = hashlib.sha1(model.encode()).hexdigest()[:6]  # "Churn" and "churn" differ
-    if manual:
-        stamp = "m" + time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
+    mark = _TRIGGER_MARKS[trigger]
+    if trigger == "manual":
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
     else:
-        start = int(at // window_s) * window_s
-        stamp = time.strftime("%Y%m%d%H%M", time.gmtime(start))
-    return f"retrain-{slug}-{digest}-{stamp}"
+        stamp = time.strftime("%Y%m%d%H%M", time.gmtime(int(at // window_s) * window_s))
+    return f"retrain-{slug}-{digest}-{mark}{stamp}"
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,9 @@ class JobOutcome:
     """``running`` (started), ``failed`` (could not start) or ``skipped`` (not allowed now)."""
     detail: str = ""
     refused: str = ""
-    """Why a ``skipped`` request was refused: ``model_busy`` or ``at_capacity``."""
+    """Why a ``skipped`` request was refused: ``duplicate`` (this trigger's job of the window was
+    started already, by another replica or an earlier request), ``model_busy`` (another job of
+    the model is active) or ``at_capacity``."""
 
     def as_dict(self) -> dict[str, str]:
         out = {"job": self.job_id, "status": self.status, "detail": self.detail}
@@ -88,14 +96,17 @@ class JobManager:
         self.clock = clock
         self._lock = threading.Lock()
 
-    def request(self, model: str, *, trigger: str, reason: str, version: int | None = None,
-                manual: bool = False) -> JobOutcome:
+    def request(self, model: str, *, trigger: str, reason: str,
+                version: int | None = None) -> JobOutcome:
         now = self.clock()
-        job_id = job_name(model, now, self.window_s, manual=manual)
+        job_id = job_name(model, now, self.window_s, trigger)
         with self._lock:
             record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
                                reason=reason, status="started", created_at=now, ended_at=None,
                                handle="", detail="")
+            same = self._stored(model, job_id)
+            if same is not None:
+                return self._duplicate(model, trigger, same)
             active = self.store.jobs(active_only=True, limit=self.max_active)
             if len(active) >= self.max_active:
                 return self._skipped(model, trigger, job_id, (
@@ -104,15 +115,18 @@ class JobManager:
                     "at_capacity")
             why_not = self.store.try_start_job(record)
             if why_not:
+                same = self._stored(model, job_id)  # another replica started it just now
+                if same is not None:
+                    return self._duplicate(model, trigger, same)
                 return self._skipped(model, trigger, job_id, why_not, "model_busy")
             req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
                              reason=reason, env=self.env)
             try:
                 req = replace(req, command=render_command(self.command, req))
                 handle = self.trigger.start(req)
-            except TriggerConflict as exc:
+            except TriggerConflict as exc:  # started by a replica that does not share our store
                 self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)
-                return self._skipped(model, trigger, job_id, str(exc), "model_busy")
+                return self._skipped(model, trigger, job_id, str(exc), "duplicate")
             except (TriggerError, OSError) as exc:
                 log.error("retraining job %s for %s failed to start: %s", job_id, model, exc)
                 self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
@@ -124,6 +138,16 @@ class JobManager:
         self.metrics.retrain_active.labels(model).set(1)
         log.warning("retraining job %s started for %s (%s): %s", job_id, model, trigger, reason)
         return JobOutcome(job_id, "running", f"{self.trigger.kind} job {handle}")
+
+    def _stored(self, model: str, job_id: str) -> JobRecord | None:
+        """The stored job named ``job_id``, if any. Newest first, so one of the current window is
+        among the first rows (a model has at most one active job at a time)."""
+        return next((j for j in self.store.jobs(model, limit=200) if j.id == job_id), None)
+
+    def _duplicate(self, model: str, trigger: str, same: JobRecord) -> JobOutcome:
+        why = (f"job {same.id} is already {same.status} for this window" if same.active
+               else f"job {same.id} already ran for this window ({same.status})")
+        return self._skipped(model, trigger, same.id, why, "duplicate")
 
     def _skipped(self, model: str, trigger: str, job_id: str, why: str, refused: str) -> JobOutcome:
         log.info("retraining of %s not started: %s", model, why)
@@ -160,9 +184,11 @@ class JobManager:
             self.metrics.retrain_active.labels(model).set(1 if model in active_models else 0)
 
     def last_started(self, model: str, trigger: str) -> float | None:
-        """When the newest job of ``model`` requested by ``trigger`` was created."""
+        """When the newest job of ``model`` requested by ``trigger`` was created. Every stored job
+        was started, failed to start, or was found started elsewhere: each starts the cooldown
+        of the rule that asked for it (refused requests store nothing)."""
         for job in self.store.jobs(model, limit=50):
-            if job.trigger == trigger and job.status != "skipped":
+            if job.trigger == trigger:
                 return job.created_at
         return None
 

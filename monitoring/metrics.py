@@ -20,7 +20,7 @@ FEEDBACK_RESULTS = ("joined", "unknown", "duplicate")
 JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
-REFUSE_REASONS = ("unknown_model", "not_watched", "model_busy", "at_capacity")
+REFUSE_REASONS = ("unknown_model", "not_watched", "duplicate", "model_busy", "at_capacity")
 
 
 class MonitorMetrics:
@@ -99,7 +99,7 @@ class MonitorMetrics:
         self.denied = c("modelloop_monitor_denied_total", "Requests refused for a missing or "
                         "wrong key, or a key of another role.", ("reason",))
         self.retrain_refused = c("modelloop_retrain_refused_total", "Retraining requests refused "
-                                 "before a job (unknown model, busy, at the global cap).",
+                                 "before a job (unknown model, duplicate, busy, at the global cap).",
                                  ("trigger", "reason"))
         self.store_bytes = Gauge("modelloop_store_size_bytes", "Bytes the stored events take "
                                  "(as retention measures them), after each retention run.",

@@ -67,12 +67,13 @@ class FeedbackResult(BaseModel):
 
 
 class JobAnswer(BaseModel):
-    """What a retraining request came to (``refused``: ``model_busy`` or ``at_capacity``)."""
+    """What a retraining request came to (``refused``: ``duplicate``, ``model_busy`` or
+    ``at_capacity``)."""
 
     job: str
     status: Literal["running", "failed", "skipped"]
     detail: str
-    refused: Literal["model_busy", "at_capacity"] | None = None
+    refused: Literal["duplicate", "model_busy", "at_capacity"] | None = None
 
 
 class AlertJob(JobAnswer):

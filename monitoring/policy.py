@@ -3,8 +3,9 @@
 A rule watches one metric of each model (or of the serving process), and when the value is past
 its threshold on at least ``min_samples`` samples for ``for`` (a duration), it fires: the breach
 is counted and logged, and with ``action: retrain`` a retraining job is requested. After firing it
-stays quiet for ``cooldown``. The file format is in docs/monitoring.md and
-``monitoring/assets/policy.yaml``. Example::
+stays quiet for ``cooldown``, unless its action was refused (:meth:`PolicyEngine.refused`: no job
+could start, say at the cap of running jobs): then it fires again at the next check. The file
+format is in docs/monitoring.md and ``monitoring/assets/policy.yaml``. Example::
 
     policy = load_policy(Path("policy.yaml"))      # PolicyError naming the rule and the field
     engine = PolicyEngine(policy)
@@ -271,11 +272,16 @@ class Firing:
 
 @dataclass
 class RuleState:
-    state: str = "ok"  # ok, insufficient, pending, firing, cooldown
+    state: str = "ok"  # ok, insufficient, pending, firing, refused, cooldown
     pending_since: float | None = None
     last_fired: float | None = None
+    """When the rule last fired and its action was carried out: its cooldown runs from here."""
     value: float | None = None
     samples: int = 0
+    fired_before: float | None = None
+    """:attr:`last_fired` before the newest firing, put back if that firing's action is refused."""
+    refused: str = ""
+    """Why the newest firing's action was refused (empty when it was carried out)."""
 
 
 class PolicyEngine:
@@ -316,9 +322,16 @@ class PolicyEngine:
             if st.last_fired is not None and now - st.last_fired < rule.cooldown_s:
                 st.state = "cooldown"
                 continue
-            st.state, st.last_fired = "firing", now
+            st.state, st.fired_before, st.last_fired, st.refused = "firing", st.last_fired, now, ""
             fired.append(Firing(rule, scope, obs.value, obs.samples, now, obs.detail))
         return fired
+
+    def refused(self, firing: Firing, why: str) -> None:
+        """``firing``'s action was refused (no job could start): it starts no cooldown, so the
+        rule fires again at the next check while it is still breached."""
+        st = self.states[(firing.rule.name, firing.scope)]
+        if st.last_fired == firing.at:
+            st.state, st.last_fired, st.refused = "refused", st.fired_before, why
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
@@ -327,5 +340,5 @@ class PolicyEngine:
             out.append({"rule": name, "scope": scope, "condition": rule.describe(),
                         "action": rule.action, "state": st.state, "value": st.value,
                         "samples": st.samples, "min_samples": rule.min_samples,
-                        "last_fired": st.last_fired})
+                        "last_fired": st.last_fired, "refused": st.refused or None})
         return out

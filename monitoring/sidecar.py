@@ -239,7 +239,7 @@ class Sidecar:
         except RegistryError:
             version = None  # registered, nothing promoted yet: the job picks its base
         return self.jobs.request(model, trigger="manual", reason=reason or "manual request",
-                                 version=version, manual=True)
+                                 version=version)
 
     def alertmanager(self, body: bytes) -> dict[str, Any]:
         payload = alertmanager.parse_payload(body)
@@ -272,10 +272,17 @@ class Sidecar:
                                  "message": firing.message()}
         log.warning("%s", firing.message())
         if firing.rule.action == "retrain":
-            outcome = self.jobs.request(firing.scope, trigger="policy", reason=firing.message(),
-                                        version=version)
+            outcome = self._policy_retrain(firing.scope, firing.message(), version)
+            if outcome.status == "skipped" and outcome.refused != "duplicate":
+                self.engine.refused(firing, outcome.detail)  # no cooldown: asked again next check
             entry["job"] = outcome.as_dict()
         self.recent_firings.append(entry)
+
+    def _policy_retrain(self, model: str, reason: str, version: int | None) -> JobOutcome:
+        refused = self.not_retrainable(model, "policy")
+        if refused is not None:
+            return JobOutcome("", "skipped", refused[1], refused[0])
+        return self.jobs.request(model, trigger="policy", reason=reason, version=version)
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

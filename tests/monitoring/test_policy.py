@@ -191,6 +191,24 @@ def test_for_duration_and_cooldown() -> None:
     assert engine.states[("acc", "m")].state == "pending"
 
 
+def test_a_refused_action_starts_no_cooldown() -> None:
+    engine = engine_with("- {name: r, metric: drift_share, threshold: 0.2, cooldown: 6h, "
+                         "action: retrain}")
+    high = lambda r: Observation(0.5, 10)  # noqa: E731
+    (first,) = engine.evaluate("model", "m", high, now=0.0)
+    engine.refused(first, "2 retraining jobs are running")  # at the cap: no job started
+    assert (engine.states[("r", "m")].state, engine.summary()[0]["refused"]) == (
+        "refused", "2 retraining jobs are running")
+    assert len(engine.evaluate("model", "m", high, now=60.0)) == 1  # asked again at the next check
+    assert engine.evaluate("model", "m", high, now=120.0) == []  # that one started: cooldown
+    assert engine.states[("r", "m")].state == "cooldown"
+    # refused after a carried-out firing: the cooldown runs from that firing, not from none
+    (third,) = engine.evaluate("model", "m", high, now=60.0 + 6 * 3600)
+    engine.refused(third, "busy")
+    assert engine.states[("r", "m")].last_fired == 60.0
+    assert len(engine.evaluate("model", "m", high, now=120.0 + 6 * 3600)) == 1
+
+
 def test_cooldown_is_restored_after_a_restart() -> None:
     engine = engine_with("- {name: r, metric: drift_share, threshold: 0.2, cooldown: 1h}")
     engine.restore("r", "m", last_fired=1000.0)

@@ -243,13 +243,16 @@ def test_docker_trigger_runs_a_container() -> None:  # pragma: no cover - needs 
     trigger.client().containers.get(handle).remove()
 
 
-def test_job_names_are_deterministic_per_model_and_window() -> None:
+def test_job_names_are_deterministic_per_model_trigger_and_window() -> None:
     a = job_name("Churn_Model", at=3600 * 10 + 5, window_s=3600)
     assert a == job_name("Churn_Model", at=3600 * 10 + 3599, window_s=3600)
     assert a != job_name("Churn_Model", at=3600 * 11, window_s=3600)
     assert a != job_name("churn-model", at=3600 * 10, window_s=3600)  # different models differ
-    assert a.startswith("retrain-churn-model-") and len(a) <= 63
-    long = job_name("m" * 64, at=0, window_s=3600, manual=True)
+    assert a.startswith("retrain-churn-model-") and a.endswith("-p197001011000") and len(a) <= 63
+    # each trigger has its own name, so one does not block another
+    assert job_name("Churn_Model", at=3600 * 10 + 5, window_s=3600, trigger="alertmanager") == (
+        a.replace("-p1970", "-a1970"))
+    long = job_name("m" * 64, at=0, window_s=3600, trigger="manual")
     assert len(long) <= 63 and "-m19700101000000" in long
 
 
@@ -270,7 +273,8 @@ def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> N
     first = one.request("churn", trigger="policy", reason="drift")
     second = two.request("churn", trigger="policy", reason="drift")
     assert first.status == "running"
-    assert (second.status, second.detail) == ("skipped", f"job {first.job_id} of model 'churn' is still active")
+    assert (second.status, second.refused, second.detail) == (
+        "skipped", "duplicate", f"job {first.job_id} is already running for this window")
     deadline = time.monotonic() + 30
     while one.store.jobs(active_only=True):
         assert time.monotonic() < deadline
@@ -278,12 +282,33 @@ def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> N
         time.sleep(0.05)
     # the same window again, after the job ended: still one job for that window
     again = two.request("churn", trigger="policy", reason="drift")
-    assert again.status == "skipped" and "already ran for this window" in again.detail
+    assert (again.status, again.refused, again.detail) == (
+        "skipped", "duplicate", f"job {first.job_id} already ran for this window (succeeded)")
     clock[0] += 3600  # the next window may retrain again
     assert one.request("churn", trigger="policy", reason="drift").status == "running"
     assert (tmp_path / "runs.txt").read_text().splitlines()[0] == first.job_id
     assert one.metrics.retrain_jobs.labels("churn", "policy", "succeeded")._value.get() == 1
     assert two.metrics.retrain_jobs.labels("churn", "policy", "skipped")._value.get() == 2
+    assert two.metrics.retrain_refused.labels("policy", "duplicate")._value.get() == 2
+
+
+def test_a_job_of_another_trigger_blocks_only_while_it_runs(tmp_path: Path) -> None:
+    clock = [36000.0]
+    m = manager(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", clock)
+    alert = m.request("churn", trigger="alertmanager", reason="ModelDrift")
+    assert alert.status == "running"
+    # while the alert's job runs, the model is busy: refused, not a duplicate of it
+    busy = m.request("churn", trigger="policy", reason="drift")
+    assert (busy.status, busy.refused) == ("skipped", "model_busy")
+    deadline = time.monotonic() + 30
+    while m.store.jobs(active_only=True):
+        assert time.monotonic() < deadline
+        m.poll(["churn"])
+        time.sleep(0.05)
+    # once it ended, the policy's job of the same model and window starts
+    clock[0] += 60
+    policy = m.request("churn", trigger="policy", reason="drift")
+    assert policy.status == "running" and policy.job_id != alert.job_id
 
 
 def test_a_job_past_its_timeout_is_stopped_and_failed(tmp_path: Path) -> None:
@@ -291,7 +316,7 @@ def test_a_job_past_its_timeout_is_stopped_and_failed(tmp_path: Path) -> None:
     m = manager(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", clock)
     m.command = f"{sys.executable} -c \"import time; time.sleep(60)\""
     m.timeout_s = 10
-    outcome = m.request("churn", trigger="manual", reason="test", manual=True)
+    outcome = m.request("churn", trigger="manual", reason="test")
     m.poll(["churn"])
     assert m.store.jobs()[0].status == "running"
     clock[0] += 11
