@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -63,6 +65,22 @@ def render_command(template: str, request: JobRequest) -> list[str]:
         raise TriggerError(f"bad retrain command template {template!r}: {exc}") from exc
 
 
+def local_command(command: list[str], path: str | None) -> list[str]:
+    """``command`` as a local process runs it. A leading ``modelloop`` is the one installed beside
+    this interpreter when there is one (a virtual environment's bin folder need not be on PATH);
+    a program not found (on ``path``, the job's PATH) is a :class:`TriggerError` naming it."""
+    program = command[0]
+    if program == "modelloop":
+        own = Path(sys.executable).with_name("modelloop")
+        if own.is_file() and os.access(own, os.X_OK):
+            return [str(own), *command[1:]]
+    if shutil.which(program, path=path) is None:
+        where = "" if os.sep in program else f" on PATH ({path or 'empty'})"
+        raise TriggerError(f"cannot start {program!r}: no such executable{where}; check "
+                           f"MODELLOOP_MONITOR_RETRAIN_COMMAND")
+    return command
+
+
 class Trigger(Protocol):
     kind: str
 
@@ -91,7 +109,8 @@ class NoTrigger:
 class LocalProcessTrigger:
     """Runs the command as a child process in its own session, logging to
     ``jobs_dir/<job>.log``; its exit status goes to ``<job>.exit``, so a restarted sidecar still
-    learns how a job it started ended."""
+    learns how a job it started ended. The program is found as :func:`local_command` says, so one
+    that does not exist fails to start, naming it, rather than exiting 127 later."""
 
     kind = "local"
 
@@ -105,6 +124,8 @@ class LocalProcessTrigger:
     def start(self, request: JobRequest) -> str:
         if not request.command:
             raise TriggerError("no retrain command")
+        env = {**os.environ, **request.env}
+        command = local_command(request.command, env.get("PATH"))
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         log_path, exit_path = self.paths(request.job_id)
         exit_path.unlink(missing_ok=True)
@@ -112,15 +133,14 @@ class LocalProcessTrigger:
         script = f'"$@"; code=$?; echo $code > {shlex.quote(str(exit_path))}; exit $code'
         with open(log_path, "ab") as out:
             try:
-                proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", *request.command],
+                proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", *command],
                                         stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env={**os.environ, **request.env})
+                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
             except OSError as exc:
-                raise TriggerError(f"cannot start {request.command[0]!r}: {exc}") from exc
+                raise TriggerError(f"cannot start {command[0]!r}: {exc}") from exc
         self._procs[proc.pid] = proc
         log.info("job %s started as pid %d: %s (log %s)", request.job_id, proc.pid,
-                 shlex.join(request.command), log_path)
+                 shlex.join(command), log_path)
         return f"{proc.pid}:{request.job_id}"
 
     def poll(self, handle: str) -> JobStatus:

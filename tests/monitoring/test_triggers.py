@@ -87,8 +87,26 @@ def test_local_process_can_be_cancelled_and_missing_programs_are_named(tmp_path:
     assert trigger.poll(handle) == "running"
     trigger.cancel(handle)
     assert wait_for(trigger, handle) == "failed"
+    # a program that is not there fails to start, named (it was a shell's exit 127, no detail)
     missing = JobRequest(**{**REQ.__dict__, "command": ["/no/such/program"]})
-    assert wait_for(trigger, trigger.start(missing)) == "failed"  # the shell reports 127
+    with pytest.raises(TriggerError, match=r"^cannot start '/no/such/program': no such executable; "
+                                           r"check MODELLOOP_MONITOR_RETRAIN_COMMAND$"):
+        trigger.start(missing)
+
+
+def test_a_local_job_finds_the_sidecars_own_modelloop_off_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the venv's bin folder is not on PATH, as when the sidecar is started by its full path
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    trigger = LocalProcessTrigger(tmp_path)
+    handle = trigger.start(JobRequest(**{**REQ.__dict__, "command": ["modelloop", "--version"]}))
+    assert wait_for(trigger, handle) == "succeeded"
+    assert trigger.paths(REQ.job_id)[0].read_text().startswith("modelloop ")
+    # any other program is looked up on the job's PATH, and one not there is named
+    other = JobRequest(**{**REQ.__dict__, "command": ["modelloop-nope", "retrain"]})
+    with pytest.raises(TriggerError, match=r"^cannot start 'modelloop-nope': no such executable "
+                                           r"on PATH \(/usr/bin:/bin\)"):
+        trigger.start(other)
 
 
 @pytest.fixture
@@ -333,6 +351,12 @@ def test_a_trigger_that_cannot_start_records_a_failed_job(tmp_path: Path) -> Non
     outcome = m.request("churn", trigger="policy", reason="x")
     assert outcome.status == "failed" and "webhook http://127.0.0.1:1/none failed" in outcome.detail
     assert m.store.jobs()[0].status == "failed" and not m.store.jobs(active_only=True)
+    # a local program that is not there: the failed job says which
+    m.trigger, m.command = LocalProcessTrigger(tmp_path / "jobs"), "/no/such/modelloop retrain"
+    clock[0] += 3600
+    local = m.request("churn", trigger="policy", reason="x")
+    assert (local.status, local.detail) == ("failed", m.store.jobs()[0].detail)
+    assert local.detail.startswith("cannot start '/no/such/modelloop': no such executable")
 
 
 @pytest.mark.parametrize(
