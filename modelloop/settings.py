@@ -7,6 +7,7 @@ so ``MODELLOOP_HOME`` is the root of all local state for every process.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field
@@ -29,3 +30,14 @@ class HomeSettings(BaseSettings):
     def registry_dir(self) -> Path:
         """The model registry's folder, ``$MODELLOOP_HOME/registry``."""
         return self.home / "registry"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses; False for ``0.0.0.0``, ``::`` and names:
+    whether a server listening on ``host`` is out of reach of other hosts."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

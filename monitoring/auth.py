@@ -9,8 +9,10 @@ Four roles, each a bearer key (``Authorization: Bearer <key>``, the scheme in an
   can neither start a retraining nor read features;
 - ``alertmanager`` (``MODELLOOP_MONITOR_ALERTMANAGER_KEY``): ``POST /alertmanager`` only.
 
-Without an admin key the sidecar is open and listens on loopback only (:func:`check_exposure`).
-A missing or unknown key is a 401, a key of another role a 403; both are counted.
+Without an admin key the sidecar is open and listens on loopback only; a role key needs the
+admin key beside it, and each role its own key (:func:`check_exposure`, at start-up only: a
+client holding one role's key needs no other). A missing or unknown key is a 401, a key of
+another role a 403; both are counted.
 
 Example::
 
@@ -21,18 +23,22 @@ Example::
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
+from modelloop.settings import is_loopback
 from monitoring.settings import MonitorSettings
 
 Role = Literal["admin", "ingest", "feedback", "alertmanager"]
 ROLES: tuple[Role, ...] = ("admin", "ingest", "feedback", "alertmanager")
+KEY_SETTINGS: dict[Role, str] = {"admin": "api_key", "ingest": "ingest_key",
+                                 "feedback": "feedback_key", "alertmanager": "alertmanager_key"}
+"""The setting holding each role's key (``MODELLOOP_MONITOR_<SETTING>``)."""
 
 
 class ExposureError(Exception):
-    """The sidecar would listen beyond loopback with no key: start-up stops, saying why."""
+    """The sidecar's address and keys would leave it open (beyond loopback with no key, a role
+    key without the admin key, one key for two roles): start-up stops, saying why."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,8 @@ class RoleKeys:
 
     @classmethod
     def from_settings(cls, settings: MonitorSettings) -> RoleKeys:
-        found = {"admin": settings.api_key, "ingest": settings.ingest_key,
-                 "feedback": settings.feedback_key, "alertmanager": settings.alertmanager_key}
-        return cls({role: key.get_secret_value().encode() for role, key in found.items()  # type: ignore[misc]
+        found = {role: getattr(settings, name) for role, name in KEY_SETTINGS.items()}
+        return cls({role: key.get_secret_value().encode() for role, key in found.items()
                     if key is not None})
 
     @property
@@ -80,18 +85,24 @@ class RoleKeys:
         return "missing_key" if not authorization else "wrong_key"
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses; False for ``0.0.0.0``, ``::`` and names."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+def _env(role: Role) -> str:
+    return f"MODELLOOP_MONITOR_{KEY_SETTINGS[role].upper()}"
 
 
 def check_exposure(settings: MonitorSettings) -> None:
-    """Refuse to listen beyond loopback without an admin key, unless explicitly allowed."""
+    """Refuse to start a sidecar whose keys leave it open: a role key without the admin key (the
+    sidecar would be open to all), one key for two roles (it would carry both), or listening
+    beyond loopback without an admin key, unless explicitly allowed."""
+    keys = RoleKeys.from_settings(settings)
+    if not keys.enabled and keys.keys:
+        raise ExposureError("settings: MODELLOOP_MONITOR_API_KEY (the admin key) is required when "
+                            "a role key (ingest, feedback, alertmanager) is set")
+    seen: dict[bytes, Role] = {}
+    for role, key in keys.keys.items():
+        if key in seen:
+            raise ExposureError(f"settings: {_env(role)} is the same key as {_env(seen[key])}; "
+                                f"give each role its own key (e.g. `openssl rand -hex 32`)")
+        seen[key] = role
     if settings.api_key is None and not is_loopback(settings.host) \
             and not settings.allow_unauthenticated:
         raise ExposureError(

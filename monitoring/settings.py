@@ -20,7 +20,6 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import NoDecode, SettingsConfigDict
 
@@ -68,7 +67,8 @@ class MonitorSettings(HomeSettings):
     api_key: SecretStr | None = None
     """The admin key (``Authorization: Bearer <key>``): every route, among them retraining,
     checks, status, reports, jobs and the labelled export. Without it the sidecar is open and
-    refuses to listen beyond loopback."""
+    refuses to listen beyond loopback; a sidecar with a role key below needs it too, and each
+    role its own key (checked when the sidecar starts: a client sends the one key it has)."""
     ingest_key: SecretStr | None = None
     """Key for ``POST /events`` only; serving sends it as ``MODELLOOP_SERVING_SIDECAR_KEY``."""
     feedback_key: SecretStr | None = None
@@ -222,13 +222,6 @@ class MonitorSettings(HomeSettings):
             raise ValueError("must be at least 16 printable characters without spaces "
                              "(e.g. `openssl rand -hex 32`)")
         return value
-
-    @model_validator(mode="after")
-    def _roles_need_admin(self) -> MonitorSettings:
-        if self.api_key is None and (self.ingest_key or self.feedback_key or self.alertmanager_key):
-            raise ValueError("MODELLOOP_MONITOR_API_KEY (the admin key) is required when a role "
-                             "key (ingest, feedback, alertmanager) is set")
-        return self
 
     @property
     def store_dsn(self) -> str:
