@@ -23,6 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from monitoring.settings import MonitorSettings
 
+KEYS_HELP = (
+    "Keys come from the environment only, one per role: MODELLOOP_MONITOR_API_KEY (admin: every "
+    "route), MODELLOOP_MONITOR_INGEST_KEY (POST /events; serving sends it as "
+    "MODELLOOP_SERVING_SIDECAR_KEY), MODELLOOP_MONITOR_FEEDBACK_KEY (POST /feedback) and "
+    "MODELLOOP_MONITOR_ALERTMANAGER_KEY (POST /alertmanager). A sidecar with a role key needs the "
+    "admin key too, and a key of its own for each role; without an admin key it refuses to "
+    "listen beyond loopback.")
+
 app = typer.Typer(help="The monitoring sidecar and its tools. Without a command: run the sidecar.",
                   rich_markup_mode=None, add_completion=False)
 console = Console(stderr=True)
@@ -89,26 +97,19 @@ def _serve(port: int | None, host: str | None, store: str | None, policy: Path |
                 log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
 
 
-@app.callback(invoke_without_command=True)
+@app.callback(invoke_without_command=True, help=(
+    "The monitoring sidecar: `modelloop monitor --port 8001` runs it (as does `... run`); the "
+    "commands below are its clients and tools.\n\n" + KEYS_HELP))
 def main(ctx: typer.Context, port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
          policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
-    """The monitoring sidecar: `modelloop monitor --port 8001` runs it (as does `... run`).
-
-    Keys come from the environment only: MODELLOOP_MONITOR_API_KEY (admin),
-    MODELLOOP_MONITOR_INGEST_KEY (serving's events), MODELLOOP_MONITOR_FEEDBACK_KEY (labels).
-    Without an admin key the sidecar refuses to listen beyond loopback."""
     if ctx.invoked_subcommand is None:
         _serve(port, host, store, policy, models)
 
 
-@app.command("run")
+@app.command("run", help="Run the sidecar: event ingest, feedback, drift, policy, retraining, "
+                         "/metrics.\n\n" + KEYS_HELP)
 def run(port: PortOpt = None, host: HostOpt = None, store: StoreOpt = None,
         policy: PolicyOpt = None, models: ModelsOpt = None) -> None:
-    """Run the sidecar: event ingest, feedback, drift, policy, retraining, /metrics.
-
-    Keys come from the environment only: MODELLOOP_MONITOR_API_KEY (admin),
-    MODELLOOP_MONITOR_INGEST_KEY (serving's events), MODELLOOP_MONITOR_FEEDBACK_KEY (labels).
-    Without an admin key the sidecar refuses to listen beyond loopback."""
     _serve(port, host, store, policy, models)
 
 
@@ -176,7 +177,10 @@ def feedback(
     url: UrlOpt = None,
     batch: Annotated[int, typer.Option(min=1, max=10_000, help="Labels per request.")] = 1000,
 ) -> None:
-    """Post true labels to the sidecar; reports how many joined, and unknown or duplicate ids."""
+    """Post true labels to the sidecar; reports how many joined, and unknown or duplicate ids.
+
+    Sends MODELLOOP_MONITOR_FEEDBACK_KEY as its bearer key (or, without it,
+    MODELLOOP_MONITOR_API_KEY, the admin key); no other key is needed."""
     try:
         rows = read_feedback_csv(file)
     except ValueError as exc:
@@ -224,7 +228,10 @@ def _line_error(file: Path, chunk: list[tuple[int, dict[str, Any]]], resp: httpx
 def status(url: UrlOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
            check: Annotated[bool, typer.Option("--check", help="Run a check first.")] = False) -> None:
-    """Show drift, accuracy, latency, policy rules and jobs of a running sidecar."""
+    """Show drift, accuracy, latency, policy rules and jobs of a running sidecar.
+
+    Sends MODELLOOP_MONITOR_API_KEY (the admin key) as its bearer key: /status and /check are
+    admin routes."""
     base = _base_url(url)
     try:
         headers = _auth("api")
@@ -267,7 +274,7 @@ def status(url: UrlOpt = None,
 
 @app.command("check-policy")
 def check_policy(file: Annotated[Path, typer.Argument(help="Policy YAML to validate.")]) -> None:
-    """Validate a policy file the way the sidecar does at start-up."""
+    """Validate a policy file the way the sidecar does at start-up (no sidecar, no key)."""
     from monitoring.policy import PolicyError, load_policy
 
     try:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from modelloop.registry import Registry, RegistryError
+from modelloop.settings import is_loopback
 from serving.settings import NanPolicy, Provider, ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -68,16 +69,26 @@ def serve(
     """Serve the production model over REST: /predict, Open Inference Protocol v2 (/v2/...),
     batch scoring (/batch/...), /metrics and health routes, as a BentoML service on ONNX Runtime.
 
-    Every option has an environment variable MODELLOOP_SERVING_<OPTION> (e.g. MODELLOOP_SERVING_API_KEY
-    for bearer-token auth); see docs/serving.md. The model swaps without downtime when its alias
-    moves (modelloop models promote NAME VERSION) to a version that passes its check; a broken
-    model stops start-up with one line naming the file and why.
+    Every option has an environment variable MODELLOOP_SERVING_<OPTION>; see docs/serving.md. The
+    model swaps without downtime when its alias moves (modelloop models promote NAME VERSION) to
+    a version that passes its check; a broken model stops start-up with one line naming the file
+    and why.
+
+    Keys come from the environment only: MODELLOOP_SERVING_API_KEY is the bearer key clients
+    send to the prediction, batch and admin routes (health and /metrics stay open; without it,
+    listening beyond loopback logs a warning), and MODELLOOP_SERVING_SIDECAR_KEY is sent with
+    the prediction events to the sidecar (its MODELLOOP_MONITOR_INGEST_KEY).
     """
     settings = _settings(port=port, host=host, model=name, alias=alias, workers=workers,
                          threads=threads, providers=providers, batching=batching,
                          max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait_s,
                          max_queue_rows=max_queue_rows, sidecar_url=sidecar_url,
                          nan_policy=nan_policy, fast_path=fast_path)
+    if settings.api_key is None and not is_loopback(settings.host):
+        logger.warning("no MODELLOOP_SERVING_API_KEY: the prediction, batch and admin routes are "
+                       "open to anyone who reaches %s:%d; set it unless a gateway in front "
+                       "authenticates (or listen on 127.0.0.1 with --host)",
+                       settings.host, settings.port)
     _preflight(settings)
     os.environ.update(settings.to_env())  # BentoML's workers build their settings from these
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers

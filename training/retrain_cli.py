@@ -41,6 +41,10 @@ def retrain_command(
     Prints a JSON summary on stdout. Exit codes: 0 the job ran (see "promoted"), 2 unusable
     data or settings, 3 training diverged or the export failed its parity check, 1 any other
     failure (a registry or sidecar error).
+
+    The labelled rows come from the sidecar's /export/labelled, an admin route: the job sends
+    MODELLOOP_TRAINING_SIDECAR_KEY (the sidecar's MODELLOOP_MONITOR_API_KEY) as its bearer key.
+    A job the sidecar starts is given that key and MODELLOOP_TRAINING_SIDECAR_URL.
     """
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -148,3 +148,28 @@ def test_monitor_help_lists_its_commands() -> None:
     assert result.exit_code == 0
     for command in ("run", "feedback", "status", "check-policy", "--port"):
         assert command in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "keys"),
+    [
+        # the sidecar takes every role's key
+        ([], ["MODELLOOP_MONITOR_API_KEY (admin: every route)", "MODELLOOP_MONITOR_INGEST_KEY "
+              "(POST /events; serving sends it as MODELLOOP_SERVING_SIDECAR_KEY)",
+              "MODELLOOP_MONITOR_FEEDBACK_KEY (POST /feedback)",
+              "MODELLOOP_MONITOR_ALERTMANAGER_KEY (POST /alertmanager)"]),
+        (["run"], ["MODELLOOP_MONITOR_API_KEY (admin: every route)",
+                   "MODELLOOP_MONITOR_ALERTMANAGER_KEY (POST /alertmanager)"]),
+        # the clients say which one they send
+        (["feedback"], ["Sends MODELLOOP_MONITOR_FEEDBACK_KEY as its bearer key (or, without it, "
+                        "MODELLOOP_MONITOR_API_KEY, the admin key)"]),
+        (["status"], ["Sends MODELLOOP_MONITOR_API_KEY (the admin key) as its bearer key"]),
+        (["check-policy"], ["(no sidecar, no key)"]),
+    ],
+)
+def test_monitor_help_says_which_key_each_command_uses(command: list[str], keys: list[str]) -> None:
+    result = runner.invoke(root_app, ["monitor", *command, "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for key in keys:
+        assert key in text, text

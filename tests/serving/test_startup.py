@@ -83,3 +83,42 @@ def test_a_respawned_worker_that_cannot_serve_stops_the_server(
     assert log.splitlines()[-1] == f"error: {why}"
     assert f"{why}; stopping the server" in log
     assert "Traceback" not in log and "Application startup failed" not in log
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "warned"),
+    [
+        # the default host, 0.0.0.0, and no key: anyone who reaches the host may predict
+        ([], None, True),
+        # a key guards the routes
+        ([], "k" * 20, False),
+        # loopback only
+        (["--host", "127.0.0.1"], None, False),
+    ],
+)
+def test_serving_beyond_loopback_without_a_key_is_warned(tmp_path: Path, args: list[str],
+                                                         key: str | None, warned: bool) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MODELLOOP_SERVING_API_KEY"}
+    env["MODELLOOP_HOME"] = str(tmp_path)
+    if key is not None:
+        env["MODELLOOP_SERVING_API_KEY"] = key
+    # an empty registry stops it after the settings are read, before it listens
+    result = subprocess.run([MODELLOOP, "serve", "--port", str(port), *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    warnings = [line.partition(" WARNING ")[2] for line in result.stderr.splitlines()
+                if "MODELLOOP_SERVING_API_KEY" in line]
+    assert warnings == ([
+        f"serving.cli: no MODELLOOP_SERVING_API_KEY: the prediction, batch and admin routes are "
+        f"open to anyone who reaches 0.0.0.0:{port}; set it unless a gateway in front "
+        f"authenticates (or listen on 127.0.0.1 with --host)"] if warned else []), result.stderr
+
+
+def test_serve_help_names_its_keys() -> None:
+    result = subprocess.run([MODELLOOP, "serve", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "100"})
+    text = " ".join(result.stdout.split())
+    assert "MODELLOOP_SERVING_API_KEY is the bearer key clients send" in text
+    assert ("MODELLOOP_SERVING_SIDECAR_KEY is sent with the prediction events to the sidecar (its "
+            "MODELLOOP_MONITOR_INGEST_KEY)") in text

@@ -119,3 +119,10 @@ def test_train_on_a_user_csv_names_the_model_after_the_file(tmp_path: Path, home
     assert meta.class_labels == ["churn", "stay"] and meta.dataset == str(path)
     assert meta.config["seed"] == 1 and meta.config["epochs"] == 5
     assert "registered churn_data v1" in result.stdout
+
+
+def test_retrain_help_names_the_key_it_sends() -> None:
+    result = runner.invoke(app, ["retrain", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    assert ("the job sends MODELLOOP_TRAINING_SIDECAR_KEY (the sidecar's MODELLOOP_MONITOR_API_KEY) "
+            "as its bearer key") in " ".join(result.output.split())
