@@ -72,8 +72,9 @@ class ServingMetrics:
             ["model", "reason"], registry=registry,
         )
         self.reloads = Counter(
-            "modelloop_serving_reloads_total", "Model swaps by result (success, failure).",
-            ["model", "result"], registry=registry,
+            "modelloop_serving_reloads_total", "Model swaps by result (success, failure) and "
+            "reason (swapped; missing_version, unresolved, broken).",
+            ["model", "result", "reason"], registry=registry,
         )
 
     def set_model(self, model: str, version: int, provider: str, previous: tuple[int, str] | None) -> None:

@@ -5,9 +5,12 @@ moves, it loads and warms the new version beside the old one (on a thread, so re
 served), checks it on its reference rows (:func:`load_checked`), then swaps one reference.
 Requests already validated against the old version still run on it (the batcher keeps each
 request with the runtime it was checked against), so no request fails or sees a schema it was not
-checked against; the old session is freed when the last of them is done. A version that fails to load or to pass its check (the alias may have been written by
-hand, or the file damaged after promotion) is logged, counted, shown in :meth:`ModelManager.status`,
-remembered and not tried again until the alias moves once more; the old version keeps serving.
+checked against; the old session is freed when the last of them is done. A version that fails to
+load or to pass its check (the alias may have been written by hand, or the file damaged after
+promotion), and an alias that names no registered version, are logged, counted in
+``modelloop_serving_reloads_total{result="failure"}`` by reason (``broken``, ``missing_version``,
+``unresolved``), shown in :meth:`ModelManager.status`, and not tried again until the alias moves
+once more; the old version keeps serving.
 
 Example::
 
@@ -149,12 +152,18 @@ class ModelManager:
     async def refresh(self, *, force: bool = False) -> dict[str, Any]:
         """Load the version the alias points at if it is not served yet; returns the status."""
         async with self._lock:
+            alias = self.settings.alias
+            number: int | None = None
             try:
-                version = self.registry.get(self.name, self.settings.alias)
+                number = self.registry.resolve(self.name, alias)
+                if number not in self.registry.version_numbers(self.name):
+                    return self._failure(number, "missing_version",
+                                         f"alias {alias!r} of {self.name} points at v{number}, "
+                                         f"which is not registered")
+                version = self.registry.get(self.name, number)
             except RegistryError as exc:
-                logger.error("alias %r of %s cannot be resolved: %s", self.settings.alias, self.name, exc)
-                return self.status()
-            number = version.version
+                return self._failure(number, "unresolved",
+                                     f"alias {alias!r} of {self.name} cannot be resolved: {exc}")
             if number == self.current.model_version or (number in self._failed and not force):
                 return self.status()
             logger.info("%s: alias %r moved to v%d; loading it beside v%d", self.name,
@@ -164,19 +173,25 @@ class ModelManager:
                 runtime = await loop.run_in_executor(None, load_checked, self.factory, version)
             except Exception as exc:
                 self._failed.add(number)
-                self.last_reload = ReloadStatus(number, "failure", str(exc), time.time())
-                self.metrics.reloads.labels(model=self.name, result="failure").inc()
-                logger.error("%s: v%d failed to load or its check; still serving v%d: %s",
-                             self.name, number, self.current.model_version, exc)
-                return self.status()
+                return self._failure(number, "broken", f"{self.name}: v{number} failed to load "
+                                                       f"or its check: {exc}", str(exc))
             old = self.current
             self._install(runtime)
             self._failed.discard(number)
             self.last_reload = ReloadStatus(number, "success", "", time.time())
-            self.metrics.reloads.labels(model=self.name, result="success").inc()
+            self.metrics.reloads.labels(model=self.name, result="success", reason="swapped").inc()
             logger.info("%s: now serving v%d (was v%d)", self.name, number, old.model_version)
             # requests already queued for `old` keep their reference; it is freed after them
             return self.status()
+
+    def _failure(self, number: int | None, reason: str, message: str,
+                 error: str | None = None) -> dict[str, Any]:
+        """Record a swap that did not happen: logged, counted by ``reason``, kept in the status
+        (``error``, the message by default); the current version keeps serving."""
+        self.last_reload = ReloadStatus(number, "failure", error or message, time.time())
+        self.metrics.reloads.labels(model=self.name, result="failure", reason=reason).inc()
+        logger.error("%s; still serving v%d", message, self.current.model_version)
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         rt = self._current

@@ -150,6 +150,26 @@ def test_version_that_fails_its_check_is_never_swapped_in(server: Server, model_
     assert registry.rollback(MODEL) == {"production": current.version}
 
 
+def test_an_alias_pointing_at_no_version_is_a_counted_failure(server: Server,
+                                                               model_home: Path) -> None:
+    registry = Registry(model_home / "registry")
+    current, previous = registry.resolve(MODEL), registry.aliases(MODEL).get("previous", 1)
+    missing = max(registry.version_numbers(MODEL)) + 40
+    failures = server.metric("modelloop_serving_reloads_total", model=MODEL, result="failure",
+                             reason="missing_version")
+    # production moved by hand to a version that was never registered
+    _point_production_at(registry, missing, current)
+    wait_until(lambda: server.metric("modelloop_serving_reloads_total", model=MODEL,
+                                     result="failure", reason="missing_version") == failures + 2,
+               30, "both workers to count the missing version")
+    status = httpx.get(f"{server.url}/admin/model").json()
+    assert (status["version"], status["last_reload"]["result"], status["last_reload"]["error"]) == (
+        current, "failure", f"alias 'production' of {MODEL} points at v{missing}, which is not "
+                            f"registered")
+    assert httpx.post(f"{server.url}/predict", json={"instances": [ROW]}).json()["version"] == current
+    _point_production_at(registry, current, previous)  # as it was
+
+
 def test_sidecar_down_changes_nothing_for_callers(server: Server) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(50):
