@@ -15,12 +15,11 @@ import pytest
 from modelloop.synthetic import SyntheticTask
 from tests.monitoring.helpers import TrainedModel, free_port, sidecar_process
 from tests.monitoring.test_app import events_for
+from tests.monitoring.test_trust import ADMIN, ALERTS, FEEDBACK, INGEST
 
 pytestmark = [pytest.mark.integration]
 
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
-ADMIN, INGEST, FEEDBACK, ALERTS = ("admin-" + "a" * 20, "ingest-" + "i" * 20,
-                                   "feedback-" + "f" * 20, "alerts-" + "m" * 20)
 KEYS = {"MODELLOOP_MONITOR_API_KEY": ADMIN, "MODELLOOP_MONITOR_INGEST_KEY": INGEST,
         "MODELLOOP_MONITOR_FEEDBACK_KEY": FEEDBACK, "MODELLOOP_MONITOR_ALERTMANAGER_KEY": ALERTS}
 
