@@ -100,11 +100,12 @@ class JobManager:
                 version: int | None = None) -> JobOutcome:
         now = self.clock()
         job_id = job_name(model, now, self.window_s, trigger)
+        windowed = trigger != "manual"  # a manual request is never a duplicate: it asks anew
         with self._lock:
             record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
                                reason=reason, status="started", created_at=now, ended_at=None,
                                handle="", detail="")
-            same = self._stored(model, job_id)
+            same = self._stored(model, job_id) if windowed else None
             if same is not None:
                 return self._duplicate(model, trigger, same)
             active = self.store.jobs(active_only=True, limit=self.max_active)
@@ -115,8 +116,8 @@ class JobManager:
                     "at_capacity")
             why_not = self.store.try_start_job(record)
             if why_not:
-                same = self._stored(model, job_id)  # another replica started it just now
-                if same is not None:
+                same = self._stored(model, job_id) if windowed else None
+                if same is not None:  # another replica started it just now
                     return self._duplicate(model, trigger, same)
                 return self._skipped(model, trigger, job_id, why_not, "model_busy")
             req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
