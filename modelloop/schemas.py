@@ -157,6 +157,11 @@ Text = Annotated[StrictStr, AfterValidator(_no_nul),
 whole group of batches committed with it)."""
 
 
+MAX_LATENCY_S = 86_400.0
+"""An event's ``latency_s`` is at most a day: serving answers in milliseconds, and one 1e300
+would make every latency quantile of the window meaningless."""
+
+
 class PredictionEvent(BaseModel):
     """One predicted row, sent from serving to the sidecar off the request path."""
 
@@ -171,8 +176,8 @@ class PredictionEvent(BaseModel):
     prediction: Number
     """Class index for a classifier, the value for a regressor, the score for an anomaly model."""
     probabilities: list[Number] | None = None
-    latency_s: Number = Field(ge=0)
-    """Time the request spent in serving (queue wait and inference)."""
+    latency_s: Number = Field(ge=0, le=MAX_LATENCY_S)
+    """Time the request spent in serving (queue wait and inference), at most a day."""
 
     @field_validator("timestamp", "prediction", "latency_s")
     @classmethod
@@ -299,9 +304,12 @@ class EventColumns(BaseModel):
             raise ValueError("rows must be >= 1 and first_row >= 0 for every request")
         if any(not 1 <= len(i) <= 190 for i in self.request_ids):
             raise ValueError("request_ids must be 1 to 190 characters each")
-        if not all(math.isfinite(v) for v in (*self.timestamp, *self.latency_s)) or \
-                any(v < 0 for v in self.latency_s):
-            raise ValueError("timestamp and latency_s must be finite numbers (latency_s >= 0)")
+        if not all(math.isfinite(v) for v in self.timestamp):
+            raise ValueError("timestamp must be finite numbers")
+        late = next((i for i, v in enumerate(self.latency_s) if not 0 <= v <= MAX_LATENCY_S), None)
+        if late is not None:  # NaN fails too
+            raise ValueError(f"latency_s[{late}]: must be between 0 and {MAX_LATENCY_S:g} s, "
+                             f"got {self.latency_s[late]:g}")
         total = sum(self.rows)
         for name in ("features", "prediction", "probabilities"):
             values = getattr(self, name)

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelloop.schemas import Text
-from monitoring.ingest import InputError, format_validation
+from monitoring.ingest import InputError, format_validation, load_json
 
 
 class Alert(BaseModel):
@@ -41,13 +41,17 @@ class WebhookPayload(BaseModel):
     alerts: list[Alert]
 
 
-def parse_payload(body: bytes) -> WebhookPayload:
+def parse_payload(body: bytes, max_alerts: int) -> WebhookPayload:
+    """A webhook body of at most ``max_alerts`` alerts (a 422 naming the setting beyond)."""
     try:
-        payload = WebhookPayload.model_validate_json(body)
+        payload = WebhookPayload.model_validate(load_json(body))
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise InputError(400, "invalid_json", ["body: invalid JSON"]) from exc
         raise InputError(422, "invalid_alert", format_validation(exc)) from exc
+    if len(payload.alerts) > max_alerts:
+        raise InputError(422, "invalid_alert", [
+            f"alerts: {len(payload.alerts)} alerts in one notification; at most {max_alerts} "
+            "(MODELLOOP_MONITOR_MAX_ALERTS_PER_BODY; Alertmanager's webhook_config max_alerts "
+            "keeps a notification under it)"])
     if payload.version != "4":
         raise InputError(422, "invalid_alert",
                          [f"version: expected Alertmanager webhook payload version '4', "

@@ -9,7 +9,8 @@ key opens every route; see :mod:`monitoring.auth`)::
     GET  /metrics  GET /live  GET /ready  GET /openapi.json                                open
 
 Bad input gets a 4xx JSON body ``{"error": ..., "errors": [...]}`` naming the field; a full
-ingest queue a 503 with ``Retry-After``. ``/openapi.json`` describes all of it
+ingest queue a 503 with ``Retry-After``. Events and feedback are read within budgets of their
+own, so a label provider cannot starve serving's events. ``/openapi.json`` describes all of it
 (:mod:`monitoring.openapi`, built once from this table of routes).
 """
 
@@ -66,12 +67,14 @@ EXPORT_MAX_ROWS = 1_000_000
 
 
 class IngestBudget:
-    """Bytes of ingest bodies held at once, from reading to commit: a body that would pass the
-    budget is refused at once (503), so bursts cannot grow memory or the writer's queue. One
+    """Bytes of one route's bodies held at once, from reading to commit: a body that would pass
+    the budget is refused at once (503), so bursts cannot grow memory or the writer's queue. One
     body is always let in, so a body under the body limit is never refused forever."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, name: str, limit: int, body_limit: int) -> None:
+        self.name = name
         self.limit = limit
+        self.body_limit = body_limit
         self.held = 0
 
     def take(self, n: int) -> bool:
@@ -126,7 +129,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
     settings = sidecar.settings
     limit = settings.max_body_bytes
     keys = RoleKeys.from_settings(settings)
-    budget = IngestBudget(settings.ingest_queue_bytes)
+    events_budget = IngestBudget("ingest", settings.ingest_queue_bytes, limit)
+    feedback_budget = IngestBudget("feedback", settings.feedback_queue_bytes,
+                                   settings.max_feedback_body_bytes)
 
     def guard(role: Role, handler: Handler) -> Handler:
         if not keys.enabled:
@@ -144,38 +149,41 @@ def create_app(sidecar: Sidecar) -> Starlette:
                                "<key>)", headers={"WWW-Authenticate": 'Bearer realm="modelloop"'})
         return guarded
 
-    async def budgeted(request: Request, work: Callable[[bytes], Awaitable[Response]]) -> Response:
-        """Read the body within the ingest budget (by its declared length, else by the limit),
+    async def budgeted(request: Request, budget: IngestBudget,
+                       work: Callable[[bytes], Awaitable[Response]]) -> Response:
+        """Read the body within ``budget`` (by its declared length, else by the body limit),
         run ``work`` on it, give the bytes back when it is done."""
         declared = request.headers.get("content-length")
-        size = min(int(declared), limit) if declared is not None and declared.isdigit() else limit
+        cap = budget.body_limit
+        size = min(int(declared), cap) if declared is not None and declared.isdigit() else cap
         if not budget.take(size):
             sidecar.metrics.ingest_busy.inc()
-            return _error(503, f"body: the ingest queue is full ({budget.held} of {budget.limit} "
+            return _error(503, f"body: the {budget.name} queue is full ({budget.held} of {budget.limit} "
                                "bytes held); retry after 1 s", headers={"Retry-After": "1"})
         try:
             try:
-                body = await asyncio.wait_for(_body(request, limit), settings.body_read_timeout_s)
+                body = await asyncio.wait_for(_body(request, cap), settings.body_read_timeout_s)
             except TimeoutError:  # a slow sender must not hold the budget
                 raise InputError(408, "too_slow", [
                     f"body: not received within {settings.body_read_timeout_s:g} s"]) from None
             return await work(body)
         except InputError as exc:
-            if exc.reason == "too_large":
-                sidecar.reject("too_large")
+            if exc.reason in ("too_large", "too_slow"):
+                sidecar.reject(exc.reason)
             return ORJSONResponse(exc.body(), status_code=exc.status)
         finally:
             budget.give(size)
 
     async def store_events(body: bytes) -> Response:
         try:
-            accepted, new = await asyncio.wrap_future(sidecar.submit_events(body))
+            accepted, stored = await asyncio.wrap_future(sidecar.submit_events(body))
         except InputError:
             raise  # answered by budgeted()
         except Exception as exc:  # nothing was acknowledged: serving keeps the batch and retries
             return _error(503, f"events not stored: {exc}")
-        sidecar.ingested(new)
-        return ORJSONResponse({"accepted": accepted, "new": sum(new.values())})
+        sidecar.ingested(stored)
+        return ORJSONResponse({"accepted": accepted, "new": sum(stored.new.values()),
+                               "ambiguous": stored.conflicts})
 
     async def store_feedback(body: bytes) -> Response:
         try:
@@ -188,10 +196,10 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return ORJSONResponse(result)
 
     async def events(request: Request) -> Response:
-        return await budgeted(request, store_events)
+        return await budgeted(request, events_budget, store_events)
 
     async def feedback(request: Request) -> Response:
-        return await budgeted(request, store_feedback)
+        return await budgeted(request, feedback_budget, store_feedback)
 
     async def status(request: Request) -> Response:
         return ORJSONResponse(await run_in_threadpool(sidecar.status))
@@ -229,7 +237,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return ORJSONResponse(outcome.as_dict(), status_code=code)
 
     async def alertmanager(request: Request) -> Response:
-        body = await _body(request, limit)
+        body = await _body(request, settings.max_alertmanager_body_bytes)
         return ORJSONResponse(await run_in_threadpool(sidecar.alertmanager, body))
 
     async def jobs(request: Request) -> Response:

@@ -93,8 +93,10 @@ def _serve(port: int | None, host: str | None, store: str | None, policy: Path |
     if settings.api_key is None:
         log.warning("no MODELLOOP_MONITOR_API_KEY: every route is open to anyone on %s",
                     settings.host)
+    # h11, whose buffer for a request line and headers is bounded (httptools' is not)
     uvicorn.run(create_app(sidecar), host=settings.host, port=settings.port, access_log=False,
-                log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+                log_level="info", timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+                http="h11", h11_max_incomplete_event_size=settings.max_header_bytes)
 
 
 @app.callback(invoke_without_command=True, help=(
@@ -189,6 +191,7 @@ def feedback(
     joined = 0
     unknown: list[str] = []
     duplicate: list[str] = []
+    ambiguous: list[str] = []  # ids two different predictions came with: not joined
     with httpx.Client(base_url=base, timeout=60, headers=_auth("feedback", "api")) as client, Progress(
             TextColumn("feedback"), BarColumn(), MofNCompleteColumn(), console=console,
             transient=True, disable=not console.is_terminal) as progress:
@@ -205,10 +208,11 @@ def feedback(
             joined += body["joined"]
             unknown += body["unknown"]
             duplicate += body["duplicate"]
+            ambiguous += body.get("ambiguous", [])
             progress.advance(task, len(chunk))
     typer.echo(f"{file}: {joined} labels joined, {len(unknown)} unknown ids, "
-               f"{len(duplicate)} duplicates")
-    for kind, ids in (("unknown", unknown), ("duplicate", duplicate)):
+               f"{len(duplicate)} duplicates" + (f", {len(ambiguous)} ambiguous ids" if ambiguous else ""))
+    for kind, ids in (("unknown", unknown), ("duplicate", duplicate), ("ambiguous", ambiguous)):
         if ids:
             typer.echo(f"  {kind}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
 

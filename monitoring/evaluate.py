@@ -361,19 +361,22 @@ class Evaluator:
                 self.on_fire(firing, None)
 
     def retention(self, stopping: Callable[[], bool] = lambda: False) -> Retention:
-        """Delete events beyond the retention bounds (age, count, bytes); one run at a time.
-        A run ends after its current chunk once the evaluator closes or ``stopping()`` holds."""
+        """Delete events beyond the retention bounds (age, count, bytes) and forget alerts not
+        seen for the retention age or beyond ``retention_max_alerts``; one run at a time. A run
+        ends after its current chunk once the evaluator closes or ``stopping()`` holds."""
         s = self.s
         with self._retention_lock:
             done = self.store.retain(cutoff_ts=self.clock() - s.retention_max_age_s,
                                      max_events=s.retention_max_events,
                                      max_bytes=s.retention_max_bytes,
+                                     max_alerts=s.retention_max_alerts,
                                      on_chunk=lambda _: not (self._closing or stopping()))
         self.metrics.store_bytes.set(self.store.used_bytes())
-        if done.deleted:
+        if done.deleted or done.alerts:
             log.info("retention deleted %d events older than %.0f s, %d beyond %d events and "
-                     "%d beyond %d bytes", done.by_age, s.retention_max_age_s, done.by_count,
-                     s.retention_max_events, done.by_bytes, s.retention_max_bytes)
+                     "%d beyond %d bytes; forgot %d alerts", done.by_age, s.retention_max_age_s,
+                     done.by_count, s.retention_max_events, done.by_bytes, s.retention_max_bytes,
+                     done.alerts)
         return done
 
     def _retention_due(self) -> None:

@@ -1,10 +1,13 @@
 """Ingest: validate event batches, feedback and retraining requests at the boundary, and commit
 events in groups.
 
-A batch is checked whole before anything is written: the JSON schema (:class:`EventBatch`), then
-each event against its model version's metadata (watched model, registered version, feature
-count, probabilities, class index). One bad event rejects the batch with errors that name it
-(``events[3].version: ...``), so the store never holds half a batch.
+A batch is checked whole before anything is written: JSON as RFC 8259 has it (no ``NaN``), the
+schema (:class:`EventBatch`), then each event against its model version's metadata (watched
+model, registered version, feature count, probabilities, class index, a prediction that is the
+most probable class). One bad event rejects the batch with errors that name it
+(``events[3].version: ...``), so the store never holds half a batch. A request id that comes
+twice is not an error of the batch: the store keeps the first event and marks the id ambiguous
+when the two differ (:meth:`~monitoring.store.EventStore.insert_batches`).
 
 :class:`GroupCommitWriter` merges batches that arrive together into one transaction (one fsync)
 and resolves each caller's future only after the commit: an acknowledged event is durable.
@@ -17,7 +20,6 @@ import math
 import queue
 import re
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pydantic_core
 from pydantic import BaseModel, Field, StrictStr, TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
@@ -38,7 +41,7 @@ from modelloop.schemas import (
     Task,
     Text,
 )
-from monitoring.records import EventRow, pack
+from monitoring.records import EventRow, Stored, pack
 from monitoring.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -159,7 +162,6 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
     reasons: set[str] = set()
     metas: dict[tuple[str, int], ModelMetadata | str] = {}
     groups: dict[tuple[str, int], list[int]] = {}
-    seen: dict[str, int] = {}
     for i, ev in enumerate(events):
         key = (ev.model, ev.version)
         meta = metas.get(key)
@@ -177,20 +179,20 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
             errors.append((i, f"events[{i}].{problem}"))
             reasons.add("wrong_shape")
             continue
-        if ev.request_id in seen:
-            errors.append((i, f"events[{i}].request_id: {ev.request_id!r} repeats "
-                              f"events[{seen[ev.request_id]}]"))
-            reasons.add("invalid_event")
-            continue
-        seen[ev.request_id] = i
         groups.setdefault(key, []).append(i)
     rows: list[tuple[int, EventRow]] = []
-    for idx in groups.values():
+    for key, idx in groups.items():
         # one matrix per model version (same width): finiteness checked and rows packed at once
         feats = np.array([events[i].features for i in idx], dtype=np.float64)  # None -> NaN
         probs = _matrix([events[i].probabilities for i in idx])
         bad = np.asarray((np.abs(feats) > FLOAT32_MAX).any(axis=1))  # inf too; NaN is missing
         bad_p: np.ndarray = (np.zeros(len(idx), bool) if probs is None else ~_distributions(probs))
+        pred = np.array([events[i].prediction for i in idx], dtype=np.float64)
+        meta = metas[key]
+        classes = (isinstance(meta, ModelMetadata) and meta.task == Task.classification
+                   and bool(meta.class_labels))  # the class index was checked against these
+        bad_top = (~_most_probable(pred, probs) if classes and probs is not None
+                   else np.zeros(len(idx), bool))
         for j, i in enumerate(idx):
             if bad[j]:
                 errors.append((i, f"events[{i}].features: {_FEATURES_RULE}"))
@@ -199,6 +201,10 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
             ev = events[i]
             if bad_p[j]:
                 errors.append((i, f"events[{i}].probabilities: {_PROBS_RULE}"))
+                reasons.add("wrong_shape")
+                continue
+            if bad_top[j] and probs is not None:
+                errors.append((i, f"events[{i}].prediction: {_top_problem(pred[j], probs[j])}"))
                 reasons.add("wrong_shape")
                 continue
             p_blob = probs[j].tobytes() if probs is not None else (
@@ -214,15 +220,36 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
     return [r for _, r in rows]
 
 
-def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], int]) -> Any:
-    """The body validated by ``adapter``; broken JSON is a 400, a schema error a 422 counting
-    ``count(body)`` rejected events."""
+_NOT_JSON = re.compile(r"-?(NaN|Infinity)")
+_LINE_COLUMN = re.compile(r"at line (\d+) column (\d+)$")
+
+
+def load_json(body: bytes) -> Any:
+    """The body as JSON (RFC 8259: ``NaN`` and ``Infinity`` are not JSON; a missing feature is
+    ``null``); a 400 naming what and where, else. The same parser as pydantic's, so numbers
+    read as they always did."""
     try:
-        return adapter.validate_json(body)
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        msg = str(exc)
+        where = _LINE_COLUMN.search(msg)
+        if where:
+            line, column = int(where.group(1)), int(where.group(2))
+            text = body.split(b"\n", line)[line - 1].decode("utf-8", "replace") if line else ""
+            token = _NOT_JSON.match(text, max(column - 1, 0))
+            if token:
+                msg = (f"{token.group()} is not JSON (a missing value is null) "
+                       f"at line {line} column {column}")
+        raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from None
+
+
+def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], int]) -> Any:
+    """The body validated by ``adapter``; what is not JSON is a 400, a schema error a 422
+    counting ``count(body)`` rejected events."""
+    data = load_json(body)
+    try:
+        return adapter.validate_python(data)
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            msg = exc.errors()[0]["msg"].removeprefix("Invalid JSON: ")
-            raise InputError(400, "invalid_json", [f"body: invalid JSON ({msg})"]) from exc
         raise InputError(422, "invalid_event", format_validation(exc), count(body)) from exc
 
 
@@ -234,7 +261,6 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
     errors: list[str] = []
     reasons: set[str] = set()
     rows: list[EventRow] = []
-    seen: set[str] = set()
     total = sum(sum(g.rows) for g in batch.columns)
     for gi, g in enumerate(batch.columns):
         where = f"columns[{gi}]"
@@ -252,13 +278,6 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
             reasons.add("wrong_shape")
             continue
         ids = g.row_ids()
-        repeated = next((i for i in ids if i in seen), None) if len(seen) else None
-        if repeated is not None or len(set(ids)) != len(ids):
-            repeated = repeated or next(i for i, c in Counter(ids).items() if c > 1)
-            errors.append(f"{where}.request_ids: request id {repeated!r} repeats in the batch")
-            reasons.add("invalid_event")
-            continue
-        seen.update(ids)
         ts = np.repeat(np.asarray(g.timestamp), g.rows).tolist()
         latency = np.repeat(np.asarray(g.latency_s), g.rows).tolist()
         for r, rid in enumerate(ids):
@@ -321,6 +340,9 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
         return problem, empty, None
     if not (ok := _distributions(probs)).all():
         return f"probabilities[{_first(~ok)}]: {_PROBS_RULE}", empty, None
+    if k is not None and not (ok := _most_probable(pred, probs)).all():
+        r = _first(~ok)
+        return f"prediction[{r}]: {_top_problem(pred[r], probs[r])}", empty, None
     return None, feats, probs
 
 
@@ -332,6 +354,19 @@ def _distributions(probs: np.ndarray) -> np.ndarray:
     """Per row: every value in [0, 1] (NaN fails) and the row sums to 1."""
     in_range = ((probs >= 0) & (probs <= 1)).all(axis=1)
     return np.asarray(in_range & (np.abs(probs.sum(axis=1) - 1) <= PROB_SUM_TOLERANCE))
+
+
+def _most_probable(pred: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per row: the predicted class (an index in range, checked before) is a most probable one
+    (serving predicts the argmax; a tie at the top may go either way)."""
+    top = probs[np.arange(len(pred)), pred.astype(np.int64)]
+    return np.asarray(top >= probs.max(axis=1))
+
+
+def _top_problem(pred: float, probs: np.ndarray) -> str:
+    return (f"class {pred:g} is not the most probable class of the event's probabilities "
+            f"(class {int(probs.argmax())}: {probs.max():.6g}; class {pred:g}: "
+            f"{probs[int(pred)]:.6g})")
 
 
 def _count_rows(body: bytes) -> int:
@@ -494,7 +529,7 @@ def release_freed_memory() -> None:
 @dataclass
 class _Pending:
     body: bytes
-    future: Future[tuple[int, dict[str, int]]] = field(default_factory=Future)
+    future: Future[tuple[int, Stored]] = field(default_factory=Future)
     rows: list[EventRow] = field(default_factory=list)
 
 
@@ -518,10 +553,11 @@ class GroupCommitWriter:
         self._lock = threading.Lock()
         self._thread.start()
 
-    def submit(self, body: bytes) -> Future[tuple[int, dict[str, int]]]:
+    def submit(self, body: bytes) -> Future[tuple[int, Stored]]:
         """Queue a request body; the future resolves once its events are committed, to the
-        number of events and the new ones per model (a request id stored before is not stored
-        again), or raises :class:`InputError` for a bad batch (nothing of it stored)."""
+        number of events and what they came to in the store (the new ones per model; an event
+        whose request id was stored before is not stored again), or raises :class:`InputError`
+        for a bad batch (nothing of it stored)."""
         pending = _Pending(body)
         with self._lock:
             if self._closed:
@@ -573,8 +609,8 @@ class GroupCommitWriter:
             for p in valid:
                 p.future.set_exception(exc)
             return
-        for p, k in zip(valid, new, strict=True):
-            p.future.set_result((len(p.rows), k))
+        for p, stored in zip(valid, new, strict=True):
+            p.future.set_result((len(p.rows), stored))
 
     def close(self, timeout: float = 20.0) -> None:
         """Stop taking batches and commit every one already queued (the shutdown flush)."""

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
-                  "invalid_feedback", "invalid_label")
-FEEDBACK_RESULTS = ("joined", "unknown", "duplicate")
+                  "too_slow", "ambiguous_id", "invalid_feedback", "invalid_label")
+FEEDBACK_RESULTS = ("joined", "unknown", "duplicate", "ambiguous")
 JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
@@ -37,10 +37,11 @@ class MonitorMetrics:
 
         # ingest and feedback
         self.events_ingested = c("modelloop_events_ingested_total", "Events stored.", ("model",))
-        self.events_rejected = c("modelloop_events_rejected_total", "Malformed events rejected.",
+        self.events_rejected = c("modelloop_events_rejected_total", "Events, labels and bodies "
+                                 "refused (malformed, too large or slow, an ambiguous request id).",
                                  ("reason",))
-        self.feedback = c("modelloop_feedback_total",
-                          "Labels received (joined, unknown, duplicate).", ("model", "result"))
+        self.feedback = c("modelloop_feedback_total", "Labels received (joined, unknown, "
+                          "duplicate, ambiguous).", ("model", "result"))
         # drift
         self.drift_score = g("modelloop_drift_score", "Per-feature drift score (the test's "
                              "statistic or p-value, see modelloop_drift_method_info).",

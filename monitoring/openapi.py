@@ -52,18 +52,23 @@ class FeedbackList(BaseModel):
 
 
 class EventsAccepted(BaseModel):
-    """The batch is committed: ``accepted`` events, ``new`` of them not stored before."""
+    """The batch is committed: ``accepted`` events, ``new`` of them not stored before (the rest
+    were: a re-send), ``ambiguous`` of them not stored because their request id holds another
+    prediction (the id is marked ambiguous: no label is joined to it)."""
 
     accepted: int = Field(ge=0)
     new: int = Field(ge=0)
+    ambiguous: int = Field(ge=0)
 
 
 class FeedbackResult(BaseModel):
-    """Labels joined to their events; unknown ids have no event (yet), duplicates had a label."""
+    """Labels joined to their events; unknown ids have no event (yet), duplicates had a label,
+    ambiguous ids came with two different predictions (no label is joined to them)."""
 
     joined: int = Field(ge=0)
     unknown: list[str]
     duplicate: list[str]
+    ambiguous: list[str]
 
 
 class JobAnswer(BaseModel):
@@ -150,7 +155,7 @@ _MODEL_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^
 _MODEL_QUERY = _query("model", _MODEL_NAME, "A model's name.")
 _HTML = ("text/html", {"type": "string"})
 _BAD_BODY = (400, 413, 422)
-"""Broken JSON, a body over ``MAX_BODY_BYTES``, a body that does not fit its schema."""
+"""Broken JSON, a body over the route's limit, a body that does not fit its schema."""
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/events"): Operation(
@@ -176,7 +181,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {202: _json("JobAnswer"), 409: _json("JobAnswer"), 429: _json("JobAnswer"),
          502: _json("JobAnswer")}, _BAD_BODY, body=_ref("RetrainRequest")),
     ("POST", "/alertmanager"): Operation(
-        "Alertmanager's webhook: each firing alert with a `model` label asks for a retraining",
+        "Alertmanager's webhook: each firing alert with a `model` label asks for a retraining "
+        "(at most `MAX_ALERTS_PER_BODY` alerts)",
         {200: _json("AlertsResult")}, _BAD_BODY, body=_ref("WebhookPayload")),
     ("GET", "/jobs"): Operation("Retraining jobs, newest first", {200: _json("Jobs")}, (422,),
                                 params=[_MODEL_QUERY]),
@@ -205,9 +211,10 @@ _STATUS_TEXT = {
     403: "A key of another role",
     404: "No such model, report or data",
     408: "The body was not received within `BODY_READ_TIMEOUT_S`",
-    413: "The body is over `MAX_BODY_BYTES`",
+    413: "The body is over the route's limit (`MAX_BODY_BYTES`, `MAX_FEEDBACK_BODY_BYTES`, "
+         "`MAX_ALERTMANAGER_BODY_BYTES`)",
     422: "The request does not fit its schema or the model version; `errors` name the fields",
-    503: "Busy (the ingest queue is full: retry after `Retry-After` seconds) or nothing stored",
+    503: "Busy (the route's queue is full: retry after `Retry-After` seconds) or nothing stored",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again",
                                 "schema": {"type": "string"}}}

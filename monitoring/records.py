@@ -1,5 +1,6 @@
-"""The records the sidecar's store reads and writes: an event row as stored, a window of events
-as numpy arrays, what a feedback id points at, and a retraining job."""
+"""The records the sidecar's store reads and writes: an event row as stored, what a batch of
+them came to, a window of events as numpy arrays, what a feedback id points at, and a retraining
+job."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ class LabelTarget:
     model: str
     version: int
     labelled: bool
+    ambiguous: bool = False
+    """Two different predictions came with this id: no label is joined to it."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one batch of events came to in the store."""
+
+    new: dict[str, int]
+    """Events stored, per model (the others were stored before: a re-send)."""
+    conflicts: int = 0
+    """Events not stored because their request id holds another prediction (the id is now
+    ambiguous)."""
 
 
 @dataclass(frozen=True)

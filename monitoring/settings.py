@@ -49,16 +49,28 @@ class MonitorSettings(HomeSettings):
     port: int = Field(default=8001, ge=0, le=65535)
     """TCP port of the sidecar's HTTP API (0 lets the OS choose)."""
     max_body_bytes: PositiveInt = 32 * 1024 * 1024
-    """Largest request body accepted by ``/events`` and ``/feedback`` (413 beyond)."""
+    """Largest request body accepted by ``/events`` and ``/retrain`` (413 beyond)."""
+    max_feedback_body_bytes: PositiveInt = 4 * 1024 * 1024
+    """Largest ``/feedback`` body (413 beyond): 10,000 labels of the longest request ids fit."""
+    max_alertmanager_body_bytes: PositiveInt = 1024 * 1024
+    """Largest ``/alertmanager`` body (413 beyond)."""
+    max_alerts_per_body: PositiveInt = 1000
+    """Most alerts in one Alertmanager notification (422 beyond); Alertmanager's
+    ``webhook_config`` ``max_alerts`` keeps its notifications under it."""
+    max_header_bytes: PositiveInt = 16 * 1024
+    """Largest request line and headers of a request (a 400 and the connection closed beyond)."""
     shutdown_timeout_s: PositiveFloat = 20.0
     """How long a graceful shutdown waits for in-flight writes and checks."""
     ingest_queue_bytes: PositiveInt = 64 * 1024 * 1024
-    """Bytes of ``/events`` and ``/feedback`` bodies held at once (read, queued or being
-    written); a body that would pass it is answered 503 with ``Retry-After``, and serving
-    retries it. Bounds the sidecar's memory under bursts."""
+    """Bytes of ``/events`` bodies held at once (read, queued or being written); a body that
+    would pass it is answered 503 with ``Retry-After``, and serving retries it. Bounds the
+    sidecar's memory under bursts."""
+    feedback_queue_bytes: PositiveInt = 16 * 1024 * 1024
+    """Bytes of ``/feedback`` bodies held at once, a budget of their own (503 with
+    ``Retry-After`` beyond): label providers cannot hold the budget of serving's events."""
     body_read_timeout_s: PositiveFloat = 30.0
-    """An ingest body not received whole within this time is answered 408 and its bytes given
-    back to the ingest budget (a slow sender cannot hold it)."""
+    """An ``/events`` or ``/feedback`` body not received whole within this time is answered 408
+    and its bytes given back to its budget (a slow sender cannot hold it)."""
     max_clock_skew_s: PositiveFloat = 300.0
     """Event and label timestamps may be at most this far in the future (the sender's clock
     ahead of ours); older than the retention age is refused too (it would be deleted at once)."""
@@ -99,6 +111,9 @@ class MonitorSettings(HomeSettings):
     pages in use, which its file shrinks to; PostgreSQL's estimated table and index size."""
     retention_interval_s: PositiveFloat = 600.0
     """How often retention runs."""
+    retention_max_alerts: PositiveInt = 10_000
+    """Alertmanager alerts remembered (to act on each firing once) at most; the ones not seen
+    for ``retention_max_age_s`` are forgotten too."""
     retention_every_events: PositiveInt = 500_000
     """Retention also runs as soon as this many new events were stored since its last run, so a
     full ingest cannot pile up between runs (the bounds are passed by at most about this many)."""

@@ -41,7 +41,7 @@ from monitoring.ingest import (
 from monitoring.jobs import JobManager, JobOutcome, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
-from monitoring.records import EventRow
+from monitoring.records import EventRow, Stored
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
 
@@ -161,23 +161,27 @@ class Sidecar:
     def reject(self, reason: str, count: int = 1) -> None:
         self.metrics.events_rejected.labels(reason).inc(count)
 
-    def submit_events(self, body: bytes) -> Future[tuple[int, dict[str, int]]]:
+    def submit_events(self, body: bytes) -> Future[tuple[int, Stored]]:
         """Queue a ``POST /events`` body: validated and committed by the writer thread; the
         future resolves once the events are durable (or raises :class:`InputError`)."""
         return self.writer.submit(body)
 
-    def ingested(self, new_by_model: dict[str, int]) -> None:
-        for model, n in new_by_model.items():
+    def ingested(self, stored: Stored) -> None:
+        for model, n in stored.new.items():
             self.metrics.events_ingested.labels(model).inc(n)
+        if stored.conflicts:
+            self.reject("ambiguous_id", stored.conflicts)
 
     def feedback(self, items: list[Feedback], single: bool = False) -> dict[str, Any]:
-        """Join labels to their events; unknown and already-labelled ids are reported back."""
+        """Join labels to their events; unknown, already-labelled and ambiguous ids (two
+        different predictions came with them) are reported back, not joined."""
         targets = self.store.label_targets([f.request_id for f in items])
         now = self.clock()
         errors: list[str] = []
         plan: list[tuple[str, float, float, str]] = []
         unknown: list[str] = []
         duplicate: list[str] = []
+        ambiguous: list[str] = []
         seen: set[str] = set()
         for i, fb in enumerate(items):
             rid = fb.request_id
@@ -185,6 +189,10 @@ class Sidecar:
             if target is None:
                 unknown.append(rid)
                 self.metrics.feedback.labels("unknown", "unknown").inc()
+                continue
+            if target.ambiguous:
+                ambiguous.append(rid)
+                self.metrics.feedback.labels(target.model, "ambiguous").inc()
                 continue
             if target.labelled or rid in seen:
                 duplicate.append(rid)
@@ -211,7 +219,8 @@ class Sidecar:
             else:  # labelled by a concurrent request in between
                 duplicate.append(rid)
                 self.metrics.feedback.labels(model, "duplicate").inc()
-        return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate}
+        return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate,
+                "ambiguous": ambiguous}
 
     def not_retrainable(self, model: str, trigger: str) -> tuple[str, str] | None:
         """Why ``model`` cannot be retrained at all (``not_watched``/``unknown_model`` and a
@@ -242,26 +251,34 @@ class Sidecar:
                                  version=version)
 
     def alertmanager(self, body: bytes) -> dict[str, Any]:
-        payload = alertmanager.parse_payload(body)
+        """An Alertmanager notification: at most ``max_alerts_per_body`` alerts, remembered in
+        one transaction, at most one job requested per model, one log line."""
+        payload = alertmanager.parse_payload(body, self.settings.max_alerts_per_body)
         out: dict[str, list[Any]] = {"started": [], "duplicate": [], "skipped": [], "ignored": []}
-        now = self.clock()
+        acting: list[tuple[alertmanager.Alert, str]] = []
         for action in alertmanager.plan(payload):
             alert = action.alert
-            if action.model is None:
-                out["ignored"].append({"fingerprint": alert.fingerprint, "why": action.note})
-                continue
-            refused = self.not_retrainable(action.model, "alertmanager")
-            if refused is not None:
-                out["ignored"].append({"fingerprint": alert.fingerprint,
-                                       "why": f"model {refused[1]}"})
-                continue
-            if not self.store.first_seen_alert(alert.fingerprint, alert.starts_at, now):
+            refused = None if action.model is None else self.not_retrainable(action.model,
+                                                                              "alertmanager")
+            if action.model is None or refused is not None:
+                why = action.note if refused is None else f"model {refused[1]}"
+                out["ignored"].append({"fingerprint": alert.fingerprint, "why": why})
+            else:
+                acting.append((alert, action.model))
+        first = self.store.first_seen_alerts([(a.fingerprint, a.starts_at) for a, _ in acting],
+                                             self.clock())
+        requested: set[str] = set()
+        for (alert, model), new in zip(acting, first, strict=True):
+            if not new or model in requested:  # acted on before, or by an alert of this body
                 out["duplicate"].append(alert.fingerprint)
                 continue
-            outcome = self.jobs.request(action.model, trigger="alertmanager",
+            requested.add(model)
+            outcome = self.jobs.request(model, trigger="alertmanager",
                                         reason=alertmanager.alert_reason(alert))
             key = "started" if outcome.status == "running" else "skipped"
             out[key].append({"fingerprint": alert.fingerprint, **outcome.as_dict()})
+        log.info("Alertmanager notification of %d alerts: %s", len(payload.alerts),
+                 ", ".join(f"{len(v)} {k}" for k, v in out.items()))
         return out
 
     def _fired(self, firing: Any, version: int | None) -> None:

@@ -37,6 +37,7 @@ from monitoring.records import (
     EventRow,
     JobRecord,
     LabelTarget,
+    Stored,
     Window,
     to_window,
 )
@@ -56,6 +57,10 @@ when opened (VACUUM, about a second per 100 MiB); a larger one is left as it is,
 
 SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """``journal_size_limit``: a WAL file larger than this is truncated to it after a checkpoint."""
+
+ADDED_COLUMNS = (("events", "ambiguous", "INTEGER NOT NULL DEFAULT 0"),)
+"""Columns added since the first release, as (table, column, declaration): a store made before
+gets them when it is opened (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it is)."""
 
 ChunkCallback = Callable[[int], bool | None]
 """Called after each retention chunk with the events it deleted; returning False stops there."""
@@ -80,9 +85,12 @@ class Retention:
     by_age: int = 0
     by_count: int = 0
     by_bytes: int = 0
+    alerts: int = 0
+    """Alerts forgotten (not seen for the retention age, or beyond the newest ``max_alerts``)."""
 
     @property
     def deleted(self) -> int:
+        """Events deleted (alerts apart)."""
         return self.by_age + self.by_count + self.by_bytes
 
 
@@ -98,6 +106,7 @@ class EventStore:
     blob_type = "BLOB"
     real_type = "REAL"
     seq_type = "INTEGER PRIMARY KEY"
+    add_column = "ADD COLUMN"
     integrity_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, prefix: str = "modelloop_") -> None:
@@ -150,7 +159,8 @@ class EventStore:
                 seq {self.seq_type}, request_id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
                 version INTEGER NOT NULL, ts {r} NOT NULL, mode TEXT NOT NULL, features {b} NOT NULL,
                 prediction {r} NOT NULL, probabilities {b}, latency_s {r} NOT NULL,
-                received_at {r} NOT NULL, label {r}, label_ts {r})""",
+                received_at {r} NOT NULL, label {r}, label_ts {r},
+                ambiguous INTEGER NOT NULL DEFAULT 0)""",
             "CREATE INDEX IF NOT EXISTS {p}events_mvs ON {p}events (model, version, seq)",
             "CREATE INDEX IF NOT EXISTS {p}events_mts ON {p}events (model, ts)",
             f"""CREATE TABLE IF NOT EXISTS {{p}}jobs (
@@ -167,6 +177,13 @@ class EventStore:
         with self._write() as cur:
             for stmt in ddl:
                 cur.execute(self._sql(stmt))
+            for table, column, decl in ADDED_COLUMNS:
+                if column not in self._columns(cur, table):
+                    cur.execute(self._sql(f"ALTER TABLE {{p}}{table} {self.add_column} {column} {decl}"))
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        """The names of a table's columns."""
+        raise NotImplementedError
 
     def drop_schema(self) -> None:
         """Drop the store's tables (tests and ``modelloop monitor reset``)."""
@@ -176,28 +193,48 @@ class EventStore:
 
     # -- events ------------------------------------------------------------------------------
     def insert_events(self, rows: Sequence[EventRow]) -> int:
-        """Store ``rows`` in one transaction; returns how many were new (a request id already
-        stored is skipped, so a batch that serving re-sends is not counted twice)."""
-        return sum(self.insert_batches([rows])[0].values())
+        """Store ``rows`` in one transaction; returns how many were new (see
+        :meth:`insert_batches`)."""
+        return sum(self.insert_batches([rows])[0].new.values())
 
-    def insert_batches(self, batches: Sequence[Sequence[EventRow]]) -> list[dict[str, int]]:
-        """Several batches in one transaction (one commit); per batch, the new rows per model."""
-        sql = self._sql(f"INSERT INTO {{p}}events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
-                        "ON CONFLICT (request_id) DO NOTHING")
-        out: list[dict[str, int]] = []
+    def insert_batches(self, batches: Sequence[Sequence[EventRow]]) -> list[Stored]:
+        """Several batches in one transaction (one commit); per batch, what it came to.
+
+        A request id names one prediction. An event already stored under its id is skipped: the
+        very same event (all its columns but ``received_at``) is a re-send (serving sends a batch
+        again when the acknowledgement was lost), which is not stored or counted twice. A
+        different prediction under a stored id (or twice in one batch) is not stored either, and
+        the id is marked ambiguous: whichever event came first, a label for that id cannot be
+        told apart from one meant for the other, so none is joined to it (and one joined before
+        is removed)."""
+        insert = self._sql(f"INSERT INTO {{p}}events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                           "ON CONFLICT (request_id) DO NOTHING")
+        out: list[Stored] = []
         due = None
         with self._write() as cur:
             for rows in batches:
-                by_model: dict[str, list[EventRow]] = {}
+                firsts: dict[str, EventRow] = {}
+                clashes: list[str] = []
                 for r in rows:
+                    first = firsts.setdefault(r.request_id, r)
+                    if first is not r and not _same_event(first, r):
+                        clashes.append(r.request_id)
+                by_model: dict[str, list[EventRow]] = {}
+                for r in firsts.values():
                     by_model.setdefault(r.model, []).append(r)
                 new = {}
                 for model, group in by_model.items():
-                    cur.executemany(sql, group)
+                    cur.executemany(insert, group)
                     new[model] = int(cur.rowcount)
-                out.append(new)
+                if sum(new.values()) < len(firsts):  # some ids were stored before
+                    clashes += self._differing(cur, list(firsts.values()))
+                if clashes:
+                    cur.executemany(self._sql(
+                        "UPDATE {p}events SET ambiguous = 1, label = NULL, label_ts = NULL "
+                        "WHERE request_id = ?"), [(rid,) for rid in dict.fromkeys(clashes)])
+                out.append(Stored(new, len(clashes)))
             if self._growth is not None:
-                self._grown += sum(sum(new.values()) for new in out)
+                self._grown += sum(sum(st.new.values()) for st in out)
                 if self._grown >= self._growth[0]:
                     self._grown, due = 0, self._growth[1]
         if due is not None:
@@ -205,6 +242,19 @@ class EventStore:
                 due()
             except Exception:  # the events are committed: a failing hook must not say otherwise
                 log.exception("the store's growth callback failed")
+        return out
+
+    def _differing(self, cur: Any, rows: Sequence[EventRow]) -> list[str]:
+        """The ids of ``rows`` stored with another prediction (inside the write transaction)."""
+        mine = {r.request_id: r for r in rows}
+        ids = list(mine)
+        out = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            cur.execute(self._sql(f"SELECT {_EVENT_COLS} FROM {{p}}events "
+                                  f"WHERE request_id IN ({','.join('?' * len(chunk))})"), chunk)
+            out += [row[0] for row in cur.fetchall()
+                    if not _same_event(EventRow(*row), mine[row[0]])]
         return out
 
     def on_growth(self, every_events: int, callback: Callable[[], None]) -> None:
@@ -260,20 +310,26 @@ class EventStore:
 
     # -- retention ---------------------------------------------------------------------------
     def retain(self, *, cutoff_ts: float | None = None, max_events: int | None = None,
-               max_bytes: int | None = None, chunk_rows: int = RETENTION_CHUNK_ROWS,
+               max_bytes: int | None = None, max_alerts: int | None = None,
+               chunk_rows: int = RETENTION_CHUNK_ROWS,
                on_chunk: ChunkCallback | None = None) -> Retention:
-        """Delete events older than ``cutoff_ts``, then beyond the newest ``max_events``, then the
-        oldest until :meth:`used_bytes` is at most ``max_bytes``; chunked as
-        :meth:`delete_older` (``on_chunk`` returning False stops all three)."""
+        """Forget alerts (with ``max_alerts``: those not seen since ``cutoff_ts`` and beyond the
+        newest ``max_alerts``, see :meth:`forget_alerts`), then delete events older than
+        ``cutoff_ts``, then beyond the newest ``max_events``, then the oldest until
+        :meth:`used_bytes` is at most ``max_bytes``; chunked as :meth:`delete_older`
+        (``on_chunk`` returning False stops the three deletes of events)."""
         chunks = _Chunks(on_chunk)
-        age = count = size = 0
+        age = count = size = alerts = 0
+        if max_alerts is not None:
+            alerts = self.forget_alerts(-math.inf if cutoff_ts is None else cutoff_ts, max_alerts,
+                                        chunk_rows)
         if cutoff_ts is not None:
             age = self.delete_older(cutoff_ts, chunk_rows=chunk_rows, on_chunk=chunks)
         if max_events is not None and not chunks.stopped:
             count = self.keep_newest(max_events, chunk_rows=chunk_rows, on_chunk=chunks)
         if max_bytes is not None and not chunks.stopped:
             size = self.keep_bytes(max_bytes, chunk_rows=chunk_rows, on_chunk=chunks)
-        return Retention(age, count, size)
+        return Retention(age, count, size, alerts)
 
     def delete_older(self, cutoff_ts: float, *, chunk_rows: int = RETENTION_CHUNK_ROWS,
                      on_chunk: ChunkCallback | None = None) -> int:
@@ -355,17 +411,18 @@ class EventStore:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                cur.execute(self._sql(f"SELECT request_id, model, version, label FROM {{p}}events "
-                                      f"WHERE request_id IN ({marks})"), chunk)
-                for rid, model, version, label in cur.fetchall():
-                    out[rid] = LabelTarget(model, int(version), label is not None)
+                cur.execute(self._sql(f"SELECT request_id, model, version, label, ambiguous "
+                                      f"FROM {{p}}events WHERE request_id IN ({marks})"), chunk)
+                for rid, model, version, label, ambiguous in cur.fetchall():
+                    out[rid] = LabelTarget(model, int(version), label is not None, bool(ambiguous))
         return out
 
     def set_labels(self, labels: Sequence[tuple[str, float, float]]) -> list[str]:
-        """Join ``(request_id, label, label_ts)`` to events without a label, in one transaction.
-        Returns the ids that were joined (the others were labelled meanwhile or are unknown)."""
+        """Join ``(request_id, label, label_ts)`` to events without a label, in one transaction;
+        never to an ambiguous id. Returns the ids that were joined (the others were labelled or
+        found ambiguous meanwhile, or are unknown)."""
         sql = self._sql("UPDATE {p}events SET label = ?, label_ts = ? "
-                        "WHERE request_id = ? AND label IS NULL")
+                        "WHERE request_id = ? AND label IS NULL AND ambiguous = 0")
         joined = []
         with self._write() as cur:
             for rid, label, label_ts in labels:
@@ -376,9 +433,11 @@ class EventStore:
 
     def labelled_version(self, model: str, version: int, since: float | None = None,
                          limit: int = 100_000) -> Window:
-        """The newest labelled events of one model version (for retraining), newest last."""
+        """The newest labelled events of one model version (for retraining), newest last; never
+        an ambiguous one (which holds no label anyway)."""
         sql = ("SELECT version, ts, prediction, latency_s, label, label_ts, features, probabilities "
-               "FROM {p}events WHERE model = ? AND version = ? AND label IS NOT NULL AND ts >= ? "
+               "FROM {p}events WHERE model = ? AND version = ? AND label IS NOT NULL "
+               "AND ambiguous = 0 AND ts >= ? "
                f"ORDER BY seq DESC LIMIT {int(limit)}")
         with self._read() as cur:
             cur.execute(self._sql(sql), (model, version, since or 0.0))
@@ -439,13 +498,44 @@ class EventStore:
             return [JobRecord(*r) for r in cur.fetchall()]
 
     # -- alerts --------------------------------------------------------------------------------
-    def first_seen_alert(self, fingerprint: str, starts_at: str, now: float) -> bool:
-        """Remember an alert; True the first time this fingerprint fires from ``starts_at``."""
+    def first_seen_alerts(self, alerts: Sequence[tuple[str, str]], now: float) -> list[bool]:
+        """Remember alerts ``(fingerprint, starts_at)`` in one transaction; per alert, True the
+        first time this fingerprint fires from ``starts_at``. One seen before is marked seen
+        ``now`` (Alertmanager re-sends a firing alert every ``repeat_interval``), so retention
+        forgets only alerts that stopped coming."""
+        seen = self._sql("UPDATE {p}alerts SET received_at = ? WHERE fingerprint = ? AND starts_at = ?")
+        insert = self._sql("INSERT INTO {p}alerts (fingerprint, starts_at, received_at) "
+                           "VALUES (?,?,?) ON CONFLICT DO NOTHING")
+        out = []
         with self._write() as cur:
-            cur.execute(self._sql("INSERT INTO {p}alerts (fingerprint, starts_at, received_at) "
-                                  "VALUES (?,?,?) ON CONFLICT DO NOTHING"),
-                        (fingerprint, starts_at, now))
-            return int(cur.rowcount) == 1
+            for fingerprint, starts_at in alerts:
+                cur.execute(seen, (now, fingerprint, starts_at))
+                if cur.rowcount:
+                    out.append(False)
+                    continue
+                cur.execute(insert, (fingerprint, starts_at, now))
+                out.append(int(cur.rowcount) == 1)
+        return out
+
+    def forget_alerts(self, cutoff: float, max_alerts: int,
+                      chunk_rows: int = RETENTION_CHUNK_ROWS) -> int:
+        """Delete the alerts not seen since ``cutoff``, then all but the newest ``max_alerts``,
+        ``chunk_rows`` per transaction; returns how many were deleted."""
+        pick = ("WHERE received_at < ? LIMIT {n}",
+                "ORDER BY received_at DESC, fingerprint DESC, starts_at DESC LIMIT {n} OFFSET {keep}")
+        total = 0
+        for where, args in zip(pick, ((cutoff,), ()), strict=True):
+            sql = self._sql("DELETE FROM {p}alerts WHERE (fingerprint, starts_at) IN "
+                            "(SELECT fingerprint, starts_at FROM {p}alerts "
+                            + where.format(n=int(chunk_rows), keep=int(max_alerts)) + ")")
+            while True:
+                with self._write() as cur:
+                    cur.execute(sql, args)
+                    n = int(cur.rowcount)
+                total += n
+                if n < chunk_rows:
+                    break
+        return total
 
 
 class SQLiteStore(EventStore):
@@ -479,6 +569,10 @@ class SQLiteStore(EventStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         return conn
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        cur.execute(self._sql(f"PRAGMA table_info({{p}}{table})"))
+        return {row[1] for row in cur.fetchall()}
 
     def _begin(self, conn: Any) -> None:
         # take the write lock up front, so a read-then-write block cannot interleave
@@ -549,6 +643,7 @@ class PostgresStore(EventStore):
     blob_type = "BYTEA"
     real_type = "DOUBLE PRECISION"
     seq_type = "BIGSERIAL PRIMARY KEY"
+    add_column = "ADD COLUMN IF NOT EXISTS"  # replicas starting together may both add it
 
     def __init__(self, url: str, prefix: str = "modelloop_") -> None:
         import psycopg
@@ -568,6 +663,11 @@ class PostgresStore(EventStore):
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL store {redact_url(self.url)}: "
                              f"{str(exc).strip()}") from exc
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        cur.execute("SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = %s", (self.p + table,))
+        return {row[0] for row in cur.fetchall()}
 
     def _writer(self) -> Any:
         if self._w is None or self._w.closed or self._w.broken:
@@ -601,6 +701,13 @@ class PostgresStore(EventStore):
             for conn in (self._w, self._r):
                 if conn is not None:
                     conn.close()
+
+
+def _same_event(a: EventRow, b: EventRow) -> bool:
+    """The same prediction: every column but ``received_at`` (what a re-send changes) equal;
+    features and probabilities compared as their packed bytes, so a missing value (NaN)
+    matches itself."""
+    return a[:-1] == b[:-1]
 
 
 def redact_url(url: str) -> str:

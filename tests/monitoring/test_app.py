@@ -82,10 +82,10 @@ def test_events_are_acknowledged_once_stored(client: httpx.Client, sidecar: Side
                                              registered: TrainedModel, task: SyntheticTask) -> None:
     events, _ = events_for(registered, task.sample(50, seed=3), "a")
     resp = client.post("/events", json={"events": events})
-    assert resp.status_code == 200 and resp.json() == {"accepted": 50, "new": 50}
+    assert resp.status_code == 200 and resp.json() == {"accepted": 50, "new": 50, "ambiguous": 0}
     assert sidecar.store.count_events("churn") == 50
     again = client.post("/events", json={"events": events[:10]})  # a re-sent batch
-    assert again.json() == {"accepted": 10, "new": 0}
+    assert again.json() == {"accepted": 10, "new": 0, "ambiguous": 0}
     assert metric(client, "modelloop_events_ingested_total", model="churn") == 50
 
 
@@ -130,9 +130,11 @@ def test_feedback_joins_and_reports_unknown_and_duplicate_ids(
         {"request_id": "f-0", "label": "yes"}, {"request_id": "f-1", "label": 0},
         {"request_id": "f-1", "label": 1}, {"request_id": "ghost", "label": "no"}]})
     assert resp.status_code == 200
-    assert resp.json() == {"joined": 2, "unknown": ["ghost"], "duplicate": ["f-1"]}
+    assert resp.json() == {"joined": 2, "unknown": ["ghost"], "duplicate": ["f-1"],
+                           "ambiguous": []}
     single = client.post("/feedback", json={"request_id": "f-0", "label": "no"})
-    assert single.json() == {"joined": 0, "unknown": [], "duplicate": ["f-0"]}
+    assert single.json() == {"joined": 0, "unknown": [], "duplicate": ["f-0"],
+                             "ambiguous": []}
     assert metric(client, "modelloop_feedback_total", model="churn", result="joined") == 2
     assert metric(client, "modelloop_feedback_total", result="unknown") == 1
 
@@ -246,7 +248,8 @@ def test_the_sidecar_works_the_same_on_both_store_engines(
     with serve_in_thread(create_app(sc)) as base, httpx.Client(base_url=base, timeout=60) as c:
         df = task.sample(1000, seed=9, shift={"f04": 1.5, "f11": -1.5})
         events, proba = events_for(registered, df, "e")
-        assert c.post("/events", json={"events": events}).json() == {"accepted": 1000, "new": 1000}
+        assert c.post("/events", json={"events": events}).json() == {"accepted": 1000, "new": 1000,
+                                                                          "ambiguous": 0}
         labels = [{"request_id": f"e-{i}", "label": int(y)} for i, y in enumerate(df["target"])]
         assert c.post("/feedback", json={"feedback": labels}).json()["joined"] == 1000
         model = c.post("/check").json()["models"]["churn"]

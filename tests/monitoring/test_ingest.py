@@ -20,6 +20,7 @@ from monitoring.ingest import (
     parse_feedback,
     resolve_label,
 )
+from monitoring.records import Stored
 from monitoring.store import open_store
 from tests.monitoring.helpers import TrainedModel
 
@@ -52,6 +53,12 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
         # not JSON at all
         (b"{nope", 400, "invalid_json", "body: invalid JSON (key must be a string "
                                         "at line 1 column 2)"),
+        # NaN and Infinity are not JSON (pydantic's own parser would take them): a missing
+        # feature is null
+        (body(event()).replace(b"0.5,", b"NaN,", 1), 400, "invalid_json",
+         "body: invalid JSON (NaN is not JSON (a missing value is null) at line 1 column 97)"),
+        (body(event()).replace(b"0.5,", b"-Infinity,", 1), 400, "invalid_json",
+         "body: invalid JSON (Infinity is not JSON (a missing value is null) at line 1 column 98)"),
         # no events key
         (b"{}", 422, "invalid_event", "events: Field required"),
         # an empty batch
@@ -66,6 +73,9 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
         # negative latency
         (body(event(latency_s=-1)), 422, "invalid_event",
          "events[0].latency_s: Input should be greater than or equal to 0"),
+        # a latency of more than a day (1e300 made every latency quantile meaningless)
+        (body(event(latency_s=1e300)), 422, "invalid_event",
+         "events[0].latency_s: Input should be less than or equal to 86400"),
         # a model the registry does not have
         (body(event(model="nope")), 422, "unknown_model",
          "events[0].model: model 'nope' is not registered under {registry}"),
@@ -87,8 +97,10 @@ def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
         # probabilities of three classes
         (body(event(probabilities=[0.2, 0.3, 0.5])), 422, "wrong_shape",
          "events[0].probabilities: expected 2 values for churn v1, got 3"),
-        # the same request id twice in one batch
-        (body(event(), event()), 422, "invalid_event", "events[1].request_id: 'r1' repeats events[0]"),
+        # a prediction that is not the most probable class of its probabilities
+        (body(event(), event(request_id="r2", prediction=0)), 422, "wrong_shape",
+         "events[1].prediction: class 0 is not the most probable class of the event's "
+         "probabilities (class 1: 0.7; class 0: 0.3)"),
         # a key beside the events: a body is one form or the other, nothing else
         (b'{"x": 1, "events": ' + json.dumps([event()]).encode() + b"}", 422, "invalid_event",
          "x: Extra inputs are not permitted"),
@@ -182,9 +194,13 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
         # a version the registry does not have (the second group)
         (column_body(columns(), columns(version=9, request_ids=["other"])), "unknown_model",
          "columns[1].model: model 'churn' has no version 9"),
-        # the same request id in two groups
-        (column_body(columns(), columns()), "invalid_event",
-         "columns[1].request_ids: request id 'req-0' repeats in the batch"),
+        # a latency of more than a day
+        (column_body(columns(latency_s=[1e300])), "invalid_event",
+         "columns[0]: Value error, latency_s[0]: must be between 0 and 86400 s, got 1e+300"),
+        # a prediction that is not the most probable class, in the second row
+        (column_body(columns(prediction=[1, 0, 1])), "wrong_shape",
+         "columns[0].prediction[1]: class 0 is not the most probable class of the event's "
+         "probabilities (class 1: 0.7; class 0: 0.3)"),
         # packed features of the wrong width
         (column_body(columns(features=packed(np.zeros((3, 19))))), "wrong_shape",
          "columns[0].features.shape: expected 20 values per row for churn v1, got 19"),
@@ -209,6 +225,16 @@ def test_bad_column_batches_are_rejected_whole(catalog: ModelCatalog, payload: b
         parse_events(payload, catalog, 0.0)
     assert (err.value.status, err.value.reason, str(err.value)) == (422, reason, error)
     assert err.value.rejected >= 3  # every row of the batch is counted as rejected
+
+
+def test_a_repeated_request_id_is_left_to_the_store(catalog: ModelCatalog) -> None:
+    """A request id twice in one batch (a client sent serving the same X-Request-ID twice)
+    does not refuse the batch: every event of it is passed on, and the store decides."""
+    rows = parse_events(body(event(), event(request_id="r2"), event(timestamp=2.0)), catalog, 5.0)
+    assert [(r.request_id, r.ts) for r in rows] == [("r1", 1.0), ("r2", 1.0), ("r1", 2.0)]
+    rows = parse_events(column_body(columns(), columns(request_ids=["req"], rows=[1], features=[
+        [0.25] * 20], prediction=[1], probabilities=[[0.3, 0.7]])), catalog, 5.0)
+    assert [r.request_id for r in rows] == ["req-0", "req-1", "req-2", "req-0"]
 
 
 def test_unwatched_models_are_rejected(registered: TrainedModel, home: Path) -> None:
@@ -292,7 +318,7 @@ def test_group_commit_merges_concurrent_batches_and_flushes_on_close(
     bad = writer.submit(body(event(request_id="x", version=0)))
     writer.close()  # the shutdown flush: every queued batch is committed before it returns
     assert all(f.done() for f in futures)
-    assert sorted(f.result() for f in futures) == [(50, {"churn": 50})] * 8
+    assert [f.result() for f in futures] == [(50, Stored({"churn": 50}))] * 8
     with pytest.raises(InputError, match="version"):  # a bad batch fails alone
         bad.result()
     assert store.count_events() == 400

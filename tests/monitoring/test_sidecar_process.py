@@ -100,7 +100,7 @@ def test_sigkill_right_after_an_ack_loses_nothing(home: Path, registered: Traine
     # and the sidecar comes back on the same store
     with sidecar_process(home, tmp_path / "sidecar2.log") as proc:
         resp = httpx.post(f"{proc.url}/events", json={"events": batch(registered, task, "after", 5)})
-        assert resp.json() == {"accepted": 5, "new": 5}
+        assert resp.json() == {"accepted": 5, "new": 5, "ambiguous": 0}
 
 
 def test_sigterm_flushes_in_flight_events_and_exits_cleanly(home: Path, registered: TrainedModel,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from modelloop.schemas import PredictionEvent
-from monitoring.records import EventRow, JobRecord
-from monitoring.store import EventStore, StoreError, open_store, redact_url
+from monitoring.records import EventRow, JobRecord, Stored
+from monitoring.store import EventStore, Retention, StoreError, open_store, redact_url
 
 
 def _row(i: int, model: str = "m", version: int = 1, ts: float | None = None,
@@ -43,11 +43,51 @@ def test_insert_then_window_returns_the_arrays_in_arrival_order(store: EventStor
 
 def test_a_resent_batch_is_not_stored_twice(store: EventStore) -> None:
     assert store.insert_events([_row(i) for i in range(5)]) == 5
-    # serving re-sends a batch whose acknowledgement it lost, plus new events
-    assert store.insert_events([_row(i) for i in range(3, 8)]) == 3
+    # serving re-sends a batch whose acknowledgement it lost (received later), plus new events
+    again = [_row(i)._replace(received_at=2500.0) for i in range(3, 8)]
+    assert store.insert_batches([again, again[:1]]) == [Stored({"m": 3}), Stored({"m": 0})]
     assert store.count_events() == 8
-    assert store.insert_batches([[_row(20)], [_row(20, model="x"), _row(21, model="x")]]) == [
-        {"m": 1}, {"x": 1}]
+    assert not any(t.ambiguous for t in store.label_targets([f"r{i}" for i in range(8)]).values())
+
+
+def test_two_predictions_under_one_request_id_make_it_ambiguous(store: EventStore) -> None:
+    # r1 is claimed first (a client chose X-Request-ID); the real r1 comes in a later batch;
+    # r2 comes twice in one batch; r3 once, then again with the same content (a re-send)
+    assert store.insert_events([_row(1), _row(3)]) == 2
+    assert store.set_labels([("r1", 1.0, 1500.0)]) == ["r1"]  # joined before the clash was seen
+    out = store.insert_batches([[_row(1, ts=5.0), _row(2), _row(2, model="x"), _row(3), _row(4)]])
+    assert out == [Stored({"m": 2}, conflicts=2)]  # r2 and r4 new; r1 and the second r2 not stored
+    targets = store.label_targets(["r1", "r2", "r3", "r4"])
+    assert {rid: t.ambiguous for rid, t in targets.items()} == {
+        "r1": True, "r2": True, "r3": False, "r4": False}
+    # no label stays on or joins an ambiguous id; the export and the windows never see one
+    assert not targets["r1"].labelled
+    assert store.set_labels([("r1", 0.0, 1600.0), ("r2", 1.0, 1600.0), ("r4", 1.0, 1600.0)]) == ["r4"]
+    assert store.window("m").labelled.sum() == 1
+    assert len(store.labelled_version("m", 1)) == 1
+    # the first event of each id stays, for drift and latency
+    assert store.count_events() == 4 and store.window("m").ts.tolist() == [1001.0, 1003.0, 1002.0, 1004.0]
+
+
+def test_a_store_made_before_ambiguous_ids_gets_the_column(store_url: tuple[str, str]) -> None:
+    url, prefix = store_url
+    st = open_store(url, prefix)
+    with st._write() as cur:  # the events table as an earlier release made it
+        cur.execute(st._sql("DROP TABLE {p}events"))
+        cur.execute(st._sql(f"""CREATE TABLE {{p}}events (
+            seq {st.seq_type}, request_id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+            version INTEGER NOT NULL, ts {st.real_type} NOT NULL, mode TEXT NOT NULL,
+            features {st.blob_type} NOT NULL, prediction {st.real_type} NOT NULL,
+            probabilities {st.blob_type}, latency_s {st.real_type} NOT NULL,
+            received_at {st.real_type} NOT NULL, label {st.real_type}, label_ts {st.real_type})"""))
+    st.close()
+    st = open_store(url, prefix)
+    try:
+        assert st.insert_events([_row(1)]) == 1
+        assert st.insert_batches([[_row(1, ts=5.0)]]) == [Stored({"m": 0}, conflicts=1)]
+        assert st.label_targets(["r1"])["r1"].ambiguous
+    finally:
+        st.close()
 
 
 def test_window_filters_by_version_and_time(store: EventStore) -> None:
@@ -126,9 +166,23 @@ def test_two_stores_racing_for_a_model_start_one_job(store_url: tuple[str, str])
 
 
 def test_alerts_are_remembered_by_fingerprint_and_start(store: EventStore) -> None:
-    assert store.first_seen_alert("abc", "2024-01-01T00:00:00Z", 1.0)
-    assert not store.first_seen_alert("abc", "2024-01-01T00:00:00Z", 2.0)
-    assert store.first_seen_alert("abc", "2024-01-02T00:00:00Z", 3.0)  # fired again later
+    first = "2024-01-01T00:00:00Z"
+    assert store.first_seen_alerts([("abc", first), ("abc", first), ("x", first)], 1.0) == [
+        True, False, True]
+    assert store.first_seen_alerts([("abc", first)], 2.0) == [False]
+    assert store.first_seen_alerts([("abc", "2024-01-02T00:00:00Z")], 3.0) == [True]  # fired again
+
+
+def test_retention_forgets_alerts_not_seen_for_the_age_and_beyond_the_cap(store: EventStore) -> None:
+    store.first_seen_alerts([(f"fp{i}", "s") for i in range(10)], 1.0)
+    store.first_seen_alerts([("fp0", "s")], 50.0)  # still firing: Alertmanager re-sent it
+    for i in range(5):
+        store.first_seen_alerts([(f"new{i}", "s")], 60.0 + i)
+    assert store.retain(cutoff_ts=10.0, max_alerts=6) == Retention(alerts=9)
+    assert store.first_seen_alerts([("fp0", "s"), ("fp1", "s")], 70.0) == [False, True]
+    assert store.retain(cutoff_ts=10.0, max_alerts=2) == Retention(alerts=5)  # new0..4
+    assert store.first_seen_alerts([("fp0", "s"), ("fp1", "s"), ("new4", "s")], 80.0) == [
+        False, False, True]
 
 
 def test_committed_events_survive_reopening(store_url: tuple[str, str]) -> None:
