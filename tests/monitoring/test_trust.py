@@ -179,9 +179,10 @@ def test_the_sidecar_validates_as_strictly_as_serving(
         payload = events(trained, task, "strict", n=1)
         payload["events"][0].update(body)
     else:
-        httpx.post(f"{keyed.url}/events", json=events(trained, task, "lbl", n=1),
+        tag = f"lbl{time.monotonic_ns()}"  # an id of its own: one predicted twice is ambiguous
+        httpx.post(f"{keyed.url}/events", json=events(trained, task, tag, n=1),
                    headers=bearer(INGEST)).raise_for_status()
-        payload = {"request_id": "lbl-0", **body}
+        payload = {"request_id": f"{tag}-0", **body}
     resp = httpx.post(f"{keyed.url}{path}", json=payload, headers=bearer(ADMIN))
     assert resp.status_code == status, resp.text
     assert resp.json()["error"].startswith(error)
