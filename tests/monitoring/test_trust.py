@@ -204,6 +204,25 @@ def test_query_parameters_are_range_checked(keyed: SidecarProcess, query: str, e
     assert (resp.status_code, resp.json()["error"]) == (422, error)
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer off a raw socket: its head, then Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def alert(model: str, i: int) -> dict[str, Any]:
     return {"status": "firing", "labels": {"alertname": "ModelDrift", "model": model},
             "annotations": {}, "startsAt": "2026-12-03T00:00:00Z", "fingerprint": f"fp{i}"}
@@ -299,7 +318,7 @@ def test_a_full_ingest_queue_answers_503_and_frees_itself(
         assert busy.json()["error"].startswith("body: the ingest queue is full")
         assert metric(proc.url, "modelloop_ingest_busy_total") >= 1
         slow.sendall(body[len(body) // 2:])
-        answer = slow.recv(65536)
+        answer = read_answer(slow)
         slow.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         # the budget is given back: the refused body goes through on a retry
@@ -325,7 +344,7 @@ def test_a_slow_sender_cannot_hold_the_ingest_queue(
         slow.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
         slow.settimeout(30)
-        answer = slow.recv(65536)  # the sidecar gives up on it and answers
+        answer = read_answer(slow)  # the sidecar gives up on it and answers
         slow.close()
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"body: not received within 1 s" in answer
