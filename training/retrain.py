@@ -10,7 +10,10 @@ Every trigger (the sidecar's local process, a Kubernetes Job, a container, a per
    joins the original training data.
 4. ``train_model`` with the champion's stored configuration and classes, starting from the
    champion's weights (fine-tuning) unless ``retrain_fine_tune`` is off.
-5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency).
+5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency),
+   and :func:`compare_on_original` on the trusted rows of the original data (its first test
+   split, which no version trains on): labels no feedback touched, so labels sent to poison the
+   line cannot also vouch for the model they made.
 6. Register the challenger (with lineage either way); promote only when the gate passes.
 
 Exit codes: 0 the job ran (the JSON says whether it promoted), 2 unusable data or arguments,
@@ -31,9 +34,9 @@ import onnxruntime as ort
 import pandas as pd
 
 from modelloop.registry import ModelVersion, Registry
-from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, Task
+from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.config import TrainingConfig
-from training.data import DataError, load_data
+from training.data import DataError, load_data, split_dataset
 from training.evaluate import evaluate
 from training.pipeline import TrainedModel, register_trained, train_model
 from training.settings import TrainingSettings
@@ -139,23 +142,29 @@ def _latency_p50(session: ort.InferenceSession, row: np.ndarray, runs: int) -> f
     return float(np.median(times))
 
 
-def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFrame, *,
-            metric: str, latency_runs: int = 300) -> tuple[Score, Score]:
-    """Score champion and challenger on the same holdout rows and time both, interleaved so
-    that a busy machine slows both alike."""
-    meta = champion.metadata
-    x = holdout[meta.feature_names].to_numpy(np.float32)
-    y = holdout[REF_LABEL].to_numpy()
+def _metrics(meta: ModelMetadata, sessions: dict[str, ort.InferenceSession], x: np.ndarray,
+             y: np.ndarray, metric: str) -> dict[str, dict[str, float]]:
+    """Each session's metrics on the rows ``x`` with targets ``y`` (class indices or values)."""
     if meta.task is Task.classification:
         y = y.round().astype(np.int64)
-    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
-                "challenger": _session(challenger_onnx)}
     outputs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
     evals = {k: evaluate(meta.task, y, out, meta.class_labels).metrics for k, out in outputs.items()}
     for m in evals.values():
         if metric not in m:
             raise RetrainError(f"metric {metric!r} is not measured for {meta.task.value} "
                                f"models (have: {', '.join(sorted(m))})")
+    return evals
+
+
+def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFrame, *,
+            metric: str, latency_runs: int = 300) -> tuple[Score, Score]:
+    """Score champion and challenger on the same holdout rows and time both, interleaved so
+    that a busy machine slows both alike."""
+    meta = champion.metadata
+    x = holdout[meta.feature_names].to_numpy(np.float32)
+    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
+                "challenger": _session(challenger_onnx)}
+    evals = _metrics(meta, sessions, x, holdout[REF_LABEL].to_numpy(), metric)
     row = x[:1]
     lat: dict[str, list[float]] = {"champion": [], "challenger": []}
     for _ in range(3):
@@ -168,6 +177,24 @@ def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFram
     return champ, chall
 
 
+def compare_on_original(champion: ModelVersion, challenger_onnx: bytes, trusted: pd.DataFrame,
+                        *, metric: str, target: str) -> tuple[float, float]:
+    """Champion's and challenger's ``metric`` on ``trusted``: rows of the line's original
+    training data (labels no feedback touched) that the challenger did not train on."""
+    meta = champion.metadata
+    x = trusted[meta.feature_names].to_numpy(np.float32)
+    if meta.task is Task.classification:
+        assert meta.class_labels is not None
+        index = {label: i for i, label in enumerate(meta.class_labels)}
+        y = trusted[target].astype(str).map(index).to_numpy(np.float64)
+    else:
+        y = trusted[target].to_numpy(np.float64)
+    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
+                "challenger": _session(challenger_onnx)}
+    evals = _metrics(meta, sessions, x, y, metric)
+    return evals["champion"][metric], evals["challenger"][metric]
+
+
 def _session(model: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -175,18 +202,23 @@ def _session(model: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def original_data(champion: ModelVersion, config: TrainingConfig) -> pd.DataFrame:
-    """The data the model line was first trained on (built-in dataset or file), as a frame with
-    string labels, ready to take production rows."""
+def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The data the model line was first trained on (built-in dataset or file), as frames with
+    string labels: the rows a challenger may train on, and the trusted rows, the test split of
+    the line's first training (same data, seed and fractions, same split), which no version of
+    the line trained on and whose labels no feedback touched."""
     lineage = champion.metadata.lineage
     source = lineage.get("original_dataset", champion.metadata.dataset)
     try:
         ds = load_data(source, config.target, task=config.task, seed=config.seed,
                        rows=lineage.get("dataset_rows"),
                        class_labels=champion.metadata.class_labels)
+        split = split_dataset(ds, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction, seed=config.seed)
     except DataError as exc:
         raise RetrainError(f"original training data {source!r}: {exc}") from exc
-    return ds.to_frame()
+    frame = ds.to_frame()
+    return frame.drop(index=split.test), frame.iloc[split.test]
 
 
 def _production_frame(rows: pd.DataFrame, champion: ModelVersion, target: str) -> pd.DataFrame:
@@ -202,15 +234,26 @@ def _production_frame(rows: pd.DataFrame, champion: ModelVersion, target: str) -
 
 
 def decide(champion: Score, challenger: Score, *, parity_ok: bool, margin: float,
-           latency_tolerance: float, metric: str) -> tuple[bool, str]:
+           latency_tolerance: float, metric: str, original: tuple[float, float] | None = None,
+           max_original_drop: float = 1.0) -> tuple[bool, str]:
     """The gate: promote only a faithful export that beats the champion by ``margin`` on the
-    holdout and is at most ``1 + latency_tolerance`` times slower. Returns (promote, reason)."""
+    holdout, loses at most ``max_original_drop`` against it on the trusted rows of the original
+    data (``original``: champion's and challenger's metric there), and is at most
+    ``1 + latency_tolerance`` times slower. Returns (promote, reason)."""
     gain = challenger.metric - champion.metric
     if not parity_ok:
         return False, "challenger failed its export parity check"
     if gain < margin:
         return False, (f"challenger {metric} {challenger.metric:.4f} does not beat champion "
                        f"{champion.metric:.4f} by the margin {margin:.4f}")
+    if original is not None and original[0] - original[1] > max_original_drop:
+        return False, (f"held for review: the challenger's {metric} on the original training "
+                       f"data is {original[1]:.4f}, {original[0] - original[1]:.4f} below the "
+                       f"champion's {original[0]:.4f} (allowed: {max_original_drop:.4f}); the "
+                       "production labels contradict the data the model was built from: the "
+                       "concept shifted or the labels are wrong. Check them, then promote it by "
+                       "hand (modelloop models promote) or raise "
+                       "MODELLOOP_TRAINING_RETRAIN_MAX_ORIGINAL_DROP")
     if challenger.latency_p50_s > champion.latency_p50_s * (1 + latency_tolerance):
         return False, (f"challenger latency {challenger.latency_p50_s * 1e6:.0f} us is over "
                        f"champion {champion.latency_p50_s * 1e6:.0f} us x {1 + latency_tolerance:.2f}")
@@ -242,7 +285,7 @@ def retrain(
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
     recent_train, holdout = split_recent(production, settings.retrain_holdout_fraction)
-    original = original_data(champion, config)
+    original, trusted = original_data(champion, config)
     cap = int(len(recent_train) * settings.retrain_original_ratio)
     if len(original) > cap:
         original = original.sample(n=cap, random_state=config.seed)
@@ -252,6 +295,7 @@ def retrain(
         "window_start": since, "window_end": now, "production_rows": len(production),
         "production_train_rows": len(recent_train), "holdout_rows": len(holdout),
         "original_rows": len(original), "train_rows": len(train_frame),
+        "trusted_rows": len(trusted),
         "holdout_start": float(holdout["timestamp"].min()),
     }
     log.info("retraining %s (champion v%d): %d original + %d production rows, holdout %d",
@@ -272,13 +316,19 @@ def retrain(
     )
     champ, chall = compare(champion, trained.onnx_bytes, holdout, metric=metric)
     parity_ok = trained.metadata.parity is not None and trained.metadata.parity.passed
+    on_original = compare_on_original(champion, trained.onnx_bytes, trusted, metric=metric,
+                                      target=config.target)
     promote, reason = decide(champ, chall, parity_ok=parity_ok, margin=settings.retrain_margin,
-                             latency_tolerance=settings.retrain_latency_tolerance, metric=metric)
+                             latency_tolerance=settings.retrain_latency_tolerance, metric=metric,
+                             original=on_original,
+                             max_original_drop=settings.retrain_max_original_drop)
     trained.metadata.lineage["gate"] = {
         "metric": metric, "margin": settings.retrain_margin, "promoted": promote,
         "reason": reason, "champion_version": meta.version, "champion_score": champ.metric,
         "challenger_score": chall.metric, "champion_latency_p50_s": champ.latency_p50_s,
         "challenger_latency_p50_s": chall.latency_p50_s,
+        "champion_original_score": on_original[0], "challenger_original_score": on_original[1],
+        "max_original_drop": settings.retrain_max_original_drop,
     }
     registered = register_trained(trained, registry, promote=promote)
     chall.version = registered.version

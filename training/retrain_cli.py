@@ -32,11 +32,18 @@ def retrain_command(
         "--window-s", min=0, help="Only rows labelled in the last N seconds (0: all).")] = None,
     margin: Annotated[float | None, typer.Option(
         "--margin", min=0, help="How much the challenger must beat the champion by.")] = None,
+    max_original_drop: Annotated[float | None, typer.Option(
+        "--max-original-drop", min=0, help="How much the challenger may lose against the "
+        "champion on the trusted rows of the original training data before it is held for "
+        "review (default MODELLOOP_TRAINING_RETRAIN_MAX_ORIGINAL_DROP, 0.05; 1 lets labels "
+        "you have checked, after a concept shift, through).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
 ) -> None:
     """Retrain MODEL on its original data plus labelled production data, judge the challenger
     against the production model on the most recent labelled rows, and promote it only if it
-    is better by the margin, passed its ONNX parity check and is not slower.
+    is better by the margin, passed its ONNX parity check, is not slower, and does not lose
+    against it on the original training data (rows kept apart, labels no feedback touched):
+    one that does is registered and held for review.
 
     Prints a JSON summary on stdout. Exit codes: 0 the job ran (see "promoted"), 2 unusable
     data or settings, 3 training diverged or the export failed its parity check, 1 any other
@@ -51,7 +58,9 @@ def retrain_command(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides = {k: v for k, v in {"sidecar_url": sidecar_url, "retrain_window_s": window_s,
-                                       "retrain_margin": margin}.items() if v is not None}
+                                       "retrain_margin": margin,
+                                       "retrain_max_original_drop": max_original_drop,
+                                       }.items() if v is not None}
         settings = TrainingSettings(**overrides)
     except ValidationError as exc:
         console.print(f"[red]error:[/] settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")

@@ -151,6 +151,14 @@ class TrainingSettings(HomeSettings):
     retrain_margin: NonNegativeFloat = 0.01
     """The challenger is promoted only when its metric beats the champion's by at least this."""
 
+    retrain_max_original_drop: NonNegativeFloat = 0.05
+    """The challenger's metric on the trusted rows of the original training data (the test split
+    of the line's first training, which no version trains on) may be at most this much below the
+    champion's, or it is held for review (registered, not promoted). Those labels come from
+    whoever built the model, not from feedback: production labels that
+    contradict them (a concept shift, or labels sent to poison retraining) need a person's
+    ``modelloop models promote``. 1 promotes on the production holdout alone."""
+
     retrain_latency_tolerance: NonNegativeFloat = 0.5
     """The challenger may be at most this much slower (single-row median ONNX Runtime call) than
     the champion; 0.5 allows 1.5x, room for a noisy machine."""

@@ -27,12 +27,15 @@ from training.settings import TrainingSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHIFT = {"f03": 2.0, "f07": -1.5}
+# the sidecar's policy starts no job of its own: each test runs the jobs it judges
+MANUAL_ONLY = {"MODELLOOP_MONITOR_TRIGGER": "none"}
 
 
 def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float,
-          keys: dict[str, str] | None = None) -> None:
+          keys: dict[str, str] | None = None, flip: bool = False) -> None:
     """Predict ``df`` with the production model as serving would, send the events, then the
-    true labels as feedback (with the ingest and feedback ``keys`` of a keyed sidecar)."""
+    true labels as feedback (with the ingest and feedback ``keys`` of a keyed sidecar), or each
+    one's opposite (``flip``, a binary task), as a label provider out to poison retraining."""
     auth = {role: {"Authorization": f"Bearer {key}"} for role, key in (keys or {}).items()}
     mv = registry.get("demo")
     sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
@@ -47,7 +50,8 @@ def _send(url: str, registry: Registry, df: pd.DataFrame, t0: float,
         r = httpx.post(f"{url}/events", json={"events": events[start:start + 500]}, timeout=60,
                        headers=auth.get("ingest"))
         assert r.status_code == 200, r.text
-    labels = [{"request_id": rid, "label": str(y)} for rid, y in zip(ids, df[TARGET], strict=True)]
+    truth = 1 - df[TARGET] if flip else df[TARGET]
+    labels = [{"request_id": rid, "label": str(y)} for rid, y in zip(ids, truth, strict=True)]
     r = httpx.post(f"{url}/feedback", json={"feedback": labels}, timeout=60,
                    headers=auth.get("feedback"))
     assert r.status_code == 200, r.text
@@ -68,20 +72,20 @@ def champion(home: Path) -> Registry:
     registry = Registry(home / "registry")
     settings = TrainingSettings(home=home, epochs=40, progress=False)
     train_and_register(load_data("synthetic", rows=3000), name="demo", settings=settings,
-                       registry=registry, promote=True)
+                       registry=registry, promote=True, lineage={"dataset_rows": 3000})
     return registry
 
 
 def test_better_challenger_is_promoted_with_lineage(home: Path, champion: Registry,
                                                     tmp_path: Path) -> None:
     task = SyntheticTask(seed=0)
-    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+    with sidecar_process(home, tmp_path / "sidecar.log", **MANUAL_ONLY) as sidecar:
         # production data drifted: two features moved and the concept changed
         _send(sidecar.url, champion, task.sample(1500, seed=50, shift=SHIFT, concept=1.0),
               time.time() - 60)
         code, out, err = _retrain(home, sidecar.url)
     assert code == 0, err
-    assert out is not None and out["promoted"], out
+    assert out is not None and out["promoted"], out["reason"] if out else err
     assert out["challenger"]["metric"] >= out["champion"]["metric"] + out["margin"]
     assert out["data"]["holdout_rows"] == 450 and out["data"]["production_rows"] == 1500
     v2 = champion.get("demo", "production").metadata
@@ -139,7 +143,7 @@ def test_a_job_of_a_keyed_sidecar_retrains_a_model_trained_elsewhere(home: Path,
 def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Registry,
                                                        tmp_path: Path) -> None:
     task = SyntheticTask(seed=0)
-    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+    with sidecar_process(home, tmp_path / "sidecar.log", **MANUAL_ONLY) as sidecar:
         # nothing changed: the challenger cannot beat the champion by 5 points
         _send(sidecar.url, champion, task.sample(1000, seed=60), time.time() - 60)
         code, out, err = _retrain(home, sidecar.url, "--margin", "0.05")
@@ -149,6 +153,32 @@ def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Reg
     assert champion.aliases("demo") == {"production": 1}
     rejected = champion.get("demo", 2).metadata
     assert rejected.lineage["gate"]["promoted"] is False
+
+
+def test_labels_that_contradict_the_original_data_hold_the_challenger(
+        home: Path, champion: Registry, tmp_path: Path) -> None:
+    task = SyntheticTask(seed=0)
+    with sidecar_process(home, tmp_path / "sidecar.log", **MANUAL_ONLY) as sidecar:
+        # a feedback key holder sends the opposite of every true label: the challenger fits
+        # them and beats the champion on the (equally poisoned) production holdout
+        _send(sidecar.url, champion, task.sample(1500, seed=80), time.time() - 60, flip=True)
+        code, out, err = _retrain(home, sidecar.url)
+        assert code == 0, err
+        assert out is not None and not out["promoted"], out
+        assert out["challenger"]["metric"] >= out["champion"]["metric"] + out["margin"], out
+        assert "held for review" in out["reason"] and "original training data" in out["reason"]
+        assert champion.aliases("demo") == {"production": 1}
+        gate = champion.get("demo", 2).metadata.lineage["gate"]
+        assert gate["champion_original_score"] - gate["challenger_original_score"] > 0.3, gate
+        # the trusted rows are the champion's own test split, which it never trained on
+        v1 = champion.get("demo", 1).metadata
+        assert out["data"]["trusted_rows"] == v1.evaluation["split_rows"]["test"] > 0
+        assert gate["champion_original_score"] == pytest.approx(v1.metrics["accuracy"])
+        # someone who has checked the labels (a concept shift, say) lets it through
+        code, out, err = _retrain(home, sidecar.url, "--max-original-drop", "1")
+    assert code == 0, err
+    assert out is not None and out["promoted"], out["reason"] if out else err
+    assert champion.aliases("demo") == {"production": 3, "previous": 1}
 
 
 @pytest.mark.parametrize(
@@ -162,7 +192,7 @@ def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Reg
 )
 def test_unusable_production_data_exits_2(home: Path, champion: Registry, tmp_path: Path,
                                           rows: int, message: str) -> None:
-    with sidecar_process(home, tmp_path / "sidecar.log") as sidecar:
+    with sidecar_process(home, tmp_path / "sidecar.log", **MANUAL_ONLY) as sidecar:
         if rows:
             _send(sidecar.url, champion, SyntheticTask(seed=0).sample(rows, seed=70), time.time())
         code, _, err = _retrain(home, sidecar.url)
@@ -193,10 +223,24 @@ def _score(metric: float, latency: float = 1e-4) -> Score:
         (_score(0.60), _score(0.90, latency=1e-3), True, False, "latency"),
         # better but its export is not faithful
         (_score(0.60), _score(0.90), False, False, "parity"),
+        # better on production, within the allowed loss on the original data
+        (_score(0.60), _score(0.90), True, True, "beats champion"),
     ],
 )
 def test_gate(champ: Score, chall: Score, parity: bool, promote: bool, reason: str) -> None:
     decision, why = decide(champ, chall, parity_ok=parity, margin=0.01, latency_tolerance=0.5,
-                           metric="accuracy")
+                           metric="accuracy", original=(0.95, 0.92), max_original_drop=0.05)
     assert decision is promote
     assert reason in why
+
+
+@pytest.mark.parametrize(
+    ("original", "promote"),
+    [((0.95, 0.90), True), ((0.95, 0.8999), False), ((0.95, 0.99), True), ((0.95, 0.10), False)],
+)
+def test_gate_on_the_original_data(original: tuple[float, float], promote: bool) -> None:
+    decision, why = decide(_score(0.60), _score(0.90), parity_ok=True, margin=0.01,
+                           latency_tolerance=0.5, metric="accuracy", original=original,
+                           max_original_drop=0.05)
+    assert decision is promote, why
+    assert ("held for review" in why) is not promote
