@@ -255,8 +255,11 @@ def run_demo(home: Path, *, keep_running: bool, batch_rows: int, timeout_s: floa
     stack = Stack(home, logs)
     policy = home / "policy.yaml"
     policy.write_text(POLICY.format(drift_rows=batch_rows * 2))
+    # the demo's labels are the synthetic task's own, and its concept shift is real: the job may
+    # promote a challenger that contradicts the original data, which by default it holds for a
+    # person to review (labels meant to poison retraining look the same)
     retrain_cmd = (f"{_exe()} retrain --name {{model}} --sidecar-url {stack.monitor_url} "
-                   f"--trigger {{trigger}}")
+                   f"--trigger {{trigger}} --max-original-drop 1")
     try:
         stack.start("sidecar", [_exe(), "monitor", "--port", str(stack.monitor_port)], {
             **env, **stack.key_env(),
@@ -336,7 +339,8 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
        f"{drift.get('share', float('nan')):.2f}, drifted {drift.get('drifted_features', [])}")
 
     # 4. the world changes: two features shift and the concept moves
-    tl("data shifts", f"covariate shift {SHIFT}, concept shift 1.0")
+    tl("data shifts", f"covariate shift {SHIFT}, concept shift 1.0 (the retraining job is told the "
+       "labels were checked: --max-original-drop 1)")
     load = Load(stack.serve_url, task.sample(500, seed=999, shift=SHIFT, concept=1.0).drop(columns=[TARGET]))
     deadline = time.monotonic() + timeout_s
     seen_drift = seen_job = False
