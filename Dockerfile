@@ -29,7 +29,7 @@ COPY modelloop ./modelloop
 COPY training ./training
 COPY serving ./serving
 COPY monitoring ./monitoring
-RUN /opt/modelloop/bin/pip install . \
+RUN /opt/modelloop/bin/pip install ".[all]" \
  && /opt/modelloop/bin/modelloop --version
 
 # ---- runtime --------------------------------------------------------------------------------

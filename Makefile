@@ -6,8 +6,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The pinned CPU build of torch is installed first (it lies on disk on our machines); on a GPU
-# machine set TORCH_SPEC to the CUDA build you want, or leave it: the same range resolves there.
+# Every part is installed (`.[all,dev]`). The pinned CPU build of torch goes first (it lies on
+# disk on our machines; the training extra's bare range would pull the multi-GB CUDA build); on a
+# GPU machine set TORCH_SPEC to the CUDA build you want, or leave it: the same range resolves there.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
@@ -17,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $@
 
 setup: $(BIN)/.installed
