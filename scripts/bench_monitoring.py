@@ -123,7 +123,7 @@ def _events(n: int, tag: str, n_features: int = 20) -> list[dict]:
     rng = np.random.default_rng(abs(hash(tag)) % 2**32)
     x = rng.normal(size=(n, n_features))
     return [{"request_id": f"{tag}-{i}", "timestamp": time.time(), "model": "bench", "version": 1,
-             "mode": "realtime", "features": x[i].tolist(), "prediction": int(i % 2),
+             "mode": "realtime", "features": x[i].tolist(), "prediction": 1,
              "probabilities": [0.4, 0.6], "latency_s": 0.002} for i in range(n)]
 
 
@@ -139,7 +139,7 @@ def _columns(n: int, tag: str, n_features: int = 20, packed: bool = True) -> dic
             "request_ids": [f"{tag}r{i}" for i in range(n)], "first_row": [0] * n, "rows": [1] * n,
             "timestamp": [time.time()] * n, "latency_s": [0.002] * n,
             "features": PackedMatrix.pack(x) if packed else x.tolist(),
-            "prediction": [i % 2 for i in range(n)],
+            "prediction": p.argmax(axis=1).tolist(),
             "probabilities": PackedMatrix.pack(p) if packed else p.tolist()}
 
 
