@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelloop.ports import free_port
 from modelloop.registry import Registry
 from modelloop.synthetic import TARGET, SyntheticTask
 
@@ -63,12 +63,6 @@ scrape_configs:
   - job_name: modelloop-monitor
     static_configs: [{{targets: ["127.0.0.1:{monitor}"]}}]
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _exe() -> str:
@@ -103,7 +97,7 @@ class Stack:
         self.home = home
         self.logs = keep_logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.serve_port, self.monitor_port = _free_port(), _free_port()
+        self.serve_port, self.monitor_port = free_port(), free_port()
         self.serve_url = f"http://127.0.0.1:{self.serve_port}"
         self.monitor_url = f"http://127.0.0.1:{self.monitor_port}"
         self.prometheus_url: str | None = None
@@ -296,7 +290,7 @@ def _start_prometheus(stack: Stack, tl: Timeline) -> None:
     if binary is None:
         tl("no local Prometheus", "(install the Debian package 'prometheus' to scrape the demo)")
         return
-    port = _free_port()
+    port = free_port()
     config = stack.home / "prometheus.yml"
     config.write_text(PROMETHEUS.format(serve=stack.serve_port, monitor=stack.monitor_port,
                                         rules=f'"{rules}"' if rules.exists() else ""))

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modelloop.ports import free_port  # noqa: E402
 from modelloop.registry import Registry  # noqa: E402
 from tests.serving.onnx_models import (  # noqa: E402
     metadata_for,
@@ -87,12 +87,6 @@ async def ready(request):
     return Response(b"ok")
 app = Starlette(routes=[Route("/events", events, methods=["POST"]), Route("/ready", ready)])
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ if _MISSING:
         allow_module_level=True,
     )
 
+from modelloop.ports import free_port  # noqa: E402
 from modelloop.registry import Registry  # noqa: E402
 from modelloop.synthetic import TARGET, SyntheticTask  # noqa: E402
 from tests.deploy._support import (  # noqa: E402
@@ -50,12 +50,6 @@ MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
 LIVE_VARIABLES = {"$__rate_interval": "10s", "$__interval": "1s", "$__range": "5m",
                   "${model}": MODEL, "$model": MODEL}
 GPU_METRICS = ("modelloop_gpu_",)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

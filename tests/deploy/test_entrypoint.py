@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelloop.cli import COMMANDS
+from modelloop.ports import free_port
 from tests.deploy._support import ENTRYPOINT, entrypoint_env, run, run_entrypoint, tool
 
 
@@ -149,12 +149,6 @@ def test_monitor_finds_the_serving_process(
     assert (tmp_path / "role").read_text() == "monitor\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("role", "port_var", "healthy"),
     [
@@ -167,7 +161,7 @@ def _free_port() -> int:
 def test_healthcheck_by_role(tmp_path: Path, role: str | None, port_var: str | None, healthy: bool) -> None:
     if role:
         (tmp_path / "role").write_text(f"{role}\n")
-    extra = {port_var: str(_free_port())} if port_var else {}
+    extra = {port_var: str(free_port())} if port_var else {}
     result = entrypoint(["healthcheck"], env_for(tmp_path, **extra))
     assert (result.returncode == 0) is healthy, result.stderr
     if not healthy:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from modelloop.ports import free_port
 from modelloop.registry import Registry
 from modelloop.schemas import (
     REF_LABEL,
@@ -177,12 +177,6 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Any
                 return
         time.sleep(0.1)
     raise AssertionError(f"{url} not ready within {timeout} s:\n{log()}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 class SidecarProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from modelloop.ports import free_port
 from modelloop.registry import Registry
 from modelloop.schemas import ColumnBatch
 from tests.serving.onnx_models import register_mlp
@@ -32,12 +32,6 @@ MODEL = "churn"
 FEATURES = [f"f{i:02d}" for i in range(20)]
 KEY = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
