@@ -21,8 +21,8 @@ when the worker stops before they could be sent (``shutdown``).
 
 Why a task and not a thread: the body is built in slices of a few hundred rows between which
 the task yields to the loop, and the HTTP send is non-blocking. A thread would compete with the
-event loop for the GIL in bursts (up to the 5 ms switch interval each time the loop makes a
-system call), which cost about a tenth of the throughput and much of the tail latency here.
+event loop for the GIL in bursts (up to the switch interval each time the loop makes a system
+call), which cost throughput and much of the tail latency (measured: docs/serving.md).
 
 Example (inside a running event loop)::
 
@@ -163,8 +163,8 @@ class _Segment:
 
     def json(self) -> bytes:
         """The segment as one EventColumns object: one orjson call, features and probabilities
-        packed as base64 bytes (:class:`~modelloop.schemas.PackedMatrix`; the 30 feature values
-        of a row written as text cost about 0.7 us)."""
+        packed as base64 bytes (:class:`~modelloop.schemas.PackedMatrix`), cheaper than writing
+        each value as text (docs/serving.md)."""
 
         def rows(parts: list[np.ndarray]) -> np.ndarray:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)

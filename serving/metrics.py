@@ -88,9 +88,9 @@ class MetricBuffer:
     """Per-request metric updates summed in plain Python, written to the metrics by :meth:`flush`.
 
     Inside ``bentoml serve`` every prometheus_client update is a locked write to a memory-mapped
-    file (about 2.5 us); a request makes six of them, over a tenth of the CPU a small-model request
-    costs. Summing here makes each a dict update; the serving state flushes every 100 ms, so
-    ``/metrics`` lags by at most that. Only the event-loop thread may use one buffer.
+    file, and a request makes six of them: a measurable share of the CPU a small-model request
+    costs (docs/serving.md). Summing here makes each a dict update; the serving state flushes every
+    100 ms, so ``/metrics`` lags by at most that. Only the event-loop thread may use one buffer.
 
     Example::
 

@@ -84,8 +84,8 @@ class ServingState:
         # Modules, BentoML's app and the model stay for the worker's life: move them out of the
         # collector's reach so a full collection scans only what requests allocate. A request
         # allocates dozens of containers, so the default threshold (700) ran a collection every
-        # few requests, and objects kept briefly (the event buffer) were promoted and rescanned:
-        # measured at 8-20 us of CPU per request on a small model (docs/serving.md).
+        # few requests, and objects kept briefly (the event buffer) were promoted and rescanned
+        # (its cost per request: docs/serving.md).
         gc.collect()
         gc.freeze()
         gc.set_threshold(self.settings.gc_threshold, 20, 10)
