@@ -6,7 +6,6 @@ contract (docker-compose and the chart route `action="retrain"` alerts to /alert
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,17 +20,10 @@ import httpx
 import pytest
 import yaml
 
-_MISSING = [m for m in ("serving.service", "monitoring.app") if importlib.util.find_spec(m) is None]
-if _MISSING:
-    pytest.skip(
-        f"the serve/monitor command is not importable yet ({', '.join(_MISSING)} missing)",
-        allow_module_level=True,
-    )
-
-from modelloop.ports import free_port  # noqa: E402
-from modelloop.registry import Registry  # noqa: E402
-from modelloop.synthetic import TARGET, SyntheticTask  # noqa: E402
-from tests.deploy._support import (  # noqa: E402
+from modelloop.ports import free_port
+from modelloop.registry import Registry
+from modelloop.synthetic import TARGET, SyntheticTask
+from tests.deploy._support import (
     RULES,
     DashboardQuery,
     alert_rules,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from modelloop.cli import COMMANDS
 from modelloop.ports import free_port
 from tests.deploy._support import ENTRYPOINT, entrypoint_env, run, run_entrypoint, tool
 
@@ -22,16 +19,6 @@ def env_for(run_dir: Path, **extra: str) -> dict[str, str]:
 
 def entrypoint(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return run_entrypoint(args, env)
-
-
-def require_command(command: str) -> None:
-    """Skip while another part's command is still being written; read, not imported (torch)."""
-    module, attr, _ = COMMANDS[command]
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        pytest.skip(f"`modelloop {command}` is not importable yet ({module} does not exist)")
-    if not re.search(rf"^{attr}\b\s*(:[^=]*)?=", Path(spec.origin).read_text(), re.M):
-        pytest.skip(f"`modelloop {command}` is not importable yet ({module} has no {attr})")
 
 
 def test_shellcheck() -> None:
@@ -52,7 +39,6 @@ def test_shellcheck() -> None:
 def test_command_selects_the_modelloop_command(
     tmp_path: Path, args: list[str], command: str, usage: str
 ) -> None:
-    require_command(command)
     result = entrypoint(args, env_for(tmp_path, MODELLOOP_PID_WAIT_S="0"))
     assert result.returncode == 0, result.stderr
     assert usage in result.stdout
@@ -99,7 +85,6 @@ def test_help_lists_the_roles(tmp_path: Path) -> None:
 
 
 def test_serve_records_its_role_and_its_own_pid(tmp_path: Path) -> None:
-    require_command("serve")
     proc = subprocess.Popen(
         [str(ENTRYPOINT), "serve", "--help"], env=env_for(tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -127,7 +112,6 @@ def test_serve_records_its_role_and_its_own_pid(tmp_path: Path) -> None:
 def test_monitor_finds_the_serving_process(
     tmp_path: Path, pid_file: str | None, extra: dict[str, str], message: str | None
 ) -> None:
-    require_command("monitor")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -204,7 +188,6 @@ def test_batch_shard_of_an_empty_folder_runs_without_a_writable_run_dir(tmp_path
 def test_batch_shards_split_the_files_and_a_retry_skips_what_is_done(
     model_home: Path, tmp_path: Path
 ) -> None:
-    require_command("batch")
     import pandas as pd
 
     from modelloop.synthetic import TARGET, SyntheticTask

@@ -546,10 +546,6 @@ def test_configmap_maps_one_to_one_onto_settings(
 
 
 def test_policy_configmap_is_a_valid_sidecar_policy(tmp_path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("monitoring.policy") is None:
-        pytest.skip("monitoring.policy does not exist yet")
     from monitoring.policy import load_policy
 
     policy = find(render(), "ConfigMap", f"{NAME}-modelloop-policy")["data"]["policy.yaml"]
@@ -635,12 +631,9 @@ def test_sidecar_started_jobs_work_with_the_charts_settings(monkeypatch: pytest.
     the settings and keys the chart gives it: valid, in this release's account, claim and image,
     told the Service's URL, its admin key a reference to the keys Secret (never the key itself),
     and let through the NetworkPolicy to fetch the labelled data."""
-    import importlib.util
     import shlex
     from dataclasses import replace
 
-    if importlib.util.find_spec("monitoring.triggers_cluster") is None:
-        pytest.skip("monitoring.triggers_cluster does not exist yet")
     from monitoring.jobs import build_trigger, job_env
     from monitoring.triggers import JobRequest, render_command
 

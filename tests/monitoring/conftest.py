@@ -49,7 +49,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[
         yield f"sqlite:///{tmp_path / 'events.db'}", prefix
         return
     if not _pg_available():
-        pytest.skip(f"PostgreSQL is not running at {PG_URL} (scripts/ci_services.sh starts it)")
+        pytest.fail(f"PostgreSQL is not running at {PG_URL}: scripts/ci_services.sh (run by make test) starts it")
     yield PG_URL, prefix
     cleanup = open_store(PG_URL, prefix)
     cleanup.drop_schema()

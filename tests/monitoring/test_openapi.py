@@ -109,7 +109,7 @@ def keyed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     prefix = f"t{uuid.uuid4().hex[:10]}_"
     if request.param == "postgresql":
         if not _pg_available():
-            pytest.skip(f"PostgreSQL is not running at {PG_URL} (scripts/ci_services.sh starts it)")
+            pytest.fail(f"PostgreSQL is not running at {PG_URL}: scripts/ci_services.sh (run by make test) starts it")
         env |= {"MODELLOOP_MONITOR_STORE_URL": PG_URL, "MODELLOOP_MONITOR_STORE_TABLE_PREFIX": prefix}
     home = tmp_path_factory.mktemp("openapi")
     trained.register(home / "registry")

@@ -19,7 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_trained_model_serves_and_batch_scores_like_its_export(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from training.config import TrainingConfig
     from training.export import onnx_session, run_onnx
     from training.pipeline import train_and_register
