@@ -43,10 +43,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from modelloop import __version__
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
-from serving.batcher import Overloaded, retry_after_header
+from serving.batcher import BatchResult, Overloaded, retry_after_header
 from serving.jobs import JobLimits
 from serving.openapi import REQUEST_ID_PATTERN, openapi_document
 from serving.predictions import records_json
@@ -108,7 +107,8 @@ def _too_large(size: int, limit: int) -> RequestError:
                         "(MODELLOOP_SERVING_MAX_BODY_BYTES)")
 
 
-def _reason(exc: RequestError) -> str:
+def error_reason(exc: RequestError) -> str:
+    """The ``reason`` label of the error counter for a refused request."""
     if exc.status == 401:
         return "auth"
     if exc.status == 413:
@@ -140,10 +140,14 @@ class Routes:
 
     # -- shared plumbing ---------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
+        self.check_authorization(request.headers.get("authorization", ""))
+
+    def check_authorization(self, value: str) -> None:
+        """Refuse (401) an ``Authorization`` value (HTTP header, gRPC metadata) without the key."""
         if self._key is None:
             return
         # the scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"), the token is not
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = value.partition(" ")
         if not (hmac.compare_digest(token.lstrip(" ").encode(), self._key) and scheme.lower() == "bearer"):
             raise RequestError(401, "unauthorized", "Authorization",
                                "Authorization: a valid bearer token is required "
@@ -152,7 +156,13 @@ class Routes:
     def request_id(self, request: Request, given: str | None = None) -> str:
         """The request's id: ``given`` (an inference request's ``id``), else ``X-Request-ID``,
         else a new one; it names the rows' events, so its characters are few."""
-        rid = given or request.headers.get("x-request-id")
+        return self.checked_request_id(given, request.headers.get("x-request-id"))
+
+    @staticmethod
+    def checked_request_id(given: str | None, header: str | None) -> str:
+        """:meth:`request_id` from the inference request's ``id`` and the ``x-request-id`` header
+        (HTTP or gRPC metadata)."""
+        rid = given or header
         if rid is None:
             return secrets.token_hex(8)
         if not _REQUEST_ID.fullmatch(rid):  # (match would pass a trailing "\n")
@@ -172,7 +182,7 @@ class Routes:
                     self.authorize(request)
                 response = await handler(request, state)
             except RequestError as exc:
-                state.count_error(state.manager.name, _reason(exc))
+                state.count_error(state.manager.name, error_reason(exc))
                 response = error_response(exc)
             except Overloaded as exc:
                 state.count_error(state.manager.name, "overloaded")
@@ -211,8 +221,7 @@ class Routes:
 
     # -- Open Inference Protocol v2 ----------------------------------------------------------
     async def server_metadata(self, request: Request, state: ServingState) -> Response:
-        return json_response({"name": "modelloop", "version": __version__,
-                              "extensions": ["binary_tensor_data"]})
+        return json_response(oip.server_metadata())
 
     async def live(self, request: Request, state: ServingState) -> Response:
         return json_response({"live": True})
@@ -221,9 +230,12 @@ class Routes:
         return json_response({"ready": state.ready}, 200 if state.ready else 503)
 
     def _served(self, request: Request) -> Any:
+        return self.served(request.path_params["name"], request.path_params.get("version"))
+
+    def served(self, name: str, version: str | None) -> Any:
+        """The runtime serving model ``name`` (``version``: None or "" for the current one), or
+        a 404 naming what is served."""
         runtime = self.state.manager.current
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
         if name != runtime.name:
             raise RequestError(404, "not_found", "model_name",
                                f"model_name: model {name!r} is not served here (serving {runtime.name!r})")
@@ -246,13 +258,19 @@ class Routes:
         req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
                                nan_policy=self.nan_policy, max_rows=self.max_rows)
         base = self.request_id(request, req.id)
-        result = await state.batcher.predict(runtime, req.x, base if state.emitter.enabled else None, start)
+        result = await self.infer_rows(runtime, req.x, base, start)
         runtime = result.runtime
-        n = len(req.x)
-        state.count_rows(runtime.name, n)
         content, headers = oip.encode_infer(runtime.metadata, runtime.model_version, base, req, result.outputs)
         media = "application/octet-stream" if headers else JSON
         return Response(content, 200, headers, media)
+
+    async def infer_rows(self, runtime: Any, x: np.ndarray, request_id: str, start: float) -> BatchResult:
+        """An OIP request's rows through the batcher (their events named ``request_id`` when the
+        sidecar is on), counted: what the REST and gRPC infer share."""
+        state = self.state
+        result = await state.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
+        state.count_rows(result.runtime.name, len(x))
+        return result
 
     # -- batch scoring -----------------------------------------------------------------------
     @staticmethod

@@ -15,12 +15,14 @@ request's ``id`` (or a generated one, returned in the response).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
+from modelloop import __version__
 from modelloop.schemas import INPUT_NAME, ModelMetadata
 from serving.validation import (
     RequestError,
@@ -42,6 +44,11 @@ PLATFORM = "onnxruntime_onnx"
 def oip_datatype(dtype: str | np.dtype[Any]) -> str:
     """The OIP datatype name of a numpy dtype or a metadata dtype string."""
     return NP_TO_OIP.get(np.dtype(dtype).str, "BYTES")
+
+
+def server_metadata() -> dict[str, Any]:
+    """``GET /v2`` (and gRPC ``ServerMetadata``): the server's name, version and extensions."""
+    return {"name": "modelloop", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
@@ -149,6 +156,25 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     doc = parse_json(body)
     if not isinstance(doc, dict):
         raise RequestError(400, "wrong_type", "body", "body: expected an inference request object")
+    return decode_request(doc, meta, nan_policy=nan_policy, max_rows=max_rows, binary=binary)
+
+
+@dataclass
+class TensorValues:
+    """An input tensor's values sent outside the request's JSON-like fields (gRPC): the typed
+    ``contents`` as an array, or ``raw_input_contents`` as bytes; ``field`` names where."""
+
+    values: np.ndarray | bytes
+    field: str
+
+
+def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str, max_rows: int,
+                   binary: bytes = b"", values: Callable[[str], TensorValues] | None = None,
+                   default_binary: bool = False) -> InferRequest:
+    """An infer request's fields as parsed (REST's JSON, or gRPC's message as the same dict) into
+    float32 rows for the model: ``binary`` holds the binary extension's bytes (REST); ``values``,
+    called with the tensor's datatype once its name, datatype and shape are checked, gives its
+    gRPC contents; ``default_binary`` is whether outputs are binary unless the request asks."""
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RequestError(400, "wrong_shape", "inputs",
@@ -182,16 +208,17 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
         raise RequestError(status, code, "inputs[0].shape",
                            f"inputs[0].shape: {shape[0]} rows; between 1 and {max_rows} are accepted")
+    dtype = np.dtype(DATATYPES[datatype])
     size = _parameters(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
-    if size is not None:
-        dtype = np.dtype(DATATYPES[datatype])
+    given = values(datatype) if values is not None else None
+    if size is not None and given is None:
         if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
             raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
                                f"inputs[0].parameters.binary_data_size: {preview(size)} bytes do not hold "
                                f"{datatype} {shape} ({len(binary)} binary bytes sent)")
-        x = np.frombuffer(binary, dtype=dtype, count=count).reshape(shape)
-        if dtype != np.float32:
-            x = x.astype(np.float32)
+        given = TensorValues(binary[:size], "inputs[0].data")
+    if given is not None:
+        x = _tensor_values(given, dtype, datatype, shape, count)
         check_array(x, "inputs[0].data", nan_policy=nan_policy)
     else:
         x = _json_rows(tensor.get("data"), shape, meta, nan_policy)
@@ -200,7 +227,7 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
     wanted = doc.get("outputs")
     names = [o.name for o in meta.outputs]
     default_binary = _flag(_parameters(doc.get("parameters"), "parameters"), "binary_data_output", "parameters",
-                           False)
+                           default_binary)
     if wanted is None:
         return InferRequest(x, _request_id(doc), names, dict.fromkeys(names, default_binary))
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
@@ -213,6 +240,21 @@ def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
         field = f"outputs[{k}].parameters"
         binary_of[out["name"]] = _flag(_parameters(out.get("parameters"), field), "binary_data", field, default_binary)
     return InferRequest(x, _request_id(doc), list(binary_of), binary_of)
+
+
+def _tensor_values(values: TensorValues, dtype: np.dtype[Any], datatype: str, shape: list[int],
+                   count: int) -> np.ndarray:
+    """The float32 tensor of values sent as bytes or as a typed array, which must hold exactly
+    ``shape``'s values."""
+    given = values.values
+    n = len(given) // dtype.itemsize if isinstance(given, bytes) else given.size
+    if n != count or (isinstance(given, bytes) and len(given) % dtype.itemsize):
+        amount = f"{len(given)} bytes" if isinstance(given, bytes) else f"{given.size} values"
+        raise RequestError(400, "wrong_shape", values.field,
+                           f"{values.field}: {amount} do not hold {datatype} {shape} "
+                           f"({count} values)")
+    x = np.frombuffer(given, dtype=dtype) if isinstance(given, bytes) else given
+    return x.astype(np.float32, copy=False).reshape(shape)
 
 
 def _request_id(doc: dict[str, Any]) -> str | None:
