@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test lint test-fast bench clean
+.PHONY: setup tools demo test lint test-fast bench clean grpc-stubs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: tools lint
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+# The Open Inference Protocol's gRPC messages and service (committed; rerun after editing the .proto)
+grpc-stubs: setup
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		serving/proto/predict_v2.proto
 
 clean:
 	rm -rf $(VENV) .modelloop .pytest_cache .mypy_cache .ruff_cache

@@ -53,6 +53,7 @@ def _settings(**overrides: Any) -> ServingSettings:
 def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 3000).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 0.0.0.0).")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="Port of the Open Inference Protocol over gRPC (default 0: off).")] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Registered model to serve (default: the only one).")] = None,
     alias: Annotated[str | None, typer.Option(help="Alias or version to serve and follow (default production).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
@@ -79,7 +80,7 @@ def serve(
     listening beyond loopback logs a warning), and MODELLOOP_SERVING_SIDECAR_KEY is sent with
     the prediction events to the sidecar (its MODELLOOP_MONITOR_INGEST_KEY).
     """
-    settings = _settings(port=port, host=host, model=name, alias=alias, workers=workers,
+    settings = _settings(port=port, host=host, grpc_port=grpc_port, model=name, alias=alias, workers=workers,
                          threads=threads, providers=providers, batching=batching,
                          max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait_s,
                          max_queue_rows=max_queue_rows, sidecar_url=sidecar_url,
@@ -99,8 +100,8 @@ def serve(
     failure.unlink(missing_ok=True)  # a former process's with our pid
     service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
     service.config["workers"] = settings.worker_count()
-    logger.info("starting BentoML on %s:%d with %d workers", settings.host, settings.port,
-                settings.worker_count())
+    logger.info("starting BentoML on %s:%d with %d workers%s", settings.host, settings.port,
+                settings.worker_count(), f", gRPC on port {settings.grpc_port}" if settings.grpc_port else "")
     try:
         service.serve_http(host=settings.host, port=settings.port)
     finally:

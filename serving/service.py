@@ -44,6 +44,7 @@ from serving.state import ServingState
 
 logger = logging.getLogger(__name__)
 BENTOML_WORKER = "_bentoml_impl.worker.service"  # the module BentoML's arbiter runs as a worker
+GRPC_GRACE_S = 5.0  # how long gRPC calls in flight may finish when a worker stops
 
 
 def startup_failure_file(server_pid: int) -> Path:
@@ -108,10 +109,23 @@ class ModelloopService(bentoml.Service):
             except ModelLoadError as exc:
                 stop_server(str(exc))
                 raise
+            grpc_server = None
+            if settings.grpc_port:
+                # loaded only when on: its messages are package "inference", like tritonclient's,
+                # and one process cannot hold both (tests load tritonclient with the service)
+                from serving.oip_grpc import start_grpc_server
+
+                try:
+                    grpc_server = await start_grpc_server(state)
+                except RuntimeError as exc:  # the port is taken by another program
+                    stop_server(f"MODELLOOP_SERVING_GRPC_PORT: {exc}")
+                    raise
             try:
                 async with bento_lifespan(app):
                     yield
             finally:
+                if grpc_server is not None:
+                    await grpc_server.stop(GRPC_GRACE_S)
                 await state.stop()
 
         bento.router.lifespan_context = lifespan

@@ -75,6 +75,10 @@ class ServingSettings(HomeSettings):
     workers: NonNegativeInt = 0
     """BentoML worker processes; 0 means one per CPU core."""
 
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the Open Inference Protocol's gRPC service (``inference.GRPCInferenceService``) on
+    ``host``; 0 turns it off. Every worker listens on it (``SO_REUSEPORT``)."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of the ``serving`` loggers (model loads, swaps, dropped events, failures)."""
 

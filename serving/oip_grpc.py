@@ -1,0 +1,231 @@
+"""Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``, KServe v2 / Triton).
+
+A thin transport over the REST routes' logic: each call is checked by the same
+:class:`~serving.app.Routes` (bearer key, served model, request id), decoded by the same
+:func:`serving.oip.decode_request` (the message is read into the dict a JSON request parses to),
+and runs through the same batcher, events and metrics (route ``grpc_infer``, counted under the
+HTTP status the same refusal gets over REST). tritonclient's gRPC client works unchanged::
+
+    client = tritonclient.grpc.InferenceServerClient("localhost:3001")
+    client.infer("churn", [InferInput("input", [1, 20], "FP32").set_data_from_numpy(x)])
+
+Tensors come typed (``contents.fp32_contents``, ...) or as ``raw_input_contents``; outputs go back
+as ``raw_output_contents`` (what Triton answers and tritonclient reads), or typed ``contents``
+when the request sets ``binary_data_output`` false (or every requested output ``binary_data``
+false). Refusals carry a gRPC status and the REST message naming the field: INVALID_ARGUMENT,
+UNAUTHENTICATED, NOT_FOUND (model), RESOURCE_EXHAUSTED (too large; messages over
+``MODELLOOP_SERVING_MAX_BODY_BYTES`` are refused by gRPC itself), UNAVAILABLE (shedding load).
+
+The server runs in each BentoML worker on the same event loop as the HTTP app
+(:func:`start_grpc_server`, from ``serving/service.py``); the workers share the port through
+``SO_REUSEPORT``, the kernel spreading connections (a gRPC channel stays on one worker).
+
+The generated modules in ``serving/proto`` declare package ``inference`` as Triton's do: a process
+cannot import both them and ``tritonclient.grpc`` (the protobuf pool refuses a second definition).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serving import oip
+from serving.app import Routes, error_reason
+from serving.batcher import Overloaded, retry_after_header
+from serving.proto import predict_v2_pb2 as pb
+from serving.proto import predict_v2_pb2_grpc as pb_grpc
+from serving.state import ServingState
+from serving.validation import RequestError
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "grpc_infer"
+"""The ``route`` label of the request metrics for ModelInfer."""
+
+_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.UNAVAILABLE,
+           503: grpc.StatusCode.UNAVAILABLE, 507: grpc.StatusCode.RESOURCE_EXHAUSTED}
+"""gRPC status of a refusal by its REST status; any other 4xx is INVALID_ARGUMENT."""
+
+# datatype -> the typed contents field that carries it (FP16 has none: raw only)
+_TYPED_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents",
+                "INT64": "int64_contents"}
+_CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
+                   "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
+_NP_FIELD = {np.dtype(np.float32): "fp32_contents", np.dtype(np.float64): "fp64_contents",
+             np.dtype(np.int32): "int_contents", np.dtype(np.int64): "int64_contents"}
+
+
+def _parameters(params: Any) -> dict[str, Any]:
+    """A ``map<string, InferParameter>`` as the dict a JSON request holds."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param") for k, v in params.items()}
+
+
+def request_doc(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The infer request's fields as :func:`serving.oip.decode_request` reads them from JSON."""
+    return {
+        "id": request.id or None,
+        "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+                    "parameters": _parameters(t.parameters)} for t in request.inputs],
+        "outputs": [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs] or None,
+        "parameters": _parameters(request.parameters),
+    }
+
+
+def tensor_values(request: pb.ModelInferRequest) -> Callable[[str], oip.TensorValues]:
+    """The first input's values, raw or typed, for :func:`serving.oip.decode_request`."""
+
+    def values(datatype: str) -> oip.TensorValues:
+        raw = request.raw_input_contents
+        contents = request.inputs[0].contents
+        sent = [f for f in _CONTENT_FIELDS if len(getattr(contents, f))]
+        if raw:
+            if len(raw) != len(request.inputs) or sent:
+                raise RequestError(400, "wrong_shape", "raw_input_contents",
+                                   f"raw_input_contents: {len(raw)} given for {len(request.inputs)} inputs"
+                                   + (f" that also send inputs[0].contents.{sent[0]}" if sent else "")
+                                   + "; send one raw content per input, or typed contents only")
+            return oip.TensorValues(raw[0], "raw_input_contents[0]")
+        field = _TYPED_FIELD.get(datatype)
+        if field is None:
+            raise RequestError(400, "wrong_type", "inputs[0].contents",
+                               f"inputs[0].contents: {datatype} has no typed contents; send it as "
+                               "raw_input_contents")
+        other = [f for f in sent if f != field]
+        if other:
+            raise RequestError(400, "wrong_type", f"inputs[0].contents.{other[0]}",
+                               f"inputs[0].contents.{other[0]}: datatype {datatype} is sent in "
+                               f"inputs[0].contents.{field}")
+        dtype = oip.DATATYPES[datatype]
+        return oip.TensorValues(np.array(getattr(contents, field), dtype=dtype),
+                                f"inputs[0].contents.{field}")
+
+    return values
+
+
+def encode_response(meta: Any, version: int, request_id: str, req: oip.InferRequest,
+                    outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    """The ModelInferResponse: raw output contents unless no output asked for binary."""
+    raw = any(req.binary.get(name) for name in req.outputs) or any(
+        np.dtype(outputs[name].dtype) not in _NP_FIELD for name in req.outputs)
+    response = pb.ModelInferResponse(model_name=meta.name, model_version=str(version), id=request_id)
+    for name in req.outputs:
+        value = np.ascontiguousarray(outputs[name])
+        tensor = response.outputs.add(name=name, datatype=oip.oip_datatype(value.dtype), shape=value.shape)
+        if raw:
+            response.raw_output_contents.append(value.tobytes())
+        else:
+            getattr(tensor.contents, _NP_FIELD[value.dtype]).extend(value.reshape(-1).tolist())
+    return response
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+Call = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The six calls of the protocol, bound to one worker's state."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+        self.routes = Routes(state)
+
+    async def _guarded(self, request: Any, context: grpc.aio.ServicerContext, call: Call,
+                       route: str = "", auth: bool = True) -> Any:
+        """Auth, error mapping and request metrics around a call (as ``Routes.guarded``)."""
+        state = self.state
+        start = time.perf_counter()
+        code = 200
+        try:
+            if auth:
+                self.routes.check_authorization(_metadata(context).get("authorization", ""))
+            return await call(request, context)
+        except RequestError as exc:
+            code = exc.status
+            state.count_error(state.manager.name, error_reason(exc))
+            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), exc.message)
+        except Overloaded as exc:
+            code = 503
+            state.count_error(state.manager.name, "overloaded")
+            context.set_trailing_metadata((("retry-after", retry_after_header(exc.retry_after_s)),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"overloaded: {exc}; retry later")
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = 500
+            logger.exception("gRPC %s failed", type(request).__name__)
+            state.count_error(state.manager.name, "internal")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+        finally:
+            if route:
+                state.observe_request(state.manager.name, route, code, time.perf_counter() - start)
+
+    # -- health and metadata (as GET /v2, /v2/health/*, /v2/models/{name}[/ready]) --------------
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self.state.ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(**oip.server_metadata())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Any) -> Any:
+            return pb.ModelReadyResponse(ready=self.routes.served(request.name, request.version).ready)
+
+        return await self._guarded(request, context, call)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Any) -> Any:
+            meta = oip.model_metadata(self.routes.served(request.name, request.version).metadata)
+            return pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+                outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]])
+
+        return await self._guarded(request, context, call)
+
+    # -- inference (as POST /v2/models/{name}/infer) ----------------------------------------------
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._guarded(request, context, self._infer, route=ROUTE)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        routes = self.routes
+        runtime = routes.served(request.model_name, request.model_version)
+        req = oip.decode_request(request_doc(request), runtime.metadata, nan_policy=routes.nan_policy,
+                                 max_rows=routes.max_rows, values=tensor_values(request),
+                                 default_binary=True)
+        rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
+        result = await routes.infer_rows(runtime, req.x, rid, start)
+        runtime = result.runtime
+        return encode_response(runtime.metadata, runtime.model_version, rid, req, result.outputs)
+
+
+async def start_grpc_server(state: ServingState) -> grpc.aio.Server:
+    """Start the gRPC server of this worker on ``MODELLOOP_SERVING_GRPC_PORT`` and ``host``.
+    Requests over ``max_body_bytes`` are refused with RESOURCE_EXHAUSTED."""
+    s = state.settings
+    limit = s.max_body_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.so_reuseport", 1),  # every worker listens on the port; the kernel spreads connections
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    address = f"{s.host}:{s.grpc_port}" if ":" not in s.host else f"[{s.host}]:{s.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen on {address}: {exc}") from None
+    await server.start()
+    logger.info("gRPC (Open Inference Protocol) on %s", address)
+    return server
