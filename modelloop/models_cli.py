@@ -102,7 +102,7 @@ def show(
     typer.echo(json.dumps(data, indent=2) if as_json else _pretty(data))
 
 
-def _pretty(data: dict) -> str:
+def _pretty(data: dict[str, Any]) -> str:
     lines = [f"{data['name']} v{data['version']}  ({data['task']}, {data['architecture']})",
              f"  aliases:   {', '.join(data['aliases']) or '-'}",
              f"  onnx:      {data['onnx_path']}",

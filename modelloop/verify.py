@@ -219,7 +219,7 @@ def _stored_predictions(version: ModelVersion, reference: Any) -> np.ndarray:
     if REF_PREDICTION not in reference.columns:
         raise _broken(version, path, f"the reference sample has no {REF_PREDICTION!r} column")
     try:
-        stored = reference[REF_PREDICTION].iloc[_rows(len(reference))].to_numpy(np.float64)
+        stored: np.ndarray = reference[REF_PREDICTION].iloc[_rows(len(reference))].to_numpy(np.float64)
     except (TypeError, ValueError) as exc:
         raise _broken(version, path, f"its {REF_PREDICTION!r} column is not numbers: {exc}") from exc
     if not np.isfinite(stored).all():

@@ -308,12 +308,13 @@ def _column_matrix(values: list[list[float | None]] | list[list[float]] | Packed
         if width is not None and values.shape[1] != width:
             return f"{field}.shape: expected {width} values per row for {tag}, got {values.shape[1]}", _EMPTY
         return None, values.array().astype(np.float64)
+    rows: Sequence[Sequence[float | None]] = values
     if width is None:
-        width = len(values[0]) if values else 0
-    r = next((r for r, v in enumerate(values) if len(v) != width), None)
+        width = len(rows[0]) if rows else 0
+    r = next((r for r, v in enumerate(rows) if len(v) != width), None)
     if r is not None:
-        return f"{field}[{r}]: expected {width} values for {tag}, got {len(values[r])}", _EMPTY
-    return None, np.array(values, dtype=np.float64).reshape(-1, width)
+        return f"{field}[{r}]: expected {width} values for {tag}, got {len(rows[r])}", _EMPTY
+    return None, np.array(rows, dtype=np.float64).reshape(-1, width)
 
 
 def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -57,7 +57,8 @@ def retrain_command(
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        overrides = {k: v for k, v in {"sidecar_url": sidecar_url, "retrain_window_s": window_s,
+        # only the options given: the rest come from the environment and the defaults
+        overrides: dict[str, Any] = {k: v for k, v in {"sidecar_url": sidecar_url, "retrain_window_s": window_s,
                                        "retrain_margin": margin,
                                        "retrain_max_original_drop": max_original_drop,
                                        }.items() if v is not None}

@@ -39,7 +39,13 @@ from torch.nn import functional as F
 
 from modelloop.schemas import INPUT_NAME, Task, TensorSpec, monitored_features
 from training.data import TARGET, TabularDataset
-from training.models import Architecture, Preprocessor, TabularNet, register_architecture
+from training.models import (
+    Architecture,
+    NetBuilder,
+    Preprocessor,
+    TabularNet,
+    register_architecture,
+)
 
 CLASSES = ["rise", "fall", "peak", "dip"]
 CHANNELS = ["signal", "walk", "noise"]
@@ -174,7 +180,7 @@ class SequenceClassifier(TabularNet):
         return inputs, outputs
 
 
-def _builder(cell: str):  # type: ignore[no-untyped-def]
+def _builder(cell: str) -> NetBuilder:
     def build(params: BaseModel, *, train_features: np.ndarray, task: Task, n_outputs: int,
               train_target: np.ndarray | None = None) -> SequenceClassifier:
         assert isinstance(params, RNNParams)

@@ -69,7 +69,7 @@ class ImagePreprocessor(nn.Module):
     def fit(cls, images: np.ndarray) -> ImagePreprocessor:
         """Fit on the training images ``[rows, channels, height, width]`` (NaN = missing)."""
         x = np.asarray(images, dtype=np.float64)
-        pre = cls(tuple(x.shape[1:]))  # type: ignore[arg-type]
+        pre = cls(tuple(x.shape[1:]))
         median = np.nan_to_num(np.nanmedian(x, axis=0)) if np.isnan(x).any() else np.median(x, axis=0)
         filled = np.where(np.isnan(x), median, x)
         std = float(filled.std())
