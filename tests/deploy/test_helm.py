@@ -286,7 +286,7 @@ def test_service_hpa_pdb_and_network_policy_select_the_serving_pods() -> None:
     service = find(docs, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {p["name"] for c in containers(deployment).values() for p in c["ports"]}
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == ports == {"http", "monitor"}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == ports == {"http", "grpc", "monitor"}
     hpa = find(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": deployment["metadata"]["name"]}
