@@ -211,3 +211,24 @@ class _HttpxPoster:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class AiohttpPoster:
+    """The same interface over aiohttp (the candidate measured by bench_serving's events-client)."""
+
+    def __init__(self, url: str, timeout_s: float, headers: Mapping[str, str] | None = None) -> None:
+        import aiohttp
+
+        self.url = url
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            headers={**(headers or {}), "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    async def post(self, body: bytes) -> Answer:
+        async with self._session.post(self.url, data=body) as resp:
+            text = await resp.text(errors="replace")
+            return Answer(resp.status, text, retry_after(resp.headers.get("Retry-After")))
+
+    async def aclose(self) -> None:
+        await self._session.close()
