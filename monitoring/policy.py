@@ -5,11 +5,17 @@ its threshold on at least ``min_samples`` samples for ``for`` (a duration), it f
 is counted and logged, and with ``action: retrain`` a retraining job is requested. After firing it
 stays quiet for ``cooldown``, unless its action was refused (:meth:`PolicyEngine.refused`: no job
 could start, say at the cap of running jobs): then it fires again at the next check. The file
-format is in docs/monitoring.md and ``monitoring/assets/policy.yaml``. Example::
+format is in docs/monitoring.md and ``monitoring/assets/policy.yaml``; ``load_policy(path)``
+reads one (PolicyError naming the rule and the field). Example (run by tests/monitoring/test_policy.py)::
 
-    policy = load_policy(Path("policy.yaml"))      # PolicyError naming the rule and the field
-    engine = PolicyEngine(policy)
-    firings = engine.evaluate("churn", observe, now=time.time())
+    >>> policy = parse_policy('''
+    ... rules:
+    ...   - {name: accuracy-floor, metric: accuracy, threshold: 0.7, min_samples: 200}
+    ... ''')
+    >>> engine = PolicyEngine(policy)
+    >>> observe = lambda rule: Observation(value=0.62, samples=400)  # the rule's metric now
+    >>> [f.message() for f in engine.evaluate("model", "churn", observe, now=0.0, model="churn")]
+    ["rule 'accuracy-floor' fired for churn: accuracy < 0.7, value 0.62 over 400 samples"]
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class EventStore:
     integrity_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, prefix: str = "modelloop_") -> None:
-        self.p = prefix
+        self.table_prefix = prefix
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
         self._growth: tuple[int, Callable[[], None]] | None = None
@@ -127,7 +127,7 @@ class EventStore:
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:
-        return sql.replace("?", self.placeholder).replace("{p}", self.p)
+        return sql.replace("?", self.placeholder).replace("{p}", self.table_prefix)
 
     def _begin(self, conn: Any) -> None:
         """Open the write transaction (PostgreSQL opens one implicitly)."""
@@ -186,7 +186,7 @@ class EventStore:
         raise NotImplementedError
 
     def drop_schema(self) -> None:
-        """Drop the store's tables (tests and ``modelloop monitor reset``)."""
+        """Drop the store's tables (the tests, after a case on a shared PostgreSQL)."""
         with self._write() as cur:
             for table in ("events", "jobs", "alerts"):
                 cur.execute(self._sql(f"DROP TABLE IF EXISTS {{p}}{table}"))
@@ -666,7 +666,7 @@ class PostgresStore(EventStore):
 
     def _columns(self, cur: Any, table: str) -> set[str]:
         cur.execute("SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = current_schema() AND table_name = %s", (self.p + table,))
+                    "WHERE table_schema = current_schema() AND table_name = %s", (self.table_prefix + table,))
         return {row[0] for row in cur.fetchall()}
 
     def _writer(self) -> Any:

@@ -3,11 +3,13 @@ semantics (minimum samples, for-duration, cooldown)."""
 
 from __future__ import annotations
 
+import doctest
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from monitoring import policy as policy_module
 from monitoring.policy import (
     Observation,
     PolicyEngine,
@@ -18,6 +20,11 @@ from monitoring.policy import (
     parse_size,
 )
 from monitoring.settings import default_policy_file
+
+
+def test_the_module_example_runs() -> None:
+    result = doctest.testmod(policy_module)
+    assert (result.attempted, result.failed) == (4, 0)
 
 
 def test_the_shipped_policy_is_valid() -> None:
