@@ -74,7 +74,7 @@ class Evaluator:
                  engine: PolicyEngine, metrics: MonitorMetrics,
                  on_fire: Callable[[Firing, int | None], None],
                  clock: Callable[[], float] = time.time) -> None:
-        self.s = settings
+        self.settings = settings
         self.store = store
         self.catalog = catalog
         self.engine = engine
@@ -120,8 +120,8 @@ class Evaluator:
         """Watched models that have events (the store is asked again at each check)."""
         if refresh or self._models is None:
             stored = self.store.models()
-            if self.s.models:
-                self._models = [m for m in self.s.models if m in stored]
+            if self.settings.models:
+                self._models = [m for m in self.settings.models if m in stored]
             else:
                 self._models = [m for m in stored if self.catalog.watched(m)]
         return list(self._models)
@@ -158,8 +158,8 @@ class Evaluator:
             ctx = VersionContext(meta, None, ConfidenceCalibration(None), None, str(exc))
         else:
             profile = ReferenceProfile(
-                ref, meta.feature_names, method=self.s.drift_method,
-                threshold=self.s.drift_threshold,
+                ref, meta.feature_names, method=self.settings.drift_method,
+                threshold=self.settings.drift_threshold,
                 prediction_categorical=meta.task == Task.classification)
             proba_cols = [c for c in ref.columns if c.startswith(REF_PROBA_PREFIX)]
             proba_cols.sort(key=lambda c: int(c[len(REF_PROBA_PREFIX):]))
@@ -169,7 +169,7 @@ class Evaluator:
         return ctx
 
     def _check_model(self, model: str, now: float) -> None:
-        s = self.s
+        s = self.settings
         recent = self.store.window(model, last_n=s.window_events, features=False)
         if not len(recent):
             return
@@ -275,7 +275,7 @@ class Evaluator:
         """A new report when the drifted features change, else at most every interval."""
         drifted = tuple(drift.drifted_features)
         last = self._last_report.get(model)
-        if last is not None and last[1] == drifted and now - last[0] < self.s.report_interval_s:
+        if last is not None and last[1] == drifted and now - last[0] < self.settings.report_interval_s:
             return False
         self._last_report[model] = (now, drifted)
         return True
@@ -293,7 +293,7 @@ class Evaluator:
             pred_col = "prediction"
             ref[pred_col] = ctx.reference[REF_PREDICTION].to_numpy()
             cur[pred_col] = current.prediction
-        s = self.s
+        s = self.settings
 
         def render() -> None:
             try:
@@ -315,12 +315,13 @@ class Evaluator:
     # -- resources ---------------------------------------------------------------------------
     def _check_resources(self, now: float) -> None:
         sample: ProcessSample | None = None
-        target = self.s.target_name
-        if self._process is None and self.s.target_pid is not None:
+        target = self.settings.target_name
+        if self._process is None and self.settings.target_pid is not None:
             try:
-                self._process = ProcessSampler(self.s.target_pid, self.s.include_children)
+                self._process = ProcessSampler(self.settings.target_pid,
+                                               self.settings.include_children)
             except psutil.Error as exc:
-                self._resource_status = {"target": target, "error": f"pid {self.s.target_pid}: {exc}"}
+                self._resource_status = {"target": target, "error": f"pid {self.settings.target_pid}: {exc}"}
         if self._process is not None:
             try:
                 sample = self._process.sample()
@@ -364,7 +365,7 @@ class Evaluator:
         """Delete events beyond the retention bounds (age, count, bytes) and forget alerts not
         seen for the retention age or beyond ``retention_max_alerts``; one run at a time. A run
         ends after its current chunk once the evaluator closes or ``stopping()`` holds."""
-        s = self.s
+        s = self.settings
         with self._retention_lock:
             done = self.store.retain(cutoff_ts=self.clock() - s.retention_max_age_s,
                                      max_events=s.retention_max_events,
