@@ -17,8 +17,8 @@ version number or lose each other's alias change.
 
 No alias moves to a version that fails its check (``modelloop.verify``: loaded, run on its
 reference rows, outputs finite and consistent with the sample): :meth:`Registry.promote`,
-:meth:`Registry.rollback` and :meth:`Registry.set_alias` raise :class:`BrokenVersion` instead, and
-``previous`` only ever names a version that passed. A version whose files cannot be read raises
+:meth:`Registry.rollback` raise :class:`BrokenVersion` instead, and ``previous`` only ever names
+a version that passed. A version whose files cannot be read raises
 :class:`BrokenVersion` too, naming the file, on one line.
 
 Example::
@@ -53,7 +53,6 @@ from modelloop.schemas import ALIAS_PREVIOUS, ALIAS_PRODUCTION, ModelMetadata
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 REFERENCE_FILE = "reference.parquet"
@@ -305,23 +304,6 @@ class Registry:
             except BrokenVersion as exc:
                 known[version] = exc
         return known[version]
-
-    def set_alias(self, name: str, alias: str, version: int) -> dict[str, int]:
-        """Point ``alias`` at ``version`` (any alias but the two that promote/rollback manage);
-        BrokenVersion, and nothing changes, when the version fails its check."""
-        if not _ALIAS.match(alias):
-            raise RegistryError(f"invalid alias {alias!r}: lower-case letters, digits, '_' or '-'")
-        if alias in (ALIAS_PRODUCTION, ALIAS_PREVIOUS):
-            raise RegistryError(f"alias {alias!r} is moved by promote and rollback only")
-        target = self.resolve(name, version)
-        problem = self._check(name, target, {})  # outside the lock: the version cannot change
-        if problem is not None:
-            raise problem
-        with self._locked(name) as mdir:
-            aliases = self.aliases(name)
-            aliases[alias] = target
-            self._write_aliases(mdir, aliases, {"op": "set", "alias": alias, "version": target})
-            return aliases
 
     def promote(self, name: str, version: int | str) -> dict[str, int]:
         """Make ``version`` production; the old production becomes ``previous``. Atomic.
