@@ -39,7 +39,13 @@ from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import Firing, Observation, PolicyEngine, Rule
 from monitoring.reports import write_drift_report
-from monitoring.resources import CgroupSampler, GpuSampler, ProcessSample, ProcessSampler
+from monitoring.resources import (
+    CgroupSampler,
+    GpuSample,
+    GpuSampler,
+    ProcessSample,
+    ProcessSampler,
+)
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, Retention, Window
 
@@ -314,21 +320,33 @@ class Evaluator:
 
     # -- resources ---------------------------------------------------------------------------
     def _check_resources(self, now: float) -> None:
-        sample: ProcessSample | None = None
+        """Sample the watched process and the GPUs, publish their gauges, judge their rules."""
         target = self.settings.target_name
+        sample = self._sample_process(target)
+        gpus = self.gpu.sample() if self.gpu is not None else []
+        self._publish_resources(target, sample, gpus)
+        self._judge_resources(now, target, sample, gpus)
+
+    def _sample_process(self, target: str) -> ProcessSample | None:
+        """The watched process's CPU and memory now; None (and why, in the status) without one."""
         if self._process is None and self.settings.target_pid is not None:
             try:
                 self._process = ProcessSampler(self.settings.target_pid,
                                                self.settings.include_children)
             except psutil.Error as exc:
                 self._resource_status = {"target": target, "error": f"pid {self.settings.target_pid}: {exc}"}
-        if self._process is not None:
-            try:
-                sample = self._process.sample()
-            except (psutil.Error, OSError, ValueError) as exc:
-                self._resource_status = {"target": target, "error": str(exc)}
-                if isinstance(self._process, ProcessSampler):
-                    self._process = None  # the process is gone; look for the pid again next time
+        if self._process is None:
+            return None
+        try:
+            return self._process.sample()
+        except (psutil.Error, OSError, ValueError) as exc:
+            self._resource_status = {"target": target, "error": str(exc)}
+            if isinstance(self._process, ProcessSampler):
+                self._process = None  # the process is gone; look for the pid again next time
+            return None
+
+    def _publish_resources(self, target: str, sample: ProcessSample | None,
+                           gpus: list[GpuSample]) -> None:
         entries: list[tuple[Gauge, tuple[str, ...], float]] = []
         if sample is not None:
             entries.append((self.metrics.process_memory, (target,), sample.memory_bytes))
@@ -336,7 +354,6 @@ class Evaluator:
                 entries.append((self.metrics.process_cpu, (target,), sample.cpu_ratio))
             self._resource_status = {"target": target, "cpu_ratio": sample.cpu_ratio,
                                      "memory_bytes": sample.memory_bytes}
-        gpus = self.gpu.sample() if self.gpu is not None else []
         for g in gpus:
             entries += [(self.metrics.gpu_utilization, (g.index,), g.utilization_ratio),
                          (self.metrics.gpu_memory_used, (g.index,), g.memory_used_bytes),
@@ -346,6 +363,8 @@ class Evaluator:
             self._resource_status["gpu_unavailable"] = self.gpu.unavailable
         self._replace("", "resources", entries)
 
+    def _judge_resources(self, now: float, target: str, sample: ProcessSample | None,
+                         gpus: list[GpuSample]) -> None:
         if sample is not None:
             def observe_process(rule: Rule) -> Observation:
                 value = sample.cpu_ratio if rule.metric == "cpu" else sample.memory_bytes

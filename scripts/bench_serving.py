@@ -45,7 +45,7 @@ BIN = Path(sys.executable).parent
 N_FEATURES = 30
 STANDARD = (128, 64)  # the training package's default MLP shape
 HEAVY = (1024, 1024, 1024, 1024)
-SECTIONS = ("one-row", "big", "heavy", "batch", "events-client")
+SECTIONS = ("one-row", "big", "heavy", "batch")
 
 BARE_APP = """
 import numpy as np, onnxruntime as ort, orjson
@@ -74,13 +74,6 @@ class DefaultBento:
     def predict(self, instances: list[list[float]]) -> dict:
         proba = self.session.run(None, {{"input": np.asarray(instances, dtype=np.float32)}})[0]
         return {{"predictions": proba.tolist()}}
-"""
-
-# Loaded by every process of the "events-client" section's second server (PYTHONPATH): its
-# event emitter sends through the aiohttp client instead of the hand-written one.
-AIOHTTP_SHIM = """
-import serving.events, serving.poster
-serving.events.poster = serving.poster.AiohttpPoster
 """
 
 SINK_APP = """
@@ -431,25 +424,6 @@ def main() -> None:
                         OFF: (OFF, "/predict", big, jh),
                         OIP: (ON, "/v2/models/standard/infer", binary, binary_headers),
                     }, 8, rows=1024)
-        if "events-client" in only:
-            shim = tmp / "aiohttp_shim"
-            shim.mkdir(exist_ok=True)
-            (shim / "sitecustomize.py").write_text(AIOHTTP_SHIM)
-            AIO = "modelloop serve, events on, aiohttp client"
-            with servers([(ON, serve, "/v2/health/ready", {**std, **events}, None),
-                          (AIO, serve, "/v2/health/ready", {**std, **events, "PYTHONPATH": f"{shim}:{ROOT}"},
-                           None)], tmp) as group:
-                measure(group, "1-row, 32 connections", {n: (n, "/predict", one, jh) for n in (ON, AIO)}, 32)
-                paired_clients = pairs(group, AIO, ON, 32)
-                rows_out.append((f"{AIO} / {ON}", "1-row, 32 connections, paired: server CPU/request ratio",
-                                 ", ".join(f"{1 / y:.2f}" for _, y in paired_clients)))
-                import httpx
-
-                for n in (ON, AIO):  # both sent their events (to the stand-in sidecar)
-                    text = httpx.get(group[n].url + "/metrics", timeout=10).text
-                    sent = sum(float(v) for v in re.findall(r"^modelloop_serving_events_sent_total\{[^}]*\} (\S+)", text, re.M))
-                    dropped = sum(float(v) for v in re.findall(r"^modelloop_serving_events_dropped_total\{[^}]*\} (\S+)", text, re.M))
-                    rows_out.append((n, "events sent / dropped", f"{sent:,.0f} / {dropped:,.0f}"))
         heavy_env = {**ours_env, "MODELLOOP_SERVING_MODEL": "heavy"}
         HON, HOFF = "heavy MLP 4x1024, batching on", "heavy MLP 4x1024, batching off"
         batch_rows = float("nan")

@@ -7,8 +7,8 @@ requests' ids, row counts and latencies as per-column lists and the batch's arra
 segment as one :class:`~modelloop.schemas.EventColumns` (one
 :class:`~modelloop.schemas.PredictionEvent` per row, column by column, features and probabilities
 packed) and POSTs them in batches to ``{sidecar_url}/events`` as a
-:class:`~modelloop.schemas.ColumnBatch` (:mod:`serving.poster`). Serving never waits for the
-sidecar.
+:class:`~modelloop.schemas.ColumnBatch` over one kept-alive aiohttp connection
+(:class:`SidecarClient`). Serving never waits for the sidecar.
 
 While the sidecar is away (refused connections, timeouts, 5xx, 408, 429), the batch being sent
 stays at the head of the buffer and is sent again, in order, after a backoff that doubles up to a
@@ -38,17 +38,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple
 
+import aiohttp
 import numpy as np
 import orjson
 
 from modelloop.schemas import Mode, PackedMatrix
-from serving.poster import Poster, poster
 from serving.predictions import Predictions
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,63 @@ _SLICE = 256  # rows of a column group at most: the body is built a group at a t
 SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
 DROP_REASONS = ("buffer_full", "expired", "rejected", "shutdown")
+
+
+class Answer(NamedTuple):
+    status: int
+    text: str
+    retry_after: float | None = None
+    """Seconds the sidecar asked to wait (``Retry-After``), None when it did not say."""
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value, delay-seconds or an HTTP date (None when
+    absent or unreadable; a date in the past is 0)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class SidecarClient:
+    """POSTs event bodies to one URL over one kept-alive connection (aiohttp; http or https).
+
+    ``post`` returns the answer, or raises (refused, timed out, cut short); the emitter's
+    retries, backoff and ``Retry-After`` decide what happens next. Made inside the running loop.
+    """
+
+    def __init__(self, url: str, timeout_s: float, headers: Mapping[str, str] | None = None) -> None:
+        self.url = url
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            headers={**(headers or {}), "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    async def post(self, body: bytes) -> Answer:
+        try:
+            return await self._post(body)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # most often a kept-alive connection the sidecar closed while it was idle (then the
+            # send fails at once, reset or disconnected); sending again at once, on a new
+            # connection, is safe: the sidecar stores an event once per request id
+            return await self._post(body)
+
+    async def _post(self, body: bytes) -> Answer:
+        async with self._session.post(self.url, data=body) as resp:
+            text = await resp.text(errors="replace")
+            return Answer(resp.status, text, retry_after(resp.headers.get("Retry-After")))
+
+    async def aclose(self) -> None:
+        await self._session.close()
 
 
 def retryable(status: int) -> bool:
@@ -459,7 +520,7 @@ class EventEmitter:
 
     async def _run(self) -> None:
         assert self._wake is not None and self.url is not None
-        client = poster(self.url, self.timeout_s, self._headers)
+        client = SidecarClient(self.url, self.timeout_s, self._headers)
         try:
             while True:
                 if self._rows < self.batch_size and not self._stopping:
@@ -475,7 +536,7 @@ class EventEmitter:
         finally:
             await client.aclose()
 
-    async def _deliver(self, client: Poster) -> None:
+    async def _deliver(self, client: SidecarClient) -> None:
         """Send the batch in flight until the sidecar takes or refuses it, or it is dropped (the
         oldest rows of a full buffer, or past the age limit); after each failure wait the
         backoff, at least the sidecar's Retry-After, and send it again."""

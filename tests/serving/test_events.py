@@ -4,6 +4,7 @@ outage, retries, refusals, drops of the oldest, the ingest key, never blocking."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from modelloop.schemas import ColumnBatch, ModelMetadata, Task, TensorSpec
-from serving.events import DROP_REASONS, EventEmitter
+from serving.events import DROP_REASONS, Answer, EventEmitter, SidecarClient, retry_after
 from serving.predictions import interpret
 from tests.serving.conftest import events_of, free_port
 
@@ -539,3 +540,114 @@ def test_the_sidecar_key_setting_is_sent_with_every_post(sink: Sink, tmp_path: P
     run(main)
     state.jobs.close()
     assert [h["Authorization"] for h in sink.headers] == ["Bearer ingest-key-0123456789"]
+
+
+# -- the client that sends them: what the emitter relies on ------------------------------------
+class RawSidecar:
+    """A socket server that reads each request whole and answers with ``reply(writer, n)``
+    (returns whether to keep the connection open)."""
+
+    def __init__(self, reply: Callable[[asyncio.StreamWriter, int], Coroutine[Any, Any, bool]]) -> None:
+        self.reply = reply
+        self.heads: list[str] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                size = int(next(line.split(":")[1] for line in head.split("\r\n")
+                                if line.lower().startswith("content-length")))
+                await reader.readexactly(size)
+                self.heads.append(head)
+                keep = await self.reply(writer, len(self.heads))
+                await writer.drain()
+                if not keep:
+                    break
+        writer.close()
+
+    def exchange(self, bodies: list[bytes], timeout_s: float = 5,
+                 headers: dict[str, str] | None = None) -> list[Answer | BaseException]:
+        async def main() -> list[Answer | BaseException]:
+            server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+            client = SidecarClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/events",
+                                   timeout_s, headers)
+            out: list[Answer | BaseException] = []
+            for body in bodies:
+                try:
+                    out.append(await client.post(body))
+                except Exception as exc:
+                    out.append(exc)
+            await client.aclose()
+            server.close()
+            return out
+
+        return asyncio.run(main())
+
+
+async def accepted(writer: asyncio.StreamWriter, i: int) -> bool:
+    body = b'{"accepted": %d}' % i
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    return True
+
+
+def test_the_client_keeps_one_connection_and_sends_the_key_each_time() -> None:
+    sidecar = RawSidecar(accepted)
+    key = {"Authorization": "Bearer ingest-key-0123456789"}
+    answers = sidecar.exchange([b"{}", b"x" * 300_000, b"{}"], headers=key)
+    assert answers == [Answer(200, f'{{"accepted": {i}}}') for i in (1, 2, 3)]
+    assert sidecar.connections == 1
+    assert all(h.startswith("POST /events HTTP/1.1\r\n") for h in sidecar.heads)
+    assert all("Authorization: Bearer ingest-key-0123456789\r\n" in h for h in sidecar.heads)
+
+
+def test_the_client_reads_retry_after() -> None:
+    async def busy(writer: asyncio.StreamWriter, i: int) -> bool:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\ncontent-length: 4\r\n\r\nbusy")
+        return True
+
+    assert RawSidecar(busy).exchange([b"{}"]) == [Answer(503, "busy", 2.0)]
+
+
+def test_a_connection_the_sidecar_closed_is_reopened_and_each_body_sent_once() -> None:
+    async def close_after(writer: asyncio.StreamWriter, i: int) -> bool:
+        await accepted(writer, i)
+        return False  # answers, then closes without saying so (as an idle timeout would)
+
+    sidecar = RawSidecar(close_after)
+    assert [a.status for a in sidecar.exchange([b"{}"] * 3)] == [200] * 3  # type: ignore[union-attr]
+    assert sidecar.connections == 3 and len(sidecar.heads) == 3
+
+
+def test_a_silent_sidecar_times_out_and_the_next_send_reconnects() -> None:
+    async def hang_first(writer: asyncio.StreamWriter, i: int) -> bool:
+        if i == 1:
+            await asyncio.sleep(30)
+        return await accepted(writer, i)
+
+    sidecar = RawSidecar(hang_first)
+    first, second = sidecar.exchange([b"{}", b"{}"], timeout_s=0.3)
+    assert isinstance(first, TimeoutError)
+    assert second == Answer(200, '{"accepted": 2}') and sidecar.connections == 2
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("2", 2.0),  # delay-seconds
+    ("0.5", 0.5),  # not in the RFC, but plain enough to honour
+    ("Fri, 01 Jan 2010 00:00:00 GMT", 0.0),  # a date in the past
+    ("-3", 0.0),  # never a negative wait
+    ("inf", None),  # no endless wait
+    ("soon", None),  # unreadable: as if absent
+    (None, None),  # absent
+])
+def test_retry_after_values(value: str | None, seconds: float | None) -> None:
+    assert retry_after(value) == seconds
+
+
+def test_a_retry_after_date_is_a_wait_from_now() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    wait = retry_after(format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True))
+    assert wait is not None and 100 < wait <= 120
