@@ -6,7 +6,8 @@
         [--only one-row,big,heavy,batch]
 
 Prints one markdown table (and writes it to --out). Compare ratios within one run: the machine
-is shared, the load average is printed with the results. Needs `wrk` (scripts/ci_services.sh).
+is shared, the load average is printed with the results. Needs `wrk`, and `h2load` for the grpc
+section (scripts/ci_services.sh installs both).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ BIN = Path(sys.executable).parent
 N_FEATURES = 30
 STANDARD = (128, 64)  # the training package's default MLP shape
 HEAVY = (1024, 1024, 1024, 1024)
-SECTIONS = ("one-row", "big", "heavy", "batch")
+SECTIONS = ("one-row", "big", "heavy", "batch", "grpc")
 
 BARE_APP = """
 import numpy as np, onnxruntime as ort, orjson
@@ -201,6 +202,71 @@ def oip_binary_body(path: Path, rows: int) -> tuple[Path, dict[str, str]]:
                          "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
     path.write_bytes(header + x.tobytes())
     return path, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_body(path: Path, rows: int) -> Path:
+    """The HTTP/2 body of a gRPC ModelInfer call (flag byte, big-endian length, message) with the
+    same rows as :func:`oip_binary_body`, as ``raw_input_contents``."""
+    from serving.proto import predict_v2_pb2 as pb
+
+    x = np.random.default_rng(0).normal(size=(rows, N_FEATURES)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="standard")
+    request.inputs.add(name="input", datatype="FP32", shape=[rows, N_FEATURES])
+    request.raw_input_contents.append(x.tobytes())
+    message = request.SerializeToString()
+    path.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+    return path
+
+
+def grpc_check(target: str, body: Path) -> None:
+    """One ModelInfer call with ``body``'s message through grpcio: it must answer (an error raises)."""
+    import grpc
+
+    from serving.proto import predict_v2_pb2 as pb
+    from serving.proto import predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(pb.ModelInferRequest.FromString(body.read_bytes()[5:]), timeout=30)
+
+
+def h2load(url: str, body: Path, connections: int, seconds: float, server: Server) -> dict[str, float]:
+    """gRPC load with h2load, closed-loop like wrk (one stream per HTTP/2 connection): req/s, mean
+    latency in ms (h2load reports no percentiles), errors (streams failed or errored at the
+    HTTP level; a call refused in its gRPC status shows in the server's metrics) and the server's
+    CPU microseconds per request."""
+    cmd = ["h2load", f"-t{min(2, connections)}", f"-c{connections}", "-m1", "-d", str(body),
+           "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    subprocess.run([*cmd, "-D1", url], capture_output=True)  # warm-up
+    cpu0 = server.cpu_seconds()
+    done = subprocess.run([*cmd, f"-D{round(seconds)}", url], capture_output=True, text=True)
+    cpu1 = server.cpu_seconds()
+    out = done.stdout
+    found = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
+                       r"(\d+) errored", out)
+    latency = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s", out)
+    if not (found and counts and latency):
+        raise RuntimeError(f"h2load failed: {out}\n{done.stderr}")
+    value, unit = float(latency.group(1)), latency.group(2)
+    count = int(counts.group(1))
+    return {"rps": float(found.group(1)), "mean": value / 1000 if unit == "us" else value * 1000 if unit == "s" else value,
+            "errors": int(counts.group(2)) + int(counts.group(3)),
+            "cpu_us": (cpu1 - cpu0) / count * 1e6 if count else float("nan")}
+
+
+def grpc_refused(server: Server) -> float:
+    """ModelInfer calls the server answered with another status than OK, from its /metrics."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(v) for code, v in re.findall(
+        r'^modelloop_serving_requests_total\{[^}]*code="(\d+)"[^}]*route="grpc_infer"[^}]*\} (\S+)', text, re.M)
+        if code != "200")
 
 
 def raw_ort(onnx_path: Path, batch: int, seconds: float = 2.0, threads: int = 0) -> float:
@@ -395,6 +461,7 @@ def main() -> None:
     OIP = "modelloop serve, events on, OIP binary"
     std = {**ours_env, "MODELLOOP_SERVING_MODEL": "standard"}
     events = {"MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{sink_port}"}
+    grpc_ratios: list[tuple[str, float, str]] = []
     sink = subprocess.Popen([*uvicorn, "sink_app:app", "--port", str(sink_port)], cwd=tmp, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -424,6 +491,46 @@ def main() -> None:
                         OFF: (OFF, "/predict", big, jh),
                         OIP: (ON, "/v2/models/standard/infer", binary, binary_headers),
                     }, 8, rows=1024)
+        if "grpc" in only:
+            # REST /v2 (binary extension, wrk) and gRPC (raw contents, h2load) on one server
+            GRPC = "modelloop serve, events on, gRPC on"
+            grpc_port = free_port()
+            one_bin, one_bin_headers = oip_binary_body(tmp / "one.bin", 1)
+            grpc_one, grpc_big = grpc_body(tmp / "one.grpc", 1), grpc_body(tmp / "big.grpc", 1024)
+            grpc_env = {**std, **events, "MODELLOOP_SERVING_GRPC_PORT": str(grpc_port)}
+            with servers([(GRPC, serve, "/v2/health/ready", grpc_env, None)], tmp) as group:
+                srv = group[GRPC]
+                grpc_check(f"127.0.0.1:{grpc_port}", grpc_big)
+                grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
+                for label, conns, rows, rest_body, rest_headers, grpc_request in (
+                        ("1-row", 32, 1, one_bin, one_bin_headers, grpc_one),
+                        ("1024-row", 8, 1024, binary, binary_headers, grpc_big)):
+                    runs: dict[str, list[dict[str, float]]] = {"REST": [], "gRPC": []}
+                    for r in range(args.rounds):
+                        for kind in ("REST", "gRPC") if r % 2 == 0 else ("gRPC", "REST"):
+                            runs[kind].append(
+                                wrk(srv.url + "/v2/models/standard/infer", rest_body, conns, args.seconds,
+                                    rest_headers, tmp, srv) if kind == "REST"
+                                else h2load(grpc_url, grpc_request, conns, args.seconds, srv))
+                    got = {}
+                    for kind, rs in runs.items():
+                        m = got[kind] = median_run(rs)
+                        speed = (f"{m['rps']:,.0f} req/s" if rows == 1
+                                 else f"{m['rps'] * rows:,.0f} rows/s ({m['rps']:,.0f} req/s)")
+                        wait = (f"p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms" if kind == "REST"
+                                else f"mean {m['mean']:.1f} ms")
+                        point = f"{label} {'/v2 binary (wrk)' if kind == 'REST' else 'ModelInfer raw (h2load)'}, {conns} connections"
+                        rows_out.append((GRPC, point, f"{speed}, {wait}, {m['errors']:.0f} errors, "
+                                                      f"{m['cpu_us']:,.0f} us server CPU/request"))
+                        print(rows_out[-1], flush=True)
+                    grpc_ratios += [
+                        (f"gRPC / REST /v2 binary, {label}, {conns} connections: req/s",
+                         got["gRPC"]["rps"] / got["REST"]["rps"], "(reference)"),
+                        (f"gRPC / REST /v2 binary, {label}: server CPU per request",
+                         got["gRPC"]["cpu_us"] / got["REST"]["cpu_us"], "(reference)"),
+                    ]
+                rows_out.append((GRPC, "ModelInfer calls answered with an error status (server metrics)",
+                                 f"{grpc_refused(srv):.0f}"))
         heavy_env = {**ours_env, "MODELLOOP_SERVING_MODEL": "heavy"}
         HON, HOFF = "heavy MLP 4x1024, batching on", "heavy MLP 4x1024, batching off"
         batch_rows = float("nan")
@@ -470,6 +577,7 @@ def main() -> None:
             ("1024-row JSON bare / raw ORT at batch 1024", big_rows[BARE]["rows_s"] / raw[1024], "(reference)"),
             ("1024-row OIP binary / raw ORT at batch 1024", big_rows[OIP]["rows_s"] / raw[1024], "more than JSON"),
         ]
+    ratios += grpc_ratios
     lines = [f"Load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
              f"({os.cpu_count()} cores, {args.workers} workers per server, wrk on the same cores; "
              f"medians of {args.rounds} alternating rounds of {args.seconds:g} s). "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start (or install) what the integration tests talk to: PostgreSQL, and the tools
-# prometheus/promtool, amtool, wrk and helm. Safe to run again: each step checks first.
+# prometheus/promtool, amtool, wrk, h2load and helm. Safe to run again: each step checks first.
 set -euo pipefail
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -12,6 +12,7 @@ fi
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)  # scripts/bench_serving.py's gRPC load
 command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need[*]}"
