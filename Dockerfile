@@ -66,7 +66,7 @@ ENV PATH="/opt/modelloop/bin:${PATH}" \
 USER 10001:10001
 WORKDIR /var/lib/modelloop
 VOLUME ["/var/lib/modelloop"]
-EXPOSE 3000 8001
+EXPOSE 3000 8001 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["modelloop-entrypoint", "healthcheck"]
 ENTRYPOINT ["tini", "--", "modelloop-entrypoint"]
