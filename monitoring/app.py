@@ -9,7 +9,9 @@ key opens every route; see :mod:`monitoring.auth`)::
     GET  /metrics  GET /live  GET /ready  GET /openapi.json                                open
 
 Bad input gets a 4xx JSON body ``{"error": ..., "errors": [...]}`` naming the field; a full
-ingest queue a 503 with ``Retry-After``. Events and feedback are read within budgets of their
+ingest queue a 503 with ``Retry-After``, and so do events the store could not take. Anything else
+that fails is a bug: it is logged with its traceback under an error id, counted
+(``modelloop_monitor_errors_total{reason="unexpected"}``) and answered 500 with that id. Events and feedback are read within budgets of their
 own, so a label provider cannot starve serving's events. ``/openapi.json`` describes all of it
 (:mod:`monitoring.openapi`, built once from this table of routes).
 """
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,12 +30,14 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from monitoring.auth import Role, RoleKeys
-from monitoring.ingest import InputError, parse_retrain
+from monitoring.ingest import InputError, NotStored, parse_retrain
+from monitoring.metrics import MonitorMetrics
 from monitoring.openapi import openapi_document
 from monitoring.reports import latest_report
 from monitoring.sidecar import Sidecar
@@ -64,6 +69,26 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 Handler = Callable[[Request], Awaitable[Response]]
 EXPORT_MAX_ROWS = 1_000_000
+
+
+def _answer_unexpected(handler: Handler, metrics: MonitorMetrics) -> Handler:
+    """``handler``, with an error nobody expected logged (traceback and an id), counted, and
+    answered 500 with the id, so the sender's answer finds the log line. Refusals (InputError,
+    Starlette's HTTPException) and a client gone away pass through as before."""
+    async def answered(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (InputError, HTTPException, ClientDisconnect):
+            raise
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:16]
+            log.error("error %s: %s %s failed", error_id, request.method, request.url.path,
+                      exc_info=exc)
+            metrics.errors.labels("unexpected").inc()
+            message = f"internal error {error_id}: the sidecar's log has its traceback"
+            return ORJSONResponse({"error": message, "errors": [message], "error_id": error_id},
+                                  status_code=500)
+    return answered
 
 
 class IngestBudget:
@@ -177,9 +202,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
     async def store_events(body: bytes) -> Response:
         try:
             accepted, stored = await asyncio.wrap_future(sidecar.submit_events(body))
-        except InputError:
-            raise  # answered by budgeted()
-        except Exception as exc:  # nothing was acknowledged: serving keeps the batch and retries
+        except NotStored as exc:  # nothing was acknowledged: serving keeps the batch and retries
+            sidecar.metrics.errors.labels("not_stored").inc()
             return _error(503, f"events not stored: {exc}")
         sidecar.ingested(stored)
         return ORJSONResponse({"accepted": accepted, "new": sum(stored.new.values()),
@@ -292,7 +316,8 @@ def create_app(sidecar: Sidecar) -> Starlette:
         ("/openapi.json", "GET", None, openapi),
     ]
     document = orjson.dumps(openapi_document((path, method, role) for path, method, role, _ in table))
-    routes = [Route(path, guard(role, handler) if role else handler, methods=[method])
+    routes = [Route(path, _answer_unexpected(guard(role, handler) if role else handler,
+                                             sidecar.metrics), methods=[method])
               for path, method, role, handler in table]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={InputError: _input_error})  # type: ignore[dict-item]

@@ -88,6 +88,11 @@ class InputError(Exception):
                 "error_count": len(self.errors), "rejected": self.rejected}
 
 
+class NotStored(RuntimeError):
+    """Valid events that were not stored: the store failed, or the sidecar is shutting down.
+    Nothing was acknowledged, so the sender keeps the batch and retries it (503)."""
+
+
 def _loc(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
@@ -557,12 +562,14 @@ class GroupCommitWriter:
     def submit(self, body: bytes) -> Future[tuple[int, Stored]]:
         """Queue a request body; the future resolves once its events are committed, to the
         number of events and what they came to in the store (the new ones per model; an event
-        whose request id was stored before is not stored again), or raises :class:`InputError`
-        for a bad batch (nothing of it stored)."""
+        whose request id was stored before is not stored again). Or it raises
+        :class:`InputError` for a bad batch, :class:`NotStored` when the store failed or the
+        writer is closed (nothing of it stored either way), and whatever else parsing raised:
+        a bug, which the app answers 500 and logs."""
         pending = _Pending(body)
         with self._lock:
             if self._closed:
-                pending.future.set_exception(RuntimeError("the sidecar is shutting down"))
+                pending.future.set_exception(NotStored("the sidecar is shutting down"))
                 return pending.future
             self._queue.put(pending)
         return pending.future
@@ -597,7 +604,7 @@ class GroupCommitWriter:
         for p in group:
             try:
                 p.rows = self.parse(p.body)
-            except Exception as exc:  # InputError: this batch only is refused
+            except Exception as exc:  # this batch only is refused (InputError) or failed (a bug)
                 p.future.set_exception(exc)
                 continue
             valid.append(p)
@@ -608,7 +615,9 @@ class GroupCommitWriter:
         except Exception as exc:
             log.error("could not store %d event batches: %s", len(valid), exc)
             for p in valid:
-                p.future.set_exception(exc)
+                failure = NotStored(str(exc))
+                failure.__cause__ = exc
+                p.future.set_exception(failure)
             return
         for p, stored in zip(valid, new, strict=True):
             p.future.set_result((len(p.rows), stored))

@@ -21,6 +21,7 @@ JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
 REFUSE_REASONS = ("unknown_model", "not_watched", "duplicate", "model_busy", "at_capacity")
+ERROR_REASONS = ("unexpected", "not_stored")
 
 
 class MonitorMetrics:
@@ -107,10 +108,15 @@ class MonitorMetrics:
                                  registry=registry)
         self.ingest_busy = c("modelloop_ingest_busy_total", "Bodies answered 503 because the "
                              "ingest queue was full (the sender retries them).", ())
+        self.errors = c("modelloop_monitor_errors_total", "Requests the sidecar failed: an "
+                        "unexpected error (500, logged with its error id and traceback) or events "
+                        "not stored (503: the store failed or the sidecar is stopping).", ("reason",))
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
         for reason in DENY_REASONS:
             self.denied.labels(reason)
+        for reason in ERROR_REASONS:
+            self.errors.labels(reason)
         for trigger in JOB_TRIGGERS:
             for reason in REFUSE_REASONS:
                 self.retrain_refused.labels(trigger, reason)

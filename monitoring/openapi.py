@@ -43,6 +43,8 @@ class Error(BaseModel):
     errors: list[str]
     error_count: int | None = Field(None, ge=0)
     rejected: int | None = Field(None, ge=0)
+    error_id: str | None = None
+    """On a 500: the id under which the sidecar logged the error and its traceback."""
 
 
 class FeedbackList(BaseModel):

@@ -163,7 +163,7 @@ class Sidecar:
 
     def submit_events(self, body: bytes) -> Future[tuple[int, Stored]]:
         """Queue a ``POST /events`` body: validated and committed by the writer thread; the
-        future resolves once the events are durable (or raises :class:`InputError`)."""
+        future resolves once the events are durable (see :meth:`GroupCommitWriter.submit`)."""
         return self.writer.submit(body)
 
     def ingested(self, stored: Stored) -> None:

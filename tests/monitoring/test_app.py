@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -110,6 +112,38 @@ def test_malformed_events_get_4xx_are_counted_and_not_stored(
     assert resp.json()["error"] == error
     assert metric(client, "modelloop_events_rejected_total", reason=reason) >= 1
     assert sidecar.store.count_events() == 0
+
+
+def test_an_unexpected_error_is_logged_with_an_id_counted_and_answered_500(
+        client: httpx.Client, sidecar: Sidecar, home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the registry folder replaced by a file: looking up a version not cached yet raises
+    # NotADirectoryError, which parsing does not expect (it was a 503 logged nowhere, so serving
+    # retried the batch and dropped it)
+    shutil.rmtree(home / "registry")
+    (home / "registry").write_text("not a folder")
+    event = {"request_id": "x", "timestamp": time.time(), "model": "churn", "version": 2,
+             "features": [1.0] * 20, "prediction": 0, "latency_s": 0}
+    with caplog.at_level(logging.ERROR, logger="monitoring.app"):
+        resp = client.post("/events", json={"events": [event]})
+    assert resp.status_code == 500
+    error_id = resp.json()["error_id"]
+    assert resp.json()["error"] == f"internal error {error_id}: the sidecar's log has its traceback"
+    [record] = [r for r in caplog.records if error_id in r.getMessage()]
+    assert record.getMessage() == f"error {error_id}: POST /events failed"
+    assert record.exc_info is not None and record.exc_info[0] is NotADirectoryError
+    assert metric(client, "modelloop_monitor_errors_total", reason="unexpected") == 1
+    assert metric(client, "modelloop_monitor_errors_total", reason="not_stored") == 0
+
+
+def test_events_not_stored_get_503_and_are_counted(client: httpx.Client, sidecar: Sidecar) -> None:
+    sidecar.writer.close()  # as at shutdown: nothing more is stored, and serving retries
+    event = {"request_id": "x", "timestamp": time.time(), "model": "churn", "version": 1,
+             "features": [1.0] * 20, "prediction": 0, "latency_s": 0}
+    resp = client.post("/events", json={"events": [event]})
+    assert resp.status_code == 503
+    assert resp.json()["error"] == "events not stored: the sidecar is shutting down"
+    assert metric(client, "modelloop_monitor_errors_total", reason="not_stored") == 1
+    assert metric(client, "modelloop_monitor_errors_total", reason="unexpected") == 0
 
 
 def test_a_body_over_the_limit_gets_413(home: Path, registered: TrainedModel) -> None:
