@@ -16,6 +16,17 @@ those functions, without changing their results:
 The share of drifted features and the dataset flag (share >= ``drift_share``) follow
 Evidently's ``DriftedColumnsCount``.
 
+``method="calibrated"`` (the sidecar's default) makes every decision one with a known
+false-alarm rate instead: each feature and the prediction go through Evidently's two-sample
+Kolmogorov-Smirnov test, whose p-value accounts for the sizes of both the window and the
+reference, and a feature drifts when its p-value is below ``false_alarm_rate / k`` over ``k``
+features (Bonferroni). The dataset drifts when any feature does, so on a stationary window the
+dataset flag is raised with probability at most ``false_alarm_rate`` whatever the window size,
+and one strongly shifted feature of 20 is a dataset drift. KS on features with few distinct values
+(ties) is conservative: it alarms less often than the rate, never more. Rabanser et al. (2019,
+"Failing Loudly") found univariate tests with a Bonferroni correction among the best shift
+detectors.
+
 Example::
 
     profile = ReferenceProfile(reference_df, meta.feature_names, method=None, threshold=None)
@@ -33,6 +44,9 @@ import numpy as np
 import pandas as pd
 
 from modelloop.schemas import REF_PREDICTION
+
+CALIBRATED = "calibrated"
+"""Per-feature KS p-values against a Bonferroni-corrected false-alarm rate (see above)."""
 
 # settings name -> Evidently's registered stattest name
 METHODS = {"ks": "ks", "psi": "psi", "wasserstein": "wasserstein",
@@ -100,13 +114,28 @@ class ReferenceProfile:
 
     def __init__(self, reference: pd.DataFrame, feature_names: list[str], *,
                  method: str | None = None, threshold: float | None = None,
-                 prediction_categorical: bool = True) -> None:
+                 prediction_categorical: bool = True, false_alarm_rate: float = 0.01) -> None:
         missing = [f for f in feature_names if f not in reference.columns]
         if missing:
             raise ValueError(f"reference sample lacks features {missing}")
+        if not feature_names:
+            raise ValueError("no features to watch")
         ct = column_types()
         self.feature_names = list(feature_names)
-        self.method = METHODS[method] if method and method != "auto" else None
+        self.calibrated = method == CALIBRATED
+        self.prediction_threshold = threshold
+        if self.calibrated:
+            if not 0 < false_alarm_rate < 1:
+                raise ValueError(f"false_alarm_rate must be in (0, 1), not {false_alarm_rate}")
+            # every test is KS (a p-value), numerical; each feature at rate / k, so any of the k
+            # features drifting on a stationary window has probability <= rate
+            self.method: str | None = "ks"
+            threshold = false_alarm_rate / len(self.feature_names)
+            self.prediction_threshold = false_alarm_rate
+            prediction_categorical = False
+        else:
+            self.method = METHODS[method] if method and method != "auto" else None
+        self.false_alarm_rate = false_alarm_rate if self.calibrated else None
         self.threshold = threshold
         self.rows = len(reference)
         self.columns: dict[str, pd.Series] = {}
@@ -192,14 +221,18 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
                                     profile.threshold_for(test)))
     n = len(result.features)
     result.share = len(result.drifted_features) / n if n else 0.0
-    result.dataset_drift = result.share >= drift_share
+    if profile.calibrated:  # the Bonferroni family: any drifted feature is a dataset drift
+        result.drift_share = 1 / n
+    result.dataset_drift = result.share >= result.drift_share
     if prediction is not None and profile.prediction is not None and len(profile.prediction):
         cur = _clean_sorted(np.asarray(prediction, dtype=np.float64))
         if not cur.empty:
             test = profile._resolve(profile.prediction, cur, profile.prediction_type,
                                     profile.method)
+            threshold = (profile.prediction_threshold if profile.method in (None, test.name)
+                         else None)
             result.prediction = _run(test, "prediction", profile.prediction, cur,
-                                     profile.prediction_type, profile.threshold_for(test))
+                                     profile.prediction_type, threshold)
     result.judged = True
     result.duration_s = time.perf_counter() - started
     return result

@@ -166,7 +166,8 @@ class Evaluator:
             profile = ReferenceProfile(
                 ref, meta.feature_names, method=self.settings.drift_method,
                 threshold=self.settings.drift_threshold,
-                prediction_categorical=meta.task == Task.classification)
+                prediction_categorical=meta.task == Task.classification,
+                false_alarm_rate=self.settings.drift_false_alarm_rate)
             proba_cols = [c for c in ref.columns if c.startswith(REF_PROBA_PREFIX)]
             proba_cols.sort(key=lambda c: int(c[len(REF_PROBA_PREFIX):]))
             calibration = _calibration(ref, proba_cols)
@@ -291,7 +292,8 @@ class Evaluator:
         if self._report_future is not None and not self._report_future.done():
             return  # the previous report is still rendering; the next check makes a fresh one
         assert ctx.reference is not None and current.features is not None
-        names = ctx.meta.feature_names
+        assert ctx.profile is not None
+        names, profile = ctx.meta.feature_names, ctx.profile
         ref = ctx.reference[names].copy()
         cur = pd.DataFrame(current.features, columns=names)
         pred_col = None
@@ -304,8 +306,10 @@ class Evaluator:
         def render() -> None:
             try:
                 write_drift_report(s.reports_dir, model, version, ref, cur,
-                                   method=None if s.drift_method == "auto" else s.drift_method,
-                                   threshold=s.drift_threshold, drift_share=s.drift_share,
+                                   method=profile.method, threshold=profile.threshold,
+                                   calibrated=profile.calibrated,
+                                   drift_share=1 / len(names) if profile.calibrated
+                                   else s.drift_share,
                                    max_rows=s.report_max_rows, keep=s.reports_keep,
                                    prediction_column=pred_col)
             except Exception:

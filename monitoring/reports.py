@@ -33,9 +33,11 @@ def latest_report(reports_dir: Path, model: str) -> Path | None:
 def write_drift_report(
     reports_dir: Path, model: str, version: int, reference: pd.DataFrame, current: pd.DataFrame,
     *, method: str | None, threshold: float | None, drift_share: float, max_rows: int = 20_000,
-    keep: int = 10, prediction_column: str | None = None,
+    keep: int = 10, prediction_column: str | None = None, calibrated: bool = False,
 ) -> Path:
-    """Render Evidently's data drift report and make it the model's ``latest.html``."""
+    """Render Evidently's data drift report and make it the model's ``latest.html``.
+    ``calibrated``: ``method`` and ``threshold`` are the features' (KS at the Bonferroni
+    threshold); the prediction, a categorical column here, keeps Evidently's default test."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -44,7 +46,11 @@ def write_drift_report(
     numerical = [c for c in cur.columns if c != prediction_column]
     categorical = [prediction_column] if prediction_column else []
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
-    preset = DataDriftPreset(method=method, threshold=threshold, drift_share=drift_share)
+    if calibrated:
+        preset = DataDriftPreset(num_method=method, num_threshold=threshold,
+                                 drift_share=drift_share)
+    else:
+        preset = DataDriftPreset(method=method, threshold=threshold, drift_share=drift_share)
     snapshot = Report([preset], metadata={"model": model, "version": str(version)}).run(
         Dataset.from_pandas(cur, data_definition=definition),
         Dataset.from_pandas(ref, data_definition=definition),

@@ -20,12 +20,14 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelloop.settings import HomeSettings
 
-DriftMethod = Literal["auto", "ks", "psi", "wasserstein", "jensenshannon", "chisquare"]
+DriftMethod = Literal["calibrated", "auto", "ks", "psi", "wasserstein", "jensenshannon",
+                      "chisquare"]
 TriggerKind = Literal["local", "kubernetes", "docker", "webhook", "none"]
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
@@ -130,14 +132,22 @@ class MonitorSettings(HomeSettings):
     """How often drift, accuracy, latency, resources and the policy are evaluated."""
 
     # -- drift -----------------------------------------------------------------------------
-    drift_method: DriftMethod = "auto"
-    """Per-feature test: ``auto`` is Evidently's default by column type and size; or ``ks``,
-    ``psi``, ``wasserstein``, ``jensenshannon``, ``chisquare``."""
+    drift_method: DriftMethod = "calibrated"
+    """Per-feature test. ``calibrated``: Evidently's two-sample Kolmogorov-Smirnov test on every
+    feature and the prediction, thresholds derived from ``drift_false_alarm_rate`` (Bonferroni
+    over the features), so a stationary window raises the dataset flag with at most that
+    probability whatever its size. Or Evidently's fixed thresholds: ``auto`` (its default test by
+    column type and size), ``ks``, ``psi``, ``wasserstein``, ``jensenshannon``, ``chisquare``."""
+    drift_false_alarm_rate: float = Field(default=0.01, gt=0, lt=1)
+    """With ``calibrated``: the probability that a window of unchanged data is judged drifted
+    (the dataset flag), per window and model; each feature's is this over the number of
+    features."""
     drift_threshold: float | None = None
-    """Threshold of the per-feature test; empty means that test's Evidently default."""
+    """Threshold of the per-feature test with the fixed methods; empty means that test's
+    Evidently default. Not used by ``calibrated`` (its thresholds come from the rate)."""
     drift_share: float = Field(default=0.5, gt=0, le=1)
-    """Share of drifted features at which the dataset counts as drifted (Evidently's
-    ``drift_share``)."""
+    """With the fixed methods: share of drifted features at which the dataset counts as drifted
+    (Evidently's ``drift_share``). ``calibrated`` counts any drifted feature."""
     min_window_rows: PositiveInt = 500
     """Fewer rows than this in the window: drift is not judged."""
     report_max_rows: PositiveInt = 20_000
@@ -237,6 +247,14 @@ class MonitorSettings(HomeSettings):
             raise ValueError("must be at least 16 printable characters without spaces "
                              "(e.g. `openssl rand -hex 32`)")
         return value
+
+    @model_validator(mode="after")
+    def _check_drift(self) -> MonitorSettings:
+        if self.drift_method == "calibrated" and self.drift_threshold is not None:
+            raise ValueError("drift_threshold is not used with drift_method calibrated (its "
+                             "thresholds come from drift_false_alarm_rate); set a fixed method "
+                             "such as wasserstein, or drop the threshold")
+        return self
 
     @property
     def store_dsn(self) -> str:

@@ -43,7 +43,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
         ({"MODELLOOP_MONITOR_STORE_TABLE_PREFIX": "Bad-Prefix"}, "store_table_prefix",
          "Value error, must be lower-case letters, digits or '_', starting with a letter"),
         ({"MODELLOOP_MONITOR_DRIFT_METHOD": "magic"}, "drift_method",
-         "Input should be 'auto', 'ks', 'psi', 'wasserstein', 'jensenshannon' or 'chisquare'"),
+         "Input should be 'calibrated', 'auto', 'ks', 'psi', 'wasserstein', 'jensenshannon' or 'chisquare'"),
         ({"MODELLOOP_MONITOR_TRIGGER": "cron"}, "trigger",
          "Input should be 'local', 'kubernetes', 'docker', 'webhook' or 'none'"),
         ({"MODELLOOP_MONITOR_DRIFT_SHARE": "0"}, "drift_share", "Input should be greater than 0"),
@@ -173,3 +173,12 @@ def test_monitor_help_says_which_key_each_command_uses(command: list[str], keys:
     text = " ".join(result.output.split())
     for key in keys:
         assert key in text, text
+
+
+def test_a_fixed_drift_threshold_is_refused_with_the_calibrated_method(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELLOOP_MONITOR_DRIFT_THRESHOLD", "0.1")
+    with pytest.raises(ValidationError, match="not used with drift_method calibrated"):
+        MonitorSettings()
+    monkeypatch.setenv("MODELLOOP_MONITOR_DRIFT_METHOD", "wasserstein")
+    assert MonitorSettings().drift_threshold == 0.1

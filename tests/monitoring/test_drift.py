@@ -152,3 +152,48 @@ def test_reference_problems_are_named(task: SyntheticTask) -> None:
     ref["f00"] = np.nan
     with pytest.raises(ValueError, match="reference column 'f00' has no finite values"):
         ReferenceProfile(ref, FEATURES)
+
+
+def mixed(n: int, rng: np.random.Generator, shift: dict[int, float] | None = None,
+          correlate: float = 0.0) -> np.ndarray:
+    """20 features of mixed kinds, as real tables have them: normal, lognormal, uniform,
+    Poisson counts and small integers (four of each); ``shift`` adds to columns (in sd of a
+    standard normal), ``correlate`` mixes column 1 into column 0."""
+    kinds = [lambda: rng.normal(size=n), lambda: rng.lognormal(size=n),
+             lambda: rng.uniform(size=n), lambda: rng.poisson(3, size=n).astype(float),
+             lambda: rng.integers(0, 4, size=n).astype(float)]
+    x = np.column_stack([kinds[j % 5]() for j in range(20)])
+    for j, d in (shift or {}).items():
+        x[:, j] += d
+    return x
+
+
+@pytest.mark.slow
+def test_calibrated_drift_alarms_at_the_stated_rate_and_finds_real_shifts() -> None:
+    rng = np.random.default_rng(7)
+    reference = pd.DataFrame(mixed(4000, rng), columns=FEATURES)
+    profile = ReferenceProfile(reference, FEATURES, method="calibrated", false_alarm_rate=0.01)
+    assert profile.threshold == pytest.approx(0.01 / 20)
+    windows = 60
+    for n in (200, 500, 1000, 2000):
+        alarms = sum(check_drift(profile, mixed(n, rng)).dataset_drift for _ in range(windows))
+        # at most 1% expected: 0.6 of 60; 3 or more would be a rate the setting does not state
+        assert alarms <= 2, (n, alarms)
+    # the same windows judged on Evidently's fixed thresholds alarm on noise at small sizes
+    fixed = ReferenceProfile(reference, FEATURES, method="auto")
+    noisy = sum(check_drift(fixed, mixed(200, rng), drift_share=0.05).dataset_drift
+                for _ in range(20))
+    assert noisy >= 15, noisy
+    # one feature of 20 shifted by 1 sd is a dataset drift at 1000 rows, naming that feature
+    one = check_drift(profile, mixed(1000, rng, {0: 1.0}))
+    assert one.dataset_drift and one.drifted_features == ["f00"]
+    # 0.5 sd on 2 of 20 at 500 rows
+    two = check_drift(profile, mixed(500, rng, {0: 0.5, 5: 0.5}))
+    assert two.dataset_drift and set(two.drifted_features) >= {"f00", "f05"}
+    assert all(c.p_value and c.method == "ks" for c in two.features)
+
+
+def test_calibrated_drift_refuses_a_rate_outside_0_1(task: SyntheticTask) -> None:
+    ref = frame(task, 500, seed=1)
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        ReferenceProfile(ref, FEATURES, method="calibrated", false_alarm_rate=1.5)
