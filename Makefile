@@ -45,6 +45,10 @@ test-fast: setup
 grpc-stubs: setup
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
 		serving/proto/predict_v2.proto
+	# a descriptor pool of their own: tritonclient.grpc's modules put the same package,
+	# "inference", in the default pool, which refuses a second definition in one process
+	sed -i 's/_descriptor_pool.Default().AddSerializedFile/_descriptor_pool.DescriptorPool().AddSerializedFile/' \
+		serving/proto/predict_v2_pb2.py
 
 clean:
 	rm -rf $(VENV) .modelloop .pytest_cache .mypy_cache .ruff_cache

@@ -20,8 +20,9 @@ The server runs in each BentoML worker on the same event loop as the HTTP app
 (:func:`start_grpc_server`, from ``serving/service.py``); the workers share the port through
 ``SO_REUSEPORT``, the kernel spreading connections (a gRPC channel stays on one worker).
 
-The generated modules in ``serving/proto`` declare package ``inference`` as Triton's do: a process
-cannot import both them and ``tritonclient.grpc`` (the protobuf pool refuses a second definition).
+The generated modules in ``serving/proto`` (``make grpc-stubs``) keep their messages in a
+descriptor pool of their own: they declare package ``inference`` as tritonclient's do, and the
+default pool refuses a second definition, so a process may load both.
 """
 
 from __future__ import annotations
@@ -108,16 +109,33 @@ def tensor_values(request: pb.ModelInferRequest) -> Callable[[str], oip.TensorVa
     return values
 
 
+def _elements(value: np.ndarray) -> list[bytes]:
+    """A BYTES tensor's elements (strings of a model's label output) as bytes, row-major."""
+    return [v if isinstance(v, bytes) else str(v).encode() for v in value.reshape(-1).tolist()]
+
+
 def encode_response(meta: Any, version: int, request_id: str, req: oip.InferRequest,
                     outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
-    """The ModelInferResponse: raw output contents unless no output asked for binary."""
+    """The ModelInferResponse: raw output contents (every output: the protocol allows no mix)
+    unless no output asked for binary and every one has a typed field (FP16 has none). A BYTES
+    output goes raw as Triton writes it (each element's 4-byte little-endian length, then its
+    bytes), or typed in ``bytes_contents``."""
     raw = any(req.binary.get(name) for name in req.outputs) or any(
-        np.dtype(outputs[name].dtype) not in _NP_FIELD for name in req.outputs)
+        np.dtype(outputs[name].dtype) not in _NP_FIELD and oip.oip_datatype(outputs[name].dtype) != "BYTES"
+        for name in req.outputs)
     response = pb.ModelInferResponse(model_name=meta.name, model_version=str(version), id=request_id)
     for name in req.outputs:
         value = np.ascontiguousarray(outputs[name])
-        tensor = response.outputs.add(name=name, datatype=oip.oip_datatype(value.dtype), shape=value.shape)
-        if raw:
+        datatype = oip.oip_datatype(value.dtype)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=value.shape)
+        if datatype == "BYTES":
+            elements = _elements(value)
+            if raw:
+                response.raw_output_contents.append(
+                    b"".join(len(e).to_bytes(4, "little") + e for e in elements))
+            else:
+                tensor.contents.bytes_contents.extend(elements)
+        elif raw:
             response.raw_output_contents.append(value.tobytes())
         else:
             getattr(tensor.contents, _NP_FIELD[value.dtype]).extend(value.reshape(-1).tolist())

@@ -111,8 +111,7 @@ class ModelloopService(bentoml.Service):
                 raise
             grpc_server = None
             if settings.grpc_port:
-                # loaded only when on: its messages are package "inference", like tritonclient's,
-                # and one process cannot hold both (tests load tritonclient with the service)
+                # grpc and the protocol's messages load only when the port is set
                 from serving.oip_grpc import start_grpc_server
 
                 try:

@@ -2,9 +2,6 @@
 the recording sidecar, gRPC on a port of its own) driven by tritonclient's gRPC client, and by
 tritonclient's generated stub where a request must be built by hand (typed contents, broken
 requests). Its answers are the REST /v2 answers for the same rows.
-
-This process imports tritonclient.grpc, so it must not import serving.oip_grpc (both define the
-protobuf package ``inference``); the server runs in its own processes.
 """
 
 from __future__ import annotations
@@ -299,3 +296,25 @@ def test_metrics_count_grpc_requests(client: tgrpc.InferenceServerClient, server
     wait_until(lambda: server.metric("modelloop_serving_requests_total", model=MODEL, route="grpc_infer",
                                      code="400") >= 1, 10, "the refused gRPC request count")
     assert server.metric("modelloop_serving_rows_total", model=MODEL, mode="realtime") >= 2
+
+
+# -- encoding (in-process) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False])
+def test_string_outputs_go_as_triton_writes_them(binary: bool) -> None:
+    """A model's string output (a label, in an imported graph) is a BYTES tensor: raw, each
+    element's 4-byte little-endian length then its bytes (tritonclient reads it so), or typed."""
+    from types import SimpleNamespace
+
+    from serving import oip, oip_grpc
+
+    outputs = {"label": np.array(["yes", "no"], dtype=object), "probabilities": np.eye(2, dtype=np.float32)}
+    req = oip.InferRequest(np.zeros((2, 20), np.float32), None, list(outputs), dict.fromkeys(outputs, binary))
+    answer = tgrpc.InferResult(oip_grpc.encode_response(SimpleNamespace(name=MODEL), 1, "r", req, outputs))
+    label, probabilities = answer.get_response().outputs
+    assert (label.datatype, list(label.shape), probabilities.datatype) == ("BYTES", [2], "FP32")
+    if binary:
+        assert answer.as_numpy("label").tolist() == [b"yes", b"no"]
+        np.testing.assert_array_equal(answer.as_numpy("probabilities"), outputs["probabilities"])
+    else:
+        assert list(label.contents.bytes_contents) == [b"yes", b"no"]
+        assert list(probabilities.contents.fp32_contents) == [1, 0, 0, 1]
