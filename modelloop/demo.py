@@ -47,8 +47,7 @@ POLICY = """\
 # The demo's policy: the same rules as the default, on windows that fit a few minutes.
 defaults: {{min_samples: 300, for: 0s, cooldown: 10m}}
 rules:
-  - {{name: data-drift, metric: drift_share, threshold: 0.1, min_samples: {drift_rows},
-     action: retrain}}
+  - {{name: data-drift, metric: data_drift, min_samples: {drift_rows}, action: retrain}}
   - {{name: accuracy-floor, metric: accuracy, window: count, threshold: 0.8, min_samples: 300,
      action: retrain}}
   - {{name: estimated-accuracy-floor, metric: estimated_accuracy, threshold: 0.75, action: alert}}

@@ -251,7 +251,8 @@ class Evaluator:
         if not drift.judged:  # the gauges keep describing the last judged window
             return
         entries: list[tuple[Gauge, tuple[str, ...], float]] = [
-            (m.drift_share, (model,), drift.share), (m.drift_window_rows, (model,), drift.rows)]
+            (m.drift_share, (model,), drift.share), (m.drift_window_rows, (model,), drift.rows),
+            (m.data_drift, (model,), float(drift.dataset_drift))]
         for c in drift.features:
             entries += [(m.drift_score, (model, c.column), c.score),
                         (m.drift_detected, (model, c.column), float(c.drifted)),
@@ -463,9 +464,12 @@ def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
              quantiles: dict[float, float] | None, latency_rows: int,
              errors: tuple[float, int] | None) -> Observation:
     metric = rule.metric
-    if metric in ("drift_share", "feature_drift", "prediction_drift"):
+    if metric in ("data_drift", "drift_share", "feature_drift", "prediction_drift"):
         if drift is None or not drift.judged:
             return Observation(None, 0 if drift is None else drift.rows)
+        if metric == "data_drift":
+            return Observation(float(drift.dataset_drift), drift.rows,
+                               ", ".join(drift.drifted_features))
         if metric == "drift_share":
             return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
         if metric == "feature_drift":

@@ -53,6 +53,9 @@ class MonitorMetrics:
                               "feature's drift score, and its threshold (value).",
                               ("model", "feature", "method"))
         self.drift_share = g("modelloop_drift_share_ratio", "Share of features drifted.", ("model",))
+        self.data_drift = g("modelloop_data_drift_detected", "Dataset drift flag (with "
+                            "DRIFT_METHOD=calibrated: any feature drifted, at the stated "
+                            "false-alarm rate).", ("model",))
         self.prediction_drift_score = g("modelloop_prediction_drift_score",
                                         "Drift of the prediction distribution.", ("model",))
         self.prediction_drift_detected = g("modelloop_prediction_drift_detected",

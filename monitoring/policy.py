@@ -45,6 +45,7 @@ class MetricSpec:
 
 
 METRICS: dict[str, MetricSpec] = {
+    "data_drift": MetricSpec("flag", "model", "none"),
     "drift_share": MetricSpec("ceiling", "model", "ratio"),
     "feature_drift": MetricSpec("flag", "model", "none"),
     "prediction_drift": MetricSpec("flag", "model", "none"),

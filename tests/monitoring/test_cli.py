@@ -134,7 +134,7 @@ def test_status_of_a_sidecar_that_is_not_there() -> None:
 
 def test_check_policy_command(tmp_path: Path) -> None:
     ok = runner.invoke(root_app, ["monitor", "check-policy", str(default_policy_file())])
-    assert ok.exit_code == 0 and "data-drift: drift_share >= 0.1 -> retrain" in ok.output
+    assert ok.exit_code == 0 and "data-drift: data_drift: drift -> retrain" in ok.output
     bad = tmp_path / "p.yaml"
     bad.write_text("rules:\n  - {name: r, metric: nope}\n")
     result = runner.invoke(root_app, ["monitor", "check-policy", str(bad)])

@@ -33,7 +33,7 @@ def test_the_shipped_policy_is_valid() -> None:
     assert "data-drift" in names and "accuracy-floor" in names
     drift = policy.rule("data-drift")
     assert (drift.metric, drift.threshold, drift.action, drift.cooldown_s) == (
-        "drift_share", 0.1, "retrain", 6 * 3600)
+        "data_drift", None, "retrain", 6 * 3600)
     assert policy.rule("serving-memory").threshold == 4 * 2**30
 
 
@@ -70,7 +70,7 @@ GOOD = "- {name: r, metric: drift_share, threshold: 0.3}"
         (rules(GOOD, GOOD), "p.yaml: rule 'r' (rules[1]): field 'name': 'r' is used by another rule"),
         # an unknown metric
         (rules("- {name: r, metric: drift, threshold: 0.3}"),
-         "p.yaml: rule 'r' (rules[0]): field 'metric': unknown metric 'drift' (one of: drift_share, "
+         "p.yaml: rule 'r' (rules[0]): field 'metric': unknown metric 'drift' (one of: data_drift, drift_share, "
          "feature_drift, prediction_drift, accuracy, f1, precision, recall, estimated_accuracy, "
          "latency_p50, latency_p95, latency_p99, error_rate, cpu, memory_bytes, gpu_utilization, "
          "gpu_memory_bytes)"),
