@@ -38,6 +38,7 @@ from modelloop.schemas import (
     Feedback,
     ModelMetadata,
     PackedMatrix,
+    PredictionEvent,
     Task,
     Text,
 )
@@ -165,26 +166,7 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
     events = batch.events
     errors: list[tuple[int, str]] = []
     reasons: set[str] = set()
-    metas: dict[tuple[str, int], ModelMetadata | str] = {}
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, ev in enumerate(events):
-        key = (ev.model, ev.version)
-        meta = metas.get(key)
-        if meta is None:
-            meta = metas[key] = catalog.check(*key)
-        if isinstance(meta, str):
-            errors.append((i, f"events[{i}].model: {meta}"))
-            reasons.add("unknown_model")
-            continue
-        problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
-        late = bounds.problem(np.array([ev.timestamp]), received_at)
-        if late is not None:
-            problem = problem or f"timestamp: {late[1]}"
-        if problem:
-            errors.append((i, f"events[{i}].{problem}"))
-            reasons.add("wrong_shape")
-            continue
-        groups.setdefault(key, []).append(i)
+    metas, groups = _by_version(events, catalog, received_at, bounds, errors, reasons)
     rows: list[tuple[int, EventRow]] = []
     for key, idx in groups.items():
         # one matrix per model version (same width): finiteness checked and rows packed at once
@@ -223,6 +205,38 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
         raise InputError(422, reason, [m for _, m in errors], len(events))
     rows.sort(key=lambda r: r[0])
     return [r for _, r in rows]
+
+
+VersionKey = tuple[str, int]
+
+
+def _by_version(events: list[PredictionEvent], catalog: ModelCatalog, received_at: float,
+                bounds: TimeBounds, errors: list[tuple[int, str]], reasons: set[str],
+                ) -> tuple[dict[VersionKey, ModelMetadata | str], dict[VersionKey, list[int]]]:
+    """Each model version's metadata (or why its events cannot be accepted), and the indexes of
+    its events that fit it; an event that does not is added to ``errors`` (and its reason to
+    ``reasons``) instead."""
+    metas: dict[VersionKey, ModelMetadata | str] = {}
+    groups: dict[VersionKey, list[int]] = {}
+    for i, ev in enumerate(events):
+        key = (ev.model, ev.version)
+        meta = metas.get(key)
+        if meta is None:
+            meta = metas[key] = catalog.check(*key)
+        if isinstance(meta, str):
+            errors.append((i, f"events[{i}].model: {meta}"))
+            reasons.add("unknown_model")
+            continue
+        problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
+        late = bounds.problem(np.array([ev.timestamp]), received_at)
+        if late is not None:
+            problem = problem or f"timestamp: {late[1]}"
+        if problem:
+            errors.append((i, f"events[{i}].{problem}"))
+            reasons.add("wrong_shape")
+            continue
+        groups.setdefault(key, []).append(i)
+    return metas, groups
 
 
 _NOT_JSON = re.compile(r"-?(NaN|Infinity)")

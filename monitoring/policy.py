@@ -6,7 +6,7 @@ is counted and logged, and with ``action: retrain`` a retraining job is requeste
 stays quiet for ``cooldown``, unless its action was refused (:meth:`PolicyEngine.refused`: no job
 could start, say at the cap of running jobs): then it fires again at the next check. The file
 format is in docs/monitoring.md and ``monitoring/assets/policy.yaml``; ``load_policy(path)``
-reads one (PolicyError naming the rule and the field). Example (run by tests/monitoring/test_policy.py)::
+reads one (PolicyError naming the rule and the field). Example (run by test_policy.py)::
 
     >>> policy = parse_policy('''
     ... rules:
@@ -218,6 +218,20 @@ def _build_rule(raw: dict[str, Any], where: str) -> Rule:
     return rule
 
 
+def _threshold_problem(rule: Rule, spec: MetricSpec) -> str | None:
+    """What is wrong with the rule's threshold for its metric, or None."""
+    if spec.kind == "flag":
+        if rule.threshold is not None:
+            return f"{rule.metric} is a drift flag and takes no threshold"
+    elif rule.threshold is None:
+        return f"required for metric {rule.metric}"
+    elif not math.isfinite(rule.threshold) or rule.threshold < 0:
+        return f"must be a non-negative number (got {rule.threshold:g})"
+    elif spec.unit == "ratio" and rule.threshold > 1:
+        return f"must be between 0 and 1 for metric {rule.metric} (got {rule.threshold:g})"
+    return None
+
+
 def _check_rule(rule: Rule, raw: dict[str, Any], where: str) -> None:
     def fail(field: str, msg: str) -> PolicyError:
         return PolicyError(f"{where}: field {field!r}: {msg}")
@@ -227,16 +241,8 @@ def _check_rule(rule: Rule, raw: dict[str, Any], where: str) -> None:
     if rule.metric not in METRICS:
         raise fail("metric", f"unknown metric {rule.metric!r} (one of: {', '.join(METRICS)})")
     spec = rule.spec
-    if spec.kind == "flag":
-        if rule.threshold is not None:
-            raise fail("threshold", f"{rule.metric} is a drift flag and takes no threshold")
-    elif rule.threshold is None:
-        raise fail("threshold", f"required for metric {rule.metric}")
-    elif not math.isfinite(rule.threshold) or rule.threshold < 0:
-        raise fail("threshold", f"must be a non-negative number (got {rule.threshold:g})")
-    elif spec.unit == "ratio" and rule.threshold > 1:
-        raise fail("threshold", f"must be between 0 and 1 for metric {rule.metric} "
-                                f"(got {rule.threshold:g})")
+    if (problem := _threshold_problem(rule, spec)) is not None:
+        raise fail("threshold", problem)
     if rule.metric == "feature_drift":
         if not rule.features:
             raise fail("features", "feature_drift needs a non-empty list of feature names")
