@@ -256,23 +256,7 @@ def prepare(
     is regression; anything else is classification. ``class_labels`` fixes the classes and their
     order (a retrained model keeps its champion's); otherwise they are the sorted distinct labels.
     """
-    if len(frame.columns) == 0:
-        raise DataError(f"{source}: file is empty")
-    if target not in frame.columns:
-        cols = [str(c) for c in frame.columns]
-        shown = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
-        raise DataError(f"{source}: target column {target!r} not found (columns: {shown})")
-    if len(frame) == 0:
-        raise DataError(f"{source}: no data rows")
-    names = [str(c) for c in frame.columns if c != target]
-    if not names:
-        raise DataError(f"{source}: no feature columns besides the target {target!r}")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise DataError(f"{source}: column {dup!r} appears more than once")
-    for name in names:
-        if name.startswith(RESERVED_PREFIX):
-            raise DataError(f"{source}: column {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+    names = _feature_names(frame, target, source)
     features = np.column_stack(
         [_numeric_column(source, str(c), frame[c]) for c in frame.columns if c != target]
     ).astype(np.float32)
@@ -292,6 +276,36 @@ def prepare(
     if task is not Task.classification:
         raise DataError(f"{source}: task {task.value!r} is not supported for tabular training")
 
+    codes, labels = _class_codes(y, class_labels, target, source)
+    return TabularDataset(source, features, codes, names, target, task, labels)
+
+
+def _feature_names(frame: pd.DataFrame, target: str, source: str) -> list[str]:
+    """The feature columns' names: every column but the target, each once, none reserved."""
+    if len(frame.columns) == 0:
+        raise DataError(f"{source}: file is empty")
+    if target not in frame.columns:
+        cols = [str(c) for c in frame.columns]
+        shown = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
+        raise DataError(f"{source}: target column {target!r} not found (columns: {shown})")
+    if len(frame) == 0:
+        raise DataError(f"{source}: no data rows")
+    names = [str(c) for c in frame.columns if c != target]
+    if not names:
+        raise DataError(f"{source}: no feature columns besides the target {target!r}")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{source}: column {dup!r} appears more than once")
+    for name in names:
+        if name.startswith(RESERVED_PREFIX):
+            raise DataError(f"{source}: column {name!r} uses the reserved prefix {RESERVED_PREFIX!r}")
+    return names
+
+
+def _class_codes(y: pd.Series, class_labels: Sequence[str] | None, target: str,
+                 source: str) -> tuple[np.ndarray, list[str]]:
+    """A classification target as class indexes, and the classes in their order:
+    ``class_labels`` when given (a label outside them is refused), else the sorted labels seen."""
     text = y.map(_label_text).to_numpy(dtype=object)
     seen = set(text.tolist())
     if class_labels is None:
@@ -311,7 +325,7 @@ def prepare(
             )
     index = {label: i for i, label in enumerate(labels)}
     codes = np.fromiter((index[t] for t in text), dtype=np.int64, count=len(text))
-    return TabularDataset(source, features, codes, names, target, task, labels)
+    return codes, labels
 
 
 def load_data(

@@ -130,6 +130,40 @@ def _progress(enabled: bool, console: Console | None) -> Progress:
     )
 
 
+def _scheduler(opt: torch.optim.Optimizer, config: TrainingConfig) -> Any:
+    """The learning-rate schedule ``config.scheduler`` names, or None."""
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=0.5, patience=max(1, config.patience // 3))
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    return None
+
+
+def _train_epoch(model: nn.Module, loss_fn: Loss, opt: torch.optim.Optimizer,
+                 train: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor,
+                 config: TrainingConfig, penalised: list[nn.Parameter]) -> float:
+    """One pass over the training rows in ``order``, a step per batch; the mean training loss."""
+    x_train, y_train = train
+    n = len(x_train)
+    model.train()
+    total = torch.zeros((), device=x_train.device)  # summed on the device: no sync per batch
+    for start in range(0, n, config.batch_size):
+        idx = order[start:start + config.batch_size]
+        if len(idx) < 2 < n:  # batch norm cannot train on one row; it is reshuffled next epoch
+            continue
+        loss = loss_fn(model(x_train[idx]), y_train[idx])
+        total += loss.detach() * len(idx)
+        if config.l1 > 0:
+            loss = loss + config.l1 * sum(p.abs().sum() for p in penalised)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+    return float(total) / n
+
+
 def fit(
     model: nn.Module,
     loss_fn: Loss,
@@ -153,12 +187,7 @@ def fit(
     model.to(device)
     groups, penalised = _param_groups(model, config.weight_decay)
     opt = torch.optim.AdamW(groups, lr=config.learning_rate)
-    scheduler: Any = None
-    if config.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, factor=0.5, patience=max(1, config.patience // 3))
-    elif config.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    scheduler = _scheduler(opt, config)
 
     n = len(x_train)
     best_val, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
@@ -170,23 +199,9 @@ def fit(
         shuffle = torch.Generator().manual_seed(config.seed)  # batch order, on the CPU
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
-            model.train()
             order = torch.randperm(n, generator=shuffle).to(device)
-            total = torch.zeros((), device=device)  # summed on the device: no sync per batch
-            for start in range(0, n, config.batch_size):
-                idx = order[start:start + config.batch_size]
-                if len(idx) < 2 < n:  # batch norm cannot train on one row; it is reshuffled next epoch
-                    continue
-                loss = loss_fn(model(x_train[idx]), y_train[idx])
-                total += loss.detach() * len(idx)
-                if config.l1 > 0:
-                    loss = loss + config.l1 * sum(p.abs().sum() for p in penalised)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                opt.step()
-            train_loss = float(total) / n
+            train_loss = _train_epoch(model, loss_fn, opt, (x_train, y_train), order, config,
+                                      penalised)
             val_loss = _mean_loss(model, loss_fn, x_val, y_val)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 raise TrainingError(

@@ -201,42 +201,60 @@ def _model_params(base: TrainingConfig) -> dict[str, Any]:
 
 
 def _problems(name: str, spec: ParamSpec, base: TrainingConfig) -> list[str]:
-    model = _model_params(base)
     parts = name.split(".")
+    problem = _name_problem(name, parts, base) or _spec_problem(spec)
+    if problem is None:
+        values: list[Any] = (list(spec.choices or ()) if spec.type == "categorical"
+                             else [spec.low, spec.high])
+        problem = _value_problem(name, parts, spec, values, base)
+    return [] if problem is None else [problem]
+
+
+def _name_problem(name: str, parts: list[str], base: TrainingConfig) -> str | None:
+    """Why ``name`` is not a tunable config field or parameter of the architecture, or None."""
+    model = _model_params(base)
     if parts[0] == "model" and len(parts) == 3 and parts[2] in _LIST_PARTS:
         if not isinstance(model.get(parts[1]), list):
-            return [f"{base.architecture} has no list parameter {parts[1]!r} "
-                    f"(lists: {', '.join(k for k, v in model.items() if isinstance(v, list)) or 'none'})"]
+            return (f"{base.architecture} has no list parameter {parts[1]!r} "
+                    f"(lists: {', '.join(k for k, v in model.items() if isinstance(v, list)) or 'none'})")
     elif parts[0] == "model" and len(parts) == 2:
         if parts[1] not in model:
-            return [f"{base.architecture} has no parameter {parts[1]!r} "
-                    f"(known: {', '.join(sorted(model))})"]
+            return (f"{base.architecture} has no parameter {parts[1]!r} "
+                    f"(known: {', '.join(sorted(model))})")
     elif name not in TUNABLE_FIELDS:
-        return [f"unknown parameter (config fields: {', '.join(TUNABLE_FIELDS)}; architecture "
+        return (f"unknown parameter (config fields: {', '.join(TUNABLE_FIELDS)}; architecture "
                 "parameters as model.NAME; a list of widths as model.NAME.depth and "
-                "model.NAME.width)"]
+                "model.NAME.width)")
+    return None
 
+
+def _spec_problem(spec: ParamSpec) -> str | None:
+    """What is wrong with the choices or the range themselves, or None."""
     if spec.type == "categorical":
         if spec.low is not None or spec.high is not None or spec.log:
-            return ["a categorical parameter takes choices, not low/high/log"]
+            return "a categorical parameter takes choices, not low/high/log"
         if not spec.choices:
-            return ["categorical needs a non-empty list of choices"]
+            return "categorical needs a non-empty list of choices"
         encoded = [_encode(c) for c in spec.choices]
         if len(set(map(json.dumps, encoded))) < len(encoded):
-            return ["choices repeat a value"]
-        values = list(spec.choices)
-    else:
-        if spec.choices is not None:
-            return ["a range takes low and high, not choices (or use type categorical)"]
-        if spec.low is None or spec.high is None:
-            return ["a range needs low and high"]
-        if not spec.low < spec.high:
-            return [f"low ({spec.low:g}) must be below high ({spec.high:g})"]
-        if spec.log and spec.low <= 0:
-            return [f"a log range needs low > 0, not {spec.low:g}"]
-        if spec.type == "int" and not (spec.low.is_integer() and spec.high.is_integer()):
-            return [f"an int range needs whole low and high, not {spec.low:g} and {spec.high:g}"]
-        values = [spec.low, spec.high]
+            return "choices repeat a value"
+        return None
+    if spec.choices is not None:
+        return "a range takes low and high, not choices (or use type categorical)"
+    if spec.low is None or spec.high is None:
+        return "a range needs low and high"
+    if not spec.low < spec.high:
+        return f"low ({spec.low:g}) must be below high ({spec.high:g})"
+    if spec.log and spec.low <= 0:
+        return f"a log range needs low > 0, not {spec.low:g}"
+    if spec.type == "int" and not (spec.low.is_integer() and spec.high.is_integer()):
+        return f"an int range needs whole low and high, not {spec.low:g} and {spec.high:g}"
+    return None
+
+
+def _value_problem(name: str, parts: list[str], spec: ParamSpec, values: list[Any],
+                   base: TrainingConfig) -> str | None:
+    """The first of ``values`` (choices, or the range's ends) its field refuses, and why."""
     # each value against its own field; a combination the architecture rejects (GRU dropout
     # with one layer) fails only the trial that draws it
     field_type = _field_type(name, base)
@@ -250,8 +268,8 @@ def _problems(name: str, spec: ParamSpec, base: TrainingConfig) -> list[str]:
         try:
             field_type.validate_python(field_value)
         except ValidationError as exc:
-            return [f"value {value!r} is invalid: {exc.errors()[0]['msg']}"]
-    return []
+            return f"value {value!r} is invalid: {exc.errors()[0]['msg']}"
+    return None
 
 
 def _field_type(name: str, base: TrainingConfig) -> TypeAdapter[Any]:
