@@ -137,12 +137,13 @@ class Server:
 
 
 def start_server(home: Path, log: Path, env_extra: dict[str, str], *args: str,
-                 timeout: float = 90) -> Server:
+                 timeout: float = 90, modelloop: str = MODELLOOP) -> Server:
+    """``modelloop serve`` (from the test venv, or the ``modelloop`` given) on a free port, ready."""
     port = free_port()
     env = {**os.environ, "MODELLOOP_HOME": str(home), "BENTOML_HOME": str(home / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "True", **env_extra}
     out = open(log, "wb")  # noqa: SIM115 - the server writes to it for its whole life
-    proc = subprocess.Popen([MODELLOOP, "serve", "--port", str(port), "--host", "127.0.0.1", *args],
+    proc = subprocess.Popen([modelloop, "serve", "--port", str(port), "--host", "127.0.0.1", *args],
                             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     server = Server(url, proc, log, home, env)
