@@ -6,6 +6,10 @@ requests). Its answers are the REST /v2 answers for the same rows.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from tests.serving.conftest import (
     FEATURES,
     KEY,
     MODEL,
+    MODELLOOP,
     Server,
     Sidecar,
     free_port,
@@ -318,3 +323,27 @@ def test_string_outputs_go_as_triton_writes_them(binary: bool) -> None:
     else:
         assert list(label.contents.bytes_contents) == [b"yes", b"no"]
         assert list(probabilities.contents.fp32_contents) == [1, 0, 0, 1]
+
+
+# -- start-up -----------------------------------------------------------------------------------------
+def test_a_taken_grpc_port_stops_the_server_naming_the_setting(main_home: Path, tmp_path: Path) -> None:
+    """Another program holds the port (without SO_REUSEPORT): the server stops with one line
+    naming the setting rather than serving REST without the gRPC side it was asked for."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "MODELLOOP_HOME": str(main_home), "BENTOML_HOME": str(tmp_path / "bentoml"),
+               "BENTOML_DO_NOT_TRACK": "True"}
+        proc = subprocess.Popen([MODELLOOP, "serve", "--port", str(free_port()), "--host", "127.0.0.1",
+                                 "--workers", "1", "--grpc-port", str(port)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:  # it served without its gRPC port
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert f"MODELLOOP_SERVING_GRPC_PORT: cannot listen on 127.0.0.1:{port}" in text.splitlines()[-1], text
