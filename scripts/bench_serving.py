@@ -384,6 +384,9 @@ def main() -> None:
                      f"choose from {', '.join(SECTIONS)}")
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: run scripts/ci_services.sh")
+    if "grpc" in only and not shutil.which("h2load"):
+        sys.exit("h2load (the grpc section's load) is not installed: run scripts/ci_services.sh, "
+                 "or leave the section out with --only")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     home = tmp / "home"
     std_path = register(home, "standard", STANDARD)

@@ -68,7 +68,8 @@ def serve(
     fast_path: Annotated[bool | None, typer.Option("--fast-path/--no-fast-path", help="Serve prediction routes in front of BentoML's middleware.")] = None,
 ) -> None:
     """Serve the production model over REST: /predict, Open Inference Protocol v2 (/v2/...),
-    batch scoring (/batch/...), /metrics and health routes, as a BentoML service on ONNX Runtime.
+    batch scoring (/batch/...), /metrics and health routes, as a BentoML service on ONNX Runtime;
+    with --grpc-port, the Open Inference Protocol over gRPC too.
 
     Every option has an environment variable MODELLOOP_SERVING_<OPTION>; see docs/serving.md. The
     model swaps without downtime when its alias moves (modelloop models promote NAME VERSION) to
