@@ -70,3 +70,15 @@ def test_each_part_declares_what_it_imports(package: str, extras: tuple[str, ...
 def test_serving_and_the_core_never_need_torch() -> None:
     assert "torch" not in declared("serving")
     assert "torch" not in declared("monitoring")
+
+
+@pytest.mark.parametrize("command", ["serve", "batch", "monitor", "models"])
+def test_the_commands_of_serving_monitoring_and_the_core_load_no_torch(command: str) -> None:
+    """What `modelloop <command> --help` imports (the CLI loads the command's module): neither
+    torch nor the training package, so the serving and monitoring extras are enough for them."""
+    code = ("import sys; from modelloop.cli import LazyGroup; "
+            f"LazyGroup.get_command(None, None, {command!r}); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'training'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
