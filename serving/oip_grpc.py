@@ -86,11 +86,14 @@ def tensor_values(request: pb.ModelInferRequest) -> Callable[[str], oip.TensorVa
         contents = request.inputs[0].contents
         sent = [f for f in _CONTENT_FIELDS if len(getattr(contents, f))]
         if raw:
-            if len(raw) != len(request.inputs) or sent:
+            if sent:
                 raise RequestError(400, "wrong_shape", "raw_input_contents",
-                                   f"raw_input_contents: {len(raw)} given for {len(request.inputs)} inputs"
-                                   + (f" that also send inputs[0].contents.{sent[0]}" if sent else "")
-                                   + "; send one raw content per input, or typed contents only")
+                                   f"raw_input_contents: sent with inputs[0].contents.{sent[0]}; send the "
+                                   "values one way, raw or typed")
+            if len(raw) != len(request.inputs):
+                raise RequestError(400, "wrong_shape", "raw_input_contents",
+                                   f"raw_input_contents: {len(raw)} given for {len(request.inputs)} input; "
+                                   "send one per input")
             return oip.TensorValues(raw[0], "raw_input_contents[0]")
         field = _TYPED_FIELD.get(datatype)
         if field is None:

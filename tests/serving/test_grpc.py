@@ -181,8 +181,9 @@ def _status(call: Any) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def _with(x: np.ndarray, edit: Any) -> Any:
-    req = typed_request(x)
+def _with(x: np.ndarray | Any, edit: Any) -> Any:
+    """A request (or the typed request of rows ``x``) changed by ``edit``."""
+    req = typed_request(x) if isinstance(x, np.ndarray) else x
     edit(req)
     return req
 
@@ -218,7 +219,18 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
      "inputs[0].contents.int_contents: datatype FP32 is sent in inputs[0].contents.fp32_contents"),
     # raw and typed contents together
     ("raw and typed", _with(X2, lambda r: r.raw_input_contents.append(X2.tobytes())), INVALID,
-     "raw_input_contents: 1 given for 1 inputs that also send inputs[0].contents.fp32_contents"),
+     "raw_input_contents: sent with inputs[0].contents.fp32_contents; send the values one way"),
+    # two raw contents for one input
+    ("raw count", _with(_raw([2, 20], X2.tobytes()), lambda r: r.raw_input_contents.append(b"")), INVALID,
+     "raw_input_contents: 2 given for 1 input; send one per input"),
+    # no input at all
+    ("no input", pb.ModelInferRequest(model_name=MODEL), INVALID, "inputs: expected one tensor named 'input'"),
+    # a request id that cannot name events
+    ("id", _with(X2, lambda r: setattr(r, "id", "a b")), INVALID, "id: 1-100 characters of letters"),
+    # a parameter of the wrong type
+    ("parameter", _with(X2, lambda r: setattr(r.parameters["binary_data_output"], "string_param", "yes")),
+     INVALID,
+     'parameters.binary_data_output: expected true or false, got string "yes"'),
     # a missing value under nan_policy=reject (REST: 422)
     ("nan", _raw([2, 20], NAN.tobytes()), INVALID, "inputs[0].data: missing value (NaN) at [1, 4]"),
     # an output the model does not have
