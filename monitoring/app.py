@@ -149,24 +149,50 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(sidecar: Sidecar) -> Starlette:
-    """The ASGI app; the sidecar is started by the caller and stopped when the app shuts down."""
-    settings = sidecar.settings
-    limit = settings.max_body_bytes
-    keys = RoleKeys.from_settings(settings)
-    events_budget = IngestBudget("ingest", settings.ingest_queue_bytes, limit)
-    feedback_budget = IngestBudget("feedback", settings.feedback_queue_bytes,
-                                   settings.max_feedback_body_bytes)
+class SidecarHandlers:
+    """The sidecar's route handlers, one method a route, bound to one :class:`Sidecar`; the
+    table of routes (:meth:`table`) is where paths, methods and roles are given."""
 
-    def guard(role: Role, handler: Handler) -> Handler:
-        if not keys.enabled:
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+        self.settings = settings = sidecar.settings
+        self.keys = RoleKeys.from_settings(settings)
+        self.events_budget = IngestBudget("ingest", settings.ingest_queue_bytes,
+                                          settings.max_body_bytes)
+        self.feedback_budget = IngestBudget("feedback", settings.feedback_queue_bytes,
+                                            settings.max_feedback_body_bytes)
+        self.document = orjson.dumps(openapi_document(
+            (path, method, role) for path, method, role, _ in self.table()))
+
+    def table(self) -> list[tuple[str, str, Role | None, Handler]]:
+        """Every route: path, method, the role whose key it needs (None: open), handler."""
+        return [
+            ("/events", "POST", "ingest", self.events),
+            ("/feedback", "POST", "feedback", self.feedback),
+            ("/status", "GET", "admin", self.status),
+            ("/check", "POST", "admin", self.check),
+            ("/reports/drift/latest", "GET", "admin", self.report),
+            ("/reports/drift/{model}/latest", "GET", "admin", self.report),
+            ("/retrain", "POST", "admin", self.retrain),
+            ("/alertmanager", "POST", "alertmanager", self.alertmanager),
+            ("/jobs", "GET", "admin", self.jobs),
+            ("/export/labelled", "GET", "admin", self.export_labelled),
+            ("/metrics", "GET", None, self.metrics),
+            ("/live", "GET", None, self.live),
+            ("/ready", "GET", None, self.ready),
+            ("/openapi.json", "GET", None, self.openapi),
+        ]
+
+    def guard(self, role: Role, handler: Handler) -> Handler:
+        """``handler`` behind the key check of ``role`` (a no-op while no key is set)."""
+        if not self.keys.enabled:
             return handler
 
         async def guarded(request: Request) -> Response:
-            denied = keys.denial(request.headers.get("authorization"), role)
+            denied = self.keys.denial(request.headers.get("authorization"), role)
             if denied is None:
                 return await handler(request)
-            sidecar.metrics.denied.labels(denied).inc()
+            self.sidecar.metrics.denied.labels(denied).inc()
             if denied == "wrong_role":
                 return _error(403, f"Authorization: this key may not use {request.url.path} "
                                    f"(it needs the {role} or the admin key)")
@@ -174,7 +200,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
                                "<key>)", headers={"WWW-Authenticate": 'Bearer realm="modelloop"'})
         return guarded
 
-    async def budgeted(request: Request, budget: IngestBudget,
+    async def budgeted(self, request: Request, budget: IngestBudget,
                        work: Callable[[bytes], Awaitable[Response]]) -> Response:
         """Read the body within ``budget`` (by its declared length, else by the body limit),
         run ``work`` on it, give the bytes back when it is done."""
@@ -182,116 +208,124 @@ def create_app(sidecar: Sidecar) -> Starlette:
         cap = budget.body_limit
         size = min(int(declared), cap) if declared is not None and declared.isdigit() else cap
         if not budget.take(size):
-            sidecar.metrics.ingest_busy.inc()
+            self.sidecar.metrics.ingest_busy.inc()
             return _error(503, f"body: the {budget.name} queue is full ({budget.held} of {budget.limit} "
                                "bytes held); retry after 1 s", headers={"Retry-After": "1"})
+        timeout_s = self.settings.body_read_timeout_s
         try:
             try:
-                body = await asyncio.wait_for(_body(request, cap), settings.body_read_timeout_s)
+                body = await asyncio.wait_for(_body(request, cap), timeout_s)
             except TimeoutError:  # a slow sender must not hold the budget
                 raise InputError(408, "too_slow", [
-                    f"body: not received within {settings.body_read_timeout_s:g} s"]) from None
+                    f"body: not received within {timeout_s:g} s"]) from None
             return await work(body)
         except InputError as exc:
             if exc.reason in ("too_large", "too_slow"):
-                sidecar.reject(exc.reason)
+                self.sidecar.reject(exc.reason)
             return ORJSONResponse(exc.body(), status_code=exc.status)
         finally:
             budget.give(size)
 
-    async def store_events(body: bytes) -> Response:
+    async def store_events(self, body: bytes) -> Response:
         try:
-            accepted, stored = await asyncio.wrap_future(sidecar.submit_events(body))
+            accepted, stored = await asyncio.wrap_future(self.sidecar.submit_events(body))
         except NotStored as exc:  # nothing was acknowledged: serving keeps the batch and retries
-            sidecar.metrics.errors.labels("not_stored").inc()
+            self.sidecar.metrics.errors.labels("not_stored").inc()
             return _error(503, f"events not stored: {exc}")
-        sidecar.ingested(stored)
+        self.sidecar.ingested(stored)
         return ORJSONResponse({"accepted": accepted, "new": sum(stored.new.values()),
                                "ambiguous": stored.conflicts})
 
-    async def store_feedback(body: bytes) -> Response:
+    async def store_feedback(self, body: bytes) -> Response:
         try:
-            items, single = sidecar.parse_feedback(body)
-            result = await run_in_threadpool(sidecar.feedback, items, single)
+            items, single = self.sidecar.parse_feedback(body)
+            result = await run_in_threadpool(self.sidecar.feedback, items, single)
         except InputError as exc:
             if exc.reason != "invalid_label":
-                sidecar.reject(exc.reason, exc.rejected)
+                self.sidecar.reject(exc.reason, exc.rejected)
             raise
         return ORJSONResponse(result)
 
-    async def events(request: Request) -> Response:
-        return await budgeted(request, events_budget, store_events)
+    async def events(self, request: Request) -> Response:
+        return await self.budgeted(request, self.events_budget, self.store_events)
 
-    async def feedback(request: Request) -> Response:
-        return await budgeted(request, feedback_budget, store_feedback)
+    async def feedback(self, request: Request) -> Response:
+        return await self.budgeted(request, self.feedback_budget, self.store_feedback)
 
-    async def status(request: Request) -> Response:
-        return ORJSONResponse(await run_in_threadpool(sidecar.status))
+    async def status(self, request: Request) -> Response:
+        return ORJSONResponse(await run_in_threadpool(self.sidecar.status))
 
-    async def check(request: Request) -> Response:
+    async def check(self, request: Request) -> Response:
         model = request.query_params.get("model")
-        if model is not None and model not in sidecar.evaluator.models(refresh=True):
+        evaluator = self.sidecar.evaluator
+        if model is not None and model not in evaluator.models(refresh=True):
             return _error(404, f"model: no events of model {model!r} to check")
-        await run_in_threadpool(sidecar.evaluator.check, [model] if model else None)
-        return ORJSONResponse(await run_in_threadpool(sidecar.status))
+        await run_in_threadpool(evaluator.check, [model] if model else None)
+        return ORJSONResponse(await run_in_threadpool(self.sidecar.status))
 
-    async def report(request: Request) -> Response:
+    async def report(self, request: Request) -> Response:
         model = request.path_params.get("model") or request.query_params.get("model")
         if model is None:
-            models = sidecar.evaluator.models()
+            models = self.sidecar.evaluator.models()
             if len(models) != 1:
                 return _error(400, "model: name the model (?model=NAME); this sidecar watches "
                                    f"{', '.join(models) or 'no model with events yet'}")
             model = models[0]
-        elif model not in sidecar.evaluator.models():  # a name, never a path
+        elif model not in self.sidecar.evaluator.models():  # a name, never a path
             return _error(404, f"model: no events of model {model!r}")
-        path = latest_report(settings.reports_dir, model)
+        path = latest_report(self.settings.reports_dir, model)
         if path is None:
             return _error(404, f"no drift report for model {model!r} yet (one is written after "
                                f"the first judged drift check)")
         return FileResponse(path, media_type="text/html")
 
-    async def retrain(request: Request) -> Response:
-        req = parse_retrain(await _body(request, limit))
-        outcome = await run_in_threadpool(sidecar.retrain, req.model, req.reason or "manual request")
+    async def retrain(self, request: Request) -> Response:
+        req = parse_retrain(await _body(request, self.settings.max_body_bytes))
+        outcome = await run_in_threadpool(self.sidecar.retrain, req.model,
+                                          req.reason or "manual request")
         if outcome.refused == "at_capacity":
             return ORJSONResponse(outcome.as_dict(), status_code=429,
-                                  headers={"Retry-After": str(int(settings.job_poll_s * 30))})
+                                  headers={"Retry-After": str(int(self.settings.job_poll_s * 30))})
         code = {"running": 202, "skipped": 409, "failed": 502}[outcome.status]
         return ORJSONResponse(outcome.as_dict(), status_code=code)
 
-    async def alertmanager(request: Request) -> Response:
-        body = await _body(request, settings.max_alertmanager_body_bytes)
-        return ORJSONResponse(await run_in_threadpool(sidecar.alertmanager, body))
+    async def alertmanager(self, request: Request) -> Response:
+        body = await _body(request, self.settings.max_alertmanager_body_bytes)
+        return ORJSONResponse(await run_in_threadpool(self.sidecar.alertmanager, body))
 
-    async def jobs(request: Request) -> Response:
-        records = await run_in_threadpool(sidecar.store.jobs, _query_model(request))
+    async def jobs(self, request: Request) -> Response:
+        records = await run_in_threadpool(self.sidecar.store.jobs, _query_model(request))
         return ORJSONResponse({"jobs": [r.__dict__ for r in records]})
 
-    async def export_labelled(request: Request) -> Response:
+    async def export_labelled(self, request: Request) -> Response:
         model = _query_model(request)
         if not model:
             return _error(422, "model: required")
         since = _query_number(request, "since", 0.0, 0.0, 1e11)
         limit_rows = int(_query_number(request, "limit", 100_000, 1, EXPORT_MAX_ROWS, True))
-        data = await run_in_threadpool(_labelled_parquet, sidecar, model, since, limit_rows)
+        data = await run_in_threadpool(_labelled_parquet, self.sidecar, model, since, limit_rows)
         if data is None:
             return _error(404, f"model: no labelled events of model {model!r}")
         return Response(data, media_type="application/vnd.apache.parquet")
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(sidecar.prometheus), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.sidecar.prometheus), media_type=CONTENT_TYPE_LATEST)
 
-    async def live(request: Request) -> Response:
+    async def live(self, request: Request) -> Response:
         return ORJSONResponse({"status": "alive"})
 
-    async def openapi(request: Request) -> Response:
-        return Response(document, media_type="application/json")
+    async def openapi(self, request: Request) -> Response:
+        return Response(self.document, media_type="application/json")
 
-    async def ready(request: Request) -> Response:
-        if sidecar.ready:
+    async def ready(self, request: Request) -> Response:
+        if self.sidecar.ready:
             return ORJSONResponse({"status": "ready"})
         return ORJSONResponse({"status": "not ready"}, status_code=503)
+
+
+def create_app(sidecar: Sidecar) -> Starlette:
+    """The ASGI app; the sidecar is started by the caller and stopped when the app shuts down."""
+    handlers = SidecarHandlers(sidecar)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -299,26 +333,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
         # uvicorn has finished the in-flight requests: flush and close
         await run_in_threadpool(sidecar.stop)
 
-    table: list[tuple[str, str, Role | None, Handler]] = [
-        ("/events", "POST", "ingest", events),
-        ("/feedback", "POST", "feedback", feedback),
-        ("/status", "GET", "admin", status),
-        ("/check", "POST", "admin", check),
-        ("/reports/drift/latest", "GET", "admin", report),
-        ("/reports/drift/{model}/latest", "GET", "admin", report),
-        ("/retrain", "POST", "admin", retrain),
-        ("/alertmanager", "POST", "alertmanager", alertmanager),
-        ("/jobs", "GET", "admin", jobs),
-        ("/export/labelled", "GET", "admin", export_labelled),
-        ("/metrics", "GET", None, metrics),
-        ("/live", "GET", None, live),
-        ("/ready", "GET", None, ready),
-        ("/openapi.json", "GET", None, openapi),
-    ]
-    document = orjson.dumps(openapi_document((path, method, role) for path, method, role, _ in table))
-    routes = [Route(path, _answer_unexpected(guard(role, handler) if role else handler,
+    routes = [Route(path, _answer_unexpected(handlers.guard(role, handler) if role else handler,
                                              sidecar.metrics), methods=[method])
-              for path, method, role, handler in table]
+              for path, method, role, handler in handlers.table()]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={InputError: _input_error})  # type: ignore[dict-item]
 
