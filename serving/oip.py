@@ -175,6 +175,31 @@ def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str,
     float32 rows for the model: ``binary`` holds the binary extension's bytes (REST); ``values``,
     called with the tensor's datatype once its name, datatype and shape are checked, gives its
     gRPC contents; ``default_binary`` is whether outputs are binary unless the request asks."""
+    tensor, datatype, shape = _input_head(doc, meta, max_rows)
+    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around
+    dtype = np.dtype(DATATYPES[datatype])
+    size = _parameters(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
+    given = values(datatype) if values is not None else None
+    if size is not None and given is None:
+        if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
+            raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
+                               f"inputs[0].parameters.binary_data_size: {preview(size)} bytes do not hold "
+                               f"{datatype} {shape} ({len(binary)} binary bytes sent)")
+        given = TensorValues(binary[:size], "inputs[0].data")
+    if given is not None:
+        x = _tensor_values(given, dtype, datatype, shape, count)
+        check_array(x, "inputs[0].data", nan_policy=nan_policy)
+    else:
+        x = _json_rows(tensor.get("data"), shape, meta, nan_policy)
+    dims = meta.input_dims
+    if len(dims) > 1 and x.ndim == 2:  # an image model's rows of pixels: batched with images
+        x = x.reshape(-1, *dims)
+    outputs, binary_of = _requested_outputs(doc, meta, default_binary)
+    return InferRequest(x, _request_id(doc), outputs, binary_of)
+
+
+def _input_head(doc: dict[str, Any], meta: ModelMetadata, max_rows: int) -> tuple[dict[str, Any], str, list[int]]:
+    """The request's one input tensor, its datatype and its shape, checked against the model."""
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RequestError(400, "wrong_shape", "inputs",
@@ -203,33 +228,22 @@ def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str,
     elif shape[1] != meta.n_features:
         raise RequestError(400, "wrong_shape", "inputs[0].shape",
                            f"inputs[0].shape: expected {meta.n_features} features, got {shape[1]}")
-    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around
     if not 1 <= shape[0] <= max_rows:
         status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
         raise RequestError(status, code, "inputs[0].shape",
                            f"inputs[0].shape: {shape[0]} rows; between 1 and {max_rows} are accepted")
-    dtype = np.dtype(DATATYPES[datatype])
-    size = _parameters(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
-    given = values(datatype) if values is not None else None
-    if size is not None and given is None:
-        if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
-            raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
-                               f"inputs[0].parameters.binary_data_size: {preview(size)} bytes do not hold "
-                               f"{datatype} {shape} ({len(binary)} binary bytes sent)")
-        given = TensorValues(binary[:size], "inputs[0].data")
-    if given is not None:
-        x = _tensor_values(given, dtype, datatype, shape, count)
-        check_array(x, "inputs[0].data", nan_policy=nan_policy)
-    else:
-        x = _json_rows(tensor.get("data"), shape, meta, nan_policy)
-    if len(dims) > 1 and x.ndim == 2:  # an image model's rows of pixels: batched with images
-        x = x.reshape(-1, *dims)
+    return tensor, datatype, shape
+
+
+def _requested_outputs(doc: dict[str, Any], meta: ModelMetadata,
+                       default_binary: bool) -> tuple[list[str], dict[str, bool]]:
+    """The outputs to answer, in order, and whether each goes binary."""
     wanted = doc.get("outputs")
     names = [o.name for o in meta.outputs]
     default_binary = _flag(_parameters(doc.get("parameters"), "parameters"), "binary_data_output", "parameters",
                            default_binary)
     if wanted is None:
-        return InferRequest(x, _request_id(doc), names, dict.fromkeys(names, default_binary))
+        return names, dict.fromkeys(names, default_binary)
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise RequestError(400, "wrong_type", "outputs", "outputs: expected an array of objects")
     binary_of: dict[str, bool] = {}
@@ -239,7 +253,7 @@ def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str,
                                f"outputs[{k}].name: unknown output {preview(out.get('name'))}; the model has {names}")
         field = f"outputs[{k}].parameters"
         binary_of[out["name"]] = _flag(_parameters(out.get("parameters"), field), "binary_data", field, default_binary)
-    return InferRequest(x, _request_id(doc), list(binary_of), binary_of)
+    return list(binary_of), binary_of
 
 
 def _tensor_values(values: TensorValues, dtype: np.dtype[Any], datatype: str, shape: list[int],
