@@ -58,6 +58,12 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+def invalid_options(exc: ValidationError) -> str:
+    """A config's validation errors as one line naming the options."""
+    return "; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
+                     for e in exc.errors())
+
+
 def data_options_problem(dataset: DatasetName | None, data: Path | None, target: str | None,
                          task: TaskChoice, rows: int | None) -> str | None:
     """What is wrong with a command's data options (``train``, ``tune``), or None."""
@@ -168,28 +174,11 @@ def train(
                                  "target": target,
                                  "task": None if task is TaskChoice.auto else Task(task.value)}
     if hidden:
-        try:
-            overrides["model"] = {"hidden": [int(w) for w in hidden.split(",")]}
-        except ValueError as exc:
-            raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
-                                     param_hint="--hidden") from exc
+        overrides["model"] = {"hidden": _widths(hidden)}
 
     settings = load_settings()
     registry = Registry(settings.registry_dir)
-    init: WarmStart | None = None
-    try:
-        if init_from:
-            parent, _, ref = init_from.partition("@")
-            init = WarmStart.from_registry(registry, parent, _ref(ref), freeze=freeze)
-            config = init.config(**overrides)
-        else:
-            config = TrainingConfig.from_settings(settings, **overrides)
-        get_architecture(config.architecture).params.model_validate(config.model)
-    except ValidationError as exc:
-        raise fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
-                              for e in exc.errors()), 2) from exc
-    except DataError as exc:
-        raise fail(str(exc), 2) from exc
+    config, init = _train_config(settings, registry, overrides, init_from, freeze)
     source = str(dataset.value if dataset is not None else data)
     name = name or (init.name if init else model_name(source))
     console = Console(stderr=True)
@@ -219,3 +208,33 @@ def train(
             "parity": meta.parity.model_dump() if meta.parity else None,
             "dataset": meta.dataset, "data_fingerprint": meta.data_fingerprint,
         }, indent=2))
+
+
+def _widths(hidden: str) -> list[int]:
+    """``--hidden 128,64`` as the MLP's layer widths."""
+    try:
+        return [int(w) for w in hidden.split(",")]
+    except ValueError as exc:
+        raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
+                                 param_hint="--hidden") from exc
+
+
+def _train_config(settings: TrainingSettings, registry: Registry, overrides: dict[str, Any],
+                  init_from: str | None, freeze: int) -> tuple[TrainingConfig, WarmStart | None]:
+    """The run's config: the settings with the options over them, or with ``--init-from`` the
+    parent version's config with the options over it (and the warm start); exit 2 naming what
+    is wrong."""
+    init: WarmStart | None = None
+    try:
+        if init_from:
+            parent, _, ref = init_from.partition("@")
+            init = WarmStart.from_registry(registry, parent, _ref(ref), freeze=freeze)
+            config = init.config(**overrides)
+        else:
+            config = TrainingConfig.from_settings(settings, **overrides)
+        get_architecture(config.architecture).params.model_validate(config.model)
+    except ValidationError as exc:
+        raise fail(invalid_options(exc), 2) from exc
+    except DataError as exc:
+        raise fail(str(exc), 2) from exc
+    return config, init

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,8 +21,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import Task
+from modelloop.registry import ModelVersion, Registry, RegistryError
+from modelloop.schemas import ModelMetadata, Task
 from training.cli import (
     DataOption,
     DatasetOption,
@@ -29,6 +30,7 @@ from training.cli import (
     TaskChoice,
     data_options_problem,
     fail,
+    invalid_options,
     load_settings,
     metrics_table,
     model_name,
@@ -37,6 +39,7 @@ from training.config import TrainingConfig
 from training.data import DataError, load_data
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
+from training.settings import TrainingSettings
 from training.trainer import TrainingError
 from training.tune import (
     OBJECTIVE,
@@ -158,13 +161,7 @@ def tune(
     except ValueError as exc:
         raise fail(f"--model: {exc}", 2) from exc
     settings = load_settings()
-    try:
-        base = TrainingConfig.from_settings(
-            settings, epochs=epochs, seed=seed, architecture=model, target=target,
-            task=None if task is TaskChoice.auto else Task(task.value))
-    except ValidationError as exc:
-        raise fail("; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
-                              for e in exc.errors()), 2) from exc
+    base = _base_config(settings, epochs=epochs, seed=seed, model=model, target=target, task=task)
     if progress is None:
         progress = settings.progress
     if not logging.getLogger().isEnabledFor(logging.INFO):
@@ -182,20 +179,7 @@ def tune(
         search_space = load_space(space, base) if space is not None else default_space(base)
         ds = load_data(source, base.target, task=base.task, rows=rows, seed=base.seed)
         with _progress(console, progress) as bar:
-            task_id = bar.add_task("tune", total=None, status="")
-            best: dict[str, float] = {}
-
-            def started(n: int) -> None:
-                bar.update(task_id, total=n, status="" if n else "the study is complete")
-
-            def finished(record: TrialRecord) -> None:
-                if record.state == "complete" and record.value is not None and (
-                        record.value < best.get("value", float("inf"))):
-                    best.update(value=record.value, trial=record.number)
-                bar.update(task_id, advance=1, status=(
-                    f"trial {record.number} {record.state}"
-                    + (f"; best {best['value']:.4f} (trial {best['trial']:.0f})" if best else "")))
-
+            started, finished = _trial_progress(bar)
             result = search(ds, name=name, base=base, settings=settings, sampler=sampler.value,
                             trials=trials, jobs=jobs, timeout_s=timeout, space=search_space,
                             prune=prune, on_start=started, on_trial=finished)
@@ -216,14 +200,51 @@ def tune(
     out.print(f"registered {name} v{meta.version} (trial {result.best.number if result.best else '-'}"
               f" of {result.study}): {version.onnx_path}", soft_wrap=True)
     if as_json:
-        assert result.best is not None
-        typer.echo(json.dumps({
-            "study": result.study, "sampler": result.sampler, "storage": str(result.storage),
-            "report": str(result.directory / "trials.json"), "objective": OBJECTIVE,
-            "trials": len(result.trials), "ran": result.ran, "counts": result.counts,
-            "best": {"trial": result.best.number, "value": result.best.value,
-                     "params": result.best.params},
-            "registered": {"name": meta.name, "version": meta.version, "promoted": promote,
-                           "onnx_path": str(version.onnx_path.resolve()),
-                           "metrics": meta.metrics},
-        }, indent=2))
+        typer.echo(json.dumps(_summary(result, meta, version, promote), indent=2))
+
+
+def _base_config(settings: TrainingSettings, *, epochs: int | None, seed: int | None, model: str,
+                 target: str | None, task: TaskChoice) -> TrainingConfig:
+    """The config every trial starts from; exit 2 naming the option it cannot take."""
+    try:
+        return TrainingConfig.from_settings(
+            settings, epochs=epochs, seed=seed, architecture=model, target=target,
+            task=None if task is TaskChoice.auto else Task(task.value))
+    except ValidationError as exc:
+        raise fail(invalid_options(exc), 2) from exc
+
+
+def _trial_progress(bar: Progress) -> tuple[Callable[[int], None], Callable[[TrialRecord], None]]:
+    """The search's callbacks that move ``bar``: when it starts (the trials it will run), and
+    after each trial (its state and the best value so far)."""
+    task_id = bar.add_task("tune", total=None, status="")
+    best: dict[str, float] = {}
+
+    def started(n: int) -> None:
+        bar.update(task_id, total=n, status="" if n else "the study is complete")
+
+    def finished(record: TrialRecord) -> None:
+        if record.state == "complete" and record.value is not None and (
+                record.value < best.get("value", float("inf"))):
+            best.update(value=record.value, trial=record.number)
+        bar.update(task_id, advance=1, status=(
+            f"trial {record.number} {record.state}"
+            + (f"; best {best['value']:.4f} (trial {best['trial']:.0f})" if best else "")))
+
+    return started, finished
+
+
+def _summary(result: SearchResult, meta: ModelMetadata, version: ModelVersion,
+             promote: bool) -> dict[str, Any]:
+    """What ``--json`` prints: the study, its best trial and the version registered from it."""
+    assert result.best is not None
+    return {
+        "study": result.study, "sampler": result.sampler, "storage": str(result.storage),
+        "report": str(result.directory / "trials.json"), "objective": OBJECTIVE,
+        "trials": len(result.trials), "ran": result.ran, "counts": result.counts,
+        "best": {"trial": result.best.number, "value": result.best.value,
+                 "params": result.best.params},
+        "registered": {"name": meta.name, "version": meta.version, "promoted": promote,
+                       "onnx_path": str(version.onnx_path.resolve()),
+                       "metrics": meta.metrics},
+    }
