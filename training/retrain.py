@@ -6,8 +6,11 @@ Every trigger (the sidecar's local process, a Kubernetes Job, a container, a per
 
 1. :func:`fetch_labelled`: labelled production rows from the sidecar (``GET /labelled``).
 2. :func:`check_production_data`: enough rows, the champion's features, more than one class.
-3. :func:`split_recent`: the most recent rows are the holdout both models are judged on; the rest
-   joins the original training data.
+3. :func:`split_production`: when the champion's errors changed over the window
+   (:func:`find_change`, a CUSUM test at 1%), the holdout is a random share of the rows after the
+   change and older rows and the original data are kept in proportion to how little the concept
+   moved; otherwise the most recent rows are the holdout (:func:`split_recent`). The rest joins
+   the original training data.
 4. ``train_model`` with the champion's stored configuration and classes, starting from the
    champion's weights (fine-tuning) unless ``retrain_fine_tune`` is off.
 5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency),
@@ -130,6 +133,90 @@ def split_recent(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataF
     ordered = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
     cut = len(ordered) - max(1, round(len(ordered) * holdout_fraction))
     return ordered.iloc[:cut], ordered.iloc[cut:]
+
+
+# P(sup |Brownian bridge| > x) = 0.01 (Kolmogorov's distribution)
+CUSUM_CRITICAL_1PCT = 1.628
+
+
+@dataclass
+class ChangePoint:
+    """Where the champion's errors on the labelled rows (ordered by time) changed."""
+
+    index: int
+    """The first row after the change."""
+    timestamp: float
+    statistic: float
+    """max |CUSUM| / (sd * sqrt(n)): above 1.628 a change is called (1% false-alarm rate)."""
+    error_before: float
+    error_after: float
+    moved: float
+    """How far the concept moved, 0 (not at all) to 1 (the champion is no better than chance
+    after it): old data is kept in proportion to 1 - moved."""
+
+
+def champion_errors(champion: ModelVersion, rows: pd.DataFrame) -> np.ndarray:
+    """The champion's error on each labelled row: 0/1 for a classifier, the squared error for a
+    regressor (whichever version served the row, the champion is judged)."""
+    meta = champion.metadata
+    x = rows[meta.feature_names].to_numpy(np.float32)
+    out = _session(champion.onnx_path.read_bytes()).run(None, {"input": x})[0]
+    y = rows[REF_LABEL].to_numpy(np.float64)
+    if meta.task is Task.classification:
+        return (np.asarray(out).argmax(axis=1) != y.round()).astype(np.float64)
+    return (np.asarray(out, np.float64).reshape(len(y)) - y) ** 2
+
+
+def find_change(errors: np.ndarray, timestamps: np.ndarray, *, min_segment: int,
+                chance_error: float | None) -> ChangePoint | None:
+    """The CUSUM change point of the errors' mean, tested against the Brownian bridge's maximum at
+    1%; only a change for the worse counts. ``chance_error``: a classifier's error when it
+    guesses (1 - 1/classes), which ``moved`` is scaled by; None for a regressor."""
+    n = len(errors)
+    sd = float(errors.std())
+    if n < 2 * min_segment or sd == 0:
+        return None
+    cusum = np.cumsum(errors - errors.mean())[min_segment - 1:n - min_segment]
+    k = int(np.abs(cusum).argmax()) + min_segment
+    statistic = float(abs(cusum[k - min_segment]) / (sd * np.sqrt(n)))
+    before, after = float(errors[:k].mean()), float(errors[k:].mean())
+    if statistic < CUSUM_CRITICAL_1PCT or after <= before:
+        return None
+    if chance_error is not None:  # the share of the way from the champion's error to chance's
+        moved = (after - before) / max(chance_error - before, 1e-12)
+    else:  # the share of the error after the change that is new
+        moved = (after - before) / after
+    return ChangePoint(index=k, timestamp=float(timestamps[k]), statistic=statistic,
+                       error_before=before, error_after=after, moved=float(np.clip(moved, 0, 1)))
+
+
+def split_production(frame: pd.DataFrame, champion: ModelVersion, *, holdout_fraction: float,
+                     detect_change: bool, min_segment: int, seed: int
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, ChangePoint | None]:
+    """Production rows to train on and the holdout. With no change in the champion's errors, the
+    most recent ``holdout_fraction`` is the holdout (:func:`split_recent`). After a change, the
+    holdout is a random ``holdout_fraction`` of the rows after it (never all of them), and of
+    the rows before it only the most recent ``(1 - moved)`` share of as many as train after it
+    are kept."""
+    ordered = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    meta = champion.metadata
+    change = None
+    if detect_change:
+        chance = (1 - 1 / len(meta.class_labels) if meta.task is Task.classification
+                  and meta.class_labels else None)
+        change = find_change(champion_errors(champion, ordered),
+                             ordered["timestamp"].to_numpy(np.float64),
+                             min_segment=min_segment, chance_error=chance)
+    if change is None:
+        train, holdout = split_recent(ordered, holdout_fraction)
+        return train, holdout, None
+    after = ordered.iloc[change.index:]
+    holdout = after.sample(n=max(1, round(len(after) * holdout_fraction)), random_state=seed)
+    after_train = after.drop(index=holdout.index)
+    keep = int(len(after_train) * (1 - change.moved))
+    before = ordered.iloc[:change.index]
+    before = before.iloc[len(before) - min(keep, len(before)):]
+    return pd.concat([before, after_train]), holdout.sort_index(), change
 
 
 def _latency_p50(session: ort.InferenceSession, row: np.ndarray, runs: int) -> float:
@@ -284,9 +371,13 @@ def retrain(
                                 key=key)
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
-    recent_train, holdout = split_recent(production, settings.retrain_holdout_fraction)
+    recent_train, holdout, change = split_production(
+        production, champion, holdout_fraction=settings.retrain_holdout_fraction,
+        detect_change=settings.retrain_detect_change, min_segment=settings.retrain_min_segment,
+        seed=config.seed)
     original, trusted = original_data(champion, config)
-    cap = int(len(recent_train) * settings.retrain_original_ratio)
+    cap = int(len(recent_train) * settings.retrain_original_ratio
+              * (1 - (change.moved if change else 0.0)))
     if len(original) > cap:
         original = original.sample(n=cap, random_state=config.seed)
     train_frame = pd.concat([original, _production_frame(recent_train, champion, config.target)],
@@ -297,7 +388,13 @@ def retrain(
         "original_rows": len(original), "train_rows": len(train_frame),
         "trusted_rows": len(trusted),
         "holdout_start": float(holdout["timestamp"].min()),
+        "change": asdict(change) if change else None,
     }
+    if change:
+        log.info("the champion's error changed at row %d of %d (%.3f -> %.3f, CUSUM %.2f): "
+                 "training on the rows after it, older data kept at %.0f%%", change.index,
+                 len(production), change.error_before, change.error_after, change.statistic,
+                 100 * (1 - change.moved))
     log.info("retraining %s (champion v%d): %d original + %d production rows, holdout %d",
              name, meta.version, len(original), len(recent_train), len(holdout))
 

@@ -136,6 +136,15 @@ class TrainingSettings(HomeSettings):
     """The most recent share of labelled production rows: both champion and challenger are
     judged on it, and the challenger never trains on it."""
 
+    retrain_detect_change: bool = True
+    """Look for a change in the champion's errors over the labelled rows (CUSUM at 1%): after one,
+    the challenger trains on the rows after it, the holdout is a random share of those, and older
+    production rows and the original data are kept in proportion to how little the concept moved
+    (none when the champion became no better than chance)."""
+
+    retrain_min_segment: PositiveInt = 50
+    """Rows at least on each side of a change point."""
+
     retrain_original_ratio: NonNegativeFloat = 1.0
     """Original training rows kept per production training row (the rest are sampled away), so
     new data is not drowned by old."""

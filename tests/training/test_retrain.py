@@ -150,6 +150,7 @@ def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Reg
     assert code == 0, err
     assert out is not None and not out["promoted"], out
     assert "does not beat champion" in out["reason"]
+    assert out["data"]["change"] is None  # the champion's errors did not change
     assert champion.aliases("demo") == {"production": 1}
     rejected = champion.get("demo", 2).metadata
     assert rejected.lineage["gate"]["promoted"] is False
@@ -179,6 +180,39 @@ def test_labels_that_contradict_the_original_data_hold_the_challenger(
     assert code == 0, err
     assert out is not None and out["promoted"], out["reason"] if out else err
     assert champion.aliases("demo") == {"production": 3, "previous": 1}
+
+
+def _accuracy(registry: Registry, version: int, df: pd.DataFrame) -> float:
+    mv = registry.get("demo", version)
+    sess = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
+    proba = sess.run(None, {"input": df[mv.metadata.feature_names].to_numpy(np.float32)})[0]
+    labels = np.asarray(mv.metadata.class_labels)[proba.argmax(axis=1)]
+    return float(np.mean(labels == df[TARGET].astype(str).to_numpy()))
+
+
+def test_after_a_concept_shift_the_challenger_learns_the_new_concept(
+        home: Path, champion: Registry, tmp_path: Path) -> None:
+    task = SyntheticTask(seed=0)
+    t0 = time.time() - 600
+    with sidecar_process(home, tmp_path / "sidecar.log", **MANUAL_ONLY) as sidecar:
+        # 1,000 labelled rows as trained, then the labelling rule changes for the next 2,500
+        _send(sidecar.url, champion, task.sample(1000, seed=90), t0)
+        _send(sidecar.url, champion, task.sample(2500, seed=91, concept=1.0), t0 + 60)
+        # labels checked by a person: a concept shift, so the job may leave the original data
+        code, out, err = _retrain(home, sidecar.url, "--max-original-drop", "1")
+    assert code == 0, err
+    assert out is not None and out["promoted"], out["reason"] if out else err
+    change = out["data"]["change"]
+    assert change is not None and 950 <= change["index"] <= 1050, change
+    assert change["moved"] > 0.8 and change["error_after"] > change["error_before"] + 0.2
+    # the holdout is a random share of the rows after the change, not the most recent ones
+    assert out["data"]["holdout_rows"] == round((3500 - change["index"]) * 0.3)
+    assert out["data"]["holdout_start"] < t0 + 60 + 5
+    fresh = task.sample(2000, seed=92, concept=1.0)
+    before = champion.get("demo", 1).metadata.metrics["accuracy"]
+    after = _accuracy(champion, 2, fresh)
+    # back near the champion's accuracy before the shift (its test split), from 0.51 after it
+    assert after >= before - 0.05, (before, _accuracy(champion, 1, fresh), after)
 
 
 @pytest.mark.parametrize(
