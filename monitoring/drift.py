@@ -27,6 +27,10 @@ and one strongly shifted feature of 20 is a dataset drift. KS on features with f
 "Failing Loudly") found univariate tests with a Bonferroni correction among the best shift
 detectors.
 
+Per-feature tests cannot see the features' joint distribution change while each keeps its own;
+every check also runs :mod:`monitoring.multivariate` (pairwise dependence at
+``false_alarm_rate``, whatever the method), reported apart in ``DriftResult.multivariate``.
+
 Example::
 
     profile = ReferenceProfile(reference_df, meta.feature_names, method=None, threshold=None)
@@ -44,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from modelloop.schemas import REF_PREDICTION
+from monitoring.multivariate import DependenceProfile, MultivariateDrift
 
 CALIBRATED = "calibrated"
 """Per-feature KS p-values against a Bonferroni-corrected false-alarm rate (see above)."""
@@ -95,6 +100,8 @@ class DriftResult:
     drift_share: float = 0.5
     dataset_drift: bool = False
     prediction: ColumnDrift | None = None
+    multivariate: MultivariateDrift | None = None
+    """The joint-distribution check (pairs of features), at its own stated false-alarm rate."""
     checked_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
     note: str = ""
@@ -146,6 +153,13 @@ class ReferenceProfile:
                 raise ValueError(f"reference column {name!r} has no finite values")
             self.columns[name] = col
             self._tests[name] = self._resolve(col, None, ct.Numerical, self.method)
+        sorted_columns = [self.columns[n].to_numpy() for n in self.feature_names]
+        self.lower = np.array([c[0] for c in sorted_columns])
+        """Each feature's smallest reference value (its support's lower end)."""
+        self.upper = np.array([c[-1] for c in sorted_columns])
+        self.dependence = DependenceProfile(
+            sorted_columns, reference[self.feature_names].to_numpy(dtype=np.float64),
+            self.feature_names, false_alarm_rate)
         self.prediction_type = ct.Categorical if prediction_categorical else ct.Numerical
         self.prediction: pd.Series | None = None
         if REF_PREDICTION in reference.columns:
@@ -233,6 +247,7 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
                          else None)
             result.prediction = _run(test, "prediction", profile.prediction, cur,
                                      profile.prediction_type, threshold)
+    result.multivariate = profile.dependence.check(features)
     result.judged = True
     result.duration_s = time.perf_counter() - started
     return result

@@ -158,13 +158,16 @@ def mixed(n: int, rng: np.random.Generator, shift: dict[int, float] | None = Non
           correlate: float = 0.0) -> np.ndarray:
     """20 features of mixed kinds, as real tables have them: normal, lognormal, uniform,
     Poisson counts and small integers (four of each); ``shift`` adds to columns (in sd of a
-    standard normal), ``correlate`` mixes column 1 into column 0."""
+    standard normal); ``correlate`` makes the standard normal columns 0 and 5 correlated by that
+    much, each keeping its distribution."""
     kinds = [lambda: rng.normal(size=n), lambda: rng.lognormal(size=n),
              lambda: rng.uniform(size=n), lambda: rng.poisson(3, size=n).astype(float),
              lambda: rng.integers(0, 4, size=n).astype(float)]
     x = np.column_stack([kinds[j % 5]() for j in range(20)])
     for j, d in (shift or {}).items():
         x[:, j] += d
+    if correlate:
+        x[:, 0] = correlate * x[:, 5] + np.sqrt(1 - correlate**2) * x[:, 0]
     return x
 
 
@@ -197,3 +200,41 @@ def test_calibrated_drift_refuses_a_rate_outside_0_1(task: SyntheticTask) -> Non
     ref = frame(task, 500, seed=1)
     with pytest.raises(ValueError, match="false_alarm_rate"):
         ReferenceProfile(ref, FEATURES, method="calibrated", false_alarm_rate=1.5)
+
+
+@pytest.mark.slow
+def test_joint_drift_alarms_at_the_stated_rate_and_finds_a_new_correlation() -> None:
+    rng = np.random.default_rng(11)
+    reference = pd.DataFrame(mixed(4000, rng), columns=FEATURES)
+    profile = ReferenceProfile(reference, FEATURES, method="calibrated", false_alarm_rate=0.01)
+    dependence = profile.dependence
+    assert dependence.threshold == pytest.approx(0.01 / 190)  # 190 pairs of 20 features
+    for n in (200, 500, 1000, 2000):
+        alarms = sum(dependence.check(mixed(n, rng)).drifted for _ in range(60))
+        assert alarms <= 2, (n, alarms)  # 0.6 expected of 60
+    # f00 and f05 become correlated (0.9), each keeping its distribution: the per-feature tests
+    # see nothing, the joint check names the pair in each of two 1000-row windows
+    for _ in range(2):
+        result = check_drift(profile, mixed(1000, rng, correlate=0.9))
+        assert result.drifted_features == [] and not result.dataset_drift
+        assert result.multivariate is not None and result.multivariate.drifted
+        assert result.multivariate.pairs == ["f00~f05"]
+        assert result.multivariate.statistic < result.multivariate.threshold
+    # a correlation the reference has, lost in the window, is found too
+    correlated = ReferenceProfile(pd.DataFrame(mixed(4000, rng, correlate=0.6), columns=FEATURES),
+                                  FEATURES, method="calibrated")
+    assert not correlated.dependence.check(mixed(1000, rng, correlate=0.6)).drifted
+    assert correlated.dependence.check(mixed(1000, rng)).pairs == ["f00~f05"]
+
+
+def test_joint_drift_leaves_missing_values_out_pair_by_pair(task: SyntheticTask) -> None:
+    ref = frame(task, 2000, seed=1)
+    ref.loc[ref.index[:200], "f01"] = np.nan  # the reference may miss values too
+    profile = ReferenceProfile(ref, FEATURES, method="calibrated")
+    cur = frame(task, 1500, seed=2)
+    cur.loc[cur.index[:600], "f02"] = np.nan
+    cur["f04"] = np.nan  # no value left: its pairs are not tested
+    result = check_drift(profile, cur.to_numpy())
+    assert result.multivariate is not None and not result.multivariate.drifted
+    assert result.multivariate.tested_pairs == 190 - 19
+    assert 0 < result.multivariate.statistic <= 1
