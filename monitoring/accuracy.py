@@ -4,13 +4,19 @@ Pure functions over arrays: :func:`classification_scores` gives accuracy and mac
 recall and F1 exactly as scikit-learn computes them (labels present in either array, zero where a
 ratio is undefined); :class:`ConfidenceCalibration` is a CBPE-style estimator: it learns on the
 version's reference sample how often a prediction of a given confidence is right (isotonic
-regression), and averages that over the current window's confidences.
+regression), and averages that over the current window's confidences. :meth:`~ConfidenceCalibration.estimate`
+adds a 95% interval: the window's realised accuracy is a sum of Bernoulli trials with those
+chances (variance ``sum p(1-p) / n**2``), and the calibration itself was learned on a finite
+sample (variance ``a(1-a) / m`` for its accuracy ``a`` over ``m`` rows). The interval holds only
+where the window looks like the reference; the sidecar says when it does not (out-of-support rows,
+:mod:`monitoring.data_quality`).
 
 Example::
 
     scores = classification_scores(y_true, y_pred)      # scores.accuracy, scores.f1
     cal = ConfidenceCalibration.fit(ref_proba, ref_labels)
     cal.expected_accuracy(window_proba)                  # e.g. 0.91, no labels needed
+    cal.estimate(window_proba)                           # AccuracyEstimate(0.91, 0.89, 0.93)
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+Z_95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,23 @@ def label_lag(ts: np.ndarray, label_ts: np.ndarray) -> float | None:
     return float(np.median(lag)) if len(lag) else None
 
 
+@dataclass(frozen=True)
+class AccuracyEstimate:
+    """An accuracy estimated without labels and its 95% interval."""
+
+    value: float
+    lower: float
+    upper: float
+
+
 @dataclass
 class ConfidenceCalibration:
     """Maps a prediction's confidence (its top class probability) to the chance it is right."""
 
     model: Any  # sklearn IsotonicRegression, or None: the probabilities are taken as calibrated
     reference_accuracy: float | None = None
+    reference_rows: int = 0
+    """Labelled reference rows the calibration was learned on."""
 
     @classmethod
     def fit(cls, probabilities: np.ndarray, labels: np.ndarray | None) -> ConfidenceCalibration:
@@ -92,14 +111,25 @@ class ConfidenceCalibration:
 
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
         iso.fit(proba.max(axis=1), correct)
-        return cls(model=iso, reference_accuracy=float(correct.mean()))
+        return cls(model=iso, reference_accuracy=float(correct.mean()), reference_rows=len(y))
 
     def expected_accuracy(self, probabilities: np.ndarray) -> float | None:
         """Estimated accuracy over a window of predicted probabilities (no labels needed)."""
+        estimate = self.estimate(probabilities)
+        return None if estimate is None else estimate.value
+
+    def estimate(self, probabilities: np.ndarray) -> AccuracyEstimate | None:
+        """The estimated accuracy of a window with its 95% interval (see the module's text)."""
         proba = np.asarray(probabilities, dtype=np.float64)
         if proba.ndim != 2 or len(proba) == 0:
             return None
         confidence = proba.max(axis=1)
-        if self.model is None:
-            return float(confidence.mean())
-        return float(np.mean(self.model.predict(confidence)))
+        chance = confidence if self.model is None else self.model.predict(confidence)
+        n = len(chance)
+        value = float(np.mean(chance))
+        variance = float(np.sum(chance * (1 - chance))) / n**2
+        if self.reference_accuracy is not None and self.reference_rows:
+            a = self.reference_accuracy
+            variance += a * (1 - a) / self.reference_rows
+        half = Z_95 * variance**0.5
+        return AccuracyEstimate(value, max(0.0, value - half), min(1.0, value + half))

@@ -68,3 +68,20 @@ def test_estimate_without_a_calibration_is_the_mean_confidence() -> None:
     assert cal.model is None
     assert cal.expected_accuracy(np.array([[0.9, 0.1], [0.3, 0.7]])) == pytest.approx(0.8)
     assert cal.expected_accuracy(np.zeros((0, 2))) is None
+
+
+def test_the_estimate_has_an_interval_that_holds_the_realised_accuracy(
+        task: SyntheticTask, trained: TrainedModel) -> None:
+    ref = trained.reference(rows=2000)
+    cal = ConfidenceCalibration.fit(ref[["_ml_proba_0", "_ml_proba_1"]].to_numpy(),
+                                    ref["_ml_label"].to_numpy())
+    assert cal.reference_rows == 2000
+    for seed in (41, 42, 43):
+        window = task.sample(1000, seed=seed)
+        proba = trained.predict_proba(window[task.feature_names].to_numpy())
+        realised = (proba.argmax(axis=1) == window[TARGET].to_numpy()).mean()
+        est = cal.estimate(proba)
+        assert est is not None and est.value == cal.expected_accuracy(proba)
+        assert est.lower <= realised <= est.upper
+        # Bernoulli spread of 1000 rows and the calibration's of 2000: a few points, not more
+        assert 0.02 < est.upper - est.lower < 0.08
