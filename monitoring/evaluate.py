@@ -33,6 +33,7 @@ from modelloop.schemas import (
     Task,
 )
 from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
+from monitoring.data_quality import DataQuality, window_quality
 from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
 from monitoring.ingest import ModelCatalog
 from monitoring.metrics import MonitorMetrics
@@ -73,6 +74,14 @@ class Quality:
     scores: dict[str, Any]
     """``count`` and ``time`` windows -> accuracy/precision/recall/f1/n (None without labels)."""
     estimated_accuracy: float | None
+    estimate_lower: float | None = None
+    estimate_upper: float | None = None
+    """The estimate's 95% interval."""
+    out_of_support_share: float | None = None
+    """Share of the count window's rows with a feature outside the version's reference range."""
+    estimate_reliable: bool | None = None
+    """False when ``out_of_support_share`` exceeds ``MAX_OUT_OF_SUPPORT_SHARE``: the estimate
+    extrapolates beyond the data it was calibrated on."""
 
 
 class Evaluator:
@@ -196,6 +205,10 @@ class Evaluator:
                 self._schedule_report(model, latest, ctx, current)
         else:
             status["drift"] = {"judged": False, "note": ctx.note if ctx else "not in registry"}
+        data_quality = self._data_quality(ctx, current)
+        self._publish_data_quality(model, data_quality)
+        if data_quality is not None:
+            status["data_quality"] = data_quality.summary()
 
         qualities: dict[int, Quality] = {}
         for version in sorted(set(recent.version.tolist())):
@@ -206,7 +219,12 @@ class Evaluator:
                 model, version=version, last_n=s.window_events)
             by_time = self.store.window(model, version=version, since=now - s.window_seconds,
                                         features=False)
-            qualities[version] = _quality(version, win, by_time, vctx.calibration)
+            outside = (data_quality if version == latest
+                       else self._data_quality(vctx, win))
+            qualities[version] = _quality(
+                version, win, by_time, vctx.calibration,
+                None if outside is None else outside.out_of_support_rows_share,
+                s.max_out_of_support_share)
         self._publish_quality(model, qualities)
         status["quality"] = {str(v): q.__dict__ for v, q in qualities.items()}
 
@@ -228,10 +246,19 @@ class Evaluator:
         self._status[model] = status
 
         def observe(rule: Rule) -> Observation:
-            return _observe(rule, drift, qualities.get(latest), quantiles, len(timed), errors)
+            return _observe(rule, drift, qualities.get(latest), quantiles, len(timed), errors,
+                            data_quality)
 
         for firing in self.engine.evaluate("model", model, observe, now, model=model):
             self.on_fire(firing, latest)
+
+    @staticmethod
+    def _data_quality(ctx: VersionContext | None, win: Window) -> DataQuality | None:
+        """Missing and out-of-support shares of a version's window, when it has a reference."""
+        if ctx is None or ctx.profile is None or win.features is None or not len(win):
+            return None
+        p = ctx.profile
+        return window_quality(p.feature_names, p.lower, p.upper, win.features)
 
     # -- publishing -----------------------------------------------------------------------------
     def _replace(self, model: str, group: str,
@@ -257,10 +284,24 @@ class Evaluator:
             entries += [(m.drift_score, (model, c.column), c.score),
                         (m.drift_detected, (model, c.column), float(c.drifted)),
                         (m.drift_method, (model, c.column, c.method), c.threshold)]
+        if drift.multivariate is not None:
+            entries += [(m.multivariate_drift_score, (model,), drift.multivariate.statistic),
+                        (m.multivariate_drift_detected, (model,),
+                         float(drift.multivariate.drifted))]
         if drift.prediction is not None:
             entries += [(m.prediction_drift_score, (model,), drift.prediction.score),
                         (m.prediction_drift_detected, (model,), float(drift.prediction.drifted))]
         self._replace(model, "drift", entries)
+
+    def _publish_data_quality(self, model: str, quality: DataQuality | None) -> None:
+        m = self.metrics
+        entries: list[tuple[Gauge, tuple[str, ...], float]] = []
+        if quality is not None:
+            entries.append((m.out_of_support_rows, (model,), quality.out_of_support_rows_share))
+            for f in quality.features:
+                entries += [(m.missing, (model, f.feature), f.missing_share),
+                            (m.out_of_support, (model, f.feature), f.out_of_support_share)]
+        self._replace(model, "data_quality", entries)
 
     def _publish_quality(self, model: str, qualities: dict[int, Quality]) -> None:
         m = self.metrics
@@ -271,6 +312,11 @@ class Evaluator:
                         (m.label_coverage, (model, v), q.coverage)]
             if q.estimated_accuracy is not None:
                 entries.append((m.estimated_accuracy, (model, v), q.estimated_accuracy))
+            if q.estimate_lower is not None and q.estimate_upper is not None:
+                entries += [(m.estimated_accuracy_lower, (model, v), q.estimate_lower),
+                            (m.estimated_accuracy_upper, (model, v), q.estimate_upper)]
+            if q.estimate_reliable is not None:
+                entries.append((m.estimate_reliable, (model, v), float(q.estimate_reliable)))
             for window, sc in q.scores.items():
                 if sc is None:
                     continue
@@ -444,8 +490,8 @@ def _calibration(ref: Any, proba_cols: list[str]) -> ConfidenceCalibration:
     return ConfidenceCalibration.fit(ref[proba_cols].to_numpy(), labels)
 
 
-def _quality(version: int, win: Window, by_time: Window,
-             calibration: ConfidenceCalibration) -> Quality:
+def _quality(version: int, win: Window, by_time: Window, calibration: ConfidenceCalibration,
+             out_of_support: float | None, max_out_of_support: float) -> Quality:
     scores: dict[str, Any] = {}
     for name, w in (("count", win), ("time", by_time)):
         mask = w.labelled
@@ -453,37 +499,40 @@ def _quality(version: int, win: Window, by_time: Window,
                                    w.prediction[mask].astype(np.int64))
         scores[name] = None if sc is None else sc.__dict__
     labelled = int(win.labelled.sum())
-    estimate = (calibration.expected_accuracy(win.probabilities)
+    estimate = (calibration.estimate(win.probabilities)
                 if win.probabilities is not None else None)
     return Quality(version=version, rows=len(win), labelled=labelled,
                    coverage=labelled / len(win) if len(win) else 0.0, scores=scores,
-                   estimated_accuracy=estimate)
+                   estimated_accuracy=None if estimate is None else estimate.value,
+                   estimate_lower=None if estimate is None else estimate.lower,
+                   estimate_upper=None if estimate is None else estimate.upper,
+                   out_of_support_share=out_of_support,
+                   estimate_reliable=None if estimate is None or out_of_support is None
+                   else out_of_support <= max_out_of_support)
+
+
+DRIFT_METRICS = ("data_drift", "drift_share", "feature_drift", "prediction_drift",
+                 "multivariate_drift")
 
 
 def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
              quantiles: dict[float, float] | None, latency_rows: int,
-             errors: tuple[float, int] | None) -> Observation:
+             errors: tuple[float, int] | None, data_quality: DataQuality | None = None
+             ) -> Observation:
     metric = rule.metric
-    if metric in ("data_drift", "drift_share", "feature_drift", "prediction_drift"):
-        if drift is None or not drift.judged:
-            return Observation(None, 0 if drift is None else drift.rows)
-        if metric == "data_drift":
-            return Observation(float(drift.dataset_drift), drift.rows,
-                               ", ".join(drift.drifted_features))
-        if metric == "drift_share":
-            return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
-        if metric == "feature_drift":
-            hit = [f for f in drift.drifted_features if f in (rule.features or [])]
-            return Observation(float(bool(hit)), drift.rows, ", ".join(hit))
-        if drift.prediction is None:
-            return Observation(None, drift.rows)
-        return Observation(float(drift.prediction.drifted), drift.rows)
+    if metric in DRIFT_METRICS:
+        return _observe_drift(rule, drift)
+    if metric in ("out_of_support_share", "missing_share"):
+        return _observe_data_quality(metric, data_quality)
     if metric in ("accuracy", "f1", "precision", "recall"):
         sc = None if quality is None else quality.scores.get(rule.window)
         return Observation(None, 0) if sc is None else Observation(sc[metric], sc["n"])
     if metric == "estimated_accuracy":
         if quality is None:
             return Observation(None, 0)
+        if quality.estimate_reliable is False:  # out of support: the estimate is no evidence
+            return Observation(None, quality.rows, "estimate unreliable: "
+                               f"{quality.out_of_support_share:.3f} of rows out of support")
         return Observation(quality.estimated_accuracy, quality.rows)
     if metric.startswith("latency_p"):
         q = {"latency_p50": 0.5, "latency_p95": 0.95, "latency_p99": 0.99}[metric]
@@ -491,3 +540,34 @@ def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
     if metric == "error_rate":
         return Observation(None, 0) if errors is None else Observation(errors[0], errors[1])
     return Observation(None, 0)
+
+
+def _observe_drift(rule: Rule, drift: DriftResult | None) -> Observation:
+    metric = rule.metric
+    if drift is None or not drift.judged:
+        return Observation(None, 0 if drift is None else drift.rows)
+    if metric == "data_drift":
+        return Observation(float(drift.dataset_drift), drift.rows,
+                           ", ".join(drift.drifted_features))
+    if metric == "drift_share":
+        return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
+    if metric == "feature_drift":
+        hit = [f for f in drift.drifted_features if f in (rule.features or [])]
+        return Observation(float(bool(hit)), drift.rows, ", ".join(hit))
+    if metric == "multivariate_drift":
+        mv = drift.multivariate
+        if mv is None:
+            return Observation(None, drift.rows)
+        return Observation(float(mv.drifted), drift.rows, ", ".join(mv.pairs))
+    if drift.prediction is None:
+        return Observation(None, drift.rows)
+    return Observation(float(drift.prediction.drifted), drift.rows)
+
+
+def _observe_data_quality(metric: str, quality: DataQuality | None) -> Observation:
+    if quality is None or not quality.rows:
+        return Observation(None, 0)
+    if metric == "missing_share":
+        return Observation(quality.max_missing_share, quality.rows, quality.worst_missing())
+    return Observation(quality.out_of_support_rows_share, quality.rows,
+                       quality.out_of_support_features())

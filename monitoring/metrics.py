@@ -60,6 +60,21 @@ class MonitorMetrics:
                                         "Drift of the prediction distribution.", ("model",))
         self.prediction_drift_detected = g("modelloop_prediction_drift_detected",
                                            "Prediction drift flag.", ("model",))
+        self.multivariate_drift_score = g(
+            "modelloop_multivariate_drift_score", "Joint-distribution drift: the smallest p-value "
+            "of the pairwise dependence tests (drift below DRIFT_FALSE_ALARM_RATE / pairs).",
+            ("model",))
+        self.multivariate_drift_detected = g("modelloop_multivariate_drift_detected",
+                                             "Joint-distribution drift flag.", ("model",))
+        # data quality of the judged window
+        self.missing = g("modelloop_missing_ratio", "Share of the window's rows missing the "
+                         "feature.", ("model", "feature"))
+        self.out_of_support = g("modelloop_out_of_support_ratio", "Share of the window's rows "
+                                "with the feature outside the reference's range.",
+                                ("model", "feature"))
+        self.out_of_support_rows = g("modelloop_out_of_support_rows_ratio", "Share of the "
+                                     "window's rows with any feature outside the reference's "
+                                     "range.", ("model",))
         self.drift_window_rows = g("modelloop_drift_window_rows", "Rows in the last judged window.",
                                    ("model",))
         # quality
@@ -71,6 +86,15 @@ class MonitorMetrics:
         self.estimated_accuracy = g("modelloop_estimated_accuracy_ratio",
                                     "Confidence-based accuracy estimate (no labels needed).",
                                     ("model", "version"))
+        self.estimated_accuracy_lower = g("modelloop_estimated_accuracy_lower_ratio",
+                                          "Lower end of the estimate's 95% interval.",
+                                          ("model", "version"))
+        self.estimated_accuracy_upper = g("modelloop_estimated_accuracy_upper_ratio",
+                                          "Upper end of the estimate's 95% interval.",
+                                          ("model", "version"))
+        self.estimate_reliable = g("modelloop_estimate_reliable", "1 while the accuracy "
+                                   "estimate is reliable (out-of-support rows at most "
+                                   "MAX_OUT_OF_SUPPORT_SHARE).", ("model", "version"))
         self.labelled_samples = g("modelloop_labelled_samples", "Labelled events in the window.",
                                   ("model", "version"))
         self.label_coverage = g("modelloop_label_coverage_ratio",

@@ -71,7 +71,8 @@ GOOD = "- {name: r, metric: drift_share, threshold: 0.3}"
         # an unknown metric
         (rules("- {name: r, metric: drift, threshold: 0.3}"),
          "p.yaml: rule 'r' (rules[0]): field 'metric': unknown metric 'drift' (one of: data_drift, drift_share, "
-         "feature_drift, prediction_drift, accuracy, f1, precision, recall, estimated_accuracy, "
+         "feature_drift, prediction_drift, multivariate_drift, out_of_support_share, "
+         "missing_share, accuracy, f1, precision, recall, estimated_accuracy, "
          "latency_p50, latency_p95, latency_p99, error_rate, cpu, memory_bytes, gpu_utilization, "
          "gpu_memory_bytes)"),
         # a ratio above 1
@@ -92,6 +93,17 @@ GOOD = "- {name: r, metric: drift_share, threshold: 0.3}"
         (rules("- {name: pd, metric: prediction_drift, threshold: 0.1}"),
          "p.yaml: rule 'pd' (rules[0]): field 'threshold': prediction_drift is a drift flag and "
          "takes no threshold"),
+        # the joint-distribution flag takes no threshold either
+        (rules("- {name: joint, metric: multivariate_drift, threshold: 0.01}"),
+         "p.yaml: rule 'joint' (rules[0]): field 'threshold': multivariate_drift is a drift flag "
+         "and takes no threshold"),
+        # a share of rows is a ratio
+        (rules("- {name: gaps, metric: missing_share, threshold: 10}"),
+         "p.yaml: rule 'gaps' (rules[0]): field 'threshold': must be between 0 and 1 for metric "
+         "missing_share (got 10)"),
+        (rules("- {name: outside, metric: out_of_support_share}"),
+         "p.yaml: rule 'outside' (rules[0]): field 'threshold': required for metric "
+         "out_of_support_share"),
         # a size that is not a size
         (rules("- {name: mem, metric: memory_bytes, threshold: lots}"),
          "p.yaml: rule 'mem' (rules[0]): field 'threshold': expected a number or a size like "
