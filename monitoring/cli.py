@@ -228,6 +228,19 @@ def _line_error(file: Path, chunk: list[tuple[int, dict[str, Any]]], resp: httpx
     return f"{file}: the sidecar answered {resp.status_code}: {message}"
 
 
+def _estimate_text(q: dict[str, Any]) -> str:
+    """``0.912 [0.893, 0.931]``, and ``(unreliable)`` when rows are out of support."""
+    est = q.get("estimated_accuracy")
+    if est is None:
+        return "-"
+    text = f"{est:.3f}"
+    if q.get("estimate_lower") is not None:
+        text += f" [{q['estimate_lower']:.3f}, {q['estimate_upper']:.3f}]"
+    if q.get("estimate_reliable") is False:
+        text += " (unreliable: rows out of support)"
+    return text
+
+
 @app.command("status")
 def status(url: UrlOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
@@ -256,14 +269,18 @@ def status(url: UrlOpt = None,
         if drift.get("judged"):
             typer.echo(f"  drift share {drift['share']:.2f} "
                        f"(drifted: {', '.join(drift['drifted_features']) or 'none'})")
+            joint = drift.get("multivariate") or {}
+            typer.echo(f"  joint drift: {', '.join(joint.get('pairs') or []) or 'none'}")
         else:
             typer.echo(f"  drift not judged: {drift.get('note', '')}")
+        if dq := st.get("data_quality"):
+            typer.echo(f"  out of support {dq['out_of_support_rows_share']:.1%} of rows, "
+                       f"missing at most {dq['max_missing_share']:.1%} of a feature")
         for version, q in (st.get("quality") or {}).items():
             count = q["scores"].get("count") or {}
             acc = f"{count['accuracy']:.3f}" if count else "-"
-            est = q.get("estimated_accuracy")
             typer.echo(f"  v{version}: accuracy {acc} on {q['labelled']} labels, estimated "
-                       f"{'-' if est is None else f'{est:.3f}'}, coverage {q['coverage']:.2f}")
+                       f"{_estimate_text(q)}, coverage {q['coverage']:.2f}")
         lat = st.get("latency_s") or {}
         if lat:
             typer.echo(f"  latency p50 {lat['0.5'] * 1000:.1f} ms, p95 {lat['0.95'] * 1000:.1f} ms, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,9 @@ def test_feedback_command_posts_labels_and_reports(running: str, tmp_path: Path)
     assert status.exit_code == 0, status.output
     assert "churn v1: 300 rows in window" in status.output
     assert "v1: accuracy" in status.output and "on 250 labels" in status.output
+    # the estimate with its interval, and the window's data quality
+    assert re.search(r"estimated 0\.\d{3} \[0\.\d{3}, (0|1)\.\d{3}\]", status.output), status.output
+    assert "missing at most 0.0% of a feature" in status.output
 
 
 def test_a_label_the_sidecar_refuses_names_its_line(running: str, tmp_path: Path) -> None:
