@@ -275,7 +275,49 @@ def architecture_names() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
+class ImportedParams(BaseModel):
+    """The constructor keyword arguments of an imported architecture (any JSON values)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ImportedBackbone(nn.Module):
+    """A user's module as a backbone (``training/byo.py``): ``[batch, n_features]`` in; a 1-D
+    output (a regressor's ``[batch]``) becomes ``[batch, 1]``, as the head expects."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.module(x)
+        return out.unsqueeze(-1) if out.ndim == 1 else out
+
+
+def import_architecture(ref: str) -> Architecture:
+    """The architecture ``package.module:Class``: ``Class(**params)`` is the backbone, with
+    modelloop's preprocessing and head around it. ValueError when it cannot be imported."""
+    module_name, _, qualname = ref.partition(":")
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"architecture {ref!r} cannot be imported: {type(exc).__name__}: "
+                         f"{exc}") from None
+    cls = target
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"architecture {ref!r} is not a torch.nn.Module class")
+
+    def build(params: BaseModel, n_features: int, n_outputs: int) -> nn.Module:
+        return ImportedBackbone(cls(**params.model_dump()))
+
+    return Architecture(ref, ImportedParams, build, f"imported {ref}")
+
+
 def get_architecture(name: str) -> Architecture:
+    if ":" in name and name not in ARCHITECTURES:  # package.module:Class, imported each time
+        return import_architecture(name)
     if name not in ARCHITECTURES:
         architecture_names()
     try:
