@@ -13,6 +13,10 @@
 #   healthcheck                the image's HEALTHCHECK: probes whatever this container runs
 #   modelloop ARGS...          any other modelloop command
 #
+# The serving image (docker build --target serving) runs serve, batch, batch-shard and
+# healthcheck; it has no training or monitoring, so monitor, retrain and bootstrap need the full
+# image (MODELLOOP_IMAGE_TARGET, set by the Dockerfile, tells the two apart).
+#
 # Everything else is configured through the settings' environment variables
 # (MODELLOOP_HOME, MODELLOOP_SERVING_*, MODELLOOP_MONITOR_*, MODELLOOP_TRAINING_*).
 #
@@ -32,6 +36,14 @@ die() {
   exit 64 # EX_USAGE
 }
 
+# The serving image has neither torch nor Evidently: refuse its missing roles in one line rather
+# than fail later with an import error.
+require_full_image() {
+  if [ "${MODELLOOP_IMAGE_TARGET:-full}" = serving ]; then
+    die "this serving image has no training or monitoring and cannot run '$1'; use the full image (docker build --target full, the default target)"
+  fi
+}
+
 # Best effort: a job on a read-only root file system without a run dir still runs.
 note_role() {
   if mkdir -p "$run_dir" 2>/dev/null && printf '%s\n' "$1" 2>/dev/null >"$run_dir/role.$$"; then
@@ -40,7 +52,7 @@ note_role() {
 }
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # The sidecar's target: an explicit MODELLOOP_MONITOR_TARGET_PID or _TARGET_CGROUP wins;
@@ -153,11 +165,13 @@ case "$command" in
     exec modelloop serve "$@"
     ;;
   monitor)
+    require_full_image monitor
     note_role monitor
     find_serving_pid
     exec modelloop monitor "$@"
     ;;
   retrain)
+    require_full_image retrain
     note_role job
     exec modelloop retrain "$@"
     ;;
@@ -170,6 +184,7 @@ case "$command" in
     batch_shard "$@"
     ;;
   bootstrap)
+    require_full_image bootstrap
     note_role job
     bootstrap "$@"
     ;;

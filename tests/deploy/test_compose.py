@@ -74,6 +74,23 @@ def test_images_are_pinned_or_built_here(name: str) -> None:
         assert tag and tag != "latest", service["image"]
 
 
+# the entrypoint's roles the serving image runs (it refuses monitor, retrain and bootstrap)
+SERVING_IMAGE_ROLES = {"serve", "batch", "batch-shard", "healthcheck"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELLOOP))
+def test_each_service_builds_a_target_that_runs_its_role(name: str) -> None:
+    service = SERVICES[name]
+    target = service["build"]["target"]
+    assert re.search(rf"^FROM \S+ AS {target}$", (ROOT / "Dockerfile").read_text(), re.M)
+    # one tag per target, so the two images do not overwrite each other
+    assert service["image"].endswith("-serving") == (target == "serving")
+    if target == "serving":
+        assert service["command"][0] in SERVING_IMAGE_ROLES
+    # the service that only serves gets the image without torch and Evidently
+    assert (target == "serving") == (name == "serving")
+
+
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_bind_mounts_exist_in_the_repo(name: str) -> None:
     for volume in SERVICES[name].get("volumes", []):

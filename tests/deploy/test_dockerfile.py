@@ -49,9 +49,40 @@ def of(keyword: str) -> list[Instruction]:
     return [i for i in INSTRUCTIONS if i.keyword == keyword]
 
 
+def stages() -> dict[str, tuple[str, list[Instruction]]]:
+    """Each stage by name: (what it is FROM, its own instructions)."""
+    out: dict[str, tuple[str, list[Instruction]]] = {}
+    current: list[Instruction] = []
+    for instruction in INSTRUCTIONS:
+        if instruction.keyword == "FROM":
+            base, _, name = instruction.args.partition(" AS ")
+            current = []
+            out[name.strip() or f"#{len(out)}"] = (base.strip(), current)
+        current.append(instruction)
+    return out
+
+
+STAGES = stages()
+# the images users build: `docker build --target serving .` and `docker build .` (full)
+TARGETS = ("serving", "full")
+
+
+def effective(stage: str) -> list[Instruction]:
+    """A stage's instructions including those of the stages it is built FROM, base first."""
+    base, own = STAGES[stage]
+    return (effective(base) if base in STAGES else []) + own
+
+
+def installed_by(target: str) -> list[str]:
+    """Every `pip install` of the build stages whose /opt/modelloop the target copies."""
+    copies = [i.args for i in effective(target) if i.keyword == "COPY" and "/opt/modelloop" in i.args]
+    builds = {m.group(1) for c in copies if (m := re.search(r"--from=(\S+)", c))}
+    runs = [i.args for b in builds for i in effective(b) if i.keyword == "RUN"]
+    return [r for r in runs if "pip install" in r]
+
+
 def final_stage() -> list[Instruction]:
-    froms = [n for n, i in enumerate(INSTRUCTIONS) if i.keyword == "FROM"]
-    return INSTRUCTIONS[froms[-1]:]
+    return effective(list(STAGES)[-1])
 
 
 def test_hadolint() -> None:
@@ -68,34 +99,82 @@ def test_parser_joins_continuations() -> None:
 
 def test_base_images_are_pinned_and_runtime_is_cuda() -> None:
     args = {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=?(\S*)", DOCKERFILE.read_text(), re.M)}
-    images = [i.args.split()[0] for i in of("FROM")]
-    assert len(images) >= 2, "multi-stage: a build stage and a runtime stage"
+    images = [i.args.split()[0] for i in of("FROM") if i.args.split()[0] not in STAGES]
+    assert len(of("FROM")) >= 2, "multi-stage: build stages and runtime stages"
     for image in images:
+        if image == "scratch":
+            continue
         name, _, tag = image.partition(":")
         assert tag and tag != "latest" and "$" not in tag, f"unpinned base image {image}"
         assert name not in args
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu2[24]\.04", images[-1])
-    assert any("--from=build" in i.args for i in final_stage() if i.keyword == "COPY")
+    for target in TARGETS:
+        root = effective(target)[0].args.split()[0]
+        assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu2[24]\.04", root), target
+        assert any("--from=build" in i.args for i in effective(target) if i.keyword == "COPY")
 
 
-def test_runs_as_a_numeric_non_root_user() -> None:
-    users = [i.args for i in final_stage() if i.keyword == "USER"]
+def test_the_targets_and_full_is_the_default() -> None:
+    assert set(TARGETS) <= set(STAGES)
+    # `docker build .` builds the last stage: the full image, as before there were two
+    assert list(STAGES)[-1] == "full"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_runs_as_a_numeric_non_root_user(target: str) -> None:
+    users = [i.args for i in effective(target) if i.keyword == "USER"]
     assert users, "the runtime stage never leaves root"
     uid = users[-1].split(":")[0]
     # numeric, so Kubernetes' runAsNonRoot can verify it without a passwd lookup
     assert uid.isdigit() and int(uid) != 0
 
 
-def test_healthcheck_probes_through_the_entrypoint() -> None:
-    (check,) = of("HEALTHCHECK")
+@pytest.mark.parametrize("target", TARGETS)
+def test_healthcheck_probes_through_the_entrypoint(target: str) -> None:
+    (check,) = [i for i in effective(target) if i.keyword == "HEALTHCHECK"]
     assert "CMD" in check.args and "healthcheck" in check.args
     assert re.search(r"--start-period=\d+s", check.args), "model loading needs a start period"
 
 
-def test_entrypoint_selects_the_role_and_defaults_to_serving() -> None:
-    (entrypoint,) = of("ENTRYPOINT")
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_selects_the_role_and_defaults_to_serving(target: str) -> None:
+    (entrypoint,) = [i for i in effective(target) if i.keyword == "ENTRYPOINT"]
     assert entrypoint.args == '["tini", "--", "modelloop-entrypoint"]'
-    assert of("CMD")[-1].args == '["serve"]'
+    assert [i for i in effective(target) if i.keyword == "CMD"][-1].args == '["serve"]'
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_target_tells_the_entrypoint_what_it_is(target: str) -> None:
+    # deploy/docker/entrypoint.sh refuses monitor/retrain/bootstrap where this says serving
+    envs = [i.args for i in STAGES[target][1] if i.keyword == "ENV"]
+    assert f"MODELLOOP_IMAGE_TARGET={target}" in envs
+
+
+def test_the_serving_image_installs_the_serving_extra_only() -> None:
+    (install,) = installed_by("serving")
+    assert re.search(r"pip install \"\.\[serving\]\"", install), install
+    # no torch, no Evidently: neither the training nor the monitoring extra, nor all
+    for forbidden in ("torch", "training", "monitoring", "[all]", "TORCH_"):
+        assert forbidden not in install, forbidden
+    build_stages = {m.group(1) for i in effective("serving") if i.keyword == "COPY"
+                    for m in [re.search(r"--from=(\S+)", i.args)] if m}
+    for stage in build_stages & set(STAGES):
+        text = " ".join(i.args for i in effective(stage))
+        assert "torch" not in text.lower(), f"stage {stage} mentions torch"
+
+
+def test_the_full_image_installs_cpu_torch_first_then_everything() -> None:
+    torch_install, all_install = installed_by("full")
+    assert '"${TORCH_SPEC}"' in torch_install and '--index-url "${TORCH_INDEX_URL}"' in torch_install
+    assert re.search(r"pip install \"\.\[all\]\"", all_install), all_install
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["all"][0].partition("[")[2].rstrip("]").split(",")) == {
+        "serving", "monitoring", "training"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_installed_cli_is_run_at_build_time(target: str) -> None:
+    # an import error of the installed package fails the build, not the first container start
+    assert "modelloop --version" in installed_by(target)[-1]
 
 
 def test_no_add_of_urls_and_apt_cleaned_in_the_same_layer() -> None:

@@ -77,6 +77,35 @@ def test_usage_errors_exit_64_with_one_clear_line(
     assert result.stderr.strip().splitlines()[-1] == message
 
 
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        # the sidecar needs the monitoring extra (Evidently)
+        (["monitor"], True),
+        # retraining and bootstrap train with torch
+        (["retrain", "--name", "demo"], True),
+        (["bootstrap", "demo"], True),
+        # what the serving image is for
+        (["serve", "--help"], False),
+        (["batch", "--help"], False),
+        (["healthcheck"], False),
+    ],
+)
+def test_the_serving_image_refuses_training_and_monitoring_in_one_line(
+    tmp_path: Path, args: list[str], refused: bool
+) -> None:
+    result = entrypoint(args, env_for(tmp_path, MODELLOOP_IMAGE_TARGET="serving"))
+    if not refused:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 64
+    assert result.stderr.splitlines() == [
+        f"modelloop-entrypoint: this serving image has no training or monitoring and cannot run "
+        f"'{args[0]}'; use the full image (docker build --target full, the default target)"
+    ]
+    assert not (tmp_path / "role").exists(), "refused before it noted a role"
+
+
 def test_help_lists_the_roles(tmp_path: Path) -> None:
     result = entrypoint(["--help"], env_for(tmp_path))
     assert result.returncode == 0

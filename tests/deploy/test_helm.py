@@ -267,6 +267,29 @@ def test_only_the_repos_image_and_entrypoint_roles(case: str) -> None:
             assert container["args"][0] in roles
 
 
+@pytest.mark.parametrize(
+    ("sets", "serving_image"),
+    [
+        # default: one image, the full one, everywhere
+        ((), "modelloop:0.1.0"),
+        # the Dockerfile's serving target (no torch, no Evidently) for the serving container only
+        (("serving.image.tag=0.1.0-serving",), "modelloop:0.1.0-serving"),
+        (("serving.image.repository=registry.example.com/modelloop-serving",),
+         "registry.example.com/modelloop-serving:0.1.0"),
+    ],
+)
+def test_serving_may_run_the_serving_image_while_sidecar_and_jobs_keep_the_full_one(
+    sets: tuple[str, ...], serving_image: str
+) -> None:
+    docs = render((), (*ALL_ON, *sets))
+    for doc in workloads(docs):
+        for name, container in containers(doc).items():
+            expected = serving_image if (doc["kind"], name) == ("Deployment", "serving") else "modelloop:0.1.0"
+            assert container["image"] == expected, (doc["kind"], name)
+    # the retraining Jobs the sidecar starts train with torch: the full image
+    assert settings_env(docs)["MODELLOOP_MONITOR_JOB_IMAGE"] == "modelloop:0.1.0"
+
+
 def test_gpu_values_request_a_gpu_for_serving_only() -> None:
     gpu = containers(find(render((GPU_VALUES,)), "Deployment"))
     assert gpu["serving"]["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -51,6 +51,12 @@ app.kubernetes.io/part-of: modelloop
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The serving container's: serving.image where set (the Dockerfile's serving target), else the full image. */}}
+{{- define "modelloop.servingImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- printf "%s:%s" (default .Values.image.repository .Values.serving.image.repository) (default $tag .Values.serving.image.tag) }}
+{{- end }}
+
 {{- define "modelloop.registryClaim" -}}
 {{- default (printf "%s-registry" (include "modelloop.fullname" .)) .Values.registry.persistence.existingClaim }}
 {{- end }}
