@@ -39,7 +39,7 @@ from monitoring.ingest import ModelCatalog
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import Firing, Observation, PolicyEngine, Rule
-from monitoring.reports import write_drift_report
+from monitoring.reports import sidecar_section, write_drift_report
 from monitoring.resources import (
     CgroupSampler,
     GpuSample,
@@ -202,7 +202,7 @@ class Evaluator:
             self._publish_drift(model, drift)
             status["drift"] = drift.summary()
             if drift.judged and self._report_due(model, drift, now):
-                self._schedule_report(model, latest, ctx, current)
+                self._schedule_report(model, latest, ctx, current, drift)
         else:
             status["drift"] = {"judged": False, "note": ctx.note if ctx else "not in registry"}
         data_quality = self._data_quality(ctx, current)
@@ -335,7 +335,7 @@ class Evaluator:
         return True
 
     def _schedule_report(self, model: str, version: int, ctx: VersionContext,
-                         current: Window) -> None:
+                         current: Window, drift: DriftResult) -> None:
         if self._report_future is not None and not self._report_future.done():
             return  # the previous report is still rendering; the next check makes a fresh one
         assert ctx.reference is not None and current.features is not None
@@ -352,13 +352,14 @@ class Evaluator:
 
         def render() -> None:
             try:
+                extra = sidecar_section(drift.multivariate, self._data_quality(ctx, current))
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
                                    calibrated=profile.calibrated,
                                    drift_share=1 / len(names) if profile.calibrated
                                    else s.drift_share,
                                    max_rows=s.report_max_rows, keep=s.reports_keep,
-                                   prediction_column=pred_col)
+                                   prediction_column=pred_col, extra_html=extra)
             except Exception:
                 log.exception("drift report for %s v%d failed", model, version)
 

@@ -3,8 +3,10 @@
 The numbers that drive metrics and the policy come from :mod:`monitoring.drift` over the whole
 window; the report is Evidently's ``DataDriftPreset`` (with the same method, threshold and drift
 share) over a seeded sample of the window and the reference, at most ``max_rows`` rows each,
-because the preset's charts cost seconds per 100k rows. Reports are written atomically and the
-newest ``keep`` are kept per model.
+because the preset's charts cost seconds per 100k rows. What the preset has no widget for, the
+joint-distribution check and the window's data quality (over the whole window, as the sidecar
+judged it), follows Evidently's report as a section of its own (:func:`sidecar_section`).
+Reports are written atomically and the newest ``keep`` are kept per model.
 
 Example::
 
@@ -14,12 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import time
 from pathlib import Path
 
 import pandas as pd
+
+from monitoring.data_quality import DataQuality
+from monitoring.multivariate import MultivariateDrift
 
 log = logging.getLogger(__name__)
 LATEST = "latest.html"
@@ -34,10 +40,12 @@ def write_drift_report(
     reports_dir: Path, model: str, version: int, reference: pd.DataFrame, current: pd.DataFrame,
     *, method: str | None, threshold: float | None, drift_share: float, max_rows: int = 20_000,
     keep: int = 10, prediction_column: str | None = None, calibrated: bool = False,
+    extra_html: str = "",
 ) -> Path:
     """Render Evidently's data drift report and make it the model's ``latest.html``.
     ``calibrated``: ``method`` and ``threshold`` are the features' (KS at the Bonferroni
-    threshold); the prediction, a categorical column here, keeps Evidently's default test."""
+    threshold); the prediction, a categorical column here, keeps Evidently's default test.
+    ``extra_html`` (:func:`sidecar_section`) is placed after Evidently's report."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -64,6 +72,11 @@ def write_drift_report(
     final = folder / f"drift-v{version}-{stamp}.html"
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
     snapshot.save_html(str(tmp))
+    if extra_html:
+        page = tmp.read_text(encoding="utf-8")
+        at = page.rfind("</body>")
+        tmp.write_text(page[:at] + extra_html + page[at:] if at >= 0 else page + extra_html,
+                       encoding="utf-8")
     os.replace(tmp, final)
     latest_tmp = folder / f".{LATEST}.{os.getpid()}.tmp"
     latest_tmp.write_bytes(final.read_bytes())
@@ -78,3 +91,27 @@ def _sample(df: pd.DataFrame, max_rows: int) -> pd.DataFrame:
     if len(df) <= max_rows:
         return df.reset_index(drop=True)
     return df.sample(n=max_rows, random_state=0).reset_index(drop=True)
+
+
+def sidecar_section(joint: MultivariateDrift | None, quality: DataQuality | None) -> str:
+    """The joint-distribution check and the window's data quality as an HTML section."""
+    rows = []
+    if joint is not None:
+        verdict = "drifted: " + ", ".join(joint.pairs) if joint.drifted else "no drift"
+        rows.append(("Joint distribution (pairs of features)",
+                     f"{verdict}; smallest p-value {joint.statistic:.3g}, threshold "
+                     f"{joint.threshold:.3g}, {joint.tested_pairs} pairs tested"))
+    if quality is not None:
+        rows.append(("Rows with a feature outside the reference's range",
+                     f"{quality.out_of_support_rows_share:.1%} of {quality.rows}"))
+        for f in quality.features:
+            if f.missing_share or f.out_of_support_share:
+                rows.append((f"Feature {f.feature}", f"missing {f.missing_share:.1%}, outside "
+                             f"the reference's range {f.out_of_support_share:.1%}"))
+    if not rows:
+        return ""
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                    for k, v in rows)
+    return ('<section id="modelloop-sidecar" style="font-family: sans-serif; margin: 2em">'
+            "<h2>Joint drift and data quality (the sidecar's checks)</h2>"
+            f'<table cellpadding="4">{cells}</table></section>')

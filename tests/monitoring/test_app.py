@@ -212,6 +212,10 @@ def test_check_status_report_and_export(client: httpx.Client, sidecar: Sidecar,
     report = client.get("/reports/drift/latest")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert "Drifted Columns" in report.text and '"f02"' in report.text  # Evidently's widgets
+    # after Evidently's widgets, the sidecar's own checks: joint drift, data quality
+    section = report.text[report.text.index('<section id="modelloop-sidecar"'):]
+    assert "Joint distribution (pairs of features)" in section
+    assert "<th>Feature f02</th><td>missing 0.0%, outside the reference&#x27;s range" in section
     assert client.get("/reports/drift/churn/latest").status_code == 200
     assert client.get("/reports/drift/nope/latest").status_code == 404
     exported = pd.read_parquet(io.BytesIO(client.get("/export/labelled?model=churn").content))
