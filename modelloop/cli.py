@@ -21,12 +21,28 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tune": ("training.tune_cli", "tune_app", "Hyperparameter search (grid, random, Bayesian)."),
     "retrain": ("training.retrain_cli", "retrain_app", "Retrain on production data; promote if better."),
     "quantize": ("training.quantize_cli", "quantize_app", "Quantize a registered version to int8."),
-    "models": ("modelloop.models_cli", "app", "List, show, promote and roll back model versions."),
+    "models": ("modelloop.models_cli", "app",
+               "List, show, promote, roll back and register model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),
     "batch": ("serving.cli", "batch_app", "Score CSV/Parquet files in bounded memory."),
     "monitor": ("monitoring.cli", "app", "The monitoring sidecar and its tools."),
     "demo": ("modelloop.demo", "app", "Run the whole loop: train, serve, drift, retrain, swap."),
 }
+# commands another package adds to a group: (group, command) -> (module, attribute). The module
+# is imported with its group, so it imports its heavy dependencies inside the command.
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("models", "register"): ("training.byo_cli", "register_app"),
+}
+
+
+def _load(cmd_name: str, module: str, attr: str) -> Any:
+    try:
+        target: Any = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"command {cmd_name!r} is unavailable: {exc}") from exc
+    command = typer.main.get_command(target) if isinstance(target, typer.Typer) else target
+    command.name = cmd_name
+    return command
 
 
 class LazyGroup(TyperGroup):
@@ -39,12 +55,10 @@ class LazyGroup(TyperGroup):
         if cmd_name not in COMMANDS:
             return None
         module, attr, _ = COMMANDS[cmd_name]
-        try:
-            target: Any = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise typer.BadParameter(f"command {cmd_name!r} is unavailable: {exc}") from exc
-        command = typer.main.get_command(target) if isinstance(target, typer.Typer) else target
-        command.name = cmd_name
+        command = _load(cmd_name, module, attr)
+        for (group, sub), (sub_module, sub_attr) in SUBCOMMANDS.items():
+            if group == cmd_name:
+                command.add_command(_load(sub, sub_module, sub_attr), sub)
         return command
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:

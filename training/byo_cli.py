@@ -1,0 +1,82 @@
+"""``modelloop models register``: an ONNX file made elsewhere as a new version.
+
+The command lives with the code it calls (``training/byo.py``); the composition root
+(``modelloop/cli.py``) adds it to the ``models`` group. It is imported whenever that group is,
+so the heavy modules are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+register_app = typer.Typer(add_completion=False, rich_markup_mode=None)  # [batch, ...] in the help
+
+
+class TaskChoice(StrEnum):
+    auto = "auto"
+    classification = "classification"
+    regression = "regression"
+
+
+@register_app.command()
+def register_command(
+    file: Annotated[Path, typer.Argument(help="The ONNX file.")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name.")],
+    data: Annotated[Path, typer.Option(
+        "--data", help="CSV or Parquet: the feature columns (in the graph's input order) and "
+        "the target; what the model was trained on, or data like it.")],
+    target: Annotated[str, typer.Option("--target", help="The target column.")] = "target",
+    holdout: Annotated[Path | None, typer.Option(
+        "--holdout", help="Rows the model never saw (metrics); default: a seeded split of "
+        "--data.")] = None,
+    task: Annotated[TaskChoice, typer.Option("--task", help="auto: inferred from the target, "
+                                             "as `modelloop train` does.")] = TaskChoice.auto,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="Class labels in the order of the graph's probability columns, "
+        "comma-separated (default: the sorted labels of the target, as scikit-learn "
+        "orders them).")] = None,
+    promote: Annotated[bool, typer.Option(
+        "--promote", help="Make it production (after the same check `models promote` runs).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new version as JSON.")] = False,
+) -> None:
+    """Register an ONNX FILE made elsewhere (torch.onnx, skl2onnx, ...) as a new version.
+
+    The graph takes one float input [batch, n_features] and outputs a classifier's
+    probabilities [batch, classes] (a graph that outputs logits is refused: end it in a
+    softmax) or a regressor's [batch] or [batch, 1]; its batch axis must be dynamic. It is run
+    on the data (whole and at several batch sizes) for its metrics and reference sample.
+    Exit codes: 0 registered; 2 the file or the data is unusable (one line says why); 1 the
+    registry refused it, or the promotion check failed (the version stays registered).
+    """
+    from modelloop.registry import Registry, RegistryError
+    from modelloop.schemas import Task
+    from training.byo import ByoError, ExampleData, register_onnx
+    from training.data import DataError
+    from training.settings import TrainingSettings
+
+    console = Console(stderr=True)
+    settings = TrainingSettings(progress=False)
+    examples = ExampleData(data, target=target, holdout=holdout,
+                           task=None if task is TaskChoice.auto else Task(task.value),
+                           class_labels=[s.strip() for s in labels.split(",")] if labels else None)
+    try:
+        meta = register_onnx(file, examples, name=name, registry=Registry(settings.registry_dir),
+                             settings=settings, promote=promote)
+    except (ByoError, DataError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from exc
+    except RegistryError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps({"name": meta.name, "version": meta.version, "task": meta.task.value,
+                               "metrics": meta.metrics, "promoted": promote}, indent=2))
+    console.print(f"registered {meta.name} v{meta.version} from {file.name}"
+                  + (" (production)" if promote else ""), highlight=False)
