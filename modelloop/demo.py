@@ -305,73 +305,105 @@ def _start_prometheus(stack: Stack, tl: Timeline) -> None:
         tl("Prometheus did not start", str(exc))
 
 
+class _Traffic:
+    """Labelled batches sent to serving with their labels sent to the sidecar, and the accuracy
+    of each batch by phase and served version."""
+
+    def __init__(self, stack: Stack, client: httpx.Client) -> None:
+        self.stack = stack
+        self.client = client
+        self.sent = 0
+        self.accuracy: dict[str, list[float]] = {}
+
+    def step(self, df: pd.DataFrame, phase: str) -> tuple[int, float]:
+        """Predict ``df``, label it; the version that served it and its accuracy."""
+        ids, preds, version = _predict(self.client, df)
+        self.sent += len(ids)
+        _feedback(self.stack, ids, df[TARGET].to_numpy(), self.sent)
+        a = float((preds == df[TARGET].to_numpy()).mean())
+        self.accuracy.setdefault(f"{phase} v{version}", []).append(a)
+        return version, a
+
+
 def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
           timeout_s: float) -> int:
     task = SyntheticTask(seed=0)
     client = httpx.Client(base_url=stack.serve_url, timeout=60)
-    sent = 0
-    acc: dict[str, list[float]] = {}
-
-    def step(df: pd.DataFrame, phase: str) -> tuple[int, float]:
-        nonlocal sent
-        ids, preds, version = _predict(client, df)
-        sent += len(ids)
-        _feedback(stack, ids, df[TARGET].to_numpy(), sent)
-        a = float((preds == df[TARGET].to_numpy()).mean())
-        acc.setdefault(f"{phase} v{version}", []).append(a)
-        return version, a
+    traffic = _Traffic(stack, client)
 
     # 3. stationary traffic: no drift, accuracy as at training time
     for i in range(4):
-        step(task.sample(batch_rows, seed=100 + i), "stationary")
+        traffic.step(task.sample(batch_rows, seed=100 + i), "stationary")
     _check(stack)  # judge now
     state = _model_status(stack)["model"]
     drift = state.get("drift", {})
     tl("stationary traffic sent with labels",
-       f"{4 * batch_rows} rows; v1 accuracy {np.mean(acc['stationary v1']):.3f}; drift share "
-       f"{drift.get('share', float('nan')):.2f}, drifted {drift.get('drifted_features', [])}")
+       f"{4 * batch_rows} rows; v1 accuracy {np.mean(traffic.accuracy['stationary v1']):.3f}; "
+       f"drift share {drift.get('share', float('nan')):.2f}, drifted "
+       f"{drift.get('drifted_features', [])}")
 
     # 4. the world changes: two features shift and the concept moves
     tl("data shifts", f"covariate shift {SHIFT}, concept shift 1.0 (the retraining job is told the "
        "labels were checked: --max-original-drop 1)")
     load = Load(stack.serve_url, task.sample(500, seed=999, shift=SHIFT, concept=1.0).drop(columns=[TARGET]))
     deadline = time.monotonic() + timeout_s
+    with load.running():
+        swapped = _shifted(stack, registry, tl, traffic, task, batch_rows=batch_rows,
+                           deadline=deadline)
+    client.close()
+    _summary(stack, tl, load, traffic.accuracy, batch_rows)
+    if not swapped:
+        tl("no new version was served before the timeout", f"{timeout_s:.0f} s")
+        return 1
+    return 0 if load.failed == 0 else 1
+
+
+def _shifted(stack: Stack, registry: Registry, tl: Timeline, traffic: _Traffic,
+             task: SyntheticTask, *, batch_rows: int, deadline: float) -> bool:
+    """Shifted traffic until a retrained version served four batches (or the retraining failed,
+    or the deadline passed), telling the timeline what happens; whether a new version served."""
     seen_drift = seen_job = False
     swapped_at: float | None = None
     i = 0
-    with load.running():
-        while time.monotonic() < deadline:
-            version, a = step(task.sample(batch_rows, seed=200 + i, shift=SHIFT, concept=1.0), "shifted")
-            i += 1
-            time.sleep(0.5)  # steady traffic, not a flood
-            st = _model_status(stack)
-            drift = st["model"].get("drift", {})
-            if not seen_drift and drift.get("drifted_features"):
-                seen_drift = True
-                q = st["model"].get("quality", {}).get("1", {})
-                tl("drift detected", f"drifted {drift['drifted_features']}, share "
-                   f"{drift['share']:.2f}; v1 accuracy on shifted data {a:.3f}, estimated "
-                   f"{q.get('estimated_accuracy', float('nan')):.3f} (a confidence-based "
-                   f"estimate cannot see a concept shift: labels can)")
-            if not seen_job and st["jobs"]:
-                seen_job = True
-                job = st["jobs"][0]
-                tl("retraining fired", f"job {job.get('id', '')} by {job.get('trigger', '')}: "
-                   f"{str(job.get('reason', ''))[:90]}")
-            if version > 1 and swapped_at is None:
-                swapped_at = time.monotonic()
-                v2 = registry.get(MODEL, version).metadata
-                gate = v2.lineage.get("gate", {})
-                tl(f"v{version} promoted and swapped in",
-                   f"holdout {gate.get('metric')}: v{version} {gate.get('challenger_score', 0):.3f} "
-                   f"vs v1 {gate.get('champion_score', 0):.3f} (won by "
-                   f"{gate.get('challenger_score', 0) - gate.get('champion_score', 0):+.3f})")
-            if swapped_at is not None and len(acc.get(f"shifted v{version}", [])) >= 4:
-                break
-            if st["jobs"] and st["jobs"][0].get("status") == "failed":
-                tl("retraining failed", f"see {stack.home / 'jobs'}")
-                break
-    client.close()
+    while time.monotonic() < deadline:
+        version, a = traffic.step(task.sample(batch_rows, seed=200 + i, shift=SHIFT, concept=1.0),
+                                  "shifted")
+        i += 1
+        time.sleep(0.5)  # steady traffic, not a flood
+        st = _model_status(stack)
+        drift = st["model"].get("drift", {})
+        if not seen_drift and drift.get("drifted_features"):
+            seen_drift = True
+            q = st["model"].get("quality", {}).get("1", {})
+            tl("drift detected", f"drifted {drift['drifted_features']}, share "
+               f"{drift['share']:.2f}; v1 accuracy on shifted data {a:.3f}, estimated "
+               f"{q.get('estimated_accuracy', float('nan')):.3f} (a confidence-based "
+               f"estimate cannot see a concept shift: labels can)")
+        if not seen_job and st["jobs"]:
+            seen_job = True
+            job = st["jobs"][0]
+            tl("retraining fired", f"job {job.get('id', '')} by {job.get('trigger', '')}: "
+               f"{str(job.get('reason', ''))[:90]}")
+        if version > 1 and swapped_at is None:
+            swapped_at = time.monotonic()
+            v2 = registry.get(MODEL, version).metadata
+            gate = v2.lineage.get("gate", {})
+            tl(f"v{version} promoted and swapped in",
+               f"holdout {gate.get('metric')}: v{version} {gate.get('challenger_score', 0):.3f} "
+               f"vs v1 {gate.get('champion_score', 0):.3f} (won by "
+               f"{gate.get('challenger_score', 0) - gate.get('champion_score', 0):+.3f})")
+        if swapped_at is not None and len(traffic.accuracy.get(f"shifted v{version}", [])) >= 4:
+            break
+        if st["jobs"] and st["jobs"][0].get("status") == "failed":
+            tl("retraining failed", f"see {stack.home / 'jobs'}")
+            break
+    return swapped_at is not None
+
+
+def _summary(stack: Stack, tl: Timeline, load: Load, accuracy: dict[str, list[float]],
+             batch_rows: int) -> None:
+    """The sidecar's view of each served version, the load during the swap, and the accuracy
+    of the traffic by phase and version."""
     _check(stack)
     quality = _model_status(stack)["model"].get("quality", {})
     tl("sidecar's view of the served version", "; ".join(
@@ -384,13 +416,9 @@ def _loop(stack: Stack, registry: Registry, tl: Timeline, *, batch_rows: int,
     table.add_column("phase / version")
     table.add_column("rows")
     table.add_column("accuracy")
-    for key, values in acc.items():
+    for key, values in accuracy.items():
         table.add_row(key, str(len(values) * batch_rows), f"{np.mean(values):.3f}")
     console.print(table)
-    if swapped_at is None:
-        tl("no new version was served before the timeout", f"{timeout_s:.0f} s")
-        return 1
-    return 0 if load.failed == 0 else 1
 
 
 def _where_to_look(stack: Stack, home: Path) -> None:
