@@ -8,6 +8,7 @@ shedding load). ``serving/service.py`` puts this app in front of (or inside) Ben
 Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
 
     POST /predict                          auth   {"instances": [{...}, ...] | [[...], ...]}
+    POST /models/{name}/predict            auth   the same, for any served model
     GET  /v2  /v2/health/live  /v2/health/ready   open
     GET  /v2/models/{name}[/versions/{v}][/ready] auth
     POST /v2/models/{name}[/versions/{v}]/infer   auth
@@ -16,6 +17,11 @@ Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
     GET  /batch/jobs/{id}  /batch/jobs/{id}/result  auth
     DELETE /batch/jobs/{id}                auth   a finished job and its files
     GET  /admin/model   POST /admin/reload auth
+    POST /v2/repository/index              auth   the served models, READY or UNAVAILABLE (why)
+    POST /v2/repository/models/{name}/load | unload   auth
+
+``/predict``, batch scoring and ``/admin/*`` serve the default model; the model routes any model
+of the repository (:mod:`serving.repository`), loading it on its first request.
 
 Their OpenAPI document (:mod:`serving.openapi`) is built from the table of routes in
 :func:`build_app` and merged into BentoML's ``/docs.json``.
@@ -49,6 +55,7 @@ from serving.batcher import BatchResult, Overloaded, retry_after_header
 from serving.jobs import JobLimits
 from serving.openapi import REQUEST_ID_PATTERN, openapi_document
 from serving.predictions import records_json
+from serving.repository import ModelNotFound, ModelUnavailable, ServedModel
 from serving.state import ServingState
 from serving.validation import RequestError, parse_predict_body
 
@@ -113,6 +120,8 @@ def error_reason(exc: RequestError) -> str:
         return "auth"
     if exc.status == 413:
         return "too_large"
+    if exc.code == "model_unavailable":
+        return "unavailable"
     return "validation"
 
 
@@ -122,6 +131,10 @@ _BATCH_STATUS = {"malformed_body": 400, "unsupported_encoding": 415, "too_many_r
 
 def batch_error(exc: BatchInputError) -> RequestError:
     return RequestError(_BATCH_STATUS.get(exc.code, 422), exc.code, exc.column or "body", str(exc))
+
+
+def unavailable(exc: ModelUnavailable) -> RequestError:
+    return RequestError(503, "model_unavailable", "model_name", f"model_name: {exc}")
 
 
 class Routes:
@@ -182,34 +195,68 @@ class Routes:
                     self.authorize(request)
                 response = await handler(request, state)
             except RequestError as exc:
-                state.count_error(state.manager.name, error_reason(exc))
+                state.count_error(self.label(request), error_reason(exc))
                 response = error_response(exc)
             except Overloaded as exc:
-                state.count_error(state.manager.name, "overloaded")
+                state.count_error(self.label(request), "overloaded")
                 response = json_response(
                     {"error": f"overloaded: {exc}; retry later", "code": "overloaded", "field": "body"},
                     503, {"Retry-After": retry_after_header(exc.retry_after_s)})
             except Exception:
                 logger.exception("%s %s failed", request.method, request.url.path)
-                state.count_error(state.manager.name, "internal")
+                state.count_error(self.label(request), "internal")
                 response = json_response({"error": "internal error (see the server log)",
                                           "code": "internal", "field": ""}, 500)
             if route:
-                state.observe_request(state.manager.name, route, response.status_code,
+                state.observe_request(self.label(request), route, response.status_code,
                                       time.perf_counter() - start)
             return response
 
         return endpoint
 
+    # -- the served models --------------------------------------------------------------------
+    def label(self, request: Request) -> str:
+        """The ``model`` label of a request's metrics."""
+        return self.state.repository.label(request.path_params.get("name"))
+
+    async def acquire(self, name: str | None) -> ServedModel:
+        """The served model ``name`` (None: the default model), loaded and held in flight until
+        ``state.repository.release``; 404 when it is not served, 503 naming why it cannot
+        answer (unloaded, or its load failed)."""
+        repo = self.state.repository
+        name = repo.default if name is None else name
+        try:
+            if name is None:
+                raise ModelNotFound("")
+            return await repo.acquire(name)
+        except ModelNotFound:
+            raise self.not_served(name) from None
+        except ModelUnavailable as exc:
+            raise unavailable(exc) from None
+
+    def not_served(self, name: str | None) -> RequestError:
+        served = self.state.repository.names()
+        shown = ", ".join(repr(n) for n in served[:10]) + (", ..." if len(served) > 10 else "")
+        if name is None:
+            return RequestError(404, "not_found", "model_name",
+                                f"model_name: no default model (MODELLOOP_SERVING_MODEL) among the "
+                                f"served models ({shown}): use /models/{{name}}/predict")
+        return RequestError(404, "not_found", "model_name",
+                            f"model_name: model {name!r} is not served here (serving {shown})")
+
     # -- /predict ----------------------------------------------------------------------------
     async def predict(self, request: Request, state: ServingState) -> Response:
         start = time.perf_counter()
-        runtime = state.manager.current
-        body = await read_body(request, self.max_body)
-        x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
-        base = self.request_id(request)
-        # the batcher hands the rows of the whole model batch to the event emitter at once
-        result = await state.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
+        served = await self.acquire(request.path_params.get("name"))
+        try:
+            runtime = served.manager.current
+            body = await read_body(request, self.max_body)
+            x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
+            base = self.request_id(request)
+            # the batcher hands the rows of the whole model batch to the event emitter at once
+            result = await served.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
+        finally:
+            state.repository.release(served)
         runtime = result.runtime
         preds = result.predictions
         n = len(x)
@@ -229,48 +276,103 @@ class Routes:
     async def ready(self, request: Request, state: ServingState) -> Response:
         return json_response({"ready": state.ready}, 200 if state.ready else 503)
 
-    def _served(self, request: Request) -> Any:
-        return self.served(request.path_params["name"], request.path_params.get("version"))
-
-    def served(self, name: str, version: str | None) -> Any:
-        """The runtime serving model ``name`` (``version``: None or "" for the current one), or
-        a 404 naming what is served."""
-        runtime = self.state.manager.current
-        if name != runtime.name:
-            raise RequestError(404, "not_found", "model_name",
-                               f"model_name: model {name!r} is not served here (serving {runtime.name!r})")
+    @staticmethod
+    def check_version(served: ServedModel, version: str | None) -> Any:
+        """The runtime serving ``served`` when ``version`` is it (None or "": the current one),
+        else a 404 naming the version served."""
+        runtime = served.manager.current
         if version not in (None, "", str(runtime.model_version)):
             raise RequestError(404, "not_found", "model_version",
-                               f"model_version: {name} v{version} is not served (serving v{runtime.model_version})")
+                               f"model_version: {served.name} v{version} is not served "
+                               f"(serving v{runtime.model_version})")
         return runtime
 
+    async def metadata_of(self, name: str, version: str | None) -> dict[str, Any]:
+        """OIP model metadata of ``name`` (loading it if needed): REST and gRPC."""
+        served = await self.acquire(name)
+        try:
+            return oip.model_metadata(self.check_version(served, version).metadata)
+        finally:
+            self.state.repository.release(served)
+
+    def ready_of(self, name: str, version: str | None) -> bool:
+        """Whether ``name`` (at ``version``) answers now, without loading it: REST and gRPC."""
+        try:
+            served = self.state.repository.get(name)
+        except ModelNotFound:
+            raise self.not_served(name) from None
+        if served.state != "READY":
+            return False
+        self.check_version(served, version)
+        return True
+
     async def model_metadata(self, request: Request, state: ServingState) -> Response:
-        return json_response(oip.model_metadata(self._served(request).metadata))
+        p = request.path_params
+        return json_response(await self.metadata_of(p["name"], p.get("version")))
 
     async def model_ready(self, request: Request, state: ServingState) -> Response:
-        runtime = self._served(request)
-        return json_response({"name": runtime.name, "ready": runtime.ready}, 200 if runtime.ready else 503)
+        p = request.path_params
+        ready = self.ready_of(p["name"], p.get("version"))
+        return json_response({"name": p["name"], "ready": ready}, 200 if ready else 503)
 
     async def infer(self, request: Request, state: ServingState) -> Response:
         start = time.perf_counter()
-        runtime = self._served(request)
-        body = await read_body(request, self.max_body)
-        req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
-                               nan_policy=self.nan_policy, max_rows=self.max_rows)
-        base = self.request_id(request, req.id)
-        result = await self.infer_rows(runtime, req.x, base, start)
+        served = await self.acquire(request.path_params["name"])
+        try:
+            runtime = self.check_version(served, request.path_params.get("version"))
+            body = await read_body(request, self.max_body)
+            req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
+                                   nan_policy=self.nan_policy, max_rows=self.max_rows)
+            base = self.request_id(request, req.id)
+            result = await self.infer_rows(served, req.x, base, start)
+        finally:
+            state.repository.release(served)
         runtime = result.runtime
         content, headers = oip.encode_infer(runtime.metadata, runtime.model_version, base, req, result.outputs)
         media = "application/octet-stream" if headers else JSON
         return Response(content, 200, headers, media)
 
-    async def infer_rows(self, runtime: Any, x: np.ndarray, request_id: str, start: float) -> BatchResult:
-        """An OIP request's rows through the batcher (their events named ``request_id`` when the
-        sidecar is on), counted: what the REST and gRPC infer share."""
+    async def infer_rows(self, served: ServedModel, x: np.ndarray, request_id: str, start: float) -> BatchResult:
+        """An OIP request's rows through the model's batcher (their events named ``request_id``
+        when the sidecar is on), counted: what the REST and gRPC infer share."""
         state = self.state
-        result = await state.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
+        result = await served.batcher.predict(served.manager.current, x,
+                                              request_id if state.emitter.enabled else None, start)
         state.count_rows(result.runtime.name, len(x))
         return result
+
+    # -- the model repository extension --------------------------------------------------------
+    async def repository_index(self, request: Request, state: ServingState) -> Response:
+        body = await read_body(request, self.max_body)
+        ready_only = False
+        if body.strip():
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise RequestError(400, "malformed_json", "body", "body: not JSON") from None
+            if not isinstance(doc, dict) or set(doc) - {"ready"} or not isinstance(doc.get("ready", False), bool):
+                raise RequestError(422, "wrong_type", "body", 'body: an object {"ready": true|false}')
+            ready_only = doc.get("ready", False)
+        index = state.repository.index()
+        return json_response([m for m in index if m["state"] == "READY"] if ready_only else index)
+
+    async def repository_load(self, request: Request, state: ServingState) -> Response:
+        name = request.path_params["name"]
+        try:
+            await state.repository.load(name)
+        except ModelNotFound:
+            raise self.not_served(name) from None
+        except ModelUnavailable as exc:
+            raise unavailable(exc) from None
+        return json_response({})
+
+    async def repository_unload(self, request: Request, state: ServingState) -> Response:
+        name = request.path_params["name"]
+        try:
+            await state.repository.unload(name)
+        except ModelNotFound:
+            raise self.not_served(name) from None
+        return json_response({})
 
     # -- batch scoring -----------------------------------------------------------------------
     @staticmethod
@@ -294,7 +396,9 @@ class Routes:
 
     async def batch_score(self, request: Request, state: ServingState) -> Response:
         fmt = self._file_format(request)
-        runtime = state.manager.current
+        served = await self.acquire(None)  # (the session stays with `runtime` until it is done)
+        state.repository.release(served)
+        runtime = served.manager.current
         self._scorable(runtime)
         body = await read_body(request, self.max_body)
         base = self.request_id(request)
@@ -323,8 +427,11 @@ class Routes:
 
     async def job_submit(self, request: Request, state: ServingState) -> Response:
         fmt = self._file_format(request)
-        self._scorable(state.manager.current)
-        status = await state.jobs.submit(fmt, request.stream(), state.manager.current,
+        served = await self.acquire(None)  # (the job keeps the session until it is done)
+        state.repository.release(served)
+        runtime = served.manager.current
+        self._scorable(runtime)
+        status = await state.jobs.submit(fmt, request.stream(), runtime,
                                          on_chunk=state.record_batch_chunk, limits=self.job_limits,
                                          declared_bytes=declared_length(request))
         return json_response(status, 202, {"Location": f"/batch/jobs/{status['job_id']}"})
@@ -342,13 +449,17 @@ class Routes:
 
     # -- admin -------------------------------------------------------------------------------
     async def admin_model(self, request: Request, state: ServingState) -> Response:
-        status = state.manager.status()
-        status.update(queued_rows=state.batcher.queued_rows, events_pending=state.emitter.pending_rows,
+        served = await self.acquire(None)
+        state.repository.release(served)
+        status = served.manager.status()
+        status.update(queued_rows=served.batcher.queued_rows, events_pending=state.emitter.pending_rows,
                       events_sent=state.emitter.sent, events_dropped=state.emitter.dropped)
         return json_response(status)
 
     async def admin_reload(self, request: Request, state: ServingState) -> Response:
-        return json_response(await state.manager.refresh(force=True))
+        served = await self.acquire(None)
+        state.repository.release(served)
+        return json_response(await served.manager.refresh(force=True))
 
 
 def build_app(state: ServingState) -> Starlette:
@@ -360,6 +471,7 @@ def build_app(state: ServingState) -> Starlette:
     # (path, method, route label of the request metrics ("": not counted), guarded, handler)
     table: list[tuple[str, str, str, bool, Handler]] = [
         ("/predict", "POST", "predict", True, r.predict),
+        ("/models/{name}/predict", "POST", "predict", True, r.predict),
         ("/v2", "GET", "", False, r.server_metadata),
         ("/v2/health/live", "GET", "", False, r.live),
         ("/v2/health/ready", "GET", "", False, r.ready),
@@ -373,6 +485,9 @@ def build_app(state: ServingState) -> Starlette:
         ("/batch/jobs/{job_id}/result", "GET", "", True, r.job_result),
         ("/admin/model", "GET", "", True, r.admin_model),
         ("/admin/reload", "POST", "", True, r.admin_reload),
+        ("/v2/repository/index", "POST", "", True, r.repository_index),
+        ("/v2/repository/models/{name}/load", "POST", "", True, r.repository_load),
+        ("/v2/repository/models/{name}/unload", "POST", "", True, r.repository_unload),
     ]
     routes = [Route(path, r.guarded(label, handler, auth=guarded), methods=[method])
               for path, method, label, guarded, handler in table]
@@ -392,4 +507,4 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
 
 
 # Paths the front door in serving/service.py sends to this app rather than to BentoML's.
-OWN_PREFIXES = ("/predict", "/v2", "/batch/", "/admin/")
+OWN_PREFIXES = ("/predict", "/models/", "/v2", "/batch/", "/admin/")

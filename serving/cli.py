@@ -54,7 +54,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 3000).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 0.0.0.0).")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="Port of the Open Inference Protocol over gRPC (default 0: off).")] = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Registered model to serve (default: the only one).")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="The default model, which /predict serves (default: the only one).")] = None,
+    models: Annotated[str | None, typer.Option(help="Models served, names or globs, comma-separated (default: every registered model).")] = None,
+    max_loaded_models: Annotated[int | None, typer.Option(help="Most models loaded per worker; the least recently used is unloaded (0 = no limit).")] = None,
     alias: Annotated[str | None, typer.Option(help="Alias or version to serve and follow (default production).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (0 = one per core).")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per worker (0 = cores/workers).")] = None,
@@ -81,7 +83,8 @@ def serve(
     listening beyond loopback logs a warning), and MODELLOOP_SERVING_SIDECAR_KEY is sent with
     the prediction events to the sidecar (its MODELLOOP_MONITOR_INGEST_KEY).
     """
-    settings = _settings(port=port, host=host, grpc_port=grpc_port, model=name, alias=alias, workers=workers,
+    settings = _settings(port=port, host=host, grpc_port=grpc_port, model=name, models=models,
+                         max_loaded_models=max_loaded_models, alias=alias, workers=workers,
                          threads=threads, providers=providers, batching=batching,
                          max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait_s,
                          max_queue_rows=max_queue_rows, sidecar_url=sidecar_url,
@@ -134,18 +137,28 @@ def _preflight(settings: ServingSettings) -> None:
     """Load and check the model once here (as each worker will), so a bad model stops start-up
     with one clear line naming the file and why (BentoML would otherwise restart failing workers
     forever)."""
-    from serving.models import load_checked, resolve_model_name, runtime_factory
+    from serving.models import load_checked, runtime_factory
+    from serving.repository import default_model, served_names
     from serving.runtime import ModelLoadError
 
     registry = Registry(settings.registry_dir)
+    names = served_names(registry, settings)
+    name = default_model(names, settings)
+    url = f"http://{settings.host}:{settings.port}"
+    if not names:
+        raise _fail(f"no model to serve: none registered under {registry.root} matches "
+                    f"MODELLOOP_SERVING_MODELS={settings.models!r}")
+    if name is None:  # several models and no default: each loads on its first request
+        console.print(f"serving {', '.join(names)} ({settings.alias}; no default model for /predict: "
+                      f"set MODELLOOP_SERVING_MODEL), {url}", highlight=False, soft_wrap=True)
+        return
     try:
-        name = resolve_model_name(registry, settings.model)
         runtime = load_checked(runtime_factory(settings), registry.get(name, settings.alias))
     except (ModelLoadError, RegistryError) as exc:
         raise _fail(str(exc)) from exc
+    others = f" (and {', '.join(n for n in names if n != name)} on request)" if len(names) > 1 else ""
     console.print(f"serving {name} v{runtime.model_version} ({settings.alias}) on "
-                  f"{runtime.active_provider}, http://{settings.host}:{settings.port}", highlight=False,
-                  soft_wrap=True)
+                  f"{runtime.active_provider}{others}, {url}", highlight=False, soft_wrap=True)
     runtime.unload()
     del runtime
     gc.collect()

@@ -14,9 +14,9 @@ once more; the old version keeps serving.
 
 Example::
 
-    manager = ModelManager(Registry(settings.registry_dir), settings, metrics)
-    manager.load_initial()              # raises ModelLoadError: start-up stops
-    task = asyncio.create_task(manager.follow())
+    manager = ModelManager(Registry(settings.registry_dir), settings, metrics, name="churn")
+    manager.load_initial()              # raises ModelLoadError
+    await manager.check_alias()         # swaps when the alias moved (serving/repository.py polls)
     manager.current                     # the OnnxRuntime to use for the next request
 """
 
@@ -91,12 +91,12 @@ class ModelManager:
     """Serves the version an alias points at and swaps without downtime (module docstring)."""
 
     def __init__(self, registry: Registry, settings: ServingSettings, metrics: ServingMetrics,
-                 factory: RuntimeFactory | None = None) -> None:
+                 factory: RuntimeFactory | None = None, *, name: str) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
         self.factory = factory or runtime_factory(settings)
-        self.name = ""
+        self.name = name
         self._current: OnnxRuntime | None = None
         self._stamp: int | None = None
         self._failed: set[int] = set()
@@ -115,8 +115,7 @@ class ModelManager:
         return self._current is not None and self._current.ready
 
     def load_initial(self) -> OnnxRuntime:
-        """Resolve, load and check the model to serve; raises ModelLoadError (start-up must stop)."""
-        self.name = resolve_model_name(self.registry, self.settings.model)
+        """Load and check the version the alias names; raises ModelLoadError."""
         self._stamp = self.registry.alias_stamp(self.name)
         try:
             version = self.registry.get(self.name, self.settings.alias)
@@ -135,19 +134,12 @@ class ModelManager:
         previous = (old.model_version, old.active_provider) if old is not None else None
         self.metrics.set_model(runtime.name, runtime.model_version, runtime.active_provider, previous)
 
-    async def follow(self) -> None:
-        """Poll the alias forever, swapping when it moves (run as a task; cancel to stop)."""
-        while True:
-            await asyncio.sleep(self.settings.alias_poll_interval_s)
-            try:
-                stamp = self.registry.alias_stamp(self.name)
-                if stamp != self._stamp:
-                    self._stamp = stamp
-                    await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep following: a registry hiccup must not stop the swaps
-                logger.exception("checking alias %r of %s failed", self.settings.alias, self.name)
+    async def check_alias(self) -> None:
+        """Swap when the alias moved since the last check (the repository polls this)."""
+        stamp = self.registry.alias_stamp(self.name)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            await self.refresh()
 
     async def refresh(self, *, force: bool = False) -> dict[str, Any]:
         """Load the version the alias points at if it is not served yet; returns the status."""
@@ -209,7 +201,16 @@ class ModelManager:
             },
         }
 
+    async def close(self) -> None:
+        """Unload, after a swap in progress (it holds the lock) has finished."""
+        async with self._lock:
+            self.unload()
+
     def unload(self) -> None:
-        if self._current is not None:
-            self._current.unload()
+        """Stop serving: drop the session. A request or batch job still holding it keeps it
+        until it is done (the same as after a swap); then it is freed."""
+        runtime = self._current
+        if runtime is not None:
             self._current = None
+            self.metrics.model_info.labels(model=self.name, version=str(runtime.model_version),
+                                           provider=runtime.active_provider).set(0)

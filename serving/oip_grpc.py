@@ -171,11 +171,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await call(request, context)
         except RequestError as exc:
             code = exc.status
-            state.count_error(state.manager.name, error_reason(exc))
+            state.count_error(self._label(request), error_reason(exc))
             await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), exc.message)
         except Overloaded as exc:
             code = 503
-            state.count_error(state.manager.name, "overloaded")
+            state.count_error(self._label(request), "overloaded")
             context.set_trailing_metadata((("retry-after", retry_after_header(exc.retry_after_s)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"overloaded: {exc}; retry later")
         except grpc.aio.AbortError:
@@ -183,11 +183,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception:
             code = 500
             logger.exception("gRPC %s failed", type(request).__name__)
-            state.count_error(state.manager.name, "internal")
+            state.count_error(self._label(request), "internal")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
         finally:
             if route:
-                state.observe_request(state.manager.name, route, code, time.perf_counter() - start)
+                state.observe_request(self._label(request), route, code, time.perf_counter() - start)
+
+    def _label(self, request: Any) -> str:
+        """The ``model`` label of a call's metrics (only names served here)."""
+        name = getattr(request, "model_name", None) or getattr(request, "name", None)
+        return self.state.repository.label(name or None)
 
     # -- health and metadata (as GET /v2, /v2/health/*, /v2/models/{name}[/ready]) --------------
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -201,13 +206,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call(request: Any, context: Any) -> Any:
-            return pb.ModelReadyResponse(ready=self.routes.served(request.name, request.version).ready)
+            return pb.ModelReadyResponse(ready=self.routes.ready_of(request.name, request.version))
 
         return await self._guarded(request, context, call)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def call(request: Any, context: Any) -> Any:
-            meta = oip.model_metadata(self.routes.served(request.name, request.version).metadata)
+            meta = await self.routes.metadata_of(request.name, request.version)
             return pb.ModelMetadataResponse(
                 name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
@@ -222,12 +227,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
         routes = self.routes
-        runtime = routes.served(request.model_name, request.model_version)
-        req = oip.decode_request(request_doc(request), runtime.metadata, nan_policy=routes.nan_policy,
-                                 max_rows=routes.max_rows, values=tensor_values(request),
-                                 default_binary=True)
-        rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
-        result = await routes.infer_rows(runtime, req.x, rid, start)
+        served = await routes.acquire(request.model_name)
+        try:
+            runtime = routes.check_version(served, request.model_version)
+            req = oip.decode_request(request_doc(request), runtime.metadata, nan_policy=routes.nan_policy,
+                                     max_rows=routes.max_rows, values=tensor_values(request),
+                                     default_binary=True)
+            rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
+            result = await routes.infer_rows(served, req.x, rid, start)
+        finally:
+            self.state.repository.release(served)
         runtime = result.runtime
         return encode_response(runtime.metadata, runtime.model_version, rid, req, result.outputs)
 

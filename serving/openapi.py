@@ -218,6 +218,25 @@ class AdminModelStatus(ModelStatus):
     events_dropped: dict[str, _NonNegative] = Field(description="Events dropped, by reason")
 
 
+# -- the model repository extension (KServe's and Triton's) --------------------------------------
+class RepositoryIndexRequest(_Closed):
+    ready: bool | SkipJsonSchema[None] = Field(None, description="true: only the models ready now")
+
+
+class RepositoryModel(_Closed):
+    """A served model: ``READY`` (loaded), or ``UNAVAILABLE`` with the reason (not loaded yet,
+    unloaded, or why its load failed)."""
+
+    name: str
+    version: str = Field(description="The loaded version; empty when it is not loaded")
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
+
+
+class RepositoryDone(_Closed):
+    """A load or unload that is done (an empty object)."""
+
+
 class Error(_Closed):
     """A refused request: the problem, its kind and the field it concerns."""
 
@@ -301,10 +320,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: _json("ServerReadyResponse"), 503: _json("ServerReadyResponse")}),
     ("GET", "/v2/models/{name}"): Operation(
         "OIP model metadata: the input and outputs with datatypes and shapes", "oip",
-        {200: _json("ModelMetadataResponse")}, (404,), params=[_MODEL]),
+        {200: _json("ModelMetadataResponse")}, (404, 503), params=[_MODEL]),
     ("GET", "/v2/models/{name}/versions/{version}"): Operation(
         "OIP model metadata of a version (the served one)", "oip",
-        {200: _json("ModelMetadataResponse")}, (404,), params=[_MODEL, _VERSION]),
+        {200: _json("ModelMetadataResponse")}, (404, 503), params=[_MODEL, _VERSION]),
     ("GET", "/v2/models/{name}/ready"): Operation(
         "OIP model readiness", "oip",
         {200: _json("ModelReadyResponse"), 503: _json("ModelReadyResponse")}, (404,),
@@ -320,11 +339,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/batch/score"): Operation(
         "Score a CSV or Parquet file at once (up to SYNC_BATCH_MAX_ROWS rows): the same format "
         "back, with prediction, label and probability_<label> columns", "batch",
-        {200: _FILES}, _BAD_BODY, body=_FILES, params=[_FORMAT, _REQUEST_ID_HEADER],
+        {200: _FILES}, (*_BAD_BODY, 404, 503), body=_FILES, params=[_FORMAT, _REQUEST_ID_HEADER],
         headers={200: ("X-Request-ID", "X-Model-Version")}),
     ("POST", "/batch/jobs"): Operation(
         "Submit a CSV or Parquet file to be scored in the background (streamed to disk)", "batch",
-        {202: _json("JobStatus")}, (400, 413, 415, 422, 429, 507), body=_FILES, params=[_FORMAT],
+        {202: _json("JobStatus")}, (400, 404, 413, 415, 422, 429, 503, 507), body=_FILES, params=[_FORMAT],
         headers={202: ("Location",)}),
     ("GET", "/batch/jobs/{job_id}"): Operation(
         "A job's status and rows done", "batch", {200: _json("JobStatus")}, (404,), params=[_JOB]),
@@ -336,9 +355,26 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         params=[_JOB]),
     ("GET", "/admin/model"): Operation(
         "The served version, its provider, the last swap, the queue and event counters", "admin",
-        {200: _json("AdminModelStatus")}),
+        {200: _json("AdminModelStatus")}, (404, 503)),
+    ("POST", "/models/{name}/predict"): Operation(
+        "Predict rows with any served model (as /predict, which serves the default one); it "
+        "loads on its first request", "prediction", {200: _json("PredictResponse")},
+        (*_BAD_BODY, 404, 503), body=_json("PredictRequest"), params=[_MODEL, _REQUEST_ID_HEADER],
+        headers={200: ("X-Request-ID",)}),
+    ("POST", "/v2/repository/index"): Operation(
+        "OIP model repository: every served model, READY or UNAVAILABLE with the reason",
+        "repository", {200: {"application/json": {"schema": {
+            "type": "array", "items": _ref("RepositoryModel")}}}}, (400, 413, 415, 422),
+        body=_json("RepositoryIndexRequest")),
+    ("POST", "/v2/repository/models/{name}/load"): Operation(
+        "Load a served model now (again after an unload or a failed load); 503 says why it "
+        "failed", "repository", {200: _json("RepositoryDone")}, (404, 503), params=[_MODEL]),
+    ("POST", "/v2/repository/models/{name}/unload"): Operation(
+        "Unload a model after its requests in flight; it answers 503 until it is loaded again",
+        "repository", {200: _json("RepositoryDone")}, (404,), params=[_MODEL]),
     ("POST", "/admin/reload"): Operation(
-        "Check the alias now and swap to the version it names", "admin", {200: _json("ModelStatus")}),
+        "Check the alias now and swap to the version it names", "admin", {200: _json("ModelStatus")},
+        (404, 503)),
 }
 
 _TAGS = {
@@ -346,6 +382,7 @@ _TAGS = {
     "oip": "Open Inference Protocol v2 (KServe, Triton): tritonclient works unchanged",
     "batch": "Batch scoring of CSV and Parquet files",
     "admin": "The served model and its swaps",
+    "repository": "The OIP model repository extension: the served models, loaded and unloaded",
 }
 _ERROR_TEXT = {
     400: "Unreadable: not JSON, a bad Content-Length, an OIP request that does not fit the model",
@@ -356,7 +393,8 @@ _ERROR_TEXT = {
     415: "A `Content-Encoding` (send bodies uncompressed), or a file type other than CSV or Parquet",
     422: "Does not fit the model's schema; `field` names the value",
     429: "`MAX_ACTIVE_JOBS` jobs are at work: retry after `Retry-After` seconds",
-    503: "Overloaded: the worker's queue is full; retry after `Retry-After` seconds",
+    503: "Overloaded: the worker's queue is full; retry after `Retry-After` seconds. Or the "
+         "model is unavailable: unloaded, or its load failed (`error` names it and why)",
     507: "The jobs' files fill `MAX_JOBS_DISK_BYTES`: delete finished jobs, or retry after "
          "`Retry-After` seconds",
 }
@@ -377,7 +415,8 @@ _ERROR_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retr
 SCHEMA_MODELS: list[type[BaseModel]] = [
     PredictRequest, PredictResponse, ServerMetadataResponse, ServerLiveResponse,
     ServerReadyResponse, ModelReadyResponse, ModelMetadataResponse, InferenceRequest,
-    InferenceResponse, JobStatus, JobDeleted, ModelStatus, AdminModelStatus, Error]
+    InferenceResponse, JobStatus, JobDeleted, ModelStatus, AdminModelStatus, RepositoryIndexRequest,
+    RepositoryModel, RepositoryDone, Error]
 
 
 def _components() -> dict[str, Any]:

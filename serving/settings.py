@@ -42,8 +42,17 @@ class ServingSettings(HomeSettings):
 
     # -- which model -----------------------------------------------------------------------------
     model: str | None = None
-    """Registered model name to serve. None serves the only model in the registry (start-up fails,
-    naming this setting, when there are several)."""
+    """The default model: the one ``/predict`` and the batch routes serve (it loads at start-up,
+    which fails when it cannot). None: the only model served, if there is only one."""
+
+    models: str = "*"
+    """The registered models served (``/v2/models/{name}/...``, ``/models/{name}/predict``):
+    names or globs, comma-separated (``churn,fraud``, ``fraud-*``); every registered model by
+    default. Each loads on its first request."""
+
+    max_loaded_models: NonNegativeInt = 0
+    """Most models a worker keeps loaded; beyond it the least recently used one is unloaded
+    (after its requests in flight) and loads again on its next request. 0: no limit."""
 
     alias: str = ALIAS_PRODUCTION
     """Alias (or version number) to serve and follow; a change of the alias swaps the model."""

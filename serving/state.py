@@ -3,7 +3,8 @@
 Example::
 
     state = ServingState(ServingSettings(), CollectorRegistry())
-    await state.start()        # loads the model (raises ModelLoadError), starts batcher, events, swaps
+    await state.start()        # loads the default model (raises ModelLoadError), events, swaps
+    served = await state.repository.acquire("churn")   # any served model (serving/repository.py)
     ...
     await state.stop()
 """
@@ -29,6 +30,7 @@ from serving.jobs import JobStore
 from serving.metrics import MetricBuffer, ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
 from serving.predictions import Predictions, from_columns
+from serving.repository import ModelNotFound, ModelRepository, ServedModel
 from serving.runtime import OnnxRuntime
 from serving.settings import ServingSettings
 
@@ -37,13 +39,13 @@ METRICS_FLUSH_S = 0.1  # how stale /metrics may be; see MetricBuffer
 
 
 class ServingState:
-    """The model manager, batcher, event emitter, job store and metrics of one worker."""
+    """The model repository (a manager and a batcher per model), event emitter, job store and
+    metrics of one worker."""
 
     def __init__(self, settings: ServingSettings, registry: CollectorRegistry,
                  factory: RuntimeFactory | None = None) -> None:
         self.settings = settings
         self.metrics = ServingMetrics(registry)
-        self.manager = ModelManager(Registry(settings.registry_dir), settings, self.metrics, factory)
         key = settings.sidecar_key
         self.emitter = EventEmitter(
             str(settings.sidecar_url) if settings.sidecar_url else None,
@@ -56,30 +58,46 @@ class ServingState:
             on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(
                 model=model, reason=reason).inc(n),
         )
-        self.batcher = AdaptiveBatcher(
-            max_batch_rows=settings.max_batch_rows, max_wait_s=settings.max_batch_wait_s,
-            max_queue_rows=settings.max_queue_rows, batching=settings.batching,
-            inline_below_s=settings.inline_below_s, observer=self._observe_batch,
-            recorder=self._record_batch if self.emitter.enabled else None,
-        )
+        self.repository = ModelRepository(Registry(settings.registry_dir), settings, self.metrics,
+                                          self._make_batcher, factory)
         self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
                              nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes,
                              retention_s=settings.job_retention_s)
         self.buffer = MetricBuffer()
-        self._follow: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         # label children cached per model name: .labels() costs a lock and a dict lookup per call
         self._children: dict[tuple[Any, ...], Any] = {}
 
+    def _make_batcher(self) -> AdaptiveBatcher:
+        s = self.settings
+        return AdaptiveBatcher(
+            max_batch_rows=s.max_batch_rows, max_wait_s=s.max_batch_wait_s,
+            max_queue_rows=s.max_queue_rows, batching=s.batching,
+            inline_below_s=s.inline_below_s, observer=self._observe_batch,
+            recorder=self._record_batch if self.emitter.enabled else None,
+        )
+
     @property
     def ready(self) -> bool:
-        return self.manager.ready
+        return self.repository.ready
+
+    @property
+    def default_model(self) -> ServedModel:
+        """The default model (``/predict``, batch scoring, ``/admin/*``), loaded or not; raises
+        ModelNotFound when none is set (several models are served and MODELLOOP_SERVING_MODEL
+        is not set)."""
+        if self.repository.default is None:
+            raise ModelNotFound("")
+        return self.repository.get(self.repository.default)
+
+    @property
+    def manager(self) -> ModelManager:
+        """The default model's manager."""
+        return self.default_model.manager
 
     async def start(self) -> None:
-        runtime = self.manager.load_initial()
-        await self.batcher.start()
         await self.emitter.start()
-        self._follow = asyncio.create_task(self.manager.follow(), name="modelloop-follow-alias")
+        await self.repository.start()
         self._flusher = asyncio.create_task(self._flush_metrics(), name="modelloop-metrics")
         # Modules, BentoML's app and the model stay for the worker's life: move them out of the
         # collector's reach so a full collection scans only what requests allocate. A request
@@ -89,8 +107,8 @@ class ServingState:
         gc.collect()
         gc.freeze()
         gc.set_threshold(self.settings.gc_threshold, 20, 10)
-        logger.info("serving %s v%d on %s (events %s)", runtime.name, runtime.model_version,
-                    runtime.active_provider, self.emitter.url or "off")
+        logger.info("serving %s (default %s; events %s)", ", ".join(self.repository.names()),
+                    self.repository.default or "none", self.emitter.url or "off")
 
     async def _flush_metrics(self) -> None:
         while True:
@@ -98,16 +116,14 @@ class ServingState:
             self.buffer.flush()
 
     async def stop(self) -> None:
-        for task in (self._follow, self._flusher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.batcher.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.repository.stop()
         await self.emitter.stop()
         self.buffer.flush()
         self.jobs.close()
-        self.manager.unload()
 
     # -- metrics helpers (hot path) ----------------------------------------------------------
     def child(self, metric: Any, *labels: str) -> Any:
