@@ -127,8 +127,10 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings) -> 
     ex = given if isinstance(given, ExampleData) else ExampleData(given)
     target, task, class_labels = ex.target, ex.task, ex.class_labels
     frame = _frame(ex.data, target, ex.feature_names)
+    # a file is recorded as the version's dataset: a retraining job reads it again
+    source = str(Path(ex.data).resolve()) if isinstance(ex.data, str | Path) else "dataframe"
     if ex.holdout is None:
-        ds = prepare(frame, target, task=task, class_labels=class_labels)
+        ds = prepare(frame, target, task=task, class_labels=class_labels, source=source)
         split = split_dataset(ds, val_fraction=settings.val_fraction,
                               test_fraction=settings.test_fraction, seed=settings.seed)
         return _Examples(ds, split.train, np.sort(np.concatenate([split.val, split.test])))
@@ -137,7 +139,7 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings) -> 
         raise DataError(f"the holdout's columns {list(held.columns)} are not the data's "
                         f"{list(frame.columns)}")
     ds = prepare(pd.concat([frame, held], ignore_index=True), target, task=task,
-                 class_labels=class_labels)
+                 class_labels=class_labels, source=source)
     return _Examples(ds, np.arange(len(frame)), np.arange(len(frame), len(frame) + len(held)))
 
 

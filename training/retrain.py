@@ -38,6 +38,7 @@ import pandas as pd
 
 from modelloop.registry import ModelVersion, Registry
 from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
+from training.byo import not_retrainable
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
 from training.evaluate import evaluate
@@ -362,6 +363,9 @@ def retrain(
     now = time.time() if now is None else now
     champion = registry.get(name, ALIAS_PRODUCTION)
     meta = champion.metadata
+    why = not_retrainable(meta)  # an ONNX file's version, or a module's that cannot be rebuilt
+    if why is not None:
+        raise RetrainError(f"{name} v{meta.version} cannot be retrained: {why}")
     config = TrainingConfig.model_validate(meta.config)
     metric = settings.retrain_metric if meta.task is Task.classification else "r2"
     since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0

@@ -71,7 +71,7 @@ def retrain_command(
         result = retrain(name, settings=settings, registry=registry,
                          sidecar_url=settings.sidecar_url, trigger=trigger, progress=progress)
     except RetrainError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2) from exc
     except (TrainingError, ExportError) as exc:
         console.print(f"[red]error:[/] {exc}")
