@@ -2,8 +2,10 @@
 and resources (pure functions elsewhere), publish the gauges, then evaluate the policy.
 
 One check at a time (the scheduled one and ``POST /check`` share a lock). Per model: the newest
-version seen in the count window is judged for drift against its reference sample; quality is
-computed for every version in the window; latency over the time window. Gauges of things no
+version seen in the count window is judged for drift (per feature and joint) and data quality
+(missing, out of support) against its reference sample; quality is computed for every version in
+the window, its accuracy estimate marked unreliable where too many of that version's rows lie
+outside its reference's range; latency over the time window. Gauges of things no
 longer present (a version that left the window) are removed, not left stale.
 """
 
