@@ -10,7 +10,7 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from pydantic import ValidationError
@@ -24,7 +24,7 @@ from training.data import BUILTINS, DataError, load_data
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
 from training.pipeline import train_and_register
-from training.settings import TrainingSettings
+from training.settings import ClassWeight, Optimizer, TrainingSettings
 from training.trainer import TrainingError
 from training.transfer import WarmStart
 
@@ -37,6 +37,10 @@ class TaskChoice(StrEnum):
     auto = "auto"
     classification = "classification"
     regression = "regression"
+
+
+OptimizerChoice = StrEnum("OptimizerChoice", {o: o for o in get_args(Optimizer)})  # type: ignore[misc]
+ClassWeightChoice = StrEnum("ClassWeightChoice", {w: w for w in get_args(ClassWeight)})  # type: ignore[misc]
 
 
 DATASETS_HELP = "; ".join(f"{d.name}: {d.description}" for d in BUILTINS.values())
@@ -130,6 +134,12 @@ def train(
                                              "batches (and of the synthetic data).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate", min=0.0)] = None,
+    optimizer: Annotated[OptimizerChoice | None, typer.Option(
+        "--optimizer", help="adamw (default), adam, sgd (momentum 0.9; MODELLOOP_TRAINING_NESTEROV "
+        "for Nesterov's) or rmsprop.")] = None,
+    class_weight: Annotated[ClassWeightChoice | None, typer.Option(
+        "--class-weight", help="none (default) or balanced: each class weighs rows / (classes x "
+        "its rows) in the loss, for imbalanced classes.")] = None,
     hidden: Annotated[str | None, typer.Option(
         "--hidden", help="MLP hidden layer widths, e.g. 128,64.")] = None,
     rows: Annotated[int | None, typer.Option(
@@ -171,6 +181,8 @@ def train(
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
     overrides: dict[str, Any] = {"epochs": epochs, "seed": seed, "batch_size": batch_size,
                                  "learning_rate": learning_rate, "architecture": model,
+                                 "optimizer": optimizer.value if optimizer else None,
+                                 "class_weight": class_weight.value if class_weight else None,
                                  "target": target,
                                  "task": None if task is TaskChoice.auto else Task(task.value)}
     if hidden:

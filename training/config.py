@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from modelloop.schemas import Task
-from training.settings import Scheduler, TrainingSettings
+from training.settings import ClassWeight, Optimizer, Scheduler, TrainingSettings
 
 
 class TrainingConfig(BaseModel):
@@ -34,6 +34,10 @@ class TrainingConfig(BaseModel):
     missing ones take the architecture's defaults, and the stored config lists them all."""
     epochs: PositiveInt
     batch_size: PositiveInt
+    optimizer: Optimizer = "adamw"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False
+    class_weight: ClassWeight = "none"
     learning_rate: float = Field(gt=0)
     weight_decay: NonNegativeFloat
     l1: NonNegativeFloat

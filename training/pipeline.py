@@ -55,7 +55,17 @@ from training.evaluate import confusion_matrix_png
 from training.export import Mismatch, ParityError, check_parity, export_onnx, onnx_session, run_onnx
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
 from training.settings import TrainingSettings
-from training.trainer import EpochStats, FitResult, cpu_threads, fit, resolve_device, seeded
+from training.trainer import (
+    EpochStats,
+    FitResult,
+    Loss,
+    balanced_class_weights,
+    cpu_threads,
+    fit,
+    resolve_device,
+    seeded,
+    weighted_cross_entropy,
+)
 
 if TYPE_CHECKING:
     from training.transfer import WarmStart
@@ -239,8 +249,13 @@ def fit_model(
             raise DataError(f"{ds.source}: {exc}") from exc
     if init is not None:
         init.apply(net)
+    loss: Loss = net.loss
+    if config.class_weight == "balanced" and task is Task.classification:
+        weights = balanced_class_weights(y_train, n_outputs)
+        log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in weights.tolist()))
+        loss = weighted_cross_entropy(weights)
     result = fit(
-        net, net.loss,
+        net, loss,
         (torch.from_numpy(net.layout(x_train)), net.encode_target(y_train)),
         (torch.from_numpy(net.layout(ds.features[split.val])), net.encode_target(ds.target[split.val])),
         config, device=device,

@@ -28,6 +28,8 @@ from modelloop.settings import HomeSettings
 
 Device = Literal["auto", "cpu", "cuda"]
 Scheduler = Literal["plateau", "cosine", "none"]
+Optimizer = Literal["adamw", "adam", "sgd", "rmsprop"]
+ClassWeight = Literal["none", "balanced"]
 
 
 class TrainingSettings(HomeSettings):
@@ -64,11 +66,28 @@ class TrainingSettings(HomeSettings):
     batch_size: PositiveInt = 32
     """Rows per optimisation step."""
 
+    optimizer: Optimizer = "adamw"
+    """``adamw`` (Adam with decoupled weight decay), ``adam`` (weight decay as an L2 term in the
+    gradient), ``sgd`` (with ``momentum``, Nesterov's with ``nesterov``) or ``rmsprop`` (with
+    ``momentum``)."""
+
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum of ``sgd`` and ``rmsprop``."""
+
+    nesterov: bool = False
+    """Nesterov momentum for ``sgd``."""
+
     learning_rate: PositiveFloat = 1e-3
-    """AdamW's initial learning rate."""
+    """The optimiser's initial learning rate."""
 
     weight_decay: NonNegativeFloat = 1e-4
-    """AdamW's decoupled weight decay (L2), applied to weight matrices, not to biases or norms."""
+    """Weight decay (L2), applied to weight matrices, not to biases or norms (decoupled with
+    ``adamw``)."""
+
+    class_weight: ClassWeight = "none"
+    """Weights of the classes in a classifier's loss: ``none``, or ``balanced`` (each class
+    weighs ``rows / (classes * its rows)`` in the training split, so a rare class counts as much
+    as a common one)."""
 
     l1: NonNegativeFloat = 0.0
     """L1 penalty on the weight matrices added to the loss (0 disables it)."""

@@ -1,8 +1,9 @@
 """The training loop, shared by every architecture.
 
 :func:`fit` takes any ``nn.Module`` and a loss ``(outputs, targets) -> scalar`` and trains it with
-AdamW (weight decay on weight matrices only), an optional L1 penalty, gradient clipping, a
-plateau or cosine LR schedule and early stopping on the validation loss; the weights of the best
+the optimiser the config names (AdamW by default; Adam, SGD with momentum, RMSprop), weight
+decay on weight matrices only, an optional L1 penalty, gradient clipping, a plateau or cosine LR
+schedule and early stopping on the validation loss; the weights of the best
 epoch are restored at the end. It is seeded and, on CPU, deterministic: the same seed, data and
 config give bit-identical weights::
 
@@ -22,7 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -112,6 +115,34 @@ def _param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str,
             {"params": rest, "weight_decay": 0.0}], decay
 
 
+def _optimizer(groups: list[dict[str, Any]], config: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` names, over the parameter ``groups``."""
+    lr = config.learning_rate
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """``rows / (classes * rows of the class)`` per class (scikit-learn's ``balanced``); a class
+    absent from ``y`` gets weight 1."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def weighted_cross_entropy(weight: torch.Tensor) -> Loss:
+    """Cross-entropy with per-class ``weight`` (moved to the logits' device)."""
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y, weight=weight.to(out.device))
+    return loss
+
+
 def _mean_loss(model: nn.Module, loss_fn: Loss, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     total = 0.0
@@ -186,7 +217,7 @@ def fit(
     x_val, y_val = val[0].to(device), val[1].to(device)
     model.to(device)
     groups, penalised = _param_groups(model, config.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=config.learning_rate)
+    opt = _optimizer(groups, config)
     scheduler = _scheduler(opt, config)
 
     n = len(x_train)

@@ -62,7 +62,7 @@ TRIALS_ARTIFACT = "tune_trials.json"
 PRUNE_STARTUP_TRIALS = 3
 """Completed trials before the pruner may stop one (too few and it prunes on noise)."""
 TUNABLE_FIELDS = ("learning_rate", "weight_decay", "l1", "batch_size", "scheduler", "grad_clip",
-                  "patience")
+                  "patience", "optimizer", "momentum", "nesterov", "class_weight")
 """Config fields a space may search; epochs, seed and the split stay fixed so that trials are
 comparable."""
 _LIST_PARTS = ("depth", "width")

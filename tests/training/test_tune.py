@@ -101,7 +101,7 @@ def test_every_architecture_has_a_valid_default_space(architecture: str,
         # a misspelt name
         ("learnin_rate: {type: float, low: 1.0e-4, high: 0.01}",
          "parameter 'learnin_rate': unknown parameter (config fields: learning_rate, "
-         "weight_decay, l1, batch_size, scheduler, grad_clip, patience; architecture parameters "
+         "weight_decay, l1, batch_size, scheduler, grad_clip, patience, optimizer, momentum, nesterov, class_weight; architecture parameters "
          "as model.NAME; a list of widths as model.NAME.depth and model.NAME.width)"),
         # bounds the wrong way round
         ("learning_rate: {type: float, low: 0.01, high: 1.0e-4}",
