@@ -69,7 +69,8 @@ def serve(
     nan_policy: Annotated[NanPolicy | None, typer.Option(help="Missing values: allow (the graph imputes) or reject.")] = None,
     fast_path: Annotated[bool | None, typer.Option("--fast-path/--no-fast-path", help="Serve prediction routes in front of BentoML's middleware.")] = None,
 ) -> None:
-    """Serve the production model over REST: /predict, Open Inference Protocol v2 (/v2/...),
+    """Serve the registry's models (each at its production version; --name the default one, which
+    /predict serves) over REST: /predict, /models/NAME/predict, Open Inference Protocol v2 (/v2/...),
     batch scoring (/batch/...), /metrics and health routes, as a BentoML service on ONNX Runtime;
     with --grpc-port, the Open Inference Protocol over gRPC too.
 
@@ -97,11 +98,13 @@ def serve(
     _preflight(settings)
     os.environ.update(settings.to_env())  # BentoML's workers build their settings from these
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from our servers
-    from serving.service import ModelService, startup_failure_file
+    from serving.service import ModelService, startup_failure_file, unloaded_models_file
 
     metrics_dir = _own_metrics_dir(settings)
     failure = startup_failure_file(os.getpid())
     failure.unlink(missing_ok=True)  # a former process's with our pid
+    unloaded = unloaded_models_file(os.getpid())
+    unloaded.unlink(missing_ok=True)
     service: Any = ModelService  # a bentoml Service (its decorator's typing hides that)
     service.config["workers"] = settings.worker_count()
     logger.info("starting BentoML on %s:%d with %d workers%s", settings.host, settings.port,
@@ -110,6 +113,7 @@ def serve(
         service.serve_http(host=settings.host, port=settings.port)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        unloaded.unlink(missing_ok=True)
     if failure.exists():  # a worker could not load the model and stopped the server
         reason = failure.read_text()
         failure.unlink(missing_ok=True)

@@ -59,7 +59,7 @@ class ServingMetrics:
         )
         self.errors = Counter(
             "modelloop_serving_errors_total",
-            "Failed requests by reason (validation, overloaded, auth, internal, too_large).",
+            "Failed requests by reason (validation, overloaded, auth, internal, too_large, unavailable).",
             ["model", "reason"], registry=registry,
         )
         self.events_sent = Counter(

@@ -32,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
-from modelloop.registry import Registry
+from modelloop.registry import Registry, atomic_write_bytes
 from serving.batcher import AdaptiveBatcher
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
@@ -111,6 +114,10 @@ class ModelRepository:
         self.default: str | None = None
         self._models: dict[str, ServedModel] = {}
         self._follow: asyncio.Task[None] | None = None
+        self.unloaded_file: Path | None = None
+        """Where the explicitly unloaded models are listed for every worker of the server (set
+        by serving/service.py); None: this worker alone."""
+        self._unloaded_stamp: int | None = None
 
     # -- which models --------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -204,6 +211,7 @@ class ModelRepository:
         model = self._entry(name)
         model.unloaded = False
         model.failed_stamp = None
+        self._share(name, unloaded=False)
         await self._load(model)
         return model
 
@@ -211,7 +219,47 @@ class ModelRepository:
         """Unload ``name`` after its requests in flight; it answers 503 until loaded again."""
         model = self._entry(name)
         model.unloaded = True
+        self._share(name, unloaded=True)
         await self._unload(model, f"unloaded (POST /v2/repository/models/{name}/load loads it)")
+
+    # -- explicit loads and unloads, shared by the workers ---------------------------------------
+    def _read_unloaded(self) -> set[str]:
+        try:
+            return set(json.loads(self.unloaded_file.read_bytes())) if self.unloaded_file else set()
+        except FileNotFoundError:
+            return set()
+
+    def _share(self, name: str, *, unloaded: bool) -> None:
+        """Record an explicit unload (or the load that ends it) for the other workers, which
+        follow it within ``alias_poll_interval_s``. (Two workers writing at once may lose one
+        change: the API is an operator's, not a hot path.)"""
+        if self.unloaded_file is None:
+            return
+        names = self._read_unloaded()
+        names = names | {name} if unloaded else names - {name}
+        atomic_write_bytes(self.unloaded_file, json.dumps(sorted(names)).encode())
+        self._unloaded_stamp = os.stat(self.unloaded_file).st_mtime_ns
+
+    async def _follow_unloads(self) -> None:
+        """Apply the explicit unloads and loads another worker answered."""
+        if self.unloaded_file is None:
+            return
+        try:
+            stamp = os.stat(self.unloaded_file).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp == self._unloaded_stamp:
+            return
+        self._unloaded_stamp = stamp
+        unloaded = self._read_unloaded()
+        for name in self.names():
+            model = self._entry(name)
+            if name in unloaded and not model.unloaded:
+                model.unloaded = True
+                await self._unload(model, f"unloaded (POST /v2/repository/models/{name}/load loads it)")
+            elif name not in unloaded and model.unloaded:
+                model.unloaded = False  # loads on its next request
+                model.reason = "not loaded yet (it loads on its next request)"
 
     # -- loading and unloading -----------------------------------------------------------------
     async def _load(self, model: ServedModel, *, raise_load_error: bool = False) -> None:
@@ -268,6 +316,12 @@ class ModelRepository:
         once its alias moves (its next request tries the new version)."""
         while True:
             await asyncio.sleep(self.settings.alias_poll_interval_s)
+            try:
+                await self._follow_unloads()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep following
+                logger.exception("reading the unloaded models from %s failed", self.unloaded_file)
             for model in list(self._models.values()):
                 try:
                     if model.state == "READY":

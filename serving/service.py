@@ -53,14 +53,19 @@ def startup_failure_file(server_pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"modelloop-serve-{server_pid}.failed"
 
 
+def unloaded_models_file(server_pid: int) -> Path:
+    """Where the workers of server ``server_pid`` list the models unloaded through
+    ``POST /v2/repository/models/{name}/unload``, so that every worker follows (one server's,
+    gone with it: ``modelloop serve`` removes it)."""
+    return Path(tempfile.gettempdir()) / f"modelloop-serve-{server_pid}.unloaded.json"
+
+
 def stop_server(reason: str) -> None:
     """In a BentoML worker: log ``reason`` in one line, leave it for ``modelloop serve``, ask the
     arbiter (the parent process) to stop the server and exit, since a respawned worker would fail
     the same way forever. Anywhere else (the app run in-process) it returns at once."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
     server = os.getppid()
-    if getattr(spec, "name", None) != BENTOML_WORKER or server <= 1:
+    if not _in_bentoml_worker():
         return
     logger.error("%s; stopping the server", reason)
     with contextlib.suppress(OSError):
@@ -69,6 +74,12 @@ def stop_server(reason: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(3)  # no traceback: the line above says it all
+
+
+def _in_bentoml_worker() -> bool:
+    """Whether this process is a worker of BentoML's arbiter (its parent)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == BENTOML_WORKER and os.getppid() > 1
 
 
 class FrontDoor:
@@ -93,6 +104,8 @@ class ModelloopService(bentoml.Service):
         settings = ServingSettings()
         logging.getLogger("serving").setLevel(settings.log_level)
         state = ServingState(settings, CollectorRegistry(auto_describe=True))
+        if _in_bentoml_worker():
+            state.repository.unloaded_file = unloaded_models_file(os.getppid())
         ours = build_app(state)
         if not settings.fast_path:
             self.mount_asgi_app(ours, path="/", name="modelloop")

@@ -62,8 +62,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _register_regressor(home)
     _register_broken(registry)
     env = {"MODELLOOP_SERVING_API_KEY": KEY, "MODELLOOP_SERVING_MODEL": MODEL,
-           "MODELLOOP_SERVING_MAX_LOADED_MODELS": "2"}
-    srv = start_server(home, home / "server.log", env, "--workers", "1")
+           "MODELLOOP_SERVING_MAX_LOADED_MODELS": "2", "MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "0.1"}
+    srv = start_server(home, home / "server.log", env, "--workers", "2")
     import sys
 
     sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
@@ -105,10 +105,15 @@ def test_each_model_answers_oip_metadata_infer_and_predict(client: httpx.Client)
     assert "model 'nope' is not served here" in missing.json()["error"]
 
 
+def _index(client: httpx.Client) -> dict[str, dict[str, str]]:
+    return {m["name"]: m for m in client.post("/v2/repository/index", json={}).json()}
+
+
 def test_the_repository_index_lists_every_model_with_its_state(client: httpx.Client) -> None:
+    # (each worker has its own index: the requests and the index go through one connection)
     client.post(f"/models/{REGRESSOR}/predict", json={"instances": [PRICE_ROW]})
     client.get(f"/v2/models/{BROKEN}")  # tries to load it
-    index = {m["name"]: m for m in client.post("/v2/repository/index", json={}).json()}
+    index = _index(client)
     assert set(index) == {MODEL, REGRESSOR, BROKEN}
     assert index[MODEL]["state"] == index[REGRESSOR]["state"] == "READY"
     assert index[BROKEN]["state"] == "UNAVAILABLE"
@@ -174,15 +179,26 @@ class Load:
             t.join(30)
 
 
+def _only_refused(url: str) -> bool:
+    """Whether requests on 8 new connections (spread over the workers) are all refused with 503."""
+    codes = set()
+    for _ in range(8):
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            codes.add(c.post(f"/models/{REGRESSOR}/predict", json={"instances": [PRICE_ROW]}).status_code)
+    return codes == {503}
+
+
 def test_unload_then_load_under_load_fails_no_request(server: Server, client: httpx.Client) -> None:
     with Load(server.url) as load:
         wait_until(lambda: load.count(REGRESSOR) > 20, 60, "requests to both models")
         assert client.post(f"/v2/repository/models/{REGRESSOR}/unload").status_code == 200
         seen = load.count(REGRESSOR)
         wait_until(lambda: load.count(REGRESSOR) > seen + 20, 60, "requests to the unloaded model")
-        index = {m["name"]: m for m in client.post("/v2/repository/index").json()}
+        index = _index(client)
         assert index[REGRESSOR]["state"] == "UNAVAILABLE"
         assert index[REGRESSOR]["reason"].startswith("unloaded")
+        # the other worker follows the unload too: every request to the model is refused
+        wait_until(lambda: _only_refused(server.url), 30, "both workers to refuse the unloaded model")
         assert client.post(f"/v2/repository/models/{REGRESSOR}/load").status_code == 200
         seen = load.count(REGRESSOR)
         wait_until(lambda: load.count(REGRESSOR) > seen + 20, 60, "requests after the load")
@@ -201,3 +217,50 @@ def test_metrics_carry_each_model_s_name(server: Server) -> None:
                10, "rows of both models in /metrics")
     assert server.metric("modelloop_serving_model_info", model=REGRESSOR, version="1") == 1
     assert server.metric("modelloop_serving_errors_total", model=REGRESSOR, reason="unavailable") > 0
+
+
+def test_beyond_the_budget_the_least_recently_used_model_is_unloaded_after_its_requests(
+        tmp_path: Path) -> None:
+    """In-process, two real models and a budget of one: loading the second unloads the first,
+    but only once the request holding it is done (it runs on it meanwhile); the first loads
+    again on its next request."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.settings import ServingSettings
+    from serving.state import ServingState
+
+    registry = Registry(tmp_path / "registry")
+    register_mlp(registry, MODEL, seed=0, rows=400)
+    register_mlp(registry, "other", n_features=5, seed=1, rows=400)
+    state = ServingState(ServingSettings(home=tmp_path, model=MODEL, max_loaded_models=1), CollectorRegistry())
+    repo = state.repository
+
+    async def scenario() -> None:
+        await state.start()
+        try:
+            held = await repo.acquire(MODEL)
+            loading = asyncio.create_task(repo.acquire("other"))
+            for _ in range(1000):  # until the budget starts unloading `churn` (a bounded poll)
+                await asyncio.sleep(0.01)
+                if held.state == "UNLOADING":
+                    break
+            assert held.state == "UNLOADING"
+            assert not loading.done()  # it waits for the request holding `churn`
+            result = await held.batcher.predict(held.manager.current, np.full((2, 20), 1.5, np.float32))
+            assert result.outputs["probabilities"].shape == (2, 3)
+            repo.release(held)
+            other = await loading
+            repo.release(other)
+            index = {m["name"]: m for m in repo.index()}
+            assert index["other"]["state"] == "READY"
+            assert index[MODEL]["state"] == "UNAVAILABLE"
+            assert "least recently used" in index[MODEL]["reason"]
+            again = await repo.acquire(MODEL)  # loads again, unloading `other`
+            repo.release(again)
+            assert [m["state"] for m in repo.index()] == ["READY", "UNAVAILABLE"]
+        finally:
+            await state.stop()
+
+    asyncio.run(scenario())
