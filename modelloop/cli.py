@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tune": ("training.tune_cli", "tune_app", "Hyperparameter search (grid, random, Bayesian)."),
     "retrain": ("training.retrain_cli", "retrain_app", "Retrain on production data; promote if better."),
     "quantize": ("training.quantize_cli", "quantize_app", "Quantize a registered version to int8."),
+    "prune": ("training.prune_cli", "prune_app", "Prune a registered MLP, fine-tune and measure it."),
     "models": ("modelloop.models_cli", "app",
                "List, show, promote, roll back and register model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),

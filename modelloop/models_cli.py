@@ -110,6 +110,9 @@ def _pretty(data: dict[str, Any]) -> str:
              f"  parent:    {data['parent_version']}",
              f"  features:  {len(data['feature_names'])}",
              f"  classes:   {data['class_labels']}"]
+    report = data["lineage"].get("data_report")
+    if isinstance(report, dict):
+        lines += _data_lines(report)
     q = data["lineage"].get("quantization")
     if isinstance(q, dict):
         lines.append(f"  int8:      {q.get('method')} from v{q.get('source_version')}, "
@@ -125,15 +128,32 @@ def _pretty(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _data_lines(report: dict[str, Any]) -> list[str]:
+    """The training data report (``lineage.data_report``) in two lines."""
+    columns = report.get("columns", [])
+    conflicts = report.get("conflicts")
+    lines = [f"  data:      {report.get('rows')} rows, {report.get('duplicates')} exact duplicates "
+             f"{'removed' if report.get('cleaned') else 'kept'}, "
+             f"{'-' if conflicts is None else conflicts} conflicting label groups"]
+    notes = [f"constant: {', '.join(c['name'] for c in columns if c.get('constant')) or '-'}",
+             "missing: " + (", ".join(f"{c['name']} {c['missing']:.1%}" for c in columns
+                                      if c.get("missing")) or "-"),
+             "outliers: " + (", ".join(f"{c['name']} {c['outliers']}" for c in columns
+                                       if c.get("outliers")) or "-")]
+    return [*lines, f"             {'; '.join(notes)}"]
+
+
 def not_promotable(lineage: dict[str, Any]) -> str | None:
     """Why a version must not be promoted without ``--force``, or None: an int8 quantization
-    whose metric loss exceeded the allowed one when it was quantized (``modelloop quantize``)."""
-    q = lineage.get("quantization")
-    if not isinstance(q, dict) or q.get("promotable") is not False:
-        return None
-    return (f"it is an int8 quantization of v{q.get('source_version')} that loses "
-            f"{float(q.get('loss_points', float('nan'))):.2f} points of {q.get('metric')} "
-            f"(at most {float(q.get('max_loss_points', float('nan'))):.2f} allowed)")
+    (``modelloop quantize``) or a pruned model (``modelloop prune``) whose metric loss exceeded
+    the allowed one when it was made."""
+    for key, what in (("quantization", "an int8 quantization"), ("pruning", "a pruned model")):
+        q = lineage.get(key)
+        if isinstance(q, dict) and q.get("promotable") is False:
+            return (f"it is {what} of v{q.get('source_version')} that loses "
+                    f"{float(q.get('loss_points', float('nan'))):.2f} points of {q.get('metric')} "
+                    f"(at most {float(q.get('max_loss_points', float('nan'))):.2f} allowed)")
+    return None
 
 
 @app.command()
@@ -141,15 +161,15 @@ def promote(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Version number (or alias) to make production.")],
     force: Annotated[bool, typer.Option(
-        "--force", help="Promote an int8 version even though it lost more accuracy than "
+        "--force", help="Promote an int8 or pruned version even though it lost more accuracy than "
         "allowed (the version is still checked: a broken one is never promoted).")] = False,
 ) -> None:
     """Make VERSION the production version; the old production becomes 'previous'.
 
     The version is loaded and run on its reference rows first; one that fails to load, gives
     NaN or infinity, or predicts otherwise than its reference sample is refused, --force or not.
-    An int8 version (`modelloop quantize`) that lost more than the allowed accuracy is refused
-    unless --force is given.
+    An int8 (`modelloop quantize`) or pruned (`modelloop prune`) version that lost more than the
+    allowed accuracy is refused unless --force is given.
     """
     reg = _registry()
     try:

@@ -59,7 +59,17 @@ class TrainingSettings(HomeSettings):
     ROC-AUC for anomaly detectors) an int8 version may show against its fp32 source and still
     be promotable, as a fraction: 0.01 is one point."""
 
+    # -- pruning (`modelloop prune`) -----------------------------------------------------------
+    prune_max_loss: NonNegativeFloat = 0.01
+    """Largest drop of the primary test metric a pruned version may show against its parent
+    and still be promotable, as a fraction: 0.01 is one point."""
+
     # -- defaults of the training config -------------------------------------------------------
+    clean: bool = True
+    """Remove exact duplicate rows (features and target) from a table before the split, the
+    first of each kept (``modelloop train --no-clean`` keeps them). The data report counts them
+    either way, with conflicting labels, constant columns, missing values and outliers."""
+
     epochs: PositiveInt = 150
     """Maximum number of passes over the training split (early stopping usually ends sooner)."""
 
