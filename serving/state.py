@@ -28,9 +28,9 @@ from serving.batcher import AdaptiveBatcher
 from serving.events import EventEmitter
 from serving.jobs import JobStore
 from serving.metrics import MetricBuffer, ServingMetrics
-from serving.models import ModelManager, RuntimeFactory
+from serving.models import RuntimeFactory
 from serving.predictions import Predictions, from_columns
-from serving.repository import ModelNotFound, ModelRepository, ServedModel
+from serving.repository import ModelRepository
 from serving.runtime import OnnxRuntime
 from serving.settings import ServingSettings
 
@@ -81,23 +81,9 @@ class ServingState:
     def ready(self) -> bool:
         return self.repository.ready
 
-    @property
-    def default_model(self) -> ServedModel:
-        """The default model (``/predict``, batch scoring, ``/admin/*``), loaded or not; raises
-        ModelNotFound when none is set (several models are served and MODELLOOP_SERVING_MODEL
-        is not set)."""
-        if self.repository.default is None:
-            raise ModelNotFound("")
-        return self.repository.get(self.repository.default)
-
-    @property
-    def manager(self) -> ModelManager:
-        """The default model's manager."""
-        return self.default_model.manager
-
     async def start(self) -> None:
+        await self.repository.start()  # raises ModelLoadError: start-up stops
         await self.emitter.start()
-        await self.repository.start()
         self._flusher = asyncio.create_task(self._flush_metrics(), name="modelloop-metrics")
         # Modules, BentoML's app and the model stay for the worker's life: move them out of the
         # collector's reach so a full collection scans only what requests allocate. A request
