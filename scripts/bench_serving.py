@@ -3,7 +3,7 @@
 `modelloop serve`, all in one run on this machine, with wrk as the load generator.
 
     .venv/bin/python scripts/bench_serving.py [--seconds 6] [--rows 1000000] [--out bench_out/serving.md]
-        [--only one-row,big,heavy,batch]
+        [--only one-row,big,heavy,batch,grpc,models-rss]
 
 Prints one markdown table (and writes it to --out). Compare ratios within one run: the machine
 is shared, the load average is printed with the results. Needs `wrk`, and `h2load` for the grpc
@@ -46,7 +46,8 @@ BIN = Path(sys.executable).parent
 N_FEATURES = 30
 STANDARD = (128, 64)  # the training package's default MLP shape
 HEAVY = (1024, 1024, 1024, 1024)
-SECTIONS = ("one-row", "big", "heavy", "batch", "grpc")
+SECTIONS = ("one-row", "big", "heavy", "batch", "grpc", "models-rss")
+MODEL_COUNTS = (1, 10, 50)  # models loaded in one server for the models-rss section
 
 BARE_APP = """
 import numpy as np, onnxruntime as ort, orjson
@@ -356,6 +357,59 @@ def run_batch_score(cmd: list[str], home: Path, log: Path) -> tuple[str, float, 
     return text, float(re.findall(r"\(([\d,]+) rows/s", text)[-1].replace(",", "")), peak / 2**20
 
 
+def models_rss(tmp: Path, counts: tuple[int, ...] = MODEL_COUNTS) -> list[tuple[str, str, str]]:
+    """RSS of one `modelloop serve` worker with 1, then more, small models loaded (the standard
+    MLP, registered under as many names; each loads on its first /models/{name}/predict).
+    The worker's RSS is read after each step, the server's whole process tree's beside it."""
+    import httpx
+    import psutil
+
+    home = tmp / "rss-home"
+    for i in range(max(counts)):
+        register(home, f"m{i:02d}", STANDARD)
+    port = free_port()
+    env = {**os.environ, "MODELLOOP_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
+           "BENTOML_HOME": str(tmp / "rss-bh"), "MODELLOOP_SERVING_MODEL": "m00",
+           "MODELLOOP_SERVING_LOG_LEVEL": "WARNING"}
+    log = open(tmp / "rss.log", "wb")  # noqa: SIM115 - the server writes to it for its whole life
+    proc = subprocess.Popen([str(BIN / "modelloop"), "serve", "--workers", "1", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    row = {"instances": [[0.1] * N_FEATURES]}
+    out = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"modelloop serve did not start:\n{(tmp / 'rss.log').read_text()}")
+        server = psutil.Process(proc.pid)
+        loaded = 0
+        for count in counts:
+            for i in range(loaded, count):
+                resp = httpx.post(f"{url}/models/m{i:02d}/predict", json=row, timeout=30)
+                resp.raise_for_status()
+            loaded = count
+            for _ in range(20):  # settle: the allocator returns what the loads freed
+                httpx.post(f"{url}/predict", json=row, timeout=30)
+            workers = [c for c in server.children(recursive=True) if "_bentoml_impl.worker" in " ".join(c.cmdline())]
+            worker_mb = sum(c.memory_info().rss for c in workers) / 2**20
+            tree_mb = (server.memory_info().rss + sum(c.memory_info().rss
+                                                      for c in server.children(recursive=True))) / 2**20
+            out.append(("modelloop serve, 1 worker", f"{count} small model{'s' if count > 1 else ''} loaded (the standard MLP, 30-128-64-2)",
+                        f"worker RSS {worker_mb:,.0f} MiB; server's process tree {tree_mb:,.0f} MiB"))
+            print(out[-1], flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    return out
+
+
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """Median of each number over the rounds; errors are summed."""
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -382,6 +436,16 @@ def main() -> None:
     if only - set(SECTIONS):
         parser.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}; "
                      f"choose from {', '.join(SECTIONS)}")
+    if only == {"models-rss"}:  # needs no load generator
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+        rows = models_rss(tmp)
+        table = "\n".join(["| server | point | result |", "| --- | --- | --- |",
+                           *(f"| {s} | {p} | {v} |" for s, p, v in rows)])
+        print("\n" + table)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: run scripts/ci_services.sh")
     if "grpc" in only and not shutil.which("h2load"):
@@ -581,6 +645,8 @@ def main() -> None:
             ("1024-row OIP binary / raw ORT at batch 1024", big_rows[OIP]["rows_s"] / raw[1024], "more than JSON"),
         ]
     ratios += grpc_ratios
+    if "models-rss" in only:
+        rows_out += models_rss(tmp)
     lines = [f"Load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
              f"({os.cpu_count()} cores, {args.workers} workers per server, wrk on the same cores; "
              f"medians of {args.rounds} alternating rounds of {args.seconds:g} s). "
