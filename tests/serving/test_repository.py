@@ -22,7 +22,16 @@ import pytest
 from modelloop.registry import Registry, atomic_write_bytes
 from modelloop.schemas import Task
 from modelloop.synthetic import TARGET, SyntheticTask
-from tests.serving.conftest import AUTH, KEY, MODEL, Server, start_server, stop_server, wait_until
+from tests.serving.conftest import (
+    AUTH,
+    KEY,
+    MODEL,
+    Server,
+    free_port,
+    start_server,
+    stop_server,
+    wait_until,
+)
 from tests.serving.onnx_models import register_mlp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("show_log_on_failure")]
@@ -63,7 +72,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _register_broken(registry)
     env = {"MODELLOOP_SERVING_API_KEY": KEY, "MODELLOOP_SERVING_MODEL": MODEL,
            "MODELLOOP_SERVING_MAX_LOADED_MODELS": "2", "MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "0.1"}
-    srv = start_server(home, home / "server.log", env, "--workers", "2")
+    grpc_port = free_port()
+    srv = start_server(home, home / "server.log", env, "--workers", "2", "--grpc-port", str(grpc_port))
+    srv.env["GRPC"] = f"127.0.0.1:{grpc_port}"
     import sys
 
     sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
@@ -103,6 +114,45 @@ def test_each_model_answers_oip_metadata_infer_and_predict(client: httpx.Client)
     missing = client.post("/models/nope/predict", json={"instances": [ROW]})
     assert missing.status_code == 404
     assert "model 'nope' is not served here" in missing.json()["error"]
+
+
+def test_grpc_routes_each_model_by_name(server: Server, client: httpx.Client) -> None:
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    grpc = tgrpc.InferenceServerClient(server.env["GRPC"])
+    auth = {"authorization": f"Bearer {KEY}"}  # (gRPC metadata keys are lower case)
+    try:
+        wait_until(lambda: _grpc_live(grpc), 30, "the gRPC server to answer", interval=0.2)
+        for name, row in ((MODEL, ROW), (REGRESSOR, PRICE_ROW)):
+            meta = grpc.get_model_metadata(name, headers=auth)
+            assert meta.name == name
+            assert list(meta.inputs[0].shape) == [-1, len(row)]
+            x = np.asarray([row, row], np.float32)
+            inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            first = meta.outputs[0].name
+            got = grpc.infer(name, [inp], headers=auth).as_numpy(first)
+            rest = client.post(f"/v2/models/{name}/infer", json={"inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [2, len(row)], "data": [row, row]}]}).json()
+            expected = next(o for o in rest["outputs"] if o["name"] == first)
+            np.testing.assert_allclose(got.ravel(), np.asarray(expected["data"], np.float32), rtol=1e-6)
+        x = np.asarray([ROW], np.float32)
+        inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException, match=f"model '{BROKEN}' is unavailable"):
+            grpc.infer(BROKEN, [inp], headers=auth)
+    finally:
+        grpc.close()
+
+
+def _grpc_live(grpc: object) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return bool(grpc.is_server_live())  # type: ignore[attr-defined]
+    except InferenceServerException:
+        return False
 
 
 def _index(client: httpx.Client) -> dict[str, dict[str, str]]:
