@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # is imported with its group, so it imports its heavy dependencies inside the command.
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("models", "register"): ("training.byo_cli", "register_app"),
+    ("models", "export"): ("modelloop.edge_cli", "export_app"),
 }
 
 
