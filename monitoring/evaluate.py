@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -251,7 +252,9 @@ class Evaluator:
             return _observe(rule, drift, qualities.get(latest), quantiles, len(timed), errors,
                             data_quality)
 
-        for firing in self.engine.evaluate("model", model, observe, now, model=model):
+        for firing in self.engine.evaluate("model", model, observe, now, model=model,
+                                           labelled_since=partial(self.store.count_labelled,
+                                                                  model)):
             self.on_fire(firing, latest)
 
     @staticmethod

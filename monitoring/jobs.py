@@ -47,13 +47,17 @@ log = logging.getLogger(__name__)
 _TRIGGER_MARKS = {"policy": "p", "alertmanager": "a", "manual": "m"}
 
 
-def job_name(model: str, at: float, window_s: float, trigger: str = "policy") -> str:
+def job_name(model: str, at: float, window_s: float, trigger: str = "policy",
+             retry_of: float | None = None) -> str:
     """A DNS-1123 name (<= 63 chars) for ``trigger``'s job of the model: one per time window (the
-    one containing ``at``) for the policy and Alertmanager, one per second for manual requests."""
+    one containing ``at``) for the policy and Alertmanager, one per second for manual requests,
+    and one per ended job for a policy retry after new labels (``retry_of``: when it ended)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")[:28] or "model"
     digest = hashlib.sha1(model.encode()).hexdigest()[:6]  # "Churn" and "churn" differ
     mark = _TRIGGER_MARKS[trigger]
-    if trigger == "manual":
+    if retry_of is not None:
+        mark, stamp = "r", time.strftime("%Y%m%d%H%M%S", time.gmtime(retry_of))
+    elif trigger == "manual":
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
     else:
         stamp = time.strftime("%Y%m%d%H%M", time.gmtime(int(at // window_s) * window_s))
@@ -96,10 +100,10 @@ class JobManager:
         self.clock = clock
         self._lock = threading.Lock()
 
-    def request(self, model: str, *, trigger: str, reason: str,
-                version: int | None = None) -> JobOutcome:
+    def request(self, model: str, *, trigger: str, reason: str, version: int | None = None,
+                retry_of: float | None = None) -> JobOutcome:
         now = self.clock()
-        job_id = job_name(model, now, self.window_s, trigger)
+        job_id = job_name(model, now, self.window_s, trigger, retry_of)
         windowed = trigger != "manual"  # a manual request is never a duplicate: it asks anew
         with self._lock:
             record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
@@ -156,10 +160,12 @@ class JobManager:
         self.metrics.retrain_refused.labels(trigger, refused).inc()
         return JobOutcome(job_id, "skipped", why, refused)
 
-    def poll(self, models: list[str] | None = None) -> None:
-        """Check every active job of this trigger kind; record the ones that ended."""
+    def poll(self, models: list[str] | None = None) -> list[tuple[JobRecord, str]]:
+        """Check every active job of this trigger kind; record the ones that ended and return
+        them with their status."""
         now = self.clock()
         active_models = set()
+        ended: list[tuple[JobRecord, str]] = []
         for job in self.store.jobs(active_only=True, limit=1000):
             if job.kind != self.trigger.kind or not job.handle:
                 active_models.add(job.model)
@@ -178,11 +184,13 @@ class JobManager:
                 active_models.add(job.model)
                 continue
             self.store.update_job(job.id, status, detail=detail, ended_at=now)
+            ended.append((job, status))
             self.metrics.retrain_jobs.labels(job.model, job.trigger, status).inc()
             self.metrics.retrain_last.labels(job.model, status).set(now)
             log.warning("retraining job %s for %s %s", job.id, job.model, status)
         for model in set(models or []) | active_models:
             self.metrics.retrain_active.labels(model).set(1 if model in active_models else 0)
+        return ended
 
     def last_started(self, model: str, trigger: str) -> float | None:
         """When the newest job of ``model`` requested by ``trigger`` was created. Every stored job

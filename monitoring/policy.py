@@ -279,6 +279,9 @@ class Firing:
     samples: int
     at: float
     detail: str = ""
+    retry_of: float | None = None
+    """Set when the rule fired inside its cooldown because enough new labels arrived after a job
+    that changed nothing (:meth:`PolicyEngine.retry_on_labels`): when that job ended."""
 
     def message(self) -> str:
         extra = f" ({self.detail})" if self.detail else ""
@@ -298,6 +301,9 @@ class RuleState:
     """:attr:`last_fired` before the newest firing, put back if that firing's action is refused."""
     refused: str = ""
     """Why the newest firing's action was refused (empty when it was carried out)."""
+    retry_after: tuple[float, int] | None = None
+    """(since, labels): the rule may fire inside its cooldown once ``labels`` new labels arrived
+    after ``since``."""
 
 
 class PolicyEngine:
@@ -316,9 +322,25 @@ class PolicyEngine:
         st = self.states.setdefault((rule, scope), RuleState())
         st.last_fired = max(st.last_fired or 0.0, last_fired)
 
+    def retry_on_labels(self, scope: str, since: float, labels: int) -> None:
+        """A retraining job for ``scope`` ended without a new production version (its challenger
+        lost, or it failed): the retrain rules that fired for it may fire again, cooldown or not,
+        once ``labels`` new labels arrived after ``since``."""
+        for (name, sc), st in self.states.items():
+            if sc == scope and self.policy.rule(name).action == "retrain" and st.last_fired:
+                st.retry_after = (since, labels)
+
+    def _retry_due(self, st: RuleState, labelled_since: Callable[[float], int] | None) -> bool:
+        if st.retry_after is None or labelled_since is None:
+            return False
+        return labelled_since(st.retry_after[0]) >= st.retry_after[1]
+
     def evaluate(self, scope_kind: str, scope: str, observe: Callable[[Rule], Observation],
-                 now: float, model: str | None = None) -> list[Firing]:
-        """Evaluate the rules of ``scope_kind`` for ``scope``; the ones that fire now."""
+                 now: float, model: str | None = None,
+                 labelled_since: Callable[[float], int] | None = None) -> list[Firing]:
+        """Evaluate the rules of ``scope_kind`` for ``scope``; the ones that fire now.
+        ``labelled_since(t)``: labels of the scope received after ``t`` (for
+        :meth:`retry_on_labels`)."""
         fired = []
         for rule in self.rules_for(scope_kind, model):
             obs = observe(rule)
@@ -335,11 +357,16 @@ class PolicyEngine:
             if now - st.pending_since < rule.for_s:
                 st.state = "pending"
                 continue
+            retry_of = None
             if st.last_fired is not None and now - st.last_fired < rule.cooldown_s:
-                st.state = "cooldown"
-                continue
+                if not self._retry_due(st, labelled_since):
+                    st.state = "cooldown"
+                    continue
+                assert st.retry_after is not None
+                retry_of = st.retry_after[0]
             st.state, st.fired_before, st.last_fired, st.refused = "firing", st.last_fired, now, ""
-            fired.append(Firing(rule, scope, obs.value, obs.samples, now, obs.detail))
+            st.retry_after = None
+            fired.append(Firing(rule, scope, obs.value, obs.samples, now, obs.detail, retry_of))
         return fired
 
     def refused(self, firing: Firing, why: str) -> None:
@@ -356,5 +383,7 @@ class PolicyEngine:
             out.append({"rule": name, "scope": scope, "condition": rule.describe(),
                         "action": rule.action, "state": st.state, "value": st.value,
                         "samples": st.samples, "min_samples": rule.min_samples,
-                        "last_fired": st.last_fired, "refused": st.refused or None})
+                        "last_fired": st.last_fired, "refused": st.refused or None,
+                        "retry_after_labels": None if st.retry_after is None else
+                        {"since": st.retry_after[0], "labels": st.retry_after[1]}})
         return out

@@ -91,6 +91,10 @@ class MonitorSettings(HomeSettings):
     """Key for ``POST /alertmanager`` only (Alertmanager's ``http_config.authorization``)."""
     allow_unauthenticated: bool = False
     """Listen beyond loopback without an admin key (only behind a gateway that authenticates)."""
+    retrain_retry_labels: PositiveInt = 1000
+    """A policy retraining job that ends without a new production version (the challenger lost,
+    or the job failed) lets the rule that fired it fire again once this many new labels of the
+    model arrived, instead of waiting out its cooldown."""
     max_active_jobs: PositiveInt = 2
     """Retraining jobs running at once over all models (at most one per model besides);
     requests beyond it are refused (429 to ``POST /retrain``) and counted."""

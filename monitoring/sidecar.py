@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import Feedback
+from modelloop.schemas import ALIAS_PRODUCTION, Feedback
 from monitoring import alertmanager
 from monitoring.evaluate import Evaluator
 from monitoring.ingest import (
@@ -41,7 +41,7 @@ from monitoring.ingest import (
 from monitoring.jobs import JobManager, JobOutcome, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
-from monitoring.records import EventRow, Stored
+from monitoring.records import EventRow, JobRecord, Stored
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
 
@@ -138,7 +138,8 @@ class Sidecar:
     def _jobs_loop(self) -> None:
         while not self._stop.wait(self.settings.job_poll_s):
             try:
-                self.jobs.poll(self.settings.models or self.evaluator.models())
+                for job, status in self.jobs.poll(self.settings.models or self.evaluator.models()):
+                    self._job_ended(job, status)
             except Exception:
                 log.exception("polling retraining jobs failed")
 
@@ -289,17 +290,38 @@ class Sidecar:
                                  "message": firing.message()}
         log.warning("%s", firing.message())
         if firing.rule.action == "retrain":
-            outcome = self._policy_retrain(firing.scope, firing.message(), version)
+            outcome = self._policy_retrain(firing.scope, firing.message(), version,
+                                           firing.retry_of)
             if outcome.status == "skipped" and outcome.refused != "duplicate":
                 self.engine.refused(firing, outcome.detail)  # no cooldown: asked again next check
             entry["job"] = outcome.as_dict()
         self.recent_firings.append(entry)
 
-    def _policy_retrain(self, model: str, reason: str, version: int | None) -> JobOutcome:
+    def _policy_retrain(self, model: str, reason: str, version: int | None,
+                        retry_of: float | None = None) -> JobOutcome:
         refused = self.not_retrainable(model, "policy")
         if refused is not None:
             return JobOutcome("", "skipped", refused[1], refused[0])
-        return self.jobs.request(model, trigger="policy", reason=reason, version=version)
+        return self.jobs.request(model, trigger="policy", reason=reason, version=version,
+                                 retry_of=retry_of)
+
+    def _job_ended(self, job: JobRecord, status: str) -> None:
+        """A policy job that ended without a new production version (its challenger lost, or it
+        failed) lets its rules try again after ``RETRAIN_RETRY_LABELS`` new labels instead of
+        waiting out their cooldown: new labels are what could make the next challenger win."""
+        if job.trigger != "policy":
+            return
+        try:
+            production = self.catalog.registry.get(job.model, ALIAS_PRODUCTION).metadata
+        except RegistryError:
+            production = None
+        if (status == "succeeded" and production is not None
+                and production.created_at.timestamp() >= job.created_at):
+            return  # promoted: the cooldown holds
+        labels = self.settings.retrain_retry_labels
+        self.engine.retry_on_labels(job.model, self.clock(), labels)
+        log.info("retraining job %s of %s %s without a new production version: its rules may "
+                 "fire again after %d new labels", job.id, job.model, status, labels)
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

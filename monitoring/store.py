@@ -271,6 +271,13 @@ class EventStore:
                 cur.execute(self._sql("SELECT COUNT(*) FROM {p}events WHERE model = ?"), (model,))
             return int(cur.fetchone()[0])
 
+    def count_labelled(self, model: str, since: float) -> int:
+        """Labels of ``model``'s events received after ``since`` (never an ambiguous event's)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT COUNT(*) FROM {p}events WHERE model = ? "
+                                  "AND label_ts > ? AND ambiguous = 0"), (model, since))
+            return int(cur.fetchone()[0])
+
     def models(self) -> list[str]:
         with self._read() as cur:
             cur.execute(self._sql("SELECT DISTINCT model FROM {p}events ORDER BY model"))

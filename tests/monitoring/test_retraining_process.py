@@ -130,3 +130,39 @@ def test_a_local_job_runs_without_the_venv_on_path(
             assert log.startswith("modelloop "), log
         else:
             assert job["detail"] == detail
+
+
+def test_a_policy_job_that_promotes_nothing_lets_its_rule_retry_after_new_labels(
+        home: Path, registered: TrainedModel, task: SyntheticTask, tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    with sidecar_process(home, home / "sidecar.log", MODELLOOP_MONITOR_CHECK_INTERVAL_S="3600",
+                         MODELLOOP_MONITOR_JOB_POLL_S="0.1",
+                         MODELLOOP_MONITOR_RETRAIN_RETRY_LABELS="30",
+                         MODELLOOP_MONITOR_POLICY_FILE=str(tmp_path / "policy.yaml"),
+                         # a job that ends at once and registers nothing: its challenger "lost"
+                         MODELLOOP_MONITOR_RETRAIN_COMMAND=f"{sys.executable} -c pass") as sc:
+        url = sc.url
+        sample = task.sample(60, seed=5)
+        events, _ = events_for(registered, sample, "retry")
+        httpx.post(f"{url}/events", json={"events": events}).raise_for_status()
+        httpx.post(f"{url}/check", timeout=120).raise_for_status()
+        (first,) = [j for j in httpx.get(f"{url}/jobs").json()["jobs"] if j["trigger"] == "policy"]
+        wait_for_job(url, first["id"], "succeeded")
+        # production did not change: the 6 h cooldown now gives way to 30 new labels
+        deadline = time.monotonic() + 30
+        while rule_state(url)["retry_after_labels"] is None:
+            assert time.monotonic() < deadline, rule_state(url)
+            time.sleep(0.05)
+        httpx.post(f"{url}/check", timeout=120).raise_for_status()
+        assert rule_state(url)["state"] == "cooldown"  # no new labels yet
+        labels = [{"request_id": f"retry-{i}", "label": int(y)}
+                  for i, y in enumerate(sample["target"][:29])]
+        httpx.post(f"{url}/feedback", json={"feedback": labels}).raise_for_status()
+        httpx.post(f"{url}/check", timeout=120).raise_for_status()
+        assert rule_state(url)["state"] == "cooldown"  # 29 of 30
+        more = [{"request_id": "retry-29", "label": int(sample["target"].iloc[29])}]
+        httpx.post(f"{url}/feedback", json={"feedback": more}).raise_for_status()
+        httpx.post(f"{url}/check", timeout=120).raise_for_status()
+        jobs = [j for j in httpx.get(f"{url}/jobs").json()["jobs"] if j["trigger"] == "policy"]
+        # a retry, named after the first (which, ending at once too, may arm the next retry)
+        assert len(jobs) == 2 and "-r" in jobs[0]["id"], jobs
