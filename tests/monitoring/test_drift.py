@@ -238,3 +238,40 @@ def test_joint_drift_leaves_missing_values_out_pair_by_pair(task: SyntheticTask)
     assert result.multivariate is not None and not result.multivariate.drifted
     assert result.multivariate.tested_pairs == 190 - 19
     assert 0 < result.multivariate.statistic <= 1
+
+
+def test_reports_render_on_drift_onset_or_at_the_interval_not_on_flicker(tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from modelloop.registry import Registry
+    from monitoring.drift import ColumnDrift, DriftResult
+    from monitoring.evaluate import Evaluator
+    from monitoring.ingest import ModelCatalog
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.policy import PolicyEngine, load_policy
+    from monitoring.settings import MonitorSettings
+    from monitoring.store import open_store
+
+    settings = MonitorSettings(home=tmp_path, report_interval_s=600)
+    store = open_store(settings.store_dsn, "t_", "NORMAL")
+    evaluator = Evaluator(settings, store, ModelCatalog(Registry(tmp_path / "registry"), []),
+                          PolicyEngine(load_policy(settings.policy_file)),
+                          MonitorMetrics(CollectorRegistry()), on_fire=lambda f, v: None)
+
+    def result(*drifted: str) -> DriftResult:
+        cols = [ColumnDrift(f, "ks", 0.0005, 0.0 if f in drifted else 0.5, f in drifted, True)
+                for f in ("f00", "f01", "f02")]
+        return DriftResult("m", 1, 1000, 2000, True, cols, len(drifted) / 3, 1 / 3,
+                           bool(drifted))
+    try:
+        assert evaluator._report_due("m", result(), now=0)  # the first judged window
+        assert not evaluator._report_due("m", result(), now=60)
+        assert evaluator._report_due("m", result("f01"), now=120)  # drift sets in: at once
+        # the drifted features change while drifted, or drift goes away: within the interval, no
+        assert not evaluator._report_due("m", result("f01", "f02"), now=180)
+        assert not evaluator._report_due("m", result(), now=240)
+        assert not evaluator._report_due("m", result("f00"), now=300)
+        assert evaluator._report_due("m", result(), now=120 + 600)  # the interval
+    finally:
+        evaluator.close(5)
+        store.close()
