@@ -115,6 +115,14 @@ def _pretty(data: dict[str, Any]) -> str:
         lines.append(f"  int8:      {q.get('method')} from v{q.get('source_version')}, "
                      f"{q.get('metric')} loss {float(q.get('loss_points', 0.0)):.2f} points, "
                      f"{'promotable' if q.get('promotable') else 'not promotable'}")
+    pruning = data["lineage"].get("pruning")
+    if isinstance(pruning, dict):
+        hidden = pruning.get("hidden", {})
+        lines.append(f"  pruned:    {'structured' if pruning.get('structured') else 'unstructured'} "
+                     f"{pruning.get('amount')} from v{pruning.get('source_version')}, hidden "
+                     f"{hidden.get('parent')} -> {hidden.get('pruned')}, {pruning.get('metric')} "
+                     f"loss {float(pruning.get('loss_points', 0.0)):.2f} points, "
+                     f"{'promotable' if pruning.get('promotable') else 'not promotable'}")
     if data.get("parity"):
         p = data["parity"]
         against = f"int8 vs fp32 v{q.get('source_version')}" if isinstance(q, dict) else "vs PyTorch"

@@ -88,6 +88,9 @@ def test_structured_pruning_shrinks_the_graph_and_is_promoted_within_the_budget(
     assert pruned.metadata.parity is not None and pruned.metadata.parity.passed
     assert out["promoted"] is True
     assert registry.resolve("cancer", "production") == pruned.version
+    shown = runner.invoke(app, ["models", "show", "cancer", str(pruned.version)], env=_env(settings))
+    assert (f"pruned:    structured 0.5 from v{cancer.version}, hidden [64, 32] -> [32, 16], "
+            f"accuracy loss {report['loss_points']:.2f} points, promotable") in shown.stdout
 
 
 def test_unstructured_pruning_zeroes_weights_in_a_graph_of_the_same_shape(
