@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quantize": ("training.quantize_cli", "quantize_app", "Quantize a registered version to int8."),
     "prune": ("training.prune_cli", "prune_app", "Prune a registered MLP, fine-tune and measure it."),
     "models": ("modelloop.models_cli", "app",
-               "List, show, promote, roll back and register model versions."),
+               "List, show, promote, roll back, register, gate and export model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),
     "batch": ("serving.cli", "batch_app", "Score CSV/Parquet files in bounded memory."),
     "monitor": ("monitoring.cli", "app", "The monitoring sidecar and its tools."),
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # is imported with its group, so it imports its heavy dependencies inside the command.
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("models", "register"): ("training.byo_cli", "register_app"),
+    ("models", "gate"): ("training.gate_cli", "gate_app"),
     ("models", "export"): ("modelloop.edge_cli", "export_app"),
 }
 
