@@ -86,7 +86,8 @@ class JobManager:
     """Starts jobs through a trigger, polls them, and keeps the store and the metrics current."""
 
     def __init__(self, store: EventStore, trigger: Trigger, metrics: MonitorMetrics, *,
-                 command: str, window_s: float = 3600.0, timeout_s: float = 21600.0,
+                 command: str, commands: dict[str, str] | None = None,
+                 window_s: float = 3600.0, timeout_s: float = 21600.0,
                  max_active: int = 2, env: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -95,6 +96,7 @@ class JobManager:
         self.trigger = trigger
         self.metrics = metrics
         self.command = command
+        self.commands = dict(commands or {})  # per model, instead of ``command``
         self.window_s = window_s
         self.timeout_s = timeout_s
         self.clock = clock
@@ -127,7 +129,8 @@ class JobManager:
             req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
                              reason=reason, env=self.env)
             try:
-                req = replace(req, command=render_command(self.command, req))
+                template = self.commands.get(model, self.command)
+                req = replace(req, command=render_command(template, req))
                 handle = self.trigger.start(req)
             except TriggerConflict as exc:  # started by a replica that does not share our store
                 self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)

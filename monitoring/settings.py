@@ -9,6 +9,7 @@ environment. Example::
 from __future__ import annotations
 
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,6 +32,22 @@ DriftMethod = Literal["calibrated", "auto", "ks", "psi", "wasserstein", "jensens
 TriggerKind = Literal["local", "kubernetes", "docker", "webhook", "none"]
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+_TEMPLATE_FIELDS = {k: "x" for k in ("model", "version", "job", "trigger", "reason")}
+
+
+def _check_template(template: str) -> None:
+    """A retraining command template splits like a shell line and names only known fields."""
+    try:
+        args = shlex.split(template)
+        for arg in args:
+            arg.format(**_TEMPLATE_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"bad command template {template!r}: {type(exc).__name__}: {exc} "
+                         f"(fields: {', '.join('{' + k + '}' for k in _TEMPLATE_FIELDS)})") from exc
+    if not args:
+        raise ValueError("the command is empty")
 
 
 def default_policy_file() -> Path:
@@ -178,6 +195,11 @@ class MonitorSettings(HomeSettings):
     retrain_command: str = "modelloop retrain --name {model} --trigger {trigger}"
     """Command of a retraining job; ``{model}``, ``{version}``, ``{job}``, ``{trigger}`` and
     ``{reason}`` are filled in. Runs as a local process, or as the container command."""
+    retrain_commands: dict[str, str] = Field(default_factory=dict)
+    """Per-model retraining commands, JSON ``{"model": "template"}``, used for those models instead
+    of :attr:`retrain_command` by every trigger (policy, Alertmanager, ``POST /retrain``): a
+    model modelloop did not train runs its owner's pipeline, which ends in ``modelloop models
+    register`` and ``modelloop models gate``. Same placeholders."""
     job_window_s: PositiveFloat = 3600.0
     """Jobs are named per model and time window of this length, so two sidecar replicas
     judging the same window start one job, not two."""
@@ -257,6 +279,22 @@ class MonitorSettings(HomeSettings):
         if len(key) < 16 or any(c.isspace() or not c.isprintable() for c in key):
             raise ValueError("must be at least 16 printable characters without spaces "
                              "(e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("retrain_command")
+    @classmethod
+    def _check_command(cls, value: str) -> str:
+        _check_template(value)
+        return value
+
+    @field_validator("retrain_commands")
+    @classmethod
+    def _check_commands(cls, value: dict[str, str]) -> dict[str, str]:
+        for model, template in value.items():
+            try:
+                _check_template(template)
+            except ValueError as exc:
+                raise ValueError(f"model {model!r}: {exc}") from exc
         return value
 
     @model_validator(mode="after")

@@ -81,7 +81,8 @@ class Sidecar:
         self.catalog = ModelCatalog(Registry(s.registry_dir), s.models)
         self.writer = GroupCommitWriter(self.store, self.parse_events)
         self.jobs = JobManager(self.store, build_trigger(s), self.metrics,
-                               command=s.retrain_command, window_s=s.job_window_s,
+                               command=s.retrain_command, commands=s.retrain_commands,
+                               window_s=s.job_window_s,
                                timeout_s=s.job_timeout_s, max_active=s.max_active_jobs,
                                env=job_env(s), clock=self.clock)
         self.evaluator = Evaluator(s, self.store, self.catalog, self.engine, self.metrics,
