@@ -56,6 +56,8 @@ from monitoring.store import EventStore, Retention, Window
 
 log = logging.getLogger(__name__)
 MIN_CALIBRATION_ROWS = 50
+MIN_GAP_LABELS = 100
+"""Labelled rows of the count window needed before the estimate's gap is judged."""
 
 
 def _lower_priority() -> None:
@@ -92,6 +94,10 @@ class Quality:
     estimate_reliable: bool | None = None
     """False when ``out_of_support_share`` exceeds ``MAX_OUT_OF_SUPPORT_SHARE``: the estimate
     extrapolates beyond the data it was calibrated on."""
+    estimate_gap: float | None = None
+    """The estimate minus the realised accuracy on the same labelled rows of the count window
+    (at least ``MIN_GAP_LABELS``): large when the labels disagree with what the model's
+    confidence promised, which a concept shift does and no feature-based check can see."""
 
 
 class Evaluator:
@@ -330,6 +336,8 @@ class Evaluator:
                             (m.estimated_accuracy_upper, (model, v), q.estimate_upper)]
             if q.estimate_reliable is not None:
                 entries.append((m.estimate_reliable, (model, v), float(q.estimate_reliable)))
+            if q.estimate_gap is not None:
+                entries.append((m.estimate_gap, (model, v), q.estimate_gap))
             for window, sc in q.scores.items():
                 if sc is None:
                     continue
@@ -518,6 +526,7 @@ def _quality(version: int, win: Window, by_time: Window, calibration: Confidence
     labelled = int(win.labelled.sum())
     estimate = (calibration.estimate(win.probabilities)
                 if win.probabilities is not None else None)
+    gap = _estimate_gap(win, calibration, scores["count"])
     return Quality(version=version, rows=len(win), labelled=labelled,
                    coverage=labelled / len(win) if len(win) else 0.0, scores=scores,
                    estimated_accuracy=None if estimate is None else estimate.value,
@@ -525,7 +534,15 @@ def _quality(version: int, win: Window, by_time: Window, calibration: Confidence
                    estimate_upper=None if estimate is None else estimate.upper,
                    out_of_support_share=out_of_support,
                    estimate_reliable=None if estimate is None or out_of_support is None
-                   else out_of_support <= max_out_of_support)
+                   else out_of_support <= max_out_of_support, estimate_gap=gap)
+
+
+def _estimate_gap(win: Window, calibration: ConfidenceCalibration,
+                  realised: dict[str, Any] | None) -> float | None:
+    if win.probabilities is None or realised is None or realised["n"] < MIN_GAP_LABELS:
+        return None
+    on_labelled = calibration.estimate(win.probabilities[win.labelled])
+    return None if on_labelled is None else on_labelled.value - realised["accuracy"]
 
 
 DRIFT_METRICS = ("data_drift", "drift_share", "feature_drift", "prediction_drift",
@@ -544,6 +561,9 @@ def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
     if metric in ("accuracy", "f1", "precision", "recall"):
         sc = None if quality is None else quality.scores.get(rule.window)
         return Observation(None, 0) if sc is None else Observation(sc[metric], sc["n"])
+    if metric == "estimate_gap":
+        return (Observation(None, 0) if quality is None or quality.estimate_gap is None
+                else Observation(quality.estimate_gap, quality.labelled))
     if metric == "estimated_accuracy":
         if quality is None:
             return Observation(None, 0)

@@ -95,6 +95,9 @@ class MonitorMetrics:
         self.estimate_reliable = g("modelloop_estimate_reliable", "1 while the accuracy "
                                    "estimate is reliable (out-of-support rows at most "
                                    "MAX_OUT_OF_SUPPORT_SHARE).", ("model", "version"))
+        self.estimate_gap = g("modelloop_estimate_gap_ratio", "The accuracy estimate minus the "
+                              "realised accuracy on the same labelled rows (a concept shift "
+                              "makes it large).", ("model", "version"))
         self.labelled_samples = g("modelloop_labelled_samples", "Labelled events in the window.",
                                   ("model", "version"))
         self.label_coverage = g("modelloop_label_coverage_ratio",

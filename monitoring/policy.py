@@ -57,6 +57,7 @@ METRICS: dict[str, MetricSpec] = {
     "precision": MetricSpec("floor", "model", "ratio"),
     "recall": MetricSpec("floor", "model", "ratio"),
     "estimated_accuracy": MetricSpec("floor", "model", "ratio"),
+    "estimate_gap": MetricSpec("ceiling", "model", "ratio"),
     "latency_p50": MetricSpec("ceiling", "model", "seconds"),
     "latency_p95": MetricSpec("ceiling", "model", "seconds"),
     "latency_p99": MetricSpec("ceiling", "model", "seconds"),

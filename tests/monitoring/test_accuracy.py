@@ -85,3 +85,36 @@ def test_the_estimate_has_an_interval_that_holds_the_realised_accuracy(
         assert est.lower <= realised <= est.upper
         # Bernoulli spread of 1000 rows and the calibration's of 2000: a few points, not more
         assert 0.02 < est.upper - est.lower < 0.08
+
+
+def test_the_estimate_gap_shows_labels_that_disagree_with_the_confidence() -> None:
+    """A concept shift leaves the features and the confidence as they were; only the labels
+    change. The estimate on the labelled rows minus their realised accuracy shows it."""
+    from monitoring.evaluate import MIN_GAP_LABELS, _estimate_gap
+    from monitoring.records import Window
+
+    rng = np.random.default_rng(3)
+
+    def window(n: int, flipped: bool) -> Window:
+        p1 = rng.uniform(0.05, 0.95, n)
+        proba = np.column_stack([1 - p1, p1])
+        truth = (rng.random(n) < p1).astype(np.float64)  # calibrated: P(y=1) = p1
+        label = 1 - truth if flipped else truth
+        return Window(version=np.ones(n, np.int64), ts=np.arange(n, dtype=np.float64),
+                      prediction=proba.argmax(axis=1).astype(np.float64),
+                      latency_s=np.zeros(n), label=label, label_ts=np.ones(n),
+                      features=None, probabilities=proba)
+
+    ref = window(2000, flipped=False)
+    calibration = ConfidenceCalibration.fit(ref.probabilities, ref.label)
+
+    def gap(w: Window) -> float | None:
+        mask = w.labelled
+        acc = float(np.mean(w.prediction[mask] == w.label[mask]))
+        return _estimate_gap(w, calibration, {"accuracy": acc, "n": int(mask.sum())})
+
+    same, shifted = gap(window(1000, flipped=False)), gap(window(1000, flipped=True))
+    assert same is not None and abs(same) < 0.04
+    assert shifted is not None and shifted > 0.4  # the estimate promises ~0.75, labels give ~0.25
+    few = window(MIN_GAP_LABELS - 1, flipped=True)
+    assert gap(few) is None  # too few labels to judge

@@ -73,7 +73,7 @@ GOOD = "- {name: r, metric: drift_share, threshold: 0.3}"
          "p.yaml: rule 'r' (rules[0]): field 'metric': unknown metric 'drift' (one of: data_drift, drift_share, "
          "feature_drift, prediction_drift, multivariate_drift, out_of_support_share, "
          "missing_share, accuracy, f1, precision, recall, estimated_accuracy, "
-         "latency_p50, latency_p95, latency_p99, error_rate, cpu, memory_bytes, gpu_utilization, "
+         "estimate_gap, latency_p50, latency_p95, latency_p99, error_rate, cpu, memory_bytes, gpu_utilization, "
          "gpu_memory_bytes)"),
         # a ratio above 1
         (rules("- {name: acc, metric: accuracy, threshold: 1.5}"),
