@@ -36,10 +36,12 @@ def gate_command(
         "challenger did not train on); default: the most recent "
         "MODELLOOP_TRAINING_RETRAIN_HOLDOUT_FRACTION of the window.")] = None,
 ) -> None:
-    """Score production and VERSION of NAME on the sidecar's recent labelled rows with the gate
-    `modelloop retrain` uses, and promote VERSION only when it wins (beats the champion by the
-    margin and is not slower). The challenger must not have been trained on the holdout: the
-    most recent rows of the window, or those from --since on.
+    """Judge VERSION of NAME against production on labelled rows; promote only a winner.
+
+    Both are scored on the sidecar's recent labelled rows with the gate `modelloop retrain`
+    uses: VERSION is promoted only when it beats the champion by the margin and is not slower.
+    The challenger must not have been trained on the holdout: the most recent rows of the
+    window, or those from --since on.
 
     Prints a JSON summary on stdout, as `modelloop retrain` does. Exit codes: 0 the gate ran
     (see "promoted"), 2 unusable data or arguments, 1 a registry or sidecar failure (a
