@@ -5,6 +5,7 @@ onnxruntime and numpy, and compared with a real ``modelloop serve``'s ``/predict
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from modelloop.cli import app
 from modelloop.registry import Registry
 from tests.serving.conftest import start_server, stop_server
-from tests.serving.venvs import fresh_venv, importable
+from tests.serving.venvs import fresh_venv
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,20 @@ def _train(home: Path) -> Any:
     return registry.get("digits", meta.version)
 
 
+def _bare_env() -> dict[str, str]:
+    """The environment without PYTHONPATH: the venv sees only what it installed."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _importable(python: Path, module: str) -> bool:
+    return subprocess.run([str(python), "-c", f"import {module}"], capture_output=True,
+                          cwd=python.parent.parent, env=_bare_env(), timeout=120).returncode == 0
+
+
 def _run_bundle(python: Path, bundle: Path, rows: list[list[float | None]]) -> list[dict[str, Any]]:
     # from the bundle's folder, as a user would run it: the repository is not on its path
     done = subprocess.run([str(python), "predict.py"], input=json.dumps(rows), cwd=bundle,
-                          capture_output=True, text=True, timeout=120)
+                          env=_bare_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     answers: list[dict[str, Any]] = json.loads(done.stdout)
     return answers
@@ -90,7 +101,9 @@ def test_the_edge_bundle_answers_as_the_server_in_a_clean_environment(tmp_path: 
 
     # a fresh venv with only the two packages the bundle needs
     venv = fresh_venv(tmp_path / "venv", "numpy", "onnxruntime")
-    assert not importable(venv, "modelloop") and not importable(venv, "torch")
+    python = venv / "python"
+    assert not _importable(python, "modelloop") and not _importable(python, "torch")
+    assert _importable(python, "onnxruntime")
 
     rows: list[list[float | None]] = reference[meta.feature_names].head(40).to_numpy().tolist()
     rows[0][5] = None  # a missing value: imputed inside the graph, here and there
@@ -103,14 +116,15 @@ def test_the_edge_bundle_answers_as_the_server_in_a_clean_environment(tmp_path: 
     served = response.json()
     assert served["version"] == version.version
     for out in bundles.values():
-        _same_answers(_run_bundle(venv / "python", out, rows), served["predictions"])
+        _same_answers(_run_bundle(python, out, rows), served["predictions"])
 
     # the same through the Python API with rows as dicts by feature name
     as_dicts = [dict(zip(meta.feature_names, row, strict=True)) for row in rows[:3]]
     script = ("import json, sys; from predict import Predictor; "
               "print(json.dumps(Predictor('.').predict(json.load(sys.stdin))))")
-    done = subprocess.run([str(venv / "python"), "-c", script], input=json.dumps(as_dicts),
-                          cwd=bundles["ort"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([str(python), "-c", script], input=json.dumps(as_dicts),
+                          cwd=bundles["ort"], env=_bare_env(), capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     _same_answers(json.loads(done.stdout), served["predictions"][:3])
 
