@@ -14,8 +14,9 @@ and the problem, so the CLI can print it as is::
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ from sklearn.model_selection import train_test_split
 from modelloop.schemas import Task
 from modelloop.synthetic import TARGET as SYNTHETIC_TARGET
 from modelloop.synthetic import SyntheticTask
+from training.data_report import DataReport, build_report
+
+log = logging.getLogger(__name__)
 
 TARGET = "target"
 """The target column of every built-in dataset."""
@@ -54,6 +58,9 @@ class TabularDataset:
     target_name: str
     task: Task
     class_labels: list[str] | None = None
+    report: DataReport | None = field(default=None, compare=False)
+    """What the table held as read (:mod:`training.data_report`); None for data that is not a
+    table (sequences)."""
 
     def __len__(self) -> int:
         return len(self.target)
@@ -249,12 +256,14 @@ def prepare(
     task: Task | None = None,
     class_labels: Sequence[str] | None = None,
     source: str = "dataframe",
+    clean: bool = False,
 ) -> TabularDataset:
-    """Validate ``frame`` and turn it into a :class:`TabularDataset`.
+    """Validate ``frame`` and turn it into a :class:`TabularDataset` with its data report.
 
     ``task`` None infers it: a float target, or an integer one with more than 20 distinct values,
     is regression; anything else is classification. ``class_labels`` fixes the classes and their
     order (a retrained model keeps its champion's); otherwise they are the sorted distinct labels.
+    ``clean`` removes exact duplicate rows (the first of each kept, in order), before any split.
     """
     names = _feature_names(frame, target, source)
     features = np.column_stack(
@@ -270,14 +279,21 @@ def prepare(
             f" (first in row {_row(missing)})"
         )
     task = task or _infer_task(y)
+    labels: list[str] | None = None
     if task is Task.regression:
         values = _numeric_column(source, f"{target}", y).astype(np.float64)
-        return TabularDataset(source, features, values, names, target, task)
-    if task is not Task.classification:
+    elif task is Task.classification:
+        values, labels = _class_codes(y, class_labels, target, source)
+    else:
         raise DataError(f"{source}: task {task.value!r} is not supported for tabular training")
-
-    codes, labels = _class_codes(y, class_labels, target, source)
-    return TabularDataset(source, features, codes, names, target, task, labels)
+    report, keep = build_report(features, values, names,
+                                classification=task is Task.classification, clean=clean)
+    for warning in report.warnings():
+        log.warning("%s: %s", source, warning)
+    if report.removed:
+        log.info("%s: removed %d exact duplicate rows", source, report.removed)
+        features, values = features[keep], values[keep]
+    return TabularDataset(source, features, values, names, target, task, labels, report)
 
 
 def _feature_names(frame: pd.DataFrame, target: str, source: str) -> list[str]:
@@ -336,9 +352,11 @@ def load_data(
     rows: int | None = None,
     seed: int = 0,
     class_labels: Sequence[str] | None = None,
+    clean: bool = False,
 ) -> TabularDataset:
     """A built-in dataset by name (``rows`` and ``seed`` subsample it or seed the synthetic
-    task), or a CSV/Parquet file with the named ``target`` column."""
+    task), or a CSV/Parquet file with the named ``target`` column. ``clean`` removes exact
+    duplicate rows (see :func:`prepare`; the sequences dataset has none to remove)."""
     name = str(source)
     if name in BUILTINS:
         builtin = BUILTINS[name]
@@ -347,8 +365,10 @@ def load_data(
         assert builtin.load is not None
         frame = builtin.load(rows, seed)
         labels = class_labels or (builtin.class_labels() if builtin.class_labels else None)
-        return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name)
-    return prepare(read_table(source), target, task=task, class_labels=class_labels, source=name)
+        return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name,
+                       clean=clean)
+    return prepare(read_table(source), target, task=task, class_labels=class_labels, source=name,
+                   clean=clean)
 
 
 # -- split ---------------------------------------------------------------------------------------
