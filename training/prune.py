@@ -63,7 +63,14 @@ from training.quantize import (
     weight_bytes,
 )
 from training.settings import TrainingSettings
-from training.trainer import cpu_threads, fit, seeded
+from training.trainer import (
+    Loss,
+    balanced_class_weights,
+    cpu_threads,
+    fit,
+    seeded,
+    weighted_cross_entropy,
+)
 from training.transfer import TransferError, WarmStart
 
 log = logging.getLogger(__name__)
@@ -246,7 +253,11 @@ def prune_version(
         else:
             prune_unstructured(net.backbone, amount)
         tune = config.model_copy(update={"epochs": epochs, "model": params.model_dump(mode="json")})
-        result = fit(net, net.loss,
+        objective: Loss = net.loss
+        if config.class_weight == "balanced" and meta.task is Task.classification:
+            # the parent's loss, so the fine-tune keeps its trade-off of precision and recall
+            objective = weighted_cross_entropy(balanced_class_weights(y_train, net.n_outputs))
+        result = fit(net, objective,
                      (torch.from_numpy(x_train), net.encode_target(y_train)),
                      (torch.from_numpy(ds.features[split.val]), net.encode_target(ds.target[split.val])),
                      tune, progress=False)

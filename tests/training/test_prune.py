@@ -158,3 +158,12 @@ def test_prune_refuses_what_it_cannot_prune(settings: TrainingSettings,
                                  registry)
     with pytest.raises(NotPrunable, match="pruned already; prune the version it came from"):
         prune_version(registry.get("cancer", meta.version), settings=settings)
+
+
+def test_a_balanced_model_is_fine_tuned_with_its_weighted_loss(settings: TrainingSettings) -> None:
+    balanced = _train(settings, "balanced", epochs=5, class_weight="balanced")
+    pruned = prune_version(balanced, amount=0.5, structured=True, settings=settings, epochs=3,
+                           **FAST_SPEED)
+    assert pruned.metadata.config["class_weight"] == "balanced"
+    assert pruned.metadata.config["epochs"] == 5  # the parent's; the fine-tune's are in lineage
+    assert 1 <= pruned.report.fine_tune_epochs <= 3
