@@ -110,6 +110,9 @@ def _pretty(data: dict[str, Any]) -> str:
              f"  parent:    {data['parent_version']}",
              f"  features:  {len(data['feature_names'])}",
              f"  classes:   {data['class_labels']}"]
+    report = data["lineage"].get("data_report")
+    if isinstance(report, dict):
+        lines += _data_lines(report)
     q = data["lineage"].get("quantization")
     if isinstance(q, dict):
         lines.append(f"  int8:      {q.get('method')} from v{q.get('source_version')}, "
@@ -131,6 +134,21 @@ def _pretty(data: dict[str, Any]) -> str:
     lines.append("  metrics:")
     lines += [f"    {k:<12} {v:.4f}" for k, v in sorted(data["metrics"].items())]
     return "\n".join(lines)
+
+
+def _data_lines(report: dict[str, Any]) -> list[str]:
+    """The training data report (``lineage.data_report``) in two lines."""
+    columns = report.get("columns", [])
+    conflicts = report.get("conflicts")
+    lines = [f"  data:      {report.get('rows')} rows, {report.get('duplicates')} exact duplicates "
+             f"{'removed' if report.get('cleaned') else 'kept'}, "
+             f"{'-' if conflicts is None else conflicts} conflicting label groups"]
+    notes = [f"constant: {', '.join(c['name'] for c in columns if c.get('constant')) or '-'}",
+             "missing: " + (", ".join(f"{c['name']} {c['missing']:.1%}" for c in columns
+                                      if c.get("missing")) or "-"),
+             "outliers: " + (", ".join(f"{c['name']} {c['outliers']}" for c in columns
+                                       if c.get("outliers")) or "-")]
+    return [*lines, f"             {'; '.join(notes)}"]
 
 
 def not_promotable(lineage: dict[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import ModelMetadata, Task
 from training.config import TrainingConfig
 from training.data import BUILTINS, DataError, load_data
+from training.data_report import report_table
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
 from training.pipeline import train_and_register
@@ -111,6 +112,10 @@ DatasetOption = Annotated[DatasetName | None, typer.Option(
 DataOption = Annotated[Path | None, typer.Option(
     "--data", help="A CSV or Parquet file of numeric features and a target column.")]
 TargetOption = Annotated[str | None, typer.Option("--target", help="The target column of --data.")]
+CleanOption = Annotated[bool | None, typer.Option(
+    "--clean/--no-clean", help="Remove exact duplicate rows before the split (default: "
+    "MODELLOOP_TRAINING_CLEAN, on; with --init-from, the parent's choice). The data report "
+    "counts them either way.")]
 
 
 @train_app.command(no_args_is_help=True)
@@ -142,6 +147,7 @@ def train(
         "its rows) in the loss, for imbalanced classes.")] = None,
     hidden: Annotated[str | None, typer.Option(
         "--hidden", help="MLP hidden layer widths, e.g. 128,64.")] = None,
+    clean: CleanOption = None,
     rows: Annotated[int | None, typer.Option(
         "--rows", min=10, help="Rows of the synthetic dataset (or a seeded subsample of a "
         "built-in one).")] = None,
@@ -183,7 +189,7 @@ def train(
                                  "learning_rate": learning_rate, "architecture": model,
                                  "optimizer": optimizer.value if optimizer else None,
                                  "class_weight": class_weight.value if class_weight else None,
-                                 "target": target,
+                                 "clean": clean, "target": target,
                                  "task": None if task is TaskChoice.auto else Task(task.value)}
     if hidden:
         overrides["model"] = {"hidden": _widths(hidden)}
@@ -196,7 +202,10 @@ def train(
     console = Console(stderr=True)
     try:
         registry.aliases(name)  # validates the name before minutes of training
-        ds = load_data(source, config.target, task=config.task, rows=rows, seed=config.seed)
+        ds = load_data(source, config.target, task=config.task, rows=rows, seed=config.seed,
+                       clean=config.clean)
+        if ds.report is not None:
+            console.print(report_table(ds.report, source))
         meta = train_and_register(
             ds, name=name, config=config, settings=settings, registry=registry, promote=promote,
             progress=progress, console=console, init=init,

@@ -32,6 +32,9 @@ class TrainingConfig(BaseModel):
     model: dict[str, Any] = Field(default_factory=dict)
     """The architecture's parameters (for ``mlp``: hidden, dropout, batch_norm, activation);
     missing ones take the architecture's defaults, and the stored config lists them all."""
+    clean: bool = False
+    """Whether exact duplicate rows were removed from the table before the split (a config
+    stored before cleaning existed reads as not cleaned, so its data reloads as it was)."""
     epochs: PositiveInt
     batch_size: PositiveInt
     optimizer: Optimizer = "adamw"

@@ -112,8 +112,10 @@ def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | N
     if isinstance(data, TabularDataset):
         return data
     if isinstance(data, pd.DataFrame):
-        return prepare(data, config.target, task=config.task, class_labels=class_labels)
-    return load_data(data, config.target, task=config.task, class_labels=class_labels)
+        return prepare(data, config.target, task=config.task, class_labels=class_labels,
+                       clean=config.clean)
+    return load_data(data, config.target, task=config.task, class_labels=class_labels,
+                     clean=config.clean)
 
 
 def subsample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
@@ -225,9 +227,11 @@ def fit_model(
         raise DataError(f"{ds.source}: invalid parameters of architecture {arch.name!r}: "
                         + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                     for e in exc.errors())) from exc
-    # the stored config is complete: resolved task, target and every architecture parameter
+    # the stored config is complete: resolved task, target, every architecture parameter and
+    # whether the table was cleaned (what reloading the data must repeat)
     config = config.model_copy(update={"task": task, "target": ds.target_name,
-                                       "model": params.model_dump(mode="json")})
+                                       "model": params.model_dump(mode="json"),
+                                       "clean": ds.report.cleaned if ds.report else config.clean})
     if init is not None:
         init.check(config, ds.feature_names,
                    ds.class_labels if task is Task.classification else None)
@@ -331,6 +335,8 @@ def _train_model(
         "training": result.summary(),
     })
     lineage = dict(lineage or {})
+    if ds.report is not None:
+        lineage["data_report"] = ds.report.to_dict()
     if init is not None:
         lineage["fine_tuned_from"] = init.describe()
     metadata = ModelMetadata(

@@ -329,7 +329,7 @@ def training_data(meta: ModelMetadata) -> TabularDataset:
     try:
         ds = load_data(meta.dataset, config.target, task=meta.task if classify else None,
                        rows=meta.lineage.get("dataset_rows"), seed=config.seed,
-                       class_labels=meta.class_labels if classify else None)
+                       class_labels=meta.class_labels if classify else None, clean=config.clean)
     except DataError as exc:
         raise NotQuantizable(f"{meta.name} v{meta.version}: cannot reload its training data: "
                              f"{exc}") from exc

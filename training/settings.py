@@ -65,6 +65,11 @@ class TrainingSettings(HomeSettings):
     and still be promotable, as a fraction: 0.01 is one point."""
 
     # -- defaults of the training config -------------------------------------------------------
+    clean: bool = True
+    """Remove exact duplicate rows (features and target) from a table before the split, the
+    first of each kept (``modelloop train --no-clean`` keeps them). The data report counts them
+    either way, with conflicting labels, constant columns, missing values and outliers."""
+
     epochs: PositiveInt = 150
     """Maximum number of passes over the training split (early stopping usually ends sooner)."""
 

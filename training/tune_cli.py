@@ -24,6 +24,7 @@ from rich.table import Table
 from modelloop.registry import ModelVersion, Registry, RegistryError
 from modelloop.schemas import ModelMetadata, Task
 from training.cli import (
+    CleanOption,
     DataOption,
     DatasetOption,
     TargetOption,
@@ -37,6 +38,7 @@ from training.cli import (
 )
 from training.config import TrainingConfig
 from training.data import DataError, load_data
+from training.data_report import report_table
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
 from training.settings import TrainingSettings
@@ -128,6 +130,7 @@ def tune(
         "built-in one).")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", min=0, help="Seed of the split, the weights and the sampler.")] = None,
+    clean: CleanOption = None,
     prune: Annotated[bool, typer.Option(
         "--prune/--no-prune", help="Stop trials whose validation loss lags the median of "
         "completed trials at the same epoch.")] = True,
@@ -161,7 +164,8 @@ def tune(
     except ValueError as exc:
         raise fail(f"--model: {exc}", 2) from exc
     settings = load_settings()
-    base = _base_config(settings, epochs=epochs, seed=seed, model=model, target=target, task=task)
+    base = _base_config(settings, epochs=epochs, seed=seed, model=model, target=target, task=task,
+                        clean=clean)
     if progress is None:
         progress = settings.progress
     if not logging.getLogger().isEnabledFor(logging.INFO):
@@ -177,7 +181,10 @@ def tune(
     try:
         registry.aliases(name)  # validates the name before minutes of searching
         search_space = load_space(space, base) if space is not None else default_space(base)
-        ds = load_data(source, base.target, task=base.task, rows=rows, seed=base.seed)
+        ds = load_data(source, base.target, task=base.task, rows=rows, seed=base.seed,
+                       clean=base.clean)
+        if ds.report is not None:
+            console.print(report_table(ds.report, source))
         with _progress(console, progress) as bar:
             started, finished = _trial_progress(bar)
             result = search(ds, name=name, base=base, settings=settings, sampler=sampler.value,
@@ -204,11 +211,11 @@ def tune(
 
 
 def _base_config(settings: TrainingSettings, *, epochs: int | None, seed: int | None, model: str,
-                 target: str | None, task: TaskChoice) -> TrainingConfig:
+                 target: str | None, task: TaskChoice, clean: bool | None) -> TrainingConfig:
     """The config every trial starts from; exit 2 naming the option it cannot take."""
     try:
         return TrainingConfig.from_settings(
-            settings, epochs=epochs, seed=seed, architecture=model, target=target,
+            settings, epochs=epochs, seed=seed, architecture=model, target=target, clean=clean,
             task=None if task is TaskChoice.auto else Task(task.value))
     except ValidationError as exc:
         raise fail(invalid_options(exc), 2) from exc

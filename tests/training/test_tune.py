@@ -393,5 +393,6 @@ def test_a_bad_space_and_a_conflicting_rerun_are_one_line_errors(tmp_path: Path,
     assert runner.invoke(app, [*args, "--epochs", "3"]).exit_code == 0
     conflict = runner.invoke(app, [*args, "--epochs", "4"])
     assert conflict.exit_code == 2
-    assert conflict.stderr.startswith("error: study 'wine-mlp-bayes' (")
-    assert conflict.stderr.count("\n") == 1
+    report, _, error = conflict.stderr.partition("error: ")  # the data report comes first
+    assert report.startswith("wine: 178 rows, 0 exact duplicates removed")
+    assert error.startswith("study 'wine-mlp-bayes' (") and error.count("\n") == 1
