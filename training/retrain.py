@@ -300,7 +300,7 @@ def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.Da
     try:
         ds = load_data(source, config.target, task=config.task, seed=config.seed,
                        rows=lineage.get("dataset_rows"),
-                       class_labels=champion.metadata.class_labels)
+                       class_labels=champion.metadata.class_labels, clean=config.clean)
         split = split_dataset(ds, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
     except DataError as exc:

@@ -109,7 +109,10 @@ def test_a_job_of_a_keyed_sidecar_retrains_a_model_trained_elsewhere(home: Path,
     task = SyntheticTask(seed=0)
     workdir = tmp_path / "where-i-trained"
     workdir.mkdir()
-    task.sample(2000, seed=1).to_csv(workdir / "train.csv", index=False)
+    rows = task.sample(2000, seed=1)
+    # 100 exact duplicates, which training removes before its split (the data report)
+    pd.concat([rows, rows.iloc[:100]], ignore_index=True).to_csv(workdir / "train.csv",
+                                                                 index=False)
     env = {"MODELLOOP_HOME": str(home), "PATH": "/usr/bin:/bin", "MODELLOOP_TRAINING_EPOCHS": "30"}
     trained = subprocess.run([exe, "train", "--data", "train.csv", "--target", TARGET, "--name",
                               "demo", "--promote", "--no-progress"], cwd=workdir, env=env,
@@ -138,6 +141,10 @@ def test_a_job_of_a_keyed_sidecar_retrains_a_model_trained_elsewhere(home: Path,
     challenger = registry.get("demo", 2).metadata
     assert challenger.lineage["trigger"] == "manual"
     assert challenger.lineage["original_dataset"] == str(workdir / "train.csv")
+    # the job rebuilt v1's own test split from the file, duplicates removed the same way
+    v1 = registry.get("demo", 1).metadata
+    assert v1.lineage["data_report"]["duplicates"] == 100 and v1.lineage["data_report"]["cleaned"]
+    assert challenger.lineage["data_window"]["trusted_rows"] == v1.evaluation["split_rows"]["test"]
 
 
 def test_challenger_that_is_not_better_is_not_promoted(home: Path, champion: Registry,
