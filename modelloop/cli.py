@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "retrain": ("training.retrain_cli", "retrain_app", "Retrain on production data; promote if better."),
     "quantize": ("training.quantize_cli", "quantize_app", "Quantize a registered version to int8."),
     "prune": ("training.prune_cli", "prune_app", "Prune a registered MLP, fine-tune and measure it."),
+    "ensemble": ("training.ensemble_cli", "ensemble_app",
+                 "Combine registered classifiers into one ONNX graph; promote if it beats them."),
     "models": ("modelloop.models_cli", "app",
                "List, show, promote, roll back, register, gate and export model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),

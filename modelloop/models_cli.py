@@ -154,13 +154,20 @@ def _data_lines(report: dict[str, Any]) -> list[str]:
 def not_promotable(lineage: dict[str, Any]) -> str | None:
     """Why a version must not be promoted without ``--force``, or None: an int8 quantization
     (``modelloop quantize``) or a pruned model (``modelloop prune``) whose metric loss exceeded
-    the allowed one when it was made."""
+    the allowed one when it was made, or an ensemble (``modelloop ensemble``) that did not beat
+    its best member by the margin."""
     for key, what in (("quantization", "an int8 quantization"), ("pruning", "a pruned model")):
         q = lineage.get(key)
         if isinstance(q, dict) and q.get("promotable") is False:
             return (f"it is {what} of v{q.get('source_version')} that loses "
                     f"{float(q.get('loss_points', float('nan'))):.2f} points of {q.get('metric')} "
                     f"(at most {float(q.get('max_loss_points', float('nan'))):.2f} allowed)")
+    e = lineage.get("ensemble")
+    if isinstance(e, dict) and e.get("promotable") is False:
+        return (f"it is an ensemble whose {e.get('metric')} is "
+                f"{float(e.get('gain_points', float('nan'))):+.2f} points against its best member "
+                f"v{e.get('best_member')} (at least {float(e.get('margin_points', float('nan'))):+.2f} "
+                "asked: MODELLOOP_TRAINING_ENSEMBLE_MARGIN)")
     return None
 
 

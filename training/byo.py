@@ -511,6 +511,11 @@ def register_onnx(
 # -- retraining --------------------------------------------------------------------------------
 def not_retrainable(meta: ModelMetadata) -> str | None:
     """Why ``modelloop retrain`` cannot train a challenger for ``meta``'s line, or None."""
+    ensemble = meta.lineage.get("ensemble")
+    if isinstance(ensemble, dict):
+        members = ", ".join(f"v{v}" for v in ensemble.get("members", []))
+        return (f"it is an ensemble of {members} (modelloop ensemble): retrain its members and "
+                "build a new ensemble of them")
     source = meta.lineage.get("source")
     if source == SOURCE_ONNX:
         return ("it was registered from an ONNX file (modelloop models register): there are no "

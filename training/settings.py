@@ -64,6 +64,11 @@ class TrainingSettings(HomeSettings):
     """Largest drop of the primary test metric a pruned version may show against its parent
     and still be promotable, as a fraction: 0.01 is one point."""
 
+    # -- ensembles (`modelloop ensemble`) ------------------------------------------------------
+    ensemble_margin: float = Field(default=0.0, ge=-1.0, le=1.0)
+    """How much an ensemble's test accuracy must exceed its best member's to be promotable, as a
+    fraction: 0.0 (the default) means at least a tie, 0.01 one point more."""
+
     # -- defaults of the training config -------------------------------------------------------
     clean: bool = True
     """Remove exact duplicate rows (features and target) from a table before the split, the
