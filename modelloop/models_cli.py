@@ -178,18 +178,26 @@ def promote(
     force: Annotated[bool, typer.Option(
         "--force", help="Promote an int8 or pruned version even though it lost more accuracy than "
         "allowed (the version is still checked: a broken one is never promoted).")] = False,
+    alias: Annotated[str, typer.Option(
+        "--alias", help="The alias to move: production (the default; the old one becomes "
+        "'previous'), or another such as canary (see `modelloop models traffic`).")] = "production",
 ) -> None:
     """Make VERSION the production version; the old production becomes 'previous'.
 
     The version is loaded and run on its reference rows first; one that fails to load, gives
     NaN or infinity, or predicts otherwise than its reference sample is refused, --force or not.
     An int8 (`modelloop quantize`) or pruned (`modelloop prune`) version that lost more than the
-    allowed accuracy is refused unless --force is given.
+    allowed accuracy is refused unless --force is given. With --alias canary (or another alias)
+    only that alias moves, after the same checks.
     """
     reg = _registry()
     try:
         target = reg.get(name, version)
         why = None if force else not_promotable(target.metadata.lineage)
+        if why is None and alias != "production":
+            reg.set_alias(name, alias, target.version)
+            console.print(f"{name}: {alias} -> v{target.version}")
+            return
         if why is None:
             aliases = reg.promote(name, target.version)
     except BrokenVersion as exc:
@@ -217,3 +225,34 @@ def rollback(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     console.print(f"{name}: rolled back, production -> v{aliases['production']}"
                   + (f" (previous v{aliases['previous']})" if "previous" in aliases else
                      " (no previous version: the one replaced failed its check)"), soft_wrap=True)
+
+
+@app.command()
+def traffic(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    canary_share: Annotated[float, typer.Option(
+        "--canary-share", min=0.0, max=1.0,
+        help="Share of requests (0-1) that go to the 'canary' alias; 0 sends all to production.")],
+) -> None:
+    """Set the share of requests serving sends to the canary version (sticky by request id).
+
+    Serving reads it when it polls the aliases: no restart. The canary alias is set with
+    `modelloop models promote NAME VERSION --alias canary`, removed with `modelloop models unalias`."""
+    try:
+        _registry().set_canary_share(name, canary_share)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{name}: canary share {canary_share:g}")
+
+
+@app.command()
+def unalias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The alias to remove (canary, ...; not production).")],
+) -> None:
+    """Remove an alias (canary: all traffic goes back to production)."""
+    try:
+        aliases = _registry().remove_alias(name, alias)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{name}: aliases {json.dumps(aliases, sort_keys=True)}")

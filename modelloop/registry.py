@@ -8,6 +8,7 @@ Layout under the registry root::
     <name>/versions/<n>/<artifact>        anything else (confusion_matrix.png, ...)
     <name>/aliases.json                   {"production": 3, "previous": 2}
     <name>/history.jsonl                  one line per alias change
+    <name>/traffic.json                   {"canary_share": 0.2}: the canary alias's share
     <name>/.lock                          writers take it
 
 A version is written into a temporary folder and renamed into place, so a reader sees a whole
@@ -373,6 +374,60 @@ class Registry:
                                problem)
             self._write_aliases(mdir, aliases, event)
             return aliases
+
+    def set_alias(self, name: str, alias: str, version: int | str) -> dict[str, int]:
+        """Point ``alias`` (``canary``, ``challenger``, ...; not ``production`` or ``previous``,
+        which :meth:`promote` and :meth:`rollback` move) at ``version``, checked first as
+        :meth:`promote` checks: BrokenVersion, and nothing changes, when it fails. Atomic."""
+        if alias in (ALIAS_PRODUCTION, ALIAS_PREVIOUS) or alias.isdigit() or not _NAME.match(alias):
+            raise RegistryError(f"alias {alias!r}: use promote or rollback for {ALIAS_PRODUCTION!r} and "
+                                f"{ALIAS_PREVIOUS!r}; other aliases are letters, digits, '_', '-', '.'")
+        target = self.resolve(name, version)
+        problem = self._check(name, target, {})
+        if problem is not None:
+            raise problem
+        with self._locked(name) as mdir:
+            aliases = self.aliases(name)
+            if aliases.get(alias) != target:
+                aliases[alias] = target
+                self._write_aliases(mdir, aliases, {"op": "set_alias", "alias": alias, "version": target})
+            return aliases
+
+    def remove_alias(self, name: str, alias: str) -> dict[str, int]:
+        """Remove ``alias`` (not ``production``); nothing happens when it is not set. Atomic."""
+        if alias == ALIAS_PRODUCTION:
+            raise RegistryError(f"alias {ALIAS_PRODUCTION!r} cannot be removed; promote or roll back")
+        with self._locked(name) as mdir:
+            aliases = self.aliases(name)
+            if alias in aliases:
+                del aliases[alias]
+                self._write_aliases(mdir, aliases, {"op": "remove_alias", "alias": alias})
+            return aliases
+
+    def canary_share(self, name: str) -> float:
+        """The share of requests (0-1) serving sends to the ``canary`` alias of ``name`` (0 when
+        never set). Kept in ``traffic.json`` beside the aliases, so it changes without a restart."""
+        path = self._model_dir(name) / "traffic.json"
+        try:
+            share = float(json.loads(path.read_bytes())["canary_share"])
+        except FileNotFoundError:
+            return 0.0
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RegistryError(f"{path} is not a valid traffic file: {exc}") from exc
+        if not 0.0 <= share <= 1.0:
+            raise RegistryError(f"{path}: canary_share {share} is not between 0 and 1")
+        return share
+
+    def set_canary_share(self, name: str, share: float) -> None:
+        """Set the share of requests (0-1) that go to the ``canary`` alias; logged in the history."""
+        if not 0.0 <= share <= 1.0:
+            raise RegistryError(f"canary share {share} is not between 0 and 1")
+        if not self.version_numbers(name):
+            raise ModelNotFound(f"model {name!r} is not registered under {self.root}")
+        with self._locked(name) as mdir:
+            atomic_write_bytes(mdir / "traffic.json", json.dumps({"canary_share": share}).encode())
+            with open(mdir / "history.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "op": "canary_share", "share": share}) + "\n")
 
     def alias_stamp(self, name: str) -> int:
         """A cheap value that changes whenever the aliases of ``name`` change (for pollers)."""

@@ -239,3 +239,33 @@ def test_unreadable_aliases_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match=r"aliases.json is not a valid alias mapping"):
         reg.get("m")
 
+
+
+def test_a_canary_alias_is_checked_as_a_promotion_is(reg: Registry) -> None:
+    reg.promote("m", 1)
+    assert reg.set_alias("m", "canary", 2) == {"production": 1, "canary": 2}
+    before = (reg.aliases("m"), reg.history("m"))
+    with pytest.raises(BrokenVersion, match=NAN.replace("(", r"\(").replace(")", r"\)")):
+        reg.set_alias("m", "canary", 3)
+    assert (reg.aliases("m"), reg.history("m")) == before
+    with pytest.raises(RegistryError, match="use promote or rollback"):
+        reg.set_alias("m", "production", 2)
+    assert reg.remove_alias("m", "canary") == {"production": 1}
+    assert [h["op"] for h in reg.history("m")] == ["promote", "set_alias", "remove_alias"]
+
+
+@pytest.mark.parametrize(("share", "error"), [
+    (0.2, None),
+    (0.0, None),
+    (1.5, "canary share 1.5 is not between 0 and 1"),  # more than every request
+    (-0.1, "canary share -0.1 is not between 0 and 1"),
+])
+def test_the_canary_share_is_kept_beside_the_aliases(reg: Registry, share: float, error: str | None) -> None:
+    assert reg.canary_share("m") == 0.0  # never set
+    if error is None:
+        reg.set_canary_share("m", share)
+        assert reg.canary_share("m") == share
+        assert reg.history("m")[-1] == {**reg.history("m")[-1], "op": "canary_share", "share": share}
+    else:
+        with pytest.raises(RegistryError, match=f"^{error}$"):
+            reg.set_canary_share("m", share)
