@@ -248,14 +248,17 @@ class Routes:
     async def predict(self, request: Request, state: ServingState) -> Response:
         start = time.perf_counter()
         served = await self.acquire(request.path_params.get("name"))
+        lane = None
         try:
-            runtime = served.manager.current
+            base = self.request_id(request)
+            lane = served.route(base)  # production, or the canary for its share of the ids
+            runtime = lane.manager.current
             body = await read_body(request, self.max_body)
             x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
-            base = self.request_id(request)
             # the batcher hands the rows of the whole model batch to the event emitter at once
-            result = await served.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
+            result = await lane.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
         finally:
+            served.leave(lane)
             state.repository.release(served)
         runtime = result.runtime
         preds = result.predictions
@@ -278,9 +281,12 @@ class Routes:
 
     @staticmethod
     def check_version(served: ServedModel, version: str | None) -> Any:
-        """The runtime serving ``served`` when ``version`` is it (None or "": the current one),
-        else a 404 naming the version served."""
+        """The runtime serving ``served`` when ``version`` is it (None or "": the current one;
+        the canary's version: the canary), else a 404 naming the version served."""
         runtime = served.manager.current
+        canary = served.canary
+        if version and canary is not None and version == str(canary.version):
+            return canary.manager.current
         if version not in (None, "", str(runtime.model_version)):
             raise RequestError(404, "not_found", "model_version",
                                f"model_version: {served.name} v{version} is not served "
@@ -321,10 +327,11 @@ class Routes:
         try:
             runtime = self.check_version(served, request.path_params.get("version"))
             body = await read_body(request, self.max_body)
-            req = oip.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime.metadata,
-                                   nan_policy=self.nan_policy, max_rows=self.max_rows)
+            req = self.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime)
             base = self.request_id(request, req.id)
-            result = await self.infer_rows(served, req.x, base, start)
+            result = await self.infer_rows(served, req, base, start, request.path_params.get("version"),
+                                           decode=lambda rt: self.decode_infer(
+                                               body, request.headers.get(oip.HEADER_LENGTH), rt))
         finally:
             state.repository.release(served)
         runtime = result.runtime
@@ -332,12 +339,24 @@ class Routes:
         media = "application/octet-stream" if headers else JSON
         return Response(content, 200, headers, media)
 
-    async def infer_rows(self, served: ServedModel, x: np.ndarray, request_id: str, start: float) -> BatchResult:
-        """An OIP request's rows through the model's batcher (their events named ``request_id``
-        when the sidecar is on), counted: what the REST and gRPC infer share."""
+    def decode_infer(self, body: bytes, header_length: str | None, runtime: Any) -> oip.InferRequest:
+        return oip.decode_infer(body, header_length, runtime.metadata,
+                                nan_policy=self.nan_policy, max_rows=self.max_rows)
+
+    async def infer_rows(self, served: ServedModel, req: Any, request_id: str, start: float,
+                         version: str | None, decode: Callable[[Any], Any]) -> BatchResult:
+        """An OIP request's rows through production's or the canary's batcher (by its id, or the
+        ``version`` asked for; their events named ``request_id`` when the sidecar is on),
+        counted: what the REST and gRPC infer share. ``req`` was decoded against production;
+        ``decode(runtime)`` decodes it again for a canary, whose schema may differ."""
         state = self.state
-        result = await served.batcher.predict(served.manager.current, x,
-                                              request_id if state.emitter.enabled else None, start)
+        lane = served.route(request_id, version)
+        try:
+            runtime = lane.manager.current
+            x = req.x if lane.canary is None else decode(runtime).x
+            result = await lane.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
+        finally:
+            served.leave(lane)
         state.count_rows(result.runtime.name, len(x))
         return result
 
@@ -452,6 +471,8 @@ class Routes:
         served = await self.acquire(None)
         state.repository.release(served)
         status = served.manager.status()
+        canary = served.canary
+        status["canary"] = None if canary is None else {**canary.manager.status(), "share": canary.share}
         status.update(queued_rows=served.batcher.queued_rows, events_pending=state.emitter.pending_rows,
                       events_sent=state.emitter.sent, events_dropped=state.emitter.dropped)
         return json_response(status)

@@ -91,12 +91,14 @@ class ModelManager:
     """Serves the version an alias points at and swaps without downtime (module docstring)."""
 
     def __init__(self, registry: Registry, settings: ServingSettings, metrics: ServingMetrics,
-                 factory: RuntimeFactory | None = None, *, name: str) -> None:
+                 factory: RuntimeFactory | None = None, *, name: str, alias: str | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
         self.factory = factory or runtime_factory(settings)
         self.name = name
+        self.alias = alias or settings.alias
+        """The alias followed: ``MODELLOOP_SERVING_ALIAS``, or ``canary`` for a canary."""
         self._current: OnnxRuntime | None = None
         self._stamp: int | None = None
         self._failed: set[int] = set()
@@ -118,10 +120,10 @@ class ModelManager:
         """Load and check the version the alias names; raises ModelLoadError."""
         self._stamp = self.registry.alias_stamp(self.name)
         try:
-            version = self.registry.get(self.name, self.settings.alias)
+            version = self.registry.get(self.name, self.alias)
         except RegistryError as exc:
             raise ModelLoadError(
-                f"{exc} (MODELLOOP_SERVING_ALIAS={self.settings.alias}); promote a version with "
+                f"{exc} (MODELLOOP_SERVING_ALIAS={self.alias}); promote a version with "
                 f"`modelloop models promote {self.name} <version>`"
             ) from exc
         runtime = load_checked(self.factory, version)
@@ -144,7 +146,7 @@ class ModelManager:
     async def refresh(self, *, force: bool = False) -> dict[str, Any]:
         """Load the version the alias points at if it is not served yet; returns the status."""
         async with self._lock:
-            alias = self.settings.alias
+            alias = self.alias
             number: int | None = None
             try:
                 number = self.registry.resolve(self.name, alias)
@@ -159,7 +161,7 @@ class ModelManager:
             if number == self.current.model_version or (number in self._failed and not force):
                 return self.status()
             logger.info("%s: alias %r moved to v%d; loading it beside v%d", self.name,
-                        self.settings.alias, number, self.current.model_version)
+                        self.alias, number, self.current.model_version)
             loop = asyncio.get_running_loop()
             try:
                 runtime = await loop.run_in_executor(None, load_checked, self.factory, version)
@@ -189,7 +191,7 @@ class ModelManager:
         rt = self._current
         return {
             "model": self.name,
-            "alias": self.settings.alias,
+            "alias": self.alias,
             "version": rt.model_version if rt else None,
             "provider": rt.active_provider if rt else None,
             "ready": self.ready,

@@ -230,11 +230,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = await routes.acquire(request.model_name)
         try:
             runtime = routes.check_version(served, request.model_version)
-            req = oip.decode_request(request_doc(request), runtime.metadata, nan_policy=routes.nan_policy,
-                                     max_rows=routes.max_rows, values=tensor_values(request),
-                                     default_binary=True)
+
+            def decode(runtime: Any) -> oip.InferRequest:
+                return oip.decode_request(request_doc(request), runtime.metadata, nan_policy=routes.nan_policy,
+                                          max_rows=routes.max_rows, values=tensor_values(request),
+                                          default_binary=True)
+
+            req = decode(runtime)
             rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
-            result = await routes.infer_rows(served, req.x, rid, start)
+            result = await routes.infer_rows(served, req, rid, start, request.model_version, decode)
         finally:
             self.state.repository.release(served)
         runtime = result.runtime

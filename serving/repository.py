@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from modelloop.registry import Registry, atomic_write_bytes
 from serving.batcher import AdaptiveBatcher
+from serving.canary import ALIAS_CANARY, Canary, Lane, canary_bucket
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
 from serving.runtime import ModelLoadError
@@ -95,10 +96,28 @@ class ServedModel:
         self.idle.set()
         self.last_used = 0.0
         self.lock = asyncio.Lock()
+        self.canary: Canary | None = None
+        """The canary version beside production (:mod:`serving.canary`), while one is served."""
+        self.canary_failed: int | None = None  # a canary version that failed to load: not retried
 
     @property
     def version(self) -> int | None:
         return self.manager.current.model_version if self.manager.ready else None
+
+    def route(self, request_id: str, version: str | None = None) -> Lane:
+        """Where a request runs: the canary when its id falls in the canary's share (or it asks
+        for the canary's ``version``), else production. Give the lane back with :meth:`leave`."""
+        canary = self.canary
+        if canary is not None and (str(canary.version) == version if version else
+                                   canary_bucket(request_id) < canary.share):
+            canary.enter()
+            return Lane(canary.manager, canary.batcher, canary)
+        return Lane(self.manager, self.batcher)
+
+    @staticmethod
+    def leave(lane: Lane | None) -> None:
+        if lane is not None and lane.canary is not None:
+            lane.canary.leave()
 
 
 class ModelRepository:
@@ -306,6 +325,7 @@ class ModelRepository:
                 return
             model.state, model.reason = "UNLOADING", reason  # admits no new request from here
             await model.idle.wait()  # the requests in flight finish on it
+            await self._close_canary(model)
             await model.batcher.stop()
             await model.manager.close()
             model.state = "UNAVAILABLE"
@@ -326,6 +346,7 @@ class ModelRepository:
                 try:
                     if model.state == "READY":
                         await model.manager.check_alias()
+                        await self._follow_canary(model)
                     elif model.failed_stamp is not None and \
                             self.registry.alias_stamp(model.name) != model.failed_stamp:
                         model.failed_stamp = None
@@ -334,3 +355,47 @@ class ModelRepository:
                     raise
                 except Exception:  # keep following: a registry hiccup must not stop the swaps
                     logger.exception("checking alias %r of %s failed", self.settings.alias, model.name)
+
+    # -- the canary (serving/canary.py) ---------------------------------------------------------
+    async def _follow_canary(self, model: ServedModel) -> None:
+        """Load, swap, re-share or close ``model``'s canary as the registry now says."""
+        target = self.registry.aliases(model.name).get(ALIAS_CANARY)
+        share = self.registry.canary_share(model.name)
+        wanted = target is not None and target != model.manager.current.model_version and share > 0
+        canary = model.canary
+        if not wanted:
+            model.canary_failed = None
+            await self._close_canary(model)
+            return
+        if canary is not None:
+            canary.share = share
+            await canary.manager.check_alias()  # the same zero-downtime swap as production's
+            return
+        if target == model.canary_failed:
+            return
+        manager = ModelManager(self.registry, self.settings, self.metrics, self.factory,
+                               name=model.name, alias=ALIAS_CANARY)
+        try:
+            runtime = await asyncio.to_thread(manager.load_initial)
+        except ModelLoadError as exc:
+            model.canary_failed = target
+            self.metrics.reloads.labels(model=model.name, result="failure", reason="broken").inc()
+            logger.error("%s: canary v%s cannot load: %s; production keeps all traffic", model.name, target, exc)
+            return
+        batcher = self.make_batcher()
+        await batcher.start()
+        model.canary = Canary(manager, batcher, share)
+        logger.info("%s: canary v%d loaded beside v%d, share %g", model.name, runtime.model_version,
+                    model.manager.current.model_version, share)
+
+    async def _close_canary(self, model: ServedModel) -> None:
+        """Stop routing to the canary at once, then close it after its requests in flight."""
+        canary, model.canary = model.canary, None
+        if canary is None:
+            return
+        version = canary.version
+        await canary.close()
+        if model.manager.ready and model.manager.current.model_version == version:
+            # the canary was promoted: its version still serves (closing it dropped its info to 0)
+            self.metrics.set_model(model.name, version, model.manager.current.active_provider, None)
+        logger.info("%s: canary v%d closed; production serves all traffic", model.name, version)

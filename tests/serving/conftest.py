@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -221,3 +221,53 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 _servers: list[Server] = []
+
+
+# -- load while something changes ----------------------------------------------------------------
+class Hammer:
+    """Client threads sending /predict without pause; every response is recorded (the version
+    of each answer, in order, or why it failed). ``instances(n)`` is the body's rows of a
+    thread's n-th request; with ``ids``, each request has its own X-Request-ID."""
+
+    def __init__(self, url: str, threads: int = 4, *, ids: bool = False,
+                 instances: Callable[[int], list[Any]] = lambda n: [[1.5] * 20] * 2) -> None:
+        self.url = url
+        self.ids = ids
+        self.instances = instances
+        self.stop = threading.Event()
+        self.versions: list[int] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def _run(self, thread: int) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.stop.is_set():
+                n += 1
+                headers = {"X-Request-ID": f"load-{thread}-{n}"} if self.ids else {}
+                try:
+                    resp = client.post("/predict", json={"instances": self.instances(n)}, headers=headers)
+                    ok = resp.status_code == 200
+                    detail = "" if ok else f"{resp.status_code} {resp.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, detail = False, repr(exc)
+                with self._lock:
+                    if ok:
+                        self.versions.append(resp.json()["version"])
+                    else:
+                        self.failures.append(detail)
+
+    def __enter__(self) -> Hammer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(15)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.versions) + len(self.failures)

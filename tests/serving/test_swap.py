@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,15 @@ import pytest
 
 from modelloop.registry import Registry, atomic_write_bytes
 from modelloop.schemas import ModelMetadata
-from tests.serving.conftest import MODEL, Server, free_port, start_server, stop_server, wait_until
+from tests.serving.conftest import (
+    MODEL,
+    Hammer,
+    Server,
+    free_port,
+    start_server,
+    stop_server,
+    wait_until,
+)
 from tests.serving.onnx_models import register_mlp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("show_log_on_failure")]
@@ -40,47 +47,6 @@ def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
     yield srv
     stop_server(srv)
-
-
-class Hammer:
-    """Client threads sending /predict without pause; every response is recorded."""
-
-    def __init__(self, url: str, threads: int = 4) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.versions: list[int] = []
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    resp = client.post("/predict", json={"instances": [ROW, ROW]})
-                    ok = resp.status_code == 200
-                    detail = "" if ok else f"{resp.status_code} {resp.text[:200]}"
-                except httpx.HTTPError as exc:
-                    ok, detail = False, repr(exc)
-                with self._lock:
-                    if ok:
-                        self.versions.append(resp.json()["version"])
-                    else:
-                        self.failures.append(detail)
-
-    def __enter__(self) -> Hammer:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(15)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.versions) + len(self.failures)
 
 
 def _served_versions(server: Server) -> set[int]:
