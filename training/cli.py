@@ -22,6 +22,7 @@ from modelloop.schemas import ModelMetadata, Task
 from training.config import TrainingConfig
 from training.data import BUILTINS, DataError, load_data
 from training.data_report import report_table
+from training.ensemble import ensemble_of, member_configs
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
 from training.pipeline import train_and_register
@@ -164,6 +165,10 @@ def train(
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="Show the progress bar (default: "
         "MODELLOOP_TRAINING_PROGRESS, on).")] = None,
+    ensemble: Annotated[int | None, typer.Option(
+        "--ensemble", min=2, metavar="K", help="Train K members on one split (initialisation "
+        "seeds seed, seed+1, ...), register each, then their mean ensemble (modelloop "
+        "ensemble); --promote promotes the ensemble if it ties or beats the best member.")] = None,
 ) -> None:
     """Train a model, evaluate it on a held-out test split, export it to ONNX, check the export
     against PyTorch and register it as a new version under $MODELLOOP_HOME/registry.
@@ -181,6 +186,9 @@ def train(
         raise typer.BadParameter(problem)
     if freeze and not init_from:
         raise typer.BadParameter("--freeze is for --init-from", param_hint="--freeze")
+    if ensemble and init_from:
+        raise typer.BadParameter("--ensemble trains from scratch, not --init-from",
+                                 param_hint="--ensemble")
     try:
         get_architecture(model or "mlp")
     except ValueError as exc:
@@ -206,13 +214,17 @@ def train(
                        clean=config.clean)
         if ds.report is not None:
             console.print(report_table(ds.report, source))
-        meta = train_and_register(
-            ds, name=name, config=config, settings=settings, registry=registry, promote=promote,
-            progress=progress, console=console, init=init,
+        members = [train_and_register(
+            ds, name=name, config=member, settings=settings, registry=registry,
+            promote=promote and not ensemble, progress=progress, console=console, init=init,
             parent_version=init.version if init and init.name == name else None,
             on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
             lineage={"trigger": "cli", "dataset_rows": rows},
-        )
+        ) for member in member_configs(config, ensemble or 1)]
+        meta, promoted = members[0], promote
+        if ensemble:
+            meta, promoted, reason = ensemble_of(members, registry, settings, promote=promote)
+            console.print(reason, soft_wrap=True)
     except DataError as exc:
         raise fail(str(exc), 2) from exc
     except (ExportError, TrainingError, RegistryError) as exc:
@@ -220,11 +232,11 @@ def train(
 
     version = registry.get(name, meta.version)
     out = Console(stderr=as_json)
-    out.print(metrics_table(meta, promote))
+    out.print(metrics_table(meta, promoted))
     out.print(f"registered {name} v{meta.version}: {version.onnx_path}", soft_wrap=True)
     if as_json:
         typer.echo(json.dumps({
-            "name": meta.name, "version": meta.version, "promoted": promote,
+            "name": meta.name, "version": meta.version, "promoted": promoted,
             "onnx_path": str(version.onnx_path.resolve()), "metrics": meta.metrics,
             "parity": meta.parity.model_dump() if meta.parity else None,
             "dataset": meta.dataset, "data_fingerprint": meta.data_fingerprint,

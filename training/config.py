@@ -48,8 +48,17 @@ class TrainingConfig(BaseModel):
     scheduler: Scheduler
     grad_clip: NonNegativeFloat
     seed: NonNegativeInt
+    init_seed: NonNegativeInt | None = None
+    """Seed of the weight initialisation, dropout and batch order when it differs from ``seed``
+    (which also seeds the split): the members of ``modelloop train --ensemble K`` share one
+    split and differ by this."""
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
+
+    @property
+    def weights_seed(self) -> int:
+        """The seed of the weights, dropout and batch order (``init_seed``, else ``seed``)."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     @classmethod
     def from_settings(cls, settings: TrainingSettings, **overrides: Any) -> TrainingConfig:

@@ -301,6 +301,20 @@ def build_ensemble(members: Sequence[ModelVersion], *, method: Method | str = Me
     return Ensemble(metadata, graph, reference, report)
 
 
+def member_configs(config: TrainingConfig, k: int) -> list[TrainingConfig]:
+    """``k`` configs of one split (``seed``) whose weights differ: ``init_seed`` seed, seed+1, ..."""
+    return [config if i == 0 else config.model_copy(update={"init_seed": config.seed + i})
+            for i in range(k)]
+
+
+def ensemble_of(members: Sequence[ModelMetadata], registry: Registry, settings: TrainingSettings,
+                *, promote: bool = False) -> tuple[ModelMetadata, bool, str]:
+    """The mean ensemble of the registered ``members`` (``modelloop train --ensemble K``),
+    registered and, with ``promote``, promoted when promotable."""
+    versions = [registry.get(m.name, m.version) for m in members]
+    return register_ensemble(build_ensemble(versions, settings=settings), registry, promote=promote)
+
+
 def register_ensemble(ensemble: Ensemble, registry: Registry, *,
                       promote: bool = False) -> tuple[ModelMetadata, bool, str]:
     """Register ``ensemble``; with ``promote``, make it production (the registry's checked

@@ -245,7 +245,7 @@ def fit_model(
     device = resolve_device(settings.device)
     n_outputs = len(ds.class_labels) if ds.class_labels and task is Task.classification else 1
     x_train, y_train = ds.features[split.train], ds.target[split.train]
-    with seeded(config.seed):
+    with seeded(config.weights_seed):
         try:
             net = build_model(config.architecture, params, train_features=x_train, task=task,
                               n_outputs=n_outputs, train_target=y_train)

@@ -225,9 +225,9 @@ def fit(
     history: list[EpochStats] = []
     stopped_early = False
     started = time.perf_counter()
-    with seeded(config.seed, device), _progress(progress, console) as bar:
+    with seeded(config.weights_seed, device), _progress(progress, console) as bar:
         task = bar.add_task("train", total=config.epochs, status="")
-        shuffle = torch.Generator().manual_seed(config.seed)  # batch order, on the CPU
+        shuffle = torch.Generator().manual_seed(config.weights_seed)  # batch order, on the CPU
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=shuffle).to(device)

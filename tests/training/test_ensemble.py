@@ -171,3 +171,27 @@ def test_the_promoted_ensemble_serves_and_retrain_refuses_it(
         f"error: digits v{version.version} cannot be retrained: it is an ensemble of "
         f"{', '.join(f'v{m.version}' for m in members)} (modelloop ensemble): retrain its members "
         "and build a new ensemble of them")
+
+
+def test_train_ensemble_trains_k_members_on_one_split_then_their_ensemble(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--epochs", "3", "--ensemble", "3",
+                                 "--promote", "--no-progress", "--json"],
+                           env={"MODELLOOP_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    registry = Registry(home / "registry")
+    meta = registry.get("digits", out["version"]).metadata
+    report = meta.lineage["ensemble"]
+    assert out["version"] == 4 and report["members"] == [1, 2, 3] and report["method"] == "mean"
+    configs = [registry.get("digits", v).metadata.config for v in (1, 2, 3)]
+    # one split (seed 0), three initialisations
+    assert [(c["seed"], c["init_seed"]) for c in configs] == [(0, None), (0, 1), (0, 2)]
+    assert len({registry.get("digits", v).onnx_path.read_bytes() for v in (1, 2, 3)}) == 3
+    accuracies = [registry.get("digits", v).metadata.metrics["accuracy"] for v in (1, 2, 3)]
+    print("train --ensemble 3:", accuracies, "->", report["ensemble_metric"])
+    assert report["member_metrics"] == {str(v): pytest.approx(a)
+                                        for v, a in zip((1, 2, 3), accuracies, strict=True)}
+    # promoted exactly when it ties or beats the best member (the margin's default, 0.0)
+    assert out["promoted"] is report["promotable"] is (report["ensemble_metric"] >= max(accuracies))
+    assert registry.aliases("digits").get("production") == (4 if out["promoted"] else None)
