@@ -219,15 +219,8 @@ class EventStore:
                     first = firsts.setdefault(r.request_id, r)
                     if first is not r and not _same_event(first, r):
                         clashes.append(r.request_id)
-                by_model: dict[str, list[EventRow]] = {}
-                for r in firsts.values():
-                    by_model.setdefault(r.model, []).append(r)
-                new = {}
-                for model, group in by_model.items():
-                    cur.executemany(insert, group)
-                    new[model] = int(cur.rowcount)
-                if sum(new.values()) < len(firsts):  # some ids were stored before
-                    clashes += self._differing(cur, list(firsts.values()))
+                new, differing = self._add_rows(cur, insert, list(firsts.values()))
+                clashes += differing
                 if clashes:
                     cur.executemany(self._sql(
                         "UPDATE {p}events SET ambiguous = 1, label = NULL, label_ts = NULL "
@@ -243,6 +236,21 @@ class EventStore:
             except Exception:  # the events are committed: a failing hook must not say otherwise
                 log.exception("the store's growth callback failed")
         return out
+
+    def _add_rows(self, cur: Any, insert: str,
+                  rows: list[EventRow]) -> tuple[dict[str, int], list[str]]:
+        """Insert ``rows`` (distinct ids) but those whose id is stored; returns the new ones per
+        model, and the ids stored before with another prediction."""
+        by_model: dict[str, list[EventRow]] = {}
+        for r in rows:
+            by_model.setdefault(r.model, []).append(r)
+        new = {}
+        for model, group in by_model.items():
+            cur.executemany(insert, group)
+            new[model] = int(cur.rowcount)
+        if sum(new.values()) == len(rows):
+            return new, []
+        return new, self._differing(cur, rows)  # some ids were stored before
 
     def _differing(self, cur: Any, rows: Sequence[EventRow]) -> list[str]:
         """The ids of ``rows`` stored with another prediction (inside the write transaction)."""
@@ -676,15 +684,49 @@ class PostgresStore(EventStore):
                     "WHERE table_schema = current_schema() AND table_name = %s", (self.table_prefix + table,))
         return {row[0] for row in cur.fetchall()}
 
-    def _writer(self) -> Any:
-        if self._w is None or self._w.closed or self._w.broken:
-            self._w = self._connect()
-        return self._w
-
     def _reader(self) -> Any:
         if self._r is None or self._r.closed or self._r.broken:
             self._r = self._connect(autocommit=True)
         return self._r
+
+    def _writer(self) -> Any:
+        if self._w is None or self._w.closed or self._w.broken:
+            self._w = self._connect()
+            # the rows of one insert, copied in before they are merged into the events; a
+            # session's own table, emptied by each commit
+            with self._w.cursor() as cur:
+                cur.execute(self._sql(
+                    "CREATE TEMP TABLE {p}events_in (n BIGINT GENERATED ALWAYS AS IDENTITY, "
+                    "request_id TEXT, model TEXT, version INTEGER, ts DOUBLE PRECISION, mode TEXT, "
+                    "features BYTEA, prediction DOUBLE PRECISION, probabilities BYTEA, "
+                    "latency_s DOUBLE PRECISION, received_at DOUBLE PRECISION) "
+                    "ON COMMIT DELETE ROWS"))
+            self._w.commit()
+        return self._w
+
+    def _add_rows(self, cur: Any, insert: str,
+                  rows: list[EventRow]) -> tuple[dict[str, int], list[str]]:
+        """As the base class, with the rows sent by one binary COPY (a fifth of the client's CPU
+        per row of ``executemany``), then merged by one statement and checked by one join."""
+        with cur.copy(self._sql(f"COPY {{p}}events_in ({_EVENT_COLS}) FROM STDIN (FORMAT BINARY)")) as copy:
+            copy.set_types(_PG_TYPES)
+            for r in rows:
+                copy.write_row(r)
+        models = dict.fromkeys(r.model for r in rows)
+        cur.execute(self._sql(
+            f"WITH ins AS (INSERT INTO {{p}}events ({_EVENT_COLS}) SELECT {_EVENT_COLS} "
+            "FROM {p}events_in ORDER BY n ON CONFLICT (request_id) DO NOTHING RETURNING model) "
+            "SELECT model, count(*) FROM ins GROUP BY model"))
+        new = {m: 0 for m in models} | {m: int(n) for m, n in cur.fetchall()}
+        differing: list[str] = []
+        if sum(new.values()) < len(rows):  # some ids were stored before
+            cur.execute(self._sql(
+                "SELECT s.request_id FROM {p}events_in s JOIN {p}events e USING (request_id) "
+                f"WHERE ({_SAME_COLS.format(t='e')}) IS DISTINCT FROM ({_SAME_COLS.format(t='s')}) "
+                "ORDER BY s.n"))
+            differing = [row[0] for row in cur.fetchall()]
+        cur.execute(self._sql("TRUNCATE {p}events_in"))  # an insert may be followed by more
+        return new, differing
 
     def used_bytes(self) -> int:
         """An estimate of the bytes the events take, indexes included: the rows times the
@@ -708,6 +750,16 @@ class PostgresStore(EventStore):
             for conn in (self._w, self._r):
                 if conn is not None:
                     conn.close()
+
+
+_PG_TYPES = ("text", "text", "int4", "float8", "text", "bytea", "float8", "bytea", "float8",
+             "float8")
+"""The events' columns (:data:`_EVENT_COLS`) as PostgreSQL's binary COPY writes them."""
+
+_SAME_COLS = ("{t}.model, {t}.version, {t}.ts, {t}.mode, {t}.features, {t}.prediction, "
+              "{t}.probabilities, {t}.latency_s")
+"""The columns two events of one request id must share to be the same prediction (every one but
+``received_at``, as :func:`_same_event`)."""
 
 
 def _same_event(a: EventRow, b: EventRow) -> bool:

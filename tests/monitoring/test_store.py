@@ -69,6 +69,23 @@ def test_two_predictions_under_one_request_id_make_it_ambiguous(store: EventStor
     assert store.count_events() == 4 and store.window("m").ts.tolist() == [1001.0, 1003.0, 1002.0, 1004.0]
 
 
+def test_batches_of_one_commit_see_the_ones_before(store: EventStore) -> None:
+    # the second batch re-sends r1 and brings another prediction under r2, both stored by the first
+    out = store.insert_batches([[_row(1), _row(2)], [_row(1), _row(2, ts=5.0), _row(3)], [_row(3)]])
+    assert out == [Stored({"m": 2}), Stored({"m": 1}, conflicts=1), Stored({"m": 0})]
+    targets = store.label_targets(["r1", "r2", "r3"])
+    assert [rid for rid, t in targets.items() if t.ambiguous] == ["r2"]
+    assert store.window("m").ts.tolist() == [1001.0, 1002.0, 1003.0]
+
+
+def test_a_failed_insert_stores_nothing_and_the_next_one_works(store: EventStore) -> None:
+    with pytest.raises(store.integrity_errors):  # the second batch's event has no mode
+        store.insert_batches([[_row(1)], [_row(2)._replace(mode=None)]])
+    assert store.count_events() == 0
+    assert store.insert_batches([[_row(2), _row(1)]]) == [Stored({"m": 2})]
+    assert store.window("m").ts.tolist() == [1002.0, 1001.0]
+
+
 def test_a_store_made_before_ambiguous_ids_gets_the_column(store_url: tuple[str, str]) -> None:
     url, prefix = store_url
     st = open_store(url, prefix)
