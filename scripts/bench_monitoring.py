@@ -4,13 +4,15 @@
 1. Drift: one check over a 100k x 20 window against a 100k-row reference, ours
    (monitoring.drift: Evidently's own stattests, reference profiled once) against Evidently's
    DataDriftPreset on the same data, measured in one run, with the per-feature decisions compared.
-2. Ingest: events/s into SQLite through the store (batches of 1000, one transaction each), and
-   through a real `modelloop monitor` process over HTTP (concurrent clients, 1000-event batches).
+2. Ingest: events/s into SQLite (and PostgreSQL, with --pg-url) through the store (batches of
+   1000, one transaction each), and through a real `modelloop monitor` process over HTTP
+   (concurrent clients, 1000-event batches).
 3. Retention: the SQLite store's size on disk (database, WAL) after each of 10 retention runs,
    each after a burst of ingest at full speed, against the events kept and the bounds.
 
     .venv/bin/python scripts/bench_monitoring.py            # everything
     .venv/bin/python scripts/bench_monitoring.py --only drift --rows 100000
+    .venv/bin/python scripts/bench_monitoring.py --only ingest --pg-url postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python scripts/bench_monitoring.py --only retention [--legacy]
 """
 
@@ -165,7 +167,11 @@ def _register(home: Path) -> None:
     Registry(home / "registry").register(meta, b"not-run-by-the-sidecar")
 
 
-def bench_store(total: int, batch: int) -> list[tuple[str, float, float]]:
+PG_PREFIX = "bench_ingest_"
+"""The tables the benchmark makes (and drops) in a PostgreSQL database."""
+
+
+def bench_store(total: int, batch: int, pg_url: str | None) -> list[tuple[str, float, float]]:
     from modelloop.schemas import EventBatch
     from monitoring.records import EventRow
     from monitoring.store import open_store
@@ -173,16 +179,30 @@ def bench_store(total: int, batch: int) -> list[tuple[str, float, float]]:
     out = []
     batches = [[EventRow.from_event(ev, 0.0) for ev in EventBatch.model_validate(
         {"events": _events(batch, f"s{b}")}).events] for b in range(total // batch)]
-    for sync in ("FULL", "NORMAL"):
+    stores = [(f"store: SQLite WAL, synchronous={sync}", "sqlite:///{tmp}/e.db", sync)
+              for sync in ("FULL", "NORMAL")]
+    if pg_url:
+        stores.append(("store: PostgreSQL", pg_url, "FULL"))
+    for name, url, sync in stores:
         with tempfile.TemporaryDirectory() as tmp:
-            store = open_store(f"sqlite:///{tmp}/e.db", sqlite_synchronous=sync)
+            store = open_store(url.format(tmp=tmp), PG_PREFIX, sqlite_synchronous=sync)
+            store.drop_schema()
+            store.create_schema()
             t0, cpu0 = time.perf_counter(), time.process_time()
             for rows in batches:
                 store.insert_events(rows)
-            out.append((f"store: SQLite WAL, synchronous={sync}", total / (time.perf_counter() - t0),
-                        total / (time.process_time() - cpu0)))
+            out.append((name, total / (time.perf_counter() - t0), total / (time.process_time() - cpu0)))
+            store.drop_schema()
             store.close()
     return out
+
+
+def _drop_pg(url: str) -> None:
+    from monitoring.store import open_store
+
+    store = open_store(url, PG_PREFIX)
+    store.drop_schema()
+    store.close()
 
 
 def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
@@ -195,9 +215,11 @@ def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
     results.put(len(bodies))
 
 
-def bench_http(total: int, batch: int, clients: int, columns: str = "") -> tuple[str, float, float]:
+def bench_http(total: int, batch: int, clients: int, columns: str = "",
+               pg_url: str | None = None) -> tuple[str, float, float]:
     """``columns``: "" one JSON object per event, "lists" columns of JSON numbers, "packed" columns
-    with packed features and probabilities (as serving sends them)."""
+    with packed features and probabilities (as serving sends them). ``pg_url``: the sidecar's
+    store is PostgreSQL there (else SQLite)."""
     import httpx
     import psutil
 
@@ -211,6 +233,10 @@ def bench_http(total: int, batch: int, clients: int, columns: str = "") -> tuple
             port = s.getsockname()[1]
         env = {**os.environ, "MODELLOOP_HOME": str(home), "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "3600",
                "MODELLOOP_MONITOR_GPU": "false"}
+        if pg_url:
+            _drop_pg(pg_url)
+            env |= {"MODELLOOP_MONITOR_STORE_URL": pg_url,
+                    "MODELLOOP_MONITOR_STORE_TABLE_PREFIX": PG_PREFIX}
         exe = Path(sys.executable).with_name("modelloop")
         proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -247,17 +273,22 @@ def bench_http(total: int, batch: int, clients: int, columns: str = "") -> tuple
         finally:
             proc.terminate()
             proc.wait(30)
+            if pg_url:
+                _drop_pg(pg_url)
     form = {"": "one object per event", "lists": "columns, numbers in JSON lists",
             "packed": "columns, features and probabilities packed (as serving sends them)"}[columns]
-    return (f"HTTP: modelloop monitor, {clients} client processes, SQLite FULL, {form}",
+    engine = "PostgreSQL" if pg_url else "SQLite FULL"
+    return (f"HTTP: modelloop monitor, {clients} client processes, {engine}, {form}",
             total / elapsed, total / cpu)
 
 
-def bench_ingest(total: int, batch: int, clients: int) -> None:
-    rows = bench_store(total, batch)
+def bench_ingest(total: int, batch: int, clients: int, pg_url: str | None) -> None:
+    rows = bench_store(total, batch, pg_url)
     rows.append(bench_http(total, batch, clients))
     rows.append(bench_http(total, batch, clients, columns="lists"))
     rows.append(bench_http(total, batch, clients, columns="packed"))
+    if pg_url:
+        rows.append(bench_http(total, batch, clients, columns="packed", pg_url=pg_url))
     table = Table(title=f"Ingest, {total:,} events of 20 features in batches of {batch}")
     table.add_column("path")
     table.add_column("events/s (wall)", justify="right")
@@ -337,6 +368,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="events to ingest")
     parser.add_argument("--batch", type=int, default=1000, help="events per batch")
     parser.add_argument("--clients", type=int, default=2, help="HTTP client processes")
+    parser.add_argument("--pg-url", help="ingest into this PostgreSQL database too (tables "
+                        f"{PG_PREFIX}*, dropped after)")
     parser.add_argument("--cycles", type=int, default=10, help="retention runs")
     parser.add_argument("--burst", type=int, default=60_000, help="events ingested per run")
     parser.add_argument("--max-events", type=int, default=100_000, help="retention's count bound")
@@ -348,7 +381,7 @@ def main() -> None:
     if args.only in (None, "drift"):
         bench_drift(args.rows)
     if args.only in (None, "ingest"):
-        bench_ingest(args.events, args.batch, args.clients)
+        bench_ingest(args.events, args.batch, args.clients, args.pg_url)
     if args.only in (None, "retention"):
         bench_retention(args.cycles, args.burst, args.batch, args.max_events,
                         args.max_mib * 1024 * 1024, args.legacy)
