@@ -126,9 +126,17 @@ def _pretty(data: dict[str, Any]) -> str:
                      f"{hidden.get('parent')} -> {hidden.get('pruned')}, {pruning.get('metric')} "
                      f"loss {float(pruning.get('loss_points', 0.0)):.2f} points, "
                      f"{'promotable' if pruning.get('promotable') else 'not promotable'}")
+    ens = data["lineage"].get("ensemble")
+    if isinstance(ens, dict):
+        lines.append(f"  ensemble:  {ens.get('method')} of "
+                     f"{', '.join(f'v{v}' for v in ens.get('members', []))}, {ens.get('metric')} "
+                     f"{float(ens.get('gain_points', 0.0)):+.2f} points against the best member "
+                     f"v{ens.get('best_member')}, "
+                     f"{'promotable' if ens.get('promotable') else 'not promotable'}")
     if data.get("parity"):
         p = data["parity"]
-        against = f"int8 vs fp32 v{q.get('source_version')}" if isinstance(q, dict) else "vs PyTorch"
+        against = (f"int8 vs fp32 v{q.get('source_version')}" if isinstance(q, dict) else
+                   "vs its members run separately" if isinstance(ens, dict) else "vs PyTorch")
         lines.append(f"  parity:    {'ok' if p['passed'] else 'FAILED'} ({against}: max abs diff "
                      f"{p['max_abs_diff']:.2e}, tolerance {p['tolerance']:.0e})")
     lines.append("  metrics:")

@@ -17,7 +17,8 @@ combination follows (``--method``):
 The members must be classifiers of the same features and classes trained on the same data
 (``data_fingerprint``) **with the same split** (seed and fractions): the ensemble is measured on
 the members' common test split, which none of them trained on. Members therefore differ by their
-architecture or hyperparameters, not by the split seed (the trainer has one seed for both).
+architecture, hyperparameters or ``init_seed`` (the seed of the weights alone: ``modelloop train
+--ensemble K`` trains K members with seed, seed+1, ...), not by ``seed``, which also seeds the split.
 
 Parity: the graph is run in ONNX Runtime against the members run separately (each its own
 session, combined in NumPy) at the export's batch sizes, within ``parity_tolerance``. The

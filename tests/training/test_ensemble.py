@@ -116,6 +116,11 @@ def test_the_margin_gates_promotion(settings: TrainingSettings, members: list[Mo
                            env=_env(settings))
     assert result.exit_code != 0
     assert "not promoted: it is an ensemble whose accuracy is" in result.output
+    shown = runner.invoke(app, ["models", "show", "digits", str(out["version"])], env=_env(settings))
+    assert shown.exit_code == 0, shown.output
+    members_text = ", ".join(f"v{m.version}" for m in members)
+    assert f"ensemble:  mean of {members_text}, accuracy " in shown.output
+    assert "not promotable" in shown.output and "vs its members run separately" in shown.output
 
 
 @pytest.mark.parametrize(
