@@ -50,7 +50,12 @@ from modelloop.schemas import PROBABILITIES, ModelMetadata, ParityResult, Task
 from training.config import TrainingConfig
 from training.data import DataError, split_dataset
 from training.export import check_conventions, onnx_session, run_onnx
-from training.quantize import evaluate_outputs, reference_with_outputs, training_data
+from training.quantize import (
+    evaluate_outputs,
+    reference_with_outputs,
+    register_gated,
+    training_data,
+)
 from training.settings import TrainingSettings
 
 VOTE_TIE_WEIGHT = 0.5
@@ -320,11 +325,6 @@ def register_ensemble(ensemble: Ensemble, registry: Registry, *,
                       promote: bool = False) -> tuple[ModelMetadata, bool, str]:
     """Register ``ensemble``; with ``promote``, make it production (the registry's checked
     promotion) only when it is promotable. Returns the metadata, whether it was promoted and why."""
-    meta = registry.register(ensemble.metadata, ensemble.onnx_bytes, reference=ensemble.reference)
-    report = ensemble.report
-    if not promote:
-        return meta, False, f"not asked to promote; {verdict(report)}"
-    if not report.promotable:
-        return meta, False, f"not promoted: {verdict(report)}"
-    registry.promote(meta.name, meta.version)
-    return meta, True, f"promoted: {verdict(report)}"
+    return register_gated(registry, ensemble.metadata, ensemble.onnx_bytes,
+                          reference=ensemble.reference, artifacts=None, promote=promote,
+                          promotable=ensemble.report.promotable, line=verdict(ensemble.report))

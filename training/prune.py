@@ -59,6 +59,7 @@ from training.quantize import (
     loss_points,
     primary_metric,
     reference_with_outputs,
+    register_gated,
     training_data,
     weight_bytes,
 )
@@ -327,12 +328,6 @@ def register_pruned(pruned: PrunedModel, registry: Registry, *,
     """Register ``pruned`` as a new version; with ``promote``, make it production (through the
     registry's checked promotion) only when it is promotable. Returns the metadata, whether it
     was promoted and why (not)."""
-    meta = registry.register(pruned.metadata, pruned.onnx_bytes, reference=pruned.reference,
-                             artifacts=pruned.artifacts)
-    report = pruned.report
-    if not promote:
-        return meta, False, f"not asked to promote; {verdict(report)}"
-    if not report.promotable:
-        return meta, False, f"not promoted: {verdict(report)}"
-    registry.promote(meta.name, meta.version)
-    return meta, True, f"promoted: {verdict(report)}"
+    return register_gated(registry, pruned.metadata, pruned.onnx_bytes,
+                          reference=pruned.reference, artifacts=pruned.artifacts, promote=promote,
+                          promotable=pruned.report.promotable, line=verdict(pruned.report))

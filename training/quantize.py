@@ -603,17 +603,27 @@ def _artifacts(version: ModelVersion, meta: ModelMetadata, evaluation: Evaluatio
     return artifacts
 
 
+def register_gated(registry: Registry, metadata: ModelMetadata, onnx_bytes: bytes, *,
+                   reference: pd.DataFrame | None, artifacts: dict[str, bytes] | None,
+                   promote: bool, promotable: bool, line: str) -> tuple[ModelMetadata, bool, str]:
+    """Register a derived version (int8, pruned, ensemble); with ``promote``, make it production
+    (the registry's checked promotion) only when ``promotable``. Returns the metadata, whether it
+    was promoted and why (not), ``line`` being the measurement that decided."""
+    meta = registry.register(metadata, onnx_bytes, reference=reference, artifacts=artifacts)
+    if not promote:
+        return meta, False, f"not asked to promote; {line}"
+    if not promotable:
+        return meta, False, f"not promoted: {line}"
+    registry.promote(meta.name, meta.version)
+    log.info("promoted %s v%d (%s) to production", meta.name, meta.version, meta.lineage.get("trigger"))
+    return meta, True, f"promoted: {line}"
+
+
 def register_quantized(quantized: QuantizedModel, registry: Registry, *,
                        promote: bool = False) -> tuple[ModelMetadata, bool, str]:
     """Register ``quantized`` as a new version; with ``promote``, make it production only when
     it is promotable. Returns the metadata, whether it was promoted and why (not)."""
-    meta = registry.register(quantized.metadata, quantized.onnx_bytes,
-                             reference=quantized.reference, artifacts=quantized.artifacts)
-    report = quantized.report
-    if not promote:
-        return meta, False, f"not asked to promote; {verdict(report)}"
-    if not report.promotable:
-        return meta, False, f"not promoted: {verdict(report)}"
-    registry.promote(meta.name, meta.version)
-    log.info("promoted %s v%d (int8) to production", meta.name, meta.version)
-    return meta, True, f"promoted: {verdict(report)}"
+    return register_gated(registry, quantized.metadata, quantized.onnx_bytes,
+                          reference=quantized.reference, artifacts=quantized.artifacts,
+                          promote=promote, promotable=quantized.report.promotable,
+                          line=verdict(quantized.report))
