@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pandas as pd
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -197,6 +198,14 @@ def bench_store(total: int, batch: int, pg_url: str | None) -> list[tuple[str, f
     return out
 
 
+def _until_idle(proc: psutil.Process, deadline_s: float = 120.0) -> None:
+    """Wait until ``proc`` uses under 2% of a CPU over a second (its start-up work done), so
+    that the CPU measured after is ingest's alone."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and proc.cpu_percent(interval=1.0) >= 2.0:
+        pass
+
+
 def _drop_pg(url: str) -> None:
     from monitoring.store import open_store
 
@@ -221,7 +230,6 @@ def bench_http(total: int, batch: int, clients: int, columns: str = "",
     with packed features and probabilities (as serving sends them). ``pg_url``: the sidecar's
     store is PostgreSQL there (else SQLite)."""
     import httpx
-    import psutil
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -252,7 +260,7 @@ def bench_http(total: int, batch: int, clients: int, columns: str = "",
                 if time.monotonic() > deadline:
                     raise RuntimeError("sidecar did not start")
                 time.sleep(0.1)
-            time.sleep(6)  # let the drift warm-up (Evidently's import) finish first
+            _until_idle(psutil.Process(proc.pid))  # the drift warm-up (Evidently's import) done
             n = total // batch
             bodies = [orjson.dumps({"columns": [_columns(batch, f"h{b}", packed=columns == "packed")]}
                                    if columns else {"events": _events(batch, f"h{b}")}) for b in range(n)]
