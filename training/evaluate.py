@@ -1,7 +1,9 @@
 """Evaluation metrics: pure functions from labels and model outputs to numbers.
 
 Classification: ``accuracy``, ``precision``, ``recall``, ``f1`` (macro averages), ``roc_auc``
-(binary, or macro one-vs-rest for more classes) and ``log_loss``; the confusion matrix and
+(binary, or macro one-vs-rest for more classes), ``pr_auc`` (average precision: of the positive
+class for two classes, else the macro mean over the classes present, one against the rest) and
+``log_loss``; the confusion matrix and
 per-class scores go into :attr:`Evaluation.details`. Regression: ``mae``, ``rmse``, ``r2``.
 """
 
@@ -54,6 +56,10 @@ def classification_metrics(
     else:  # one-vs-rest over the classes that occur (an absent class has no positives)
         metrics["roc_auc"] = float(np.mean([
             skm.roc_auc_score(y_true == c, probabilities[:, c]) for c in present]))
+    if len(present) >= 2:  # precision-recall AUC (average precision), one-vs-rest macro
+        positive = list(present) if k > 2 else [1]
+        metrics["pr_auc"] = float(np.mean([
+            skm.average_precision_score(y_true == c, probabilities[:, c]) for c in positive]))
     metrics["log_loss"] = float(skm.log_loss(y_true, np.clip(probabilities, 1e-7, 1.0),
                                              labels=classes))
     matrix = skm.confusion_matrix(y_true, y_pred, labels=classes)

@@ -188,8 +188,8 @@ class TrainingSettings(HomeSettings):
     when the champion stored them; off: it trains from scratch with the champion's config."""
 
     retrain_metric: str = "accuracy"
-    """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1``, ``roc_auc``);
-    regressors use ``r2``."""
+    """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1``,
+    ``roc_auc``, ``pr_auc``); regressors use ``r2``."""
 
     retrain_margin: NonNegativeFloat = 0.01
     """The challenger is promoted only when its metric beats the champion's by at least this."""

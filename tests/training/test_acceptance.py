@@ -104,7 +104,8 @@ def test_version_stores_evaluation_fingerprint_and_reference(cancer: Registered)
     assert meta.feature_names == ds.feature_names and meta.class_labels == ["malignant", "benign"]
     assert meta.data_fingerprint == load_data("breast_cancer").fingerprint
     assert meta.dataset == "breast_cancer"
-    assert set(meta.metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"}
+    assert set(meta.metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
+                                 "log_loss"}
     cm = np.array(meta.evaluation["confusion_matrix"]["matrix"])
     assert cm.sum() == len(cancer.trained.split.test) == 114
     assert np.trace(cm) / cm.sum() == pytest.approx(meta.metrics["accuracy"])

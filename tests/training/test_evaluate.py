@@ -24,6 +24,8 @@ def test_binary_classification_metrics() -> None:
     assert ev.metrics["accuracy"] == 0.5
     assert ev.metrics["precision"] == 0.5 and ev.metrics["recall"] == 0.5 and ev.metrics["f1"] == 0.5
     assert ev.metrics["roc_auc"] == 0.75  # 3 of the 4 positive/negative pairs ranked right
+    # ranked 0.9 (yes), 0.6, 0.4 (yes), 0.1: precision 1 at the first yes, 2/3 at the second
+    assert ev.metrics["pr_auc"] == pytest.approx((1 + 2 / 3) / 2)
     assert ev.details["confusion_matrix"]["matrix"] == [[1, 1], [1, 1]]
     assert ev.details["confusion_matrix"]["labels"] == ["no", "yes"]
     assert ev.details["per_class"]["yes"]["support"] == 2
@@ -36,6 +38,7 @@ def test_multiclass_roc_auc_is_macro_one_vs_rest() -> None:
     # class a: 0.8 ranks first among its negatives 0.2, 0.1, 0.5 -> 1; b -> 1; c: (0.7, 0.4) vs
     # (0.1, 0.1): 1
     assert ev.metrics["roc_auc"] == 1.0
+    assert ev.metrics["pr_auc"] == 1.0  # each class's rows rank first for it
     assert ev.metrics["accuracy"] == 0.75
     assert ev.details["confusion_matrix"]["matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
 
