@@ -209,9 +209,17 @@ class ModelStatus(_Closed):
     last_reload: LastReload
 
 
-class AdminModelStatus(ModelStatus):
-    """:class:`ModelStatus` and this worker's queue and event counters."""
+class CanaryStatus(ModelStatus):
+    """The canary version served beside production (``alias`` ``canary``) and its share."""
 
+    share: float = Field(ge=0, le=1, description="Share of request ids it answers (sticky by id)")
+
+
+class AdminModelStatus(ModelStatus):
+    """:class:`ModelStatus`, the canary (null when none is served) and this worker's queue and
+    event counters."""
+
+    canary: CanaryStatus | None
     queued_rows: _NonNegative
     events_pending: _NonNegative
     events_sent: _NonNegative
@@ -354,7 +362,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "A succeeded job's scored file (409 before)", "batch", {200: _FILES}, (404, 409),
         params=[_JOB]),
     ("GET", "/admin/model"): Operation(
-        "The served version, its provider, the last swap, the queue and event counters", "admin",
+        "The served version, its provider, the last swap, the canary, the queue and event counters", "admin",
         {200: _json("AdminModelStatus")}, (404, 503)),
     ("POST", "/models/{name}/predict"): Operation(
         "Predict rows with any served model (as /predict, which serves the default one); it "

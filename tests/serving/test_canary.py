@@ -128,3 +128,34 @@ def test_ending_the_canary_under_load_fails_no_request(server: Server, end: tupl
     assert set(hammer.versions[closed:]) == {1}, Counter(hammer.versions[closed:])
     assert server.metric("modelloop_serving_model_info", model=MODEL, version="2") == 0
     assert server.metric("modelloop_serving_model_info", model=MODEL, version="1") == 1
+
+
+def served(server: Server) -> set[tuple[int, Any]]:
+    """The (production version, canary version or None) each worker reports."""
+    found = set()
+    for _ in range(12):
+        doc = httpx.get(f"{server.url}/admin/model").json()
+        found.add((doc["version"], doc["canary"] and doc["canary"]["version"]))
+    return found
+
+
+def test_the_canary_swaps_and_is_promoted_without_a_failed_request(server: Server) -> None:
+    v3 = register_mlp(Registry(server.home / "registry"), MODEL, seed=2, promote=False).version
+    models_cli(server, "promote", MODEL, "2", "--alias", "canary")
+    models_cli(server, "traffic", MODEL, "--canary-share", "0.5")
+    wait_until(lambda: served(server) == {(1, 2)}, 60, "both workers to load the canary")
+    with Hammer(server.url, ids=True, instances=lambda n: [ROWS[n % len(ROWS)].tolist()]) as hammer:
+        wait_until(lambda: hammer.count() >= 200, 60, "load with the canary on")
+        models_cli(server, "promote", MODEL, str(v3), "--alias", "canary")  # the canary swaps
+        wait_until(lambda: served(server) == {(1, v3)}, 60, "both workers to swap the canary")
+        swapped = hammer.count() + 8  # (up to 4 requests were in flight on each worker)
+        wait_until(lambda: hammer.count() >= swapped + 300, 60, "load after the canary swapped")
+        models_cli(server, "promote", MODEL, str(v3))  # the canary becomes production
+        wait_until(lambda: served(server) == {(v3, None)}, 60, "both workers to serve the canary")
+        promoted = hammer.count() + 8
+        wait_until(lambda: hammer.count() >= promoted + 300, 60, "load after the promotion")
+    assert hammer.failures == []
+    assert set(hammer.versions[swapped:swapped + 300]) == {1, v3}, Counter(hammer.versions[swapped:])
+    assert set(hammer.versions[promoted:]) == {v3}, Counter(hammer.versions[promoted:])
+    for version, info in ((1, 0), (2, 0), (v3, 1)):
+        assert server.metric("modelloop_serving_model_info", model=MODEL, version=str(version)) == info
