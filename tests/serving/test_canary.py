@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as tgrpc
 
 from modelloop.registry import Registry
 from tests.serving.conftest import (
@@ -26,6 +27,7 @@ from tests.serving.conftest import (
     Hammer,
     Server,
     Sidecar,
+    free_port,
     start_server,
     stop_server,
     wait_until,
@@ -42,7 +44,10 @@ def server(model_home: Path, sidecar: Sidecar, tmp_path_factory: pytest.TempPath
     register_mlp(Registry(model_home / "registry"), MODEL, seed=1, promote=False)  # v2: the canary
     env = {"MODELLOOP_SERVING_ALIAS_POLL_INTERVAL_S": "0.1", "MODELLOOP_SERVING_SIDECAR_URL": sidecar.url,
            "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.1"}
-    srv = start_server(model_home, tmp_path_factory.mktemp("log") / "server.log", env, "--workers", "2")
+    grpc_port = free_port()
+    srv = start_server(model_home, tmp_path_factory.mktemp("log") / "server.log", env, "--workers", "2",
+                       "--grpc-port", str(grpc_port))
+    srv.env["GRPC"] = f"127.0.0.1:{grpc_port}"
     sys.modules[__name__]._server = srv  # type: ignore[attr-defined]
     yield srv
     stop_server(srv)
@@ -103,6 +108,18 @@ def test_canary_share_is_sticky_and_answers_with_the_canary_version(server: Serv
             assert out["model_version"] == str(answered[rid])
             probs = next(o for o in out["outputs"] if o["name"] == "probabilities")["data"]
             np.testing.assert_allclose(probs, expected[answered[rid]][i], rtol=1e-6, atol=1e-7)
+    # OIP over gRPC: the same ids, the same versions
+    grpc = tgrpc.InferenceServerClient(server.env["GRPC"])
+    wait_until(grpc.is_server_ready, 30, "the gRPC server")
+    for i in range(1, 400, 4):
+        rid = f"canary-test-{i}"
+        inp = tgrpc.InferInput("input", [1, 20], "FP32")
+        inp.set_data_from_numpy(ROWS[i:i + 1])
+        result = grpc.infer(MODEL, [inp], request_id=rid)
+        assert result.get_response().model_version == str(answered[rid]), rid
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], expected[answered[rid]][i],
+                                   rtol=1e-6, atol=1e-7)
+    grpc.close()
     # the events of each request name the version that answered it
     def events() -> dict[str, int]:
         return {e["request_id"][:-2]: e["version"] for e in sidecar.events
