@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+import click
 import typer
 from typer.core import TyperGroup
 
@@ -33,11 +34,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 # commands another package adds to a group: (group, command) -> (module, attribute). The module
 # is imported with its group, so it imports its heavy dependencies inside the command.
-SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
-    ("models", "register"): ("training.byo_cli", "register_app"),
-    ("models", "gate"): ("training.gate_cli", "gate_app"),
-    ("models", "export"): ("modelloop.edge_cli", "export_app"),
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("models", "register"): ("training.byo_cli", "register_app",
+                             "Register an ONNX FILE made elsewhere (torch.onnx, skl2onnx, ...) as "
+                             "a new version."),
+    ("models", "gate"): ("training.gate_cli", "gate_app",
+                         "Judge VERSION of NAME against production on labelled rows; promote "
+                         "only a winner."),
+    ("models", "export"): ("modelloop.edge_cli", "export_app",
+                           "Write a self-contained bundle for the edge (the graph, its schema and "
+                           "a predictor needing only onnxruntime and numpy)."),
 }
+"""Subcommands of a core group that live in a part: imported only when they run (``modelloop
+models`` on a serving node has no torch), listed in the group's help with the line here."""
 
 
 def _load(cmd_name: str, module: str, attr: str) -> Any:
@@ -48,6 +57,20 @@ def _load(cmd_name: str, module: str, attr: str) -> Any:
     command = typer.main.get_command(target) if isinstance(target, typer.Typer) else target
     command.name = cmd_name
     return command
+
+
+class LazyCommand(click.Command):
+    """A subcommand from :data:`SUBCOMMANDS`: named and described without importing its module,
+    which is imported when the subcommand runs (or shows its own help)."""
+
+    def __init__(self, name: str, module: str, attr: str, help_line: str) -> None:
+        super().__init__(name, help=help_line, short_help=help_line)
+        self._spec = (module, attr)
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        real: click.Command = _load(self.name or "", *self._spec)
+        return real.make_context(info_name, args, parent=parent, **extra)
 
 
 class LazyGroup(TyperGroup):
@@ -61,9 +84,9 @@ class LazyGroup(TyperGroup):
             return None
         module, attr, _ = COMMANDS[cmd_name]
         command = _load(cmd_name, module, attr)
-        for (group, sub), (sub_module, sub_attr) in SUBCOMMANDS.items():
+        for (group, sub), (sub_module, sub_attr, help_line) in SUBCOMMANDS.items():
             if group == cmd_name:
-                command.add_command(_load(sub, sub_module, sub_attr), sub)
+                command.add_command(LazyCommand(sub, sub_module, sub_attr, help_line), sub)
         return command
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
