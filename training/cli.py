@@ -96,6 +96,25 @@ def load_settings() -> TrainingSettings:
             for e in exc.errors()), 2) from exc
 
 
+def print_derived(registry: Registry, meta: ModelMetadata, source_version: int, table: Table, *,
+                  promoted: bool, reason: str, as_json: bool, kind: str,
+                  report: dict[str, Any]) -> None:
+    """What ``quantize`` and ``prune`` print after registering a version derived from
+    ``source_version``: the comparison table, the file, the gate's reason, and with ``as_json``
+    a JSON summary on stdout (the rest then goes to stderr) whose ``kind`` key holds ``report``."""
+    onnx_path = registry.get(meta.name, meta.version).onnx_path
+    out = Console(stderr=as_json)
+    out.print(table)
+    out.print(f"registered {meta.name} v{meta.version}: {onnx_path}", soft_wrap=True)
+    out.print(reason, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps({
+            "name": meta.name, "version": meta.version, "source_version": source_version,
+            "promoted": promoted, "reason": reason, "onnx_path": str(onnx_path.resolve()),
+            "metrics": meta.metrics, kind: report,
+        }, indent=2))
+
+
 def metrics_table(meta: ModelMetadata, promoted: bool) -> Table:
     table = Table(title=f"{meta.name} v{meta.version}" + (" (production)" if promoted else ""))
     table.add_column("metric")

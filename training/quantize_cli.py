@@ -6,7 +6,6 @@ A shim: it builds the settings, resolves the version and calls
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelloop.registry import Registry, RegistryError
-from training.cli import fail, load_settings
+from training.cli import fail, load_settings, print_derived
 from training.data import DataError
 from training.quantize import (
     Method,
@@ -91,15 +90,7 @@ def quantize(
     except (QuantizeError, RegistryError) as exc:
         raise fail(str(exc), 1) from exc
 
-    report = quantized.report
-    onnx_path = registry.get(name, meta.version).onnx_path
-    out = Console(stderr=as_json)
-    out.print(_table(name, source.version, meta.version, report))
-    out.print(f"registered {name} v{meta.version}: {onnx_path}", soft_wrap=True)
-    out.print(reason, soft_wrap=True)
-    if as_json:
-        typer.echo(json.dumps({
-            "name": name, "version": meta.version, "source_version": source.version,
-            "promoted": promoted, "reason": reason, "onnx_path": str(onnx_path.resolve()),
-            "metrics": meta.metrics, "quantization": report.to_json(),
-        }, indent=2))
+    print_derived(registry, meta, source.version,
+                  _table(name, source.version, meta.version, quantized.report), promoted=promoted,
+                  reason=reason, as_json=as_json, kind="quantization",
+                  report=quantized.report.to_json())
