@@ -27,6 +27,7 @@ from training.retrain import (
     compare,
     decide,
     fetch_labelled,
+    pair_sessions,
     split_recent,
 )
 from training.settings import TrainingSettings
@@ -80,7 +81,8 @@ def gate(
         check_production_data(holdout, champion, min_rows=max(1, round(
             settings.retrain_min_rows * settings.retrain_holdout_fraction)),
             min_class_share=settings.retrain_min_class_share)
-    champ, chall = compare(champion, challenger.onnx_path.read_bytes(), holdout, metric=metric)
+    champ, chall = compare(champion, pair_sessions(champion, challenger.onnx_path.read_bytes()),
+                           holdout, metric=metric)
     chall.version = challenger.version
     parity = challenger.metadata.parity  # None for an ONNX file: it passed its batch-size check
     promote, reason = decide(champ, chall, parity_ok=parity is None or parity.passed,

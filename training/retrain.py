@@ -42,6 +42,7 @@ from training.byo import not_retrainable
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
 from training.evaluate import evaluate
+from training.export import onnx_session
 from training.pipeline import TrainedModel, register_trained, train_model
 from training.settings import TrainingSettings
 from training.transfer import TransferError, WarmStart
@@ -156,12 +157,13 @@ class ChangePoint:
     after it): old data is kept in proportion to 1 - moved."""
 
 
-def champion_errors(champion: ModelVersion, rows: pd.DataFrame) -> np.ndarray:
-    """The champion's error on each labelled row: 0/1 for a classifier, the squared error for a
-    regressor (whichever version served the row, the champion is judged)."""
-    meta = champion.metadata
+def champion_errors(meta: ModelMetadata, session: ort.InferenceSession,
+                    rows: pd.DataFrame) -> np.ndarray:
+    """The champion's error on each labelled row (``session`` runs its graph): 0/1 for a
+    classifier, the squared error for a regressor (whichever version served the row, the
+    champion is judged)."""
     x = rows[meta.feature_names].to_numpy(np.float32)
-    out = _session(champion.onnx_path.read_bytes()).run(None, {"input": x})[0]
+    out = session.run(None, {"input": x})[0]
     y = rows[REF_LABEL].to_numpy(np.float64)
     if meta.task is Task.classification:
         return (np.asarray(out).argmax(axis=1) != y.round()).astype(np.float64)
@@ -191,21 +193,20 @@ def find_change(errors: np.ndarray, timestamps: np.ndarray, *, min_segment: int,
                        error_before=before, error_after=after, moved=float(np.clip(moved, 0, 1)))
 
 
-def split_production(frame: pd.DataFrame, champion: ModelVersion, *, holdout_fraction: float,
-                     detect_change: bool, min_segment: int, seed: int
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, ChangePoint | None]:
+def split_production(frame: pd.DataFrame, meta: ModelMetadata, session: ort.InferenceSession,
+                     *, holdout_fraction: float, detect_change: bool, min_segment: int,
+                     seed: int) -> tuple[pd.DataFrame, pd.DataFrame, ChangePoint | None]:
     """Production rows to train on and the holdout. With no change in the champion's errors, the
     most recent ``holdout_fraction`` is the holdout (:func:`split_recent`). After a change, the
     holdout is a random ``holdout_fraction`` of the rows after it (never all of them), and of
     the rows before it only the most recent ``(1 - moved)`` share of as many as train after it
-    are kept."""
+    are kept. ``session`` runs the champion (``meta``)."""
     ordered = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    meta = champion.metadata
     change = None
     if detect_change:
         chance = (1 - 1 / len(meta.class_labels) if meta.task is Task.classification
                   and meta.class_labels else None)
-        change = find_change(champion_errors(champion, ordered),
+        change = find_change(champion_errors(meta, session, ordered),
                              ordered["timestamp"].to_numpy(np.float64),
                              min_segment=min_segment, chance_error=chance)
     if change is None:
@@ -244,14 +245,25 @@ def _metrics(meta: ModelMetadata, sessions: dict[str, ort.InferenceSession], x: 
     return evals
 
 
-def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFrame, *,
+Sessions = dict[str, ort.InferenceSession]
+"""``{"champion": ..., "challenger": ...}``: each graph loaded once per job."""
+
+
+def pair_sessions(champion: ModelVersion | ort.InferenceSession,
+                  challenger_onnx: bytes) -> Sessions:
+    """One-thread sessions of the champion (a version, or its session already made) and the
+    challenger's graph."""
+    if isinstance(champion, ModelVersion):
+        champion = onnx_session(champion.onnx_path, threads=1)
+    return {"champion": champion, "challenger": onnx_session(challenger_onnx, threads=1)}
+
+
+def compare(champion: ModelVersion, sessions: Sessions, holdout: pd.DataFrame, *,
             metric: str, latency_runs: int = 300) -> tuple[Score, Score]:
     """Score champion and challenger on the same holdout rows and time both, interleaved so
     that a busy machine slows both alike."""
     meta = champion.metadata
     x = holdout[meta.feature_names].to_numpy(np.float32)
-    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
-                "challenger": _session(challenger_onnx)}
     evals = _metrics(meta, sessions, x, holdout[REF_LABEL].to_numpy(), metric)
     row = x[:1]
     lat: dict[str, list[float]] = {"champion": [], "challenger": []}
@@ -265,7 +277,7 @@ def compare(champion: ModelVersion, challenger_onnx: bytes, holdout: pd.DataFram
     return champ, chall
 
 
-def compare_on_original(champion: ModelVersion, challenger_onnx: bytes, trusted: pd.DataFrame,
+def compare_on_original(champion: ModelVersion, sessions: Sessions, trusted: pd.DataFrame,
                         *, metric: str, target: str) -> tuple[float, float]:
     """Champion's and challenger's ``metric`` on ``trusted``: rows of the line's original
     training data (labels no feedback touched) that the challenger did not train on."""
@@ -277,17 +289,8 @@ def compare_on_original(champion: ModelVersion, challenger_onnx: bytes, trusted:
         y = trusted[target].astype(str).map(index).to_numpy(np.float64)
     else:
         y = trusted[target].to_numpy(np.float64)
-    sessions = {"champion": _session(champion.onnx_path.read_bytes()),
-                "challenger": _session(challenger_onnx)}
     evals = _metrics(meta, sessions, x, y, metric)
     return evals["champion"][metric], evals["challenger"][metric]
-
-
-def _session(model: bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -375,8 +378,9 @@ def retrain(
                                 key=key)
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
+    champion_session = onnx_session(champion.onnx_path, threads=1)
     recent_train, holdout, change = split_production(
-        production, champion, holdout_fraction=settings.retrain_holdout_fraction,
+        production, meta, champion_session, holdout_fraction=settings.retrain_holdout_fraction,
         detect_change=settings.retrain_detect_change, min_segment=settings.retrain_min_segment,
         seed=config.seed)
     original, trusted = original_data(champion, config)
@@ -415,9 +419,10 @@ def retrain(
                  meta.lineage.get("original_dataset", meta.dataset),
                  "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
     )
-    champ, chall = compare(champion, trained.onnx_bytes, holdout, metric=metric)
+    sessions = pair_sessions(champion_session, trained.onnx_bytes)
+    champ, chall = compare(champion, sessions, holdout, metric=metric)
     parity_ok = trained.metadata.parity is not None and trained.metadata.parity.passed
-    on_original = compare_on_original(champion, trained.onnx_bytes, trusted, metric=metric,
+    on_original = compare_on_original(champion, sessions, trusted, metric=metric,
                                       target=config.target)
     promote, reason = decide(champ, chall, parity_ok=parity_ok, margin=settings.retrain_margin,
                              latency_tolerance=settings.retrain_latency_tolerance, metric=metric,
