@@ -117,6 +117,12 @@ class NotQuantizable(QuantizeError):
     be reproduced, or the method does not apply. The caller's input is the problem."""
 
 
+class TrainingDataUnavailable(NotQuantizable, DataError):
+    """The data a version was trained on cannot be reloaded as it was (:func:`training_data`):
+    a data problem for every step that derives a version from it (quantize, prune, ensemble),
+    which their commands answer with exit 2."""
+
+
 class Method(StrEnum):
     auto = "auto"
     """static for the CNN, dynamic for everything else."""
@@ -331,7 +337,7 @@ def training_data(meta: ModelMetadata) -> TabularDataset:
                        rows=meta.lineage.get("dataset_rows"), seed=config.seed,
                        class_labels=meta.class_labels if classify else None, clean=config.clean)
     except DataError as exc:
-        raise NotQuantizable(f"{meta.name} v{meta.version}: cannot reload its training data: "
+        raise TrainingDataUnavailable(f"{meta.name} v{meta.version}: cannot reload its training data: "
                              f"{exc}") from exc
     check_data(meta, ds)
     return ds
@@ -339,11 +345,11 @@ def training_data(meta: ModelMetadata) -> TabularDataset:
 
 def check_data(meta: ModelMetadata, ds: TabularDataset) -> None:
     if ds.fingerprint != meta.data_fingerprint:
-        raise NotQuantizable(
+        raise TrainingDataUnavailable(
             f"{meta.name} v{meta.version}: the data {ds.source!r} ({len(ds)} rows) is not what "
             f"it was trained on (fingerprint {ds.fingerprint[:19]} != "
             f"{meta.data_fingerprint[:19]}); a retrained version's data cannot be reproduced, "
-            "quantize a version trained by `modelloop train`")
+            "start from a version trained by `modelloop train`")
 
 
 def evaluation_set(meta: ModelMetadata, config: TrainingConfig, x_test: np.ndarray,
