@@ -117,14 +117,16 @@ def test_a_pruned_version_over_the_budget_is_registered_but_not_promoted(
                            **FAST_SPEED)
     report = pruned.report
     assert report.hidden["pruned"] == [2, 1]
-    assert report.promotable is (report.loss_points <= 1e-9)
-    lineage = pruned.metadata.lineage
-    if report.promotable:
-        assert not_promotable(lineage) is None
-    else:
-        assert not_promotable(lineage) == (
-            f"it is a pruned model of v{cancer.version} that loses {report.loss_points:.2f} "
-            f"points of accuracy (at most 0.00 allowed)")
+    # two and one hidden units after one epoch: a loss, which the 0.0 budget refuses
+    assert report.loss_points > 0 and not report.promotable, report
+    assert not_promotable(pruned.metadata.lineage) == (
+        f"it is a pruned model of v{cancer.version} that loses {report.loss_points:.2f} "
+        f"points of accuracy (at most 0.00 allowed)")
+    registry = Registry(settings.registry_dir)
+    production = registry.aliases(cancer.metadata.name)["production"]
+    meta, promoted, _ = register_pruned(pruned, registry, promote=True)
+    assert not promoted and registry.aliases(cancer.metadata.name)["production"] == production
+    assert registry.get(cancer.metadata.name, meta.version).metadata.lineage["pruning"]
 
 
 @pytest.mark.parametrize(("lineage", "why"), [
@@ -158,6 +160,14 @@ def test_prune_refuses_what_it_cannot_prune(settings: TrainingSettings,
                                  registry)
     with pytest.raises(NotPrunable, match="pruned already; prune the version it came from"):
         prune_version(registry.get("cancer", meta.version), settings=settings)
+    # a version whose training data cannot be reloaded as it was: one line, exit 2
+    moved = registry.register(cancer.metadata.model_copy(update={"data_fingerprint": "sha256:0"}),
+                              cancer.onnx_path, reference=cancer.reference())
+    result = runner.invoke(app, ["prune", "cancer", "--version", str(moved.version)],
+                           env=_env(settings))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith(f"error: cancer v{moved.version}: the data ")
+    assert "start from a version trained by `modelloop train`" in result.stderr
 
 
 def test_a_balanced_model_is_fine_tuned_with_its_weighted_loss(settings: TrainingSettings) -> None:
