@@ -142,7 +142,6 @@ class ReferenceProfile:
             prediction_categorical = False
         else:
             self.method = METHODS[method] if method and method != "auto" else None
-        self.false_alarm_rate = false_alarm_rate if self.calibrated else None
         self.threshold = threshold
         self.rows = len(reference)
         self.columns: dict[str, pd.Series] = {}
@@ -182,11 +181,11 @@ class ReferenceProfile:
             cur = ref.iloc[:0]
         return st.get_stattest(ref, cur, col_type, None)
 
-    def threshold_for(self, test: Any) -> float | None:
-        """The configured threshold where the configured method runs (or with ``auto``); a
-        fallback test keeps its own default."""
+    def threshold_for(self, test: Any, threshold: float | None = None) -> float | None:
+        """The configured threshold (the features', or ``threshold``) where the configured method
+        runs (or with ``auto``); a fallback test keeps its own default."""
         if self.method is None or test.name == self.method:
-            return self.threshold
+            return self.threshold if threshold is None else threshold
         return None
 
     def test_for(self, name: str, cur: pd.Series) -> Any:
@@ -243,10 +242,9 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
         if not cur.empty:
             test = profile._resolve(profile.prediction, cur, profile.prediction_type,
                                     profile.method)
-            threshold = (profile.prediction_threshold if profile.method in (None, test.name)
-                         else None)
             result.prediction = _run(test, "prediction", profile.prediction, cur,
-                                     profile.prediction_type, threshold)
+                                     profile.prediction_type,
+                                     profile.threshold_for(test, profile.prediction_threshold))
     result.multivariate = profile.dependence.check(features)
     result.judged = True
     result.duration_s = time.perf_counter() - started

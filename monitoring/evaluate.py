@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -211,6 +211,7 @@ class Evaluator:
         current = self.store.window(model, version=latest, last_n=s.window_events)
         status: dict[str, Any] = {"version": latest, "window_rows": len(current)}
 
+        data_quality = self._data_quality(ctx, current)
         drift: DriftResult | None = None
         if ctx is not None and ctx.profile is not None and current.features is not None:
             drift = check_drift(ctx.profile, current.features, current.prediction, model=model,
@@ -219,10 +220,9 @@ class Evaluator:
             self._publish_drift(model, drift)
             status["drift"] = drift.summary()
             if drift.judged and self._report_due(model, drift, now):
-                self._schedule_report(model, latest, ctx, current, drift)
+                self._schedule_report(model, latest, ctx, current, drift, data_quality)
         else:
             status["drift"] = {"judged": False, "note": ctx.note if ctx else "not in registry"}
-        data_quality = self._data_quality(ctx, current)
         self._publish_data_quality(model, data_quality)
         if data_quality is not None:
             status["data_quality"] = data_quality.summary()
@@ -267,8 +267,8 @@ class Evaluator:
                             data_quality)
 
         for firing in self.engine.evaluate("model", model, observe, now, model=model,
-                                           labelled_since=partial(self.store.count_labelled,
-                                                                  model)):
+                                           labelled_since=lru_cache(maxsize=None)(
+                                               partial(self.store.count_labelled, model))):
             self.on_fire(firing, latest)
 
     @staticmethod
@@ -359,7 +359,8 @@ class Evaluator:
         return True
 
     def _schedule_report(self, model: str, version: int, ctx: VersionContext,
-                         current: Window, drift: DriftResult) -> None:
+                         current: Window, drift: DriftResult,
+                         data_quality: DataQuality | None) -> None:
         if self._report_future is not None and not self._report_future.done():
             return  # the previous report is still rendering; the next check makes a fresh one
         assert ctx.reference is not None and current.features is not None
@@ -376,7 +377,7 @@ class Evaluator:
 
         def render() -> None:
             try:
-                extra = sidecar_section(drift.multivariate, self._data_quality(ctx, current))
+                extra = sidecar_section(drift.multivariate, data_quality)
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
                                    calibrated=profile.calibrated,

@@ -148,9 +148,8 @@ class JobManager:
         return JobOutcome(job_id, "running", f"{self.trigger.kind} job {handle}")
 
     def _stored(self, model: str, job_id: str) -> JobRecord | None:
-        """The stored job named ``job_id``, if any. Newest first, so one of the current window is
-        among the first rows (a model has at most one active job at a time)."""
-        return next((j for j in self.store.jobs(model, limit=200) if j.id == job_id), None)
+        """The stored job of ``model`` named ``job_id``, if any (looked up by its key)."""
+        return next(iter(self.store.jobs(model, job_id=job_id, limit=1)), None)
 
     def _duplicate(self, model: str, trigger: str, same: JobRecord) -> JobOutcome:
         why = (f"job {same.id} is already {same.status} for this window" if same.active

@@ -9,7 +9,6 @@ environment. Example::
 from __future__ import annotations
 
 import re
-import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +25,7 @@ from pydantic import (
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelloop.settings import HomeSettings
+from monitoring.triggers import JobRequest, TriggerError, render_command
 
 DriftMethod = Literal["calibrated", "auto", "ks", "psi", "wasserstein", "jensenshannon",
                       "chisquare"]
@@ -34,18 +34,16 @@ TriggerKind = Literal["local", "kubernetes", "docker", "webhook", "none"]
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
 
-_TEMPLATE_FIELDS = {k: "x" for k in ("model", "version", "job", "trigger", "reason")}
-
-
 def _check_template(template: str) -> None:
-    """A retraining command template splits like a shell line and names only known fields."""
+    """A retraining command template renders as a job's would (:func:`render_command`): it
+    splits like a shell line and names only known fields."""
+    sample = JobRequest(job_id="x", model="x", version=None, trigger="x", reason="x")
     try:
-        args = shlex.split(template)
-        for arg in args:
-            arg.format(**_TEMPLATE_FIELDS)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"bad command template {template!r}: {type(exc).__name__}: {exc} "
-                         f"(fields: {', '.join('{' + k + '}' for k in _TEMPLATE_FIELDS)})") from exc
+        args = render_command(template, sample)
+    except TriggerError as exc:
+        cause = exc.__cause__
+        raise ValueError(f"bad command template {template!r}: {type(cause).__name__}: {cause} "
+                         f"(fields: {', '.join('{' + k + '}' for k in sample.fields())})") from exc
     if not args:
         raise ValueError("the command is empty")
 

@@ -498,11 +498,14 @@ class EventStore:
                         (status, active, handle, detail, ended_at, job_id))
 
     def jobs(self, model: str | None = None, *, active_only: bool = False,
-             limit: int = 50) -> list[JobRecord]:
+             limit: int = 50, job_id: str | None = None) -> list[JobRecord]:
         where, args = [], []
         if model is not None:
             where.append("model = ?")
             args.append(model)
+        if job_id is not None:
+            where.append("id = ?")
+            args.append(job_id)
         if active_only:
             where.append("active = 1")
         sql = ("SELECT id, model, trigger, kind, reason, status, created_at, ended_at, handle, "
