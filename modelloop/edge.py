@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.registry import ModelVersion, RegistryError
-from modelloop.schemas import PROBABILITIES, REF_SPLIT, ModelMetadata, Task
+from modelloop.schemas import REF_SPLIT, ModelMetadata, Task
 
 SCHEMA_JSON = "schema.json"
 STATS_JSON = "reference_stats.json"
@@ -50,6 +50,10 @@ class BundleError(RuntimeError):
     """The bundle could not be written (the folder is not empty, the conversion failed)."""
 
 
+class ConversionError(BundleError):
+    """ONNX Runtime could not convert the graph to ORT format (a failure, not the caller's)."""
+
+
 @dataclass(frozen=True)
 class Bundle:
     root: Path
@@ -58,11 +62,7 @@ class Bundle:
 
 def schema(meta: ModelMetadata, graph: str) -> dict[str, Any]:
     """What a predictor needs to read rows and answer: the version's interface."""
-    labels = None
-    if meta.task is Task.classification:
-        spec = next((o for o in meta.outputs if o.name == PROBABILITIES), None)
-        n = spec.shape[-1] if spec is not None and isinstance(spec.shape[-1], int) else 0
-        labels = list(meta.class_labels) if meta.class_labels else [str(i) for i in range(n)]
+    labels = meta.class_labels_or_indices() if meta.task is Task.classification else None
     return {
         "name": meta.name, "version": meta.version, "task": meta.task.value,
         "architecture": meta.architecture, "graph": graph,
@@ -101,7 +101,8 @@ def _convert_to_ort(onnx_path: Path, out: Path) -> None:
         converted = Path(tmp) / "ort"
         if done.returncode != 0 or not (converted / "model.ort").exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise BundleError(f"ONNX Runtime could not convert the graph to ORT format: {tail[0]}")
+            raise ConversionError(f"ONNX Runtime could not convert the graph to ORT format: "
+                                  f"{tail[0]}")
         shutil.copyfile(converted / "model.ort", out / "model.ort")
         config = (converted / OPERATORS_CONFIG).read_text()
         # its comment names the temporary file converted; name the bundle's

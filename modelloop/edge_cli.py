@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from modelloop.edge import BundleError, BundleFormat, export_bundle
+from modelloop.edge import BundleError, BundleFormat, ConversionError, export_bundle
 from modelloop.registry import Registry, RegistryError
 from modelloop.settings import HomeSettings
 
@@ -49,7 +49,10 @@ def export(
         raise typer.Exit(2) from exc
     try:
         bundle = export_bundle(source, out, fmt)
-    except BundleError as exc:
+    except ConversionError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1 if "convert" in str(exc) else 2) from exc
+        raise typer.Exit(1) from exc
+    except BundleError as exc:  # the caller's: a folder that is not empty, say
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(f"{name} v{source.version} ({fmt.value}) -> {bundle.root}: {', '.join(bundle.files)}")

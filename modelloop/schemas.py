@@ -107,6 +107,14 @@ class ModelMetadata(BaseModel):
     lineage: dict[str, Any] = Field(default_factory=dict)
     """How this version came to be: trigger, data window, champion and challenger scores."""
 
+    def class_labels_or_indices(self) -> list[str]:
+        """A classifier's class labels; class indices as strings when the metadata has none."""
+        if self.class_labels:
+            return list(self.class_labels)
+        spec = next((o for o in self.outputs if o.name == PROBABILITIES), None)
+        n = spec.shape[-1] if spec is not None and isinstance(spec.shape[-1], int) else 0
+        return [str(i) for i in range(n)]
+
     @property
     def n_features(self) -> int:
         return len(self.feature_names)

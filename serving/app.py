@@ -329,8 +329,8 @@ class Routes:
             body = await read_body(request, self.max_body)
             req = self.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime)
             base = self.request_id(request, req.id)
-            result = await self.infer_rows(served, req, base, start, request.path_params.get("version"),
-                                           decode=lambda rt: self.decode_infer(
+            result = await self.infer_rows(served, req, runtime, base, start,
+                                           request.path_params.get("version"), decode=lambda rt: self.decode_infer(
                                                body, request.headers.get(oip.HEADER_LENGTH), rt))
         finally:
             state.repository.release(served)
@@ -343,17 +343,19 @@ class Routes:
         return oip.decode_infer(body, header_length, runtime.metadata,
                                 nan_policy=self.nan_policy, max_rows=self.max_rows)
 
-    async def infer_rows(self, served: ServedModel, req: Any, request_id: str, start: float,
-                         version: str | None, decode: Callable[[Any], Any]) -> BatchResult:
+    async def infer_rows(self, served: ServedModel, req: Any, decoded_with: Any, request_id: str,
+                         start: float, version: str | None,
+                         decode: Callable[[Any], Any]) -> BatchResult:
         """An OIP request's rows through production's or the canary's batcher (by its id, or the
         ``version`` asked for; their events named ``request_id`` when the sidecar is on),
-        counted: what the REST and gRPC infer share. ``req`` was decoded against production;
-        ``decode(runtime)`` decodes it again for a canary, whose schema may differ."""
+        counted: what the REST and gRPC infer share. ``req`` was decoded against the runtime
+        ``decoded_with``; ``decode(runtime)`` decodes it again for another one (a canary's
+        schema may differ)."""
         state = self.state
         lane = served.route(request_id, version)
         try:
             runtime = lane.manager.current
-            x = req.x if lane.canary is None else decode(runtime).x
+            x = req.x if runtime is decoded_with else decode(runtime).x
             result = await lane.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
         finally:
             served.leave(lane)

@@ -238,7 +238,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
             req = decode(runtime)
             rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
-            result = await routes.infer_rows(served, req, rid, start, request.model_version, decode)
+            result = await routes.infer_rows(served, req, runtime, rid, start, request.model_version,
+                                             decode)
         finally:
             self.state.repository.release(served)
         runtime = result.runtime

@@ -44,20 +44,11 @@ class Predictions:
                            self.class_labels)
 
 
-def class_labels_of(meta: ModelMetadata) -> list[str]:
-    """The class labels of a classifier; class indices as strings when the metadata has none."""
-    if meta.class_labels:
-        return list(meta.class_labels)
-    spec = next((o for o in meta.outputs if o.name == PROBABILITIES), None)
-    n = spec.shape[-1] if spec is not None and isinstance(spec.shape[-1], int) else 0
-    return [str(i) for i in range(n)]
-
-
 def interpret(meta: ModelMetadata, outputs: dict[str, np.ndarray]) -> Predictions:
     """Read the model's graph outputs as predictions (see the module docstring)."""
     if meta.task == Task.classification:
         proba = np.asarray(outputs[PROBABILITIES], dtype=np.float32)
-        labels = class_labels_of(meta)
+        labels = meta.class_labels_or_indices()
         if len(labels) != proba.shape[1]:
             labels = [str(i) for i in range(proba.shape[1])]
         index = proba.argmax(axis=1)
@@ -164,7 +155,7 @@ def from_columns(meta: ModelMetadata, table: Any) -> Predictions:
     pred = table.column("prediction").to_numpy()
     if "label" not in table.column_names:
         return Predictions(pred.astype(np.float64), None, None, None)
-    labels = class_labels_of(meta)
+    labels = meta.class_labels_or_indices()
     proba = np.column_stack([table.column(f"{PROBABILITY_PREFIX}{c}").to_numpy() for c in labels])
     index = pred.astype(np.int64)
     return Predictions(index, np.asarray(labels, dtype=object)[index], proba.astype(np.float32), labels)
