@@ -50,12 +50,8 @@ from modelloop.schemas import PROBABILITIES, ModelMetadata, ParityResult, Task
 from training.config import TrainingConfig
 from training.data import DataError, split_dataset
 from training.export import check_conventions, onnx_session, run_onnx
-from training.quantize import (
-    evaluate_outputs,
-    reference_with_outputs,
-    register_gated,
-    training_data,
-)
+from training.measure import evaluate_outputs, kept_lineage, reference_with_outputs
+from training.quantize import register_gated, training_data
 from training.settings import TrainingSettings
 
 VOTE_TIE_WEIGHT = 0.5
@@ -295,13 +291,11 @@ def build_ensemble(members: Sequence[ModelVersion], *, method: Method | str = Me
     if reference is not None:
         ref_out = run_onnx(session, reference[first.feature_names].to_numpy(np.float32))[PROBABILITIES]
         reference = reference_with_outputs(reference, first.task, ref_out)
-    kept = {k: best_meta.lineage[k] for k in ("dataset_rows", "original_dataset")
-            if k in best_meta.lineage}
     metadata = best_meta.model_copy(deep=True, update={
         "version": 0, "created_at": datetime.now(UTC),
         "parent_version": best, "architecture": "ensemble", "metrics": ev.metrics,
         "evaluation": {**best_meta.evaluation, **ev.details}, "parity": parity,
-        "lineage": {"trigger": "ensemble", **kept,
+        "lineage": {"trigger": "ensemble", **kept_lineage(best_meta),
                     "ensemble": {**report.to_json(), "val_accuracy": val_accuracy}},
     })
     return Ensemble(metadata, graph, reference, report)

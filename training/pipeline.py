@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 HISTORY_JSON = "history.json"
 WEIGHTS_FILE = "weights.pt"  # the PyTorch state dict: what fine-tuning starts from
+REFERENCE_ROWS = "reference_rows"
+"""Lineage key: the dataset indices of the reference sample's rows, in its order (what a step
+deriving a version from this one reads instead of choosing them again: :mod:`training.measure`)."""
 
 Data: TypeAlias = TabularDataset | pd.DataFrame | str | Path
 
@@ -335,6 +338,7 @@ def _train_model(
         "training": result.summary(),
     })
     lineage = dict(lineage or {})
+    lineage[REFERENCE_ROWS] = rows.tolist()
     if ds.report is not None:
         lineage["data_report"] = ds.report.to_dict()
     if init is not None:

@@ -47,18 +47,16 @@ from training.config import TrainingConfig
 from training.data import split_dataset
 from training.evaluate import confusion_matrix_png
 from training.export import check_parity, export_onnx, onnx_session, run_onnx
+from training.measure import evaluate_outputs, evaluation_set, kept_lineage, reference_with_outputs
 from training.models import MLP, InferenceGraph, MLPParams, TabularNet, build_model
 from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE
 from training.quantize import (
     SPEED_BATCHES,
     SPEED_THREADS,
     compare_speed,
-    evaluate_outputs,
-    evaluation_set,
     is_promotable,
     loss_points,
     primary_metric,
-    reference_with_outputs,
     register_gated,
     training_data,
     weight_bytes,
@@ -313,12 +311,11 @@ def prune_version(
     if cm is not None:
         artifacts[CONFUSION_MATRIX_PNG] = confusion_matrix_png(
             cm["matrix"], cm["labels"], title=f"{meta.name} pruned: test split ({len(split.test)} rows)")
-    kept = {k: meta.lineage[k] for k in ("dataset_rows", "original_dataset") if k in meta.lineage}
     metadata = meta.model_copy(deep=True, update={
         "version": 0, "created_at": datetime.now(UTC), "parent_version": meta.version,
         "metrics": ev_pruned.metrics, "evaluation": {**meta.evaluation, **ev_pruned.details},
         "parity": parity, "config": tune.model_copy(update={"epochs": config.epochs}).model_dump(mode="json"),
-        "lineage": {"trigger": "prune", **kept, "pruning": report.to_json()},
+        "lineage": {"trigger": "prune", **kept_lineage(meta), "pruning": report.to_json()},
     })
     return PrunedModel(metadata, pruned, reference, artifacts, report)
 

@@ -65,24 +65,25 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from modelloop.registry import ModelVersion, Registry, RegistryError
 from modelloop.schemas import (
-    REF_SPLIT,
     ModelMetadata,
     ParityResult,
     Task,
     monitored_features,
 )
-from training.anomaly import anomaly_metrics, with_injected_anomalies
 from training.config import TrainingConfig
 from training.data import DataError, Split, TabularDataset, load_data, split_dataset
-from training.evaluate import Evaluation, confusion_matrix_png, evaluate
+from training.evaluate import Evaluation, confusion_matrix_png
 from training.export import check_conventions, onnx_session, run_onnx
-from training.pipeline import (
-    CONFUSION_MATRIX_PNG,
-    HISTORY_JSON,
-    WEIGHTS_FILE,
-    subsample,
-    with_outputs,
+from training.measure import (
+    evaluate_outputs,
+    evaluation_set,
+    kept_lineage,
+    layout,
+    nan_probes,
+    reference_rows,
+    reference_with_outputs,
 )
+from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE, subsample
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -314,19 +315,6 @@ def compare_speed(models: Mapping[str, bytes], x: np.ndarray, batches: Sequence[
 
 
 # -- data ----------------------------------------------------------------------------------------
-def layout(rows: np.ndarray, input_shape: Sequence[int | None]) -> np.ndarray:
-    """Dataset rows as the model's input: reshaped to the input's non-batch dims when they are
-    fixed (an image ``[1, 8, 8]``), as they are when one is dynamic (a sequence's time axis)."""
-    rows = np.asarray(rows, dtype=np.float32)
-    dims = list(input_shape[1:])
-    if any(d is None for d in dims):
-        if rows.ndim != len(input_shape):
-            raise NotQuantizable(f"the data has {rows.ndim} axes, the model's input "
-                                 f"{list(input_shape)} has {len(input_shape)}")
-        return np.ascontiguousarray(rows)
-    return np.ascontiguousarray(rows.reshape(len(rows), *dims))
-
-
 def training_data(meta: ModelMetadata) -> TabularDataset:
     """The data ``meta`` was trained on, reloaded as it was (dataset, target, task, class
     labels, ``--rows`` subsample and seed) and checked against its fingerprint."""
@@ -352,61 +340,22 @@ def check_data(meta: ModelMetadata, ds: TabularDataset) -> None:
             "start from a version trained by `modelloop train`")
 
 
-def evaluation_set(meta: ModelMetadata, config: TrainingConfig, x_test: np.ndarray,
-                   y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows the version's test metrics were measured on: the test split, plus the injected
-    anomalies for an anomaly detector (same seed, so the same ones)."""
-    if meta.task is Task.anomaly:
-        ratio = float(config.model.get("anomaly_ratio", 1.0))
-        return with_injected_anomalies(x_test, seed=config.seed, ratio=ratio)
-    return x_test, y_test
-
-
-def evaluate_outputs(meta: ModelMetadata, y: np.ndarray, outputs: np.ndarray) -> Evaluation:
-    """The version's test metrics from a model's outputs (as training measured them)."""
-    if meta.task is Task.anomaly:
-        evaluation = anomaly_metrics(y, outputs)
-        if "threshold" in meta.metrics:  # a constant of the graph, the same in int8
-            evaluation.metrics["threshold"] = meta.metrics["threshold"]
-        return evaluation
-    return evaluate(meta.task, y, outputs, meta.class_labels)
-
-
-def reference_with_outputs(reference: pd.DataFrame, task: Task, outputs: np.ndarray) -> pd.DataFrame:
-    """A copy of ``reference`` with its prediction (and probability) columns from ``outputs``."""
-    return with_outputs(reference.copy(), task, outputs)
-
-
 def _reference_inputs(reference: pd.DataFrame, meta: ModelMetadata, ds: TabularDataset,
-                      split: Split, seed: int) -> np.ndarray:
+                      split: Split) -> np.ndarray:
     """The model inputs of the reference rows: their feature columns for a fixed-shape input
     (raw features, or an image's pixels); for a sequence (its reference holds each channel's
-    mean) the rows training sampled, found again and checked against those means."""
+    mean) its rows of the training data (:func:`~training.measure.reference_rows`), checked
+    against those means."""
     shape = meta.inputs[0].shape
     if all(d is not None for d in shape[1:]):
         return layout(reference[meta.feature_names].to_numpy(np.float32), shape)
-    is_train = (reference[REF_SPLIT] == "train").to_numpy() if REF_SPLIT in reference else \
-        np.ones(len(reference), bool)
-    rows = subsample(split.train, int(is_train.sum()), seed)
-    if (~is_train).any():
-        held = np.concatenate([split.val, split.test])
-        rows = np.concatenate([rows, subsample(held, int((~is_train).sum()), seed)])
-    x = ds.features[rows]
+    x = ds.features[reference_rows(reference, meta, split)]
     means = monitored_features(x, meta.input_dims)  # what the reference sample holds
     stored = reference[meta.feature_names].to_numpy(np.float64)
     if means.shape != stored.shape or not np.allclose(means, stored, equal_nan=True, atol=1e-5):
         raise QuantizeError(f"{meta.name} v{meta.version}: its reference rows cannot be found "
                             "again in its training data")
     return layout(x, shape)
-
-
-def nan_probes(x: np.ndarray, at_most: int = 64) -> np.ndarray:
-    """Copies of the first row of ``x`` with one value missing each (up to ``at_most``)."""
-    flat = x[:1].reshape(1, -1)
-    n = min(flat.shape[1], at_most)
-    probes = np.repeat(flat, n, axis=0)
-    probes[np.arange(n), np.arange(n)] = np.nan
-    return probes.reshape(n, *x.shape[1:])
 
 
 # -- the whole step ------------------------------------------------------------------------------
@@ -563,7 +512,7 @@ def quantize_version(
     with contextlib.suppress(RegistryError):  # a version registered without one
         reference = version.reference()
     if reference is not None:
-        ref_x = _reference_inputs(reference, meta, ds, split, config.seed)
+        ref_x = _reference_inputs(reference, meta, ds, split)
         reference = reference_with_outputs(reference, meta.task, run_onnx(s8, ref_x)[output])
     return QuantizedModel(_metadata(meta, ev8, parity, report), int8, reference,
                           _artifacts(version, meta, ev8, len(split.test)), report)
@@ -583,8 +532,8 @@ def _parity(s32: ort.InferenceSession, s8: ort.InferenceSession, x: np.ndarray,
 
 def _metadata(meta: ModelMetadata, evaluation: Evaluation, parity: ParityResult,
               report: QuantizationReport) -> ModelMetadata:
-    # what reproduces the data stays (a retraining job and a later quantization read it)
-    kept = {k: meta.lineage[k] for k in ("dataset_rows", "original_dataset") if k in meta.lineage}
+    # what reproduces the data and the reference stays (a retraining job and a later
+    # quantization read it)
     quantization = {**report.to_json(),
                     "parity": "int8 against the fp32 ONNX model of the source version on the "
                               "test rows and NaN probes; the 1e-4 export check applies to fp32"}
@@ -593,7 +542,7 @@ def _metadata(meta: ModelMetadata, evaluation: Evaluation, parity: ParityResult,
         "metrics": evaluation.metrics,
         "evaluation": {**meta.evaluation, **evaluation.details},
         "parity": parity,
-        "lineage": {"trigger": "quantize", **kept, "quantization": quantization},
+        "lineage": {"trigger": "quantize", **kept_lineage(meta), "quantization": quantization},
     })
 
 

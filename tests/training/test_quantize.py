@@ -227,6 +227,17 @@ def test_gru_quantizes_its_head_and_says_the_gru_stays_float(settings: TrainingS
     out = run_onnx(onnx_session(quantized.onnx_bytes), x)["probabilities"]
     assert out.shape == (8, 4) and np.isfinite(out).all()
     assert quantized.reference is not None and len(quantized.reference) == len(source.reference())
+    # the reference rows' dataset indices are recorded at training, and read back
+    assert len(source.metadata.lineage["reference_rows"]) == len(source.reference())
+    # a version registered before they were recorded: its rows are found again as training chose them
+    registry = Registry(settings.registry_dir)
+    lineage = {k: v for k, v in source.metadata.lineage.items() if k != "reference_rows"}
+    legacy = registry.register(source.metadata.model_copy(update={"lineage": lineage}),
+                               source.onnx_path, reference=source.reference())
+    again = quantize_version(registry.get(legacy.name, legacy.version), settings=settings,
+                             data=data, **FAST_SPEED)
+    assert again.reference is not None
+    np.testing.assert_array_equal(again.reference[REF_PREDICTION], quantized.reference[REF_PREDICTION])
 
 
 # -- what cannot be quantized ------------------------------------------------------------------
