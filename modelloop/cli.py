@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ensemble": ("training.ensemble_cli", "ensemble_app",
                  "Combine registered classifiers into one ONNX graph; promote if it beats them."),
     "models": ("modelloop.models_cli", "app",
-               "List, show, promote, roll back, register, gate and export model versions."),
+               "List, show, promote, roll back, import, gate and export model versions."),
     "serve": ("serving.cli", "serve_app", "Serve the production model over REST (BentoML)."),
     "batch": ("serving.cli", "batch_app", "Score CSV/Parquet files in bounded memory."),
     "monitor": ("monitoring.cli", "app", "The monitoring sidecar and its tools."),
@@ -35,9 +35,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # commands another package adds to a group: (group, command) -> (module, attribute). The module
 # is imported with its group, so it imports its heavy dependencies inside the command.
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str, str]] = {
-    ("models", "register"): ("training.byo_cli", "register_app",
-                             "Register an ONNX FILE made elsewhere (torch.onnx, skl2onnx, ...) as "
-                             "a new version."),
+    ("models", "import"): ("training.byo_cli", "import_app",
+                           "Import an ONNX FILE made elsewhere (torch.onnx, skl2onnx, ...) as a "
+                           "new version."),
+    ("models", "register"): ("training.byo_cli", "import_app", "The same as models import."),
     ("models", "gate"): ("training.gate_cli", "gate_app",
                          "Judge VERSION of NAME against production on labelled rows; promote "
                          "only a winner."),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -121,20 +121,40 @@ def _frame(data: Rows, target: str, feature_names: Sequence[str] | None) -> pd.D
     return frame
 
 
-def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings) -> _Examples:
-    """``data`` and ``holdout`` as one dataset; without ``holdout``, a seeded validation and test
-    split of ``data`` (``settings``' fractions) stands for the rows the model never saw."""
+def _in_order(frame: pd.DataFrame, target: str, columns: Sequence[str] | None,
+              source: str) -> pd.DataFrame:
+    """``frame``'s feature columns in the order of the graph's per-column inputs, refused
+    when they are not the same columns (``columns`` None: as they are)."""
+    if columns is None:
+        return frame
+    have = [str(c) for c in frame.columns if c != target]
+    missing = [c for c in columns if c not in have]
+    extra = [c for c in have if c not in columns]
+    if missing or extra:
+        problems = ([f"no column for the graph's inputs {missing}"] if missing else []) + (
+            [f"columns {extra} that are not inputs of the graph"] if extra else [])
+        raise DataError(f"{source}: its columns do not match the graph's inputs: "
+                        f"{'; '.join(problems)} (target column {target!r})")
+    return frame[[*columns, target] if target in frame.columns else list(columns)]
+
+
+def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings,
+              columns: Sequence[str] | None = None) -> _Examples:
+    """``data`` and ``holdout`` as one dataset, their feature columns in the order of
+    ``columns`` when given; without ``holdout``, a seeded validation and test split of ``data``
+    (``settings``' fractions) stands for the rows the model never saw."""
     ex = given if isinstance(given, ExampleData) else ExampleData(given)
     target, task, class_labels = ex.target, ex.task, ex.class_labels
-    frame = _frame(ex.data, target, ex.feature_names)
     # a file is recorded as the version's dataset: a retraining job reads it again
     source = str(Path(ex.data).resolve()) if isinstance(ex.data, str | Path) else "dataframe"
+    frame = _in_order(_frame(ex.data, target, ex.feature_names), target, columns, source)
     if ex.holdout is None:
         ds = prepare(frame, target, task=task, class_labels=class_labels, source=source)
         split = split_dataset(ds, val_fraction=settings.val_fraction,
                               test_fraction=settings.test_fraction, seed=settings.seed)
         return _Examples(ds, split.train, np.sort(np.concatenate([split.val, split.test])))
-    held = _frame(ex.holdout, target, ex.feature_names)
+    held_source = str(ex.holdout) if isinstance(ex.holdout, str | Path) else "holdout"
+    held = _in_order(_frame(ex.holdout, target, ex.feature_names), target, columns, held_source)
     if list(held.columns) != list(frame.columns):
         raise DataError(f"the holdout's columns {list(held.columns)} are not the data's "
                         f"{list(frame.columns)}")
@@ -354,6 +374,11 @@ def register_module(
 
 
 # -- an ONNX file ------------------------------------------------------------------------------
+ML_DOMAIN = "ai.onnx.ml"
+COLUMN_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64)
+"""The types a per-column input may take: its column of the float32 matrix is cast to it."""
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
             for d in value.type.tensor_type.shape.dim]
@@ -364,25 +389,111 @@ def _is_float_tensor(value: onnx.ValueInfoProto) -> bool:
             and value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE))
 
 
-def _graph_input(proto: onnx.ModelProto, n_features: int, what: str) -> onnx.ValueInfoProto:
+def _load_graph(path: Path, what: str) -> onnx.ModelProto:
+    try:
+        proto = onnx.load_from_string(path.read_bytes())
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # unreadable, not protobuf, or refused by the checker: all the same here
+        raise ByoError(f"{what} is not a valid ONNX model: {type(exc).__name__}: {exc}") from exc
+    return proto
+
+
+def _feeds(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs that are fed (not initializers)."""
     initializers = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ByoError(f"{what} takes {len(inputs)} inputs {[i.name for i in inputs]}; modelloop "
-                       f"serves one float input [batch, {n_features}] (skl2onnx: one "
-                       "FloatTensorType([None, n_features]) initial type)")
-    (inp,) = inputs
+    return [i for i in proto.graph.input if i.name not in initializers]
+
+
+def _dynamic_batch(value: onnx.ValueInfoProto, what: str, kind: str = "input") -> None:
+    if isinstance(_dims(value)[0], int):
+        raise ByoError(f"{what}: {kind} {value.name!r} has shape {_dims(value)}: its batch axis is "
+                       "not dynamic (export it with a symbolic first axis)")
+
+
+def _graph_input(proto: onnx.ModelProto, n_features: int, what: str) -> onnx.ValueInfoProto:
+    """The graph's one float32 input ``[batch, n_features]``."""
+    (inp,) = _feeds(proto)
     dims = _dims(inp)
     if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2:
         raise ByoError(f"{what}: input {inp.name!r} is not a float32 matrix [batch, "
                        f"{n_features}] (shape {dims})")
-    if isinstance(dims[0], int):
-        raise ByoError(f"{what}: input {inp.name!r} has shape {dims}: its batch axis is not "
-                       "dynamic (export it with a symbolic first axis)")
+    _dynamic_batch(inp, what)
     if isinstance(dims[1], int) and dims[1] != n_features:
         raise ByoError(f"{what}: input {inp.name!r} takes {dims[1]} features; the data has "
                        f"{n_features}")
     return inp
+
+
+def _column_inputs(proto: onnx.ModelProto, what: str) -> list[str] | None:
+    """The columns of a graph with one numeric ``[batch, 1]`` input per column (skl2onnx's
+    from a DataFrame), in the graph's order; None for a graph with one input."""
+    inputs = _feeds(proto)
+    if not inputs:
+        raise ByoError(f"{what} takes no inputs")
+    if len(inputs) == 1:
+        return None
+    for inp in inputs:
+        dims = _dims(inp)
+        elem = inp.type.tensor_type.elem_type
+        if elem not in COLUMN_TYPES or len(dims) != 2 or dims[1] != 1:
+            raise ByoError(f"{what} takes {len(inputs)} inputs and {inp.name!r} is not a numeric "
+                           f"column [batch, 1] ({onnx.TensorProto.DataType.Name(elem)} {dims}); "
+                           "modelloop serves one float matrix [batch, n_features] or one numeric "
+                           "[batch, 1] input per column")
+        _dynamic_batch(inp, what)
+    return [i.name for i in inputs]
+
+
+def _graph_says(proto: onnx.ModelProto) -> tuple[Task | None, list[str] | None, bool]:
+    """The task and a classifier's classes as the graph says them (ai.onnx.ml's classifier,
+    ZipMap and regressor nodes, as skl2onnx writes them): ``(task, classes, named)``, ``named``
+    when the classes are the graph's strings rather than numbers."""
+    for node in proto.graph.node:
+        if node.domain == ML_DOMAIN and (node.op_type.endswith("Classifier") or node.op_type == "ZipMap"):
+            attrs = {a.name: a for a in node.attribute}
+            if "classlabels_strings" in attrs:
+                return Task.classification, [s.decode() for s in attrs["classlabels_strings"].strings], True
+            for key in ("classlabels_ints", "classlabels_int64s"):
+                if key in attrs:
+                    return Task.classification, [str(i) for i in attrs[key].ints], False
+    if any(n.domain == ML_DOMAIN and n.op_type.endswith("Regressor") for n in proto.graph.node) \
+            and not any("prob" in o.name.lower() for o in proto.graph.output):
+        return Task.regression, None, False
+    return None, None, False
+
+
+def _as_the_graph_says(data: ExampleData, proto: onnx.ModelProto, what: str) -> ExampleData:
+    """``data`` with the task and classes the graph says; refused where the flags say otherwise
+    (numbered classes may be given names, in the graph's order)."""
+    task, classes, named = _graph_says(proto)
+    if task is None:
+        return data
+    if data.task is not None and data.task is not task:
+        raise ByoError(f"{what} is a {task.value} model (its {ML_DOMAIN} nodes say so), not "
+                       f"{data.task.value}")
+    given = [str(c) for c in data.class_labels] if data.class_labels else None
+    if classes and given and (len(given) != len(classes) or (named and given != classes)):
+        raise ByoError(f"{what}: its classes are {classes}, in this order; the classes given "
+                       f"are {given}")
+    return replace(data, task=task, class_labels=given or classes)
+
+
+def _unzip(proto: onnx.ModelProto) -> None:
+    """Undo skl2onnx's ZipMap (a classifier's probabilities as a sequence of maps, one per
+    row): the graph outputs the probability tensor the maps were made from."""
+    producers = {name: node for node in proto.graph.node for name in node.output}
+    outputs = {o.name for o in proto.graph.output}
+    for out in list(proto.graph.output):
+        node = producers.get(out.name)
+        if node is None or node.domain != ML_DOMAIN or node.op_type != "ZipMap":
+            continue
+        proto.graph.node.remove(node)
+        if node.input[0] in outputs:  # the graph outputs the tensor too
+            proto.graph.output.remove(out)
+            continue
+        n_classes = sum(len(a.strings) + len(a.ints) for a in node.attribute)
+        out.CopyFrom(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT,
+                                                        ["batch", n_classes]))
 
 
 def _graph_output(proto: onnx.ModelProto, task: Task, n_outputs: int, what: str) -> onnx.ValueInfoProto:
@@ -392,9 +503,7 @@ def _graph_output(proto: onnx.ModelProto, task: Task, n_outputs: int, what: str)
         fits = [o for o in floats if len(_dims(o)) == 2
                 and (_dims(o)[1] == n_outputs or isinstance(_dims(o)[1], str))]
         fits.sort(key=lambda o: "prob" not in o.name.lower())
-        hint = (f"probabilities [batch, {n_outputs}]" + ("; a sequence of maps is skl2onnx's "
-                "ZipMap: convert with options={id(model): {'zipmap': False}}"
-                if any(o.type.HasField("sequence_type") for o in proto.graph.output) else ""))
+        hint = f"probabilities [batch, {n_outputs}]"
     else:
         fits = [o for o in floats if len(_dims(o)) == 1 or (len(_dims(o)) == 2
                 and (_dims(o)[1] == 1 or isinstance(_dims(o)[1], str)))]
@@ -403,11 +512,8 @@ def _graph_output(proto: onnx.ModelProto, task: Task, n_outputs: int, what: str)
         shown = {o.name: _dims(o) if o.type.HasField("tensor_type") else "not a tensor"
                  for o in proto.graph.output}
         raise ByoError(f"{what}: no output fits a {task.value} model ({hint}); its outputs: {shown}")
-    out = fits[0]
-    if isinstance(_dims(out)[0], int):
-        raise ByoError(f"{what}: output {out.name!r} has shape {_dims(out)}: its batch axis is "
-                       "not dynamic")
-    return out
+    _dynamic_batch(fits[0], what, "output")
+    return fits[0]
 
 
 def _rename(proto: onnx.ModelProto, old: str, new: str) -> None:
@@ -421,19 +527,50 @@ def _rename(proto: onnx.ModelProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _conventional(proto: onnx.ModelProto, inp: onnx.ValueInfoProto, out: onnx.ValueInfoProto,
-                  main: str) -> bytes:
+def _split_columns(proto: onnx.ModelProto, columns: Sequence[str]) -> None:
+    """Feed the per-column inputs from one float32 matrix ``input`` ``[batch, columns]``: a
+    Split on its second axis, then each column cast to its input's type. Serving, the checks and
+    every tool downstream then run it as any other version."""
+    graph, n = proto.graph, len(columns)
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    parts = [f"{INPUT_NAME}_column_{i}" for i in range(n)]
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=1)
+    if opset >= 13:  # the sizes became an input in opset 13
+        sizes = onnx.numpy_helper.from_array(np.ones(n, np.int64), f"{INPUT_NAME}_column_sizes")
+        graph.initializer.append(sizes)
+        split = onnx.helper.make_node("Split", [INPUT_NAME, sizes.name], parts, axis=1)
+    else:
+        split = onnx.helper.make_node("Split", [INPUT_NAME], parts, axis=1, split=[1] * n)
+    casts = [onnx.helper.make_node("Cast", [p], [c], to=types[c])
+             for p, c in zip(parts, columns, strict=True)]
+    nodes = [split, *casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [i for i in graph.input if i.name not in set(columns)]
+    del graph.input[:]
+    graph.input.extend([onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT,
+                                                           ["batch", n]), *kept])
+
+
+def _conventional(proto: onnx.ModelProto, inp: onnx.ValueInfoProto | None,
+                  columns: Sequence[str] | None, out: onnx.ValueInfoProto, main: str) -> bytes:
     """The graph with modelloop's names (input ``input``, the served output) and only that
-    output, serialised."""
+    output, serialised; per-column inputs are fed from the one input (:func:`_split_columns`)."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    taken = {n for node in proto.graph.node for n in (*node.input, *node.output)} - {inp.name, out.name}
+    taken = {n for node in proto.graph.node for n in (*node.input, *node.output)} - {out.name}
+    taken |= set(columns or ())
+    if inp is not None:
+        taken.discard(inp.name)
     if INPUT_NAME in taken or main in taken:
         raise ByoError(f"the graph already has values named {INPUT_NAME!r} or {main!r} that are "
                        "not its input and output")
     kept = [o for o in proto.graph.output if o.name == out.name]
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
-    _rename(proto, inp.name, INPUT_NAME)
+    if inp is not None:
+        _rename(proto, inp.name, INPUT_NAME)
+    else:
+        _split_columns(proto, columns or [])
     _rename(proto, out.name, main)
     return proto.SerializeToString()
 
@@ -448,7 +585,8 @@ def _check_outputs(onnx_bytes: bytes, ex: _Examples, settings: TrainingSettings,
         parts = {b: run_onnx(session, x, batch_size=b)[_main_output(ex.ds.task)]
                  for b in settings.parity_batch_sizes}
     except Exception as exc:  # ONNX Runtime raises several types; all mean "does not run"
-        raise ByoError(f"{what} does not run on the data: {type(exc).__name__}: {exc}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise ByoError(f"{what} does not run on the data: {type(exc).__name__}: {reason}") from exc
     _finite(whole, what)
     if len(whole) != len(x) or whole.reshape(len(x), -1).shape[1] != _n_outputs(ex.ds):
         raise ByoError(f"{what} gives shape {list(whole.shape)} for {len(x)} rows; expected "
@@ -479,29 +617,34 @@ def register_onnx(
     """Check an ONNX file made elsewhere on ``data`` and register it as a new version of ``name``.
 
     The graph takes one float32 input ``[batch, n_features]`` (the data's feature columns, in
-    order) and outputs a classifier's probabilities ``[batch, classes]`` (in the order of
-    ``data.class_labels``; other outputs, such
-    as skl2onnx's label, are dropped) or a regressor's ``[batch]`` / ``[batch, 1]``. The stored
-    graph has modelloop's names (input ``input``; output ``probabilities`` or ``prediction``).
-    ``data`` and the errors are as in :func:`register_module`; there is no PyTorch
-    to check parity against, so the graph is run at several batch sizes instead.
+    order) or one numeric ``[batch, 1]`` input per column (skl2onnx's from a DataFrame: the
+    data's columns are matched to them by name), and outputs a classifier's probabilities
+    ``[batch, classes]`` (a tensor, or skl2onnx's ZipMap, which is undone; other outputs, such
+    as skl2onnx's label, are dropped) or a regressor's ``[batch]`` / ``[batch, 1]``. The task and
+    the classes (in the order of the probabilities) are read from the graph where its
+    ``ai.onnx.ml`` nodes say them, else taken from ``data``. The stored graph has modelloop's
+    names and one input, so it is served and checked as any other version: input ``input``
+    ``[batch, n_features]`` (fed to per-column inputs through a Split); output
+    ``probabilities`` or ``prediction``. ``data`` and the errors are as in
+    :func:`register_module`; there is no PyTorch to check parity against, so the graph is run at
+    several batch sizes instead.
     """
     settings = settings or TrainingSettings()
     path = Path(onnx_file)
     what = f"ONNX file {path.name}"
-    try:
-        proto = onnx.load_from_string(path.read_bytes())
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # unreadable, not protobuf, or refused by the checker: all the same here
-        raise ByoError(f"{what} is not a valid ONNX model: {type(exc).__name__}: {exc}") from exc
-    ex = _examples(data, settings)
-    inp = _graph_input(proto, ex.ds.n_features, what)
+    proto = _load_graph(path, what)
+    _unzip(proto)
+    columns = _column_inputs(proto, what)
+    given = data if isinstance(data, ExampleData) else ExampleData(data)
+    ex = _examples(_as_the_graph_says(given, proto, what), settings, columns)
+    inp = None if columns else _graph_input(proto, ex.ds.n_features, what)
     out = _graph_output(proto, ex.ds.task, _n_outputs(ex.ds), what)
-    onnx_bytes = _conventional(proto, inp, out, _main_output(ex.ds.task))
+    onnx_bytes = _conventional(proto, inp, columns, out, _main_output(ex.ds.task))
     _check_outputs(onnx_bytes, ex, settings, what)
     lineage = {"source": SOURCE_ONNX, "onnx_file": str(path.resolve()),
                "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-               "graph_input": inp.name, "graph_output": out.name, "retrainable": False}
+               "graph_inputs": columns or [inp.name if inp else INPUT_NAME],
+               "graph_output": out.name, "retrainable": False}
     meta, reference = _build_version(name, ex, onnx_bytes, settings, what=what,
                                      architecture=SOURCE_ONNX, parity=None, config={},
                                      lineage=lineage)
@@ -518,7 +661,7 @@ def not_retrainable(meta: ModelMetadata) -> str | None:
                 "build a new ensemble of them")
     source = meta.lineage.get("source")
     if source == SOURCE_ONNX:
-        return ("it was registered from an ONNX file (modelloop models register): there are no "
+        return ("it was registered from an ONNX file (modelloop models import): there are no "
                 "weights or architecture to retrain; retrain it where it was made and register "
                 "the new file")
     if source != SOURCE_MODULE:

@@ -77,7 +77,7 @@ def test_the_cli_registers_a_skl2onnx_file_that_then_serves(tmp_path: Path) -> N
     registry = Registry(home / "registry")
     version = registry.get("iris")
     meta = version.metadata
-    assert meta.lineage["source"] == "onnx" and meta.lineage["graph_input"] == "features"
+    assert meta.lineage["source"] == "onnx" and meta.lineage["graph_inputs"] == ["features"]
     assert meta.lineage["graph_output"] == "probabilities"
     assert meta.class_labels == list(SPECIES) and meta.architecture == "onnx"
     assert (version.reference()[REF_SPLIT] == "holdout").sum() == len(held)
@@ -149,6 +149,9 @@ class Poisoned(Logits):
         return torch.softmax(self.linear(x), dim=-1) * torch.log(x[:, :1] - 5)  # NaN for iris
 
 
+GIVEN = ["virginica", "setosa", "versicolor"]  # refused only where the graph names its classes
+
+
 def _garbage(path: Path) -> Path:
     path.write_bytes(b"not a graph")
     return path
@@ -157,10 +160,9 @@ def _garbage(path: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        # skl2onnx's default output is a ZipMap (a sequence of maps), not a tensor
-        (lambda p: sklearn_iris(p, zipmap=True), "no output fits a classification model "
-         "(probabilities [batch, 3]; a sequence of maps is skl2onnx's ZipMap: convert with "
-         "options={id(model): {'zipmap': False}})"),
+        # the classes in another order than the graph says them
+        (lambda p: sklearn_iris(p, zipmap=True), "its classes are ['setosa', 'versicolor', "
+         "'virginica'], in this order; the classes given are ['virginica', 'setosa', 'versicolor']"),
         # exported without dynamic axes: the batch size is fixed at 8
         (lambda p: torch_file(p, Probabilities(), 4, dynamic=False),
          "input 'x' has shape [8, 4]: its batch axis is not dynamic"),
@@ -180,7 +182,7 @@ def test_refusals(tmp_path: Path, make: object, message: str) -> None:
     train, held = iris()
     settings = quiet_settings(tmp_path)
     with pytest.raises(ByoError) as info:
-        register_onnx(path, ExampleData(train, holdout=held), name="iris",
+        register_onnx(path, ExampleData(train, holdout=held, class_labels=GIVEN), name="iris",
                       registry=Registry(settings.registry_dir), settings=settings)
     assert message in str(info.value)
     assert "\n" not in str(info.value)

@@ -32,7 +32,7 @@ def _retrain(home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     [
         # an ONNX file: no weights, no architecture
         ("onnx", "error: iris v1 cannot be retrained: it was registered from an ONNX file "
-         "(modelloop models register): there are no weights or architecture to retrain"),
+         "(modelloop models import): there are no weights or architecture to retrain"),
         # a module registered without its constructor arguments
         ("module", "error: iris v1 cannot be retrained: it was registered from a module without "
          "its constructor arguments"),
