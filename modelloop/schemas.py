@@ -288,6 +288,13 @@ class EventColumns(BaseModel):
     features: list[list[Number | None]] | PackedMatrix
     prediction: list[Number]
     probabilities: list[list[Number]] | PackedMatrix | None = None
+    seen: Count | None = None
+    """Rows the model predicted that these events stand for: theirs and those of the same model
+    that serving's sample left out since its previous group (serving/sampling.py); None: not
+    said (every row was sent)."""
+    share: Annotated[float, Strict(), Field(gt=0, le=1)] = 1.0
+    """Share of the model's rows whose events serving sent while these were recorded (a power of
+    two; :mod:`modelloop.sampling` says which)."""
 
     @field_validator("features", "probabilities", mode="before")
     @classmethod

@@ -153,15 +153,17 @@ class ModelCatalog:
 
 _batch_adapter = TypeAdapter(EventBatch)
 _columns_adapter = TypeAdapter(ColumnBatch)
+SampleNote = Callable[[str, int, float], None]  # (model, rows seen, share): see parse_events
 _COLUMNS = re.compile(rb'^\s*\{\s*"columns"\s*:')
 
 
 def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
-                 bounds: TimeBounds = TimeBounds()) -> list[EventRow]:
+                 bounds: TimeBounds = TimeBounds(), note: SampleNote | None = None) -> list[EventRow]:
     """Validate a ``{"events": [...]}`` or ``{"columns": [...]}`` body (serving sends columns);
-    the rows to store, or :class:`InputError`."""
+    the rows to store, or :class:`InputError`. ``note(model, seen, share)`` is told, per column
+    group of a valid body, the rows it stands for and the share serving sampled them at."""
     if _COLUMNS.match(body):
-        return parse_columns(body, catalog, received_at, bounds)
+        return parse_columns(body, catalog, received_at, bounds, note)
     batch = _validate(_batch_adapter, body, _count_events)
     events = batch.events
     errors: list[tuple[int, str]] = []
@@ -273,7 +275,7 @@ def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], i
 
 
 def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
-                  bounds: TimeBounds = TimeBounds()) -> list[EventRow]:
+                  bounds: TimeBounds = TimeBounds(), note: SampleNote | None = None) -> list[EventRow]:
     """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
     version with whole-matrix checks; errors name ``columns[g].field[row]``."""
     batch = _validate(_columns_adapter, body, _count_rows)
@@ -306,6 +308,9 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
     if errors:
         reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
         raise InputError(422, reason, errors, total)
+    if note is not None:
+        for g in batch.columns:
+            note(g.model, sum(g.rows) if g.seen is None else g.seen, g.share)
     return rows
 
 

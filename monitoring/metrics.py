@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
                   "too_slow", "ambiguous_id", "invalid_feedback", "invalid_label")
-FEEDBACK_RESULTS = ("joined", "unknown", "duplicate", "ambiguous")
+FEEDBACK_RESULTS = ("joined", "unknown", "duplicate", "ambiguous", "not_sampled")
 JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
@@ -42,7 +42,13 @@ class MonitorMetrics:
                                  "refused (malformed, too large or slow, an ambiguous request id).",
                                  ("reason",))
         self.feedback = c("modelloop_feedback_total", "Labels received (joined, unknown, "
-                          "duplicate, ambiguous).", ("model", "result"))
+                          "duplicate, ambiguous, not_sampled).", ("model", "result"))
+        self.events_seen = c("modelloop_events_seen_total", "Rows serving predicted that the "
+                             "events received stand for, those its sample left out included.",
+                             ("model",))
+        self.events_sample_share = g("modelloop_events_sample_share_ratio", "Share of the model's "
+                                     "rows whose events serving sends (its last events said).",
+                                     ("model",))
         # drift
         self.drift_score = g("modelloop_drift_score", "Per-feature drift score (the test's "
                              "statistic or p-value, see modelloop_drift_method_info).",

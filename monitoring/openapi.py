@@ -65,12 +65,14 @@ class EventsAccepted(BaseModel):
 
 class FeedbackResult(BaseModel):
     """Labels joined to their events; unknown ids have no event (yet), duplicates had a label,
-    ambiguous ids came with two different predictions (no label is joined to them)."""
+    ambiguous ids came with two different predictions (no label is joined to them), not_sampled
+    ids have no event because serving's event sample left them out (monitoring/sampling.py)."""
 
     joined: int = Field(ge=0)
     unknown: list[str]
     duplicate: list[str]
     ambiguous: list[str]
+    not_sampled: list[str] = Field(default_factory=list)
 
 
 class JobAnswer(BaseModel):

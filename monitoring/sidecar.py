@@ -42,6 +42,7 @@ from monitoring.jobs import JobManager, JobOutcome, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
 from monitoring.records import EventRow, JobRecord, Stored
+from monitoring.sampling import SampleBook
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
 
@@ -70,6 +71,7 @@ class Sidecar:
         self.writer: GroupCommitWriter
         self.jobs: JobManager
         self.evaluator: Evaluator
+        self.samples = SampleBook(self.metrics, settings.retention_max_age_s)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, background: bool = True) -> None:
@@ -151,7 +153,9 @@ class Sidecar:
 
     def parse_events(self, body: bytes) -> list[EventRow]:
         try:
-            return parse_events(body, self.catalog, self.clock(), self.time_bounds)
+            now = self.clock()
+            return parse_events(body, self.catalog, now, self.time_bounds,
+                                lambda model, seen, share: self.samples.note(model, seen, share, now))
         except InputError as exc:
             self.metrics.events_rejected.labels(exc.reason).inc(exc.rejected)
             raise
@@ -182,6 +186,8 @@ class Sidecar:
         errors: list[str] = []
         plan: list[tuple[str, float, float, str]] = []
         unknown: list[str] = []
+        left_out, left_label = self.samples.left_out([f.request_id for f in items if f.request_id not in targets], now)
+        not_sampled: list[str] = []
         duplicate: list[str] = []
         ambiguous: list[str] = []
         seen: set[str] = set()
@@ -189,8 +195,9 @@ class Sidecar:
             rid = fb.request_id
             target = targets.get(rid)
             if target is None:
-                unknown.append(rid)
-                self.metrics.feedback.labels("unknown", "unknown").inc()
+                (not_sampled if rid in left_out else unknown).append(rid)
+                self.metrics.feedback.labels(*((left_label, "not_sampled") if rid in left_out
+                                               else ("unknown", "unknown"))).inc()
                 continue
             if target.ambiguous:
                 ambiguous.append(rid)
@@ -222,7 +229,7 @@ class Sidecar:
                 duplicate.append(rid)
                 self.metrics.feedback.labels(model, "duplicate").inc()
         return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate,
-                "ambiguous": ambiguous}
+                "ambiguous": ambiguous, "not_sampled": not_sampled}
 
     def not_retrainable(self, model: str, trigger: str) -> tuple[str, str] | None:
         """Why ``model`` cannot be retrained at all (``not_watched``/``unknown_model`` and a

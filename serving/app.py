@@ -56,6 +56,7 @@ from serving.jobs import JobLimits
 from serving.openapi import REQUEST_ID_PATTERN, openapi_document
 from serving.predictions import records_json
 from serving.repository import ModelNotFound, ModelUnavailable, ServedModel
+from serving.sampling import LABEL_EXPECTED_HEADER, labelled
 from serving.state import ServingState
 from serving.validation import RequestError, parse_predict_body
 
@@ -168,8 +169,11 @@ class Routes:
 
     def request_id(self, request: Request, given: str | None = None) -> str:
         """The request's id: ``given`` (an inference request's ``id``), else ``X-Request-ID``,
-        else a new one; it names the rows' events, so its characters are few."""
-        return self.checked_request_id(given, request.headers.get("x-request-id"))
+        else a new one; it names the rows' events, so its characters are few. A
+        :class:`~serving.sampling.LabelledId` when ``X-Modelloop-Label-Expected: 1`` says the
+        request will be labelled (the event sample keeps all its rows)."""
+        return labelled(self.checked_request_id(given, request.headers.get("x-request-id")),
+                        request.headers.get(LABEL_EXPECTED_HEADER))
 
     @staticmethod
     def checked_request_id(given: str | None, header: str | None) -> str:

@@ -54,14 +54,16 @@ import orjson
 
 from modelloop.schemas import Mode, PackedMatrix
 from serving.predictions import Predictions
+from serving.sampling import EventSampler
 
 logger = logging.getLogger(__name__)
 
 _SLICE = 256  # rows of a column group at most: the body is built a group at a time, with a yield
 
-# on_sent(model, n), on_dropped(model, reason, n)
+# on_sent(model, n), on_dropped(model, reason, n), on_sampled(model, rows kept, rows left out)
 SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
+SampledHook = Callable[[str, int, int], None]
 DROP_REASONS = ("buffer_full", "expired", "rejected", "shutdown")
 
 
@@ -148,14 +150,19 @@ class _Segment:
         "predictions",
         "probabilities",
         "rows",
+        "seen",
+        "share",
         "timestamps",
         "version",
         "widths",
         "xs",
     )
 
-    def __init__(self, model: str, version: int, mode: str, widths: tuple[int, int], born: float) -> None:
+    def __init__(self, model: str, version: int, mode: str, widths: tuple[int, int], born: float,
+                 share: float = 1.0) -> None:
         self.model, self.version, self.mode, self.widths = model, version, mode, widths
+        self.share = share  # of the model's rows sent while these were recorded (serving/sampling.py)
+        self.seen = 0  # rows predicted that these events stand for, those left out by the sample too
         self.born = born  # time.monotonic() of its first row: what the age limit is judged by
         self.ids: list[str] = []
         self.first_rows: list[int] = []
@@ -189,11 +196,13 @@ class _Segment:
         proba = self.probabilities[0] if self.probabilities else None
 
         def part(rows: slice) -> _Segment:
-            return _Segment(self.model, self.version, self.mode, self.widths, self.born).add(
+            return _Segment(self.model, self.version, self.mode, self.widths, self.born, self.share).add(
                 self.ids, [self.first_rows[0] + rows.indices(len(x))[0]], [len(x[rows])], self.timestamps[0],
                 self.latencies, x[rows], pred[rows], None if proba is None else proba[rows])
 
-        return part(slice(0, k)), part(slice(k, None))
+        head, rest = part(slice(0, k)), part(slice(k, None))
+        head.seen = self.seen
+        return head, rest
 
     def trim(self, need: int) -> int:
         """Drop the oldest rows in place, at least ``need`` (whole requests; of a single request
@@ -237,6 +246,7 @@ class _Segment:
             "features": PackedMatrix.pack(rows(self.xs)),
             "prediction": rows(self.predictions),
             "probabilities": PackedMatrix.pack(rows(self.probabilities)) if self.probabilities else None,
+            "seen": self.seen, "share": self.share,
         }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -258,6 +268,8 @@ class EventEmitter:
         headers: Mapping[str, str] | None = None,
         on_sent: SentHook | None = None,
         on_dropped: DroppedHook | None = None,
+        sampler: EventSampler | None = None,
+        on_sampled: SampledHook | None = None,
     ) -> None:
         self.url = f"{sidecar_url.rstrip('/')}/events" if sidecar_url else None
         self.buffer_rows = buffer_rows
@@ -269,6 +281,9 @@ class EventEmitter:
         self.timeout_s = timeout_s
         self.on_sent = on_sent
         self.on_dropped = on_dropped
+        self.sampler = sampler if sampler is not None and sampler.active else None
+        self.on_sampled = on_sampled
+        self._unsent_seen: dict[str, int] = {}  # per model: rows left out since its last group
         self.sent = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._headers = dict(headers or {})  # (the ingest key: given to the client, never logged)
@@ -331,6 +346,12 @@ class EventEmitter:
         n = len(x)
         if n == 0:  # a request of no rows has no events (and the sidecar takes none)
             return
+        seen = n
+        sampled = self._sample(model, base_ids, first_rows, counts, x, preds, latencies)
+        if sampled is None:
+            return
+        share, base_ids, first_rows, counts, latencies, x, preds = sampled
+        n = len(x)
         proba = preds.probabilities
         widths = (x.shape[1], -1 if proba is None else proba.shape[1])
         k = len(base_ids)
@@ -343,8 +364,10 @@ class EventEmitter:
                 large = k == 1 and n > self._segment_rows
                 seg = self._open
                 if (large or seg is None or (seg.rows and seg.rows + n > self._segment_rows)
-                        or seg.version != version or seg.model != model or seg.mode != mode or seg.widths != widths):
-                    seg = self._new_segment(model, version, mode, widths)
+                        or seg.version != version or seg.model != model or seg.mode != mode
+                        or seg.widths != widths or seg.share != share):
+                    seg = self._new_segment(model, version, mode, widths, share)
+                seg.seen += seen + (self._unsent_seen.pop(model, 0) if self._unsent_seen else 0)
                 seg.add(base_ids, [0] * k if first_rows is None else first_rows, counts,
                         time.time() if timestamp is None else timestamp, latencies, x, preds.prediction, proba)
                 if large:  # a closed segment of its own, cut into groups by _take as it is sent
@@ -360,11 +383,38 @@ class EventEmitter:
         elif self._rows >= self.batch_size:
             self._poke()
 
-    def _new_segment(self, model: str, version: int, mode: str, widths: tuple[int, int]) -> _Segment:
+    def _sample(self, model: str, base_ids: Sequence[str], first_rows: Sequence[int] | None,
+                counts: Sequence[int], x: np.ndarray, preds: Predictions, latencies: Sequence[float],
+                ) -> tuple[float, Sequence[str], Sequence[int] | None, Sequence[int], Sequence[float],
+                           np.ndarray, Predictions] | None:
+        """The rows of a record that the sampler keeps, with the share used (the arguments as
+        they were when it keeps all, or there is no sampler); None when it keeps none (their count waits for the
+        model's next group)."""
+        n = len(x)
+        if self.sampler is None:
+            if self.on_sampled is not None:
+                self.on_sampled(model, n, 0)
+            return 1.0, base_ids, first_rows, counts, latencies, x, preds
+        kept, share = self.sampler.select(model, base_ids, [0] * len(base_ids) if first_rows is None
+                                          else first_rows, counts)
+        m = n if kept.rows is None else len(kept.rows)
+        if self.on_sampled is not None:
+            self.on_sampled(model, m, n - m)
+        if kept.rows is None:
+            return share, base_ids, first_rows, counts, latencies, x, preds
+        if not m:
+            with self._lock:
+                self._unsent_seen[model] = self._unsent_seen.get(model, 0) + n
+            return None
+        return (share, [base_ids[r] for r in kept.requests], kept.first_rows, kept.counts,
+                [latencies[r] for r in kept.requests], x[kept.rows], preds.rows(kept.rows))
+
+    def _new_segment(self, model: str, version: int, mode: str, widths: tuple[int, int],
+                     share: float) -> _Segment:
         """Close the open segment and open a new one (with the lock held)."""
         if self._open is not None and self._open.rows:
             self._closed.append(self._open)
-        self._open = _Segment(model, version, mode, widths, time.monotonic())
+        self._open = _Segment(model, version, mode, widths, time.monotonic(), share)
         return self._open
 
     def _evict(self, need: int) -> list[tuple[str, int]]:

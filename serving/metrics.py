@@ -71,6 +71,11 @@ class ServingMetrics:
             "Prediction events dropped (buffer_full, expired, rejected, shutdown).",
             ["model", "reason"], registry=registry,
         )
+        self.events_sampled = Counter(
+            "modelloop_serving_events_sampled_total",
+            "Rows predicted with events asked for, by whether the sample kept their events (kept, "
+            "left_out; serving/sampling.py).", ["model", "result"], registry=registry,
+        )
         self.reloads = Counter(
             "modelloop_serving_reloads_total", "Model swaps by result (success, failure) and "
             "reason (swapped; missing_version, unresolved, broken).",

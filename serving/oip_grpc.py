@@ -40,6 +40,7 @@ from serving.app import Routes, error_reason
 from serving.batcher import Overloaded, retry_after_header
 from serving.proto import predict_v2_pb2 as pb
 from serving.proto import predict_v2_pb2_grpc as pb_grpc
+from serving.sampling import LABEL_EXPECTED_HEADER, labelled
 from serving.state import ServingState
 from serving.validation import RequestError
 
@@ -237,7 +238,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                           default_binary=True)
 
             req = decode(runtime)
-            rid = routes.checked_request_id(req.id, _metadata(context).get("x-request-id"))
+            metadata = _metadata(context)
+            rid = labelled(routes.checked_request_id(req.id, metadata.get("x-request-id")),
+                           metadata.get(LABEL_EXPECTED_HEADER))
             result = await routes.infer_rows(served, req, runtime, rid, start, request.model_version,
                                              decode)
         finally:

@@ -13,8 +13,9 @@ with the same environment serves the same way.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -32,6 +33,7 @@ from modelloop.settings import HomeSettings
 
 Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
 NanPolicy = Literal["allow", "reject"]
+Share = Annotated[float, Field(gt=0, le=1)]
 ENV_PREFIX = "MODELLOOP_SERVING_"
 
 
@@ -175,6 +177,23 @@ class ServingSettings(HomeSettings):
     event_timeout_s: PositiveFloat = 2.0
     """HTTP timeout of one send to the sidecar."""
 
+    event_share: Share = 1.0
+    """Share of each model's rows whose events are sent (rounded down to a power of two): a
+    uniform sample by a hash of the request id (serving/sampling.py), which the sidecar uses to
+    answer feedback for a request left out as ``not_sampled``. Requests sent with
+    ``X-Modelloop-Label-Expected: 1`` keep all their rows. 1 sends every event."""
+
+    event_shares: dict[str, Share] = Field(default_factory=dict)
+    """Per-model :attr:`event_share`, JSON ``{"model": share}``, instead of the default."""
+
+    event_rows_per_s: NonNegativeFloat = 0.0
+    """Most events a second per model, all workers together (each worker sends its part): the
+    share falls (by powers of two, measured each second) while more rows are predicted, so
+    1024-row traffic does not fill the buffer. 0: no budget, only :attr:`event_share`."""
+
+    event_rows_per_s_by_model: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Per-model :attr:`event_rows_per_s`, JSON ``{"model": rows}``, instead of the default."""
+
     # -- batch scoring -----------------------------------------------------------------------------
     chunk_rows: PositiveInt = 65536
     """Rows read, scored and written at a time by batch scoring (bounds its memory)."""
@@ -234,6 +253,8 @@ class ServingSettings(HomeSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, dict):
+                value = json.dumps(value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             env[f"{ENV_PREFIX}{name.upper()}"] = str(value)

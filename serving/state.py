@@ -32,6 +32,7 @@ from serving.models import RuntimeFactory
 from serving.predictions import Predictions, from_columns
 from serving.repository import ModelRepository
 from serving.runtime import OnnxRuntime
+from serving.sampling import EventSampler
 from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class ServingState:
             on_sent=lambda model, n: self.metrics.events_sent.labels(model=model).inc(n),
             on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(
                 model=model, reason=reason).inc(n),
+            sampler=EventSampler(settings.event_share, settings.event_shares, settings.event_rows_per_s,
+                                 settings.event_rows_per_s_by_model, settings.worker_count()),
+            on_sampled=self._count_sampled,
         )
         self.repository = ModelRepository(Registry(settings.registry_dir), settings, self.metrics,
                                           self._make_batcher, factory)
@@ -136,6 +140,12 @@ class ServingState:
             x = monitored_features(x, runtime.input_dims)
         meta = runtime.metadata
         self.emitter.record_requests(meta.name, meta.version, ids, counts, x, preds, [now - s for s in started])
+
+    def _count_sampled(self, model: str, kept: int, left_out: int) -> None:
+        """Rows whose events the sample kept and left out (any thread: not buffered)."""
+        self.child(self.metrics.events_sampled, model, "kept").inc(kept)
+        if left_out:
+            self.child(self.metrics.events_sampled, model, "left_out").inc(left_out)
 
     def observe_request(self, model: str, route: str, code: int, seconds: float) -> None:
         self.buffer.inc(self.child(self.metrics.requests, model, route, str(code)))

@@ -165,10 +165,10 @@ def test_feedback_joins_and_reports_unknown_and_duplicate_ids(
         {"request_id": "f-1", "label": 1}, {"request_id": "ghost", "label": "no"}]})
     assert resp.status_code == 200
     assert resp.json() == {"joined": 2, "unknown": ["ghost"], "duplicate": ["f-1"],
-                           "ambiguous": []}
+                           "ambiguous": [], "not_sampled": []}
     single = client.post("/feedback", json={"request_id": "f-0", "label": "no"})
     assert single.json() == {"joined": 0, "unknown": [], "duplicate": ["f-0"],
-                             "ambiguous": []}
+                             "ambiguous": [], "not_sampled": []}
     assert metric(client, "modelloop_feedback_total", model="churn", result="joined") == 2
     assert metric(client, "modelloop_feedback_total", result="unknown") == 1
 
