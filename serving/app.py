@@ -12,6 +12,7 @@ Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
     GET  /v2  /v2/health/live  /v2/health/ready   open
     GET  /v2/models/{name}[/versions/{v}][/ready] auth
     POST /v2/models/{name}[/versions/{v}]/infer   auth
+    POST /explain  /v2/models/{name}[/versions/{v}]/explain   auth   SHAP attributions (serving/explain.py)
     POST /batch/score                      auth   CSV or Parquet body -> scored file
     POST /batch/jobs                       auth   CSV or Parquet body -> {"job_id": ...}
     GET  /batch/jobs/{id}  /batch/jobs/{id}/result  auth
@@ -52,6 +53,7 @@ from starlette.routing import Route
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import BatchResult, Overloaded, retry_after_header
+from serving.explain import ExplainWorker, explain_json, oip_explain_json, rows_of
 from serving.jobs import JobLimits
 from serving.openapi import REQUEST_ID_PATTERN, openapi_document
 from serving.predictions import records_json
@@ -151,6 +153,7 @@ class Routes:
         self.nan_policy = s.nan_policy
         self.job_limits = JobLimits(max_active=s.max_active_jobs, max_disk_bytes=s.max_jobs_disk_bytes,
                                     max_row_group_bytes=s.job_max_row_group_bytes)
+        self.explainer = ExplainWorker(s)
 
     # -- shared plumbing ---------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -366,6 +369,29 @@ class Routes:
         state.count_rows(result.runtime.name, len(x))
         return result
 
+    # -- explanations: in the worker's explanation process (serving/explain.py) -----------------
+    async def explain(self, request: Request, state: ServingState) -> Response:
+        served = await self.acquire(request.path_params.get("name"))
+        state.repository.release(served)  # (the explanation process loads the version itself)
+        runtime = served.manager.current
+        body = await read_body(request, self.max_body)
+        base = self.request_id(request)
+        meta = runtime.metadata
+        x = parse_predict_body(body, meta, nan_policy=self.nan_policy, max_rows=self.max_rows)
+        expl = await self.explainer.explain(runtime.version, rows_of(meta, x))
+        return json_response({"model": runtime.name, "version": runtime.model_version, "request_id": base,
+                              **explain_json(meta, expl)}, headers={"x-request-id": base})
+
+    async def oip_explain(self, request: Request, state: ServingState) -> Response:
+        served = await self.acquire(request.path_params["name"])
+        state.repository.release(served)
+        runtime = self.check_version(served, request.path_params.get("version"))
+        body = await read_body(request, self.max_body)
+        req = self.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime)
+        base = self.request_id(request, req.id)
+        expl = await self.explainer.explain(runtime.version, rows_of(runtime.metadata, req.x))
+        return json_response(oip_explain_json(runtime.metadata, expl, base))
+
     # -- the model repository extension --------------------------------------------------------
     async def repository_index(self, request: Request, state: ServingState) -> Response:
         body = await read_body(request, self.max_body)
@@ -505,6 +531,8 @@ def build_app(state: ServingState) -> Starlette:
         *[(p, "GET", "", True, r.model_metadata) for p in (v2, vv)],
         *[(p + "/ready", "GET", "", True, r.model_ready) for p in (v2, vv)],
         *[(p + "/infer", "POST", "infer", True, r.infer) for p in (v2, vv)],
+        ("/explain", "POST", "explain", True, r.explain),
+        *[(p + "/explain", "POST", "explain", True, r.oip_explain) for p in (v2, vv)],
         ("/batch/score", "POST", "batch", True, r.batch_score),
         ("/batch/jobs", "POST", "batch", True, r.job_submit),
         ("/batch/jobs/{job_id}", "GET", "", True, r.job_status),
@@ -534,4 +562,4 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
 
 
 # Paths the front door in serving/service.py sends to this app rather than to BentoML's.
-OWN_PREFIXES = ("/predict", "/models/", "/v2", "/batch/", "/admin/")
+OWN_PREFIXES = ("/predict", "/models/", "/v2", "/batch/", "/admin/", "/explain")

@@ -1,4 +1,4 @@
-"""``modelloop serve`` and ``modelloop batch score``: settings in, library call out.
+"""``modelloop serve``, ``modelloop batch score`` and ``batch explain``: settings in, library call out.
 
 ``serve_app`` starts the BentoML service ``serving.service:ModelService``; its options override the
 ``MODELLOOP_SERVING_*`` settings and reach BentoML's worker processes as those environment
@@ -7,10 +7,12 @@ variables. ``batch_app`` scores CSV/Parquet files in bounded memory, resumably.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,16 +32,23 @@ batch_app = typer.Typer(help="Score CSV/Parquet files with the served model, in 
                         no_args_is_help=True, add_completion=False)
 
 
+# the options batch score and batch explain share
+InputArgument = Annotated[Path, typer.Argument(metavar="IN", help="Input .csv or .parquet with the model's feature columns.")]
+ModelOption = Annotated[str | None, typer.Option("--name", "-n", help="Registered model (default: the only one).")]
+KeepOption = Annotated[list[str] | None, typer.Option("--keep", "-k", help="Input column to copy to the output (repeatable), e.g. an id.")]
+NanOption = Annotated[NanPolicy | None, typer.Option(help="Missing values: allow or reject.")]
+
+
 @batch_app.callback()
 def _batch() -> None:
     """Score CSV/Parquet files with a registered model, in bounded memory and resumably."""
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 1) -> typer.Exit:
     # one line, printed as it is (a library's message may hold newlines or look like markup)
     console.print(f"[red]error:[/] {escape(' '.join(message.splitlines()))}", highlight=False,
                   soft_wrap=True)
-    return typer.Exit(code=1)
+    return typer.Exit(code=code)
 
 
 def _settings(**overrides: Any) -> ServingSettings:
@@ -170,15 +179,15 @@ def _preflight(settings: ServingSettings) -> None:
 
 @batch_app.command("score")
 def score(
-    input_path: Annotated[Path, typer.Argument(metavar="IN", help="Input .csv or .parquet with the model's feature columns.")],
+    input_path: InputArgument,
     output: Annotated[Path, typer.Argument(metavar="OUT", help="Output .csv or .parquet: kept columns, prediction, label, probability_<label>.")],
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Registered model (default: the only one).")] = None,
+    name: ModelOption = None,
     alias: Annotated[str | None, typer.Option(help="Alias or version to score with (default production).")] = None,
     chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk (bounds memory; default 65536).")] = None,
-    keep: Annotated[list[str] | None, typer.Option("--keep", "-k", help="Input column to copy to the output (repeatable), e.g. an id.")] = None,
+    keep: KeepOption = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (0 = all cores).")] = None,
     providers: Annotated[Provider | None, typer.Option(help="Execution provider.")] = None,
-    nan_policy: Annotated[NanPolicy | None, typer.Option(help="Missing values: allow or reject.")] = None,
+    nan_policy: NanOption = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the parts of an interrupted run instead of resuming it.")] = False,
 ) -> None:
     """Score IN into OUT chunk by chunk with ONNX Runtime: bounded memory, a progress bar, the
@@ -228,6 +237,19 @@ def score(
 
 def _score_with_progress(score_file: Any, input_path: Path, output: Path, runtime: Any,
                          settings: ServingSettings, keep: list[str]) -> Any:
+    from serving.batch import InputFile, check_columns
+
+    src = InputFile.open(input_path)
+    check_columns(src, runtime.metadata.feature_names, keep)  # before the progress bar appears
+    with _progress("scoring", src) as update:
+        return score_file(input_path, output, runtime, chunk_rows=settings.chunk_rows,
+                          nan_policy=settings.nan_policy, keep=keep, progress=update)
+
+
+@contextlib.contextmanager
+def _progress(verb: str, src: Any) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over the input file ``src`` (an InputFile): in rows for Parquet, in bytes
+    for CSV; yields ``update(rows, done)``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -237,17 +259,53 @@ def _score_with_progress(score_file: Any, input_path: Path, output: Path, runtim
         TimeRemainingColumn,
     )
 
-    from serving.batch import InputFile, check_columns
-
-    src = InputFile.open(input_path)
-    check_columns(src, runtime.metadata.feature_names, keep)  # before the progress bar appears
     total = src.total_rows if src.total_rows is not None else src.size
     unit = "rows" if src.total_rows is not None else "bytes"
-    columns = [TextColumn("[bold]scoring[/]"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn(f"[bold]{verb}[/]"), BarColumn(), MofNCompleteColumn(),
                TextColumn(unit), TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("score", total=total, rows=0)
-        return score_file(input_path, output, runtime, chunk_rows=settings.chunk_rows,
-                          nan_policy=settings.nan_policy, keep=keep,
-                          progress=lambda rows, done: bar.update(task, completed=done, rows=rows))
+        task = bar.add_task(verb, total=total, rows=0)
+        yield lambda rows, done: bar.update(task, completed=done, rows=rows)
+
+
+@batch_app.command("explain")
+def explain(
+    input_path: InputArgument,
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="Output .csv or .parquet: kept columns; per explained output its value, <output>__base and <output>__<feature> attributions; additivity_error.")],
+    name: ModelOption = None,
+    alias: Annotated[str | None, typer.Option(help="Alias or version to explain (default production).")] = None,
+    keep: KeepOption = None,
+    max_evals: Annotated[int | None, typer.Option(help="Most model evaluations per row (default MODELLOOP_SERVING_EXPLAIN_MAX_EVALS).")] = None,
+    background_rows: Annotated[int | None, typer.Option(help="Reference rows masked features are drawn from (default 100).")] = None,
+    nan_policy: NanOption = None,
+) -> None:
+    """Explain every row of IN into OUT: per-feature SHAP attributions (permutation, on the
+    version's ONNX graph, against a background from its reference sample), the same as POST
+    /explain, with a progress bar. Rows are explained 64 at a time; each costs at most
+    --max-evals model evaluations."""
+    from serving.batch import BatchInputError, InputFile, check_columns
+    from serving.explain import explain_file
+    from serving.models import resolve_model_name
+    from serving.runtime import ModelLoadError, OnnxRuntime
+
+    settings = _settings(model=name, alias=alias, nan_policy=nan_policy, explain_max_evals=max_evals,
+                         explain_background_rows=background_rows)
+    registry = Registry(settings.registry_dir)
+    try:
+        model = resolve_model_name(registry, settings.model)
+        runtime = OnnxRuntime(registry.get(model, settings.alias), provider=settings.providers,
+                              threads=settings.threads or (os.cpu_count() or 1)).load()
+        src = InputFile.open(input_path)
+        check_columns(src, runtime.metadata.feature_names, keep or [])  # before the progress bar
+        with _progress("explaining", src) as update:
+            rows, seconds = explain_file(input_path, output, runtime, background=settings.explain_background_rows,
+                                         max_evals=settings.explain_max_evals, nan_policy=settings.nan_policy,
+                                         keep=keep or [], progress=update)
+    except BatchInputError as exc:  # the input (or the version's reference sample) is at fault
+        raise _fail(str(exc), code=2) from exc
+    except (ModelLoadError, RegistryError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"explained {rows} rows of {input_path} with {model} v{runtime.model_version} into "
+                  f"{output} in {seconds:.1f} s ({seconds / max(rows, 1) * 1e3:.1f} ms a row)",
+                  highlight=False, soft_wrap=True)

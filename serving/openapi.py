@@ -168,6 +168,50 @@ class InferenceResponse(_Closed):
     outputs: list[ResponseOutput]
 
 
+# -- explanations (serving/explain.py) ----------------------------------------------------------
+class InstanceExplanation(_Closed):
+    """One instance: each explained output (``probability_<label>`` per class, ``prediction`` or
+    ``score``), its base value (the mean over the background) and each feature's attribution;
+    ``base_value + sum(attributions) == value`` within ``additivity_tolerance``."""
+
+    values: dict[str, float]
+    base_values: dict[str, float]
+    attributions: dict[str, dict[str, float]] = Field(description="output -> feature -> attribution")
+    additivity_error: float = Field(description="max over outputs of |base + sum(attributions) - value|")
+
+
+class ExplainAbout(_Closed):
+    explainer: Literal["permutation"]
+    background_rows: _NonNegative = Field(description="Reference rows the masked features come from")
+    permutations: _NonNegative = Field(description="Feature permutations per instance")
+    evaluations_per_instance: _NonNegative = Field(description="Rows run through the graph per instance")
+    additivity_tolerance: float
+
+
+class ExplainResponse(ExplainAbout):
+    model: str
+    version: int
+    request_id: str
+    explanations: list[InstanceExplanation]
+
+
+class OipExplainParameters(ExplainAbout):
+    feature_names: list[str]
+    output_names: list[str] = Field(description="The explained outputs, the last axis of each tensor")
+    additivity_error: float
+
+
+class OipExplainResponse(_Closed):
+    """Tensors ``attributions`` ``[rows, features, outputs]``, ``base_values`` and ``values``
+    ``[rows, outputs]`` (FP64)."""
+
+    model_name: str
+    model_version: str
+    id: str
+    parameters: OipExplainParameters
+    outputs: list[ResponseOutput]
+
+
 # -- batch jobs ---------------------------------------------------------------------------------
 class JobStatus(_Closed):
     job_id: str
@@ -315,6 +359,11 @@ def _infer(summary: str, *path: dict[str, Any]) -> Operation:
                      headers={200: ("Inference-Header-Content-Length",)})
 
 
+def _oip_explain(summary: str, *path: dict[str, Any]) -> Operation:
+    return Operation(summary, "explain", {200: _json("OipExplainResponse")}, (*_BAD_BODY, 404, 503),
+                     body=_json("InferenceRequest"), params=[*path, _HEADER_LENGTH, _REQUEST_ID_HEADER])
+
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/predict"): Operation(
         "Predict rows: records or arrays of features (or tensors) in, a prediction per row out",
@@ -344,6 +393,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "OIP inference: JSON tensors, or the binary tensor data extension", _MODEL),
     ("POST", "/v2/models/{name}/versions/{version}/infer"): _infer(
         "OIP inference on a version (the served one)", _MODEL, _VERSION),
+    ("POST", "/explain"): Operation(
+        "Explain rows (as /predict takes them): per-feature SHAP attributions of each explained "
+        "output, computed on the served graph", "explain", {200: _json("ExplainResponse")},
+        (*_BAD_BODY, 404, 503), body=_json("PredictRequest"), params=[_REQUEST_ID_HEADER],
+        headers={200: ("X-Request-ID",)}),
+    ("POST", "/v2/models/{name}/explain"): _oip_explain(
+        "Explain an OIP inference request's rows: SHAP attributions as tensors", _MODEL),
+    ("POST", "/v2/models/{name}/versions/{version}/explain"): _oip_explain(
+        "Explain on a version (the served one)", _MODEL, _VERSION),
     ("POST", "/batch/score"): Operation(
         "Score a CSV or Parquet file at once (up to SYNC_BATCH_MAX_ROWS rows): the same format "
         "back, with prediction, label and probability_<label> columns", "batch",
@@ -389,6 +447,7 @@ _TAGS = {
     "prediction": "The simple JSON prediction route",
     "oip": "Open Inference Protocol v2 (KServe, Triton): tritonclient works unchanged",
     "batch": "Batch scoring of CSV and Parquet files",
+    "explain": "Per-feature attributions (permutation SHAP) of the served graph",
     "admin": "The served model and its swaps",
     "repository": "The OIP model repository extension: the served models, loaded and unloaded",
 }
@@ -397,7 +456,8 @@ _ERROR_TEXT = {
     401: "No bearer token, or a wrong one (`WWW-Authenticate: Bearer`)",
     404: "No such model, version or job (or no such path)",
     409: "The job is not finished (no result yet, or not deletable)",
-    413: "Over `MAX_BODY_BYTES`, `MAX_ROWS_PER_REQUEST`, `SYNC_BATCH_MAX_ROWS` or a quota",
+    413: "Over `MAX_BODY_BYTES`, `MAX_ROWS_PER_REQUEST`, `SYNC_BATCH_MAX_ROWS`, "
+         "`EXPLAIN_MAX_EVALS` or a quota",
     415: "A `Content-Encoding` (send bodies uncompressed), or a file type other than CSV or Parquet",
     422: "Does not fit the model's schema; `field` names the value",
     429: "`MAX_ACTIVE_JOBS` jobs are at work: retry after `Retry-After` seconds",
@@ -423,7 +483,7 @@ _ERROR_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retr
 SCHEMA_MODELS: list[type[BaseModel]] = [
     PredictRequest, PredictResponse, ServerMetadataResponse, ServerLiveResponse,
     ServerReadyResponse, ModelReadyResponse, ModelMetadataResponse, InferenceRequest,
-    InferenceResponse, JobStatus, JobDeleted, ModelStatus, AdminModelStatus, RepositoryIndexRequest,
+    InferenceResponse, ExplainResponse, OipExplainResponse, JobStatus, JobDeleted, ModelStatus, AdminModelStatus, RepositoryIndexRequest,
     RepositoryModel, RepositoryDone, Error]
 
 

@@ -227,6 +227,20 @@ class ServingSettings(HomeSettings):
     """Finished batch jobs (their status and result) older than this are deleted when a new job
     is submitted."""
 
+    # -- explanations (serving/explain.py) ---------------------------------------------------------
+    explain_max_evals: PositiveInt = 200_000
+    """Most model evaluations (rows run through the graph) one ``/explain`` request may take:
+    instances x permutations x (2 x features + 1) masked inputs x background rows. Each instance
+    gets up to 10 permutations within it; a request that cannot get one each gets 413."""
+
+    explain_background_rows: PositiveInt = 100
+    """Rows of the version's reference sample that masked features are drawn from (a seeded
+    draw); the base value is the model's mean output over them."""
+
+    explain_max_pending: PositiveInt = 8
+    """Explanations waiting for a worker's explanation process at most (it runs one at a time);
+    more get 503 with ``Retry-After``."""
+
     @property
     def jobs_dir(self) -> os.PathLike[str]:
         """Where asynchronous batch jobs keep their files, ``$MODELLOOP_HOME/serving/jobs``."""
