@@ -18,7 +18,7 @@ from pathlib import Path
 from modelloop.registry import Registry
 from training.config import TrainingConfig
 from training.ensemble import Method, build_ensemble
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.settings import TrainingSettings
 
 WIDTHS = ([64, 32], [128], [96, 48])
@@ -30,8 +30,8 @@ def bench(dataset: str, epochs: int, home: Path) -> list[str]:
     members = []
     for hidden in WIDTHS:
         config = TrainingConfig.from_settings(settings, epochs=epochs, model={"hidden": hidden})
-        meta = train_and_register(dataset, name=dataset, config=config, settings=settings,
-                                  registry=registry, promote=False)
+        meta = train_and_register(dataset, name=dataset, registry=registry, promote=False,
+                                  options=TrainOptions(config=config, settings=settings))
         members.append(registry.get(dataset, meta.version))
     accs = " / ".join(f"{m.metadata.metrics['accuracy']:.4f}" for m in members)
     rows = []

@@ -23,7 +23,7 @@ from sklearn.datasets import make_classification
 
 from modelloop.registry import Registry
 from training.config import TrainingConfig
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.settings import TrainingSettings
 
 
@@ -48,8 +48,9 @@ def main() -> None:
             for weighting in ("none", "balanced"):
                 config = TrainingConfig.from_settings(settings, target="churned",
                                                       class_weight=weighting)
-                meta = train_and_register(frame, name=f"s{seed}-{weighting}", config=config,
-                                          settings=settings, registry=Registry(home / "r"))
+                meta = train_and_register(frame, name=f"s{seed}-{weighting}",
+                                          options=TrainOptions(config=config, settings=settings),
+                                          registry=Registry(home / "r"))
                 rare = meta.evaluation["per_class"]["yes"]
                 table.add_row(str(seed), weighting, f"{rare['precision']:.3f}",
                               f"{rare['recall']:.3f}", f"{rare['f1']:.3f}",

@@ -304,13 +304,14 @@ def run_concept(table: MixedTable, registry_dir: Path, size: int = 1000) -> dict
 
 def train(table: MixedTable, home: Path, rows: int) -> Path:
     from training.data import load_data
-    from training.pipeline import train_and_register
+    from training.pipeline import TrainOptions, train_and_register
     from training.settings import TrainingSettings
 
     path = home / "mixed.parquet"
     table.sample(rows, 1).to_parquet(path)
     settings = TrainingSettings(home=home, epochs=int(EPOCHS), progress=False)
-    meta = train_and_register(load_data(path, TARGET), name=MODEL, settings=settings,
+    meta = train_and_register(load_data(path, TARGET), name=MODEL,
+                              options=TrainOptions(settings=settings),
                               registry=Registry(home / "registry"), promote=True)
     console.print(f"trained {MODEL} v{meta.version} on {rows:,} rows: {meta.metrics}")
     return home / "registry"

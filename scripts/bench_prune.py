@@ -22,7 +22,7 @@ from bench_quantize import _cpu  # (scripts/ is on sys.path)
 
 from modelloop.registry import ModelVersion, Registry
 from training.config import TrainingConfig
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.prune import prune_version
 from training.quantize import quantize_version
 from training.settings import TrainingSettings
@@ -81,8 +81,8 @@ def main() -> None:
              "|" + " --- |" * 11]
     for name in args.models.split(","):
         config = TrainingConfig.from_settings(settings)
-        meta = train_and_register(MODELS[name], name=name, config=config, settings=settings,
-                                  registry=registry)
+        meta = train_and_register(MODELS[name], name=name, registry=registry, options=TrainOptions(
+            config=config, settings=settings))
         lines += _rows(registry.get(name, meta.version), settings, args.repeats)
     print(f"ONNX Runtime {ort.__version__}, CPU execution provider, 1 thread; {_cpu()}; "
           f"median of {args.repeats} timings; metric: accuracy on the parent's test split\n")

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from modelloop.registry import Registry
 from training.config import TrainingConfig
 from training.data import load_data
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.quantize import NotQuantizable, QuantizeError, quantize_version
 from training.settings import TrainingSettings
 
@@ -85,8 +85,8 @@ def main() -> None:
             config = TrainingConfig.from_settings(settings, architecture=spec.architecture,
                                                   **spec.overrides)
             data = load_data(spec.dataset, rows=spec.rows, seed=config.seed)
-            meta = train_and_register(data, name=spec.name, config=config, settings=settings,
-                                      registry=registry, lineage={"dataset_rows": spec.rows})
+            meta = train_and_register(data, name=spec.name, registry=registry, options=TrainOptions(
+                config=config, settings=settings, lineage={"dataset_rows": spec.rows}))
             trained[spec.name] = meta.version
             notes.append(f"{spec.name}: trained in {time.perf_counter() - t0:.0f} s "
                          f"({meta.evaluation['training']['epochs_run']} epochs)")

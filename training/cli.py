@@ -25,7 +25,7 @@ from training.data_report import report_table
 from training.ensemble import ensemble_of, member_configs
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.settings import ClassWeight, Optimizer, TrainingSettings
 from training.trainer import TrainingError
 from training.transfer import WarmStart
@@ -234,11 +234,12 @@ def train(
         if ds.report is not None:
             console.print(report_table(ds.report, source))
         members = [train_and_register(
-            ds, name=name, config=member, settings=settings, registry=registry,
-            promote=promote and not ensemble, progress=progress, console=console, init=init,
-            parent_version=init.version if init and init.name == name else None,
-            on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
-            lineage={"trigger": "cli", "dataset_rows": rows},
+            ds, name=name, registry=registry, promote=promote and not ensemble,
+            options=TrainOptions(
+                config=member, settings=settings, progress=progress, console=console, init=init,
+                parent_version=init.version if init and init.name == name else None,
+                on_stage=lambda s: console.print(f"[dim]{s}...[/]"),
+                lineage={"trigger": "cli", "dataset_rows": rows}),
         ) for member in member_configs(config, ensemble or 1)]
         meta, promoted = members[0], promote
         if ensemble:

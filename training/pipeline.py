@@ -1,15 +1,17 @@
 """Train, evaluate, export, check and register a model: the one path every caller takes.
 
 ``modelloop train``, the demo and the retraining job all call :func:`train_and_register` (or its
-two halves, :func:`train_model`, which touches nothing on disk, and :func:`register_trained`)::
+two halves, :func:`train_model`, which touches nothing on disk, and :func:`register_trained`);
+how to train is one :class:`TrainOptions`::
 
-    meta = train_and_register("breast_cancer", name="cancer", settings=TrainingSettings(),
+    meta = train_and_register("breast_cancer", name="cancer", options=TrainOptions(settings=settings),
                               registry=Registry(settings.registry_dir), promote=True)
 
     # a retraining job: the champion's config on new data, same classes, lineage recorded
     champion = registry.get("cancer", "production").metadata
-    trained = train_model(frame, name="cancer", config=TrainingConfig.model_validate(champion.config),
-                          class_labels=champion.class_labels, parent_version=champion.version)
+    trained = train_model(frame, name="cancer", options=TrainOptions(
+        config=TrainingConfig.model_validate(champion.config),
+        class_labels=champion.class_labels, parent_version=champion.version))
 
 Metrics are measured on the test split with the *exported* ONNX model, so they describe what is
 served; the reference sample's predictions come from it too.
@@ -21,7 +23,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -150,37 +152,40 @@ def with_outputs(reference: pd.DataFrame, task: Task, outputs: np.ndarray) -> pd
     return reference
 
 
-def train_model(
-    data: Data,
-    *,
-    name: str,
-    config: TrainingConfig | None = None,
-    settings: TrainingSettings | None = None,
-    class_labels: Sequence[str] | None = None,
-    parent_version: int | None = None,
-    lineage: Mapping[str, Any] | None = None,
-    init: WarmStart | None = None,
-    progress: bool | None = None,
-    console: Console | None = None,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    on_stage: Callable[[str], None] | None = None,
-) -> TrainedModel:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How :func:`train_model` trains: everything but the data and the model's name."""
+
+    config: TrainingConfig | None = None
+    """``TrainingConfig.from_settings(settings)`` when None."""
+    settings: TrainingSettings = field(default_factory=TrainingSettings)
+    class_labels: Sequence[str] | None = None
+    """The classes and their order (pass the champion's when retraining)."""
+    parent_version: int | None = None
+    lineage: Mapping[str, Any] | None = None
+    """Recorded in the version, beside what training adds (data report, reference rows)."""
+    init: WarmStart | None = None
+    """Start from a registered version's weights instead of random ones (fine-tuning,
+    :mod:`training.transfer`)."""
+    progress: bool | None = None
+    """Show a progress bar; ``settings.progress`` when None."""
+    console: Console | None = None
+    on_epoch: Callable[[EpochStats], None] | None = None
+    """Sees each epoch's losses."""
+    on_stage: Callable[[str], None] | None = None
+    """Told when a stage after training starts (for a CLI to show)."""
+
+def train_model(data: Data, *, name: str, options: TrainOptions | None = None) -> TrainedModel:
     """Load and split ``data``, train, export to ONNX, check parity, evaluate on the test split.
 
-    ``data`` is a built-in dataset name, a CSV/Parquet path, a DataFrame (with ``config.target``)
-    or a :class:`TabularDataset`. ``config`` defaults to ``TrainingConfig.from_settings``;
-    ``class_labels`` fixes the classes and their order (pass the champion's when retraining).
-    ``on_epoch`` sees each epoch's losses; ``on_stage`` is told when a stage after training
-    starts (for a CLI to show). ``init`` starts from a registered version's weights instead of
-    random ones (fine-tuning, :mod:`training.transfer`). Raises ``DataError`` for unusable data,
-    ``TrainingError`` when training diverges and ``ParityError`` when the export is not faithful.
+    ``data`` is a built-in dataset name, a CSV/Parquet path, a DataFrame (with the config's
+    ``target``) or a :class:`TabularDataset`; ``options`` says how (:class:`TrainOptions`,
+    defaults when None). Raises ``DataError`` for unusable data, ``TrainingError`` when
+    training diverges and ``ParityError`` when the export is not faithful.
     """
-    settings = settings or TrainingSettings()
-    with cpu_threads(settings.threads):
-        return _train_model(data, name=name, config=config, settings=settings,
-                            class_labels=class_labels, parent_version=parent_version,
-                            lineage=lineage, init=init, progress=progress, console=console,
-                            on_epoch=on_epoch, stage=on_stage or (lambda _: None))
+    options = options or TrainOptions()
+    with cpu_threads(options.settings.threads):
+        return _train_model(data, name, options)
 
 
 @dataclass
@@ -274,25 +279,12 @@ def fit_model(
     return Fitted(net, ds, split, config, result)
 
 
-def _train_model(
-    data: Data,
-    *,
-    name: str,
-    config: TrainingConfig | None,
-    settings: TrainingSettings,
-    class_labels: Sequence[str] | None,
-    parent_version: int | None,
-    lineage: Mapping[str, Any] | None,
-    init: WarmStart | None,
-    progress: bool | None,
-    console: Console | None,
-    on_epoch: Callable[[EpochStats], None] | None,
-    stage: Callable[[str], None],
-) -> TrainedModel:
-    config = config or TrainingConfig.from_settings(settings)
-    ds = _dataset(data, config, class_labels)
-    fitted = fit_model(ds, config, settings, init=init, progress=progress, console=console,
-                       on_epoch=on_epoch)
+def _train_model(data: Data, name: str, options: TrainOptions) -> TrainedModel:
+    settings, stage = options.settings, options.on_stage or (lambda _: None)
+    config = options.config or TrainingConfig.from_settings(settings)
+    ds = _dataset(data, config, options.class_labels)
+    fitted = fit_model(ds, config, settings, init=options.init, progress=options.progress,
+                       console=options.console, on_epoch=options.on_epoch)
     net, split, config, result = fitted.net, fitted.split, fitted.config, fitted.fit
     task = net.task
 
@@ -337,18 +329,18 @@ def _train_model(
         "split_rows": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "training": result.summary(),
     })
-    lineage = dict(lineage or {})
+    lineage = dict(options.lineage or {})
     lineage[REFERENCE_ROWS] = rows.tolist()
     if ds.report is not None:
         lineage["data_report"] = ds.report.to_dict()
-    if init is not None:
-        lineage["fine_tuned_from"] = init.describe()
+    if options.init is not None:
+        lineage["fine_tuned_from"] = options.init.describe()
     metadata = ModelMetadata(
         name=name, task=task, architecture=config.architecture,
         inputs=inputs, outputs=outputs, feature_names=ds.feature_names,
         class_labels=ds.class_labels if task is Task.classification else None,
         metrics=evaluation.metrics, evaluation=details,
-        data_fingerprint=ds.fingerprint, dataset=_where(ds.source), parent_version=parent_version,
+        data_fingerprint=ds.fingerprint, dataset=_where(ds.source), parent_version=options.parent_version,
         parity=parity, config=config.model_dump(mode="json"), lineage=lineage,
     )
     return TrainedModel(metadata, onnx_bytes, reference, artifacts, net, ds, split, result)
@@ -393,29 +385,14 @@ def register_trained(trained: TrainedModel, registry: Registry, *, promote: bool
     return meta
 
 
-def train_and_register(
-    data: Data,
-    *,
-    name: str,
-    config: TrainingConfig | None = None,
-    settings: TrainingSettings | None = None,
-    registry: Registry | None = None,
-    promote: bool = False,
-    parent_version: int | None = None,
-    lineage: Mapping[str, Any] | None = None,
-    class_labels: Sequence[str] | None = None,
-    init: WarmStart | None = None,
-    progress: bool | None = None,
-    console: Console | None = None,
-    on_stage: Callable[[str], None] | None = None,
-) -> ModelMetadata:
+def train_and_register(data: Data, *, name: str, options: TrainOptions | None = None,
+                       registry: Registry | None = None, promote: bool = False) -> ModelMetadata:
     """:func:`train_model` then :func:`register_trained`; returns the registered metadata.
 
-    ``registry`` defaults to the one under ``settings.registry_dir`` ($MODELLOOP_HOME/registry).
+    ``registry`` defaults to the one under the settings' ``registry_dir``
+    ($MODELLOOP_HOME/registry).
     """
-    settings = settings or TrainingSettings()
-    trained = train_model(data, name=name, config=config, settings=settings,
-                          class_labels=class_labels, parent_version=parent_version,
-                          lineage=lineage, init=init, progress=progress, console=console,
-                          on_stage=on_stage)
-    return register_trained(trained, registry or Registry(settings.registry_dir), promote=promote)
+    options = options or TrainOptions()
+    trained = train_model(data, name=name, options=options)
+    return register_trained(trained, registry or Registry(options.settings.registry_dir),
+                            promote=promote)

@@ -37,13 +37,13 @@ import onnxruntime as ort
 import pandas as pd
 
 from modelloop.registry import ModelVersion, Registry
-from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
+from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
 from training.evaluate import evaluate
 from training.export import onnx_session
-from training.pipeline import TrainedModel, register_trained, train_model
+from training.pipeline import TrainedModel, TrainOptions, register_trained, train_model
 from training.settings import TrainingSettings
 from training.transfer import TransferError, WarmStart
 
@@ -412,13 +412,13 @@ def retrain(
             init = WarmStart.from_version(champion)
         except TransferError as exc:
             log.info("training the challenger from scratch: %s", exc)
-    trained: TrainedModel = train_model(
-        train_frame, name=name, config=config, settings=settings, init=init,
+    trained: TrainedModel = train_model(train_frame, name=name, options=TrainOptions(
+        config=config, settings=settings, init=init,
         class_labels=meta.class_labels, parent_version=meta.version, progress=progress,
         lineage={"trigger": trigger, "original_dataset":
                  meta.lineage.get("original_dataset", meta.dataset),
                  "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
-    )
+    ))
     sessions = pair_sessions(champion_session, trained.onnx_bytes)
     champ, chall = compare(champion, sessions, holdout, metric=metric)
     parity_ok = trained.metadata.parity is not None and trained.metadata.parity.passed
@@ -436,8 +436,14 @@ def retrain(
         "champion_original_score": on_original[0], "challenger_original_score": on_original[1],
         "max_original_drop": settings.retrain_max_original_drop,
     }
-    registered = register_trained(trained, registry, promote=promote)
+    live = promote and settings.retrain_live_gate
+    trained.metadata.lineage["gate"]["live_gate"] = live
+    registered = register_trained(trained, registry, promote=promote and not live)
     chall.version = registered.version
+    if live:  # the sidecar's live gate promotes it, or retires it (monitoring/live_gate.py)
+        registry.set_alias(name, ALIAS_CHALLENGER, registered.version)
+        promote, reason = False, (f"{reason}; named {ALIAS_CHALLENGER}: serving shadows it and the "
+                                  "sidecar promotes it only if it wins on live labelled requests")
     log.info("%s v%d %s: %s", name, registered.version,
              "promoted" if promote else "kept out of production", reason)
     return RetrainResult(model=name, promoted=promote, reason=reason, metric=metric,

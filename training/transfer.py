@@ -8,7 +8,7 @@ fresh initialisation. Optionally the first ``freeze`` weight layers are frozen: 
 their batch-norm statistics stay the parent's::
 
     init = WarmStart.from_registry(registry, "cancer", "production", freeze=1)
-    train_and_register(frame, name="cancer", config=init.config(), init=init)
+    train_and_register(frame, name="cancer", options=TrainOptions(config=init.config(), init=init))
 
 ``modelloop train --init-from cancer --freeze 1`` does the same, and the retraining job
 fine-tunes the champion when ``MODELLOOP_TRAINING_RETRAIN_FINE_TUNE`` is on (the default).

@@ -48,7 +48,7 @@ from modelloop.schemas import ModelMetadata
 from training.config import TrainingConfig
 from training.data import TabularDataset
 from training.models import get_architecture
-from training.pipeline import fit_model, register_trained, train_model
+from training.pipeline import TrainOptions, fit_model, register_trained, train_model
 from training.settings import TrainingSettings
 from training.trainer import EpochStats, TrainingError, cpu_threads
 
@@ -707,8 +707,9 @@ def register_best(
     lineage = {**(lineage or {}), "trigger": "tune", "study": result.study,
                "sampler": result.sampler, "objective": OBJECTIVE, "trial": result.best.number,
                "best_value": result.best.value, "trials": finished}
-    trained = train_model(ds, name=name, config=result.best_config, settings=settings,
-                          lineage=lineage, progress=progress, console=console, on_stage=on_stage)
+    trained = train_model(ds, name=name, options=TrainOptions(
+        config=result.best_config, settings=settings, lineage=lineage, progress=progress,
+        console=console, on_stage=on_stage))
     again = trained.fit.best_val_loss
     if result.best.value is not None and not math.isclose(again, result.best.value, rel_tol=1e-4):
         log.warning("trial %d trained again reached %s %.6g, not %.6g (a non-deterministic "

@@ -25,14 +25,14 @@ pytestmark = pytest.mark.slow
 
 def _train(home: Path) -> Any:
     from training.config import TrainingConfig
-    from training.pipeline import train_and_register
+    from training.pipeline import TrainOptions, train_and_register
     from training.settings import TrainingSettings
 
     settings = TrainingSettings(home=home, progress=False)
     config = TrainingConfig.from_settings(settings, epochs=5)
     registry = Registry(settings.registry_dir)
-    meta = train_and_register("digits", name="digits", config=config, settings=settings,
-                              registry=registry, promote=True)
+    meta = train_and_register("digits", name="digits", registry=registry, promote=True,
+                              options=TrainOptions(config=config, settings=settings))
     return registry.get("digits", meta.version)
 
 

@@ -44,7 +44,7 @@ PRICE_ROW = [0.5] * 8
 def _register_regressor(home: Path) -> None:
     """`price` v1: a PyTorch MLP regressor on 8 features, trained for a few epochs, promoted."""
     from training.config import TrainingConfig
-    from training.pipeline import train_and_register
+    from training.pipeline import TrainOptions, train_and_register
     from training.settings import TrainingSettings
 
     synth = SyntheticTask(n_features=8, n_informative=8, n_classes=2, seed=3)
@@ -52,7 +52,8 @@ def _register_regressor(home: Path) -> None:
     df[TARGET] = np.tanh(df[synth.feature_names[:4]].to_numpy() / 10).sum(axis=1)
     settings = TrainingSettings(home=home)
     config = TrainingConfig.from_settings(settings, epochs=2, task=Task.regression, model={"hidden": [8]})
-    train_and_register(df, name=REGRESSOR, config=config, settings=settings, promote=True, progress=False)
+    train_and_register(df, name=REGRESSOR, promote=True, options=TrainOptions(
+        config=config, settings=settings, progress=False))
 
 
 def _register_broken(registry: Registry) -> None:

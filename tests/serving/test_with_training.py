@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slow
 def test_a_trained_model_serves_and_batch_scores_like_its_export(tmp_path: Path) -> None:
     from training.config import TrainingConfig
     from training.export import onnx_session, run_onnx
-    from training.pipeline import train_and_register
+    from training.pipeline import TrainOptions, train_and_register
     from training.settings import TrainingSettings
 
     task = SyntheticTask(n_features=8, n_informative=8, n_classes=3)
     settings = TrainingSettings(home=tmp_path)
     config = TrainingConfig.from_settings(settings, epochs=3, model={"hidden": [16]})
-    meta = train_and_register(task.sample(800, missing=0.05), name="trained", config=config,
-                              settings=settings, promote=True, progress=False)
+    meta = train_and_register(task.sample(800, missing=0.05), name="trained", promote=True,
+                              options=TrainOptions(config=config, settings=settings, progress=False))
     version = Registry(tmp_path / "registry").get("trained")
     runtime = OnnxRuntime(version, provider="cpu").load()  # the graph follows the conventions
 

@@ -11,7 +11,7 @@ from modelloop.registry import Registry
 from tests.training.conftest import Registered, quiet_settings
 from training.config import TrainingConfig
 from training.data import load_data
-from training.pipeline import register_trained, train_model
+from training.pipeline import TrainOptions, register_trained, train_model
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,8 @@ def _train(home: Path, data: object, name: str, architecture: str, **overrides: 
     settings = quiet_settings(home)
     registry = Registry(settings.registry_dir)
     config = TrainingConfig.from_settings(settings, architecture=architecture, **overrides)
-    trained = train_model(data, name=name, config=config, settings=settings)  # type: ignore[arg-type]
+    trained = train_model(data, name=name,  # type: ignore[arg-type]
+                          options=TrainOptions(config=config, settings=settings))
     meta = register_trained(trained, registry, promote=True)
     return Registered(trained, registry.get(name, meta.version), registry, settings)
 

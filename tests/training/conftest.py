@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelloop.registry import ModelVersion, Registry
-from training.pipeline import TrainedModel, register_trained, train_model
+from training.pipeline import TrainedModel, TrainOptions, register_trained, train_model
 from training.settings import TrainingSettings
 
 
@@ -30,7 +30,7 @@ def cancer(tmp_path_factory: pytest.TempPathFactory) -> Registered:
     """breast_cancer with the default config (the acceptance model), registered and promoted."""
     settings = quiet_settings(tmp_path_factory.mktemp("home"))
     registry = Registry(settings.registry_dir)
-    trained = train_model("breast_cancer", name="cancer", settings=settings)
+    trained = train_model("breast_cancer", name="cancer", options=TrainOptions(settings=settings))
     meta = register_trained(trained, registry, promote=True)
     return Registered(trained, registry.get("cancer", meta.version), registry, settings)
 

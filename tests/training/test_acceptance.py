@@ -21,7 +21,7 @@ from modelloop.schemas import (
 from tests.training.conftest import Registered
 from training.config import TrainingConfig
 from training.data import load_data
-from training.pipeline import CONFUSION_MATRIX_PNG, train_model
+from training.pipeline import CONFUSION_MATRIX_PNG, TrainOptions, train_model
 from training.settings import TrainingSettings
 
 pytestmark = pytest.mark.slow
@@ -130,11 +130,10 @@ def test_stored_config_retrains_the_same_model_from_a_dataframe(cancer: Register
     """What a retraining job does: the champion's config, its classes, data as a DataFrame."""
     champion = cancer.version.metadata
     frame = load_data("breast_cancer").to_frame()
-    challenger = train_model(
-        frame, name="cancer", config=TrainingConfig.model_validate(champion.config),
-        settings=cancer.settings, class_labels=champion.class_labels,
-        parent_version=champion.version, lineage={"trigger": "test"},
-    )
+    challenger = train_model(frame, name="cancer", options=TrainOptions(
+        config=TrainingConfig.model_validate(champion.config), settings=cancer.settings,
+        class_labels=champion.class_labels, parent_version=champion.version,
+        lineage={"trigger": "test"}))
     meta = challenger.metadata
     lineage = {k: v for k, v in meta.lineage.items() if k != "data_report"}
     assert (meta.parent_version, lineage, meta.class_labels) == (1, {"trigger": "test"},

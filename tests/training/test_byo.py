@@ -21,7 +21,7 @@ from training.byo import ByoError, ExampleData, not_retrainable, register_module
 from training.config import TrainingConfig
 from training.export import ParityError, onnx_session, run_onnx
 from training.models import Preprocessor
-from training.pipeline import train_model
+from training.pipeline import TrainOptions, train_model
 
 SPECIES = np.array(["setosa", "versicolor", "virginica"])
 KWARGS = {"n_features": 4, "n_classes": 3}
@@ -97,9 +97,9 @@ def test_retraining_rebuilds_the_users_architecture(tmp_path: Path, trained_clas
                            init_kwargs=KWARGS, registry=Registry(settings.registry_dir),
                            settings=settings)
     config = TrainingConfig.model_validate(meta.config).model_copy(update={"epochs": 30})
-    challenger = train_model(pd.concat([train, held]), name="iris", config=config,
-                             settings=settings, class_labels=meta.class_labels,
-                             parent_version=meta.version)
+    challenger = train_model(pd.concat([train, held]), name="iris", options=TrainOptions(
+        config=config, settings=settings, class_labels=meta.class_labels,
+        parent_version=meta.version))
     assert isinstance(challenger.net.backbone.module, byo_nets.TinyClassifier)
     assert challenger.metadata.architecture == "tests.training.byo_nets:TinyClassifier"
     assert challenger.metadata.metrics["accuracy"] > 0.6

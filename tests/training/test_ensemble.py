@@ -24,7 +24,7 @@ from tests.training.conftest import quiet_settings
 from training.config import TrainingConfig
 from training.data import load_data, split_dataset
 from training.ensemble import combine
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.settings import TrainingSettings
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSettings:
 def _train(settings: TrainingSettings, dataset: str = "digits", **overrides: object) -> ModelVersion:
     registry = Registry(settings.registry_dir)
     config = TrainingConfig.from_settings(settings, **overrides)
-    meta = train_and_register(dataset, name="digits", config=config, settings=settings,
-                              registry=registry, promote=False)
+    meta = train_and_register(dataset, name="digits", registry=registry, promote=False,
+                              options=TrainOptions(config=config, settings=settings))
     return registry.get("digits", meta.version)
 
 

@@ -28,7 +28,7 @@ from training.export import (
     run_onnx,
 )
 from training.models import InferenceGraph, MLPParams, TabularNet, build_model
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.settings import TrainingSettings
 from training.trainer import seeded
 
@@ -157,7 +157,8 @@ def test_pipeline_registers_nothing_when_parity_fails(
     settings = TrainingSettings(home=tmp_path, progress=False)
     config = TrainingConfig.from_settings(settings, architecture="skewed", epochs=2)
     with pytest.raises(ParityError) as err:
-        train_and_register("diabetes", name="skewed", config=config, settings=settings)
+        train_and_register("diabetes", name="skewed", options=TrainOptions(
+            config=config, settings=settings))
     assert [(m.output, m.batch_size) for m in err.value.mismatches] == [
         (PREDICTION, 1), (PREDICTION, 7), (PREDICTION, 4096)]
     assert Registry(settings.registry_dir).models() == []

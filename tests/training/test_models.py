@@ -24,7 +24,7 @@ from training.models import (
     get_architecture,
     register_architecture,
 )
-from training.pipeline import train_model
+from training.pipeline import TrainOptions, train_model
 from training.settings import TrainingSettings
 
 
@@ -90,7 +90,8 @@ def test_a_registered_architecture_reuses_trainer_export_and_registry(
         "logistic / linear regression"))
     settings = TrainingSettings(home=tmp_path, progress=False)
     config = TrainingConfig.from_settings(settings, architecture="linear", epochs=30)
-    trained = train_model("wine", name="wine-linear", config=config, settings=settings)
+    trained = train_model("wine", name="wine-linear", options=TrainOptions(
+        config=config, settings=settings))
     meta = trained.metadata
     assert meta.architecture == "linear" and meta.config["model"] == {"bias": True}
     assert meta.parity is not None and meta.parity.passed

@@ -18,7 +18,7 @@ from modelloop.models_cli import not_promotable
 from modelloop.registry import ModelVersion, Registry
 from tests.training.conftest import quiet_settings
 from training.config import TrainingConfig
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.prune import NotPrunable, prune_version, register_pruned
 from training.settings import TrainingSettings
 
@@ -35,8 +35,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSettings:
 def _train(settings: TrainingSettings, name: str, **overrides: object) -> ModelVersion:
     registry = Registry(settings.registry_dir)
     config = TrainingConfig.from_settings(settings, **overrides)
-    meta = train_and_register("breast_cancer", name=name, config=config, settings=settings,
-                              registry=registry, promote=True)
+    meta = train_and_register("breast_cancer", name=name, registry=registry, promote=True,
+                              options=TrainOptions(config=config, settings=settings))
     return registry.get(name, meta.version)
 
 

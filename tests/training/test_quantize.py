@@ -23,7 +23,7 @@ from tests.training.conftest import quiet_settings
 from training.config import TrainingConfig
 from training.data import load_data, split_dataset
 from training.export import onnx_session, run_onnx
-from training.pipeline import WEIGHTS_FILE, train_and_register
+from training.pipeline import WEIGHTS_FILE, TrainOptions, train_and_register
 from training.quantize import (
     INT8_PARITY_TOLERANCE,
     Method,
@@ -60,8 +60,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSettings:
 def _train(settings: TrainingSettings, data: object, name: str, **overrides: object) -> ModelVersion:
     registry = Registry(settings.registry_dir)
     config = TrainingConfig.from_settings(settings, **overrides)
-    meta = train_and_register(data, name=name, config=config, settings=settings,  # type: ignore[arg-type]
-                              registry=registry, promote=True)
+    meta = train_and_register(data, name=name, registry=registry, promote=True,  # type: ignore[arg-type]
+                              options=TrainOptions(config=config, settings=settings))
     return registry.get(name, meta.version)
 
 

@@ -21,7 +21,7 @@ from modelloop.registry import Registry
 from modelloop.synthetic import TARGET, SyntheticTask
 from tests.monitoring.helpers import sidecar_process
 from training.data import load_data
-from training.pipeline import train_and_register
+from training.pipeline import TrainOptions, train_and_register
 from training.retrain import Score, decide
 from training.settings import TrainingSettings
 
@@ -71,8 +71,9 @@ def _retrain(home: Path, url: str, *args: str) -> tuple[int, dict | None, str]:
 def champion(home: Path) -> Registry:
     registry = Registry(home / "registry")
     settings = TrainingSettings(home=home, epochs=40, progress=False)
-    train_and_register(load_data("synthetic", rows=3000), name="demo", settings=settings,
-                       registry=registry, promote=True, lineage={"dataset_rows": 3000})
+    train_and_register(load_data("synthetic", rows=3000), name="demo", registry=registry,
+                       promote=True, options=TrainOptions(settings=settings,
+                                                          lineage={"dataset_rows": 3000}))
     return registry
 
 

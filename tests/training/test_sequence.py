@@ -16,7 +16,7 @@ from tests.training.conftest import Registered
 from training.config import TrainingConfig
 from training.data import DataError, load_data
 from training.export import onnx_session, run_onnx
-from training.pipeline import train_model
+from training.pipeline import TrainOptions, train_model
 from training.sequence import CHANNELS, CLASSES, RNNParams, SequenceTask, TimeStretch
 from training.settings import TrainingSettings
 
@@ -134,4 +134,5 @@ def test_layout_mismatch_is_a_data_error(tmp_path: Path, data: str, architecture
     settings = TrainingSettings(home=tmp_path, progress=False)
     config = TrainingConfig.from_settings(settings, architecture=architecture, epochs=1)
     with pytest.raises(DataError, match=message):
-        train_model(load_data(data, rows=60), name="x", config=config, settings=settings)
+        train_model(load_data(data, rows=60), name="x", options=TrainOptions(
+            config=config, settings=settings))

@@ -23,14 +23,14 @@ from modelloop.schemas import (
 from tests.training.conftest import quiet_settings
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
-from training.pipeline import CONFUSION_MATRIX_PNG, train_and_register, train_model
+from training.pipeline import CONFUSION_MATRIX_PNG, TrainOptions, train_and_register, train_model
 
 pytestmark = pytest.mark.slow
 
 
 def test_regression_model_end_to_end(tmp_path: Path) -> None:
     settings = quiet_settings(tmp_path)
-    meta = train_and_register("diabetes", name="diabetes", settings=settings)
+    meta = train_and_register("diabetes", name="diabetes", options=TrainOptions(settings=settings))
     assert meta.task is Task.regression and meta.class_labels is None
     assert set(meta.metrics) == {"mae", "rmse", "r2"}
     assert meta.metrics["r2"] > 0.3  # a linear model gets about 0.45 on this data
@@ -52,7 +52,8 @@ def test_regression_model_end_to_end(tmp_path: Path) -> None:
 
 def test_multiclass_model_reports_one_vs_rest_roc_auc(tmp_path: Path) -> None:
     settings = quiet_settings(tmp_path)
-    meta = train_and_register("wine", name="wine", settings=settings, promote=True)
+    meta = train_and_register("wine", name="wine", promote=True, options=TrainOptions(
+        settings=settings))
     assert meta.class_labels == ["class_0", "class_1", "class_2"]
     assert [(o.name, o.shape) for o in meta.outputs] == [(PROBABILITIES, [None, 3])]
     assert meta.metrics["accuracy"] >= 0.9 and meta.metrics["roc_auc"] >= 0.97
@@ -76,5 +77,6 @@ def test_a_config_for_another_task_is_a_data_error(tmp_path: Path) -> None:
     settings = quiet_settings(tmp_path)
     config = TrainingConfig.from_settings(settings, task=Task.classification)
     with pytest.raises(DataError) as err:
-        train_model("diabetes", name="diabetes", config=config, settings=settings)
+        train_model("diabetes", name="diabetes", options=TrainOptions(
+            config=config, settings=settings))
     assert str(err.value) == "diabetes: holds regression data but the config asks for classification"

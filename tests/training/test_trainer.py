@@ -198,7 +198,7 @@ def test_balanced_class_weights_raise_the_rare_class_recall(tmp_path) -> None:
     from sklearn.datasets import make_classification
 
     from modelloop.registry import Registry
-    from training.pipeline import train_and_register
+    from training.pipeline import TrainOptions, train_and_register
 
     x, y = make_classification(n_samples=2000, n_features=8, n_informative=5, weights=[0.9],
                                class_sep=0.7, flip_y=0.02, random_state=0)
@@ -208,8 +208,9 @@ def test_balanced_class_weights_raise_the_rare_class_recall(tmp_path) -> None:
     rare = {}
     for weighting in ("none", "balanced"):
         config = TrainingConfig.from_settings(settings, target="churned", class_weight=weighting)
-        meta = train_and_register(frame, name=f"churn-{weighting}", config=config,
-                                  settings=settings, registry=Registry(tmp_path / "registry"))
+        meta = train_and_register(frame, name=f"churn-{weighting}",
+                                  options=TrainOptions(config=config, settings=settings),
+                                  registry=Registry(tmp_path / "registry"))
         assert meta.config["class_weight"] == weighting  # stored with the version
         rare[weighting] = meta.evaluation["per_class"]["yes"]
     # the same test split: the rare class is found more often (at some cost in precision)

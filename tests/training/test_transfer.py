@@ -19,7 +19,7 @@ from modelloop.registry import Registry
 from tests.training.conftest import Registered
 from training.config import TrainingConfig
 from training.data import load_data
-from training.pipeline import WEIGHTS_FILE, train_model
+from training.pipeline import WEIGHTS_FILE, TrainOptions, train_model
 from training.transfer import TransferError, WarmStart, weight_layers
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,10 @@ def test_fine_tuning_starts_where_the_parent_ended(cancer: Registered) -> None:
     init = WarmStart.from_registry(cancer.registry, "cancer")
     data = load_data("breast_cancer", rows=400, seed=7)
     config = _config(cancer, seed=7, epochs=5, patience=5)
-    tuned = train_model(data, name="cancer", config=config, settings=cancer.settings, init=init)
-    scratch = train_model(data, name="cancer", config=config, settings=cancer.settings)
+    tuned = train_model(data, name="cancer", options=TrainOptions(
+        config=config, settings=cancer.settings, init=init))
+    scratch = train_model(data, name="cancer", options=TrainOptions(
+        config=config, settings=cancer.settings))
     # the parent already fits this data: its first epoch is far better than a fresh model's
     assert tuned.fit.history[0].val_loss < 0.5 * scratch.fit.history[0].val_loss
     lineage = tuned.metadata.lineage["fine_tuned_from"]
@@ -55,8 +57,8 @@ def test_fine_tuning_starts_where_the_parent_ended(cancer: Registered) -> None:
 def test_frozen_layers_keep_the_parents_weights_and_statistics(cancer: Registered) -> None:
     init = WarmStart.from_registry(cancer.registry, "cancer", freeze=2)
     data = load_data("breast_cancer", rows=400, seed=8)
-    tuned = train_model(data, name="cancer", config=_config(cancer, seed=8, epochs=4),
-                        settings=cancer.settings, init=init)
+    tuned = train_model(data, name="cancer", options=TrainOptions(
+        config=_config(cancer, seed=8, epochs=4), settings=cancer.settings, init=init))
     parent, child = cancer.trained.net.state_dict(), tuned.net.state_dict()
     for key in ("backbone.layers.0.weight", "backbone.layers.1.running_mean",
                 "backbone.layers.4.weight", "backbone.layers.5.running_var"):
@@ -72,8 +74,8 @@ def test_other_classes_get_a_fresh_head(cancer: Registered) -> None:
     frame["target"] = pd.qcut(frame["mean radius"], 3, labels=["small", "medium", "large"])
     frame["target"] = frame["target"].astype(str)
     init = WarmStart.from_registry(cancer.registry, "cancer")
-    tuned = train_model(frame, name="sizes", config=_config(cancer, epochs=30),
-                        settings=cancer.settings, init=init)
+    tuned = train_model(frame, name="sizes", options=TrainOptions(
+        config=_config(cancer, epochs=30), settings=cancer.settings, init=init))
     assert init.fresh == ["backbone.layers.8.bias", "backbone.layers.8.weight"]
     assert tuned.metadata.class_labels == ["large", "medium", "small"]
     assert tuned.metadata.metrics["accuracy"] > 0.8
@@ -84,8 +86,8 @@ def test_the_same_number_of_other_classes_gets_a_fresh_head(cancer: Registered) 
     median = frame["mean radius"].median()
     frame["target"] = np.where(frame["mean radius"] > median, "large", "small")  # 2 classes again
     init = WarmStart.from_registry(cancer.registry, "cancer")
-    tuned = train_model(frame, name="sizes", config=_config(cancer, epochs=20),
-                        settings=cancer.settings, init=init)
+    tuned = train_model(frame, name="sizes", options=TrainOptions(
+        config=_config(cancer, epochs=20), settings=cancer.settings, init=init))
     # the parent's output rows meant malignant/benign: not loaded, though the shapes fit
     assert init.new_head and init.fresh == ["backbone.layers.8.bias", "backbone.layers.8.weight"]
     assert tuned.metadata.metrics["accuracy"] > 0.85
@@ -97,8 +99,8 @@ def test_other_features_of_the_same_count_are_refused(cancer: Registered) -> Non
     swapped = frame.rename(columns={names[0]: names[1], names[1]: names[0]})  # same count
     init = WarmStart.from_registry(cancer.registry, "cancer")
     with pytest.raises(TransferError, match="feature 0 is 'mean radius' there, 'mean texture' here"):
-        train_model(swapped, name="x", config=_config(cancer, epochs=2), settings=cancer.settings,
-                    init=init)
+        train_model(swapped, name="x", options=TrainOptions(
+            config=_config(cancer, epochs=2), settings=cancer.settings, init=init))
 
 
 @pytest.mark.parametrize(
@@ -124,7 +126,8 @@ def test_a_parent_that_cannot_seed_the_model(cancer: Registered, case: str, mess
     elif case == "other parameters":
         config = config.model_copy(update={"model": {**config.model, "hidden": [8]}})
     with pytest.raises(TransferError, match=message.replace("(", r"\(")):
-        train_model(data, name="x", config=config, settings=cancer.settings, init=init)
+        train_model(data, name="x", options=TrainOptions(
+            config=config, settings=cancer.settings, init=init))
 
 
 def test_a_version_without_weights(cancer: Registered, tmp_path: Path) -> None:
@@ -184,8 +187,8 @@ def test_cli_errors(cancer: Registered, tmp_path: Path, args: list[str], message
 def test_fine_tuning_a_cnn_freezes_its_first_convolution(digits_cnn: Registered) -> None:
     init = WarmStart.from_version(digits_cnn.version, freeze=1)
     config = _config(digits_cnn, epochs=2, seed=3)
-    tuned = train_model(load_data("digits", rows=600, seed=3), name="digits-cnn", config=config,
-                        settings=digits_cnn.settings, init=init)
+    tuned = train_model(load_data("digits", rows=600, seed=3), name="digits-cnn",
+                        options=TrainOptions(config=config, settings=digits_cnn.settings, init=init))
     assert init.frozen == ["backbone.features.0", "backbone.features.1"]  # conv and its norm
     parent, child = digits_cnn.trained.net.state_dict(), tuned.net.state_dict()
     for key in ("backbone.features.0.weight", "backbone.features.1.running_mean"):

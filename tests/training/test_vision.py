@@ -13,7 +13,7 @@ from tests.training.conftest import Registered
 from training.config import TrainingConfig
 from training.data import DataError, load_data
 from training.export import onnx_session, run_onnx
-from training.pipeline import train_model
+from training.pipeline import TrainOptions, train_model
 from training.settings import TrainingSettings
 from training.vision import Augment, CNNParams, ImagePreprocessor, image_shape
 
@@ -135,4 +135,5 @@ def test_cnn_on_non_image_data_is_a_data_error(tmp_path: object) -> None:
     config = TrainingConfig.from_settings(settings, architecture="cnn", epochs=1)
     with pytest.raises(DataError, match=r"^breast_cancer: architecture 'cnn' needs the features "
                                         r"to form an image: 30 features are not a square"):
-        train_model(load_data("breast_cancer"), name="x", config=config, settings=settings)
+        train_model(load_data("breast_cancer"), name="x", options=TrainOptions(
+            config=config, settings=settings))
