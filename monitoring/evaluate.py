@@ -43,7 +43,7 @@ from monitoring.ingest import ModelCatalog
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import Firing, Observation, PolicyEngine, Rule
-from monitoring.reports import sidecar_section, write_drift_report
+from monitoring.reports import importance_section, sidecar_section, write_drift_report
 from monitoring.resources import (
     CgroupSampler,
     GpuSample,
@@ -377,7 +377,8 @@ class Evaluator:
 
         def render() -> None:
             try:
-                extra = sidecar_section(drift.multivariate, data_quality)
+                extra = (sidecar_section(drift.multivariate, data_quality)
+                         + importance_section(self.catalog.registry, model, version, drift))
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
                                    calibrated=profile.calibrated,

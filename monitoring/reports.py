@@ -5,7 +5,10 @@ window; the report is Evidently's ``DataDriftPreset`` (with the same method, thr
 share) over a seeded sample of the window and the reference, at most ``max_rows`` rows each,
 because the preset's charts cost seconds per 100k rows. What the preset has no widget for, the
 joint-distribution check and the window's data quality (over the whole window, as the sidecar
-judged it), follows Evidently's report as a section of its own (:func:`sidecar_section`).
+judged it), follows Evidently's report as a section of its own (:func:`sidecar_section`), and so
+does each feature's drift beside its global importance (:func:`importance_section`: the mean
+absolute SHAP attribution on the version's graph, :mod:`monitoring.importance`), so a reader sees
+whether a drifted feature matters to the model.
 Reports are written atomically and the newest ``keep`` are kept per model.
 
 Example::
@@ -24,7 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from modelloop.registry import Registry
 from monitoring.data_quality import DataQuality
+from monitoring.drift import DriftResult
+from monitoring.importance import version_importance
 from monitoring.multivariate import MultivariateDrift
 
 log = logging.getLogger(__name__)
@@ -115,3 +121,32 @@ def sidecar_section(joint: MultivariateDrift | None, quality: DataQuality | None
     return ('<section id="modelloop-sidecar" style="font-family: sans-serif; margin: 2em">'
             "<h2>Joint drift and data quality (the sidecar's checks)</h2>"
             f'<table cellpadding="4">{cells}</table></section>')
+
+
+def importance_section(registry: Registry, model: str, version: int, drift: DriftResult) -> str:
+    """Each feature's drift test beside its global importance (mean |SHAP| over the reference
+    sample, and its share of the total), most important first, as an HTML section."""
+    importance = version_importance(registry, model, version)
+    values = importance.values
+    total = sum(values.values()) or 1.0
+    tests = {c.column: c for c in drift.features}
+    names = sorted(tests, key=lambda f: -values.get(f, 0.0))
+    rows = []
+    for name in names:
+        c = tests[name]
+        kind = "p-value" if c.p_value else "distance"
+        verdict = "drifted" if c.drifted else "-"
+        if name in values:
+            weight = f"{values[name]:.4g}</td><td>{values[name] / total:.1%}"
+        else:
+            weight = "</td><td>"
+        rows.append(f"<tr><th>{html.escape(name)}</th><td>{html.escape(c.method)} {kind} "
+                    f"{c.score:.3g}</td><td>{verdict}</td><td>{weight}</td></tr>")
+    note = (f"<p>No importance: {html.escape(importance.note)}</p>" if importance.note else
+            "<p>Importance: each feature's mean absolute SHAP attribution (permutation SHAP on "
+            "the version's ONNX graph, summed over a classifier's class probabilities) over its "
+            "reference sample.</p>")
+    return ('<section id="modelloop-importance" style="font-family: sans-serif; margin: 2em">'
+            f"<h2>Drift and importance by feature ({html.escape(model)} v{version})</h2>{note}"
+            '<table cellpadding="4"><tr><th>feature</th><th>drift test</th><th>drift</th>'
+            f"<th>importance</th><th>share</th></tr>{''.join(rows)}</table></section>")
