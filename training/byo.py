@@ -664,14 +664,13 @@ def not_retrainable(meta: ModelMetadata) -> str | None:
         return ("it was registered from an ONNX file (modelloop models import): there are no "
                 "weights or architecture to retrain; retrain it where it was made and register "
                 "the new file")
-    if source != SOURCE_MODULE:
-        return None
     ref = meta.config.get("architecture") if meta.config else None
-    if not ref:
+    if source == SOURCE_MODULE and not ref:
         return ("it was registered from a module without its constructor arguments "
                 "(register_module(..., init_kwargs=...)), so its architecture cannot be rebuilt")
-    try:
-        import_architecture(ref)
-    except ValueError as exc:
-        return str(exc)
+    if ref and ":" in ref:  # a user's class or an installed plugin's: is it there?
+        try:
+            import_architecture(ref)
+        except ValueError as exc:
+            return f"{exc} (install the package that defines it where the job runs)"
     return None

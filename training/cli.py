@@ -288,6 +288,6 @@ def _train_config(settings: TrainingSettings, registry: Registry, overrides: dic
         get_architecture(config.architecture).params.model_validate(config.model)
     except ValidationError as exc:
         raise fail(invalid_options(exc), 2) from exc
-    except DataError as exc:
+    except ValueError as exc:  # DataError, or an architecture that cannot be imported
         raise fail(str(exc), 2) from exc
     return config, init

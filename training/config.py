@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    field_validator,
+)
 
 from modelloop.schemas import Task
 from training.settings import ClassWeight, Optimizer, Scheduler, TrainingSettings
@@ -28,7 +36,8 @@ class TrainingConfig(BaseModel):
     """``classification`` or ``regression``; None infers it from the target column. The stored
     config always holds the task that was used."""
     architecture: str = "mlp"
-    """A name from ``training.models.ARCHITECTURES``."""
+    """A name from ``training.models.ARCHITECTURES``, or ``package.module:Class`` (an installed
+    plugin's name is stored as the ``package.module:Class`` it names)."""
     model: dict[str, Any] = Field(default_factory=dict)
     """The architecture's parameters (for ``mlp``: hidden, dropout, batch_norm, activation);
     missing ones take the architecture's defaults, and the stored config lists them all."""
@@ -54,6 +63,13 @@ class TrainingConfig(BaseModel):
     split and differ by this."""
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
+
+    @field_validator("architecture")
+    @classmethod
+    def _plugin_as_reference(cls, name: str) -> str:
+        from training.models import architecture_reference  # torch: only once a config is made
+
+        return architecture_reference(name)
 
     @property
     def weights_seed(self) -> int:

@@ -21,11 +21,19 @@ input tensor), :meth:`~TabularNet.calibrate` (after training, on the validation 
 :meth:`~TabularNet.parity_inputs`. The CNN (``training/vision.py``), the GRU/LSTM
 (``training/sequence.py``) and the autoencoder (``training/anomaly.py``) do so; they register
 themselves when imported, and :func:`get_architecture` imports them on first use.
+
+A user's architecture is a ``torch.nn.Module`` class named ``package.module:Class`` (its
+constructor's keyword arguments are the architecture's parameters; ``n_features`` and
+``n_outputs``, when it takes them, come from the data), or an installed plugin's name: an entry
+point in the group ``modelloop.architectures`` (``wide = "mypkg.nets:Wide"``). A version's config
+stores ``package.module:Class`` either way (:func:`architecture_reference`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -294,9 +302,29 @@ class ImportedBackbone(nn.Module):
         return out.unsqueeze(-1) if out.ndim == 1 else out
 
 
+ENTRY_POINT_GROUP = "modelloop.architectures"
+"""Installed packages add architectures here, named ``package.module:Class``."""
+
+
+def plugin_architectures() -> dict[str, str]:
+    """Installed plugins' architectures: entry-point name -> ``package.module:Class``."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def architecture_reference(name: str) -> str:
+    """What a version's config stores for ``--model name``: a built-in's name, or
+    ``package.module:Class`` (an installed plugin's resolved), so a retraining job imports the
+    class itself whatever the plugin is called where it runs."""
+    if ":" in name or name in architecture_names():
+        return name
+    return plugin_architectures().get(name, name)
+
+
 def import_architecture(ref: str) -> Architecture:
     """The architecture ``package.module:Class``: ``Class(**params)`` is the backbone, with
-    modelloop's preprocessing and head around it. ValueError when it cannot be imported."""
+    modelloop's preprocessing and head around it (``n_features`` and ``n_outputs`` are passed
+    when the constructor takes them and the params do not say them). ValueError when it cannot
+    be imported."""
     module_name, _, qualname = ref.partition(":")
     try:
         target: object = importlib.import_module(module_name)
@@ -308,24 +336,32 @@ def import_architecture(ref: str) -> Architecture:
     cls = target
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"architecture {ref!r} is not a torch.nn.Module class")
+    accepted = inspect.signature(cls).parameters
 
     def build(params: BaseModel, n_features: int, n_outputs: int) -> nn.Module:
-        return ImportedBackbone(cls(**params.model_dump()))
+        kwargs = params.model_dump()
+        for key, value in (("n_features", n_features), ("n_outputs", n_outputs)):
+            if key in accepted and key not in kwargs:
+                kwargs[key] = value
+        return ImportedBackbone(cls(**kwargs))
 
     return Architecture(ref, ImportedParams, build, f"imported {ref}")
 
 
 def get_architecture(name: str) -> Architecture:
+    """A built-in architecture, a ``package.module:Class`` or an installed plugin's, by name;
+    ValueError naming the known ones when there is none."""
     if ":" in name and name not in ARCHITECTURES:  # package.module:Class, imported each time
         return import_architecture(name)
     if name not in ARCHITECTURES:
         architecture_names()
-    try:
+    if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})"
-        ) from None
+    plugins = plugin_architectures()
+    if name in plugins:
+        return import_architecture(plugins[name])
+    known = ", ".join([*sorted(ARCHITECTURES), *sorted(plugins)])
+    raise ValueError(f"unknown architecture {name!r} (known: {known}; or package.module:Class)")
 
 
 def build_model(

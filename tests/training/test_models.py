@@ -72,7 +72,7 @@ def test_mlp_params_reject_unknown_and_bad_values() -> None:
 
 def test_unknown_architecture_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"^unknown architecture 'resnet' \(known: "
-                                         r"autoencoder, cnn, gru, lstm, mlp\)$"):
+                                         r"autoencoder, cnn, gru, lstm, mlp; or package.module:Class\)$"):
         get_architecture("resnet")
 
 
