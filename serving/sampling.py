@@ -33,6 +33,7 @@ from modelloop.sampling import GOLDEN, base_score, quantize
 
 LABEL_EXPECTED_HEADER = "x-modelloop-label-expected"
 MEASURE_S = 1.0  # how often a budget's share follows the rows predicted
+MIN_ELAPSED_S = 0.01  # a burst's rate is measured over at least this long
 
 
 class LabelledId(str):
@@ -105,8 +106,11 @@ class EventSampler:
             budget = self._budgets[model] = _Budget(configured, now)
         budget.rows += rows
         elapsed = now - budget.since
-        if elapsed >= MEASURE_S:
-            seen = budget.rows / elapsed
+        # measured each second, and at once when this second's rows at the share in effect
+        # already exceed the budget (a burst after a quiet spell: the share was 1), so a burst
+        # sends at most about a second's budget before the share follows it
+        if elapsed >= MEASURE_S or budget.rows * budget.share > rate * MEASURE_S:
+            seen = budget.rows / max(elapsed, MIN_ELAPSED_S)
             budget.share = min(configured, quantize(rate / seen) if seen > rate else 1.0)
             budget.rows, budget.since = 0, now
         return budget.share

@@ -77,6 +77,8 @@ def test_a_rows_per_second_budget_lowers_the_share_while_traffic_is_larger() -> 
     assert sampler.share("m", 10_000) == 0.0625  # 10,000 rows a second: 1000 / 10,000 -> 1/16
     now[0] = 2.0
     assert sampler.share("m", 500) == 1.0  # quiet again: everything
+    now[0] = 2.1  # a burst: 5000 rows in 0.1 s are more than a second's budget at share 1
+    assert sampler.share("m", 5000) == 0.015625  # 50,000 a second: 1/64 at once, not a second later
     assert EventSampler(share=1.0).active is False
     assert EventSampler(shares={"m": 0.5}).configured("m") == 0.5
 
