@@ -6,7 +6,8 @@ ONNX graph, with a background drawn from its reference sample. An explanation ru
 graph rows and a few seconds of Python (``shap`` compiles its numba kernels on first use), so the
 routes hand it to :class:`ExplainWorker`: one child process per serving worker, started on the
 first explanation, that runs one explanation at a time on its own ONNX Runtime session (one
-thread). Predictions never wait for it: not for the event loop, not for the GIL. At most
+thread) at a lower CPU priority (nice 10). Predictions never wait for it: not for the event
+loop, not for the GIL, and the kernel gives the worker the CPU first. At most
 ``explain_max_pending`` explanations wait for it; more get 503 with ``Retry-After``.
 
 Example::
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -54,6 +56,7 @@ from serving.validation import RequestError
 logger = logging.getLogger(__name__)
 EXPLAINER = "permutation"
 RETRY_AFTER_S = 1
+EXPLAIN_NICE = 10
 
 
 def rows_of(meta: ModelMetadata, x: np.ndarray) -> np.ndarray:
@@ -97,6 +100,11 @@ def _model_in_child(version: ModelVersion, background: int) -> tuple[Any, np.nda
     return _MODELS[key]
 
 
+def _lower_priority() -> None:
+    """The child yields the CPU to the serving worker whenever both want it (nice 10)."""
+    os.nice(EXPLAIN_NICE)
+
+
 def explain_in_child(version: ModelVersion, x: np.ndarray, background: int, permutations: int) -> Explanation:
     """Run in the child process: the explanation of ``x`` on ``version``'s graph."""
     runtime, bg = _model_in_child(version, background)
@@ -114,7 +122,8 @@ class ExplainWorker:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: the serving worker runs threads, which a forked child must not inherit
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_lower_priority)
         return self._pool
 
     async def explain(self, version: ModelVersion, x: np.ndarray) -> Explanation:
