@@ -54,6 +54,7 @@ from training.config import TrainingConfig
 from training.data import DataError, TabularDataset, prepare, read_table, split_dataset
 from training.evaluate import evaluate
 from training.export import ExportError, check_parity, export_onnx, onnx_session, run_onnx
+from training.measure import layout
 from training.models import (
     ImportedBackbone,
     InferenceGraph,
@@ -63,6 +64,7 @@ from training.models import (
 )
 from training.pipeline import WEIGHTS_FILE, _parity_rows, subsample, with_outputs
 from training.settings import TrainingSettings
+from training.vision import ImageClassifier, ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ def _frame(data: Rows, target: str, feature_names: Sequence[str] | None) -> pd.D
         return read_table(data)
     features, labels = data
     x = np.asarray(features)
+    x = x.reshape(len(x), -1) if x.ndim > 2 else x  # images: their values, row-major
     names = list(feature_names) if feature_names is not None else [f"f{i}" for i in range(x.shape[1])]
     if x.ndim != 2 or x.shape[1] != len(names):
         raise DataError(f"features of shape {list(x.shape)} do not match {len(names)} feature names")
@@ -180,21 +183,24 @@ def _finite(outputs: np.ndarray, what: str) -> None:
 
 def _build_version(name: str, ex: _Examples, onnx_bytes: bytes, settings: TrainingSettings, *,
                    what: str, architecture: str, parity: ParityResult | None,
-                   config: Mapping[str, Any], lineage: Mapping[str, Any]) -> tuple[ModelMetadata, pd.DataFrame]:
+                   config: Mapping[str, Any], lineage: Mapping[str, Any],
+                   input_shape: Sequence[int | None] | None = None) -> tuple[ModelMetadata, pd.DataFrame]:
     """Metrics on the held-out rows and the reference sample (training rows and, for a
     classifier, held-out rows marked as such, as ``training/pipeline.py`` makes them), both from
-    the ONNX graph's outputs."""
+    the ONNX graph's outputs. ``input_shape``: the graph's input (default ``[batch,
+    n_features]``; an image's ``[batch, channels, height, width]`` takes the rows reshaped)."""
     ds, task = ex.ds, ex.ds.task
     main = _main_output(task)
+    shape = list(input_shape) if input_shape is not None else [None, ds.n_features]
     session = onnx_session(onnx_bytes, settings.threads)
-    held_out = run_onnx(session, ds.features[ex.held])[main]
+    held_out = run_onnx(session, layout(ds.features[ex.held], shape))[main]
     _finite(held_out, what)
     evaluation = evaluate(task, ds.target[ex.held], held_out, ds.class_labels)
     ref_rows = subsample(ex.train, settings.reference_rows, settings.seed)
     held_rows = (subsample(ex.held, settings.reference_rows, settings.seed)
                  if task is Task.classification else ref_rows[:0])
     rows = np.concatenate([ref_rows, held_rows])
-    outputs = run_onnx(session, ds.features[rows])[main]
+    outputs = run_onnx(session, layout(ds.features[rows], shape))[main]
     _finite(outputs, what)
     reference = pd.DataFrame(ds.features[rows], columns=ds.feature_names)
     reference[REF_LABEL] = ds.target[rows]
@@ -205,7 +211,7 @@ def _build_version(name: str, ex: _Examples, onnx_bytes: bytes, settings: Traini
                     "split_rows": {"train": len(ex.train), "holdout": len(ex.held)}})
     meta = ModelMetadata(
         name=name, task=task, architecture=architecture,
-        inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=[None, ds.n_features])],
+        inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=shape)],
         outputs=[TensorSpec(name=main, dtype="float32", shape=[None, _n_outputs(ds)])],
         feature_names=ds.feature_names,
         class_labels=ds.class_labels if task is Task.classification else None,
@@ -242,6 +248,30 @@ def _preprocessor(preprocess: Preprocessor | Literal["fit"] | None, ex: _Example
     return identity
 
 
+def _image_net(module: nn.Module, ex: _Examples, shape: Sequence[int],
+               preprocess: ImagePreprocessor | Literal["fit"] | None, what: str) -> TabularNet:
+    """The module behind modelloop's image preprocessing (per-pixel median imputation, one
+    mean and scale; fitted, given or none) and softmax, as ``modelloop train --model cnn``."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != 3 or int(np.prod(dims)) != ex.ds.n_features:
+        raise ByoError(f"{what}: input_shape {list(dims)} is not [channels, height, width] of "
+                       f"the data's {ex.ds.n_features} values per row")
+    if ex.ds.task is not Task.classification:
+        raise ByoError(f"{what}: an image model is registered as a classifier, not "
+                       f"{ex.ds.task.value}")
+    if preprocess == "fit":
+        pre = ImagePreprocessor.fit(ex.ds.features[ex.train].reshape(-1, *dims))
+    elif isinstance(preprocess, ImagePreprocessor):
+        pre = preprocess
+    elif preprocess is None:
+        pre = ImagePreprocessor(dims)
+        pre.median.fill_(float("nan"))  # NaN where NaN was: raw pixels pass unchanged
+    else:
+        raise ByoError(f"{what}: preprocess of an image model must be an ImagePreprocessor, "
+                       f"'fit' or None, not {type(preprocess).__name__}")
+    return ImageClassifier(pre, ImportedBackbone(module), _n_outputs(ex.ds), None)  # type: ignore[arg-type]
+
+
 def _class_name(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -249,7 +279,7 @@ def _class_name(module: nn.Module) -> str:
 
 def _probe(net: TabularNet, ex: _Examples, what: str) -> None:
     """Run the module on a few rows and check its output's shape against the task."""
-    x = torch.from_numpy(np.ascontiguousarray(ex.ds.features[ex.held[:PROBE_ROWS]]))
+    x = torch.from_numpy(net.layout(ex.ds.features[ex.held[:PROBE_ROWS]]))
     try:
         with torch.no_grad():
             out = net(x)
@@ -297,10 +327,12 @@ def _export_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _export(graph: InferenceGraph, ex: _Examples, what: str) -> bytes:
+def _export(graph: InferenceGraph, ex: _Examples, what: str,
+            input_shape: Sequence[int | None] | None) -> bytes:
     try:
         return export_onnx(graph, n_features=ex.ds.n_features,
-                           output_names=[_main_output(ex.ds.task)], example=ex.ds.features[ex.held])
+                           output_names=[_main_output(ex.ds.task)],
+                           example=graph.net.layout(ex.ds.features[ex.held]), input_shape=input_shape)
     except ExportError as exc:
         text = str(exc)
         if "batch" in text and ("Constraints violated" in text or "dynamic batch axis" in text):
@@ -314,8 +346,9 @@ def register_module(
     data: ExampleData | pd.DataFrame,
     *,
     name: str,
-    preprocess: Preprocessor | Literal["fit"] | None = None,
+    preprocess: Preprocessor | ImagePreprocessor | Literal["fit"] | None = None,
     init_kwargs: Mapping[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
     registry: Registry | None = None,
     settings: TrainingSettings | None = None,
     promote: bool = False,
@@ -330,6 +363,12 @@ def register_module(
     :class:`~training.models.Preprocessor` (the one the module was trained behind).
     ``init_kwargs``: the class's constructor arguments, stored with its import path so
     ``modelloop retrain`` can rebuild it (None: the version cannot be retrained).
+    ``input_shape``: ``[channels, height, width]`` when the module is an image classifier
+    taking ``[batch, channels, height, width]``: each row of ``data`` holds an image's values,
+    row-major; the graph takes the image tensor (or the rows, through serving), its
+    preprocessing is the image kind (:class:`~training.vision.ImagePreprocessor`), and
+    ``modelloop quantize`` measures it on ``data`` when ``data`` is a file and ``init_kwargs``
+    is given (it is not retrained by modelloop: a per-model retraining command does that).
 
     Raises ``ByoError`` (a module that fails, exports badly or outputs the wrong shape),
     ``ParityError`` (ONNX Runtime and PyTorch differ beyond ``settings.parity_tolerance``; it
@@ -343,15 +382,20 @@ def register_module(
         raise ByoError(f"{what}: task {ex.ds.task.value} is not supported here")
     ref = _architecture_ref(module, init_kwargs) if init_kwargs is not None else None
     module = module.cpu().eval()
-    net = TabularNet(_preprocessor(preprocess, ex), ImportedBackbone(module), ex.ds.task,
-                     _n_outputs(ex.ds)).eval()
+    if input_shape is not None:
+        net = _image_net(module, ex, input_shape, preprocess, what).eval()  # type: ignore[arg-type]
+    else:
+        net = TabularNet(_preprocessor(preprocess, ex), ImportedBackbone(module),  # type: ignore[arg-type]
+                         ex.ds.task, _n_outputs(ex.ds)).eval()
+    shape = [None, *input_shape] if input_shape is not None else None
     _probe(net, ex, what)
     graph = InferenceGraph(net)
-    onnx_bytes = _export(graph, ex, what)
+    onnx_bytes = _export(graph, ex, what, shape)
     x_held = ex.ds.features[ex.held]
     # with imputation in the graph, rows with one feature missing each are checked too
     parity = check_parity(graph, onnx_bytes,
-                          _parity_rows(x_held) if preprocess is not None else x_held,
+                          net.layout(_parity_rows(x_held) if preprocess is not None and shape is None
+                                     else x_held),
                           tolerance=settings.parity_tolerance,
                           batch_sizes=settings.parity_batch_sizes, max_rows=settings.parity_rows,
                           threads=settings.threads)
@@ -360,13 +404,15 @@ def register_module(
         config = TrainingConfig.from_settings(
             settings, target=ex.ds.target_name, task=ex.ds.task, architecture=ref,
             model=dict(init_kwargs or {})).model_dump(mode="json")
-    lineage = {"source": SOURCE_MODULE, "module_class": _class_name(module),
+    lineage: dict[str, Any] = {"source": SOURCE_MODULE, "module_class": _class_name(module),
                "architecture_ref": ref, "retrainable": ref is not None,
-               "preprocess": ("given" if isinstance(preprocess, Preprocessor)
+               "preprocess": ("given" if isinstance(preprocess, Preprocessor | ImagePreprocessor)
                               else "fitted" if preprocess else "none")}
+    if input_shape is not None:
+        lineage["input_shape"] = list(input_shape)
     meta, reference = _build_version(name, ex, onnx_bytes, settings, what=what,
                                      architecture=ref or _class_name(module), parity=parity,
-                                     config=config, lineage=lineage)
+                                     config=config, lineage=lineage, input_shape=shape)
     weights = io.BytesIO()
     torch.save(net.state_dict(), weights)
     return _store(meta, onnx_bytes, reference, registry or Registry(settings.registry_dir),
@@ -664,6 +710,9 @@ def not_retrainable(meta: ModelMetadata) -> str | None:
         return ("it was registered from an ONNX file (modelloop models import): there are no "
                 "weights or architecture to retrain; retrain it where it was made and register "
                 "the new file")
+    if source == SOURCE_MODULE and meta.lineage.get("input_shape"):
+        return ("it is an image module registered through register_module: modelloop retrains "
+                "tabular modules only; run your own pipeline as the model's retraining command")
     ref = meta.config.get("architecture") if meta.config else None
     if source == SOURCE_MODULE and not ref:
         return ("it was registered from a module without its constructor arguments "

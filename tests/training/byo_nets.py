@@ -52,3 +52,29 @@ class Noisy(TinyClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.layers(x)
         return out + 10 * torch.rand_like(out)
+
+
+class Residual(nn.Module):
+    """Two 3x3 convolutions added to their input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class SmallResNet(nn.Module):
+    """A small residual CNN: logits ``[batch, n_classes]`` from images ``[batch, 3, 32, 32]``."""
+
+    def __init__(self, n_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(Residual(width), nn.MaxPool2d(2), Residual(width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.blocks(self.stem(x)))
+        return out
