@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -122,6 +123,7 @@ class Evaluator:
         self._report_future: Future[Any] | None = None
         self._last_report: dict[str, tuple[float, bool]] = {}
         self._models: list[str] | None = None
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # who checked a window (the store says)
         self.errors = ErrorRateTracker(settings.serving_metrics_url, settings.window_seconds)
         self.gpu = GpuSampler() if settings.gpu else None
         self._process: ProcessSampler | CgroupSampler | None = None
@@ -159,13 +161,17 @@ class Evaluator:
         return list(self._models)
 
     # -- the check ------------------------------------------------------------------------------
-    def check(self, models: list[str] | None = None) -> dict[str, Any]:
+    def check(self, models: list[str] | None = None, claim: bool = False) -> dict[str, Any]:
+        """Check ``models`` (None: every watched one with events) and return the status. With
+        ``claim`` (the periodic check), only the windows this replica claims first in the store."""
         with self._lock:
             stattests()  # Evidently's tests, imported once (usually by the warm-up already)
             self.warm = True
             now = self.clock()
             self.errors.scrape(now)
             for model in models or self.models(refresh=True):
+                if claim and not self._claimed(model, now):
+                    continue  # another replica checks this window
                 try:
                     self._check_model(model, now)
                 except Exception as exc:  # one broken model must not stop the others' checks
@@ -173,6 +179,14 @@ class Evaluator:
                     self._status.setdefault(model, {})["error"] = f"{type(exc).__name__}: {exc}"
             self._check_resources(now)
             return self.status()
+
+    def _claimed(self, model: str, now: float) -> bool:
+        """Whether this replica checks ``model``'s window now: windows are ``check_interval_s``
+        long, and the first replica to claim one in the shared store checks it."""
+        slot = int(now // self.settings.check_interval_s)
+        taken = self.store.claim_evaluation(model, slot, self.replica, now)
+        self.metrics.window_checks.labels(model, "checked" if taken else "skipped").inc()
+        return taken
 
     def _context(self, model: str, version: int) -> VersionContext | None:
         key = (model, version)

@@ -125,6 +125,9 @@ class MonitorMetrics:
         self.gpu_memory_total = g("modelloop_gpu_memory_total_bytes", "GPU memory (NVML).",
                                   ("gpu",))
         # policy and jobs
+        self.window_checks = c("modelloop_window_checks_total", "Periodic checks of a model's "
+                               "window: checked here, or skipped because another replica sharing "
+                               "the store checks that window.", ("model", "result"))
         self.threshold_breaches = c("modelloop_threshold_breaches_total", "Policy rules that fired.",
                                     ("rule",))
         self.retrain_jobs = c("modelloop_retrain_jobs_total", "Retraining jobs by trigger and "

@@ -130,7 +130,7 @@ class Sidecar:
         next_retention = 0.0
         while not self._stop.is_set():
             try:
-                self.evaluator.check()
+                self.evaluator.check(claim=True)  # one replica per window (monitoring/evaluate.py)
                 if self.clock() >= next_retention:
                     self.evaluator.retention(stopping=self._stop.is_set)
                     next_retention = self.clock() + self.settings.retention_interval_s

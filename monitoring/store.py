@@ -58,6 +58,9 @@ when opened (VACUUM, about a second per 100 MiB); a larger one is left as it is,
 SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """``journal_size_limit``: a WAL file larger than this is truncated to it after a checkpoint."""
 
+KEEP_EVALUATIONS = 10_000
+"""Windows of a model whose checker is kept (:meth:`EventStore.claim_evaluation`)."""
+
 ADDED_COLUMNS = (("events", "ambiguous", "INTEGER NOT NULL DEFAULT 0"),)
 """Columns added since the first release, as (table, column, declaration): a store made before
 gets them when it is opened (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it is)."""
@@ -163,6 +166,10 @@ class EventStore:
                 ambiguous INTEGER NOT NULL DEFAULT 0)""",
             "CREATE INDEX IF NOT EXISTS {p}events_mvs ON {p}events (model, version, seq)",
             "CREATE INDEX IF NOT EXISTS {p}events_mts ON {p}events (model, ts)",
+            # the replica that checks a model's window (one per window, across replicas)
+            f"""CREATE TABLE IF NOT EXISTS {{p}}evaluations (
+                model TEXT NOT NULL, slot BIGINT NOT NULL, replica TEXT NOT NULL, at {r} NOT NULL,
+                PRIMARY KEY (model, slot))""",
             f"""CREATE TABLE IF NOT EXISTS {{p}}jobs (
                 id TEXT PRIMARY KEY, model TEXT NOT NULL, trigger TEXT NOT NULL,
                 kind TEXT NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL,
@@ -188,6 +195,7 @@ class EventStore:
     def drop_schema(self) -> None:
         """Drop the store's tables (the tests, after a case on a shared PostgreSQL)."""
         with self._write() as cur:
+            cur.execute(self._sql("DROP TABLE IF EXISTS {p}evaluations"))
             for table in ("events", "jobs", "alerts"):
                 cur.execute(self._sql(f"DROP TABLE IF EXISTS {{p}}{table}"))
 
@@ -459,6 +467,27 @@ class EventStore:
             rows = cur.fetchall()
         rows.reverse()
         return to_window(rows, True)
+
+    # -- evaluations -------------------------------------------------------------------------
+    def claim_evaluation(self, model: str, slot: int, replica: str, now: float) -> bool:
+        """Take the check of ``model``'s window ``slot`` for ``replica``: True for the first
+        replica to ask, False once one has (a row per window, unique by its key, which sidecar
+        replicas sharing PostgreSQL all write to). The row stays as the record of who checked
+        the window; rows over :data:`KEEP_EVALUATIONS` windows old are deleted."""
+        with self._write() as cur:
+            cur.execute(self._sql("INSERT INTO {p}evaluations (model, slot, replica, at) VALUES (?,?,?,?) "
+                                  "ON CONFLICT (model, slot) DO NOTHING"), (model, slot, replica, now))
+            taken = cur.rowcount == 1
+            cur.execute(self._sql("DELETE FROM {p}evaluations WHERE model = ? AND slot < ?"),
+                        (model, slot - KEEP_EVALUATIONS))
+        return taken
+
+    def evaluations(self, model: str) -> list[tuple[int, str, float]]:
+        """``(slot, replica, at)`` of the windows of ``model`` checked, oldest first."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT slot, replica, at FROM {p}evaluations WHERE model = ? "
+                                  "ORDER BY slot"), (model,))
+            return [(int(a), str(b), float(c)) for a, b, c in cur.fetchall()]
 
     # -- jobs ----------------------------------------------------------------------------------
     def start_job(self, job: JobRecord) -> str | None:
