@@ -24,7 +24,12 @@ Parity: the graph is run in ONNX Runtime against the members run separately (eac
 session, combined in NumPy) at the export's batch sizes, within ``parity_tolerance``. The
 ensemble becomes a new version (``parent_version`` the best member, lineage ``{"trigger":
 "ensemble", "ensemble": {...}}``), **promotable** only when its accuracy on the test split is at
-least the best member's plus ``MODELLOOP_TRAINING_ENSEMBLE_MARGIN`` (0.0: a tie is enough)::
+least the best member's plus ``MODELLOOP_TRAINING_ENSEMBLE_MARGIN`` (0.0: a tie is enough).
+
+Retraining (``modelloop retrain`` of an ensemble in production) retrains each member on the job's
+data, from its own configuration and weights, and :func:`rebuild_ensemble` combines the new
+members as the champion combined its own (method and weights) into a challenger that the
+retraining gate judges as any other::
 
     members = [registry.get("digits", v) for v in (3, 5, 7)]
     built = build_ensemble(members, method="mean", settings=settings)
@@ -34,6 +39,7 @@ least the best member's plus ``MODELLOOP_TRAINING_ENSEMBLE_MARGIN`` (0.0: a tie 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +57,7 @@ from training.config import TrainingConfig
 from training.data import DataError, split_dataset
 from training.export import check_conventions, onnx_session, run_onnx
 from training.measure import evaluate_outputs, kept_lineage, reference_with_outputs
+from training.pipeline import TrainedModel, register_trained
 from training.quantize import register_gated, training_data
 from training.settings import TrainingSettings
 
@@ -322,3 +329,49 @@ def register_ensemble(ensemble: Ensemble, registry: Registry, *,
     return register_gated(registry, ensemble.metadata, ensemble.onnx_bytes,
                           reference=ensemble.reference, artifacts=None, promote=promote,
                           promotable=ensemble.report.promotable, line=verdict(ensemble.report))
+
+
+def ensemble_members(version: ModelVersion, registry: Registry) -> list[ModelVersion]:
+    """The registered members of an ensemble ``version`` (its lineage names them); [] for a
+    version that is not an ensemble."""
+    spec = version.metadata.lineage.get("ensemble")
+    if not isinstance(spec, dict):
+        return []
+    return [registry.get(version.name, v) for v in spec["members"]]
+
+
+def rebuild_ensemble(champion: ModelVersion, members: Sequence[TrainedModel], registry: Registry,
+                     settings: TrainingSettings) -> TrainedModel:
+    """The challenger of the ensemble ``champion`` from its retrained ``members`` (trained on one
+    frame with one split, in the order of the champion's members): the members are registered
+    (not promoted), combined by the champion's method and weights (a weighted ensemble keeps the
+    weights its members earned on validation rows when it was built) into one graph, checked for
+    parity against them and measured on their common test split. Its parity passes only when the
+    members' exports passed theirs too. Not registered: the retraining gate decides."""
+    spec = champion.metadata.lineage["ensemble"]
+    method, weights = Method(spec["method"]), [float(w) for w in spec["weights"]]
+    registered = [register_trained(m, registry) for m in members]
+    first, meta = members[0], registered[0]
+    onnx_members = [m.onnx_bytes for m in members]
+    graph = ensemble_graph(onnx_members, method, weights, len(meta.class_labels or []),
+                           meta.n_features, meta.inputs[0].shape)
+    x_test, y_test = first.dataset.features[first.split.test], first.dataset.target[first.split.test]
+    parity = _parity(graph, onnx_members, method, weights, x_test[:settings.parity_rows], settings)
+    members_passed = all(m.parity is not None and m.parity.passed for m in registered)
+    session = onnx_session(graph, settings.threads)
+    ev = evaluate_outputs(meta, y_test, run_onnx(session, x_test)[PROBABILITIES])
+    reference = reference_with_outputs(first.reference, meta.task, run_onnx(
+        session, first.reference[meta.feature_names].to_numpy(np.float32))[PROBABILITIES])
+    lineage = {k: v for k, v in first.metadata.lineage.items() if k != "fine_tuned_from"}
+    metadata = meta.model_copy(deep=True, update={
+        "version": 0, "created_at": datetime.now(UTC), "parent_version": champion.version,
+        "architecture": "ensemble", "metrics": ev.metrics,
+        "evaluation": {**meta.evaluation, **ev.details},
+        "parity": parity.model_copy(update={"passed": parity.passed and members_passed}),
+        "lineage": {**lineage, "ensemble": {
+            "members": [m.version for m in registered], "method": method.value, "weights": weights,
+            "retrained_from": list(spec["members"]),
+            "member_metrics": {str(m.version): m.metrics.get("accuracy") for m in registered}}},
+    })
+    return dataclasses.replace(first, metadata=metadata, onnx_bytes=graph, reference=reference,
+                               artifacts={})

@@ -12,7 +12,9 @@ Every trigger (the sidecar's local process, a Kubernetes Job, a container, a per
    moved; otherwise the most recent rows are the holdout (:func:`split_recent`). The rest joins
    the original training data.
 4. ``train_model`` with the champion's stored configuration and classes, starting from the
-   champion's weights (fine-tuning) unless ``retrain_fine_tune`` is off.
+   champion's weights (fine-tuning) unless ``retrain_fine_tune`` is off. An ensemble champion
+   retrains each member so (its own configuration and weights), registers them, and the
+   challenger is their ensemble (:func:`training.ensemble.rebuild_ensemble`).
 5. :func:`compare`: champion and challenger ONNX files on the same holdout (score and latency),
    and :func:`compare_on_original` on the trusted rows of the original data (its first test
    split, which no version trains on): labels no feedback touched, so labels sent to poison the
@@ -41,6 +43,7 @@ from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
+from training.ensemble import ensemble_members, rebuild_ensemble
 from training.evaluate import evaluate
 from training.export import onnx_session
 from training.pipeline import TrainedModel, TrainOptions, register_trained, train_model
@@ -366,9 +369,11 @@ def retrain(
     now = time.time() if now is None else now
     champion = registry.get(name, ALIAS_PRODUCTION)
     meta = champion.metadata
-    why = not_retrainable(meta)  # an ONNX file's version, or a module's that cannot be rebuilt
-    if why is not None:
-        raise RetrainError(f"{name} v{meta.version} cannot be retrained: {why}")
+    members = ensemble_members(champion, registry)  # an ensemble retrains each of its members
+    for version in members or [champion]:
+        why = not_retrainable(version.metadata)  # an ONNX file's version, a module's, ...
+        if why is not None:
+            raise RetrainError(f"{name} v{version.version} cannot be retrained: {why}")
     config = TrainingConfig.model_validate(meta.config)
     metric = settings.retrain_metric if meta.task is Task.classification else "r2"
     since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
@@ -406,19 +411,25 @@ def retrain(
     log.info("retraining %s (champion v%d): %d original + %d production rows, holdout %d",
              name, meta.version, len(original), len(recent_train), len(holdout))
 
-    init: WarmStart | None = None
-    if settings.retrain_fine_tune:
-        try:
-            init = WarmStart.from_version(champion)
-        except TransferError as exc:
-            log.info("training the challenger from scratch: %s", exc)
-    trained: TrainedModel = train_model(train_frame, name=name, options=TrainOptions(
-        config=config, settings=settings, init=init,
-        class_labels=meta.class_labels, parent_version=meta.version, progress=progress,
-        lineage={"trigger": trigger, "original_dataset":
-                 meta.lineage.get("original_dataset", meta.dataset),
-                 "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
-    ))
+    def challenger_of(version: ModelVersion) -> TrainedModel:
+        """``version`` trained again on the job's data: its configuration, from its weights."""
+        init: WarmStart | None = None
+        if settings.retrain_fine_tune:
+            try:
+                init = WarmStart.from_version(version)
+            except TransferError as exc:
+                log.info("training the challenger from scratch: %s", exc)
+        return train_model(train_frame, name=name, options=TrainOptions(
+            config=TrainingConfig.model_validate(version.metadata.config), settings=settings,
+            init=init, class_labels=meta.class_labels, parent_version=version.version,
+            progress=progress,
+            lineage={"trigger": trigger, "original_dataset":
+                     meta.lineage.get("original_dataset", meta.dataset),
+                     "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
+        ))
+
+    trained = (rebuild_ensemble(champion, [challenger_of(m) for m in members], registry, settings)
+               if members else challenger_of(champion))
     sessions = pair_sessions(champion_session, trained.onnx_bytes)
     champ, chall = compare(champion, sessions, holdout, metric=metric)
     parity_ok = trained.metadata.parity is not None and trained.metadata.parity.passed

@@ -1,6 +1,6 @@
 """Ensembles: three real digits MLPs trained here (same split, different widths), combined into one
 ONNX graph by ``modelloop ensemble``, checked against the members run separately, measured on
-their common test split, gated by the margin, refused for members that do not fit, refused by
+their common test split, gated by the margin, refused for members that do not fit, taken by
 ``modelloop retrain``, and served by a real ``modelloop serve``."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_members_that_do_not_fit_are_refused_in_one_line(
     assert lines[1].startswith(f"error: digits v{odd.version} ") and message in lines[1]
 
 
-def test_the_promoted_ensemble_serves_and_retrain_refuses_it(
+def test_the_promoted_ensemble_serves_and_retrain_takes_it(
         settings: TrainingSettings, members: list[ModelVersion], tmp_path: Path) -> None:
     out = _ensemble(settings, members, "--promote")
     assert out["promoted"] is True
@@ -171,11 +171,10 @@ def test_the_promoted_ensemble_serves_and_retrain_refuses_it(
     done = subprocess.run([MODELLOOP, "retrain", "--name", "digits", "--sidecar-url",
                            "http://127.0.0.1:9"], env={**os.environ, **_env(settings)},
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # retrain takes the ensemble (it retrains each member: test_retrain_ensemble.py) and asks
+    # the sidecar for labelled rows, which is not there
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"error: digits v{version.version} cannot be retrained: it is an ensemble of "
-        f"{', '.join(f'v{m.version}' for m in members)} (modelloop ensemble): retrain its members "
-        "and build a new ensemble of them")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the sidecar at ")
 
 
 def test_train_ensemble_trains_k_members_on_one_split_then_their_ensemble(tmp_path: Path) -> None:
