@@ -4,7 +4,7 @@ monitor` receiving its events on the same machine, 1-row and 1024-row requests u
 every event sent (share 1) and with the event sample (a rows-per-second budget).
 
     .venv/bin/python scripts/bench_machine.py [--seconds 8] [--rounds 1] [--budget 2000]
-        [--store-url postgresql://postgres@127.0.0.1:5432/test] [--out bench_out/machine.md]
+        [--rows 1,1024] [--store-url postgresql://postgres@127.0.0.1:5432/test] [--out bench_out/machine.md]
 
 Per case: req/s (and its ratio to serving alone in the same round), serving's and the sidecar's
 CPU per request, events sent, dropped, left out by the sample, and stored by the sidecar, and the
@@ -145,6 +145,7 @@ def main() -> None:
                         help="EVENT_ROWS_PER_S of the sampled case (all workers together)")
     parser.add_argument("--store-url", help="the sidecars' store (default: a SQLite file each); "
                         "PostgreSQL tables get a prefix per sidecar and are dropped after")
+    parser.add_argument("--rows", default="1,1024", help="rows per request of the cases run (1 and/or 1024)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "machine.md")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -152,7 +153,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-machine-"))
     home = tmp / "home"
     register(home, "standard", STANDARD)
-    bodies = {1: (json_body(tmp / "one.json", 1), 32), 1024: (json_body(tmp / "big.json", 1024), 8)}
+    conns = {1: 32, 1024: 8}
+    bodies = {rows: (json_body(tmp / f"rows-{rows}.json", rows), conns[rows]) for rows in map(int, args.rows.split(","))}
     bento = {"BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(tmp / "bh")}
     serve_env = {"MODELLOOP_HOME": str(home), **bento, "MODELLOOP_SERVING_LOG_LEVEL": "WARNING",
                  "MODELLOOP_SERVING_MODEL": "standard"}
