@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -264,3 +265,28 @@ def unalias(
     except RegistryError as exc:
         raise _fail(exc) from exc
     console.print(f"{name}: aliases {json.dumps(aliases, sort_keys=True)}")
+
+
+@app.command()
+def history(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, as stored.")] = False,
+) -> None:
+    """Every alias change of a model, oldest first: promotions, rollbacks, canary and challenger
+    aliases, canary shares, and the live gate's decisions with their numbers."""
+    reg = _registry()
+    if name not in reg.models():
+        raise _fail(RegistryError(f"model {name!r} is not registered under {reg.root}"))
+    events = reg.history(name)
+    if as_json:
+        for event in events:
+            typer.echo(json.dumps(event, sort_keys=True))
+        return
+    table = Table("time (UTC)", "change", "aliases after", "why")
+    for event in events:
+        when = datetime.fromtimestamp(event["time"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        change = " ".join(str(event[k]) for k in ("op", "alias", "version", "share") if k in event)
+        gate = event.get("live_gate")
+        why = f"live gate: {gate['reason']}" if gate else event.get("not_previous", "")
+        table.add_row(when, change, json.dumps(event.get("aliases", {}), sort_keys=True), escape(why))
+    console.print(table)

@@ -306,7 +306,7 @@ class Registry:
                 known[version] = exc
         return known[version]
 
-    def promote(self, name: str, version: int | str) -> dict[str, int]:
+    def promote(self, name: str, version: int | str, note: dict[str, Any] | None = None) -> dict[str, int]:
         """Make ``version`` production; the old production becomes ``previous``. Atomic.
 
         ``version`` is checked first: BrokenVersion, and nothing changes, when it fails. The old
@@ -314,7 +314,7 @@ class Registry:
         stays as it was, and the history says why), so a rollback never lands on a broken version.
         The checks run before the lock is taken (a version never changes), so other writers wait
         only for the alias write; should production move meanwhile, the new one is checked under
-        the lock.
+        the lock. ``note`` goes into the history entry (why it was promoted).
         """
         target = self.resolve(name, version)
         known: dict[int, BrokenVersion | None] = {}
@@ -329,7 +329,7 @@ class Registry:
             current = aliases.get(ALIAS_PRODUCTION)
             if current == target:
                 return aliases
-            event: dict[str, Any] = {"op": "promote", "version": target}
+            event: dict[str, Any] = {"op": "promote", "version": target, **(note or {})}
             if current is not None:
                 problem = self._check(name, current, known)
                 if problem is None:
@@ -393,15 +393,16 @@ class Registry:
                 self._write_aliases(mdir, aliases, {"op": "set_alias", "alias": alias, "version": target})
             return aliases
 
-    def remove_alias(self, name: str, alias: str) -> dict[str, int]:
-        """Remove ``alias`` (not ``production``); nothing happens when it is not set. Atomic."""
+    def remove_alias(self, name: str, alias: str, note: dict[str, Any] | None = None) -> dict[str, int]:
+        """Remove ``alias`` (not ``production``); nothing happens when it is not set. Atomic.
+        ``note`` goes into the history entry."""
         if alias == ALIAS_PRODUCTION:
             raise RegistryError(f"alias {ALIAS_PRODUCTION!r} cannot be removed; promote or roll back")
         with self._locked(name) as mdir:
             aliases = self.aliases(name)
             if alias in aliases:
                 del aliases[alias]
-                self._write_aliases(mdir, aliases, {"op": "remove_alias", "alias": alias})
+                self._write_aliases(mdir, aliases, {"op": "remove_alias", "alias": alias, **(note or {})})
             return aliases
 
     def canary_share(self, name: str) -> float:

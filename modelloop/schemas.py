@@ -19,7 +19,7 @@ import binascii
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -55,6 +55,9 @@ rows only, since a model is over-confident on its own training rows."""
 
 ALIAS_PRODUCTION = "production"
 ALIAS_PREVIOUS = "previous"
+ALIAS_CHALLENGER = "challenger"
+"""The version a retraining job proposes: shadowed by serving, judged on live labels by the
+sidecar (monitoring/live_gate.py)."""
 
 
 class Task(StrEnum):
@@ -146,7 +149,10 @@ def monitored_features(x: Any, dims: tuple[int | None, ...]) -> Any:
     return x.reshape(len(x), -1)
 
 
-Mode = Literal["realtime", "batch"]
+Mode = Literal["realtime", "batch", "shadow"]
+"""How a prediction was made: a real-time request, a batch route's row, or a challenger's answer
+to a copy of a real-time request (scored off the request path; not a prediction anyone got)."""
+MODE_SHADOW: Final = "shadow"
 Number = Annotated[float, Strict()]
 """A JSON number (an integer too); never a string or a boolean, which lax parsing would turn
 into one (``"1.5"``, ``true``)."""

@@ -41,6 +41,7 @@ from monitoring.accuracy import ConfidenceCalibration, classification_scores, la
 from monitoring.data_quality import DataQuality, window_quality
 from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
 from monitoring.ingest import ModelCatalog
+from monitoring.live_gate import LiveGate
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import Firing, Observation, PolicyEngine, Rule
@@ -125,6 +126,8 @@ class Evaluator:
         self._models: list[str] | None = None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # who checked a window (the store says)
         self.errors = ErrorRateTracker(settings.serving_metrics_url, settings.window_seconds)
+        self.live_gate = LiveGate(catalog.registry, store, metrics, min_rows=settings.live_gate_min_rows,
+                                  alpha=settings.live_gate_alpha, max_age_s=settings.live_gate_max_age_s)
         self.gpu = GpuSampler() if settings.gpu else None
         self._process: ProcessSampler | CgroupSampler | None = None
         self._resource_status: dict[str, Any] = {}
@@ -174,11 +177,20 @@ class Evaluator:
                     continue  # another replica checks this window
                 try:
                     self._check_model(model, now)
+                    self._judge_challenger(model, now)
                 except Exception as exc:  # one broken model must not stop the others' checks
                     log.exception("check of model %s failed", model)
                     self._status.setdefault(model, {})["error"] = f"{type(exc).__name__}: {exc}"
             self._check_resources(now)
             return self.status()
+
+    def _judge_challenger(self, model: str, now: float) -> None:
+        """The live gate's verdict on ``model``'s challenger, acted on (monitoring/live_gate.py)."""
+        verdict = self.live_gate.check(model, now)
+        if verdict is not None:
+            self._status.setdefault(model, {})["live_gate"] = verdict.record()
+        else:
+            self._status.get(model, {}).pop("live_gate", None)
 
     def _claimed(self, model: str, now: float) -> bool:
         """Whether this replica checks ``model``'s window now: windows are ``check_interval_s``

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -22,6 +23,7 @@ JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
 REFUSE_REASONS = ("unknown_model", "not_watched", "duplicate", "model_busy", "at_capacity")
 ERROR_REASONS = ("unexpected", "not_stored")
+LIVE_GATE_DECISIONS = ("promote", "retire", "failed")
 
 
 class MonitorMetrics:
@@ -72,6 +74,17 @@ class MonitorMetrics:
             ("model",))
         self.multivariate_drift_detected = g("modelloop_multivariate_drift_detected",
                                              "Joint-distribution drift flag.", ("model",))
+        # the live gate (monitoring/live_gate.py)
+        self.live_gate_rows = g("modelloop_live_gate_rows", "Labelled requests both the champion "
+                                "and the shadowing challenger answered.", ("model",))
+        self.live_gate_score = g("modelloop_live_gate_score", "Live accuracy (regression: MAE) "
+                                 "of the champion and the challenger on those requests (NaN "
+                                 "while none is judged).",
+                                 ("model", "role"))
+        self.live_gate_p_value = g("modelloop_live_gate_p_value", "The paired test's p-value at "
+                                   "the last look (NaN before the first).", ("model",))
+        self.live_gate_decisions = c("modelloop_live_gate_decisions_total", "Challengers "
+                                     "promoted (promote), retired (retire), or failed to act on (failed).", ("model", "decision"))
         # data quality of the judged window
         self.missing = g("modelloop_missing_ratio", "Share of the window's rows missing the "
                          "feature.", ("model", "feature"))
@@ -171,3 +184,9 @@ class MonitorMetrics:
                 for result in JOB_RESULTS:
                     self.retrain_jobs.labels(model, trigger, result)
             self.retrain_active.labels(model).set(0)
+            for decision in LIVE_GATE_DECISIONS:
+                self.live_gate_decisions.labels(model, decision)
+            self.live_gate_rows.labels(model).set(0)  # no challenger judged yet
+            for role in ("champion", "challenger"):
+                self.live_gate_score.labels(model, role).set(math.nan)
+            self.live_gate_p_value.labels(model).set(math.nan)

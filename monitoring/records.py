@@ -86,6 +86,8 @@ class Stored:
     conflicts: int = 0
     """Events not stored because their request id holds another prediction (the id is now
     ambiguous)."""
+    shadow: int = 0
+    """Shadow answers of a challenger in the batch (stored apart, :mod:`serving.shadow`)."""
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ class MonitorSettings(HomeSettings):
     """A policy retraining job that ends without a new production version (the challenger lost,
     or the job failed) lets the rule that fired it fire again once this many new labels of the
     model arrived, instead of waiting out its cooldown."""
+    live_gate_min_rows: PositiveInt = 200
+    """Labelled requests both the champion and a shadowing challenger answered before the live
+    gate first judges them (monitoring/live_gate.py); it looks again at 2x, 4x, ..."""
+    live_gate_alpha: float = Field(default=0.05, gt=0, lt=1)
+    """The live gate's false-decision rate over all its looks: the chance that it promotes a
+    challenger no better than the champion (or retires one no worse)."""
+    live_gate_max_age_s: PositiveFloat = 7 * 24 * 3600.0
+    """A challenger still undecided this long after it was named is retired."""
     max_active_jobs: PositiveInt = 2
     """Retraining jobs running at once over all models (at most one per model besides);
     requests beyond it are refused (429 to ``POST /retrain``) and counted."""

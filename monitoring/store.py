@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from modelloop.schemas import MODE_SHADOW
 from monitoring.records import (
     EventRow,
     JobRecord,
@@ -180,6 +183,12 @@ class EventStore:
             f"""CREATE TABLE IF NOT EXISTS {{p}}alerts (
                 fingerprint TEXT NOT NULL, starts_at TEXT NOT NULL, received_at {r} NOT NULL,
                 PRIMARY KEY (fingerprint, starts_at))""",
+            # a challenger's answers to the requests production answered (serving/shadow.py),
+            # joined to their events (and labels) by request id
+            f"""CREATE TABLE IF NOT EXISTS {{p}}shadow (
+                request_id TEXT NOT NULL, version INTEGER NOT NULL, model TEXT NOT NULL,
+                ts {r} NOT NULL, prediction {r} NOT NULL, probabilities {b},
+                PRIMARY KEY (request_id, version))""",
         ]
         with self._write() as cur:
             for stmt in ddl:
@@ -196,7 +205,7 @@ class EventStore:
         """Drop the store's tables (the tests, after a case on a shared PostgreSQL)."""
         with self._write() as cur:
             cur.execute(self._sql("DROP TABLE IF EXISTS {p}evaluations"))
-            for table in ("events", "jobs", "alerts"):
+            for table in ("events", "jobs", "alerts", "shadow"):
                 cur.execute(self._sql(f"DROP TABLE IF EXISTS {{p}}{table}"))
 
     # -- events ------------------------------------------------------------------------------
@@ -221,6 +230,10 @@ class EventStore:
         due = None
         with self._write() as cur:
             for rows in batches:
+                shadow = [r for r in rows if r.mode == MODE_SHADOW]
+                if shadow:
+                    rows = [r for r in rows if r.mode != MODE_SHADOW]
+                    self._add_shadow(cur, shadow)
                 firsts: dict[str, EventRow] = {}
                 clashes: list[str] = []
                 for r in rows:
@@ -233,7 +246,7 @@ class EventStore:
                     cur.executemany(self._sql(
                         "UPDATE {p}events SET ambiguous = 1, label = NULL, label_ts = NULL "
                         "WHERE request_id = ?"), [(rid,) for rid in dict.fromkeys(clashes)])
-                out.append(Stored(new, len(clashes)))
+                out.append(Stored(new, len(clashes), len(shadow)))
             if self._growth is not None:
                 self._grown += sum(sum(st.new.values()) for st in out)
                 if self._grown >= self._growth[0]:
@@ -272,6 +285,35 @@ class EventStore:
             out += [row[0] for row in cur.fetchall()
                     if not _same_event(EventRow(*row), mine[row[0]])]
         return out
+
+    def _add_shadow(self, cur: Any, rows: list[EventRow]) -> None:
+        """Store a challenger's shadow answers (one per request id and version; a re-send is
+        skipped)."""
+        cur.executemany(self._sql(
+            "INSERT INTO {p}shadow (request_id, version, model, ts, prediction, probabilities) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (request_id, version) DO NOTHING"),
+            [(r.request_id, r.version, r.model, r.ts, r.prediction, r.probabilities) for r in rows])
+
+    def live_pairs(self, model: str, champion: int, challenger: int,
+                   since: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The labelled requests ``model`` v``champion`` answered since ``since`` that the
+        shadow v``challenger`` answered too: (labels, champion's predictions, challenger's),
+        oldest first. Ambiguous ids are left out, as for every other label."""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT e.label, e.prediction, s.prediction FROM {p}events e "
+                "JOIN {p}shadow s ON s.request_id = e.request_id AND s.version = ? "
+                "WHERE e.model = ? AND e.version = ? AND e.ts >= ? AND e.label IS NOT NULL "
+                "AND e.ambiguous = 0 ORDER BY e.seq"), (challenger, model, champion, since))
+            rows = cur.fetchall()
+        out = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+        return out[:, 0], out[:, 1], out[:, 2]
+
+    def count_shadow(self, model: str, version: int) -> int:
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT COUNT(*) FROM {p}shadow WHERE model = ? AND version = ?"),
+                        (model, version))
+            return int(cur.fetchone()[0])
 
     def on_growth(self, every_events: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time ``every_events`` more new events have been stored through
@@ -352,7 +394,16 @@ class EventStore:
             count = self.keep_newest(max_events, chunk_rows=chunk_rows, on_chunk=chunks)
         if max_bytes is not None and not chunks.stopped:
             size = self.keep_bytes(max_bytes, chunk_rows=chunk_rows, on_chunk=chunks)
+        if age or count or size:
+            self.forget_shadow()
         return Retention(age, count, size, alerts)
+
+    def forget_shadow(self) -> None:
+        """Delete the shadow answers older than the oldest event kept (their events are gone,
+        so no label can join them)."""
+        with self._write() as cur:
+            cur.execute(self._sql("DELETE FROM {p}shadow WHERE ts < "
+                                  "COALESCE((SELECT MIN(ts) FROM {p}events), 1e308)"))
 
     def delete_older(self, cutoff_ts: float, *, chunk_rows: int = RETENTION_CHUNK_ROWS,
                      on_chunk: ChunkCallback | None = None) -> int:

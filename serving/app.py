@@ -505,6 +505,8 @@ class Routes:
         status = served.manager.status()
         canary = served.canary
         status["canary"] = None if canary is None else {**canary.manager.status(), "share": canary.share}
+        shadow = served.shadow
+        status["shadow"] = None if shadow is None else {**shadow.manager.status(), "queued_rows": shadow.queued_rows}
         status.update(queued_rows=served.batcher.queued_rows, events_pending=state.emitter.pending_rows,
                       events_sent=state.emitter.sent, events_dropped=state.emitter.dropped)
         return json_response(status)

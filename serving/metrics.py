@@ -81,6 +81,16 @@ class ServingMetrics:
             "reason (swapped; missing_version, unresolved, broken).",
             ["model", "result", "reason"], registry=registry,
         )
+        self.shadow_rows = Counter(
+            "modelloop_serving_shadow_rows_total",
+            "Rows of production traffic copied to the challenger (serving/shadow.py), by result "
+            "(scored, dropped, failed).", ["model", "result"], registry=registry,
+        )
+        self.shadow_agreement = Counter(
+            "modelloop_serving_shadow_agreement_rows_total",
+            "Shadow rows where the challenger predicted what production answered.",
+            ["model"], registry=registry,
+        )
 
     def set_model(self, model: str, version: int, provider: str, previous: tuple[int, str] | None) -> None:
         """Point ``model_info`` at the version now served (the one before drops to 0)."""

@@ -41,12 +41,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelloop.registry import Registry, atomic_write_bytes
+from modelloop.schemas import ALIAS_CHALLENGER
 from serving.batcher import AdaptiveBatcher
 from serving.canary import ALIAS_CANARY, Canary, Lane, canary_bucket
+from serving.events import EventEmitter
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager, RuntimeFactory
-from serving.runtime import ModelLoadError
+from serving.runtime import ModelLoadError, OnnxRuntime
 from serving.settings import ServingSettings
+from serving.shadow import Shadow
 
 logger = logging.getLogger(__name__)
 State = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]
@@ -99,6 +102,9 @@ class ServedModel:
         self.canary: Canary | None = None
         """The canary version beside production (:mod:`serving.canary`), while one is served."""
         self.canary_failed: int | None = None  # a canary version that failed to load: not retried
+        self.shadow: Shadow | None = None
+        """The challenger scoring copies of production's traffic (:mod:`serving.shadow`)."""
+        self.shadow_failed: int | None = None  # a challenger that failed to load: not retried
 
     @property
     def version(self) -> int | None:
@@ -124,10 +130,13 @@ class ModelRepository:
     """The served models of one worker (module docstring)."""
 
     def __init__(self, registry: Registry, settings: ServingSettings, metrics: ServingMetrics,
-                 make_batcher: Callable[[], AdaptiveBatcher], factory: RuntimeFactory | None = None) -> None:
+                 make_batcher: Callable[[], AdaptiveBatcher], factory: RuntimeFactory | None = None,
+                 emitter: EventEmitter | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
+        self.emitter = emitter
+        """Where a challenger's shadow answers go; shadow is off without one that is enabled."""
         self.make_batcher = make_batcher
         self.factory = factory
         self.default: str | None = None
@@ -210,6 +219,14 @@ class ModelRepository:
         model.users -= 1
         if model.users == 0:
             model.idle.set()
+
+    def shadow_of(self, runtime: OnnxRuntime) -> Shadow | None:
+        """The shadow to copy a batch ``runtime`` answered to: only production's batches (a
+        canary's are not the champion's answers)."""
+        model = self._models.get(runtime.name)
+        if model is None or model.shadow is None or runtime is not model.manager.current:
+            return None
+        return model.shadow
 
     # -- the repository extension --------------------------------------------------------------
     def index(self) -> list[dict[str, Any]]:
@@ -326,6 +343,7 @@ class ModelRepository:
             model.state, model.reason = "UNLOADING", reason  # admits no new request from here
             await model.idle.wait()  # the requests in flight finish on it
             await self._close_canary(model)
+            await self._close_shadow(model)
             await model.batcher.stop()
             await model.manager.close()
             model.state = "UNAVAILABLE"
@@ -347,6 +365,7 @@ class ModelRepository:
                     if model.state == "READY":
                         await model.manager.check_alias()
                         await self._follow_canary(model)
+                        await self._follow_shadow(model)
                     elif model.failed_stamp is not None and \
                             self.registry.alias_stamp(model.name) != model.failed_stamp:
                         model.failed_stamp = None
@@ -373,15 +392,11 @@ class ModelRepository:
             return
         if target == model.canary_failed:
             return
-        manager = ModelManager(self.registry, self.settings, self.metrics, self.factory,
-                               name=model.name, alias=ALIAS_CANARY)
-        try:
-            runtime = await asyncio.to_thread(manager.load_initial)
-        except ModelLoadError as exc:
+        manager = await self._load_side(model, ALIAS_CANARY, "production keeps all traffic")
+        if manager is None:
             model.canary_failed = target
-            self.metrics.reloads.labels(model=model.name, result="failure", reason="broken").inc()
-            logger.error("%s: canary v%s cannot load: %s; production keeps all traffic", model.name, target, exc)
             return
+        runtime = manager.current
         batcher = self.make_batcher()
         await batcher.start()
         model.canary = Canary(manager, batcher, share)
@@ -399,3 +414,57 @@ class ModelRepository:
             # the canary was promoted: its version still serves (closing it dropped its info to 0)
             self.metrics.set_model(model.name, version, model.manager.current.active_provider, None)
         logger.info("%s: canary v%d closed; production serves all traffic", model.name, version)
+
+    async def _load_side(self, model: ServedModel, alias: str, otherwise: str) -> ModelManager | None:
+        """A manager of ``model``'s version under ``alias``, loaded and checked beside
+        production (on a thread); None, logged and counted, when it cannot load."""
+        manager = ModelManager(self.registry, self.settings, self.metrics, self.factory,
+                               name=model.name, alias=alias)
+        try:
+            await asyncio.to_thread(manager.load_initial)
+        except ModelLoadError as exc:
+            self.metrics.reloads.labels(model=model.name, result="failure", reason="broken").inc()
+            logger.error("%s: %s version cannot load: %s; %s", model.name, alias, exc, otherwise)
+            return None
+        return manager
+
+    # -- the shadow (serving/shadow.py) -----------------------------------------------------------
+    async def _follow_shadow(self, model: ServedModel) -> None:
+        """Load, swap or close ``model``'s shadow challenger as the registry now says."""
+        emitter = self.emitter
+        target = self.registry.aliases(model.name).get(ALIAS_CHALLENGER)
+        wanted = (self.settings.shadow and emitter is not None and emitter.enabled
+                  and target is not None and target != model.manager.current.model_version)
+        shadow = model.shadow
+        if not wanted:
+            model.shadow_failed = None
+            await self._close_shadow(model)
+            return
+        if shadow is not None:
+            await shadow.manager.check_alias()
+            return
+        if target == model.shadow_failed:
+            return
+        manager = await self._load_side(model, ALIAS_CHALLENGER, "production is not shadowed")
+        if manager is None:
+            model.shadow_failed = target
+            return
+        production = model.manager.current.metadata
+        challenger = manager.current.metadata
+        if (challenger.feature_names, challenger.input_dims) != (production.feature_names, production.input_dims):
+            logger.error("%s: challenger v%d takes other inputs than production v%d; production is "
+                         "not shadowed", model.name, challenger.version, production.version)
+            model.shadow_failed = target
+            await manager.close()
+            return
+        assert emitter is not None
+        model.shadow = Shadow(model.name, manager, emitter, self.metrics, self.settings.shadow_queue_rows)
+        await model.shadow.start()
+        logger.info("%s: challenger v%d shadows v%d", model.name, challenger.version, production.version)
+
+    async def _close_shadow(self, model: ServedModel) -> None:
+        shadow, model.shadow = model.shadow, None
+        if shadow is not None:
+            version = shadow.version
+            await shadow.close()
+            logger.info("%s: shadow of challenger v%d closed", model.name, version)

@@ -62,6 +62,15 @@ class ServingSettings(HomeSettings):
     alias_poll_interval_s: PositiveFloat = 2.0
     """How often each worker checks whether the alias points at another version."""
 
+    shadow: bool = True
+    """Score a copy of each model's real-time traffic with the version its ``challenger`` alias
+    names, off the request path, and send its answers to the sidecar as shadow events
+    (serving/shadow.py; needs ``sidecar_url``). Off: the alias is ignored."""
+
+    shadow_queue_rows: PositiveInt = 4096
+    """Rows of production batches waiting for the challenger at most; a batch beyond it is not
+    shadowed (counted as dropped), so the shadow gives way first under load."""
+
     # -- ONNX Runtime ------------------------------------------------------------------------------
     providers: Provider = "auto"
     """Execution provider: ``auto`` takes TensorRT or CUDA when a GPU is usable, else the CPU;

@@ -63,7 +63,7 @@ class ServingState:
             on_sampled=self._count_sampled,
         )
         self.repository = ModelRepository(Registry(settings.registry_dir), settings, self.metrics,
-                                          self._make_batcher, factory)
+                                          self._make_batcher, factory, self.emitter)
         self.jobs = JobStore(settings.jobs_dir, chunk_rows=settings.chunk_rows,  # type: ignore[arg-type]
                              nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes,
                              retention_s=settings.job_retention_s)
@@ -136,6 +136,9 @@ class ServingState:
         """The events of a model batch's requests, in one record (real-time mode); each request's
         latency runs from its start to the end of the batch."""
         now = time.perf_counter()
+        shadow = self.repository.shadow_of(runtime)
+        if shadow is not None:  # the challenger scores a copy, later (serving/shadow.py)
+            shadow.offer(x, preds, ids, counts)
         if x.ndim != 2:
             x = monitored_features(x, runtime.input_dims)
         meta = runtime.metadata

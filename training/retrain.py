@@ -39,7 +39,7 @@ import onnxruntime as ort
 import pandas as pd
 
 from modelloop.registry import ModelVersion, Registry
-from modelloop.schemas import ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
+from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
 from training.config import TrainingConfig
 from training.data import DataError, load_data, split_dataset
@@ -447,8 +447,14 @@ def retrain(
         "champion_original_score": on_original[0], "challenger_original_score": on_original[1],
         "max_original_drop": settings.retrain_max_original_drop,
     }
-    registered = register_trained(trained, registry, promote=promote)
+    live = promote and settings.retrain_live_gate
+    trained.metadata.lineage["gate"]["live_gate"] = live
+    registered = register_trained(trained, registry, promote=promote and not live)
     chall.version = registered.version
+    if live:  # the sidecar's live gate promotes it, or retires it (monitoring/live_gate.py)
+        registry.set_alias(name, ALIAS_CHALLENGER, registered.version)
+        promote, reason = False, (f"{reason}; named {ALIAS_CHALLENGER}: serving shadows it and the "
+                                  "sidecar promotes it only if it wins on live labelled requests")
     log.info("%s v%d %s: %s", name, registered.version,
              "promoted" if promote else "kept out of production", reason)
     return RetrainResult(model=name, promoted=promote, reason=reason, metric=metric,

@@ -37,6 +37,10 @@ def retrain_command(
         "champion on the trusted rows of the original training data before it is held for "
         "review (default MODELLOOP_TRAINING_RETRAIN_MAX_ORIGINAL_DROP, 0.05; 1 lets labels "
         "you have checked, after a concept shift, through).")] = None,
+    live_gate: Annotated[bool | None, typer.Option(
+        "--live-gate/--no-live-gate", help="Name a winning challenger 'challenger' (shadowed by "
+        "serving, promoted by the sidecar only if it wins on live labels) instead of promoting "
+        "it (default MODELLOOP_TRAINING_RETRAIN_LIVE_GATE, off).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
 ) -> None:
     """Retrain MODEL on its original data plus labelled production data, judge the challenger
@@ -61,6 +65,7 @@ def retrain_command(
         overrides: dict[str, Any] = {k: v for k, v in {"sidecar_url": sidecar_url, "retrain_window_s": window_s,
                                        "retrain_margin": margin,
                                        "retrain_max_original_drop": max_original_drop,
+                                       "retrain_live_gate": live_gate,
                                        }.items() if v is not None}
         settings = TrainingSettings(**overrides)
     except ValidationError as exc:

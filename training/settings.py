@@ -202,6 +202,12 @@ class TrainingSettings(HomeSettings):
     contradict them (a concept shift, or labels sent to poison retraining) need a person's
     ``modelloop models promote``. 1 promotes on the production holdout alone."""
 
+    retrain_live_gate: bool = False
+    """A challenger that passes the gate is named ``challenger`` instead of promoted: serving
+    scores a copy of live traffic with it (shadow) and the sidecar promotes it only when it beats
+    the champion on the same live labelled requests, with significance (monitoring/live_gate.py),
+    or retires it."""
+
     retrain_latency_tolerance: NonNegativeFloat = 0.5
     """The challenger may be at most this much slower (single-row median ONNX Runtime call) than
     the champion; 0.5 allows 1.5x, room for a noisy machine."""

@@ -1,0 +1,137 @@
+"""Shadow traffic: the version a model's ``challenger`` alias names answers a copy of the
+production traffic, off the request path, and its answers go to the sidecar as shadow events.
+
+While the alias names a version other than production, :mod:`serving.repository` loads it
+beside production with its own :class:`~serving.models.ModelManager` (it swaps without downtime
+when the alias moves). After each production model batch, the serving state hands the batch's
+rows, request ids and production's predictions to :meth:`Shadow.offer`, which only appends them
+to a bounded queue (no copy, no inference): callers already have their answers. One task scores
+the queue on a worker thread, a batch at a time, and records the challenger's predictions as
+events of mode ``shadow`` under the same request ids, so the sidecar joins a label to both
+answers (:mod:`monitoring.live_gate` compares them). The shadow is always the first to give
+way: a batch that does not fit the queue (``MODELLOOP_SERVING_SHADOW_QUEUE_ROWS``) is dropped
+and counted, a challenger that fails or is slow only loses its own answers, and callers never
+wait for it. Shadow needs the sidecar (``MODELLOOP_SERVING_SIDECAR_URL``): its answers are
+only useful there.
+
+``modelloop_serving_shadow_rows_total{model, result}`` counts rows ``scored``, ``dropped``
+(queue full, or the worker stopping) and ``failed``; ``..._shadow_agreement_rows_total`` the
+scored rows where the challenger predicted what production did (the agreement a dashboard
+shows is their ratio).
+
+Example (inside a running event loop)::
+
+    shadow = Shadow("churn", manager, emitter, metrics, queue_rows=4096)
+    await shadow.start()
+    shadow.offer(x, production_predictions, ["req-1", "req-2"], [3, 1])
+    await shadow.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from modelloop.schemas import MODE_SHADOW, monitored_features
+from serving.events import EventEmitter
+from serving.metrics import ServingMetrics
+from serving.models import ModelManager
+from serving.predictions import Predictions, interpret
+
+logger = logging.getLogger(__name__)
+
+
+class _Copy(NamedTuple):
+    x: np.ndarray
+    production: np.ndarray
+    ids: Sequence[str]
+    counts: Sequence[int]
+
+
+class Shadow:
+    """The challenger of one served model scoring copies of production batches (module
+    docstring)."""
+
+    def __init__(self, name: str, manager: ModelManager, emitter: EventEmitter,
+                 metrics: ServingMetrics, queue_rows: int) -> None:
+        self.name = name
+        self.manager = manager
+        self.emitter = emitter
+        self.queue_rows = queue_rows
+        self._queue: deque[_Copy] = deque()
+        self._rows = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._scored = metrics.shadow_rows.labels(model=name, result="scored")
+        self._dropped = metrics.shadow_rows.labels(model=name, result="dropped")
+        self._failed = metrics.shadow_rows.labels(model=name, result="failed")
+        self._agreed = metrics.shadow_agreement.labels(model=name)
+
+    @property
+    def version(self) -> int:
+        return self.manager.current.model_version
+
+    @property
+    def queued_rows(self) -> int:
+        return self._rows
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"modelloop-shadow-{self.name}")
+
+    def offer(self, x: np.ndarray, production: Predictions, ids: Sequence[str],
+              counts: Sequence[int]) -> None:
+        """Queue a copy of a production batch (event-loop thread; never blocks): dropped and
+        counted when the queue cannot hold it."""
+        n = len(x)
+        if self._rows + n > self.queue_rows:
+            self._dropped.inc(n)
+            return
+        self._queue.append(_Copy(x, production.prediction, ids, counts))
+        self._rows += n
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                item = self._queue.popleft()
+                self._rows -= len(item.x)
+                await self._score(item)
+
+    async def _score(self, item: _Copy) -> None:
+        runtime = self.manager.current
+        start = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(runtime.predict, item.x)
+            preds = interpret(runtime.metadata, outputs)
+        except Exception:  # the challenger's failure is its own: production never sees it
+            logger.exception("%s: shadow v%d failed on %d rows", self.name, runtime.model_version, len(item.x))
+            self._failed.inc(len(item.x))
+            return
+        elapsed = time.perf_counter() - start
+        self._scored.inc(len(item.x))
+        self._agreed.inc(int(np.count_nonzero(preds.prediction == item.production)))
+        meta = runtime.metadata
+        x = item.x if item.x.ndim == 2 else monitored_features(item.x, runtime.input_dims)
+        self.emitter.record_requests(meta.name, meta.version, item.ids, item.counts, x, preds,
+                                     [elapsed] * len(item.ids), mode=MODE_SHADOW)
+
+    async def close(self) -> None:
+        """Stop scoring (what is queued is dropped and counted) and free the challenger."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._rows:
+            self._dropped.inc(self._rows)
+        self._queue.clear()
+        self._rows = 0
+        await self.manager.close()
