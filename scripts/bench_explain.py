@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Explanation benchmark: what one explanation costs, and whether explanations slow predictions.
 
-    .venv/bin/python scripts/bench_explain.py [--seconds 8] [--rounds 2] [--out bench_out/explain.md]
+    .venv/bin/python scripts/bench_explain.py [--seconds 8] [--rounds 2] [--nice 10,19] [--out bench_out/explain.md]
 
 1. Cost per instance (in this process, ONNX Runtime on one thread, the serving default MLP of 30
    features): model evaluations (graph rows) and milliseconds per instance, by background rows and
    permutations (modelloop/explain.py; shap's kernels compiled before timing).
 2. One `modelloop serve` (one worker): the 1-row /predict p50/p99 under wrk (8 connections),
    alternately without and with a client sending 1-instance /explain requests back to back, in
-   ``--rounds`` ABAB rounds, so the spread between rounds of the same kind is the noise.
+   ``--rounds`` ABAB rounds, so the spread between rounds of the same kind is the noise; once
+   per ``--nice`` value of the explanation process (MODELLOOP_SERVING_EXPLAIN_NICE).
 
 Prints one markdown table (and writes it to --out). Needs `wrk`.
 """
@@ -69,8 +70,9 @@ def explain_load(url: str, body: bytes, stop: threading.Event, done: list[float]
             done.append(time.perf_counter() - start)
 
 
-def load_rows(home: Path, tmp: Path, seconds: float, rounds: int) -> list[tuple[str, ...]]:
-    env = {"MODELLOOP_HOME": str(home), "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+def load_rows(home: Path, tmp: Path, seconds: float, rounds: int, nice: int) -> list[tuple[str, ...]]:
+    env = {"MODELLOOP_HOME": str(home), "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "MODELLOOP_SERVING_EXPLAIN_NICE": str(nice)}
     spec = ("modelloop serve", [str(BIN / "modelloop"), "serve", "--workers", "1", "--host", "127.0.0.1"],
             "/v2/health/ready", env, None)
     one_row = json_body(tmp / "one.json", 1)
@@ -94,7 +96,7 @@ def load_rows(home: Path, tmp: Path, seconds: float, rounds: int) -> list[tuple[
                 if loaded:
                     thread.join()
                 explains = (f"{len(done)} ({np.median(done) * 1e3:.0f} ms each)" if done else "-")
-                rows.append((f"round {r + 1}, {'with' if loaded else 'without'} explain load",
+                rows.append((f"nice {nice}, round {r + 1}, {'with' if loaded else 'without'} explain load",
                              f"{result['rps']:,.0f}", f"{result['p50']:.2f}", f"{result['p99']:.2f}",
                              str(int(result["errors"])), explains))
     return rows
@@ -110,13 +112,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--nice", default="10,19", help="EXPLAIN_NICE values to run the load with")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as d:
         tmp = Path(d)
         home = tmp / "home"
         register(home, "bench", STANDARD)
         cost = cost_rows(home)
-        load = load_rows(home, tmp, args.seconds, args.rounds)
+        load = [row for nice in args.nice.split(",")
+                for row in load_rows(home, tmp, args.seconds, args.rounds, int(nice))]
     text = "\n\n".join([
         f"Explanation cost per instance (mean over {INSTANCES} instances, one ONNX Runtime thread):",
         table(("case", "model evaluations per instance", "ms per instance", "max additivity error"), cost),

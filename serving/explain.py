@@ -6,8 +6,8 @@ ONNX graph, with a background drawn from its reference sample. An explanation ru
 graph rows and a few seconds of Python (``shap`` compiles its numba kernels on first use), so the
 routes hand it to :class:`ExplainWorker`: one child process per serving worker, started on the
 first explanation, that runs one explanation at a time on its own ONNX Runtime session (one
-thread) at a lower CPU priority (nice 10). Predictions never wait for it: not for the event
-loop, not for the GIL, and the kernel gives the worker the CPU first. At most
+thread) at the lowest CPU priority (``explain_nice``, 19). Predictions never wait for it: not for
+the event loop, not for the GIL, and the kernel gives the worker the CPU first. At most
 ``explain_max_pending`` explanations wait for it; more get 503 with ``Retry-After``.
 
 Example::
@@ -56,7 +56,6 @@ from serving.validation import RequestError
 logger = logging.getLogger(__name__)
 EXPLAINER = "permutation"
 RETRY_AFTER_S = 1
-EXPLAIN_NICE = 10
 
 
 def rows_of(meta: ModelMetadata, x: np.ndarray) -> np.ndarray:
@@ -100,11 +99,6 @@ def _model_in_child(version: ModelVersion, background: int) -> tuple[Any, np.nda
     return _MODELS[key]
 
 
-def _lower_priority() -> None:
-    """The child yields the CPU to the serving worker whenever both want it (nice 10)."""
-    os.nice(EXPLAIN_NICE)
-
-
 def explain_in_child(version: ModelVersion, x: np.ndarray, background: int, permutations: int) -> Explanation:
     """Run in the child process: the explanation of ``x`` on ``version``'s graph."""
     runtime, bg = _model_in_child(version, background)
@@ -123,7 +117,7 @@ class ExplainWorker:
         if self._pool is None:
             # spawn: the serving worker runs threads, which a forked child must not inherit
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_lower_priority)
+                                             initializer=os.nice, initargs=(self.settings.explain_nice,))
         return self._pool
 
     async def explain(self, version: ModelVersion, x: np.ndarray) -> Explanation:

@@ -250,6 +250,10 @@ class ServingSettings(HomeSettings):
     """Explanations waiting for a worker's explanation process at most (it runs one at a time);
     more get 503 with ``Retry-After``."""
 
+    explain_nice: int = Field(default=19, ge=0, le=19)
+    """Niceness of the explanation process: the kernel gives the serving worker the CPU first
+    when both want it (19: explanations take only what the worker leaves; 0: an equal share)."""
+
     @property
     def jobs_dir(self) -> os.PathLike[str]:
         """Where asynchronous batch jobs keep their files, ``$MODELLOOP_HOME/serving/jobs``."""
