@@ -135,10 +135,11 @@ def test_stored_config_retrains_the_same_model_from_a_dataframe(cancer: Register
         class_labels=champion.class_labels, parent_version=champion.version,
         lineage={"trigger": "test"}))
     meta = challenger.metadata
-    lineage = {k: v for k, v in meta.lineage.items() if k != "data_report"}
+    lineage = {k: v for k, v in meta.lineage.items() if k not in ("data_report", "reference_rows")}
     assert (meta.parent_version, lineage, meta.class_labels) == (1, {"trigger": "test"},
                                                                 champion.class_labels)
     assert meta.lineage["data_report"] == champion.lineage["data_report"]  # the same table
+    assert meta.lineage["reference_rows"] == champion.lineage["reference_rows"]  # the same rows
     # same data, config and seed: the same model, to the bit on CPU
     assert meta.data_fingerprint == champion.data_fingerprint
     assert meta.metrics == champion.metrics
