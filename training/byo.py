@@ -88,7 +88,10 @@ class ExampleData:
     accuracy calibration; default: a seeded validation and test split of ``data``)."""
 
     data: Rows
-    target: str = "target"
+    target: str | None = "target"
+    """The target column; None: the data has no labels (a DataFrame or a file; an ONNX file's
+    reference only): no metrics, and the task, with a classifier's classes, must be given or
+    read from the graph."""
     holdout: Rows | None = None
     task: Task | None = None
     """None infers it from the target, as ``modelloop train`` does."""
@@ -106,6 +109,8 @@ class _Examples:
     ds: TabularDataset
     train: np.ndarray
     held: np.ndarray
+    labelled: bool = True
+    """False for data without labels: ``ds.target`` is zeros, no rows are held out."""
 
 
 def _frame(data: Rows, target: str, feature_names: Sequence[str] | None) -> pd.DataFrame:
@@ -150,6 +155,8 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings,
     target, task, class_labels = ex.target, ex.task, ex.class_labels
     # a file is recorded as the version's dataset: a retraining job reads it again
     source = str(Path(ex.data).resolve()) if isinstance(ex.data, str | Path) else "dataframe"
+    if target is None:
+        return _unlabelled(ex, columns, source)
     frame = _in_order(_frame(ex.data, target, ex.feature_names), target, columns, source)
     if ex.holdout is None:
         ds = prepare(frame, target, task=task, class_labels=class_labels, source=source)
@@ -164,6 +171,22 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings,
     ds = prepare(pd.concat([frame, held], ignore_index=True), target, task=task,
                  class_labels=class_labels, source=source)
     return _Examples(ds, np.arange(len(frame)), np.arange(len(frame), len(frame) + len(held)))
+
+
+def _unlabelled(ex: ExampleData, columns: Sequence[str] | None, source: str) -> _Examples:
+    """Rows without labels: every row is a reference row, the target zeros, nothing held out."""
+    classify = ex.task is Task.classification
+    if ex.task is None or (classify and not ex.class_labels):
+        raise DataError(f"{source}: without a target column the task{' and the classes' if classify else ''} "
+                        "must be given (--task, --classes) or said by the graph")
+    if ex.holdout is not None:
+        raise DataError(f"{source}: a holdout without a target column measures nothing")
+    blank = "_ml_no_target"
+    frame = _in_order(_frame(ex.data, blank, ex.feature_names), blank, columns, source)
+    ds = prepare(frame.assign(**{blank: 0.0}), blank, task=Task.regression, source=source)
+    ds = replace(ds, task=ex.task, target=np.zeros(len(ds), np.int64 if classify else np.float64),
+                 class_labels=[str(c) for c in ex.class_labels or []] if classify else None)
+    return _Examples(ds, np.arange(len(ds)), np.arange(0), labelled=False)
 
 
 def _n_outputs(ds: TabularDataset) -> int:
@@ -193,9 +216,15 @@ def _build_version(name: str, ex: _Examples, onnx_bytes: bytes, settings: Traini
     main = _main_output(task)
     shape = list(input_shape) if input_shape is not None else [None, ds.n_features]
     session = onnx_session(onnx_bytes, settings.threads)
-    held_out = run_onnx(session, layout(ds.features[ex.held], shape))[main]
-    _finite(held_out, what)
-    evaluation = evaluate(task, ds.target[ex.held], held_out, ds.class_labels)
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {"split": "none", "labelled": False}
+    if ex.labelled:
+        held_out = run_onnx(session, layout(ds.features[ex.held], shape))[main]
+        _finite(held_out, what)
+        evaluation = evaluate(task, ds.target[ex.held], held_out, ds.class_labels)
+        metrics, details = evaluation.metrics, dict(evaluation.details)
+        details.update({"split": "holdout",
+                        "split_rows": {"train": len(ex.train), "holdout": len(ex.held)}})
     ref_rows = subsample(ex.train, settings.reference_rows, settings.seed)
     held_rows = (subsample(ex.held, settings.reference_rows, settings.seed)
                  if task is Task.classification else ref_rows[:0])
@@ -203,23 +232,21 @@ def _build_version(name: str, ex: _Examples, onnx_bytes: bytes, settings: Traini
     outputs = run_onnx(session, layout(ds.features[rows], shape))[main]
     _finite(outputs, what)
     reference = pd.DataFrame(ds.features[rows], columns=ds.feature_names)
-    reference[REF_LABEL] = ds.target[rows]
+    if ex.labelled:
+        reference[REF_LABEL] = ds.target[rows]
     with_outputs(reference, task, outputs)
     reference[REF_SPLIT] = np.where(np.arange(len(rows)) < len(ref_rows), "train", "holdout")
-    details = dict(evaluation.details)
-    details.update({"split": "holdout",
-                    "split_rows": {"train": len(ex.train), "holdout": len(ex.held)}})
     meta = ModelMetadata(
         name=name, task=task, architecture=architecture,
         inputs=[TensorSpec(name=INPUT_NAME, dtype="float32", shape=shape)],
         outputs=[TensorSpec(name=main, dtype="float32", shape=[None, _n_outputs(ds)])],
         feature_names=ds.feature_names,
         class_labels=ds.class_labels if task is Task.classification else None,
-        metrics=evaluation.metrics, evaluation=details, data_fingerprint=ds.fingerprint,
+        metrics=metrics, evaluation=details, data_fingerprint=ds.fingerprint,
         dataset=ds.source, parity=parity, config=dict(config), lineage=dict(lineage),
     )
     log.info("%s on %d held-out rows: %s", what, len(ex.held),
-             ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return meta, reference
 
 
@@ -378,6 +405,8 @@ def register_module(
     settings = settings or TrainingSettings()
     what = f"module {_class_name(module)}"
     ex = _examples(data, settings)
+    if not ex.labelled:
+        raise ByoError(f"{what}: register a module with labelled data (its target column)")
     if ex.ds.task not in (Task.classification, Task.regression):
         raise ByoError(f"{what}: task {ex.ds.task.value} is not supported here")
     ref = _architecture_ref(module, init_kwargs) if init_kwargs is not None else None

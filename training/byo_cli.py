@@ -35,7 +35,10 @@ def import_command(
         "--reference", "--data", help="CSV or Parquet: the feature columns (in the graph's "
         "input order, or named as its per-column inputs) and the target; what the model was "
         "trained on, or data like it (drift is measured against it).")],
-    target: Annotated[str, typer.Option("--target", help="The target column.")] = "target",
+    target: Annotated[str | None, typer.Option(
+        "--target", help="The target column (default: `target` when the reference has one; "
+        "without one the reference has no labels: no metrics, and the task and classes come "
+        "from the graph or --task and --classes).")] = None,
     holdout: Annotated[Path | None, typer.Option(
         "--holdout", help="Rows the model never saw (metrics); default: a seeded split of "
         "--data.")] = None,
@@ -66,7 +69,7 @@ def import_command(
     from modelloop.registry import Registry, RegistryError
     from modelloop.schemas import Task
     from training.byo import ByoError, ExampleData, register_onnx
-    from training.data import DataError
+    from training.data import TARGET, DataError, read_table
     from training.settings import TrainingSettings
 
     console = Console(stderr=True)
@@ -74,10 +77,11 @@ def import_command(
         console.print("[red]error:[/] --promote and --challenger exclude each other", highlight=False)
         raise typer.Exit(2)
     settings = TrainingSettings(progress=False)
-    examples = ExampleData(data, target=target, holdout=holdout,
-                           task=None if task is TaskChoice.auto else Task(task.value),
-                           class_labels=[s.strip() for s in labels.split(",")] if labels else None)
     try:
+        target = target or (TARGET if TARGET in read_table(data).columns else None)
+        examples = ExampleData(data, target=target, holdout=holdout,
+                               task=None if task is TaskChoice.auto else Task(task.value),
+                               class_labels=[s.strip() for s in labels.split(",")] if labels else None)
         registry = Registry(settings.registry_dir)
         meta = register_onnx(file, examples, name=name, registry=registry, settings=settings,
                              promote=promote)

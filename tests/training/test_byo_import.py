@@ -30,7 +30,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from modelloop.registry import Registry
-from modelloop.schemas import INPUT_NAME, PROBABILITIES
+from modelloop.schemas import INPUT_NAME, PROBABILITIES, REF_LABEL, REF_PREDICTION, REF_PROBA_PREFIX
 from tests.monitoring.helpers import ServingProcess, SidecarProcess
 
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
@@ -219,3 +219,26 @@ def test_refusals(tmp_path: Path, make: Callable[[Path], Path], reference: list[
     assert message in done.stderr.replace(str(tmp_path / "ref.csv"), "ref.csv"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert Registry(tmp_path / "home" / "registry").models() == []
+
+
+def test_a_reference_without_labels(tmp_path: Path) -> None:
+    """No target column: the classes come from the graph, there are no metrics, and the
+    reference sample holds the features and the graph's predictions."""
+    frame = churn(300)
+    frame[COLUMNS].to_csv(tmp_path / "unlabelled.csv", index=False)
+    home = tmp_path / "home"
+    done = import_cli(home, good_file(tmp_path / "model.onnx"), "--reference",
+                      tmp_path / "unlabelled.csv", "--name", "churn", "--promote")
+    assert done.returncode == 0, done.stderr
+    version = Registry(home / "registry").get("churn")
+    assert version.metadata.class_labels == CLASSES and version.metadata.metrics == {}
+    reference = version.reference()
+    assert REF_LABEL not in reference and len(reference) == len(frame)
+    assert set(reference.columns) >= {*COLUMNS, REF_PREDICTION, f"{REF_PROBA_PREFIX}1"}
+
+    # a graph that does not say its task needs the flags
+    done = import_cli(home, column_graph(tmp_path / "plain.onnx"), "--reference",
+                      tmp_path / "unlabelled.csv", "--name", "plain")
+    assert done.returncode == 2
+    assert done.stderr == (f"error: {tmp_path / 'unlabelled.csv'}: without a target column the "
+                           "task must be given (--task, --classes) or said by the graph\n")

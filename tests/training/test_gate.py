@@ -2,7 +2,7 @@
 regression, converted with skl2onnx) registered from its ONNX file, a real sidecar with labelled
 production data after a concept shift, and the owner's own retraining pipeline, configured in the
 sidecar for that model, started by ``POST /retrain``: it trains on the older labelled rows,
-registers its challenger with ``modelloop models register`` and asks ``modelloop models gate``,
+imports its challenger with ``modelloop models import --challenger`` and asks ``modelloop models gate``,
 which promotes a better challenger and keeps a worse one out."""
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ proto = to_onnx(pipe, initial_types=[("x", FloatTensorType([None, len(features)]
 frame = train[features].copy()
 frame["target"] = y.to_numpy()
 frame.to_csv(out / "train.csv", index=False)
-done = subprocess.run([modelloop, "models", "register", str(out / "challenger.onnx"), "--name",
-                       model, "--data", str(out / "train.csv"), "--json"],
+done = subprocess.run([modelloop, "models", "import", str(out / "challenger.onnx"), "--name",
+                       model, "--reference", str(out / "train.csv"), "--challenger", "--json"],
                       capture_output=True, text=True, check=True)
 version = json.loads(done.stdout)["version"]
 gate = subprocess.run([modelloop, "models", "gate", model, str(version), "--since", str(since)],
@@ -133,7 +133,7 @@ def test_a_per_model_command_retrains_an_onnx_model_through_the_gate(
     v2 = champion.get("demo", 2).metadata
     assert v2.lineage["source"] == "onnx"
     assert champion.aliases("demo") == ({"production": 2, "previous": 1} if promoted
-                                        else {"production": 1})
+                                        else {"production": 1}) | {"challenger": 2}
 
 
 @pytest.mark.parametrize(("version", "error"), [
