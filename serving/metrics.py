@@ -86,6 +86,12 @@ class ServingMetrics:
             "Rows of production traffic copied to the challenger (serving/shadow.py), by result "
             "(scored, dropped, failed).", ["model", "result"], registry=registry,
         )
+        self.shadow_inference_duration = Histogram(
+            "modelloop_serving_shadow_inference_duration_seconds",
+            "One ONNX Runtime call of the challenger on a copied batch (beside "
+            "modelloop_serving_inference_duration_seconds, production's).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
         self.shadow_agreement = Counter(
             "modelloop_serving_shadow_agreement_rows_total",
             "Shadow rows where the challenger predicted what production answered.",

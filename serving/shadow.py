@@ -73,6 +73,7 @@ class Shadow:
         self._dropped = metrics.shadow_rows.labels(model=name, result="dropped")
         self._failed = metrics.shadow_rows.labels(model=name, result="failed")
         self._agreed = metrics.shadow_agreement.labels(model=name)
+        self._duration = metrics.shadow_inference_duration.labels(model=name)
 
     @property
     def version(self) -> int:
@@ -117,6 +118,7 @@ class Shadow:
             self._failed.inc(len(item.x))
             return
         elapsed = time.perf_counter() - start
+        self._duration.observe(elapsed)
         self._scored.inc(len(item.x))
         self._agreed.inc(int(np.count_nonzero(preds.prediction == item.production)))
         meta = runtime.metadata

@@ -53,3 +53,25 @@ def test_policy_configmap_is_a_valid_sidecar_policy(tmp_path) -> None:
     path.write_text(policy)
     load_policy(path)
     assert settings_env(render())["MODELLOOP_MONITOR_POLICY_FILE"] == "/etc/modelloop/policy/policy.yaml"
+
+
+@pytest.mark.parametrize(("models", "served", "watched"), [
+    ("", "demo", "demo"),                          # the one model of the release
+    ("fraud", "fraud", "demo,fraud"),              # serving adds `model` itself (the default)
+    (r"demo\,fraud", "demo,fraud", "demo,fraud"),
+    ("fraud-*", "fraud-*", ""),                    # a glob: the sidecar watches every model
+])
+def test_models_serves_and_watches_more_than_one(models: str, served: str, watched: str) -> None:
+    env = settings_env(render(sets=(f"models={models}",)))
+    assert env["MODELLOOP_SERVING_MODEL"] == "demo"
+    assert env["MODELLOOP_SERVING_MODELS"] == served
+    assert env["MODELLOOP_MONITOR_MODELS"] == watched
+
+
+def test_many_models_and_shadow_values_reach_serving() -> None:
+    env = settings_env(render(sets=("serving.settings.max_loaded_models=5", "serving.settings.shadow=false",
+                                    "jobs.trainingSettings.retrain_live_gate=true")))
+    assert env["MODELLOOP_SERVING_MAX_LOADED_MODELS"] == "5"
+    assert env["MODELLOOP_SERVING_SHADOW"] == "false"
+    assert env["MODELLOOP_SERVING_SHADOW_QUEUE_ROWS"] == "4096"
+    assert env["MODELLOOP_TRAINING_RETRAIN_LIVE_GATE"] == "true"
