@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from monitoring.auth import Role, RoleKeys
 from monitoring.ingest import InputError, NotStored, parse_retrain
+from monitoring.jobs import JobStatus
 from monitoring.metrics import MonitorMetrics
 from monitoring.openapi import openapi_document
 from monitoring.reports import latest_report
@@ -286,7 +287,7 @@ class SidecarHandlers:
         if outcome.refused == "at_capacity":
             return ORJSONResponse(outcome.as_dict(), status_code=429,
                                   headers={"Retry-After": str(int(self.settings.job_poll_s * 30))})
-        code = {"running": 202, "skipped": 409, "failed": 502}[outcome.status]
+        code = {JobStatus.running: 202, JobStatus.skipped: 409, JobStatus.failed: 502}[outcome.status]
         return ORJSONResponse(outcome.as_dict(), status_code=code)
 
     async def alertmanager(self, request: Request) -> Response:

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -44,7 +44,7 @@ from monitoring.ingest import ModelCatalog
 from monitoring.live_gate import LiveGate
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
-from monitoring.policy import Firing, Observation, PolicyEngine, Rule
+from monitoring.policy import METRICS, Firing, MetricSpec, Observation, PolicyEngine, Rule
 from monitoring.reports import importance_section, sidecar_section, write_drift_report
 from monitoring.resources import (
     CgroupSampler,
@@ -288,9 +288,11 @@ class Evaluator:
                       requests_in_window=None if errors is None else errors[1])
         self._status[model] = status
 
+        window = ModelWindow(drift, qualities.get(latest), quantiles, len(timed), errors,
+                             data_quality)
+
         def observe(rule: Rule) -> Observation:
-            return _observe(rule, drift, qualities.get(latest), quantiles, len(timed), errors,
-                            data_quality)
+            return MODEL_OBSERVERS[rule.metric](rule, window)
 
         for firing in self.engine.evaluate("model", model, observe, now, model=model,
                                            labelled_since=lru_cache(maxsize=None)(
@@ -471,15 +473,13 @@ class Evaluator:
                          gpus: list[GpuSample]) -> None:
         if sample is not None:
             def observe_process(rule: Rule) -> Observation:
-                value = sample.cpu_ratio if rule.metric == "cpu" else sample.memory_bytes
-                return Observation(value, 1)
+                return PROCESS_OBSERVERS[rule.metric](sample)
 
             for firing in self.engine.evaluate("process", target, observe_process, now):
                 self.on_fire(firing, None)
         for g in gpus:
-            def observe_gpu(rule: Rule, g: Any = g) -> Observation:
-                value = g.utilization_ratio if rule.metric == "gpu_utilization" else g.memory_used_bytes
-                return Observation(value, 1)
+            def observe_gpu(rule: Rule, g: GpuSample = g) -> Observation:
+                return GPU_OBSERVERS[rule.metric](g)
 
             for firing in self.engine.evaluate("gpu", f"gpu{g.index}", observe_gpu, now):
                 self.on_fire(firing, None)
@@ -573,66 +573,156 @@ def _estimate_gap(win: Window, calibration: ConfidenceCalibration,
     return None if on_labelled is None else on_labelled.value - realised["accuracy"]
 
 
-DRIFT_METRICS = ("data_drift", "drift_share", "feature_drift", "prediction_drift",
-                 "multivariate_drift")
+# -- observers: one per policy metric ----------------------------------------------------------
+@dataclass(frozen=True)
+class ModelWindow:
+    """What a model's rules are observed on at one check."""
+
+    drift: DriftResult | None
+    quality: Quality | None
+    """The newest version's."""
+    quantiles: dict[float, float] | None
+    latency_rows: int
+    errors: tuple[float, int] | None
+    """The error rate and the requests it is measured over."""
+    data_quality: DataQuality | None
 
 
-def _observe(rule: Rule, drift: DriftResult | None, quality: Quality | None,
-             quantiles: dict[float, float] | None, latency_rows: int,
-             errors: tuple[float, int] | None, data_quality: DataQuality | None = None
-             ) -> Observation:
-    metric = rule.metric
-    if metric in DRIFT_METRICS:
-        return _observe_drift(rule, drift)
-    if metric in ("out_of_support_share", "missing_share"):
-        return _observe_data_quality(metric, data_quality)
-    if metric in ("accuracy", "f1", "precision", "recall"):
-        sc = None if quality is None else quality.scores.get(rule.window)
-        return Observation(None, 0) if sc is None else Observation(sc[metric], sc["n"])
-    if metric == "estimate_gap":
-        return (Observation(None, 0) if quality is None or quality.estimate_gap is None
-                else Observation(quality.estimate_gap, quality.labelled))
-    if metric == "estimated_accuracy":
-        if quality is None:
-            return Observation(None, 0)
-        if quality.estimate_reliable is False:  # out of support: the estimate is no evidence
-            return Observation(None, quality.rows, "estimate unreliable: "
-                               f"{quality.out_of_support_share:.3f} of rows out of support")
-        return Observation(quality.estimated_accuracy, quality.rows)
-    if metric.startswith("latency_p"):
-        q = {"latency_p50": 0.5, "latency_p95": 0.95, "latency_p99": 0.99}[metric]
-        return Observation(None if quantiles is None else quantiles[q], latency_rows)
-    if metric == "error_rate":
-        return Observation(None, 0) if errors is None else Observation(errors[0], errors[1])
-    return Observation(None, 0)
+ModelObserver = Callable[[Rule, ModelWindow], Observation]
+ProcessObserver = Callable[[ProcessSample], Observation]
+GpuObserver = Callable[[GpuSample], Observation]
 
 
-def _observe_drift(rule: Rule, drift: DriftResult | None) -> Observation:
-    metric = rule.metric
-    if drift is None or not drift.judged:
-        return Observation(None, 0 if drift is None else drift.rows)
-    if metric == "data_drift":
-        return Observation(float(drift.dataset_drift), drift.rows,
-                           ", ".join(drift.drifted_features))
-    if metric == "drift_share":
-        return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
-    if metric == "feature_drift":
-        hit = [f for f in drift.drifted_features if f in (rule.features or [])]
-        return Observation(float(bool(hit)), drift.rows, ", ".join(hit))
-    if metric == "multivariate_drift":
-        mv = drift.multivariate
-        if mv is None:
-            return Observation(None, drift.rows)
-        return Observation(float(mv.drifted), drift.rows, ", ".join(mv.pairs))
+def _on_drift(observe: Callable[[Rule, DriftResult], Observation]) -> ModelObserver:
+    """``observe`` of a judged drift result; no value (and its rows) while there is none."""
+    def observer(rule: Rule, w: ModelWindow) -> Observation:
+        if w.drift is None or not w.drift.judged:
+            return Observation(None, 0 if w.drift is None else w.drift.rows)
+        return observe(rule, w.drift)
+    return observer
+
+
+def _data_drift(rule: Rule, drift: DriftResult) -> Observation:
+    return Observation(float(drift.dataset_drift), drift.rows, ", ".join(drift.drifted_features))
+
+
+def _drift_share(rule: Rule, drift: DriftResult) -> Observation:
+    return Observation(drift.share, drift.rows, ", ".join(drift.drifted_features))
+
+
+def _feature_drift(rule: Rule, drift: DriftResult) -> Observation:
+    hit = [f for f in drift.drifted_features if f in (rule.features or [])]
+    return Observation(float(bool(hit)), drift.rows, ", ".join(hit))
+
+
+def _multivariate_drift(rule: Rule, drift: DriftResult) -> Observation:
+    mv = drift.multivariate
+    if mv is None:
+        return Observation(None, drift.rows)
+    return Observation(float(mv.drifted), drift.rows, ", ".join(mv.pairs))
+
+
+def _prediction_drift(rule: Rule, drift: DriftResult) -> Observation:
     if drift.prediction is None:
         return Observation(None, drift.rows)
     return Observation(float(drift.prediction.drifted), drift.rows)
 
 
-def _observe_data_quality(metric: str, quality: DataQuality | None) -> Observation:
-    if quality is None or not quality.rows:
-        return Observation(None, 0)
-    if metric == "missing_share":
-        return Observation(quality.max_missing_share, quality.rows, quality.worst_missing())
+def _on_data_quality(observe: Callable[[DataQuality], Observation]) -> ModelObserver:
+    """``observe`` of the window's data quality; no value while it has no rows."""
+    def observer(rule: Rule, w: ModelWindow) -> Observation:
+        if w.data_quality is None or not w.data_quality.rows:
+            return Observation(None, 0)
+        return observe(w.data_quality)
+    return observer
+
+
+def _missing_share(quality: DataQuality) -> Observation:
+    return Observation(quality.max_missing_share, quality.rows, quality.worst_missing())
+
+
+def _out_of_support_share(quality: DataQuality) -> Observation:
     return Observation(quality.out_of_support_rows_share, quality.rows,
                        quality.out_of_support_features())
+
+
+def _score(rule: Rule, w: ModelWindow) -> Observation:
+    """A realised score (accuracy, f1, precision, recall) over the rule's window."""
+    sc = None if w.quality is None else w.quality.scores.get(rule.window)
+    return Observation(None, 0) if sc is None else Observation(sc[rule.metric], sc["n"])
+
+
+def _gap(rule: Rule, w: ModelWindow) -> Observation:
+    q = w.quality
+    return (Observation(None, 0) if q is None or q.estimate_gap is None
+            else Observation(q.estimate_gap, q.labelled))
+
+
+def _estimated_accuracy(rule: Rule, w: ModelWindow) -> Observation:
+    q = w.quality
+    if q is None:
+        return Observation(None, 0)
+    if q.estimate_reliable is False:  # out of support: the estimate is no evidence
+        return Observation(None, q.rows, "estimate unreliable: "
+                           f"{q.out_of_support_share:.3f} of rows out of support")
+    return Observation(q.estimated_accuracy, q.rows)
+
+
+def _latency(quantile: float) -> ModelObserver:
+    def observer(rule: Rule, w: ModelWindow) -> Observation:
+        return Observation(None if w.quantiles is None else w.quantiles[quantile], w.latency_rows)
+    return observer
+
+
+def _error_rate(rule: Rule, w: ModelWindow) -> Observation:
+    return Observation(None, 0) if w.errors is None else Observation(*w.errors)
+
+
+MODEL_OBSERVERS: dict[str, ModelObserver] = {
+    "data_drift": _on_drift(_data_drift),
+    "drift_share": _on_drift(_drift_share),
+    "feature_drift": _on_drift(_feature_drift),
+    "prediction_drift": _on_drift(_prediction_drift),
+    "multivariate_drift": _on_drift(_multivariate_drift),
+    "out_of_support_share": _on_data_quality(_out_of_support_share),
+    "missing_share": _on_data_quality(_missing_share),
+    "accuracy": _score,
+    "f1": _score,
+    "precision": _score,
+    "recall": _score,
+    "estimated_accuracy": _estimated_accuracy,
+    "estimate_gap": _gap,
+    "latency_p50": _latency(0.5),
+    "latency_p95": _latency(0.95),
+    "latency_p99": _latency(0.99),
+    "error_rate": _error_rate,
+}
+"""The observer of each metric of a model's rules (``policy.METRICS`` scope ``model``)."""
+PROCESS_OBSERVERS: dict[str, ProcessObserver] = {
+    "cpu": lambda sample: Observation(sample.cpu_ratio, 1),
+    "memory_bytes": lambda sample: Observation(sample.memory_bytes, 1),
+}
+GPU_OBSERVERS: dict[str, GpuObserver] = {
+    "gpu_utilization": lambda gpu: Observation(gpu.utilization_ratio, 1),
+    "gpu_memory_bytes": lambda gpu: Observation(gpu.memory_used_bytes, 1),
+}
+
+
+def check_observers(metrics: Mapping[str, MetricSpec] = METRICS) -> None:
+    """Every policy metric has an observer of its scope and every observer a metric, or a
+    RuntimeError names the ones that do not. Run on import: a metric added to
+    ``policy.METRICS`` without an observer stops the sidecar from starting, instead of its rules
+    never firing (they saw no value)."""
+    tables: dict[str, Mapping[str, object]] = {
+        "model": MODEL_OBSERVERS, "process": PROCESS_OBSERVERS, "gpu": GPU_OBSERVERS}
+    missing = [f"{name} ({spec.scope})" for name, spec in metrics.items()
+               if name not in tables[spec.scope]]
+    unknown = [f"{name} ({scope})" for scope, table in tables.items() for name in table
+               if name not in metrics or metrics[name].scope != scope]
+    problems = ([f"no observer for {', '.join(missing)}"] if missing else []) + \
+        ([f"no such metric for {', '.join(unknown)}"] if unknown else [])
+    if problems:
+        raise RuntimeError(f"policy metrics and observers disagree: {'; '.join(problems)}")
+
+
+check_observers()

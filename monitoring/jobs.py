@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from monitoring.metrics import MonitorMetrics
 from monitoring.settings import MonitorSettings
@@ -64,11 +65,21 @@ def job_name(model: str, at: float, window_s: float, trigger: str = "policy",
     return f"retrain-{slug}-{digest}-{mark}{stamp}"
 
 
+class JobStatus(StrEnum):
+    """What a request for a job came to."""
+
+    running = "running"
+    """Started."""
+    failed = "failed"
+    """Could not start (the trigger failed)."""
+    skipped = "skipped"
+    """Not allowed now (:attr:`JobOutcome.refused` says why)."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: str
-    status: str
-    """``running`` (started), ``failed`` (could not start) or ``skipped`` (not allowed now)."""
+    status: JobStatus
     detail: str = ""
     refused: str = ""
     """Why a ``skipped`` request was refused: ``duplicate`` (this trigger's job of the window was
@@ -76,7 +87,7 @@ class JobOutcome:
     the model is active) or ``at_capacity``."""
 
     def as_dict(self) -> dict[str, str]:
-        out = {"job": self.job_id, "status": self.status, "detail": self.detail}
+        out = {"job": self.job_id, "status": self.status.value, "detail": self.detail}
         if self.refused:
             out["refused"] = self.refused
         return out
@@ -140,12 +151,12 @@ class JobManager:
                 self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
                 self.metrics.retrain_jobs.labels(model, trigger, "failed").inc()
                 self.metrics.retrain_last.labels(model, "failed").set(now)
-                return JobOutcome(job_id, "failed", str(exc))
+                return JobOutcome(job_id, JobStatus.failed, str(exc))
             self.store.update_job(job_id, "running", handle=handle)
         self.metrics.retrain_jobs.labels(model, trigger, "started").inc()
         self.metrics.retrain_active.labels(model).set(1)
         log.warning("retraining job %s started for %s (%s): %s", job_id, model, trigger, reason)
-        return JobOutcome(job_id, "running", f"{self.trigger.kind} job {handle}")
+        return JobOutcome(job_id, JobStatus.running, f"{self.trigger.kind} job {handle}")
 
     def _stored(self, model: str, job_id: str) -> JobRecord | None:
         """The stored job of ``model`` named ``job_id``, if any (looked up by its key)."""
@@ -160,7 +171,7 @@ class JobManager:
         log.info("retraining of %s not started: %s", model, why)
         self.metrics.retrain_jobs.labels(model, trigger, "skipped").inc()
         self.metrics.retrain_refused.labels(trigger, refused).inc()
-        return JobOutcome(job_id, "skipped", why, refused)
+        return JobOutcome(job_id, JobStatus.skipped, why, refused)
 
     def poll(self, models: list[str] | None = None) -> list[tuple[JobRecord, str]]:
         """Check every active job of this trigger kind; record the ones that ended and return

@@ -67,6 +67,8 @@ METRICS: dict[str, MetricSpec] = {
     "gpu_utilization": MetricSpec("ceiling", "gpu", "ratio"),
     "gpu_memory_bytes": MetricSpec("ceiling", "gpu", "bytes"),
 }
+"""The metrics a rule may watch. Each has one observer in ``monitoring/evaluate.py``, of its
+scope; ``check_observers`` there refuses to start when one is missing."""
 QUALITY = {"accuracy", "f1", "precision", "recall"}
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"

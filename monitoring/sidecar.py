@@ -38,7 +38,7 @@ from monitoring.ingest import (
     parse_feedback,
     resolve_label,
 )
-from monitoring.jobs import JobManager, JobOutcome, build_trigger, job_env
+from monitoring.jobs import JobManager, JobOutcome, JobStatus, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
 from monitoring.records import EventRow, JobRecord, Stored
@@ -284,7 +284,7 @@ class Sidecar:
             requested.add(model)
             outcome = self.jobs.request(model, trigger="alertmanager",
                                         reason=alertmanager.alert_reason(alert))
-            key = "started" if outcome.status == "running" else "skipped"
+            key = "started" if outcome.status is JobStatus.running else "skipped"
             out[key].append({"fingerprint": alert.fingerprint, **outcome.as_dict()})
         log.info("Alertmanager notification of %d alerts: %s", len(payload.alerts),
                  ", ".join(f"{len(v)} {k}" for k, v in out.items()))
@@ -300,7 +300,7 @@ class Sidecar:
         if firing.rule.action == "retrain":
             outcome = self._policy_retrain(firing.scope, firing.message(), version,
                                            firing.retry_of)
-            if outcome.status == "skipped" and outcome.refused != "duplicate":
+            if outcome.status is JobStatus.skipped and outcome.refused != "duplicate":
                 self.engine.refused(firing, outcome.detail)  # no cooldown: asked again next check
             entry["job"] = outcome.as_dict()
         self.recent_firings.append(entry)
@@ -309,7 +309,7 @@ class Sidecar:
                         retry_of: float | None = None) -> JobOutcome:
         refused = self.not_retrainable(model, "policy")
         if refused is not None:
-            return JobOutcome("", "skipped", refused[1], refused[0])
+            return JobOutcome("", JobStatus.skipped, refused[1], refused[0])
         return self.jobs.request(model, trigger="policy", reason=reason, version=version,
                                  retry_of=retry_of)
 
