@@ -6,7 +6,8 @@
    DataDriftPreset on the same data, measured in one run, with the per-feature decisions compared.
 2. Ingest: events/s into SQLite (and PostgreSQL, with --pg-url) through the store (batches of
    1000, one transaction each), and through a real `modelloop monitor` process over HTTP
-   (concurrent clients, 1000-event batches).
+   (concurrent clients, 1000-event batches); with --only replicas, one sidecar against two
+   replicas sharing PostgreSQL.
 3. Retention: the SQLite store's size on disk (database, WAL) after each of 10 retention runs,
    each after a burst of ingest at full speed, against the events kept and the bounds.
 
@@ -14,6 +15,7 @@
     .venv/bin/python scripts/bench_monitoring.py --only drift --rows 100000
     .venv/bin/python scripts/bench_monitoring.py --only ingest --pg-url postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python scripts/bench_monitoring.py --only retention [--legacy]
+    .venv/bin/python scripts/bench_monitoring.py --only replicas --pg-url postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -224,70 +226,110 @@ def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
     results.put(len(bodies))
 
 
+def _start_sidecar(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``modelloop monitor`` on a free port, ready and idle (its drift warm-up done)."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("modelloop")
+    proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError("sidecar did not start")
+        time.sleep(0.1)
+    _until_idle(psutil.Process(proc.pid))  # the drift warm-up (Evidently's import) done
+    return proc, url
+
+
 def bench_http(total: int, batch: int, clients: int, columns: str = "",
-               pg_url: str | None = None) -> tuple[str, float, float]:
+               pg_url: str | None = None, replicas: int = 1) -> tuple[str, float, float]:
     """``columns``: "" one JSON object per event, "lists" columns of JSON numbers, "packed" columns
     with packed features and probabilities (as serving sends them). ``pg_url``: the sidecar's
-    store is PostgreSQL there (else SQLite)."""
+    store is PostgreSQL there (else SQLite). ``replicas``: sidecars sharing that store, the
+    clients spread over them (events per CPU-second of all of them together)."""
     import httpx
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         _register(home)
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
         env = {**os.environ, "MODELLOOP_HOME": str(home), "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "3600",
                "MODELLOOP_MONITOR_GPU": "false"}
         if pg_url:
             _drop_pg(pg_url)
             env |= {"MODELLOOP_MONITOR_STORE_URL": pg_url,
                     "MODELLOOP_MONITOR_STORE_TABLE_PREFIX": PG_PREFIX}
-        exe = Path(sys.executable).with_name("modelloop")
-        proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started: list[subprocess.Popen[bytes]] = []
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sidecar did not start")
-                time.sleep(0.1)
-            _until_idle(psutil.Process(proc.pid))  # the drift warm-up (Evidently's import) done
+            urls = []
+            for _ in range(replicas):
+                proc, url = _start_sidecar(env)
+                started.append(proc)
+                urls.append(url)
             n = total // batch
             bodies = [orjson.dumps({"columns": [_columns(batch, f"h{b}", packed=columns == "packed")]}
                                    if columns else {"events": _events(batch, f"h{b}")}) for b in range(n)]
             per = [bodies[i::clients] for i in range(clients)]
             results: mp.Queue = mp.Queue()
-            workers = [mp.Process(target=_client, args=(f"{url}/events", p, results)) for p in per]
-            sidecar = psutil.Process(proc.pid)
-            cpu0 = sum(sidecar.cpu_times()[:2])
+            workers = [mp.Process(target=_client, args=(f"{urls[i % replicas]}/events", p, results))
+                       for i, p in enumerate(per)]
+            sidecars = [psutil.Process(p.pid) for p in started]
+            cpu0 = sum(sum(p.cpu_times()[:2]) for p in sidecars)
             t0 = time.perf_counter()
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
             elapsed = time.perf_counter() - t0
-            cpu = sum(sidecar.cpu_times()[:2]) - cpu0
-            stored = httpx.get(f"{url}/metrics").text
-            assert f'modelloop_events_ingested_total{{model="bench"}} {float(n * batch)}' in stored
+            cpu = sum(sum(p.cpu_times()[:2]) for p in sidecars) - cpu0
+            ingested = 0.0
+            for url in urls:
+                for line in httpx.get(f"{url}/metrics").text.splitlines():
+                    if line.startswith('modelloop_events_ingested_total{model="bench"}'):
+                        ingested += float(line.split()[-1])
+            assert ingested == n * batch, f"{ingested} events stored, {n * batch} sent"
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for proc in started:
+                proc.terminate()
+                proc.wait(30)
             if pg_url:
                 _drop_pg(pg_url)
     form = {"": "one object per event", "lists": "columns, numbers in JSON lists",
             "packed": "columns, features and probabilities packed (as serving sends them)"}[columns]
     engine = "PostgreSQL" if pg_url else "SQLite FULL"
-    return (f"HTTP: modelloop monitor, {clients} client processes, {engine}, {form}",
+    sidecars = f"{replicas} monitor replicas on one store" if replicas > 1 else "modelloop monitor"
+    return (f"HTTP: {sidecars}, {clients} client processes, {engine}, {form}",
             total / elapsed, total / cpu)
+
+
+def bench_replicas(total: int, batch: int, clients: int, pg_url: str) -> None:
+    """One sidecar against two replicas on one PostgreSQL, the same clients and events."""
+    clients = max(clients, 2)
+    rows = [bench_http(total, batch, clients, columns="packed", pg_url=pg_url, replicas=r) for r in (1, 2)]
+    _print_rates(f"Replicas on one PostgreSQL, {total:,} events in batches of {batch}",
+                 "events per CPU-second of the sidecars", rows)
+
+
+def _print_rates(title: str, per_cpu_column: str, rows: list[tuple[str, float, float]]) -> None:
+    table = Table(title=title)
+    table.add_column("path")
+    table.add_column("events/s (wall)", justify="right")
+    table.add_column(per_cpu_column, justify="right")
+    for name, rate, per_cpu in rows:
+        table.add_row(name, f"{rate:,.0f}", f"{per_cpu:,.0f}")
+    console.print(table)
 
 
 def bench_ingest(total: int, batch: int, clients: int, pg_url: str | None) -> None:
@@ -297,13 +339,8 @@ def bench_ingest(total: int, batch: int, clients: int, pg_url: str | None) -> No
     rows.append(bench_http(total, batch, clients, columns="packed"))
     if pg_url:
         rows.append(bench_http(total, batch, clients, columns="packed", pg_url=pg_url))
-    table = Table(title=f"Ingest, {total:,} events of 20 features in batches of {batch}")
-    table.add_column("path")
-    table.add_column("events/s (wall)", justify="right")
-    table.add_column("events per CPU-second of the writer", justify="right")
-    for name, rate, per_cpu in rows:
-        table.add_row(name, f"{rate:,.0f}", f"{per_cpu:,.0f}")
-    console.print(table)
+    _print_rates(f"Ingest, {total:,} events of 20 features in batches of {batch}",
+                 "events per CPU-second of the writer", rows)
 
 
 # -- retention -----------------------------------------------------------------------------------
@@ -371,7 +408,7 @@ def bench_retention(cycles: int, burst: int, batch: int, max_events: int, max_by
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["drift", "ingest", "retention"])
+    parser.add_argument("--only", choices=["drift", "ingest", "retention", "replicas"])
     parser.add_argument("--rows", type=int, default=100_000, help="rows of window and reference")
     parser.add_argument("--events", type=int, default=200_000, help="events to ingest")
     parser.add_argument("--batch", type=int, default=1000, help="events per batch")
@@ -390,6 +427,10 @@ def main() -> None:
         bench_drift(args.rows)
     if args.only in (None, "ingest"):
         bench_ingest(args.events, args.batch, args.clients, args.pg_url)
+    if args.only == "replicas":
+        if not args.pg_url:
+            parser.error("--only replicas: needs --pg-url (the replicas share a PostgreSQL store)")
+        bench_replicas(args.events, args.batch, args.clients, args.pg_url)
     if args.only in (None, "retention"):
         bench_retention(args.cycles, args.burst, args.batch, args.max_events,
                         args.max_mib * 1024 * 1024, args.legacy)
