@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, StrictStr, TypeAdapter, ValidationError
 
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import (
+    MODE_SHADOW,
     ColumnBatch,
     EventBatch,
     EventColumns,
@@ -310,7 +311,8 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
         raise InputError(422, reason, errors, total)
     if note is not None:
         for g in batch.columns:
-            note(g.model, sum(g.rows) if g.seen is None else g.seen, g.share)
+            if g.mode != MODE_SHADOW:  # a challenger's answers stand for no prediction made
+                note(g.model, sum(g.rows) if g.seen is None else g.seen, g.share)
     return rows
 
 

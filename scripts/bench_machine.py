@@ -145,6 +145,9 @@ def main() -> None:
                         help="EVENT_ROWS_PER_S of the sampled case (all workers together)")
     parser.add_argument("--store-url", help="the sidecars' store (default: a SQLite file each); "
                         "PostgreSQL tables get a prefix per sidecar and are dropped after")
+    parser.add_argument("--check-interval-s", type=float,
+                        help="the sidecars' CHECK_INTERVAL_S (default theirs, 60 s): a long one leaves "
+                             "the periodic check out of the sidecar's CPU")
     parser.add_argument("--rows", default="1,1024", help="rows per request of the cases run (1 and/or 1024)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out" / "machine.md")
     args = parser.parse_args()
@@ -170,6 +173,8 @@ def main() -> None:
                     "MODELLOOP_MONITOR_LOG_LEVEL": "WARNING",
                     "MODELLOOP_MONITOR_STORE_URL": args.store_url or f"sqlite:///{tmp / prefix}.db",
                     "MODELLOOP_MONITOR_STORE_TABLE_PREFIX": prefix}
+        if args.check_interval_s:
+            side_env["MODELLOOP_MONITOR_CHECK_INTERVAL_S"] = str(args.check_interval_s)
         sidecars.append((f"{name} / sidecar", port, side_env))
         specs.append((name, serve, "/v2/health/ready",
                       {**serve_env, **extra, "MODELLOOP_SERVING_SIDECAR_URL": f"http://127.0.0.1:{port}"}, None))
@@ -220,7 +225,8 @@ def render(results: dict[tuple[int, str], list[dict[str, float]]], args: argpars
                 f"| {med(rows, name, 'left_out'):,.0f} | {f'{stored:,.0f}' if side else '-'} "
                 f"| {f'{per_event:,.1f} us' if side else '-'} |")
     lines.append(f"\n{args.seconds:g} s per case, {args.rounds} round(s), {args.workers} serving workers, "
-                 f"sampled case EVENT_ROWS_PER_S={args.budget:g}, store {args.store_url or 'SQLite'}; "
+                 f"sampled case EVENT_ROWS_PER_S={args.budget:g}, store {args.store_url or 'SQLite'}, "
+                 f"sidecar check interval {args.check_interval_s or 60:g} s; "
                  f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}.")
     return "\n".join(lines)
 

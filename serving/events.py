@@ -52,7 +52,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from modelloop.schemas import Mode, PackedMatrix
+from modelloop.schemas import MODE_SHADOW, Mode, PackedMatrix
 from serving.predictions import Predictions
 from serving.sampling import EventSampler
 
@@ -346,8 +346,8 @@ class EventEmitter:
         n = len(x)
         if n == 0:  # a request of no rows has no events (and the sidecar takes none)
             return
-        seen = n
-        sampled = self._sample(model, base_ids, first_rows, counts, x, preds, latencies)
+        seen = 0 if mode == MODE_SHADOW else n  # a challenger's answers stand for no prediction made
+        sampled = self._sample(model, base_ids, first_rows, counts, x, preds, latencies, seen)
         if sampled is None:
             return
         share, base_ids, first_rows, counts, latencies, x, preds = sampled
@@ -367,7 +367,7 @@ class EventEmitter:
                         or seg.version != version or seg.model != model or seg.mode != mode
                         or seg.widths != widths or seg.share != share):
                     seg = self._new_segment(model, version, mode, widths, share)
-                seg.seen += seen + (self._unsent_seen.pop(model, 0) if self._unsent_seen else 0)
+                seg.seen += seen + (self._unsent_seen.pop(model, 0) if seen and self._unsent_seen else 0)
                 seg.add(base_ids, [0] * k if first_rows is None else first_rows, counts,
                         time.time() if timestamp is None else timestamp, latencies, x, preds.prediction, proba)
                 if large:  # a closed segment of its own, cut into groups by _take as it is sent
@@ -385,26 +385,28 @@ class EventEmitter:
 
     def _sample(self, model: str, base_ids: Sequence[str], first_rows: Sequence[int] | None,
                 counts: Sequence[int], x: np.ndarray, preds: Predictions, latencies: Sequence[float],
-                ) -> tuple[float, Sequence[str], Sequence[int] | None, Sequence[int], Sequence[float],
+                seen: int) -> tuple[float, Sequence[str], Sequence[int] | None, Sequence[int], Sequence[float],
                            np.ndarray, Predictions] | None:
         """The rows of a record that the sampler keeps, with the share used (the arguments as
         they were when it keeps all, or there is no sampler); None when it keeps none (their count waits for the
-        model's next group)."""
+        model's next group). Shadow rows (``seen`` 0: a challenger's answers to requests counted
+        already) follow the same rule, so a kept request keeps its challenger's answer, but are
+        neither counted nor measured against the budget."""
         n = len(x)
         if self.sampler is None:
-            if self.on_sampled is not None:
+            if self.on_sampled is not None and seen:
                 self.on_sampled(model, n, 0)
             return 1.0, base_ids, first_rows, counts, latencies, x, preds
         kept, share = self.sampler.select(model, base_ids, [0] * len(base_ids) if first_rows is None
-                                          else first_rows, counts)
+                                          else first_rows, counts, measure=bool(seen))
         m = n if kept.rows is None else len(kept.rows)
-        if self.on_sampled is not None:
+        if self.on_sampled is not None and seen:
             self.on_sampled(model, m, n - m)
         if kept.rows is None:
             return share, base_ids, first_rows, counts, latencies, x, preds
         if not m:
             with self._lock:
-                self._unsent_seen[model] = self._unsent_seen.get(model, 0) + n
+                self._unsent_seen[model] = self._unsent_seen.get(model, 0) + seen
             return None
         return (share, [base_ids[r] for r in kept.requests], kept.first_rows, kept.counts,
                 [latencies[r] for r in kept.requests], x[kept.rows], preds.rows(kept.rows))

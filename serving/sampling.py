@@ -116,12 +116,14 @@ class EventSampler:
         return budget.share
 
     def select(self, model: str, base_ids: Sequence[str], first_rows: Sequence[int],
-               counts: Sequence[int], keep_all: Sequence[bool] | None = None) -> tuple[Kept, float]:
+               counts: Sequence[int], keep_all: Sequence[bool] | None = None,
+               measure: bool = True) -> tuple[Kept, float]:
         """The rows of these requests (``counts[i]`` rows of request ``i``, stacked, their ids
         ``<base_ids[i]>-<first_rows[i] + k>``) whose events are sent, and the share used.
-        A request with ``keep_all[i]`` (default: its id is a :class:`LabelledId`) keeps all."""
+        A request with ``keep_all[i]`` (default: its id is a :class:`LabelledId`) keeps all.
+        ``measure``: count these rows against the budget (not a challenger's shadow answers)."""
         total = sum(counts)
-        share = self.share(model, total)
+        share = self.share(model, total if measure else 0)
         k = len(base_ids)
         if keep_all is None:
             keep_all = [isinstance(b, LabelledId) for b in base_ids]

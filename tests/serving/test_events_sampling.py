@@ -141,3 +141,37 @@ def test_a_sampled_server_and_a_real_sidecar_keep_exact_counts_and_every_labelle
         assert store.count_events() == len(wanted)
     finally:
         store.close()
+
+
+def test_the_emitter_sends_the_sample_with_what_it_stands_for_and_keeps_shadow_answers_paired() -> None:
+    from serving.events import EventEmitter
+    from serving.predictions import interpret
+    from tests.serving.test_events import META, Sink, run, until
+
+    sink = Sink()
+    counted: list[tuple[str, int, int]] = []
+    x = np.zeros((1000, 2), np.float32)
+    preds = interpret(META, {"probabilities": np.tile(np.array([[0.25, 0.75]], np.float32), (1000, 1))})
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=100_000, flush_interval_s=0.05, sampler=EventSampler(share=0.125),
+                          on_sampled=lambda m, kept, left: counted.append((m, kept, left)))
+        await em.start()
+        em.record_requests("m", 3, ["big"], [1000], x, preds, [0.001])
+        em.record_requests("m", 4, ["big"], [1000], x, preds, [0.001], mode="shadow")  # the challenger's answers
+        await until(lambda: em.sent and not em.pending_rows, "the sampled events")
+        await em.stop()
+
+    try:
+        run(main)
+    finally:
+        sink.close()
+    groups = [g for b in sink.bodies for g in b["columns"]]
+    real = [g for g in groups if g["mode"] == "realtime"]
+    shadow = [g for g in groups if g["mode"] == "shadow"]
+    ids = [e["request_id"] for e in sink.events if e["mode"] == "realtime"]
+    assert ids == [e["request_id"] for e in sink.events if e["mode"] == "shadow"]  # the same requests
+    assert ids == [f"big-{r}" for r in range(1000) if kept_by(f"big-{r}", 0.125)] and 120 <= len(ids) <= 130
+    assert sum(g["seen"] for g in real) == 1000 and sum(g["seen"] for g in shadow) == 0
+    assert {g["share"] for g in groups} == {0.125}
+    assert counted == [("m", len(ids), 1000 - len(ids))]  # the challenger's rows are not predictions made
