@@ -18,7 +18,8 @@ graph rows (:func:`plan`). The sidecar's global importance (mean absolute attrib
 Example::
 
     background = background_rows(version.reference(), meta.feature_names, rows=100)
-    explanation = explain(runner, x, background, permutations=plan(meta.n_features, 1, 100, 10**5))
+    explanation = explain(runner, meta, x, background, shap=shap,
+                          permutations=plan(meta.n_features, 1, 100, 10**5))
     explanation.attributions[0, :, 1]      # instance 0, every feature, the second output
 """
 
@@ -124,10 +125,10 @@ class Explanation:
 
 
 def explain(runner: Runner, meta: ModelMetadata, x: np.ndarray, background: np.ndarray, *,
-            permutations: int) -> Explanation:
-    """Permutation SHAP of ``x`` (float32 ``[n, M]``) against ``background`` (``[b, M]``)."""
-    import shap  # heavy (numba): imported by the first explanation, not by the server's start
-
+            permutations: int, shap: Any) -> Explanation:
+    """Permutation SHAP of ``x`` (float32 ``[n, M]``) against ``background`` (``[b, M]``).
+    ``shap`` is the shap module, imported by the caller: serving's and monitoring's extras
+    declare it, the core's base does not (it pulls numba and scikit-learn)."""
     evaluations = 0
 
     def model(rows: np.ndarray) -> np.ndarray:
@@ -171,8 +172,9 @@ def session_runner(version: Any, threads: int = 1) -> Runner:
     return run
 
 
-def global_importance(runner: Runner, meta: ModelMetadata, reference: Any, *, rows: int = 200,
-                      background: int = 50, max_evals: int = 2_000_000) -> dict[str, float]:
+def global_importance(runner: Runner, meta: ModelMetadata, reference: Any, *, shap: Any,
+                      rows: int = 200, background: int = 50,
+                      max_evals: int = 2_000_000) -> dict[str, float]:
     """Each feature's mean absolute attribution over ``rows`` reference rows (summed over the
     explained outputs: a classifier's classes), against a background of other reference rows."""
     check_explainable(meta)
@@ -183,6 +185,7 @@ def global_importance(runner: Runner, meta: ModelMetadata, reference: Any, *, ro
         bg, x = sample, sample
     fits = max_evals // (masks_per_permutation(len(names)) * len(bg))  # instances of one permutation
     x = x[:max(fits, 1)]
-    expl = explain(runner, meta, x, bg, permutations=plan(len(names), len(x), len(bg), max_evals))
+    expl = explain(runner, meta, x, bg, permutations=plan(len(names), len(x), len(bg), max_evals),
+                   shap=shap)
     importance = np.abs(expl.attributions).sum(axis=2).mean(axis=0)
     return {name: float(v) for name, v in zip(names, importance, strict=True)}

@@ -54,10 +54,12 @@ def version_importance(registry: Registry, model: str, version: int) -> Importan
 
 
 def _compute(registry: Registry, model: str, version: int) -> ImportanceResult:
+    import shap  # heavy (numba): at the first report that needs it
+
     started = time.perf_counter()
     try:
         mv = registry.get(model, version)
-        values = global_importance(session_runner(mv), mv.metadata, mv.reference())
+        values = global_importance(session_runner(mv), mv.metadata, mv.reference(), shap=shap)
     except (NotExplainable, RegistryError) as exc:
         return ImportanceResult(note=" ".join(str(exc).split()))
     except Exception as exc:  # the drift report is still written, saying why this is missing

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import shap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,13 +45,14 @@ def cost_rows(home: Path) -> list[tuple[str, ...]]:
     runner = session_runner(version)
     reference = version.reference()
     x = reference[meta.feature_names].to_numpy(np.float32)[:INSTANCES]
-    explain(runner, meta, x[:1], background_rows(reference, meta.feature_names, 10), permutations=1)  # compile
+    explain(runner, meta, x[:1], background_rows(reference, meta.feature_names, 10), permutations=1,
+            shap=shap)  # compiles shap's kernels
     rows = []
     for background in (50, 100):
         bg = background_rows(reference, meta.feature_names, background)
         for permutations in (1, 10):
             start = time.perf_counter()
-            expl = explain(runner, meta, x, bg, permutations=permutations)
+            expl = explain(runner, meta, x, bg, permutations=permutations, shap=shap)
             ms = (time.perf_counter() - start) / len(x) * 1e3
             budget = permutations * masks_per_permutation(meta.n_features) * len(bg)
             rows.append((f"{meta.n_features} features, {len(bg)} background rows, {permutations} permutation(s)",

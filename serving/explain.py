@@ -101,8 +101,10 @@ def _model_in_child(version: ModelVersion, background: int) -> tuple[Any, np.nda
 
 def explain_in_child(version: ModelVersion, x: np.ndarray, background: int, permutations: int) -> Explanation:
     """Run in the child process: the explanation of ``x`` on ``version``'s graph."""
+    import shap  # heavy (numba): in the child, at its first explanation
+
     runtime, bg = _model_in_child(version, background)
-    return explain(runtime.predict, version.metadata, x, bg, permutations=permutations)
+    return explain(runtime.predict, version.metadata, x, bg, permutations=permutations, shap=shap)
 
 
 class ExplainWorker:
@@ -227,6 +229,8 @@ def explain_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, backgr
     """Explain every row of ``input_path`` into ``output`` (CSV or Parquet, by suffix), chunk by
     chunk, each row within ``max_evals`` model evaluations; returns (rows, seconds).
     BatchInputError names the file, column and row of a bad input."""
+    import shap
+
     start = time.perf_counter()
     meta = runtime.metadata
     keep = keep or []
@@ -247,7 +251,7 @@ def explain_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, backgr
         for table in _chunks(src, meta.feature_names, keep, chunk_rows):
             x = features_of(table, meta.feature_names, source=str(input_path), first_row=rows,
                             nan_policy=nan_policy)
-            expl = explain(runtime.predict, meta, x, bg, permutations=permutations)
+            expl = explain(runtime.predict, meta, x, bg, permutations=permutations, shap=shap)
             columns = {name: table.column(name) for name in keep}
             columns.update({k: pa.array(v) for k, v in explanation_columns(meta, expl).items()})
             scored = pa.table(columns)
