@@ -69,6 +69,17 @@ def test_the_sample_keeps_the_share_of_each_request_s_rows_by_the_shared_rule() 
     assert not isinstance(labelled("x", "0"), LabelledId) and not isinstance(labelled("x", None), LabelledId)
 
 
+def test_the_sample_is_independent_of_the_canary_split() -> None:
+    from serving.canary import canary_bucket
+
+    ids = [f"req{i}" for i in range(20_000)]
+    canary = [rid for rid in ids if canary_bucket(rid) < 0.1]  # the ids a 10% canary answers
+    # the sample keeps an eighth of the canary's requests and of production's, not the canary's first
+    for part in (canary, [rid for rid in ids if canary_bucket(rid) >= 0.1]):
+        share = sum(bool(kept_by(f"{rid}-0", 0.125)) for rid in part) / len(part)
+        assert abs(share - 0.125) < 0.02
+
+
 def test_a_rows_per_second_budget_lowers_the_share_while_traffic_is_larger() -> None:
     now = [0.0]
     sampler = EventSampler(rows_per_s=2000, workers=2, clock=lambda: now[0])  # 1000 a second each
