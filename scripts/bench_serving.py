@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,12 +156,16 @@ def servers(specs: list[tuple[str, list[str], str, dict[str, str], Path | None]]
 
 
 def wrk(url: str, body: Path, connections: int, seconds: float, headers: dict[str, str], tmp: Path,
-        server: Server | None = None, threads: int = 2) -> dict[str, float]:
+        server: Server | None = None, threads: int = 2, paths: Sequence[str] = ()) -> dict[str, float]:
     """Run wrk with a POST body: req/s, p50/p99 (ms), errors (non-2xx + socket errors), and the
-    server's CPU microseconds per request."""
+    server's CPU microseconds per request. ``paths``: each request goes to the next of them in
+    turn (url's host), instead of url's path."""
     lua = tmp / "post.lua"
     lines = ['wrk.method = "POST"', f'local f = io.open("{body}", "rb")', "wrk.body = f:read('*a')", "f:close()"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    if paths:
+        lines += ["local paths = {" + ", ".join(f'"{p}"' for p in paths) + "}", "local i = 0",
+                  "request = function() i = i % #paths + 1; return wrk.format(nil, paths[i]) end"]
     lua.write_text("\n".join(lines) + "\n")
     threads = min(threads, connections)
     # a short warm-up, then the measured run
