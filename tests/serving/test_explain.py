@@ -159,3 +159,48 @@ def test_batch_explain_of_a_csv(home: Path, tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and str(src) in bad.stderr and "'f03'" in bad.stderr
+
+
+def test_an_image_model_is_explained_per_pixel_and_a_sequence_model_is_refused(tmp_path: Path) -> None:
+    import shap
+    from onnx import TensorProto, helper, numpy_helper
+
+    from modelloop.explain import background_rows, explain, session_runner
+    from modelloop.schemas import ModelMetadata, TensorSpec
+    from serving.explain import rows_of
+    from serving.validation import RequestError
+
+    # a 4x4 one-channel image classifier: softmax(flattened pixels @ w), a real ONNX graph
+    w = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "image", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, 4, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
+        [numpy_helper.from_array(w, "w")])
+    pixels = [f"px{i}" for i in range(16)]
+    meta = ModelMetadata(name="img", task=Task.classification,
+                         inputs=[TensorSpec(name="input", shape=[None, 1, 4, 4])],
+                         outputs=[TensorSpec(name="probabilities", shape=[None, 2])],
+                         feature_names=pixels, class_labels=["a", "b"])
+    rng = np.random.default_rng(1)
+    reference = pd.DataFrame(rng.normal(size=(50, 16)), columns=pixels)
+    registry = Registry(tmp_path / "registry")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    registry.register(meta, model.SerializeToString(), reference=reference)
+    version = registry.get("img", 1)
+    x = rows_of(version.metadata, rng.normal(size=(3, 1, 4, 4)).astype(np.float32))  # as /predict parses it
+    expl = explain(session_runner(version), version.metadata, x,
+                   background_rows(reference, pixels, 20), permutations=2, shap=shap)
+    assert expl.attributions.shape == (3, 16, 2)  # per pixel, per class
+    assert expl.additivity_error.max() <= TOL
+    # a sequence model: refused, naming why
+    sequence = ModelMetadata(name="seq", version=1, task=Task.classification,
+                             inputs=[TensorSpec(name="input", shape=[None, None, 3])],
+                             outputs=[TensorSpec(name="probabilities", shape=[None, 2])],
+                             feature_names=["c0", "c1", "c2"], class_labels=["a", "b"])
+    with pytest.raises(RequestError) as refused:
+        rows_of(sequence, np.zeros((1, 5, 3), np.float32))
+    assert (refused.value.status, refused.value.code, refused.value.field) == (422, "not_explainable", "model_name")
+    assert "seq v1 takes sequences [rows, steps, 3]" in refused.value.message
