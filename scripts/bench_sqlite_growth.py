@@ -33,13 +33,18 @@ FILL = """
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
 INSERT INTO modelloop_events (request_id, model, version, ts, mode, features, prediction, probabilities,
                     latency_s, received_at)
-SELECT lower(hex(randomblob(16))), 'm', 1, ?, 'realtime', randomblob(160), 0, NULL, 0.001, ? FROM n
+SELECT {id}, 'm', 1, ?, 'realtime', randomblob(160), 0, NULL, 0.001, ? FROM n
 """
+RANDOM_ID = "lower(hex(randomblob(16)))"
+ORDERED_ID = "printf('%016x', ? + i) || lower(hex(randomblob(8)))"  # a counter first, then random
 
 
-def batch(rng: np.random.Generator, n: int, now: float) -> list[EventRow]:
+def batch(rng: np.random.Generator, n: int, now: float, first: int | None) -> list[EventRow]:
+    """``n`` events; their ids random, or (``first``: a counter) ordered: the counter, then random."""
     feats = rng.normal(size=(n, 20)).astype(np.float64)
-    return [EventRow(uuid.uuid4().hex, "m", 1, now, "realtime", feats[i].tobytes(), 0.0, None, 0.001, now)
+    ids = ([uuid.uuid4().hex for _ in range(n)] if first is None
+           else [f"{first + i:016x}{uuid.uuid4().hex[:16]}" for i in range(n)])
+    return [EventRow(ids[i], "m", 1, now, "realtime", feats[i].tobytes(), 0.0, None, 0.001, now)
             for i in range(n)]
 
 
@@ -47,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0,1000000,5000000", help="stored events before each measure")
     parser.add_argument("--batches", type=int, default=20, help="measured batches of 1000 per size")
+    parser.add_argument("--ids", choices=["random", "ordered"], default="random",
+                        help="request ids: random (as serving makes them now), or a counter first")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-sqlite-growth-"))
@@ -59,10 +66,14 @@ def main() -> None:
             if size > stored:
                 t0 = time.perf_counter()
                 with store._write() as cur:  # the benchmark's own fill, not an API
-                    cur.execute(FILL, (size - stored, time.time(), time.time()))
+                    if args.ids == "random":
+                        cur.execute(FILL.format(id=RANDOM_ID), (size - stored, time.time(), time.time()))
+                    else:
+                        cur.execute(FILL.format(id=ORDERED_ID), (size - stored, stored, time.time(), time.time()))
                 print(f"filled to {size:,} in {time.perf_counter() - t0:.0f} s", flush=True)
                 stored = size
-            todo = [batch(rng, 1000, time.time()) for _ in range(args.batches)]
+            todo = [batch(rng, 1000, time.time(), None if args.ids == "random" else stored + 1000 * b)
+                    for b in range(args.batches)]
             wall0, cpu0 = time.perf_counter(), time.process_time()
             for rows in todo:
                 store.insert_batches([rows])

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -65,6 +66,14 @@ SentHook = Callable[[str, int], None]
 DroppedHook = Callable[[str, str, int], None]
 SampledHook = Callable[[str, int, int], None]
 DROP_REASONS = ("buffer_full", "expired", "rejected", "shutdown")
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one: the microseconds since the epoch (13 hex
+    digits), then 32 random bits. Ids that grow with time land next to each other in the
+    sidecar's unique request-id index, where random ones each dirty another page: at 1M stored
+    events, 13.8 against 46.2 us of SQLite store CPU per event (BENCHMARKS.md)."""
+    return f"{time.time_ns() // 1000:013x}{secrets.token_hex(4)}"
 
 
 class Answer(NamedTuple):
