@@ -3,8 +3,11 @@
 It trains v1 on the synthetic task, starts the serving process and the monitoring sidecar (and a
 local Prometheus when one is installed), sends traffic through ``/predict`` and feeds the true
 labels back, then shifts the data: two features move and the concept changes. The sidecar sees
-the drift and the falling accuracy and fires the retraining job, which trains v2 on the new data,
-judges it against v1 on the most recent labels and promotes it; serving swaps to it under load.
+the drift and the falling accuracy and fires the retraining job, which trains v2 on the new data
+and judges it against v1 on the most recent labels; passing, v2 is named the challenger. Serving
+scores a copy of live traffic with it (shadow), the sidecar compares both on the same labelled
+requests and promotes v2 when it wins with significance (the live gate); serving swaps to it under
+load.
 The demo prints a timeline of what happened, with the numbers, and where to look.
 
 The demo composes the parts only through their command lines and HTTP APIs (like a user would),
@@ -252,7 +255,7 @@ def run_demo(home: Path, *, keep_running: bool, batch_rows: int, timeout_s: floa
     # promote a challenger that contradicts the original data, which by default it holds for a
     # person to review (labels meant to poison retraining look the same)
     retrain_cmd = (f"{_exe()} retrain --name {{model}} --sidecar-url {stack.monitor_url} "
-                   f"--trigger {{trigger}} --max-original-drop 1")
+                   f"--trigger {{trigger}} --max-original-drop 1 --live-gate")
     try:
         stack.start("sidecar", [_exe(), "monitor", "--port", str(stack.monitor_port)], {
             **env, **stack.key_env(),
@@ -260,6 +263,7 @@ def run_demo(home: Path, *, keep_running: bool, batch_rows: int, timeout_s: floa
             "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "2", "MODELLOOP_MONITOR_WINDOW_EVENTS": str(batch_rows * 4),
             "MODELLOOP_MONITOR_MIN_WINDOW_ROWS": str(batch_rows * 2),
             "MODELLOOP_MONITOR_REPORT_INTERVAL_S": "10", "MODELLOOP_MONITOR_RETRAIN_COMMAND": retrain_cmd,
+            "MODELLOOP_MONITOR_LIVE_GATE_MIN_ROWS": str(batch_rows),
         }, f"{stack.monitor_url}/ready")
         stack.start("serving", [_exe(), "serve", "--port", str(stack.serve_port),
                                 "--host", "127.0.0.1", "--workers", "1"], {
@@ -362,7 +366,7 @@ def _shifted(stack: Stack, registry: Registry, tl: Timeline, traffic: _Traffic,
              task: SyntheticTask, *, batch_rows: int, deadline: float) -> bool:
     """Shifted traffic until a retrained version served four batches (or the retraining failed,
     or the deadline passed), telling the timeline what happens; whether a new version served."""
-    seen_drift = seen_job = False
+    seen_drift = seen_job = seen_challenger = False
     swapped_at: float | None = None
     i = 0
     while time.monotonic() < deadline:
@@ -384,14 +388,24 @@ def _shifted(stack: Stack, registry: Registry, tl: Timeline, traffic: _Traffic,
             job = st["jobs"][0]
             tl("retraining fired", f"job {job.get('id', '')} by {job.get('trigger', '')}: "
                f"{str(job.get('reason', ''))[:90]}")
+        challenger = registry.aliases(MODEL).get("challenger")
+        if challenger is not None and not seen_challenger:
+            seen_challenger = True
+            gate = registry.get(MODEL, challenger).metadata.lineage.get("gate", {})
+            tl(f"v{challenger} named challenger, shadowing v1",
+               f"holdout {gate.get('metric')}: v{challenger} {gate.get('challenger_score', 0):.3f} "
+               f"vs v1 {gate.get('champion_score', 0):.3f} (won by "
+               f"{gate.get('challenger_score', 0) - gate.get('champion_score', 0):+.3f}); serving "
+               "scores a copy of live traffic with it, off the request path")
         if version > 1 and swapped_at is None:
             swapped_at = time.monotonic()
-            v2 = registry.get(MODEL, version).metadata
-            gate = v2.lineage.get("gate", {})
-            tl(f"v{version} promoted and swapped in",
-               f"holdout {gate.get('metric')}: v{version} {gate.get('challenger_score', 0):.3f} "
-               f"vs v1 {gate.get('champion_score', 0):.3f} (won by "
-               f"{gate.get('challenger_score', 0) - gate.get('champion_score', 0):+.3f})")
+            live = next((e.get("live_gate", {}) for e in reversed(registry.history(MODEL))
+                         if e.get("op") == "promote" and e.get("version") == version), {})
+            tl(f"live gate promoted v{version}, swapped in",
+               f"live accuracy v{version} {live.get('challenger_score', float('nan')):.3f} vs v1 "
+               f"{live.get('champion_score', float('nan')):.3f} on the same "
+               f"{live.get('judged_rows', 0)} labelled requests (McNemar p "
+               f"{live.get('p_value') or float('nan'):.1e})")
         if swapped_at is not None and len(traffic.accuracy.get(f"shifted v{version}", [])) >= 4:
             break
         if st["jobs"] and st["jobs"][0].get("status") == "failed":
@@ -455,6 +469,7 @@ def demo(
         "--timeout-s", min=30, help="Give up on the loop after this long.")] = 420.0,
 ) -> None:
     """Run the whole loop: train v1, serve it, watch it, shift the data, detect drift and
-    falling accuracy, retrain, promote v2 only if it beats v1, swap it in under load."""
+    falling accuracy, retrain, shadow v2 as the challenger, promote it only if it beats v1 on live
+    labels, swap it in under load."""
     raise typer.Exit(run_demo(home, keep_running=keep_running, batch_rows=batch_rows,
                               timeout_s=timeout_s))

@@ -41,7 +41,7 @@ from monitoring.accuracy import ConfidenceCalibration, classification_scores, la
 from monitoring.data_quality import DataQuality, window_quality
 from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
 from monitoring.ingest import ModelCatalog
-from monitoring.live_gate import LiveGate
+from monitoring.live_gate import Action, LiveGate
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import METRICS, Firing, MetricSpec, Observation, PolicyEngine, Rule
@@ -189,6 +189,8 @@ class Evaluator:
         verdict = self.live_gate.check(model, now)
         if verdict is not None:
             self._status.setdefault(model, {})["live_gate"] = verdict.record()
+            if verdict.action == Action.retire:  # as after a job whose challenger lost
+                self.engine.retry_on_labels(model, now, self.settings.retrain_retry_labels)
         else:
             self._status.get(model, {}).pop("live_gate", None)
 

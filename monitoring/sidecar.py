@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import ALIAS_PRODUCTION, Feedback
+from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, Feedback
 from monitoring import alertmanager
 from monitoring.evaluate import Evaluator
 from monitoring.ingest import (
@@ -326,10 +326,22 @@ class Sidecar:
         if (status == "succeeded" and production is not None
                 and production.created_at.timestamp() >= job.created_at):
             return  # promoted: the cooldown holds
+        if status == "succeeded" and self._named_challenger(job):
+            return  # its winner is judged on live labels (monitoring/live_gate.py): the cooldown holds
         labels = self.settings.retrain_retry_labels
         self.engine.retry_on_labels(job.model, self.clock(), labels)
         log.info("retraining job %s of %s %s without a new production version: its rules may "
                  "fire again after %d new labels", job.id, job.model, status, labels)
+
+    def _named_challenger(self, job: JobRecord) -> bool:
+        """Whether ``job`` named a new ``challenger`` (``retrain --live-gate``)."""
+        registry = self.catalog.registry
+        version = registry.aliases(job.model).get(ALIAS_CHALLENGER)
+        try:
+            return version is not None and \
+                registry.get(job.model, version).metadata.created_at.timestamp() >= job.created_at
+        except RegistryError:
+            return False
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

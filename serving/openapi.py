@@ -259,11 +259,19 @@ class CanaryStatus(ModelStatus):
     share: float = Field(ge=0, le=1, description="Share of request ids it answers (sticky by id)")
 
 
+class ShadowStatus(ModelStatus):
+    """The challenger scoring a copy of production's traffic (alias ``challenger``,
+    serving/shadow.py) and the rows waiting for it."""
+
+    queued_rows: _NonNegative
+
+
 class AdminModelStatus(ModelStatus):
-    """:class:`ModelStatus`, the canary (null when none is served) and this worker's queue and
-    event counters."""
+    """:class:`ModelStatus`, the canary and the shadow (each null when none is served) and this
+    worker's queue and event counters."""
 
     canary: CanaryStatus | None
+    shadow: ShadowStatus | None
     queued_rows: _NonNegative
     events_pending: _NonNegative
     events_sent: _NonNegative

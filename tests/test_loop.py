@@ -31,10 +31,16 @@ def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     # drift on exactly the two shifted features, then a retraining job fired by the policy
     assert "drift detected drifted ['f03', 'f07']" in out
     assert re.search(r"retraining fired job retrain-demo-\S+ by policy", out)
-    # v2 beat v1 on the recent holdout, was promoted and served; no request failed meanwhile
-    won = re.search(r"holdout accuracy: v2 ([\d.]+) vs v1 ([\d.]+) \(won by \+([\d.]+)\)", out)
+    # v2 beat v1 on the recent holdout and was named the challenger: serving shadowed it
+    won = re.search(r"v2 named challenger, shadowing v1 holdout accuracy: v2 ([\d.]+) vs v1 ([\d.]+) "
+                    r"\(won by \+([\d.]+)\)", out)
     assert won, out
     assert float(won[1]) > float(won[2]) + 0.01
+    # the live gate promoted it on the same labelled live requests; no request failed meanwhile
+    live = re.search(r"live gate promoted v2, swapped in live accuracy v2 ([\d.]+) vs v1 ([\d.]+) on the "
+                     r"same (\d+) labelled requests \(McNemar p ([\d.e+-]+)\)", out)
+    assert live, out
+    assert float(live[1]) > float(live[2]) and int(live[3]) >= 250 and float(live[4]) < 0.025
     load = re.search(r"load during the swap (\d+) single-row requests, (\d+) failed, "
                      r"versions served \[1, 2\]", out)
     assert load and int(load[1]) > 50 and load[2] == "0", out
@@ -44,7 +50,9 @@ def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     registry = Registry(home / "registry")
     v2 = registry.get("demo", "production").metadata
     assert v2.version == 2 and v2.parent_version == 1 and v2.lineage["trigger"] == "policy"
-    assert v2.lineage["gate"]["promoted"] is True
+    assert v2.lineage["gate"]["promoted"] is True and v2.lineage["gate"]["live_gate"] is True
+    promoted = [e for e in registry.history("demo") if e["op"] == "promote" and e["version"] == 2]
+    assert promoted and promoted[0]["live_gate"]["action"] == "promote"
 
 
 def test_rollback_under_load_fails_no_request(tmp_path: Path) -> None:
