@@ -399,7 +399,7 @@ def _shifted(stack: Stack, registry: Registry, tl: Timeline, traffic: _Traffic,
                "scores a copy of live traffic with it, off the request path")
         if version > 1 and swapped_at is None:
             swapped_at = time.monotonic()
-            live = next((e.get("live_gate", {}) for e in reversed(registry.history(MODEL))
+            live: dict[str, Any] = next((e.get("live_gate", {}) for e in reversed(registry.history(MODEL))
                          if e.get("op") == "promote" and e.get("version") == version), {})
             tl(f"live gate promoted v{version}, swapped in",
                f"live accuracy v{version} {live.get('challenger_score', float('nan')):.3f} vs v1 "
