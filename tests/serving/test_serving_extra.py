@@ -1,5 +1,5 @@
 """`pip install modelloop[serving]` is enough to serve: in a clean venv holding only that extra
-(no torch, no Evidently), `modelloop serve` serves a registered ONNX model."""
+(no torch, no Evidently), `modelloop serve` serves a registered ONNX model and explains it."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def test_the_serving_extra_serves_without_torch(main_home: Path, tmp_path: Path)
                           timeout=10)
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == MODEL
+        # explanations too: shap comes with the extra (its process compiles its kernels first)
+        resp = httpx.post(f"{server.url}/explain", json={"instances": [dict.fromkeys(FEATURES, 0.5)]},
+                          timeout=180)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["explanations"][0]["additivity_error"] <= 1e-4
     except AssertionError:
         print(server.log_text())
         raise
