@@ -129,6 +129,10 @@ class EventSampler:
             keep_all = [isinstance(b, LabelledId) for b in base_ids]
         if share >= 1.0 or all(keep_all):
             return Kept(list(range(k)), list(first_rows), list(counts), None), share
+        if total == k:  # a row each (1-row traffic): plain floats, the same arithmetic as below
+            keep = [i for i in range(k)
+                    if keep_all[i] or (base_score(base_ids[i]) + first_rows[i] * GOLDEN) % 1.0 < share]
+            return Kept(keep, [first_rows[i] for i in keep], [1] * len(keep), np.asarray(keep, dtype=np.intp)), share
         counts_a = np.asarray(counts)
         request = np.repeat(np.arange(k), counts_a)
         starts = np.cumsum(counts_a) - counts_a

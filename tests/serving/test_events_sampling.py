@@ -69,6 +69,14 @@ def test_the_sample_keeps_the_share_of_each_request_s_rows_by_the_shared_rule() 
     assert not isinstance(labelled("x", "0"), LabelledId) and not isinstance(labelled("x", None), LabelledId)
 
 
+def test_one_row_requests_take_the_same_rule() -> None:
+    ids = [f"q{i}" for i in range(2000)]
+    labelled_one = LabelledId("q0")  # kept whatever its score
+    kept, _ = EventSampler(share=0.125).select("m", [labelled_one, *ids[1:]], [3] * 2000, [1] * 2000)
+    assert [ids[i] for i in kept.requests] == ["q0"] + [r for r in ids[1:] if kept_by(f"{r}-3", 0.125)]
+    assert kept.rows is not None and kept.rows.tolist() == kept.requests and kept.counts == [1] * len(kept.requests)
+
+
 def test_the_sample_is_independent_of_the_canary_split() -> None:
     from serving.canary import canary_bucket
 
