@@ -66,7 +66,8 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def invalid_options(exc: ValidationError) -> str:
     """A config's validation errors as one line naming the options."""
-    return "; ".join(f"invalid option {'.'.join(map(str, e['loc']))}: {e['msg']}"
+    # no location: the architecture's parameters as a whole (--param)
+    return "; ".join(f"invalid option {'.'.join(map(str, e['loc'])) or '--param'}: {e['msg']}"
                      for e in exc.errors())
 
 
@@ -167,6 +168,9 @@ def train(
         "its rows) in the loss, for imbalanced classes.")] = None,
     hidden: Annotated[str | None, typer.Option(
         "--hidden", help="MLP hidden layer widths, e.g. 128,64.")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", metavar="KEY=VALUE", help="An architecture parameter (repeatable; the value "
+        "as JSON, else text): --param width=64, --param channels=[16,32].")] = None,
     clean: CleanOption = None,
     rows: Annotated[int | None, typer.Option(
         "--rows", min=10, help="Rows of the synthetic dataset (or a seeded subsample of a "
@@ -218,8 +222,9 @@ def train(
                                  "class_weight": class_weight.value if class_weight else None,
                                  "clean": clean, "target": target,
                                  "task": None if task is TaskChoice.auto else Task(task.value)}
-    if hidden:
-        overrides["model"] = {"hidden": _widths(hidden)}
+    params = _params(param or []) | ({"hidden": _widths(hidden)} if hidden else {})
+    if params:
+        overrides["model"] = params
 
     settings = load_settings()
     registry = Registry(settings.registry_dir)
@@ -270,6 +275,20 @@ def _widths(hidden: str) -> list[int]:
     except ValueError as exc:
         raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
                                  param_hint="--hidden") from exc
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` pairs: each value JSON when it parses, else text."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"not KEY=VALUE: {pair!r}", param_hint="--param")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
 
 
 def _train_config(settings: TrainingSettings, registry: Registry, overrides: dict[str, Any],

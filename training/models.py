@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -337,6 +337,16 @@ def import_architecture(ref: str) -> Architecture:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"architecture {ref!r} is not a torch.nn.Module class")
     accepted = inspect.signature(cls).parameters
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+
+    class Params(ImportedParams):
+        @model_validator(mode="after")
+        def _taken(self) -> Params:
+            unknown = sorted(set(self.model_extra or {}) - set(accepted))
+            if unknown and not any_keyword:
+                raise ValueError(f"{ref} takes no parameter {', '.join(unknown)} (it takes "
+                                 f"{', '.join(accepted) or 'none'})")
+            return self
 
     def build(params: BaseModel, n_features: int, n_outputs: int) -> nn.Module:
         kwargs = params.model_dump()
@@ -345,7 +355,7 @@ def import_architecture(ref: str) -> Architecture:
                 kwargs[key] = value
         return ImportedBackbone(cls(**kwargs))
 
-    return Architecture(ref, ImportedParams, build, f"imported {ref}")
+    return Architecture(ref, Params, build, f"imported {ref}")
 
 
 def get_architecture(name: str) -> Architecture:

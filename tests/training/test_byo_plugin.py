@@ -74,7 +74,7 @@ def plugged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     workdir.mkdir()
     SyntheticTask(seed=0).sample(2000, seed=1).to_csv(workdir / "train.csv", index=False)
     done = run(home, workdir, "train", "--data", "train.csv", "--target", TARGET, "--model",
-               "wide", "--name", "demo", "--promote", "--json", site=site)
+               "wide", "--param", "width=32", "--name", "demo", "--promote", "--json", site=site)
     assert done.returncode == 0, done.stderr
     return site, home, workdir
 
@@ -113,6 +113,15 @@ def test_an_unknown_name_lists_the_installed_plugins(plugged: tuple[Path, Path, 
     assert "unknown architecture 'narrow'" in done.stderr and "wide" in done.stderr
 
 
+def test_a_parameter_the_plugin_does_not_take(plugged: tuple[Path, Path, Path]) -> None:
+    site, home, workdir = plugged
+    done = run(home, workdir, "train", "--data", "train.csv", "--target", TARGET, "--model",
+               "wide", "--param", "depth=3", site=site)
+    assert done.returncode == 2
+    assert done.stderr == ("error: invalid option --param: Value error, plugnets:Wide takes no "
+                           "parameter depth (it takes n_features, n_outputs, width)\n")
+
+
 
 def test_a_plugin_is_trained_retrained_quantized_and_fine_tuned(plugged: tuple[Path, Path, Path],
                                                                 tmp_path: Path) -> None:
@@ -120,6 +129,7 @@ def test_a_plugin_is_trained_retrained_quantized_and_fine_tuned(plugged: tuple[P
     registry = Registry(home / "registry")
     v1 = registry.get("demo", 1).metadata
     assert v1.config["architecture"] == REFERENCE  # the entry point's target, not its name
+    assert v1.config["model"] == {"width": 32}
     assert v1.architecture == REFERENCE and v1.metrics["accuracy"] > 0.7
 
     # production drifts; the sidecar starts the retraining job, whose environment has the plugin
