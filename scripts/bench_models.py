@@ -134,7 +134,7 @@ def shadow(home: Path, tmp: Path, args: argparse.Namespace, env: dict[str, str])
     per_round = [(a["rps"] / b["rps"], a["p99"] / b["p99"], a["serve_us"] - b["serve_us"])
                  for a, b in zip(runs[on], runs[off], strict=True)]
     lines = ["| case | req/s (per round) | p99 ms (per round) | serve CPU/request (incl. catch-up) "
-             "| sidecar CPU/request | requests | events stored | events dropped | shadow rows scored | shadow rows dropped "
+             "| sidecar CPU/request | requests | production events stored | events dropped | shadow rows scored | shadow rows dropped "
              "| shadow rows failed | errors |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in (on, off):
