@@ -458,7 +458,9 @@ class ModelRepository:
             await manager.close()
             return
         assert emitter is not None
-        model.shadow = Shadow(model.name, manager, emitter, self.metrics, self.settings.shadow_queue_rows)
+        model.shadow = Shadow(model.name, manager, emitter, self.metrics, self.settings.shadow_queue_rows,
+                              max_call_rows=self.settings.max_batch_rows,
+                              inline_below_s=self.settings.inline_below_s)
         await model.shadow.start()
         logger.info("%s: challenger v%d shadows v%d", model.name, challenger.version, production.version)
 

@@ -6,7 +6,8 @@ beside production with its own :class:`~serving.models.ModelManager` (it swaps w
 when the alias moves). After each production model batch, the serving state hands the batch's
 rows, request ids and production's predictions to :meth:`Shadow.offer`, which only appends them
 to a bounded queue (no copy, no inference): callers already have their answers. One task scores
-the queue on a worker thread, a batch at a time, and records the challenger's predictions as
+the queue (the batches that piled up, together) on a worker thread, or on the loop when a call
+is faster than a thread hand-off (production's batcher's rule), and records the challenger's predictions as
 events of mode ``shadow`` under the same request ids, so the sidecar joins a label to both
 answers (:mod:`monitoring.live_gate` compares them). The shadow is always the first to give
 way: a batch that does not fit the queue (``MODELLOOP_SERVING_SHADOW_QUEUE_ROWS``) is dropped
@@ -60,11 +61,14 @@ class Shadow:
     docstring)."""
 
     def __init__(self, name: str, manager: ModelManager, emitter: EventEmitter,
-                 metrics: ServingMetrics, queue_rows: int) -> None:
+                 metrics: ServingMetrics, queue_rows: int, *, max_call_rows: int = 256,
+                 inline_below_s: float = 0.0005) -> None:
         self.name = name
         self.manager = manager
         self.emitter = emitter
         self.queue_rows = queue_rows
+        self.max_call_rows = max_call_rows
+        self.inline_below_s = inline_below_s
         self._queue: deque[_Copy] = deque()
         self._rows = 0
         self._wake = asyncio.Event()
@@ -81,6 +85,7 @@ class Shadow:
 
     @property
     def queued_rows(self) -> int:
+        """Rows waiting for the challenger or being scored."""
         return self._rows
 
     async def start(self) -> None:
@@ -103,15 +108,35 @@ class Shadow:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                item = self._queue.popleft()
-                self._rows -= len(item.x)
-                await self._score(item)
+                item = self._take()
+                try:
+                    await self._score(item)
+                finally:
+                    self._rows -= len(item.x)  # held until scored: queued_rows counts them
+
+    def _take(self) -> _Copy:
+        """The batches that piled up while the challenger ran, as one copy (one call, one group
+        of events), up to ``max_call_rows`` rows (a larger batch goes alone)."""
+        items = [self._queue.popleft()]
+        rows, shape = len(items[0].x), items[0].x.shape[1:]
+        while (self._queue and rows + len(self._queue[0].x) <= self.max_call_rows
+               and self._queue[0].x.shape[1:] == shape):
+            items.append(self._queue.popleft())
+            rows += len(items[-1].x)
+        if len(items) == 1:
+            return items[0]
+        return _Copy(np.concatenate([i.x for i in items]), np.concatenate([i.production for i in items]),
+                     [rid for i in items for rid in i.ids], [c for i in items for c in i.counts])
 
     async def _score(self, item: _Copy) -> None:
         runtime = self.manager.current
         start = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(runtime.predict, item.x)
+            # as production's batcher does: a call faster than a thread hand-off runs on the loop
+            if runtime.cost.estimate(runtime.work_rows(item.x)) < self.inline_below_s:
+                outputs = runtime.predict(item.x)
+            else:
+                outputs = await asyncio.to_thread(runtime.predict, item.x)
             preds = interpret(runtime.metadata, outputs)
         except Exception:  # the challenger's failure is its own: production never sees it
             logger.exception("%s: shadow v%d failed on %d rows", self.name, runtime.model_version, len(item.x))
