@@ -1,6 +1,6 @@
 """An architecture installed as a plugin (an entry point in the group `modelloop.architectures`,
 found through importlib.metadata) trained by name with `modelloop train --model wide`, retrained
-by a job the sidecar starts after a drift, quantized and fine-tuned with `--init-from`; and, where
+by the job the sidecar's policy starts after a drift, quantized and fine-tuned with `--init-from`; and, where
 the plugin is not installed, each command's one-line refusal, exit 2.
 
 The plugin is "installed" for the subprocesses only: a package and its dist-info directory (with
@@ -132,16 +132,24 @@ def test_a_plugin_is_trained_retrained_quantized_and_fine_tuned(plugged: tuple[P
     assert v1.config["model"] == {"width": 32}
     assert v1.architecture == REFERENCE and v1.metrics["accuracy"] > 0.7
 
-    # production drifts; the sidecar starts the retraining job, whose environment has the plugin
+    # production drifts; the sidecar's policy sees it and starts the retraining job, whose
+    # environment has the plugin
     task = SyntheticTask(seed=0)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults: {for: 0s, cooldown: 1h}\n"
+                      "rules:\n  - {name: data-drift, metric: data_drift, min_samples: 500, action: retrain}\n")
     with sidecar_process(home, tmp_path / "sidecar.log", PYTHONPATH=str(site),
-                         MODELLOOP_TRAINING_EPOCHS="30",
+                         MODELLOOP_TRAINING_EPOCHS="30", MODELLOOP_MONITOR_POLICY_FILE=str(policy),
+                         MODELLOOP_MONITOR_CHECK_INTERVAL_S="3600", MODELLOOP_MONITOR_MIN_WINDOW_ROWS="500",
                          MODELLOOP_MONITOR_RETRAIN_COMMAND=f"{MODELLOOP} retrain --name {{model}} "
                                                            "--trigger {trigger}") as sidecar:
         _send(sidecar.url, registry, task.sample(1000, seed=51, shift=SHIFT, concept=1.0),
               time.time() - 60)
-        started = httpx.post(f"{sidecar.url}/retrain", json={"model": "demo"}, timeout=30)
-        assert started.status_code == 202, started.text
+        checked = httpx.post(f"{sidecar.url}/check", timeout=120)  # the check a timer runs
+        assert checked.status_code == 200, checked.text
+        assert checked.json()["models"]["demo"]["drift"]["drifted_features"], checked.text
+        jobs = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"]
+        assert [j["trigger"] for j in jobs] == ["policy"], jobs
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             job = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"][0]
