@@ -1,7 +1,7 @@
 """Retraining a model modelloop did not train: a scikit-learn pipeline (scaler and logistic
 regression, converted with skl2onnx) registered from its ONNX file, a real sidecar with labelled
 production data after a concept shift, and the owner's own retraining pipeline, configured in the
-sidecar for that model, started by ``POST /retrain``: it trains on the older labelled rows,
+sidecar for that model, started by the sidecar's policy when it sees the drift: it trains on the older labelled rows,
 imports its challenger with ``modelloop models import --challenger`` and asks ``modelloop models gate``,
 which promotes a better challenger and keeps a worse one out."""
 
@@ -111,17 +111,23 @@ def test_a_per_model_command_retrains_an_onnx_model_through_the_gate(
     out = tmp_path / "out"
     out.mkdir()
     commands = {"demo": f"{sys.executable} {tmp_path / 'pipeline.py'} {{model}} {mode} {out}"}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults: {for: 0s, cooldown: 1h}\n"
+                      "rules:\n  - {name: data-drift, metric: data_drift, min_samples: 500, action: retrain}\n")
     with sidecar_process(home, tmp_path / "sidecar.log",
                          MODELLOOP_MONITOR_CHECK_INTERVAL_S="3600",
+                         MODELLOOP_MONITOR_POLICY_FILE=str(policy), MODELLOOP_MONITOR_MIN_WINDOW_ROWS="500",
                          MODELLOOP_MONITOR_JOB_POLL_S="0.1",
                          # the default command cannot start: only the model's own may run
                          MODELLOOP_MONITOR_RETRAIN_COMMAND="modelloop-nope {model}",
                          MODELLOOP_MONITOR_RETRAIN_COMMANDS=json.dumps(commands)) as sidecar:
         _send(sidecar.url, champion, SyntheticTask(seed=0).sample(
             1500, seed=50, shift=SHIFT, concept=1.0), time.time() - 60)
-        resp = httpx.post(f"{sidecar.url}/retrain", json={"model": "demo"}, timeout=60)
-        assert resp.status_code == 202, resp.text
-        job = wait_for_job(sidecar.url, resp.json()["job"], "succeeded")
+        checked = httpx.post(f"{sidecar.url}/check", timeout=120)  # the policy judges the drift
+        assert checked.status_code == 200, checked.text
+        jobs = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"]
+        assert [j["trigger"] for j in jobs] == ["policy"], jobs
+        job = wait_for_job(sidecar.url, jobs[0]["id"], "succeeded")
     log = (home / "jobs" / f"{job['id']}.log").read_text()
     answer = json.loads((out / "gate.json").read_text())
     assert answer["code"] == 0, log
