@@ -728,12 +728,14 @@ def register_onnx(
 
 # -- retraining --------------------------------------------------------------------------------
 def not_retrainable(meta: ModelMetadata) -> str | None:
-    """Why ``modelloop retrain`` cannot train a challenger for ``meta``'s line, or None."""
+    """Why ``modelloop retrain`` cannot train a challenger for ``meta``'s line, or None. (An
+    ensemble in production is retrained member by member, each asked here; a member that is an
+    ensemble itself is not.)"""
     ensemble = meta.lineage.get("ensemble")
     if isinstance(ensemble, dict):
         members = ", ".join(f"v{v}" for v in ensemble.get("members", []))
-        return (f"it is an ensemble of {members} (modelloop ensemble): retrain its members and "
-                "build a new ensemble of them")
+        return (f"it is an ensemble of {members} inside another ensemble: retrain its members, "
+                "then build both ensembles again with modelloop ensemble")
     source = meta.lineage.get("source")
     if source == SOURCE_ONNX:
         return ("it was registered from an ONNX file (modelloop models import): there are no "
