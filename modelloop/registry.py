@@ -306,7 +306,8 @@ class Registry:
                 known[version] = exc
         return known[version]
 
-    def promote(self, name: str, version: int | str, note: dict[str, Any] | None = None) -> dict[str, int]:
+    def promote(self, name: str, version: int | str, note: dict[str, Any] | None = None,
+                expect_production: int | None = None) -> dict[str, int]:
         """Make ``version`` production; the old production becomes ``previous``. Atomic.
 
         ``version`` is checked first: BrokenVersion, and nothing changes, when it fails. The old
@@ -314,7 +315,9 @@ class Registry:
         stays as it was, and the history says why), so a rollback never lands on a broken version.
         The checks run before the lock is taken (a version never changes), so other writers wait
         only for the alias write; should production move meanwhile, the new one is checked under
-        the lock. ``note`` goes into the history entry (why it was promoted).
+        the lock. ``note`` goes into the history entry (why it was promoted). With
+        ``expect_production``, RegistryError and no change when production is another version by
+        the time the lock is held (compare-and-set, for automation that decided on that one).
         """
         target = self.resolve(name, version)
         known: dict[int, BrokenVersion | None] = {}
@@ -327,6 +330,9 @@ class Registry:
         with self._locked(name) as mdir:
             aliases = self.aliases(name)
             current = aliases.get(ALIAS_PRODUCTION)
+            if expect_production is not None and current != expect_production:
+                raise RegistryError(f"{name}: production is v{current}, not v{expect_production} "
+                                    "as expected: nothing promoted")
             if current == target:
                 return aliases
             event: dict[str, Any] = {"op": "promote", "version": target, **(note or {})}
@@ -393,13 +399,18 @@ class Registry:
                 self._write_aliases(mdir, aliases, {"op": "set_alias", "alias": alias, "version": target})
             return aliases
 
-    def remove_alias(self, name: str, alias: str, note: dict[str, Any] | None = None) -> dict[str, int]:
+    def remove_alias(self, name: str, alias: str, note: dict[str, Any] | None = None,
+                     expect_version: int | None = None) -> dict[str, int]:
         """Remove ``alias`` (not ``production``); nothing happens when it is not set. Atomic.
-        ``note`` goes into the history entry."""
+        ``note`` goes into the history entry. With ``expect_version``, RegistryError and no
+        change when the alias names another version by the time the lock is held."""
         if alias == ALIAS_PRODUCTION:
             raise RegistryError(f"alias {ALIAS_PRODUCTION!r} cannot be removed; promote or roll back")
         with self._locked(name) as mdir:
             aliases = self.aliases(name)
+            if expect_version is not None and aliases.get(alias, expect_version) != expect_version:
+                raise RegistryError(f"{name}: alias {alias!r} names v{aliases[alias]}, not "
+                                    f"v{expect_version} as expected: not removed")
             if alias in aliases:
                 del aliases[alias]
                 self._write_aliases(mdir, aliases, {"op": "remove_alias", "alias": alias, **(note or {})})

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -40,7 +41,7 @@ import numpy as np
 from scipy import stats
 
 from modelloop.registry import Registry, RegistryError
-from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, Task
+from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, ModelMetadata, Task
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import EventStore
 
@@ -100,7 +101,10 @@ def judge(task: Task, labels: np.ndarray, champion: np.ndarray, challenger: np.n
         score_a, score_b = float(ea.mean()) if n else 0.0, float(eb.mean()) if n else 0.0
         a_wins, b_wins = int(np.sum(ea < eb)), int(np.sum(eb < ea))
         p = _wilcoxon(ea, eb) if k else None
-        better = score_b < score_a
+        d = eb - ea
+        d = d[d != 0]
+        ranks = stats.rankdata(np.abs(d))
+        better = bool(ranks[d < 0].sum() > ranks[d > 0].sum())  # the side the signed-rank test weighs
     else:
         ra, rb = a == y, b == y
         score_a, score_b = float(ra.mean()) if n else 0.0, float(rb.mean()) if n else 0.0
@@ -143,19 +147,39 @@ class LiveGate:
         self.alpha = alpha
         self.max_age_s = max_age_s
         self.last: dict[str, Verdict] = {}
+        self._looked: dict[tuple[str, int, int], int] = {}
+        """The last look taken per (model, champion, challenger): each is taken once."""
 
     def check(self, model: str, now: float) -> Verdict | None:
         """Judge ``model``'s challenger (None when it has none, or none other than production)
-        and promote or retire it when the verdict says so."""
+        and promote or retire it when the verdict says so. Each look is taken once (module
+        docstring): a check that reaches no new look waits, whatever the pairs say now, since
+        late labels reorder and retention removes pairs under an earlier look."""
         aliases = self.registry.aliases(model)
         challenger, champion = aliases.get(ALIAS_CHALLENGER), aliases.get(ALIAS_PRODUCTION)
         if challenger is None or champion is None or challenger == champion:
             self.last.pop(model, None)
             return None
-        since = self._named_at(model, challenger)
+        since, moved = self._named(model, challenger)
         meta = self.registry.get(model, champion).metadata
         labels, champ, chall = self.store.live_pairs(model, champion, challenger, since)
-        verdict = judge(meta.task, labels, champ, chall, min_rows=self.min_rows, alpha=self.alpha)
+        key = (model, champion, challenger)
+        taken = self._looked.get(key, 0)
+        unfit = moved or self._incompatible(model, meta, challenger)
+        if unfit:
+            verdict = replace(judge(meta.task, labels[:0], champ[:0], chall[:0], min_rows=self.min_rows,
+                                    alpha=self.alpha), rows=len(labels), action=Action.retire, reason=unfit)
+        elif looks(len(labels), self.min_rows) > taken:
+            verdict = judge(meta.task, labels, champ, chall, min_rows=self.min_rows, alpha=self.alpha)
+            self._looked[key] = looks(len(labels), self.min_rows)
+        else:
+            previous = self.last.get(model)
+            base = previous if previous is not None and taken else judge(
+                meta.task, labels, champ, chall, min_rows=self.min_rows, alpha=self.alpha)
+            verdict = replace(base, action=Action.wait, rows=len(labels),
+                              reason=base.reason if not taken else
+                              f"look {taken} taken ({base.reason}); the next at "
+                              f"{self.min_rows * 2 ** taken} labelled requests")
         if verdict.action == Action.wait and now - since > self.max_age_s:
             verdict = replace(verdict, action=Action.retire, reason=f"timed out after {now - since:.0f} s "
                                                                     f"without a decision ({verdict.reason})")
@@ -164,13 +188,29 @@ class LiveGate:
             self._act(model, champion, challenger, verdict)
         return verdict
 
-    def _named_at(self, model: str, version: int) -> float:
-        """When the ``challenger`` alias last came to name ``version`` (its pairs count from
-        then: an earlier shadowing of another challenger is not this one's)."""
+    def _named(self, model: str, version: int) -> tuple[float, str | None]:
+        """When the ``challenger`` alias came to name ``version`` (its pairs count from then:
+        an earlier shadowing of another challenger is not this one's), and why it cannot be
+        judged any more if production moved since (the looks were spent on another champion)."""
+        moved = None
         for event in reversed(self.registry.history(model)):
-            if event.get("op") == "set_alias" and event.get("alias") == ALIAS_CHALLENGER:
-                return float(event["time"]) if event.get("version") == version else 0.0
-        return 0.0
+            if event.get("op") in ("promote", "rollback"):
+                moved = (f"production moved to v{event.get('version')} while the challenger was judged: "
+                         "name it again to judge it against the new champion")
+            if event.get("op") == "set_alias" and event.get("alias") == ALIAS_CHALLENGER \
+                    and event.get("version") == version:
+                return float(event["time"]), moved
+        # no record of its naming (a history cut short): count from its registration
+        return self.registry.get(model, version).metadata.created_at.timestamp(), None
+
+    def _incompatible(self, model: str, champion: ModelMetadata, version: int) -> str | None:
+        """Why the challenger's answers cannot be compared with the champion's, or None."""
+        other = self.registry.get(model, version).metadata
+        if (other.task, other.class_labels_or_indices()) != (champion.task, champion.class_labels_or_indices()):
+            return (f"the challenger v{version} answers another task or classes ({other.task}, "
+                    f"{other.class_labels_or_indices()}) than the champion v{champion.version} "
+                    f"({champion.task}, {champion.class_labels_or_indices()})")
+        return None
 
     def _publish(self, model: str, v: Verdict) -> None:
         m = self.metrics
@@ -183,12 +223,16 @@ class LiveGate:
     def _act(self, model: str, champion: int, challenger: int, v: Verdict) -> None:
         note = {"live_gate": {**v.record(), "champion_version": champion, "challenger_version": challenger}}
         try:
+            # compare-and-set: nothing happens when production or the alias moved meanwhile
+            # (an operator, or another replica's decision)
             if v.action == Action.promote:
-                self.registry.promote(model, challenger, note=note)
-            self.registry.remove_alias(model, ALIAS_CHALLENGER, note=note)
-        except RegistryError as exc:  # a broken challenger is retired instead
+                self.registry.promote(model, challenger, note=note, expect_production=champion)
+            self.registry.remove_alias(model, ALIAS_CHALLENGER, note=note, expect_version=challenger)
+        except RegistryError as exc:  # a broken challenger (or a moved alias) is retired instead
             log.error("%s: live gate could not %s v%d: %s; retiring it", model, v.action, challenger, exc)
-            self.registry.remove_alias(model, ALIAS_CHALLENGER, note={**note, "error": str(exc)})
+            with contextlib.suppress(RegistryError):
+                self.registry.remove_alias(model, ALIAS_CHALLENGER, note={**note, "error": str(exc)},
+                                           expect_version=challenger)
             self.metrics.live_gate_decisions.labels(model, "failed").inc()
             return
         self.metrics.live_gate_decisions.labels(model, str(v.action)).inc()

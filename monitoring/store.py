@@ -189,6 +189,7 @@ class EventStore:
                 request_id TEXT NOT NULL, version INTEGER NOT NULL, model TEXT NOT NULL,
                 ts {r} NOT NULL, prediction {r} NOT NULL, probabilities {b},
                 PRIMARY KEY (request_id, version))""",
+            "CREATE INDEX IF NOT EXISTS {p}shadow_ts ON {p}shadow (ts)",  # retention's delete
         ]
         with self._write() as cur:
             for stmt in ddl:
@@ -302,7 +303,7 @@ class EventStore:
         with self._read() as cur:
             cur.execute(self._sql(
                 "SELECT e.label, e.prediction, s.prediction FROM {p}events e "
-                "JOIN {p}shadow s ON s.request_id = e.request_id AND s.version = ? "
+                "JOIN {p}shadow s ON s.request_id = e.request_id AND s.model = e.model AND s.version = ? "
                 "WHERE e.model = ? AND e.version = ? AND e.ts >= ? AND e.label IS NOT NULL "
                 "AND e.ambiguous = 0 ORDER BY e.seq"), (challenger, model, champion, since))
             rows = cur.fetchall()

@@ -372,8 +372,10 @@ class Routes:
     # -- explanations: in the worker's explanation process (serving/explain.py) -----------------
     async def explain(self, request: Request, state: ServingState) -> Response:
         served = await self.acquire(request.path_params.get("name"))
-        state.repository.release(served)  # (the explanation process loads the version itself)
-        runtime = served.manager.current
+        try:
+            runtime = served.manager.current  # (taken while held: an unload cannot come between)
+        finally:
+            state.repository.release(served)  # the explanation process loads the version itself
         body = await read_body(request, self.max_body)
         base = self.request_id(request)
         meta = runtime.metadata
@@ -384,8 +386,10 @@ class Routes:
 
     async def oip_explain(self, request: Request, state: ServingState) -> Response:
         served = await self.acquire(request.path_params["name"])
-        state.repository.release(served)
-        runtime = self.check_version(served, request.path_params.get("version"))
+        try:
+            runtime = self.check_version(served, request.path_params.get("version"))
+        finally:
+            state.repository.release(served)
         body = await read_body(request, self.max_body)
         req = self.decode_infer(body, request.headers.get(oip.HEADER_LENGTH), runtime)
         base = self.request_id(request, req.id)

@@ -433,7 +433,8 @@ class EventEmitter:
         unless its POST is under way, then of the waiting segments; whole requests, or the first
         rows of a single large one."""
         drops: list[tuple[str, int]] = []
-        if self._flight and not self._posting:
+        need = self._drop_shadow(need, drops)
+        if need > 0 and self._flight and not self._posting:
             flight = deque(self._flight)
             need = self._trim(flight, need, drops)
             self._flight = tuple(flight)  # a new tuple: the sender builds its body again
@@ -447,6 +448,21 @@ class EventEmitter:
         self._rows -= dropped
         self.dropped["buffer_full"] += dropped
         return drops
+
+    def _drop_shadow(self, need: int, drops: list[tuple[str, int]]) -> int:
+        """Drop whole waiting segments of a challenger's shadow answers first (serving/shadow.py:
+        the shadow gives way to production's events); what is still needed."""
+        if not any(seg.mode == MODE_SHADOW for seg in self._closed):
+            return need
+        kept: deque[_Segment] = deque()
+        for seg in self._closed:
+            if need > 0 and seg.mode == MODE_SHADOW:
+                drops.append((seg.model, seg.rows))
+                need -= seg.rows
+            else:
+                kept.append(seg)
+        self._closed = kept
+        return need
 
     @staticmethod
     def _trim(segments: deque[_Segment], need: int, drops: list[tuple[str, int]]) -> int:

@@ -91,7 +91,8 @@ class ModelManager:
     """Serves the version an alias points at and swaps without downtime (module docstring)."""
 
     def __init__(self, registry: Registry, settings: ServingSettings, metrics: ServingMetrics,
-                 factory: RuntimeFactory | None = None, *, name: str, alias: str | None = None) -> None:
+                 factory: RuntimeFactory | None = None, *, name: str, alias: str | None = None,
+                 publish: bool = True) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -99,6 +100,9 @@ class ModelManager:
         self.name = name
         self.alias = alias or settings.alias
         """The alias followed: ``MODELLOOP_SERVING_ALIAS``, or ``canary`` for a canary."""
+        self.publish = publish
+        """Whether the version it holds shows in ``modelloop_serving_model_info`` (a shadow
+        challenger answers nobody: it does not)."""
         self._current: OnnxRuntime | None = None
         self._stamp: int | None = None
         self._failed: set[int] = set()
@@ -134,7 +138,8 @@ class ModelManager:
         old = self._current
         self._current = runtime  # one reference assignment: the swap
         previous = (old.model_version, old.active_provider) if old is not None else None
-        self.metrics.set_model(runtime.name, runtime.model_version, runtime.active_provider, previous)
+        if self.publish:
+            self.metrics.set_model(runtime.name, runtime.model_version, runtime.active_provider, previous)
 
     async def check_alias(self) -> None:
         """Swap when the alias moved since the last check (the repository polls this)."""
@@ -214,5 +219,6 @@ class ModelManager:
         runtime = self._current
         if runtime is not None:
             self._current = None
-            self.metrics.model_info.labels(model=self.name, version=str(runtime.model_version),
-                                           provider=runtime.active_provider).set(0)
+            if self.publish:
+                self.metrics.model_info.labels(model=self.name, version=str(runtime.model_version),
+                                               provider=runtime.active_provider).set(0)

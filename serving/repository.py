@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelloop.registry import Registry, atomic_write_bytes
-from modelloop.schemas import ALIAS_CHALLENGER
+from modelloop.schemas import ALIAS_CHALLENGER, ModelMetadata
 from serving.batcher import AdaptiveBatcher
 from serving.canary import ALIAS_CANARY, Canary, Lane, canary_bucket
 from serving.events import EventEmitter
@@ -415,11 +415,12 @@ class ModelRepository:
             self.metrics.set_model(model.name, version, model.manager.current.active_provider, None)
         logger.info("%s: canary v%d closed; production serves all traffic", model.name, version)
 
-    async def _load_side(self, model: ServedModel, alias: str, otherwise: str) -> ModelManager | None:
+    async def _load_side(self, model: ServedModel, alias: str, otherwise: str,
+                         publish: bool = True) -> ModelManager | None:
         """A manager of ``model``'s version under ``alias``, loaded and checked beside
         production (on a thread); None, logged and counted, when it cannot load."""
         manager = ModelManager(self.registry, self.settings, self.metrics, self.factory,
-                               name=model.name, alias=alias)
+                               name=model.name, alias=alias, publish=publish)
         try:
             await asyncio.to_thread(manager.load_initial)
         except ModelLoadError as exc:
@@ -442,18 +443,23 @@ class ModelRepository:
             return
         if shadow is not None:
             await shadow.manager.check_alias()
+            unfit = _unfit(model.manager.current.metadata, shadow.manager.current.metadata)
+            if unfit:  # either side moved to a version the other cannot be compared with
+                logger.error("%s: %s; the shadow closes", model.name, unfit)
+                model.shadow_failed = target
+                await self._close_shadow(model)
             return
         if target == model.shadow_failed:
             return
-        manager = await self._load_side(model, ALIAS_CHALLENGER, "production is not shadowed")
+        manager = await self._load_side(model, ALIAS_CHALLENGER, "production is not shadowed", publish=False)
         if manager is None:
             model.shadow_failed = target
             return
         production = model.manager.current.metadata
         challenger = manager.current.metadata
-        if (challenger.feature_names, challenger.input_dims) != (production.feature_names, production.input_dims):
-            logger.error("%s: challenger v%d takes other inputs than production v%d; production is "
-                         "not shadowed", model.name, challenger.version, production.version)
+        unfit = _unfit(production, challenger)
+        if unfit:
+            logger.error("%s: %s; production is not shadowed", model.name, unfit)
             model.shadow_failed = target
             await manager.close()
             return
@@ -470,3 +476,16 @@ class ModelRepository:
             version = shadow.version
             await shadow.close()
             logger.info("%s: shadow of challenger v%d closed", model.name, version)
+
+
+def _unfit(production: ModelMetadata, challenger: ModelMetadata) -> str | None:
+    """Why ``challenger`` cannot shadow ``production`` (other inputs, task or classes: its
+    answers could not be compared with production's), or None."""
+    mine = (production.feature_names, production.input_dims, production.task,
+            production.class_labels_or_indices())
+    theirs = (challenger.feature_names, challenger.input_dims, challenger.task,
+              challenger.class_labels_or_indices())
+    if mine == theirs:
+        return None
+    return (f"challenger v{challenger.version} takes other inputs or answers another task or "
+            f"classes than production v{production.version}")

@@ -73,6 +73,7 @@ class Shadow:
         self._rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._failures = 0
         self._scored = metrics.shadow_rows.labels(model=name, result="scored")
         self._dropped = metrics.shadow_rows.labels(model=name, result="dropped")
         self._failed = metrics.shadow_rows.labels(model=name, result="failed")
@@ -111,8 +112,20 @@ class Shadow:
                 item = self._take()
                 try:
                     await self._score(item)
+                except Exception:  # the task must outlive any failure: it is the only consumer
+                    self._failure(len(item.x))
                 finally:
                     self._rows -= len(item.x)  # held until scored: queued_rows counts them
+
+    def _failure(self, rows: int) -> None:
+        """Count a failed batch; log the first and then every 100th (a challenger that fails
+        on every batch must not flood the log)."""
+        self._failed.inc(rows)
+        self._failures += 1
+        if self._failures % 100 == 1:
+            logger.exception("%s: shadow v%d failed on %d rows (%d failed batches so far)", self.name,
+                             self.manager.current.model_version if self.manager.ready else -1, rows,
+                             self._failures)
 
     def _take(self) -> _Copy:
         """The batches that piled up while the challenger ran, as one copy (one call, one group
@@ -131,17 +144,13 @@ class Shadow:
     async def _score(self, item: _Copy) -> None:
         runtime = self.manager.current
         start = time.perf_counter()
-        try:
-            # as production's batcher does: a call faster than a thread hand-off runs on the loop
-            if runtime.cost.estimate(runtime.work_rows(item.x)) < self.inline_below_s:
-                outputs = runtime.predict(item.x)
-            else:
-                outputs = await asyncio.to_thread(runtime.predict, item.x)
-            preds = interpret(runtime.metadata, outputs)
-        except Exception:  # the challenger's failure is its own: production never sees it
-            logger.exception("%s: shadow v%d failed on %d rows", self.name, runtime.model_version, len(item.x))
-            self._failed.inc(len(item.x))
-            return
+        # (a failure raises to _run, which counts it: the challenger's failure is its own)
+        # as production's batcher does: a call faster than a thread hand-off runs on the loop
+        if runtime.cost.estimate(runtime.work_rows(item.x)) < self.inline_below_s:
+            outputs = runtime.predict(item.x)
+        else:
+            outputs = await asyncio.to_thread(runtime.predict, item.x)
+        preds = interpret(runtime.metadata, outputs)
         elapsed = time.perf_counter() - start
         self._duration.observe(elapsed)
         self._scored.inc(len(item.x))
@@ -155,7 +164,7 @@ class Shadow:
         """Stop scoring (what is queued is dropped and counted) and free the challenger."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self._rows:
             self._dropped.inc(self._rows)

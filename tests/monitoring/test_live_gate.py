@@ -24,10 +24,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from modelloop.registry import Registry
+from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import ALIAS_CHALLENGER, MODE_SHADOW, Task
 from modelloop.synthetic import TARGET, SyntheticTask
-from monitoring.live_gate import Action, judge, looks
+from monitoring.live_gate import Action, LiveGate, judge, looks
 from monitoring.records import EventRow, pack
 from monitoring.store import EventStore
 from tests.monitoring.helpers import (
@@ -274,7 +274,7 @@ def test_live_gate_promotes_a_better_challenger_and_retires_a_worse_one(loop: Lo
     assert any("remove_alias challenger" in line and "live gate: the challenger loses" in line for line in lines)
 
 
-def slow(onnx_bytes: bytes, size: int = 1200) -> bytes:
+def slow(onnx_bytes: bytes, size: int = 2000) -> bytes:
     """The same graph made slow: a [size, size] matrix product per batch, scaled by 0 and added
     to the logits (it depends on the input, so ONNX Runtime cannot fold it away at load)."""
     import onnx
@@ -298,7 +298,7 @@ def slow(onnx_bytes: bytes, size: int = 1200) -> bytes:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_slow_challenger_gives_way_and_changes_nothing_for_callers(loop: Loop) -> None:
-    """A challenger far slower than production, behind a shadow queue of 40 rows: every caller
+    """A challenger far slower than production (a 2000x2000 matrix product per call), behind a shadow queue of 40 rows: every caller
     gets production's answer, the shadow drops what it cannot hold (counted), and what it did
     score went to the sidecar under the callers' request ids."""
     loop.serving.close()
@@ -323,3 +323,84 @@ def test_a_slow_challenger_gives_way_and_changes_nothing_for_callers(loop: Loop)
     dropped = loop.serving_metric("modelloop_serving_shadow_rows_total", result="dropped")
     assert scored + dropped == 2000 and dropped > 0 and scored > 0
     assert loop.serving_metric("modelloop_serving_shadow_rows_total", result="failed") == 0
+
+
+# -- the gate's decisions on a real registry and store -------------------------------------------
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[LiveGate, Registry, EventStore]]:
+    """v1 production, v2 (another fit) named challenger; a real SQLite store; min_rows 200."""
+    from prometheus_client import CollectorRegistry
+
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.store import open_store
+
+    registry = Registry(tmp_path / "registry")
+    fitted(0.0, 500, seed=1).register(tmp_path / "registry")
+    v2 = fitted(SHIFT, 500, seed=2).register(tmp_path / "registry", promote=False).version
+    registry.set_alias("churn", ALIAS_CHALLENGER, v2)
+    store = open_store(f"sqlite:///{tmp_path / 'events.db'}", "g_")
+    yield LiveGate(registry, store, MonitorMetrics(CollectorRegistry()), min_rows=200, alpha=0.05,
+                   max_age_s=3600), registry, store
+    store.close()
+
+
+def _pairs_stored(store: EventStore, first: int, y: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  labelled: range) -> None:
+    """Events of v1 answering ``a`` and shadow answers of v2 answering ``b`` for requests
+    ``first..``, then labels ``y`` for the requests in ``labelled``."""
+    t = time.time()
+    rows = [EventRow(f"q{first + i}", "churn", 1, t + i * 1e-3, "realtime", pack([0.0] * 8), float(a[i]),
+                     None, 0.001, t) for i in range(len(y))]
+    rows += [EventRow(f"q{first + i}", "churn", 2, t + i * 1e-3, MODE_SHADOW, pack([0.0] * 8), float(b[i]),
+                      None, 0.001, t) for i in range(len(y))]
+    store.insert_batches([rows])
+    store.set_labels([(f"q{first + i}", float(y[i]), t + 5) for i in labelled])
+
+
+def test_each_look_is_taken_once_however_late_labels_reorder_the_pairs(gate) -> None:
+    live, registry, store = gate
+    y, a, b = pairs(400, 0.8, 0.8, seed=7)  # equally good: look 1 finds nothing
+    _pairs_stored(store, 0, y, a, b, range(200, 400))
+    first = live.check("churn", time.time())
+    assert first is not None and first.action == Action.wait and first.judged_rows == 200
+    # late labels for the oldest requests, each one the challenger's win: judged again, the
+    # oldest 200 pairs would now promote; look 1 was taken, so the gate waits for look 2
+    store.set_labels([(f"q{i}", float(b[i]), time.time()) for i in range(150) if a[i] != b[i]])
+    now_pairs = store.live_pairs("churn", 1, 2, since=0.0)
+    assert judge(Task.classification, *now_pairs, min_rows=200, alpha=0.05).action == Action.promote
+    again = live.check("churn", time.time())
+    assert again is not None and again.action == Action.wait and again.rows == len(now_pairs[0])
+    assert "look 1 taken" in again.reason
+    assert registry.aliases("churn").get(ALIAS_CHALLENGER) == 2
+
+
+def test_production_moving_retires_the_challenger(gate) -> None:
+    live, registry, _ = gate
+    v3 = fitted(0.0, 500, seed=3).register(registry.root, promote=True).version  # an operator promotes
+    verdict = live.check("churn", time.time())
+    assert verdict is not None and verdict.action == Action.retire
+    assert verdict.reason.startswith(f"production moved to v{v3} while the challenger was judged")
+    assert ALIAS_CHALLENGER not in registry.aliases("churn")
+
+
+def test_a_challenger_of_other_classes_is_retired_not_compared(gate, tmp_path: Path) -> None:
+    live, registry, _ = gate
+    model = fitted(SHIFT, 500, seed=4)
+    meta = model.register(tmp_path / "registry", promote=False)
+    other = registry.register(meta.model_copy(update={"version": 0, "class_labels": ["stay", "churn"]}),
+                              model.onnx_bytes(), reference=model.reference(500))
+    registry.set_alias("churn", ALIAS_CHALLENGER, other.version)
+    verdict = live.check("churn", time.time())
+    assert verdict is not None and verdict.action == Action.retire
+    assert "answers another task or classes" in verdict.reason
+
+
+def test_the_gate_promotes_only_over_the_production_it_judged(gate) -> None:
+    """Compare-and-set: a promotion decided against v1 does nothing once production moved, and
+    removing the alias does nothing once it names another version."""
+    _, registry, _ = gate
+    with pytest.raises(RegistryError, match="production is v1, not v3 as expected"):
+        registry.promote("churn", 2, expect_production=3)
+    with pytest.raises(RegistryError, match="alias 'challenger' names v2, not v5 as expected"):
+        registry.remove_alias("churn", ALIAS_CHALLENGER, expect_version=5)
+    assert registry.aliases("churn") == {"production": 1, ALIAS_CHALLENGER: 2}
