@@ -525,6 +525,7 @@ def build_app(state: ServingState) -> Starlette:
     """The Starlette app of our routes (no lifespan: ``serving/service.py`` runs the state's),
     with its OpenAPI document, built from the same table, in ``app.state.openapi``."""
     r = Routes(state)
+    state.closers.append(r.explainer.close)  # queued explanations are cancelled at shutdown
     v2 = "/v2/models/{name}"
     vv = "/v2/models/{name}/versions/{version}"
     # (path, method, route label of the request metrics ("": not counted), guarded, handler)

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,9 @@ class ServingState:
                              nan_policy=settings.nan_policy, max_upload_bytes=settings.max_upload_bytes,
                              retention_s=settings.job_retention_s)
         self.buffer = MetricBuffer()
+        self.closers: list[Callable[[], None]] = []
+        """Called at :meth:`stop`, after the models: what the routes started (the explanation
+        process), so a stopping worker does not wait for explanations still queued."""
         self._flusher: asyncio.Task[None] | None = None
         # label children cached per model name: .labels() costs a lock and a dict lookup per call
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -111,6 +115,11 @@ class ServingState:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.repository.stop()
+        for close in self.closers:
+            try:
+                close()
+            except Exception:  # the others still close
+                logger.exception("closing %r failed", close)
         await self.emitter.stop()
         self.buffer.flush()
         self.jobs.close()
