@@ -49,7 +49,7 @@ from modelloop.explain import (
 from modelloop.registry import ModelVersion, RegistryError
 from modelloop.schemas import ModelMetadata
 from serving.batch import BatchInputError, InputFile, check_columns, features_of, file_format
-from serving.runtime import OnnxRuntime
+from serving.runtime import ModelLoadError, OnnxRuntime
 from serving.settings import ServingSettings
 from serving.validation import RequestError
 
@@ -133,17 +133,25 @@ class ExplainWorker:
                                "MODELLOOP_SERVING_EXPLAIN_MAX_PENDING); retry later",
                                {"Retry-After": str(RETRY_AFTER_S)})
         self._pending += 1
+        pool = self._executor()
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor(), explain_in_child, version, x,
+            return await loop.run_in_executor(pool, explain_in_child, version, x,
                                               s.explain_background_rows, permutations)
         except NotExplainable as exc:
             raise RequestError(422, "not_explainable", "model_name", f"model_name: {exc}") from None
         except BrokenProcessPool:
             logger.error("the explanation process died; a new one starts with the next explanation")
-            self._pool = None
+            if self._pool is pool:  # (a late failure of an older pool leaves a new one alone)
+                self._pool = None
             raise RequestError(503, "explainer_restarted", "body",
                                "body: the explanation process stopped (see the server log); retry",
+                               {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (ModelLoadError, MemoryError) as exc:  # the version, not the request, is at fault
+            logger.error("%s v%d cannot be explained here: %s", version.name, version.version, exc)
+            raise RequestError(503, "not_explainable_here", "model_name",
+                               f"model_name: {version.name} v{version.version} cannot be explained by "
+                               f"this server now ({type(exc).__name__}: {exc})",
                                {"Retry-After": str(RETRY_AFTER_S)}) from None
         finally:
             self._pending -= 1
