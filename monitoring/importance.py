@@ -2,10 +2,13 @@
 absolute SHAP attribution (:func:`modelloop.explain.global_importance`) over the version's
 reference sample, computed once per version on its ONNX graph and kept.
 
-It runs in the report's thread (off the check's path, at the report's bounded rate): the first
-report of a version pays for it (seconds: shap compiles its kernels on its first use in the
-process), later ones read it from the cache. A version that cannot be explained (a sequence model,
-no reference sample) has no importance; the report says why.
+It is asked for in the report's thread (off the check's path, at the report's bounded rate) and
+computed in a child process at nice 10, started for it and gone after: shap compiles its kernels
+on its first use in a process (about 13 s of Python holding the GIL), which in the sidecar's own
+process would stall ingest and feedback meanwhile. The first report of a version pays for it,
+later ones read it from the cache. A version that cannot be explained (a sequence model, no
+reference sample) has no importance, and the report says why; a computation that failed is not
+kept (the next report tries again).
 
 Example::
 
@@ -16,8 +19,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from modelloop.explain import NotExplainable, global_importance, session_runner
@@ -35,6 +41,8 @@ class ImportanceResult:
     values: dict[str, float] = field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+    failed: bool = False
+    """It could have been computed but was not (kept out of the cache: tried again next time)."""
 
 
 _cache: dict[tuple[str, str, int], ImportanceResult] = {}
@@ -47,16 +55,30 @@ def version_importance(registry: Registry, model: str, version: int) -> Importan
     with _lock:  # one computation per version, even if two report threads ask at once
         found = _cache.get(key)
         if found is None:
-            found = _cache[key] = _compute(registry, model, version)
+            found = _in_child(str(registry.root), model, version)
+            if not found.failed:
+                _cache[key] = found
             while len(_cache) > KEPT:
                 del _cache[next(iter(_cache))]
         return found
 
 
-def _compute(registry: Registry, model: str, version: int) -> ImportanceResult:
-    import shap  # heavy (numba): at the first report that needs it
+def _in_child(root: str, model: str, version: int) -> ImportanceResult:
+    """:func:`_compute` in a child process (module docstring)."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=os.nice, initargs=(10,)) as pool:
+            return pool.submit(_compute, root, model, version).result()
+    except Exception as exc:  # the child died (memory, a signal): the report says so
+        log.exception("global importance of %s v%d: its process failed", model, version)
+        return ImportanceResult(note=f"computing it failed: {type(exc).__name__}: {exc}", failed=True)
+
+
+def _compute(root: str, model: str, version: int) -> ImportanceResult:
+    import shap  # heavy (numba): in the child
 
     started = time.perf_counter()
+    registry = Registry(root)
     try:
         mv = registry.get(model, version)
         values = global_importance(session_runner(mv), mv.metadata, mv.reference(), shap=shap)
@@ -64,7 +86,7 @@ def _compute(registry: Registry, model: str, version: int) -> ImportanceResult:
         return ImportanceResult(note=" ".join(str(exc).split()))
     except Exception as exc:  # the drift report is still written, saying why this is missing
         log.exception("global importance of %s v%d failed", model, version)
-        return ImportanceResult(note=f"computing it failed: {type(exc).__name__}: {exc}")
+        return ImportanceResult(note=f"computing it failed: {type(exc).__name__}: {exc}", failed=True)
     seconds = time.perf_counter() - started
     log.info("global importance of %s v%d computed in %.1f s", model, version, seconds)
     return ImportanceResult(values, seconds=seconds)
