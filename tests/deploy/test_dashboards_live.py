@@ -137,6 +137,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, trained_home: Path) -> Itera
     v1 = registry.get(MODEL, 1)
     registry.register(v1.metadata.model_copy(update={"parent_version": 1}), v1.onnx_path,
                       reference=v1.reference())
+    # v3, the same again, named challenger: serving shadows it (the champion/challenger panels)
+    v3 = registry.register(v1.metadata.model_copy(update={"parent_version": 1}), v1.onnx_path,
+                           reference=v1.reference())
+    registry.set_alias(MODEL, "challenger", v3.version)
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump(POLICY))
     sp, mp, pp = free_port(), free_port(), free_port()

@@ -150,7 +150,7 @@ def test_a_claimed_request_id_is_ambiguous_and_joins_no_label(
     labels = {rid: "yes" for rid in first + others} | {"order-77-0": "no", "dup-0": "no"}
     answer = post_feedback(sidecar, labels)
     assert answer == {"joined": len(first + others), "unknown": [], "duplicate": [],
-                      "ambiguous": ["order-77-0", "dup-0"]}
+                      "ambiguous": ["order-77-0", "dup-0"], "not_sampled": []}
     assert metric(sidecar.url, "modelloop_feedback_total", model="churn", result="ambiguous") == 2
     # neither the labelled export nor the accuracy sees them
     export = httpx.get(f"{sidecar.url}/export/labelled", params={"model": "churn"},
