@@ -228,13 +228,11 @@ def _client(url: str, bodies: list[bytes], results: mp.Queue) -> None:
 
 def _start_sidecar(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """A ``modelloop monitor`` on a free port, ready and idle (its drift warm-up done)."""
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    from modelloop.ports import free_port
+
+    port = free_port()
     exe = Path(sys.executable).with_name("modelloop")
     proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

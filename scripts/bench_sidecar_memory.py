@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,42 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_monitoring import _columns, _register  # noqa: E402
+from bench_monitoring import _columns, _register, _start_sidecar  # noqa: E402
 
 console = Console(width=130)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def run(budget: int | None, bodies: list[bytes]) -> dict[str, float | int | str]:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         _register(home)
-        port = _port()
         env = {**os.environ, "MODELLOOP_HOME": str(home), "MODELLOOP_MONITOR_GPU": "false",
                "MODELLOOP_MONITOR_CHECK_INTERVAL_S": "3600"}
         if budget is not None:
             env["MODELLOOP_MONITOR_INGEST_QUEUE_BYTES"] = str(budget)
-        exe = Path(sys.executable).with_name("modelloop")
-        proc = subprocess.Popen([str(exe), "monitor", "--port", str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        proc, url = _start_sidecar(env)  # ready, its drift warm-up (Evidently's import) done
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sidecar did not start")
-                time.sleep(0.1)
-            time.sleep(6)  # the drift warm-up (Evidently's import) first
             side = psutil.Process(proc.pid)
             rss0 = side.memory_info().rss
             peak = rss0
