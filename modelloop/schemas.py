@@ -118,6 +118,12 @@ class ModelMetadata(BaseModel):
         n = spec.shape[-1] if spec is not None and isinstance(spec.shape[-1], int) else 0
         return [str(i) for i in range(n)]
 
+    def answers_like(self, other: ModelMetadata) -> bool:
+        """Whether ``other``'s predictions can be compared with this version's, request by
+        request: the same task and the same classes in the same order (a shadowing challenger
+        and its champion, serving/shadow.py and monitoring/live_gate.py)."""
+        return (self.task, self.class_labels_or_indices()) == (other.task, other.class_labels_or_indices())
+
     @property
     def n_features(self) -> int:
         return len(self.feature_names)

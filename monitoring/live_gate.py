@@ -206,7 +206,7 @@ class LiveGate:
     def _incompatible(self, model: str, champion: ModelMetadata, version: int) -> str | None:
         """Why the challenger's answers cannot be compared with the champion's, or None."""
         other = self.registry.get(model, version).metadata
-        if (other.task, other.class_labels_or_indices()) != (champion.task, champion.class_labels_or_indices()):
+        if not champion.answers_like(other):
             return (f"the challenger v{version} answers another task or classes ({other.task}, "
                     f"{other.class_labels_or_indices()}) than the champion v{champion.version} "
                     f"({champion.task}, {champion.class_labels_or_indices()})")

@@ -481,11 +481,8 @@ class ModelRepository:
 def _unfit(production: ModelMetadata, challenger: ModelMetadata) -> str | None:
     """Why ``challenger`` cannot shadow ``production`` (other inputs, task or classes: its
     answers could not be compared with production's), or None."""
-    mine = (production.feature_names, production.input_dims, production.task,
-            production.class_labels_or_indices())
-    theirs = (challenger.feature_names, challenger.input_dims, challenger.task,
-              challenger.class_labels_or_indices())
-    if mine == theirs:
+    if ((production.feature_names, production.input_dims) == (challenger.feature_names, challenger.input_dims)
+            and production.answers_like(challenger)):
         return None
     return (f"challenger v{challenger.version} takes other inputs or answers another task or "
             f"classes than production v{production.version}")
