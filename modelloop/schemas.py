@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 INPUT_NAME = "input"
+CATEGORIES_INPUT = "categories"
+"""A model with categorical features takes their raw strings in this second input
+(``[rows, n_categorical]``, modelloop/categorical.py); ``input`` holds the numeric ones."""
 PROBABILITIES = "probabilities"
 PREDICTION = "prediction"
 SCORE = "score"
@@ -109,6 +112,10 @@ class ModelMetadata(BaseModel):
     """The training configuration, enough to train the same model again on new data."""
     lineage: dict[str, Any] = Field(default_factory=dict)
     """How this version came to be: trigger, data window, champion and challenger scores."""
+    categories: dict[str, list[str]] = Field(default_factory=dict)
+    """Categorical feature -> the values its graph codes, in code order (``values[i]`` is code
+    ``i + 1``; code 0 is unknown: any other value, a missing one). Features not named are numeric
+    (modelloop/categorical.py)."""
 
     def class_labels_or_indices(self) -> list[str]:
         """A classifier's class labels; class indices as strings when the metadata has none."""
@@ -127,6 +134,16 @@ class ModelMetadata(BaseModel):
     @property
     def n_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def categorical_features(self) -> list[str]:
+        """The categorical features, in ``feature_names`` order."""
+        return [f for f in self.feature_names if f in self.categories]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        """The numeric features, in ``feature_names`` order."""
+        return [f for f in self.feature_names if f not in self.categories]
 
     @property
     def input_dims(self) -> tuple[int | None, ...]:
