@@ -11,6 +11,10 @@ BIN := $(VENV)/bin
 # GPU machine set TORCH_SPEC to the CUDA build you want, or leave it: the same range resolves there.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test files run in this many processes at once (pytest-xdist; a file's tests stay in one process,
+# so a module's shared server starts once); most tests wait on the servers they start, so two
+# processes keep both cores of a 2-core machine busy. 0 runs them in this process.
+PYTEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup tools demo test lint test-fast bench clean grpc-stubs
 
@@ -36,7 +40,7 @@ tools:
 	bash scripts/ci_services.sh
 
 test: tools lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
