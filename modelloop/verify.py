@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from modelloop.categorical import feeds, is_categorical
 from modelloop.registry import BrokenVersion, ModelVersion
 from modelloop.schemas import (
+    CATEGORIES_INPUT,
     INPUT_NAME,
     PREDICTION,
     PROBABILITIES,
@@ -83,13 +85,16 @@ def check_version(version: ModelVersion, threads: int = 0) -> CheckResult:
     except Exception as exc:  # ONNX Runtime raises several types; all mean "cannot load"
         raise _broken(version, version.onnx_path, f"ONNX Runtime cannot load it: {exc}") from exc
     inputs = [i.name for i in session.get_inputs()]
-    if inputs != [INPUT_NAME]:
-        raise _broken(version, version.onnx_path,
-                      f"its graph takes the inputs {inputs}, not one named {INPUT_NAME!r}")
+    meta = version.metadata
+    expected = [INPUT_NAME, CATEGORIES_INPUT] if is_categorical(meta) else [INPUT_NAME]
+    if inputs != expected:
+        want = f"{expected}" if len(expected) > 1 else f"one named {INPUT_NAME!r}"
+        raise _broken(version, version.onnx_path, f"its graph takes the inputs {inputs}, not {want}")
     names = [o.name for o in session.get_outputs()]
 
     def run(rows: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {INPUT_NAME: rows}), strict=True))
+        fed = feeds(meta, rows) if rows.dtype == object else {INPUT_NAME: rows}
+        return dict(zip(names, session.run(names, fed), strict=True))
 
     return _judge(version, run, reference, x)
 
@@ -178,6 +183,8 @@ def _inputs(version: ModelVersion, reference: Any) -> np.ndarray:
     if missing:
         raise _broken(version, version.reference_path, f"the reference sample lacks the feature "
                       f"columns {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if is_categorical(meta):  # an object matrix: numbers, and strings (None missing)
+        return _categorical_inputs(version, reference)
     try:
         features = reference[meta.feature_names].iloc[_rows(len(reference))].to_numpy(np.float32)
     except (TypeError, ValueError) as exc:
@@ -191,6 +198,26 @@ def _inputs(version: ModelVersion, reference: Any) -> np.ndarray:
         raise _broken(version, version.metadata_path, f"the input {list(dims)} holds {size} values "
                       f"but there are {features.shape[1]} feature names")
     return np.ascontiguousarray(features.reshape(len(features), *dims))
+
+
+def _categorical_inputs(version: ModelVersion, reference: Any) -> np.ndarray:
+    """The reference rows of a model with categorical features as modelloop/categorical.py holds
+    them: floats for the numeric features, ``str`` (None missing) for the categorical ones."""
+    meta = version.metadata
+    frame = reference[meta.feature_names].iloc[_rows(len(reference))]
+    rows = np.empty(frame.shape, dtype=object)
+    for j, name in enumerate(meta.feature_names):
+        column = frame[name]
+        if name in meta.categories:
+            rows[:, j] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                          for v in column.tolist()]
+            continue
+        try:
+            rows[:, j] = column.to_numpy(np.float32)
+        except (TypeError, ValueError) as exc:
+            raise _broken(version, version.reference_path,
+                          f"the reference sample's feature {name!r} is not numbers: {exc}") from exc
+    return rows
 
 
 def _check_probabilities(version: ModelVersion, proba: np.ndarray) -> None:

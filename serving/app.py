@@ -49,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from modelloop.categorical import unknown_counts
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import BatchResult, Overloaded, retry_after_header
@@ -60,7 +61,7 @@ from serving.predictions import records_json
 from serving.repository import ModelNotFound, ModelUnavailable, ServedModel
 from serving.sampling import LABEL_EXPECTED_HEADER, labelled
 from serving.state import ServingState
-from serving.validation import RequestError, parse_predict_body
+from serving.validation import RequestError, parse_predict_body, unknown_category_error
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class Routes:
         self.max_body = s.max_body_bytes
         self.max_rows = s.max_rows_per_request
         self.nan_policy = s.nan_policy
+        self.reject_unknown = s.unknown_categories == "reject"
         self.job_limits = JobLimits(max_active=s.max_active_jobs, max_disk_bytes=s.max_jobs_disk_bytes,
                                     max_row_group_bytes=s.job_max_row_group_bytes)
         self.explainer = ExplainWorker(s)
@@ -251,6 +253,18 @@ class Routes:
         return RequestError(404, "not_found", "model_name",
                             f"model_name: model {name!r} is not served here (serving {shown})")
 
+    def check_categories(self, runtime: Any, x: np.ndarray, prefix: str) -> None:
+        """Count the values of a model with categorical features that its vocabularies lack
+        (``modelloop_unknown_category_total``), or refuse them (422 naming the first,
+        ``MODELLOOP_SERVING_UNKNOWN_CATEGORIES=reject``); nothing for other models."""
+        if not runtime.categorical:
+            return
+        meta = runtime.metadata
+        counts = unknown_counts(meta, x)
+        if self.reject_unknown and any(counts.values()):
+            raise unknown_category_error(meta, x, prefix)
+        self.state.count_unknown_categories(meta, counts)
+
     # -- /predict ----------------------------------------------------------------------------
     async def predict(self, request: Request, state: ServingState) -> Response:
         start = time.perf_counter()
@@ -262,6 +276,7 @@ class Routes:
             runtime = lane.manager.current
             body = await read_body(request, self.max_body)
             x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
+            self.check_categories(runtime, x, "instances")
             # the batcher hands the rows of the whole model batch to the event emitter at once
             result = await lane.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
         finally:
@@ -363,6 +378,7 @@ class Routes:
         try:
             runtime = lane.manager.current
             x = req.x if runtime is decoded_with else decode(runtime).x
+            self.check_categories(runtime, x, "inputs")
             result = await lane.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
         finally:
             served.leave(lane)

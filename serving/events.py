@@ -243,16 +243,19 @@ class _Segment:
     def json(self) -> bytes:
         """The segment as one EventColumns object: one orjson call, features and probabilities
         packed as base64 bytes (:class:`~modelloop.schemas.PackedMatrix`), cheaper than writing
-        each value as text (docs/serving.md)."""
+        each value as text (docs/serving.md); the rows of a model with categorical features,
+        which hold strings, as lists (modelloop/categorical.py)."""
 
         def rows(parts: list[np.ndarray]) -> np.ndarray:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+        x = rows(self.xs)
         return orjson.dumps({
             "model": self.model, "version": self.version, "mode": self.mode,
             "request_ids": self.ids, "first_row": self.first_rows, "rows": self.counts,
             "timestamp": self.timestamps, "latency_s": self.latencies,
-            "features": PackedMatrix.pack(rows(self.xs)),
+            # rows with strings (a model with categorical features): JSON lists, NaN as null
+            "features": x.tolist() if x.dtype == object else PackedMatrix.pack(x),
             "prediction": rows(self.predictions),
             "probabilities": PackedMatrix.pack(rows(self.probabilities)) if self.probabilities else None,
             "seen": self.seen, "share": self.share,

@@ -98,6 +98,12 @@ class ServingMetrics:
             ["model"], registry=registry,
         )
 
+        self.unknown_categories = Counter(
+            "modelloop_unknown_category_total",
+            "Categorical values that the model's vocabulary does not hold (its graph's unknown "
+            "code), by feature (modelloop/categorical.py).", ["model", "feature"], registry=registry,
+        )
+
     def set_model(self, model: str, version: int, provider: str, previous: tuple[int, str] | None) -> None:
         """Point ``model_info`` at the version now served (the one before drops to 0)."""
         if previous is not None and previous != (version, provider):

@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modelloop.categorical import feeds, is_categorical
 from modelloop.registry import ModelVersion
-from modelloop.schemas import INPUT_NAME, ModelMetadata
+from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, ModelMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class OnnxRuntime:
         self._row_size = math.prod(self._warm_row)
         # rows of features are reshaped to this (an image model's [channels, height, width])
         self._row_shape = self._dims if len(self._dims) > 1 and self.takes_rows else None
+        self.categorical = is_categorical(self.metadata)
+        """The model takes categorical features: rows are object matrices (strings beside
+        numbers, modelloop/categorical.py), fed to the graph's two inputs."""
         self.active_provider = ""
         self.cost = CostModel(0.0, 0.0)
         self.output_names: list[str] = []
@@ -209,9 +213,14 @@ class OnnxRuntime:
 
     def _check_graph(self, session: Any, label: str) -> None:
         inputs = session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        if self.categorical:
+            self._check_categorical_inputs(inputs, label)
+        elif len(inputs) != 1 or inputs[0].name != INPUT_NAME:
             raise ModelLoadError(f"{label}: expected one input named {INPUT_NAME!r}, got "
                                  f"{[i.name for i in inputs]}")
+        self._check_outputs(session, label)
+        if self.categorical:
+            return
         shape = inputs[0].shape
         dims = self._dims
         if len(shape) != 1 + len(dims) or any(
@@ -220,6 +229,24 @@ class OnnxRuntime:
                     + ", ".join("any" if d is None else str(d) for d in dims) + "]")
             raise ModelLoadError(f"{label}: input shape {shape} does not match the {want} "
                                  "in its metadata")
+
+    def _check_categorical_inputs(self, inputs: Any, label: str) -> None:
+        """A model with categorical features takes ``input`` float ``[rows, n_numeric]`` and
+        ``categories`` string ``[rows, n_categorical]`` (modelloop/categorical.py)."""
+        meta = self.metadata
+        want = {INPUT_NAME: ("tensor(float)", len(meta.numeric_features)),
+                CATEGORIES_INPUT: ("tensor(string)", len(meta.categorical_features))}
+        got = {i.name: i for i in inputs}
+        if sorted(got) != sorted(want):
+            raise ModelLoadError(f"{label}: a model with categorical features takes the inputs "
+                                 f"{sorted(want)}, the graph {[i.name for i in inputs]}")
+        for name, (dtype, width) in want.items():
+            shape = got[name].shape
+            if got[name].type != dtype or len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width):
+                raise ModelLoadError(f"{label}: input {name!r} is {got[name].type} {shape}; the metadata "
+                                     f"wants {dtype} [rows, {width}]")
+
+    def _check_outputs(self, session: Any, label: str) -> None:
         outs = {o.name for o in session.get_outputs()}
         expected = {o.name for o in self.metadata.outputs}
         if not expected <= outs:
@@ -229,7 +256,7 @@ class OnnxRuntime:
         # The first runs allocate and (on GPU) build kernels; time the later ones for the cost model.
         timings: list[tuple[int, float]] = []
         for rows in self.warmup_rows:
-            x = np.zeros((rows, *self._warm_row), np.float32)
+            x = self._warm_input(rows)
             self.predict(x)
             best = float("inf")
             for _ in range(3):
@@ -241,6 +268,17 @@ class OnnxRuntime:
         per_row = max(0.0, (t1 - t0) / (r1 - r0)) if r1 != r0 else t0 / max(r0, 1)
         self.cost = CostModel(fixed_s=max(0.0, t0 - per_row * r0), per_row_s=per_row)
 
+    def _warm_input(self, rows: int) -> np.ndarray:
+        """Zeros, and for a model with categorical features each one's first known value."""
+        if not self.categorical:
+            return np.zeros((rows, *self._warm_row), np.float32)
+        meta = self.metadata
+        row = [meta.categories[f][0] if meta.categories.get(f) else None if f in meta.categories else 0.0
+               for f in meta.feature_names]
+        x = np.empty((rows, len(row)), dtype=object)
+        x[:] = row
+        return x
+
     def unload(self) -> None:
         """Free the session; :attr:`ready` becomes False."""
         self._session = None
@@ -248,10 +286,14 @@ class OnnxRuntime:
     # -- inference ---------------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Run ``x`` (float32 ``[rows, *input_dims]``, or ``[rows, n_features]`` for an image
-        model); returns every graph output by name."""
+        model; an object matrix ``[rows, n_features]`` for a model with categorical features);
+        returns every graph output by name."""
         session = self._session
         if session is None:
             raise RuntimeError(f"{self!r} is not loaded")
+        if self.categorical:  # (strings stay on the host: no I/O binding)
+            fed = feeds(self.metadata, x)
+            return dict(zip(self.output_names, session.run(self.output_names, fed), strict=True))
         if self._row_shape is not None and x.ndim == 2:
             x = x.reshape(len(x), *self._row_shape)
         if self._use_io_binding:

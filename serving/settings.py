@@ -145,6 +145,11 @@ class ServingSettings(HomeSettings):
     """``allow`` passes missing values (JSON null, empty CSV cells) to the model, whose graph
     imputes them; ``reject`` answers 422 naming the field. Infinity is always rejected."""
 
+    unknown_categories: Literal["allow", "reject"] = "allow"
+    """A categorical value the model's vocabulary does not hold: ``allow`` answers with the
+    graph's unknown code (and counts it in ``modelloop_unknown_category_total``); ``reject``
+    answers 422 naming the field and the value."""
+
     api_key: SecretStr | None = None
     """Bearer token required on prediction and admin routes; None disables auth. Health routes
     and ``/metrics`` stay open."""

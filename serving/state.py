@@ -16,15 +16,16 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from prometheus_client import CollectorRegistry
 
+from modelloop.categorical import unknown_counts
 from modelloop.registry import Registry
-from modelloop.schemas import monitored_features
+from modelloop.schemas import ModelMetadata, monitored_features
 from serving.batcher import AdaptiveBatcher
 from serving.events import EventEmitter
 from serving.jobs import JobStore
@@ -170,11 +171,20 @@ class ServingState:
     def count_error(self, model: str, reason: str) -> None:
         self.child(self.metrics.errors, model, reason).inc()
 
+    def count_unknown_categories(self, meta: ModelMetadata, counts: Mapping[str, int]) -> None:
+        """Add a request's values unknown to the model's vocabularies (``unknown_counts``) to
+        ``modelloop_unknown_category_total`` (any thread: not buffered)."""
+        for feature, n in counts.items():
+            if n:
+                self.child(self.metrics.unknown_categories, meta.name, feature).inc(n)
+
     def record_batch_chunk(self, runtime: OnnxRuntime, scored: pa.Table, x: np.ndarray,
                            base_id: str, first_row: int) -> None:
         """Rows scored by a batch route: count them and send their events (mode ``batch``).
         Called from job threads too, so the count bypasses the (loop-only) buffer."""
         self.child(self.metrics.rows, runtime.name, "batch").inc(len(x))
+        if runtime.categorical:
+            self.count_unknown_categories(runtime.metadata, unknown_counts(runtime.metadata, x))
         self.emitter.record(model=runtime.name, version=runtime.model_version, base_id=base_id,
                             x=x, preds=from_columns(runtime.metadata, scored), latency_s=0.0,
                             mode="batch", first_row=first_row)

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 import simdjson
 
+from modelloop.categorical import MISSING, columns
 from modelloop.schemas import ModelMetadata
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -270,8 +271,9 @@ def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_polic
 def parse_predict_body(body: bytes, meta: ModelMetadata, *, nan_policy: str, max_rows: int) -> np.ndarray:
     """The ``/predict`` body as the model's float32 input: arrays of numbers the fast way
     (:func:`numeric_rows`), anything else (records, tensors, bad input) through
-    :func:`parse_instances`."""
-    if len(meta.input_dims) == 1:
+    :func:`parse_instances`; a model with categorical features takes the general path (its
+    rows are object matrices, :func:`categorical_rows`)."""
+    if len(meta.input_dims) == 1 and not meta.categories:
         x = numeric_rows(body, len(meta.feature_names), max_rows)
         if x is not None:
             return x
@@ -304,6 +306,8 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
                            "(MODELLOOP_SERVING_MAX_ROWS_PER_REQUEST)")
     names = meta.feature_names
     dims = meta.input_dims
+    if meta.categories:
+        return _categorical_instances(instances, meta, nan_policy)
     if len(dims) == 1:
         return _rows_instances(instances, names, nan_policy, body)
     first = instances[0]
@@ -333,6 +337,76 @@ def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str,
         if type(row) is not list or len(row) != n:
             raise _array_row_error(i, row, n)
     return rows_to_array(instances, names, nan_policy, records=False, numbers_only=only_numbers(body))
+
+
+def _categorical_instances(instances: list[Any], meta: ModelMetadata, nan_policy: str) -> np.ndarray:
+    """Rows of a model with categorical features (records by name, or arrays in the feature
+    order) as the object matrix of :func:`categorical_rows`."""
+    names = meta.feature_names
+    n = len(names)
+    rows: list[Any] = []
+    if isinstance(instances[0], dict):
+        name_set = set(names)
+        for i, rec in enumerate(instances):
+            if type(rec) is not dict or rec.keys() != name_set:
+                raise _record_error(i, rec, names, name_set)
+            rows.append([rec[k] for k in names])
+        return categorical_rows(rows, meta, nan_policy, lambda i, j: f"instances[{i}].{names[j]}")
+    for i, row in enumerate(instances):
+        if type(row) is not list or len(row) != n:
+            raise _array_row_error(i, row, n)
+    return categorical_rows(instances, meta, nan_policy, lambda i, j: f"instances[{i}][{j}]")
+
+
+def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_policy: str,
+                     field_of: FieldOf) -> np.ndarray:
+    """Rows of ``n_features`` Python values of a model with categorical features as an object
+    matrix (modelloop/categorical.py): each numeric value checked and rounded as
+    :func:`rows_to_array` does, each categorical value a string (null, missing, per
+    ``nan_policy``); else the RequestError naming the first bad value by ``field_of(i, j)``."""
+    numeric, cats = columns(meta)
+    out = np.empty((len(rows), meta.n_features), dtype=object)
+    if numeric:
+        x = rows_to_array([[row[j] for j in numeric] for row in rows], meta.feature_names, nan_policy,
+                          records=False, field_of=lambda i, k: field_of(i, numeric[k]))
+        out[:, numeric] = x  # float32 values, as Python floats
+    text = [[row[j] for j in cats] for row in rows]
+    allowed = {str, type(None)} if nan_policy == "allow" else {str}
+    if not set(map(type, itertools.chain.from_iterable(text))) <= allowed:
+        raise _locate_text(text, nan_policy, lambda i, k: field_of(i, cats[k]))
+    out[:, cats] = text
+    return out
+
+
+def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:
+    for i, row in enumerate(rows):
+        for k, value in enumerate(row):
+            if type(value) is str or (value is None and nan_policy == "allow"):
+                continue
+            field = field_of(i, k)
+            if value is None:
+                return RequestError(422, "missing_value", field, f"{field}: missing value (null) is not "
+                                    "allowed (nan_policy=reject)")
+            return RequestError(422, "wrong_type", field,
+                                f"{field}: expected a string, got {type_name(value)} {preview(value)}")
+    raise AssertionError("no offending value found")  # pragma: no cover - callers checked
+
+
+def unknown_category_error(meta: ModelMetadata, rows: np.ndarray, prefix: str) -> RequestError:
+    """The 422 naming the first value of ``rows`` (an object matrix) that the model's
+    vocabulary of its feature does not hold, as ``prefix[row].feature``."""
+    _, cats = columns(meta)
+    for i, row in enumerate(rows):
+        for j in cats:
+            name, value = meta.feature_names[j], row[j]
+            known = meta.categories[name]
+            if value is not None and value != MISSING and value not in known:
+                field = f"{prefix}[{i}].{name}"
+                shown = ", ".join(json.dumps(v) for v in known[:5]) + (", ..." if len(known) > 5 else "")
+                return RequestError(422, "unknown_category", field,
+                                    f"{field}: unknown value {preview(value)}; the model knows {len(known)} "
+                                    f"({shown}) (MODELLOOP_SERVING_UNKNOWN_CATEGORIES=reject)")
+    raise AssertionError("no unknown value found")  # pragma: no cover - callers counted one
 
 
 def _shape_text(dims: Sequence[int | None]) -> str:

@@ -1,0 +1,219 @@
+"""Serving a model with categorical features (issue #16): raw strings in every way in.
+
+The model is a real ONNX file built here as training exports one (modelloop/categorical.py):
+``input`` float32 ``[N, 2]`` and ``categories`` string ``[N, 2]``, each category column coded by
+an ONNX-ML ``LabelEncoder`` (unknown: 0), the codes put back in ``feature_names`` order, then a
+small linear head with a softmax. One real ``modelloop serve`` answers the whole module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from modelloop.ports import free_port
+from modelloop.registry import Registry
+from modelloop.schemas import (
+    CATEGORIES_INPUT,
+    INPUT_NAME,
+    PROBABILITIES,
+    REF_LABEL,
+    ModelMetadata,
+    Task,
+    TensorSpec,
+)
+from tests.modelloop.onnx_graphs import with_predictions
+from tests.serving.conftest import Server, Sidecar, start_server, stop_server, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("show_log_on_failure")]
+
+MODEL = "plans"
+FEATURES = ["monthly", "plan", "tenure", "region"]
+CATEGORIES = {"plan": ["basic", "pro", "team"], "region": ["eu", "us"]}
+NUMERIC = [0, 2]  # positions of the numeric features in FEATURES
+CATEGORICAL = [1, 3]
+
+
+def categorical_graph(weights: np.ndarray, bias: np.ndarray) -> bytes:
+    """The graph training exports for FEATURES (contract section 2), with a linear head."""
+    n_cat = len(CATEGORICAL)
+    split = [f"col{k}" for k in range(n_cat)]
+    nodes = [helper.make_node("Split", [CATEGORIES_INPUT], split, axis=1)]
+    for k, name in enumerate(f for f in FEATURES if f in CATEGORIES):
+        nodes.append(helper.make_node("LabelEncoder", [split[k]], [f"code{k}"], domain="ai.onnx.ml",
+                                      keys_strings=CATEGORIES[name],
+                                      values_floats=[float(i + 1) for i in range(len(CATEGORIES[name]))],
+                                      default_float=0.0))
+    # [numeric..., codes...] back to the feature order
+    order = np.array([(NUMERIC + CATEGORICAL).index(j) for j in range(len(FEATURES))], np.int64)
+    nodes += [
+        helper.make_node("Concat", [INPUT_NAME, *[f"code{k}" for k in range(n_cat)]], ["stacked"], axis=1),
+        helper.make_node("Gather", ["stacked", "order"], ["features"], axis=1),
+        helper.make_node("IsNaN", ["features"], ["nan_mask"]),
+        helper.make_node("Where", ["nan_mask", "zero", "features"], ["imputed"]),
+        helper.make_node("MatMul", ["imputed", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [PROBABILITIES], axis=-1),
+    ]
+    init = [numpy_helper.from_array(order, "order"), numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+            numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")]
+    graph = helper.make_graph(
+        nodes, "categorical",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", len(NUMERIC)]),
+         helper.make_tensor_value_info(CATEGORIES_INPUT, TensorProto.STRING, ["batch", n_cat])],
+        [helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", weights.shape[1]])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 2)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def run_graph(onnx_bytes: bytes, frame: pd.DataFrame) -> np.ndarray:
+    """The model's probabilities for ``frame`` (strings, None missing), fed by hand."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    numbers = frame[[FEATURES[j] for j in NUMERIC]].to_numpy(np.float32)
+    text = frame[[FEATURES[j] for j in CATEGORICAL]].fillna("").astype(str).to_numpy(object)
+    (out,) = session.run([PROBABILITIES], {INPUT_NAME: numbers, CATEGORIES_INPUT: text})
+    return np.asarray(out)
+
+
+def sample(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "monthly": rng.normal(50, 20, n).round(2),
+        "plan": rng.choice(CATEGORIES["plan"], n),
+        "tenure": rng.integers(0, 60, n).astype(np.float64),
+        "region": rng.choice(CATEGORIES["region"], n),
+    })
+
+
+def register_categorical(registry: Registry) -> tuple[ModelMetadata, bytes]:
+    rng = np.random.default_rng(3)
+    weights = rng.normal(0, 1, (len(FEATURES), 3)).astype(np.float32) * np.array(
+        [[0.05], [1.0], [0.05], [1.0]], np.float32)
+    onnx_bytes = categorical_graph(weights, rng.normal(0, 0.1, 3).astype(np.float32))
+    frame = sample(200, seed=1)
+    proba = run_graph(onnx_bytes, frame)
+    reference = frame.copy()
+    reference[REF_LABEL] = proba.argmax(axis=1)
+    with_predictions(reference, Task.classification, proba)
+    meta = ModelMetadata(
+        name=MODEL, task=Task.classification, architecture="mlp",
+        inputs=[TensorSpec(name=INPUT_NAME, shape=[None, len(NUMERIC)]),
+                TensorSpec(name=CATEGORIES_INPUT, dtype="string", shape=[None, len(CATEGORICAL)])],
+        outputs=[TensorSpec(name=PROBABILITIES, shape=[None, 3])],
+        feature_names=FEATURES, class_labels=["low", "mid", "high"], dataset="synthetic",
+        categories=CATEGORIES,
+    )
+    meta = registry.register(meta, onnx_bytes, reference=reference)
+    registry.promote(MODEL, meta.version)
+    return meta, onnx_bytes
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    home = tmp_path_factory.mktemp("cat-home")
+    _, onnx_bytes = register_categorical(Registry(home / "registry"))
+    return home, onnx_bytes
+
+
+@pytest.fixture(scope="module")
+def server(model: tuple[Path, bytes], sidecar: Sidecar,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {
+        "MODELLOOP_SERVING_SIDECAR_URL": sidecar.url,
+        "MODELLOOP_SERVING_EVENT_FLUSH_INTERVAL_S": "0.1",
+    }
+    grpc_port = free_port()
+    srv = start_server(model[0], tmp_path_factory.mktemp("log") / "server.log", env,
+                       "--grpc-port", str(grpc_port))
+    srv.env["GRPC"] = f"127.0.0.1:{grpc_port}"
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
+def probabilities(answer: dict[str, Any]) -> np.ndarray:
+    return np.array([[p["probabilities"][c] for c in ("low", "mid", "high")] for p in answer["predictions"]])
+
+
+def test_predict_takes_strings_and_equals_onnx_runtime(client: httpx.Client, model: tuple[Path, bytes]) -> None:
+    frame = sample(40, seed=5)
+    frame.loc[3, "plan"] = None  # a missing category: the graph's unknown code
+    frame.loc[4, "monthly"] = np.nan  # a missing number: imputed by the graph
+    resp = client.post("/predict", json={"instances": records(frame)})
+    assert resp.status_code == 200, resp.text
+    np.testing.assert_allclose(probabilities(resp.json()), run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+    # arrays in the feature order answer the same
+    arrays = client.post("/predict", json={"instances": [list(r.values()) for r in records(frame)]})
+    assert arrays.status_code == 200, arrays.text
+    np.testing.assert_allclose(probabilities(arrays.json()), probabilities(resp.json()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("instances", "field", "message"), [
+    # a number where a string belongs
+    ([{"monthly": 31.5, "plan": 3, "tenure": 4, "region": "eu"}], "instances[0].plan",
+     "instances[0].plan: expected a string, got int 3"),
+    # a string where a number belongs: refused as for any model
+    ([{"monthly": "31.5", "plan": "pro", "tenure": 4, "region": "eu"}], "instances[0].monthly",
+     'instances[0].monthly: expected a number, got string "31.5"'),
+    # a boolean is not a category
+    ([[31.5, "pro", 4, "eu"], [1.0, "pro", 2, True]], "instances[1][3]",
+     "instances[1][3]: expected a string, got boolean true"),
+    # nested values are not a category
+    ([[31.5, ["pro"], 4, "eu"]], "instances[0][1]", 'instances[0][1]: expected a string, got array ["pro"]'),
+])
+def test_wrong_kinds_of_values_are_refused_naming_the_field(client: httpx.Client, instances: list[Any],
+                                                            field: str, message: str) -> None:
+    resp = client.post("/predict", json={"instances": instances})
+    assert resp.status_code == 422, resp.text
+    assert resp.json() == {"error": message, "code": "wrong_type", "field": field}
+
+
+def test_an_unseen_category_answers_and_is_counted(client: httpx.Client, server: Server,
+                                                   model: tuple[Path, bytes]) -> None:
+    labels = {"model": MODEL, "feature": "plan"}
+    before = server.metric("modelloop_unknown_category_total", **labels)
+    frame = sample(3, seed=9)
+    frame.loc[0, "plan"] = "enterprise"  # not in the vocabulary
+    frame.loc[2, "plan"] = "Pro"  # case matters
+    resp = client.post("/predict", json={"instances": records(frame)})
+    assert resp.status_code == 200, resp.text
+    np.testing.assert_allclose(probabilities(resp.json()), run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+    wait_until(lambda: server.metric("modelloop_unknown_category_total", **labels) >= before + 2, 10,
+               "the unknown-category counter to rise by 2")
+    assert server.metric("modelloop_unknown_category_total", model=MODEL, feature="region") == 0
+
+
+def test_events_carry_the_strings(client: httpx.Client, sidecar: Sidecar) -> None:
+    resp = client.post("/predict", json={"instances": [{"monthly": 12.25, "plan": "team", "tenure": None,
+                                                        "region": "us"}]},
+                       headers={"X-Request-ID": "cat-events-1"})
+    assert resp.status_code == 200, resp.text
+
+    def sent() -> list[Any]:
+        return [row for b in list(sidecar.batches) for c in b["columns"] if c["model"] == MODEL
+                for rid, row in zip(c["request_ids"], c["features"], strict=False) if rid == "cat-events-1"]
+
+    rows = wait_until(sent, 10, "the event of cat-events-1 to reach the sidecar")
+    assert rows == [[12.25, "team", None, "us"]]
