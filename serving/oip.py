@@ -7,7 +7,9 @@ JSON tensor data and the binary tensor data extension are both read and written:
 The routes live in ``serving/app.py``; this module is pure data handling.
 
 The model's one input is ``input`` ``FP32 [-1, n_features]`` (an image model's ``[-1, 1, 8, 8]``,
-which also takes ``[-1, 64]``; a sequence model's ``[-1, -1, n_features]``); its outputs are the graph's
+which also takes ``[-1, 64]``; a sequence model's ``[-1, -1, n_features]``); a model with
+categorical features takes two, ``input`` ``FP32 [-1, n_numeric]`` and ``categories`` ``BYTES
+[-1, n_categorical]`` (their raw strings; modelloop/categorical.py); its outputs are the graph's
 (``probabilities`` for a classifier). Per-row request ids are ``<id>-<row>`` where ``id`` is the
 request's ``id`` (or a generated one, returned in the response).
 """
@@ -23,10 +25,12 @@ import numpy as np
 import orjson
 
 from modelloop import __version__
-from modelloop.schemas import INPUT_NAME, ModelMetadata
+from modelloop.categorical import columns
+from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, ModelMetadata
 from serving.validation import (
     RequestError,
     check_array,
+    check_text,
     index_text,
     nested_rows,
     parse_json,
@@ -42,7 +46,10 @@ PLATFORM = "onnxruntime_onnx"
 
 
 def oip_datatype(dtype: str | np.dtype[Any]) -> str:
-    """The OIP datatype name of a numpy dtype or a metadata dtype string."""
+    """The OIP datatype name of a numpy dtype or a metadata dtype string (``"string"``, the
+    categories input of a model with categorical features: BYTES)."""
+    if isinstance(dtype, str) and dtype == "string":
+        return "BYTES"
     return NP_TO_OIP.get(np.dtype(dtype).str, "BYTES")
 
 
@@ -88,9 +95,10 @@ def _check_tensor_shape(shape: Any, dims: tuple[int | None, ...], n_features: in
     return list(shape)
 
 
-def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str) -> np.ndarray:
+def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str,
+               field: str = "inputs[0].data") -> np.ndarray:
     if not isinstance(data, list):
-        raise RequestError(400, "wrong_type", "inputs[0].data", "inputs[0].data: expected an array")
+        raise RequestError(400, "wrong_type", field, f"{field}: expected an array")
     if len(shape) > 2:  # an image or sequence tensor: nested to its shape, or flat row-major
         field = "inputs[0].data"
         width = shape[-1]
@@ -108,18 +116,20 @@ def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str
             rows = [data[i:i + width] for i in range(0, len(data), width)]
         x = rows_to_array(rows, meta.feature_names, nan_policy, records=False, field_of=where)
         return x.reshape(shape)
+    rows = _matrix_rows(data, shape, field)
+    return rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix=field)
+
+
+def _matrix_rows(data: list[Any], shape: list[int], field: str) -> list[Any]:
+    """The rows of a ``[rows, columns]`` tensor's JSON data, sent nested or flat row-major."""
     if data and isinstance(data[0], list):  # row-major nested form
         if len(data) != shape[0] or any(type(r) is not list or len(r) != shape[1] for r in data):
-            raise RequestError(400, "wrong_shape", "inputs[0].data",
-                               f"inputs[0].data: nested data does not have shape {shape}")
-        rows = data
-    else:
-        if len(data) != shape[0] * shape[1]:
-            raise RequestError(400, "wrong_shape", "inputs[0].data",
-                               f"inputs[0].data: {len(data)} values do not fill shape {shape}")
-        n = shape[1]
-        rows = [data[i:i + n] for i in range(0, len(data), n)]
-    return rows_to_array(rows, meta.feature_names, nan_policy, records=False, prefix="inputs[0].data")
+            raise RequestError(400, "wrong_shape", field, f"{field}: nested data does not have shape {shape}")
+        return data
+    if len(data) != shape[0] * shape[1]:
+        raise RequestError(400, "wrong_shape", field, f"{field}: {len(data)} values do not fill shape {shape}")
+    n = shape[1]
+    return [data[i:i + n] for i in range(0, len(data), n)] if n else [[] for _ in range(shape[0])]
 
 
 def _parameters(value: Any, field: str) -> dict[str, Any]:
@@ -169,17 +179,22 @@ class TensorValues:
 
 
 def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str, max_rows: int,
-                   binary: bytes = b"", values: Callable[[str], TensorValues] | None = None,
+                   binary: bytes = b"", values: Callable[[str, int], TensorValues] | None = None,
                    default_binary: bool = False) -> InferRequest:
     """An infer request's fields as parsed (REST's JSON, or gRPC's message as the same dict) into
     float32 rows for the model: ``binary`` holds the binary extension's bytes (REST); ``values``,
-    called with the tensor's datatype once its name, datatype and shape are checked, gives its
-    gRPC contents; ``default_binary`` is whether outputs are binary unless the request asks."""
+    called with the tensor's datatype and place in ``inputs`` once its name, datatype and shape
+    are checked, gives its gRPC contents; ``default_binary`` is whether outputs are binary unless the request asks.
+    A model with categorical features takes two tensors (:func:`_categorical_inputs`)."""
+    if meta.categories:
+        x = _categorical_inputs(doc, meta, nan_policy, max_rows, binary, values)
+        outputs, binary_of = _requested_outputs(doc, meta, default_binary)
+        return InferRequest(x, _request_id(doc), outputs, binary_of)
     tensor, datatype, shape = _input_head(doc, meta, max_rows)
     count = math.prod(shape)  # Python ints: a huge shape cannot wrap around
     dtype = np.dtype(DATATYPES[datatype])
     size = _parameters(tensor.get("parameters"), "inputs[0].parameters").get("binary_data_size")
-    given = values(datatype) if values is not None else None
+    given = values(datatype, 0) if values is not None else None
     if size is not None and given is None:
         if type(size) is not int or size != count * dtype.itemsize or size > len(binary):
             raise RequestError(400, "wrong_shape", "inputs[0].parameters.binary_data_size",
@@ -196,6 +211,110 @@ def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str,
         x = x.reshape(-1, *dims)
     outputs, binary_of = _requested_outputs(doc, meta, default_binary)
     return InferRequest(x, _request_id(doc), outputs, binary_of)
+
+
+def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: str, max_rows: int,
+                        binary: bytes, values: Callable[[str, int], TensorValues] | None) -> np.ndarray:
+    """The two tensors of a model with categorical features, ``input`` (a numeric datatype,
+    ``[rows, n_numeric]``) and ``categories`` (BYTES, ``[rows, n_categorical]``), in either
+    order, as the object rows of modelloop/categorical.py. Binary data is read in the order of
+    the inputs; ``values(datatype, k)`` gives the ``k``-th input's gRPC contents."""
+    numeric, cats = columns(meta)
+    widths = {INPUT_NAME: len(numeric), CATEGORIES_INPUT: len(cats)}
+    inputs = doc.get("inputs")
+    if (not isinstance(inputs, list) or len(inputs) != 2 or not all(isinstance(t, dict) for t in inputs)
+            or {t.get("name") for t in inputs if isinstance(t, dict)} != set(widths)):
+        raise RequestError(400, "wrong_shape", "inputs",
+                           f"inputs: expected two tensors, {INPUT_NAME!r} FP32 [rows, {len(numeric)}] "
+                           f"and {CATEGORIES_INPUT!r} BYTES [rows, {len(cats)}]")
+    offset = 0
+    rows: int | None = None
+    out: np.ndarray | None = None
+    for k, tensor in enumerate(inputs):
+        name, field = tensor["name"], f"inputs[{k}]"
+        datatype = tensor.get("datatype")
+        if (name == INPUT_NAME and datatype not in DATATYPES) or (name == CATEGORIES_INPUT and datatype != "BYTES"):
+            want = "a numeric datatype such as FP32" if name == INPUT_NAME else "BYTES"
+            raise RequestError(400, "wrong_type", f"{field}.datatype",
+                               f"{field}.datatype: {preview(datatype)} for {name!r}; send {want}")
+        shape = tensor.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d >= 0 for d in shape)
+                or shape[1] != widths[name]):
+            raise RequestError(400, "wrong_shape", f"{field}.shape",
+                               f"{field}.shape: expected [rows, {widths[name]}] for {name!r}, got {preview(shape)}")
+        if not 1 <= shape[0] <= max_rows:
+            status, code = (413, "too_many_rows") if shape[0] > max_rows else (400, "empty")
+            raise RequestError(status, code, f"{field}.shape",
+                               f"{field}.shape: {shape[0]} rows; between 1 and {max_rows} are accepted")
+        if rows is not None and shape[0] != rows:
+            raise RequestError(400, "wrong_shape", f"{field}.shape",
+                               f"{field}.shape: {shape[0]} rows, and inputs[0] has {rows}")
+        rows = shape[0]
+        if out is None:
+            out = np.empty((rows, meta.n_features), dtype=object)
+        size = _parameters(tensor.get("parameters"), f"{field}.parameters").get("binary_data_size")
+        given = values(datatype, k) if values is not None else None
+        if size is not None and given is None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise RequestError(400, "wrong_shape", f"{field}.parameters.binary_data_size",
+                                   f"{field}.parameters.binary_data_size: {preview(size)} bytes do not fit "
+                                   f"the {len(binary) - offset} binary bytes left")
+            given = TensorValues(binary[offset:offset + size], f"{field}.data")
+            offset += size
+        if name == INPUT_NAME:
+            count = math.prod(shape)
+            if given is not None:
+                x = _tensor_values(given, np.dtype(DATATYPES[datatype]), datatype, shape, count)
+                check_array(x, f"{field}.data", nan_policy=nan_policy)
+            else:
+                x = _json_rows(tensor.get("data"), shape, meta, nan_policy, f"{field}.data")
+            out[:, numeric] = x
+        else:
+            out[:, cats] = _text_rows(given, tensor.get("data"), shape, nan_policy, f"{field}.data")
+    assert out is not None
+    return out
+
+
+def _text_rows(given: TensorValues | None, data: Any, shape: list[int], nan_policy: str,
+               field: str) -> list[list[Any]]:
+    """A BYTES tensor as rows of strings: JSON strings (null: missing, per ``nan_policy``), or
+    elements sent as bytes (each a 4-byte little-endian length and its bytes, as Triton writes
+    them, or gRPC's ``bytes_contents``), which must be UTF-8."""
+    if given is None:
+        if not isinstance(data, list):
+            raise RequestError(400, "wrong_type", field, f"{field}: expected an array of strings")
+        rows = _matrix_rows(data, shape, field)
+        check_text(rows, nan_policy, lambda i, j: f"{field}[{i * shape[1] + j}]")
+        return rows
+    elements = _byte_elements(given.values, given.field) if isinstance(given.values, bytes) else list(given.values)
+    count = math.prod(shape)
+    if len(elements) != count:
+        raise RequestError(400, "wrong_shape", given.field,
+                           f"{given.field}: {len(elements)} elements do not hold BYTES {shape} ({count} values)")
+    text: list[str] = []
+    for i, element in enumerate(elements):
+        try:
+            text.append(bytes(element).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(400, "wrong_type", f"{given.field}[{i}]",
+                               f"{given.field}[{i}]: not UTF-8 text") from None
+    n = shape[1]
+    return [text[i:i + n] for i in range(0, count, n)]
+
+
+def _byte_elements(blob: bytes, field: str) -> list[bytes]:
+    """The elements of a BYTES tensor sent as bytes: each a 4-byte little-endian length, then
+    that many bytes."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(blob):
+        size = int.from_bytes(blob[pos:pos + 4], "little")
+        if pos + 4 > len(blob) or pos + 4 + size > len(blob):
+            raise RequestError(400, "wrong_shape", field,
+                               f"{field}: element {len(out)} at byte {pos} runs past the {len(blob)} bytes sent")
+        out.append(blob[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    return out
 
 
 def _input_head(doc: dict[str, Any], meta: ModelMetadata, max_rows: int) -> tuple[dict[str, Any], str, list[int]]:

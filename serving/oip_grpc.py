@@ -56,7 +56,7 @@ _STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
 
 # datatype -> the typed contents field that carries it (FP16 has none: raw only)
 _TYPED_FIELD = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents",
-                "INT64": "int64_contents"}
+                "INT64": "int64_contents", "BYTES": "bytes_contents"}
 _CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
                    "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
 _NP_FIELD = {np.dtype(np.float32): "fp32_contents", np.dtype(np.float64): "fp64_contents",
@@ -79,36 +79,41 @@ def request_doc(request: pb.ModelInferRequest) -> dict[str, Any]:
     }
 
 
-def tensor_values(request: pb.ModelInferRequest) -> Callable[[str], oip.TensorValues]:
-    """The first input's values, raw or typed, for :func:`serving.oip.decode_request`."""
+def tensor_values(request: pb.ModelInferRequest) -> Callable[[str, int], oip.TensorValues]:
+    """The ``k``-th input's values, raw or typed, for :func:`serving.oip.decode_request` (BYTES
+    typed: ``bytes_contents``, a list of the elements)."""
 
-    def values(datatype: str) -> oip.TensorValues:
+    def values(datatype: str, k: int) -> oip.TensorValues:
         raw = request.raw_input_contents
-        contents = request.inputs[0].contents
+        contents = request.inputs[k].contents
         sent = [f for f in _CONTENT_FIELDS if len(getattr(contents, f))]
         if raw:
             if sent:
                 raise RequestError(400, "wrong_shape", "raw_input_contents",
-                                   f"raw_input_contents: sent with inputs[0].contents.{sent[0]}; send the "
+                                   f"raw_input_contents: sent with inputs[{k}].contents.{sent[0]}; send the "
                                    "values one way, raw or typed")
             if len(raw) != len(request.inputs):
                 raise RequestError(400, "wrong_shape", "raw_input_contents",
                                    f"raw_input_contents: {len(raw)} given for {len(request.inputs)} input; "
                                    "send one per input")
-            return oip.TensorValues(raw[0], "raw_input_contents[0]")
+            return oip.TensorValues(raw[k], f"raw_input_contents[{k}]")
         field = _TYPED_FIELD.get(datatype)
         if field is None:
-            raise RequestError(400, "wrong_type", "inputs[0].contents",
-                               f"inputs[0].contents: {datatype} has no typed contents; send it as "
+            raise RequestError(400, "wrong_type", f"inputs[{k}].contents",
+                               f"inputs[{k}].contents: {datatype} has no typed contents; send it as "
                                "raw_input_contents")
         other = [f for f in sent if f != field]
         if other:
-            raise RequestError(400, "wrong_type", f"inputs[0].contents.{other[0]}",
-                               f"inputs[0].contents.{other[0]}: datatype {datatype} is sent in "
-                               f"inputs[0].contents.{field}")
+            raise RequestError(400, "wrong_type", f"inputs[{k}].contents.{other[0]}",
+                               f"inputs[{k}].contents.{other[0]}: datatype {datatype} is sent in "
+                               f"inputs[{k}].contents.{field}")
+        if datatype == "BYTES":
+            elements = np.empty(len(contents.bytes_contents), dtype=object)
+            elements[:] = list(contents.bytes_contents)
+            return oip.TensorValues(elements, f"inputs[{k}].contents.{field}")
         dtype = oip.DATATYPES[datatype]
         return oip.TensorValues(np.array(getattr(contents, field), dtype=dtype),
-                                f"inputs[0].contents.{field}")
+                                f"inputs[{k}].contents.{field}")
 
     return values
 

@@ -371,11 +371,17 @@ def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_pol
                           records=False, field_of=lambda i, k: field_of(i, numeric[k]))
         out[:, numeric] = x  # float32 values, as Python floats
     text = [[row[j] for j in cats] for row in rows]
-    allowed = {str, type(None)} if nan_policy == "allow" else {str}
-    if not set(map(type, itertools.chain.from_iterable(text))) <= allowed:
-        raise _locate_text(text, nan_policy, lambda i, k: field_of(i, cats[k]))
+    check_text(text, nan_policy, lambda i, k: field_of(i, cats[k]))
     out[:, cats] = text
     return out
+
+
+def check_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> None:
+    """Every value of ``rows`` is a string, or null (missing) where ``nan_policy`` allows; else
+    the RequestError naming the first that is not, by ``field_of(i, k)``."""
+    allowed = {str, type(None)} if nan_policy == "allow" else {str}
+    if not set(map(type, itertools.chain.from_iterable(rows))) <= allowed:
+        raise _locate_text(rows, nan_policy, field_of)
 
 
 def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:

@@ -18,6 +18,8 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
 from onnx import TensorProto, helper, numpy_helper
 
 from modelloop.ports import free_port
@@ -217,3 +219,79 @@ def test_events_carry_the_strings(client: httpx.Client, sidecar: Sidecar) -> Non
 
     rows = wait_until(sent, 10, "the event of cat-events-1 to reach the sidecar")
     assert rows == [[12.25, "team", None, "us"]]
+
+
+# -- Open Inference Protocol: `input` FP32 beside `categories` BYTES ---------------------------------
+def oip_inputs(module: Any, frame: pd.DataFrame, binary: bool = True) -> list[Any]:
+    numbers = frame[[FEATURES[j] for j in NUMERIC]].to_numpy(np.float32)
+    text = frame[[FEATURES[j] for j in CATEGORICAL]].fillna("").astype(str).to_numpy(object)
+    first = module.InferInput(INPUT_NAME, list(numbers.shape), "FP32")
+    second = module.InferInput(CATEGORIES_INPUT, list(text.shape), "BYTES")
+    if module is thttp:
+        first.set_data_from_numpy(numbers, binary_data=binary)
+        second.set_data_from_numpy(text, binary_data=binary)
+    else:
+        first.set_data_from_numpy(numbers)
+        second.set_data_from_numpy(text)
+    return [first, second]
+
+
+def test_the_metadata_lists_both_inputs(client: httpx.Client) -> None:
+    meta = client.get(f"/v2/models/{MODEL}").json()
+    assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 2]},
+                              {"name": CATEGORIES_INPUT, "datatype": "BYTES", "shape": [-1, 2]}]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_http_sends_bytes_and_gets_what_onnx_runtime_gives(
+        server: Server, model: tuple[Path, bytes], binary: bool) -> None:
+    frame = sample(25, seed=11)
+    frame.loc[1, "region"] = "mars"  # unknown: code 0, as the graph answers in-process
+    c = thttp.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        inputs = oip_inputs(thttp, frame, binary)
+        # the categories first: the inputs are matched by name
+        got = c.infer(MODEL, inputs[::-1] if binary else inputs).as_numpy(PROBABILITIES)
+    finally:
+        c.close()
+    np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_grpc_sends_bytes_and_gets_what_onnx_runtime_gives(
+        server: Server, model: tuple[Path, bytes]) -> None:
+    frame = sample(25, seed=12)
+    c = tgrpc.InferenceServerClient(server.env["GRPC"])
+    try:
+        wait_until(lambda: _live(c), 30, "the gRPC server to answer", interval=0.2)
+        got = c.infer(MODEL, oip_inputs(tgrpc, frame)).as_numpy(PROBABILITIES)
+        meta = c.get_model_metadata(MODEL, as_json=True)
+    finally:
+        c.close()
+    np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [(INPUT_NAME, "FP32"), (CATEGORIES_INPUT, "BYTES")]
+
+
+def _live(c: tgrpc.InferenceServerClient) -> bool:
+    try:
+        return bool(c.is_server_live())
+    except tgrpc.InferenceServerException:
+        return False
+
+
+@pytest.mark.parametrize(("inputs", "status", "field"), [
+    # the categories sent as numbers
+    ([{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+      {"name": "categories", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}], 400, "inputs[1].datatype"),
+    # a number among the strings
+    ([{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+      {"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", 3]}], 422, "inputs[1].data[1]"),
+    # the categories left out
+    ([{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}], 400, "inputs"),
+    # rows that differ between the two tensors
+    ([{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]},
+      {"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", "eu"]}], 400, "inputs[1].shape"),
+])
+def test_bad_oip_requests_name_the_field(client: httpx.Client, inputs: list[Any], status: int, field: str) -> None:
+    resp = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": inputs})
+    assert resp.status_code == status, resp.text
+    assert resp.json()["field"] == field
