@@ -94,3 +94,47 @@ class SyntheticTask:
         df = pd.DataFrame(x.astype(np.float32), columns=names)
         df[TARGET] = y.astype(np.int64)
         return df
+
+
+CHURN_TARGET = "churned"
+CHURN_CATEGORICAL = ("plan", "region", "channel")
+CHURN_NUMERIC = ("tenure_months", "monthly_charges", "support_calls", "usage_gb", "age")
+NEW_PLAN = "ultra"
+"""The plan value only ``churn_frame(..., new_category=True)`` draws: a new product in
+production data, with the highest churn."""
+
+
+def churn_frame(rows: int, seed: int, new_category: bool = False) -> pd.DataFrame:
+    """A churn-like table: 3 text columns (``plan``, ``region``, ``channel``; about 3% of
+    ``channel`` missing, ``region`` with a rare value), 5 numeric ones and ``churned`` (0/1,
+    about 10% positives) that depends on the plan and region as much as on the numbers.
+    ``new_category`` gives a quarter of the rows the plan :data:`NEW_PLAN`, which churns most::
+
+        frame = churn_frame(2000, seed=0)   # columns: CHURN_CATEGORICAL, CHURN_NUMERIC, churned
+    """
+    rng = np.random.default_rng(seed)
+    plans = np.array(["basic", "plus", "pro", "family"])
+    plan = plans[rng.choice(len(plans), size=rows, p=[0.4, 0.3, 0.2, 0.1])].astype(object)
+    if new_category:
+        plan[rng.random(rows) < 0.25] = NEW_PLAN
+    regions = np.array(["north", "south", "east", "west", "islands"])
+    region = regions[rng.choice(len(regions), size=rows, p=[0.3, 0.3, 0.2, 0.195, 0.005])]
+    channel = np.array(["web", "store", "phone"])[rng.integers(0, 3, rows)].astype(object)
+    channel[rng.random(rows) < 0.03] = None
+    tenure = rng.gamma(2.0, 12.0, rows)
+    charges = rng.normal(60, 20, rows).clip(10, None)
+    calls = rng.poisson(1.5, rows).astype(np.float64)
+    usage = rng.lognormal(2.5, 0.6, rows)
+    age = rng.integers(18, 80, rows).astype(np.float64)
+    plan_effect = {"basic": 0.8, "plus": -0.3, "pro": -1.2, "family": -0.6, NEW_PLAN: 2.5}
+    region_effect = {"north": -0.5, "south": 0.6, "east": 0.0, "west": -0.2, "islands": 0.0}
+    logit = (-2.6 + np.array([plan_effect[p] for p in plan])
+             + np.array([region_effect[r] for r in region])
+             - 0.04 * (tenure - 24) + 0.02 * (charges - 60) + 0.45 * (calls - 1.5))
+    churned = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    return pd.DataFrame({
+        "plan": plan, "region": region, "channel": channel,
+        "tenure_months": tenure.round(1), "monthly_charges": charges.round(2),
+        "support_calls": calls, "usage_gb": usage.round(2), "age": age,
+        CHURN_TARGET: churned,
+    })

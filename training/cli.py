@@ -172,6 +172,12 @@ def train(
         "--param", metavar="KEY=VALUE", help="An architecture parameter (repeatable; the value "
         "as JSON, else text): --param width=64, --param channels=[16,32].")] = None,
     clean: CleanOption = None,
+    categorical: Annotated[str | None, typer.Option(
+        "--categorical", metavar="COL,COL", help="Columns of integers to treat as categories "
+        "(columns of text always are).")] = None,
+    min_category_count: Annotated[int | None, typer.Option(
+        "--min-category-count", min=1, help="A categorical value seen fewer times in the "
+        "training split is coded unknown (default 5).")] = None,
     rows: Annotated[int | None, typer.Option(
         "--rows", min=10, help="Rows of the synthetic dataset (or a seeded subsample of a "
         "built-in one).")] = None,
@@ -202,6 +208,8 @@ def train(
 
       modelloop train --data churn.csv --target churned --name churn --epochs 50
 
+      modelloop train --data churn.csv --target churned --categorical zip_code
+
       modelloop train --data churn-2026.csv --target churned --init-from churn --freeze 1
     """
     problem = data_options_problem(dataset, data, target, task, rows)
@@ -221,6 +229,8 @@ def train(
                                  "optimizer": optimizer.value if optimizer else None,
                                  "class_weight": class_weight.value if class_weight else None,
                                  "clean": clean, "target": target,
+                                 "categorical": _columns(categorical) if categorical else None,
+                                 "min_category_count": min_category_count,
                                  "task": None if task is TaskChoice.auto else Task(task.value)}
     params = _params(param or []) | ({"hidden": _widths(hidden)} if hidden else {})
     if params:
@@ -235,7 +245,7 @@ def train(
     try:
         registry.aliases(name)  # validates the name before minutes of training
         ds = load_data(source, config.target, task=config.task, rows=rows, seed=config.seed,
-                       clean=config.clean)
+                       clean=config.clean, categorical=config.categorical)
         if ds.report is not None:
             console.print(report_table(ds.report, source))
         members = [train_and_register(
@@ -275,6 +285,11 @@ def _widths(hidden: str) -> list[int]:
     except ValueError as exc:
         raise typer.BadParameter(f"not a comma-separated list of widths: {hidden!r}",
                                  param_hint="--hidden") from exc
+
+
+def _columns(names: str) -> list[str]:
+    """``--categorical plan,region`` as column names."""
+    return [n.strip() for n in names.split(",") if n.strip()]
 
 
 def _params(pairs: list[str]) -> dict[str, Any]:

@@ -44,6 +44,11 @@ class TrainingConfig(BaseModel):
     clean: bool = False
     """Whether exact duplicate rows were removed from the table before the split (a config
     stored before cleaning existed reads as not cleaned, so its data reloads as it was)."""
+    categorical: list[str] = Field(default_factory=list)
+    """Columns of integers to treat as categories (``--categorical``); columns of text always are."""
+    min_category_count: PositiveInt = 5
+    """A categorical value seen fewer times in the training split is coded unknown (0) by the
+    model (``--min-category-count``)."""
     epochs: PositiveInt
     batch_size: PositiveInt
     optimizer: Optimizer = "adamw"

@@ -1,7 +1,10 @@
 """Tabular data for training: built-in datasets, user files, validation, split and fingerprint.
 
 Every source ends as a :class:`TabularDataset`: a float32 feature matrix (NaN marks a missing
-value), the target (class index or value), feature names and class labels. User data is checked
+value), the target (class index or value), feature names and class labels. A column of text (or
+an integer column named in ``categorical``) is a categorical feature: its values, sorted, are the
+dataset's vocabulary (``TabularDataset.categories``) and the matrix holds each value's code
+(index + 1; 0 for a missing value), so the trainer, evaluation and tuning see numbers only. User data is checked
 where it enters, and each problem is one :class:`DataError` whose one-line message names the file
 and the problem, so the CLI can print it as is::
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +64,9 @@ class TabularDataset:
     report: DataReport | None = field(default=None, compare=False)
     """What the table held as read (:mod:`training.data_report`); None for data that is not a
     table (sequences)."""
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    """Categorical feature -> its values in this dataset, sorted: ``features`` holds the code of
+    ``values[i]`` as ``i + 1`` and 0 for a missing value. Features not named are numeric."""
 
     def __len__(self) -> int:
         return len(self.target)
@@ -74,6 +80,8 @@ class TabularDataset:
         """``sha256:<hex>`` over feature names, values and target: same data, same fingerprint."""
         h = hashlib.sha256()
         h.update("\x1f".join([*self.feature_names, "|", self.target_name]).encode())
+        for name, values in self.categories.items():  # a code means nothing without its value
+            h.update("\x1f".join([name, *values, "|"]).encode())
         # one NaN bit pattern, so equal data hashes equal whichever way the NaN was produced
         x = np.where(np.isnan(self.features), np.float32("nan"), self.features)
         h.update(np.ascontiguousarray(x, dtype="<f4").tobytes())
@@ -90,10 +98,47 @@ class TabularDataset:
         return np.asarray(self.class_labels, dtype=object)[self.target]
 
     def to_frame(self) -> pd.DataFrame:
-        """Features and target as a DataFrame (labels as strings), e.g. to add new rows to."""
+        """Features and target as a DataFrame (labels as strings; categorical values as their
+        strings, None missing), e.g. to add new rows to."""
         frame = pd.DataFrame(self.features, columns=self.feature_names)
+        for name, values in self.categories.items():
+            frame[name] = decode(frame[name].to_numpy(), values)
         frame[self.target_name] = self.labels()
         return frame
+
+    def raw_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The features as the model's users hold them (modelloop/categorical.py): an object
+        matrix with floats (NaN missing) and the categorical values' strings (None missing);
+        the float32 matrix itself when no feature is categorical. ``rows``: indices, or all."""
+        x = self.features if rows is None else self.features[rows]
+        return raw_features(x, self.feature_names, self.categories)
+
+
+def raw_features(x: np.ndarray, feature_names: Sequence[str],
+                 categories: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """A coded feature matrix as object rows (:meth:`TabularDataset.raw_rows`)."""
+    if not categories:
+        return x
+    out = x.astype(object)
+    for j, name in enumerate(feature_names):
+        if name in categories:
+            out[:, j] = decode(x[:, j], categories[name])
+    return out
+
+
+def decode(codes: np.ndarray, values: Sequence[str]) -> np.ndarray:
+    """Dataset codes (1-based; 0 or NaN missing) as an object array of their values (None)."""
+    table = np.array([None, *values], dtype=object)
+    c = np.nan_to_num(np.asarray(codes, dtype=np.float64), nan=0.0).astype(np.int64)
+    return table[np.clip(c, 0, len(values))]
+
+
+def encode(values: Sequence[object] | np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
+    """Values (str; None or "" missing) as float32 codes of ``vocabulary`` (index + 1; 0 for a
+    value it does not hold and a missing one): the coding the exported graph does."""
+    index = {v: i + 1 for i, v in enumerate(vocabulary)}
+    return np.fromiter((index.get(v, 0) if isinstance(v, str) else 0 for v in values),
+                       dtype=np.float32, count=len(values))
 
 
 # -- built-in datasets ---------------------------------------------------------------------------
@@ -227,6 +272,30 @@ def _numeric_column(source: str, name: str, col: pd.Series) -> np.ndarray:
     return values
 
 
+def _is_text(col: pd.Series) -> bool:
+    """A column of text: not numbers, and fewer than half of its values read as numbers (a
+    column of numbers with stray text stays numeric, and its first bad value is an error)."""
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        return False
+    present = col.dropna()
+    if len(present) == 0:
+        return False
+    numbers = pd.to_numeric(present, errors="coerce").notna().sum()
+    return bool(numbers * 2 < len(present))
+
+
+def _categorical_column(source: str, name: str, col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """A categorical column as codes (float32, 0 missing) and its sorted values."""
+    present = col.notna().to_numpy()
+    if not present.any():
+        raise DataError(f"{source}: column {name!r} has no values (all missing)")
+    text = np.array([_label_text(v) if ok else None for v, ok in zip(col, present, strict=True)],
+                    dtype=object)
+    text[text == ""] = None  # the empty string is how serving sends a missing value
+    values = _sort_labels({t for t in text.tolist() if t is not None})
+    return encode(text, values), values
+
+
 def _label_text(value: object) -> str:
     # 1.0 read from a CSV column with a missing value is the class "1", not "1.0"
     if isinstance(value, float | np.floating) and float(value).is_integer():
@@ -257,8 +326,12 @@ def prepare(
     class_labels: Sequence[str] | None = None,
     source: str = "dataframe",
     clean: bool = False,
+    categorical: Sequence[str] = (),
 ) -> TabularDataset:
     """Validate ``frame`` and turn it into a :class:`TabularDataset` with its data report.
+
+    A column of text is categorical, and so is each column named in ``categorical`` (integers,
+    say); their codes are this frame's sorted values (:attr:`TabularDataset.categories`).
 
     ``task`` None infers it: a float target, or an integer one with more than 20 distinct values,
     is regression; anything else is classification. ``class_labels`` fixes the classes and their
@@ -266,9 +339,20 @@ def prepare(
     ``clean`` removes exact duplicate rows (the first of each kept, in order), before any split.
     """
     names = _feature_names(frame, target, source)
-    features = np.column_stack(
-        [_numeric_column(source, str(c), frame[c]) for c in frame.columns if c != target]
-    ).astype(np.float32)
+    unknown = [c for c in categorical if c not in names]
+    if unknown:
+        raise DataError(f"{source}: categorical column {unknown[0]!r} is not a feature column")
+    columns: list[np.ndarray] = []
+    categories: dict[str, list[str]] = {}
+    for c in frame.columns:
+        if c == target:
+            continue
+        if str(c) in categorical or _is_text(frame[c]):
+            codes, categories[str(c)] = _categorical_column(source, str(c), frame[c])
+            columns.append(codes)
+        else:
+            columns.append(_numeric_column(source, str(c), frame[c]))
+    features = np.column_stack(columns).astype(np.float32)
 
     y = frame[target]
     missing = y.isna().to_numpy()
@@ -293,7 +377,7 @@ def prepare(
     if report.removed:
         log.info("%s: removed %d exact duplicate rows", source, report.removed)
         features, values = features[keep], values[keep]
-    return TabularDataset(source, features, values, names, target, task, labels, report)
+    return TabularDataset(source, features, values, names, target, task, labels, report, categories)
 
 
 def _feature_names(frame: pd.DataFrame, target: str, source: str) -> list[str]:
@@ -353,10 +437,12 @@ def load_data(
     seed: int = 0,
     class_labels: Sequence[str] | None = None,
     clean: bool = False,
+    categorical: Sequence[str] = (),
 ) -> TabularDataset:
     """A built-in dataset by name (``rows`` and ``seed`` subsample it or seed the synthetic
     task), or a CSV/Parquet file with the named ``target`` column. ``clean`` removes exact
-    duplicate rows (see :func:`prepare`; the sequences dataset has none to remove)."""
+    duplicate rows (see :func:`prepare`; the sequences dataset has none to remove); ``categorical``
+    names integer columns to treat as categories (text columns always are)."""
     name = str(source)
     if name in BUILTINS:
         builtin = BUILTINS[name]
@@ -366,9 +452,9 @@ def load_data(
         frame = builtin.load(rows, seed)
         labels = class_labels or (builtin.class_labels() if builtin.class_labels else None)
         return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name,
-                       clean=clean)
+                       clean=clean, categorical=categorical)
     return prepare(read_table(source), target, task=task, class_labels=class_labels, source=name,
-                   clean=clean)
+                   clean=clean, categorical=categorical)
 
 
 # -- split ---------------------------------------------------------------------------------------

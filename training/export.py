@@ -10,6 +10,11 @@ one :class:`ParityError` listing them all::
     onnx_bytes = export_onnx(InferenceGraph(net), n_features=30, output_names=["probabilities"],
                              example=x_test[:8])
     parity = check_parity(InferenceGraph(net), onnx_bytes, x_test, tolerance=1e-4)
+
+A model with categorical features gets a prologue (:func:`add_categorical_prologue`): its graph
+takes the numeric features in ``input`` and the categorical values' raw strings in
+``categories`` and codes them itself (ONNX-ML ``LabelEncoder``), so the parity check feeds it the
+strings and PyTorch the codes Python computed (:func:`check_parity` with ``feed``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +32,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
-from modelloop.schemas import INPUT_NAME, ParityResult
+from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, ParityResult
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +199,18 @@ def onnx_session(onnx_model: bytes | Path, threads: int = 0) -> ort.InferenceSes
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 4096) -> dict[str, np.ndarray]:
-    """All outputs of ``session`` for raw features ``x``, in batches of ``batch_size``."""
+def run_onnx(session: ort.InferenceSession, x: np.ndarray | Mapping[str, np.ndarray],
+             batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """All outputs of ``session`` for raw features ``x`` (or the graph's inputs by name, e.g.
+    ``modelloop.categorical.feeds``), in batches of ``batch_size``."""
     names = [o.name for o in session.get_outputs()]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    parts = [session.run(names, {INPUT_NAME: x[i:i + batch_size]})
-             for i in range(0, max(len(x), 1), batch_size)]
+    if isinstance(x, Mapping):
+        inputs = dict(x)
+    else:
+        inputs = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+    n = len(next(iter(inputs.values())))
+    parts = [session.run(names, {k: v[i:i + batch_size] for k, v in inputs.items()})
+             for i in range(0, max(n, 1), batch_size)]
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
 
@@ -216,6 +228,14 @@ def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
 
 
+Feed = Callable[[np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
+"""Held-out rows -> (the ONNX graph's inputs by name, the PyTorch module's float32 input)."""
+
+
+def _float_feed(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return {INPUT_NAME: x}, x
+
+
 def check_parity(
     module: nn.Module,
     onnx_model: bytes | Path,
@@ -225,12 +245,19 @@ def check_parity(
     batch_sizes: Sequence[int] = (1, 7, 4096),
     max_rows: int = 512,
     threads: int = 0,
+    feed: Feed | None = None,
 ) -> ParityResult:
     """Run the ONNX model and ``module`` (eval mode, CPU) on the same held-out rows at each batch
     size; raise one :class:`ParityError` listing every output and batch size off by more than
-    ``tolerance``. Rows are tiled to fill a batch larger than the held-out set."""
+    ``tolerance``. Rows are tiled to fill a batch larger than the held-out set. ``feed`` turns
+    held-out rows into the graph's inputs and ``module``'s input (for a categorical model: the
+    raw strings, and the codes Python gives them); raw float32 features for both when None."""
     module = module.eval().cpu()
-    held = np.ascontiguousarray(np.asarray(holdout, dtype=np.float32)[:max_rows])
+    if feed is None:
+        held = np.ascontiguousarray(np.asarray(holdout, dtype=np.float32)[:max_rows])
+        feed = _float_feed
+    else:
+        held = np.asarray(holdout)[:max_rows]
     if len(held) == 0:
         raise ExportError("no held-out rows to check the exported model on")
     session = onnx_session(onnx_model, threads)
@@ -243,8 +270,8 @@ def check_parity(
         per_output: dict[str, tuple[float, int]] = {n: (0.0, 0) for n in names}
         for k in range(n_batches):
             ids = rows[k * b:(k + 1) * b]
-            x = held[ids]
-            got = dict(zip(names, session.run(names, {INPUT_NAME: x}), strict=True))
+            inputs, x = feed(held[ids])
+            got = dict(zip(names, session.run(names, inputs), strict=True))
             want = _torch_outputs(module, x, names)
             for name in names:
                 if got[name].shape != want[name].shape:
@@ -264,3 +291,69 @@ def check_parity(
              worst, tolerance, list(batch_sizes), len(held))
     return ParityResult(passed=True, max_abs_diff=worst, tolerance=tolerance,
                         batch_sizes=list(batch_sizes), rows_checked=len(held))
+
+
+# -- categorical features: the graph codes the raw strings itself --------------------------------
+ML_DOMAIN = "ai.onnx.ml"
+ML_OPSET = 2  # LabelEncoder with keys_strings / values_floats / default_float
+_CODED = "_ml_coded_features"  # the prologue's output: the torch graph's float32 input
+
+
+def add_categorical_prologue(onnx_bytes: bytes, feature_names: Sequence[str],
+                             categories: Mapping[str, Sequence[str]]) -> bytes:
+    """The exported graph (float32 ``input`` ``[N, n_features]`` with codes in the categorical
+    positions) behind a prologue that takes ``input`` ``[N, n_numeric]`` and ``categories``
+    (string ``[N, n_categorical]``), both in ``feature_names`` order: Split ``categories`` by
+    column, one ``LabelEncoder`` per column (``categories[name][i]`` -> ``i + 1``, anything else
+    0), Concat with ``input`` and Gather back to ``feature_names`` order. Checked."""
+    numeric = [j for j, f in enumerate(feature_names) if f not in categories]
+    cats = [j for j, f in enumerate(feature_names) if f in categories]
+    if not cats:
+        return onnx_bytes
+    proto = onnx.load_from_string(onnx_bytes)
+    graph = proto.graph
+    (old,) = [i for i in graph.input if i.name == INPUT_NAME]
+    for node in graph.node:
+        node.input[:] = [_CODED if n == INPUT_NAME else n for n in node.input]
+    for out in graph.output:
+        if out.name == INPUT_NAME:
+            raise ExportError("the exported graph passes its input through unchanged")
+    graph.input.remove(old)
+    batch = "batch"
+    graph.input.extend([
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, len(numeric)]),
+        helper.make_tensor_value_info(CATEGORIES_INPUT, TensorProto.STRING, [batch, len(cats)]),
+    ])
+    nodes: list[onnx.NodeProto] = []
+    columns = [f"_ml_category_{k}" for k in range(len(cats))]
+    if len(cats) > 1:
+        split = helper.make_tensor("_ml_category_split", TensorProto.INT64, [len(cats)], [1] * len(cats))
+        graph.initializer.append(split)
+        nodes.append(helper.make_node("Split", [CATEGORIES_INPUT, split.name], columns, axis=1))
+    else:
+        nodes.append(helper.make_node("Identity", [CATEGORIES_INPUT], columns))
+    codes = []
+    for k, j in enumerate(cats):
+        values = [str(v) for v in categories[feature_names[j]]]
+        codes.append(f"_ml_category_code_{k}")
+        nodes.append(helper.make_node(
+            "LabelEncoder", [columns[k]], [codes[-1]], domain=ML_DOMAIN,
+            keys_strings=values, values_floats=[float(i + 1) for i in range(len(values))],
+            default_float=0.0))
+    nodes.append(helper.make_node("Concat", [INPUT_NAME, *codes], ["_ml_concat"], axis=1))
+    # position in the concatenation of each feature, in feature_names order
+    order = {j: i for i, j in enumerate([*numeric, *cats])}
+    gather = helper.make_tensor("_ml_feature_order", TensorProto.INT64, [len(feature_names)],
+                                [order[j] for j in range(len(feature_names))])
+    graph.initializer.append(gather)
+    nodes.append(helper.make_node("Gather", ["_ml_concat", gather.name], [_CODED], axis=1))
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *rest])
+    if not any(o.domain == ML_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the categorical prologue: {exc}") from exc
+    return proto.SerializeToString()

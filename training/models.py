@@ -34,7 +34,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,24 +50,48 @@ from training.evaluate import Evaluation, evaluate
 
 class Preprocessor(nn.Module):
     """Median imputation of NaN, then standardization; statistics fitted on training rows.
+    Categorical positions (their values' codes, 0 unknown) become one-hot columns instead.
 
     The statistics are registered buffers, so they are saved with the weights and become
-    constants of the exported graph: serving passes raw features and cannot skew.
+    constants of the exported graph: serving passes raw features and cannot skew. A categorical
+    feature's buffer ``lookup_<position>`` maps each dataset code to the model's own code (a
+    value rarer than the minimum count in the training rows to 0, the unknown column); its
+    one-hot columns follow the numeric ones, so the backbone sees :attr:`out_features` columns::
+
+        pre = Preprocessor.fit(x_train, categorical={2: 4}, min_count=5)  # column 2: 4 values
     """
 
     median: torch.Tensor
     mean: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int,
+                 categorical: Mapping[int, Sequence[int]] | None = None) -> None:
+        """``categorical``: position -> its lookup (dataset code -> model code, 0 unknown)."""
         super().__init__()
         self.register_buffer("median", torch.zeros(n_features))
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("scale", torch.ones(n_features))
+        lookups = dict(sorted((categorical or {}).items()))
+        self.categorical = list(lookups)
+        self.widths = [max(table) + 1 for table in lookups.values()]
+        if lookups:
+            numeric = [j for j in range(n_features) if j not in lookups]
+            self.register_buffer("numeric", torch.tensor(numeric, dtype=torch.long))
+            for j, table in lookups.items():
+                self.register_buffer(f"lookup_{j}", torch.tensor(list(table), dtype=torch.long))
+
+    @property
+    def out_features(self) -> int:
+        """The width the backbone sees: numeric columns, then each categorical one-hot block."""
+        return int(self.mean.numel()) - len(self.categorical) + sum(self.widths)
 
     @classmethod
-    def fit(cls, features: np.ndarray) -> Preprocessor:
-        """Fit on the training rows ``[rows, n_features]`` (NaN = missing)."""
+    def fit(cls, features: np.ndarray, categorical: Mapping[int, int] | None = None,
+            min_count: int = 1) -> Preprocessor:
+        """Fit on the training rows ``[rows, n_features]`` (NaN = missing). ``categorical``:
+        position -> how many values the dataset codes there (1..n); a value seen fewer than
+        ``min_count`` times in these rows is coded unknown."""
         x = np.asarray(features, dtype=np.float64)
         observed = ~np.isnan(x)
         # a column can be all-missing in the training rows even though the file had values
@@ -76,14 +100,35 @@ class Preprocessor(nn.Module):
         filled = np.where(observed, x, median)
         mean, std = filled.mean(axis=0), filled.std(axis=0)
         std = np.where(std > 1e-12, std, 1.0)  # a constant column passes through centred
-        pre = cls(x.shape[1])
+        lookups: dict[int, list[int]] = {}
+        for j, n_values in (categorical or {}).items():
+            codes = np.clip(np.nan_to_num(x[:, j]), 0, n_values).astype(np.int64)
+            counts = np.bincount(codes, minlength=n_values + 1)
+            kept = [v for v in range(1, n_values + 1) if counts[v] >= min_count]
+            table = [0] * (n_values + 1)
+            for rank, v in enumerate(kept, start=1):
+                table[v] = rank
+            lookups[j] = table
+            median[j], mean[j], std[j] = 0.0, 0.0, 1.0  # unused: the column is one-hot
+        pre = cls(x.shape[1], lookups)
         for name, value in (("median", median), ("mean", mean), ("scale", std)):
             getattr(pre, name).copy_(torch.as_tensor(value, dtype=torch.float32))
         return pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.where(torch.isnan(x), self.median, x)
-        return (x - self.mean) / self.scale
+        if not self.categorical:
+            x = torch.where(torch.isnan(x), self.median, x)
+            return (x - self.mean) / self.scale
+        numeric = self.get_buffer("numeric")
+        num = x.index_select(1, numeric)
+        num = torch.where(torch.isnan(num), self.median[numeric], num)
+        parts = [(num - self.mean[numeric]) / self.scale[numeric]]
+        for j, width in zip(self.categorical, self.widths, strict=True):
+            lookup = self.get_buffer(f"lookup_{j}")
+            code = torch.nan_to_num(x[:, j], nan=0.0).clamp(0, lookup.numel() - 1).long()
+            kept = lookup[code]
+            parts.append((kept.unsqueeze(1) == torch.arange(width, device=x.device)).to(x.dtype))
+        return torch.cat(parts, dim=1)
 
 
 class TabularNet(nn.Module):
@@ -382,18 +427,25 @@ def build_model(
     task: Task,
     n_outputs: int,
     train_target: np.ndarray | None = None,
+    categorical: Mapping[int, int] | None = None,
+    min_category_count: int = 1,
 ) -> TabularNet:
     """A fresh model whose preprocessing (and, for regression, target scaling) is fitted on the
-    training rows. Seed the RNG first for reproducible initial weights."""
+    training rows. Seed the RNG first for reproducible initial weights. ``categorical``:
+    position -> number of values coded there (:meth:`Preprocessor.fit`); only architectures with
+    a plain backbone (``mlp``, imported modules) take categorical features."""
     arch = get_architecture(architecture)
     if task not in arch.tasks:
         raise ValueError(f"architecture {architecture!r} does not support {task.value}")
+    if categorical and arch.build is None:
+        raise ValueError(f"architecture {architecture!r} does not take categorical features; "
+                         "use mlp")
     if arch.build_net is not None:
         return arch.build_net(params, train_features=train_features, task=task,
                               n_outputs=n_outputs, train_target=train_target)
     assert arch.build is not None, f"architecture {architecture!r} has no builder"
-    pre = Preprocessor.fit(train_features)
-    backbone = arch.build(params, train_features.shape[1], n_outputs)
+    pre = Preprocessor.fit(train_features, categorical, min_category_count)
+    backbone = arch.build(params, pre.out_features, n_outputs)
     mean, scale = 0.0, 1.0
     if task is Task.regression and train_target is not None:
         mean = float(np.mean(train_target))

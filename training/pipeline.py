@@ -33,8 +33,11 @@ import torch
 from pydantic import ValidationError
 from rich.console import Console
 
+from modelloop.categorical import feeds
 from modelloop.registry import Registry
 from modelloop.schemas import (
+    CATEGORIES_INPUT,
+    INPUT_NAME,
     REF_LABEL,
     REF_PREDICTION,
     REF_PROBA_PREFIX,
@@ -42,6 +45,7 @@ from modelloop.schemas import (
     ModelMetadata,
     ParityResult,
     Task,
+    TensorSpec,
 )
 from training.config import TrainingConfig
 from training.data import (
@@ -49,12 +53,24 @@ from training.data import (
     DataError,
     Split,
     TabularDataset,
+    decode,
+    encode,
     load_data,
     prepare,
+    raw_features,
     split_dataset,
 )
 from training.evaluate import confusion_matrix_png
-from training.export import Mismatch, ParityError, check_parity, export_onnx, onnx_session, run_onnx
+from training.export import (
+    Feed,
+    Mismatch,
+    ParityError,
+    add_categorical_prologue,
+    check_parity,
+    export_onnx,
+    onnx_session,
+    run_onnx,
+)
 from training.models import InferenceGraph, TabularNet, build_model, get_architecture
 from training.settings import TrainingSettings
 from training.trainer import (
@@ -118,9 +134,9 @@ def _dataset(data: Data, config: TrainingConfig, class_labels: Sequence[str] | N
         return data
     if isinstance(data, pd.DataFrame):
         return prepare(data, config.target, task=config.task, class_labels=class_labels,
-                       clean=config.clean)
+                       clean=config.clean, categorical=config.categorical)
     return load_data(data, config.target, task=config.task, class_labels=class_labels,
-                     clean=config.clean)
+                     clean=config.clean, categorical=config.categorical)
 
 
 def subsample(rows: np.ndarray, at_most: int, seed: int) -> np.ndarray:
@@ -136,6 +152,8 @@ def _reference(ds: TabularDataset, task: Task, rows: np.ndarray, features: np.nd
     normal, for an anomaly detector) and the exported model's outputs (predicted class index and
     probabilities, the prediction, or the anomaly score)."""
     frame = pd.DataFrame(features, columns=ds.feature_names)
+    for name, values in ds.categories.items():  # drift compares the strings serving sees
+        frame[name] = decode(frame[name].to_numpy(), values)
     frame[REF_LABEL] = ds.target[rows] if task is not Task.anomaly else np.zeros(len(rows), np.int64)
     return with_outputs(frame, task, outputs)
 
@@ -242,7 +260,7 @@ def fit_model(
                                        "clean": ds.report.cleaned if ds.report else config.clean})
     if init is not None:
         init.check(config, ds.feature_names,
-                   ds.class_labels if task is Task.classification else None)
+                   ds.class_labels if task is Task.classification else None, ds.categories)
     split = split_dataset(ds, val_fraction=config.val_fraction,
                           test_fraction=config.test_fraction, seed=config.seed)
     log.info("%s: %d rows, %d features%s; split %d train / %d validation / %d test", ds.source,
@@ -256,7 +274,10 @@ def fit_model(
     with seeded(config.weights_seed):
         try:
             net = build_model(config.architecture, params, train_features=x_train, task=task,
-                              n_outputs=n_outputs, train_target=y_train)
+                              n_outputs=n_outputs, train_target=y_train,
+                              categorical={ds.feature_names.index(f): len(v)
+                                           for f, v in ds.categories.items()},
+                              min_category_count=config.min_category_count)
         except ValueError as exc:  # the data does not fit the architecture (e.g. image size)
             raise DataError(f"{ds.source}: {exc}") from exc
     if init is not None:
@@ -294,14 +315,20 @@ def _train_model(data: Data, name: str, options: TrainOptions) -> TrainedModel:
     x_test = net.layout(ds.features[split.test])
     onnx_bytes = export_onnx(graph, n_features=ds.n_features, input_shape=inputs[0].shape,
                              output_names=[o.name for o in outputs], example=x_test)
-    parity = _check_parity(graph, onnx_bytes,
-                           net.parity_inputs(net.layout(_parity_rows(ds.features[split.test]))),
-                           settings)
+    if ds.categories:
+        onnx_bytes = add_categorical_prologue(onnx_bytes, ds.feature_names, ds.categories)
+        inputs = categorical_inputs(ds.feature_names, ds.categories)
+        parity = _check_parity(graph, onnx_bytes, [categorical_parity_rows(ds, split.test)],
+                               settings, feed=categorical_feed(ds.feature_names, ds.categories))
+    else:
+        parity = _check_parity(graph, onnx_bytes,
+                               net.parity_inputs(net.layout(_parity_rows(ds.features[split.test]))),
+                               settings)
 
     stage("evaluating the exported model on the test split")
     session = onnx_session(onnx_bytes, settings.threads)
     x_eval, y_eval = net.evaluation_set(x_test, ds.target[split.test], config.seed)
-    test_out = run_onnx(session, x_eval)[net.output_name]
+    test_out = run_onnx(session, model_inputs(ds, x_eval))[net.output_name]
     evaluation = net.evaluate(y_eval, test_out, ds.class_labels)
     log.info("test metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
 
@@ -311,7 +338,7 @@ def _train_model(data: Data, name: str, options: TrainOptions) -> TrainedModel:
     held_out = (subsample(np.concatenate([split.val, split.test]), settings.reference_rows,
                            config.seed) if task is Task.classification else ref_rows[:0])
     rows = np.concatenate([ref_rows, held_out])
-    ref_out = run_onnx(session, net.layout(ds.features[rows]))[net.output_name]
+    ref_out = run_onnx(session, model_inputs(ds, net.layout(ds.features[rows])))[net.output_name]
     reference = _reference(ds, task, rows, net.monitored_features(ds.features[rows]), ref_out)
     reference[REF_SPLIT] = np.where(np.arange(len(rows)) < len(ref_rows), "train", "holdout")
 
@@ -342,12 +369,13 @@ def _train_model(data: Data, name: str, options: TrainOptions) -> TrainedModel:
         metrics=evaluation.metrics, evaluation=details,
         data_fingerprint=ds.fingerprint, dataset=_where(ds.source), parent_version=options.parent_version,
         parity=parity, config=config.model_dump(mode="json"), lineage=lineage,
+        categories=ds.categories,
     )
     return TrainedModel(metadata, onnx_bytes, reference, artifacts, net, ds, split, result)
 
 
 def _check_parity(graph: InferenceGraph, onnx_bytes: bytes, holdouts: Sequence[np.ndarray],
-                  settings: TrainingSettings) -> ParityResult:
+                  settings: TrainingSettings, feed: Feed | None = None) -> ParityResult:
     """:func:`check_parity` on each held-out set (a sequence model's come in several lengths);
     one ParityError lists the mismatches of all of them."""
     results: list[ParityResult] = []
@@ -356,7 +384,8 @@ def _check_parity(graph: InferenceGraph, onnx_bytes: bytes, holdouts: Sequence[n
         try:
             results.append(check_parity(graph, onnx_bytes, held, tolerance=settings.parity_tolerance,
                                         batch_sizes=settings.parity_batch_sizes,
-                                        max_rows=settings.parity_rows, threads=settings.threads))
+                                        max_rows=settings.parity_rows, threads=settings.threads,
+                                        feed=feed))
         except ParityError as exc:
             mismatches.extend(exc.mismatches)
     if mismatches:
@@ -372,6 +401,67 @@ def _parity_rows(x: np.ndarray) -> np.ndarray:
     probes = np.repeat(x[:1], x.shape[1], axis=0)
     probes[np.arange(x.shape[1]), np.arange(x.shape[1])] = np.nan
     return np.concatenate([probes, x]) if len(x) else x
+
+
+# -- categorical features -------------------------------------------------------------------------
+UNSEEN_PROBE = "\x00unseen"
+"""A value no vocabulary holds, in the parity probes: the graph must code it 0 as Python does."""
+
+
+def _view(feature_names: Sequence[str], categories: Mapping[str, Sequence[str]]) -> ModelMetadata:
+    # what modelloop.categorical reads of a version (its names and vocabularies), before there
+    # is a version to read them from
+    return ModelMetadata.model_construct(feature_names=list(feature_names),
+                                         categories={k: list(v) for k, v in categories.items()})
+
+
+def categorical_inputs(feature_names: Sequence[str],
+                       categories: Mapping[str, Sequence[str]]) -> list[TensorSpec]:
+    """The graph inputs of a model with categorical features (modelloop/categorical.py)."""
+    n_cat = sum(1 for f in feature_names if f in categories)
+    return [TensorSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(feature_names) - n_cat]),
+            TensorSpec(name=CATEGORIES_INPUT, dtype="string", shape=[None, n_cat])]
+
+
+def code_rows(rows: np.ndarray, feature_names: Sequence[str],
+              categories: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Object rows (strings in the categorical positions) as the float32 matrix the PyTorch
+    model takes: each value's code in ``categories`` (0 unknown or missing), computed in Python
+    apart from the graph's ``LabelEncoder``."""
+    out = np.empty(rows.shape, dtype=np.float32)
+    for j, name in enumerate(feature_names):
+        if name in categories:
+            out[:, j] = encode(rows[:, j], categories[name])
+        else:
+            out[:, j] = np.asarray([np.nan if v is None else v for v in rows[:, j]], np.float32)
+    return out
+
+
+def categorical_feed(feature_names: Sequence[str], categories: Mapping[str, Sequence[str]]) -> Feed:
+    """The parity check's feed: raw strings to the graph, Python's codes to PyTorch."""
+    view = _view(feature_names, categories)
+    return lambda rows: (feeds(view, rows), code_rows(rows, feature_names, categories))
+
+
+def categorical_parity_rows(ds: TabularDataset, rows: np.ndarray) -> np.ndarray:
+    """Held-out object rows, after probes: a held-out row with each feature missing in turn,
+    then with each categorical feature an unseen value (both must take the unknown code)."""
+    raw = raw_features(_parity_rows(ds.features[rows]), ds.feature_names, ds.categories)
+    if len(rows) == 0:
+        return raw
+    unseen = np.repeat(raw[len(ds.feature_names):][:1], len(ds.categories), axis=0)
+    for k, name in enumerate(ds.categories):
+        unseen[k, ds.feature_names.index(name)] = UNSEEN_PROBE
+    return np.concatenate([unseen, raw])
+
+
+def model_inputs(ds: TabularDataset, x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    """What the exported graph of a model trained on ``ds`` takes for the rows ``x`` of its
+    feature matrix: ``x`` itself, or the graph's two inputs with the values' raw strings."""
+    if not ds.categories:
+        return x
+    return feeds(_view(ds.feature_names, ds.categories),
+                 raw_features(x, ds.feature_names, ds.categories))
 
 
 def register_trained(trained: TrainedModel, registry: Registry, *, promote: bool = False) -> ModelMetadata:

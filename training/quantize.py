@@ -323,7 +323,8 @@ def training_data(meta: ModelMetadata) -> TabularDataset:
     try:
         ds = load_data(meta.dataset, config.target, task=meta.task if classify else None,
                        rows=meta.lineage.get("dataset_rows"), seed=config.seed,
-                       class_labels=meta.class_labels if classify else None, clean=config.clean)
+                       class_labels=meta.class_labels if classify else None, clean=config.clean,
+                       categorical=config.categorical)
     except DataError as exc:
         raise TrainingDataUnavailable(f"{meta.name} v{meta.version}: cannot reload its training data: "
                              f"{exc}") from exc
@@ -442,6 +443,10 @@ def quantize_version(
         source = meta.lineage["quantization"].get("source_version")
         raise NotQuantizable(f"{label} is an int8 quantization already (of v{source}); "
                              "quantize the fp32 version")
+    if meta.categories:
+        raise NotQuantizable(f"{label} takes categorical features "
+                             f"({', '.join(meta.categorical_features)}); quantizing such a model "
+                             "is not supported")
     chosen = resolve_method(method, meta.architecture)
     config = TrainingConfig.model_validate(meta.config)
     if data is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import httpx
@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
+from modelloop.categorical import feeds, is_categorical
 from modelloop.registry import ModelVersion, Registry
 from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
@@ -165,8 +166,7 @@ def champion_errors(meta: ModelMetadata, session: ort.InferenceSession,
     """The champion's error on each labelled row (``session`` runs its graph): 0/1 for a
     classifier, the squared error for a regressor (whichever version served the row, the
     champion is judged)."""
-    x = rows[meta.feature_names].to_numpy(np.float32)
-    out = session.run(None, {"input": x})[0]
+    out = session.run(None, model_feeds(meta, rows))[0]
     y = rows[REF_LABEL].to_numpy(np.float64)
     if meta.task is Task.classification:
         return (np.asarray(out).argmax(axis=1) != y.round()).astype(np.float64)
@@ -224,22 +224,42 @@ def split_production(frame: pd.DataFrame, meta: ModelMetadata, session: ort.Infe
     return pd.concat([before, after_train]), holdout.sort_index(), change
 
 
-def _latency_p50(session: ort.InferenceSession, row: np.ndarray, runs: int) -> float:
+def model_feeds(meta: ModelMetadata, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The graph inputs of ``meta``'s model for ``rows`` (its feature columns): the float32
+    ``input``, and for a model with categorical features their raw strings beside it
+    (``modelloop.categorical.feeds``; a missing value, None or NaN, is fed as missing)."""
+    if not is_categorical(meta):
+        return {"input": rows[meta.feature_names].to_numpy(np.float32)}
+    return feeds(meta, _object_rows(meta, rows))
+
+
+def _object_rows(meta: ModelMetadata, rows: pd.DataFrame) -> np.ndarray:
+    out = rows[meta.feature_names].to_numpy(object)
+    for j, name in enumerate(meta.feature_names):
+        if name in meta.categories:
+            out[:, j] = [v if isinstance(v, str) and v else None for v in out[:, j]]
+        else:
+            out[:, j] = pd.to_numeric(rows[name], errors="coerce").to_numpy(np.float64)
+    return out
+
+
+def _latency_p50(session: ort.InferenceSession, row: dict[str, np.ndarray], runs: int) -> float:
     names = [o.name for o in session.get_outputs()]
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        session.run(names, {"input": row})
+        session.run(names, row)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
 
-def _metrics(meta: ModelMetadata, sessions: dict[str, ort.InferenceSession], x: np.ndarray,
-             y: np.ndarray, metric: str) -> dict[str, dict[str, float]]:
-    """Each session's metrics on the rows ``x`` with targets ``y`` (class indices or values)."""
+def _metrics(meta: ModelMetadata, sessions: dict[str, ort.InferenceSession],
+             x: dict[str, np.ndarray], y: np.ndarray, metric: str) -> dict[str, dict[str, float]]:
+    """Each session's metrics on the inputs ``x`` (:func:`model_feeds`) with targets ``y``
+    (class indices or values)."""
     if meta.task is Task.classification:
         y = y.round().astype(np.int64)
-    outputs = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
+    outputs = {k: s.run(None, x)[0] for k, s in sessions.items()}
     evals = {k: evaluate(meta.task, y, out, meta.class_labels).metrics for k, out in outputs.items()}
     for m in evals.values():
         if metric not in m:
@@ -266,9 +286,9 @@ def compare(champion: ModelVersion, sessions: Sessions, holdout: pd.DataFrame, *
     """Score champion and challenger on the same holdout rows and time both, interleaved so
     that a busy machine slows both alike."""
     meta = champion.metadata
-    x = holdout[meta.feature_names].to_numpy(np.float32)
+    x = model_feeds(meta, holdout)
     evals = _metrics(meta, sessions, x, holdout[REF_LABEL].to_numpy(), metric)
-    row = x[:1]
+    row = {k: v[:1] for k, v in x.items()}
     lat: dict[str, list[float]] = {"champion": [], "challenger": []}
     for _ in range(3):
         for k, s in sessions.items():
@@ -285,7 +305,7 @@ def compare_on_original(champion: ModelVersion, sessions: Sessions, trusted: pd.
     """Champion's and challenger's ``metric`` on ``trusted``: rows of the line's original
     training data (labels no feedback touched) that the challenger did not train on."""
     meta = champion.metadata
-    x = trusted[meta.feature_names].to_numpy(np.float32)
+    x = model_feeds(meta, trusted)
     if meta.task is Task.classification:
         assert meta.class_labels is not None
         index = {label: i for i, label in enumerate(meta.class_labels)}
@@ -306,7 +326,8 @@ def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.Da
     try:
         ds = load_data(source, config.target, task=config.task, seed=config.seed,
                        rows=lineage.get("dataset_rows"),
-                       class_labels=champion.metadata.class_labels, clean=config.clean)
+                       class_labels=champion.metadata.class_labels, clean=config.clean,
+                       categorical=config.categorical)
         split = split_dataset(ds, val_fraction=config.val_fraction,
                               test_fraction=config.test_fraction, seed=config.seed)
     except DataError as exc:
@@ -317,7 +338,12 @@ def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.Da
 
 def _production_frame(rows: pd.DataFrame, champion: ModelVersion, target: str) -> pd.DataFrame:
     meta = champion.metadata
-    frame = rows[meta.feature_names].astype(np.float32).copy()
+    if is_categorical(meta):  # the categorical columns stay strings: the challenger codes them
+        frame = pd.DataFrame(_object_rows(meta, rows), columns=meta.feature_names)
+        for name in meta.numeric_features:
+            frame[name] = frame[name].astype(np.float32)
+    else:
+        frame = rows[meta.feature_names].astype(np.float32).copy()
     if meta.task is Task.classification:
         assert meta.class_labels is not None
         labels = np.asarray(meta.class_labels, dtype=object)
@@ -355,6 +381,18 @@ def decide(champion: Score, challenger: Score, *, parity_ok: bool, margin: float
                   f"{champion.metric:.4f} by {gain:+.4f} (margin {margin:.4f})")
 
 
+def retrainable(registry: Registry, name: str) -> tuple[ModelVersion, list[ModelVersion]]:
+    """The production version of ``name`` and its ensemble members (an ensemble retrains each),
+    or RetrainError when one of them cannot be retrained."""
+    champion = registry.get(name, ALIAS_PRODUCTION)
+    members = ensemble_members(champion, registry)
+    for version in members or [champion]:
+        why = not_retrainable(version.metadata)  # an ONNX file's version, a module's, ...
+        if why is not None:
+            raise RetrainError(f"{name} v{version.version} cannot be retrained: {why}")
+    return champion, members
+
+
 def retrain(
     name: str,
     *,
@@ -367,20 +405,33 @@ def retrain(
 ) -> RetrainResult:
     """Run the whole job (see the module docstring) and return what it decided."""
     now = time.time() if now is None else now
-    champion = registry.get(name, ALIAS_PRODUCTION)
-    meta = champion.metadata
-    members = ensemble_members(champion, registry)  # an ensemble retrains each of its members
-    for version in members or [champion]:
-        why = not_retrainable(version.metadata)  # an ONNX file's version, a module's, ...
-        if why is not None:
-            raise RetrainError(f"{name} v{version.version} cannot be retrained: {why}")
-    config = TrainingConfig.model_validate(meta.config)
-    metric = settings.retrain_metric if meta.task is Task.classification else "r2"
     since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
-
+    retrainable(registry, name)  # before anything is fetched
     key = settings.sidecar_key.get_secret_value() if settings.sidecar_key else None
     production = fetch_labelled(sidecar_url, name, since=since, limit=settings.retrain_max_rows,
                                 key=key)
+    return retrain_on(production, name, settings=settings, registry=registry, trigger=trigger,
+                      window=(since, now), progress=progress)
+
+
+def retrain_on(
+    production: pd.DataFrame,
+    name: str,
+    *,
+    settings: TrainingSettings,
+    registry: Registry,
+    trigger: str = "manual",
+    window: tuple[float, float] = (0.0, 0.0),
+    progress: bool = False,
+) -> RetrainResult:
+    """The job on labelled production rows already fetched (:func:`fetch_labelled`'s frame:
+    the features, categorical ones as strings, ``_ml_label``, ``version`` and ``timestamp``);
+    ``window``: the time span they were fetched for, recorded in the lineage."""
+    since, now = window
+    champion, members = retrainable(registry, name)
+    meta = champion.metadata
+    config = TrainingConfig.model_validate(meta.config)
+    metric = settings.retrain_metric if meta.task is Task.classification else "r2"
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
     champion_session = onnx_session(champion.onnx_path, threads=1)
@@ -419,14 +470,21 @@ def retrain(
                 init = WarmStart.from_version(version)
             except TransferError as exc:
                 log.info("training the challenger from scratch: %s", exc)
-        return train_model(train_frame, name=name, options=TrainOptions(
+        options = TrainOptions(
             config=TrainingConfig.model_validate(version.metadata.config), settings=settings,
             init=init, class_labels=meta.class_labels, parent_version=version.version,
             progress=progress,
             lineage={"trigger": trigger, "original_dataset":
                      meta.lineage.get("original_dataset", meta.dataset),
                      "dataset_rows": meta.lineage.get("dataset_rows"), "data_window": data},
-        ))
+        )
+        try:
+            return train_model(train_frame, name=name, options=options)
+        except TransferError as exc:  # e.g. new categorical values: the weights cannot fit
+            if init is None:
+                raise
+            log.info("training the challenger from scratch: %s", exc)
+            return train_model(train_frame, name=name, options=replace(options, init=None))
 
     trained = (rebuild_ensemble(champion, [challenger_of(m) for m in members], registry, settings)
                if members else challenger_of(champion))

@@ -17,6 +17,7 @@ fine-tunes the champion when ``MODELLOOP_TRAINING_RETRAIN_FINE_TUNE`` is on (the
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,20 @@ def freeze_layers(net: TabularNet, count: int) -> list[str]:
     return names
 
 
+def _vocabulary_change(parent: Mapping[str, Sequence[str]], data: Mapping[str, Sequence[str]]) -> str:
+    """One line on how the data's categorical values differ from the parent's."""
+    for name in sorted(set(parent) | set(data)):
+        if name not in parent or name not in data:
+            kind = "categorical here" if name in data else "numeric here"
+            return f"feature {name!r} is {kind}, not there"
+        new = [v for v in data[name] if v not in parent[name]]
+        gone = [v for v in parent[name] if v not in data[name]]
+        if new or gone:
+            said = ", ".join([*(f"{v!r} new" for v in new[:3]), *(f"{v!r} gone" for v in gone[:3])])
+            return f"the values of {name!r} changed ({said}); its codes would not match"
+    return "the categorical values changed"
+
+
 @dataclass
 class WarmStart:
     """A registered version's weights to start training from (see the module docstring)."""
@@ -87,6 +102,9 @@ class WarmStart:
     fresh: list[str] = field(default_factory=list)
     """Filled by :meth:`apply`: the tensors left freshly initialised (their shapes differ)."""
     frozen: list[str] = field(default_factory=list)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    """The parent's categorical values (``ModelMetadata.categories``): its weights mean those
+    codes, so the data must code the same values."""
 
     @classmethod
     def from_version(cls, version: ModelVersion, freeze: int = 0) -> WarmStart:
@@ -97,7 +115,8 @@ class WarmStart:
                                 "it cannot be fine-tuned (train it with this version of modelloop)")
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
         return cls(meta.name, meta.version, meta.architecture, dict(meta.config), state,
-                   list(meta.feature_names), meta.class_labels, freeze)
+                   list(meta.feature_names), meta.class_labels, freeze,
+                   categories={k: list(v) for k, v in meta.categories.items()})
 
     @classmethod
     def from_registry(cls, registry: Registry, name: str, ref: int | str = "production",
@@ -135,10 +154,12 @@ class WarmStart:
         self.frozen = freeze_layers(net, self.freeze) if self.freeze else []
 
     def check(self, config: TrainingConfig, feature_names: list[str],
-              class_labels: list[str] | None) -> None:
+              class_labels: list[str] | None,
+              categories: Mapping[str, Sequence[str]] | None = None) -> None:
         """The model to train must be the parent's architecture with the parent's parameters,
-        on the parent's features in the same order. Other classes than the parent's get a fresh
-        output layer."""
+        on the parent's features in the same order, with the parent's categorical values
+        (``categories``: the data's). Other classes than the parent's get a fresh output
+        layer."""
         if config.architecture != self.architecture:
             raise TransferError(f"cannot fine-tune a {config.architecture!r} model from "
                                 f"{self.name} v{self.version}, a {self.architecture!r} model")
@@ -156,6 +177,10 @@ class WarmStart:
             raise TransferError(f"cannot fine-tune from {self.name} v{self.version}: its inputs "
                                 f"differ from this data's (feature {diff} is {theirs!r} there, "
                                 f"{ours!r} here)")
+        ours_cat = {k: list(v) for k, v in (categories or {}).items()}
+        if ours_cat != self.categories:
+            raise TransferError(f"cannot fine-tune from {self.name} v{self.version}: "
+                                f"{_vocabulary_change(self.categories, ours_cat)}")
         self.new_head = class_labels != self.class_labels
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,243 @@
+"""Categorical features in training: text columns coded inside the exported graph.
+
+One churn-like model (3 text columns, 5 numeric ones) is trained from a CSV file once per module;
+the tests feed its ONNX file raw strings, break its vocabulary on purpose, and retrain it on
+production rows that bring a new plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modelloop.categorical import feeds
+from modelloop.cli import app
+from modelloop.registry import Registry
+from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, REF_LABEL, TensorSpec
+from modelloop.synthetic import (
+    CHURN_CATEGORICAL,
+    CHURN_NUMERIC,
+    CHURN_TARGET,
+    NEW_PLAN,
+    churn_frame,
+)
+from training.config import TrainingConfig
+from training.data import DataError, encode, load_data, prepare
+from training.export import ParityError, check_parity, onnx_session
+from training.models import InferenceGraph
+from training.pipeline import (
+    TrainedModel,
+    TrainOptions,
+    categorical_feed,
+    categorical_parity_rows,
+    code_rows,
+    fit_model,
+    register_trained,
+    train_model,
+)
+from training.retrain import retrain_on
+from training.settings import TrainingSettings
+
+EPOCHS = 6
+MIN_COUNT = 10
+FEATURES = [*CHURN_CATEGORICAL, *CHURN_NUMERIC]
+
+
+@dataclass(frozen=True)
+class Churn:
+    trained: TrainedModel
+    registry: Registry
+    settings: TrainingSettings
+    csv: Path
+
+
+@pytest.fixture(scope="module")
+def churn(tmp_path_factory: pytest.TempPathFactory) -> Churn:
+    """The churn model trained from a CSV file and registered as production."""
+    root = tmp_path_factory.mktemp("categorical")
+    csv = root / "churn.csv"
+    churn_frame(1200, seed=0).to_csv(csv, index=False)
+    settings = TrainingSettings(home=root / "home", progress=False, epochs=EPOCHS)
+    config = TrainingConfig.from_settings(settings, target=CHURN_TARGET,
+                                          min_category_count=MIN_COUNT)
+    trained = train_model(csv, name="churn", options=TrainOptions(config=config, settings=settings))
+    registry = Registry(settings.registry_dir)
+    register_trained(trained, registry, promote=True)
+    return Churn(trained, registry, settings, csv)
+
+
+def _torch(trained: TrainedModel, rows: np.ndarray) -> np.ndarray:
+    meta = trained.metadata
+    with torch.no_grad():
+        out = InferenceGraph(trained.net)(torch.from_numpy(code_rows(rows, meta.feature_names,
+                                                                     meta.categories)))
+    return out.numpy()
+
+
+def _onnx(trained: TrainedModel, rows: np.ndarray) -> np.ndarray:
+    session = onnx_session(trained.onnx_bytes)
+    out: np.ndarray = session.run(None, feeds(trained.metadata, rows))[0]
+    return out
+
+
+def test_text_columns_become_categories_with_two_graph_inputs(churn: Churn) -> None:
+    meta = churn.trained.metadata
+    assert meta.feature_names == FEATURES  # the table's order, numbers and categories mixed
+    assert meta.categories == {"plan": ["basic", "family", "plus", "pro"],
+                               "region": ["east", "islands", "north", "south", "west"],
+                               "channel": ["phone", "store", "web"]}
+    assert meta.inputs == [TensorSpec(name=INPUT_NAME, dtype="float32", shape=[None, 5]),
+                           TensorSpec(name=CATEGORIES_INPUT, dtype="string", shape=[None, 3])]
+    assert meta.parity is not None and meta.parity.passed
+    assert meta.metrics["roc_auc"] > 0.6
+    session = onnx_session(churn.trained.onnx_bytes)
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        (INPUT_NAME, "tensor(float)"), (CATEGORIES_INPUT, "tensor(string)")]
+    # the dataset codes each value as its index + 1 and a missing one as 0
+    ds = churn.trained.dataset
+    raw = churn_frame(1200, seed=0)
+    channel = ds.features[:, FEATURES.index("channel")]
+    assert np.array_equal(channel == 0, raw["channel"].isna().to_numpy())
+    assert [ds.categories["plan"][int(c) - 1] for c in ds.features[:5, 0]] == raw["plan"][:5].tolist()
+    # the reference sample that drift compares with keeps the strings
+    reference = churn.registry.get("churn", "production").reference()
+    assert set(reference["plan"]) <= set(meta.categories["plan"])
+    assert reference["tenure_months"].dtype.kind == "f"
+
+
+def test_onnx_fed_raw_strings_equals_torch_fed_codes(churn: Churn) -> None:
+    rows = churn_frame(300, seed=5)[FEATURES].to_numpy(object)
+    rows[:, 2] = [v if isinstance(v, str) else None for v in rows[:, 2]]
+    got, want = _onnx(churn.trained, rows), _torch(churn.trained, rows)
+    assert got.shape == (300, 2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_unseen_missing_and_rare_values_take_the_unknown_code(churn: Churn) -> None:
+    base = churn_frame(1, seed=7)[FEATURES].to_numpy(object)
+    rows = np.repeat(base, 5, axis=0)
+    rows[1, 0] = "platinum"  # a plan the model never saw
+    rows[2, 0] = None  # a missing plan
+    rows[3, 1] = "islands"  # a region rarer than min_category_count in the training split
+    rows[4, 1] = "atlantis"  # a region the model never saw
+    out = _onnx(churn.trained, rows)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[1], out[2], atol=1e-6)  # unseen and missing: both code 0
+    assert not np.allclose(out[0], out[1], atol=1e-4)  # a known plan is not unknown
+    ds, split = churn.trained.dataset, churn.trained.split
+    islands = ds.categories["region"].index("islands") + 1
+    assert 0 < (ds.features[split.train, 1] == islands).sum() < MIN_COUNT
+    np.testing.assert_allclose(out[3], out[4], atol=1e-6)
+    np.testing.assert_allclose(out, _torch(churn.trained, rows), atol=1e-5)
+
+
+def test_parity_check_catches_a_wrong_vocabulary(churn: Churn) -> None:
+    trained = churn.trained
+    meta = trained.metadata
+    wrong = onnx.load_from_string(trained.onnx_bytes)
+    (plan,) = [n for n in wrong.graph.node if n.op_type == "LabelEncoder"][:1]
+    (keys,) = [a for a in plan.attribute if a.name == "keys_strings"]
+    keys.strings[:] = list(reversed(keys.strings))  # the plans' codes in the wrong order
+    held = categorical_parity_rows(trained.dataset, trained.split.test[:50])
+    graph = InferenceGraph(trained.net)
+    feed = categorical_feed(meta.feature_names, meta.categories)
+    with pytest.raises(ParityError, match="probabilities at batch size 1"):
+        check_parity(graph, wrong.SerializeToString(), held, tolerance=1e-4, feed=feed)
+    right = check_parity(graph, trained.onnx_bytes, held, tolerance=1e-4, feed=feed)
+    assert right.passed and right.rows_checked == len(held)
+    # the held-out rows hold the probes: missing and unseen values
+    assert any(v is None for v in held[:, 0]) and "plan" in meta.categories
+    assert sum(1 for v in held[:, 0] if isinstance(v, str) and v not in meta.categories["plan"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "categorical", "problem"),
+    [
+        # --categorical names a column that is not there
+        (pd.DataFrame({"a": [1, 2], "y": [0, 1]}), ["b"], "categorical column 'b' is not a feature column"),
+        # a categorical column with no value at all
+        (pd.DataFrame({"a": [1, 2], "c": [None, None], "y": [0, 1]}), ["c"],
+         "column 'c' has no values (all missing)"),
+        # a column of numbers with stray text stays numeric: its text is an error
+        (pd.DataFrame({"a": ["1", "2", "x"], "y": [0, 1, 0]}), [],
+         "column 'a' is not numeric (value 'x' in row 3)"),
+    ],
+)
+def test_unusable_categorical_columns_are_one_line(frame: pd.DataFrame, categorical: list[str],
+                                                   problem: str) -> None:
+    with pytest.raises(DataError) as err:
+        prepare(frame, "y", categorical=categorical, source="t.csv")
+    assert str(err.value) == f"t.csv: {problem}"
+
+
+def test_an_architecture_without_categorical_support_refuses_in_one_line() -> None:
+    ds = prepare(churn_frame(200, seed=3), CHURN_TARGET, source="churn.csv")
+    settings = TrainingSettings(progress=False, epochs=1)
+    config = TrainingConfig.from_settings(settings, target=CHURN_TARGET, architecture="autoencoder")
+    with pytest.raises(DataError) as err:
+        fit_model(ds, config, settings)
+    assert str(err.value) == ("churn.csv: architecture 'autoencoder' does not take categorical "
+                              "features; use mlp")
+
+
+def test_categorical_flag_codes_an_integer_column(tmp_path: Path, home: Path) -> None:
+    frame = churn_frame(600, seed=2)[["tenure_months", "support_calls", CHURN_TARGET]]
+    frame.insert(0, "store_id", np.random.default_rng(2).integers(1, 12, len(frame)))
+    csv = tmp_path / "stores.csv"
+    frame.to_csv(csv, index=False)
+    assert load_data(csv, CHURN_TARGET).categories == {}  # integers are numbers unless named
+    result = CliRunner().invoke(app, ["train", "--data", str(csv), "--target", CHURN_TARGET,
+                                      "--categorical", "store_id", "--min-category-count", "3",
+                                      "--epochs", "2", "--no-progress", "--name", "stores"])
+    assert result.exit_code == 0, result.stderr
+    meta = Registry(home / "registry").get("stores", 1).metadata
+    assert meta.categories == {"store_id": [str(i) for i in range(1, 12)]}  # numeric order
+    assert meta.config["categorical"] == ["store_id"] and meta.config["min_category_count"] == 3
+    rows = np.array([[5, 10.0, 1.0], [99, 10.0, 1.0]], dtype=object)
+    rows[:, 0] = ["5", "99"]
+    out = onnx_session(Registry(home / "registry").get("stores", 1).onnx_path).run(
+        None, feeds(meta, rows))[0]
+    assert out.shape == (2, 2) and np.isfinite(out).all()
+
+
+def test_encode_is_the_graph_coding() -> None:
+    assert encode(["b", "a", None, "", "z"], ["a", "b"]).tolist() == [2.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_retraining_on_a_new_frequent_plan_makes_it_a_category(
+        churn: Churn, caplog: pytest.LogCaptureFixture) -> None:
+    champion = churn.registry.get("churn", "production").metadata
+    production = churn_frame(700, seed=11, new_category=True)
+    assert (production["plan"] == NEW_PLAN).sum() > 100
+    rows = production[FEATURES].astype(object)
+    rows = rows.where(rows.notna(), None)  # the sidecar's rows: strings, None missing
+    rows[REF_LABEL] = production[CHURN_TARGET].to_numpy()  # class index ("0", "1")
+    rows["version"] = champion.version
+    rows["timestamp"] = time.time() - 600 + np.arange(len(rows), dtype=np.float64)
+    settings = churn.settings.model_copy(update={"retrain_detect_change": False})
+    with caplog.at_level(logging.INFO, logger="training.retrain"):
+        result = retrain_on(rows, "churn", settings=settings, registry=churn.registry)
+    assert result.challenger is not None
+    challenger = churn.registry.get("churn", result.challenger.version).metadata
+    assert NEW_PLAN not in champion.categories["plan"]
+    assert challenger.categories["plan"] == ["basic", "family", "plus", "pro", NEW_PLAN]
+    assert challenger.parent_version == champion.version and challenger.parity is not None
+    assert challenger.parity.passed
+    # the champion's weights mean other codes: the challenger trained from scratch, and said so
+    assert "fine_tuned_from" not in challenger.lineage
+    assert any("from scratch" in r.message and "'ultra' new" in r.message for r in caplog.records)
+    new = churn_frame(300, seed=12, new_category=True)
+    new_rows = new[FEATURES].to_numpy(object)
+    new_rows[:, 2] = [v if isinstance(v, str) else None for v in new_rows[:, 2]]
+    out = onnx_session(churn.registry.get("churn", challenger.version).onnx_path).run(
+        None, feeds(challenger, new_rows))[0]
+    assert np.isfinite(out).all()
