@@ -479,7 +479,8 @@ class Routes:
             # on a thread: reading, scoring and writing a file of 100,000 rows would stall the
             # event loop (and every /predict on this worker) for as long as they take
             table = read_upload(body, fmt, runtime.metadata.feature_names, max_rows=s.sync_batch_max_rows,
-                                max_decoded_bytes=s.sync_batch_max_decoded_bytes)
+                                max_decoded_bytes=s.sync_batch_max_decoded_bytes,
+                                categorical=runtime.metadata.categories)
             scored, x = score_table(runtime, table, source="body", nan_policy=self.nan_policy)
             sink = io.BytesIO()
             if fmt == "parquet":

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,17 +161,35 @@ def _is_number(t: pa.DataType) -> bool:
     return bool(pa.types.is_floating(t) or pa.types.is_integer(t))
 
 
-def check_feature_types(schema: pa.Schema, features: Sequence[str], source: str) -> None:
-    """Every feature column holds numbers (checked on a Parquet schema before decoding)."""
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t))
+
+
+def check_feature_types(schema: pa.Schema, features: Sequence[str], source: str,
+                        categorical: Collection[str] = ()) -> None:
+    """Every feature column holds numbers, a categorical one strings (checked on a Parquet
+    schema before decoding)."""
     for name in features:
         t = schema.field(name).type
-        if not _is_number(t):
+        if name in categorical:
+            if not _is_text(t):
+                raise BatchInputError(f"{source}: column {name!r} has type {t}, expected strings (a "
+                                      "categorical feature)", code="wrong_type", column=name)
+        elif not _is_number(t):
             raise BatchInputError(f"{source}: column {name!r} has type {t}, expected numbers",
                                   code="wrong_type", column=name)
 
 
+def column_types(features: Sequence[str], categorical: Collection[str] = ()) -> dict[str, pa.DataType]:
+    """How a CSV's feature columns are read: numbers, and a categorical feature's as text
+    (an empty cell is the empty string, which the graph codes as unknown, like a missing value)."""
+    return {f: pa.string() if f in categorical else pa.float64() for f in features}
+
+
 def read_upload(body: bytes, fmt: str, features: Sequence[str], *, max_rows: int,
-                max_decoded_bytes: int) -> pa.Table:
+                max_decoded_bytes: int, categorical: Collection[str] = ()) -> pa.Table:
     """A file sent to be scored at once (``POST /batch/score``, named ``body`` in errors) as a
     table of its feature columns. What is too large is refused before it is decoded: a Parquet
     file's rows and decoded bytes as its footer declares them (a file of a megabyte can declare
@@ -179,7 +197,7 @@ def read_upload(body: bytes, fmt: str, features: Sequence[str], *, max_rows: int
     if fmt == "parquet":
         pfile = open_parquet(body, "body")
         check_present(pfile.schema_arrow.names, features, (), "body")
-        check_feature_types(pfile.schema_arrow, features, "body")
+        check_feature_types(pfile.schema_arrow, features, "body", categorical)
         rows, sizes = parquet_sizes(pfile, features, "body")
         if rows > max_rows:
             raise BatchInputError(f"body: the file has {rows} rows (as its footer declares), more than {max_rows} "
@@ -201,7 +219,7 @@ def read_upload(body: bytes, fmt: str, features: Sequence[str], *, max_rows: int
         reader = pacsv.open_csv(pa.BufferReader(body), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 convert_options=pacsv.ConvertOptions(
                                     include_columns=list(features),
-                                    column_types={f: pa.float64() for f in features}))
+                                    column_types=column_types(features, categorical)))
         for batch in reader:
             rows += batch.num_rows
             if rows > max_rows:
@@ -323,13 +341,14 @@ class InputFile:
             raise BatchInputError(f"{path}: cannot read csv: {exc}", code="malformed_body") from exc
         return cls(path, fmt, csv_header(head, str(path)), None, size)
 
-    def check_parquet(self, features: Sequence[str], max_row_group_bytes: int | None) -> None:
+    def check_parquet(self, features: Sequence[str], max_row_group_bytes: int | None,
+                      categorical: Collection[str] = ()) -> None:
         """Before decoding a Parquet file: its feature columns hold numbers, and no row group
         decodes to more than ``max_row_group_bytes`` as the footer declares (row groups are
         decoded one at a time). A no-op for a CSV, whose features are read as numbers."""
         if self._parquet is None:
             return
-        check_feature_types(self._parquet.schema_arrow, features, str(self.path))
+        check_feature_types(self._parquet.schema_arrow, features, str(self.path), categorical)
         if max_row_group_bytes is None:
             return
         _, sizes = parquet_sizes(self._parquet, features, str(self.path))
@@ -343,7 +362,8 @@ class InputFile:
         """Progress in the input's unit: rows for Parquet, bytes for CSV."""
         return rows_read if self.fmt == "parquet" else (self._reader.count if self._reader else 0)
 
-    def chunks(self, columns: Sequence[str], chunk_rows: int, features: Sequence[str]) -> Iterator[pa.Table]:
+    def chunks(self, columns: Sequence[str], chunk_rows: int, features: Sequence[str],
+               categorical: Collection[str] = ()) -> Iterator[pa.Table]:
         try:
             if self.fmt == "parquet":
                 yield from _rechunk(_parquet_batches(pq.ParquetFile(self.path, pre_buffer=True), list(columns),
@@ -356,7 +376,7 @@ class InputFile:
                     read_options=pacsv.ReadOptions(block_size=1 << 22),
                     convert_options=pacsv.ConvertOptions(
                         include_columns=list(columns),
-                        column_types={f: pa.float64() for f in features},
+                        column_types=column_types(features, categorical),
                     ),
                 )
                 yield from _rechunk(iter(reader), chunk_rows)
@@ -367,10 +387,14 @@ class InputFile:
 
 
 def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_row: int,
-                nan_policy: str) -> np.ndarray:
+                nan_policy: str, categorical: Collection[str] = ()) -> np.ndarray:
     """The feature columns as float32 ``[rows, features]``, checked like a /predict request
-    (float64 values are rounded to float32 exactly as a JSON number is)."""
-    check_feature_types(table.schema, features, source)
+    (float64 values are rounded to float32 exactly as a JSON number is); with ``categorical``
+    features, the object rows of modelloop/categorical.py (their strings beside the numbers)."""
+    check_feature_types(table.schema, features, source, categorical)
+    if categorical:
+        return _categorical_features(table, features, categorical, source=source, first_row=first_row,
+                                     nan_policy=nan_policy)
     columns = [table.column(name).to_numpy(zero_copy_only=False) for name in features]  # nulls become NaN
     # each column cast straight into its place in the rows: 2.7 ms for 65536 x 30, against
     # 3.7 ms for np.stack and 7 ms for a column-major matrix transposed
@@ -392,6 +416,29 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
                                   "value is not allowed (nan_policy=reject)", code="missing_value",
                                   column=features[c])
     return x
+
+
+def _categorical_features(table: pa.Table, features: Sequence[str], categorical: Collection[str], *,
+                          source: str, first_row: int, nan_policy: str) -> np.ndarray:
+    """:func:`features_of` for a model with categorical features: the numeric columns checked and
+    rounded as there, the categorical ones as strings (None missing)."""
+    numeric = [f for f in features if f not in categorical]
+    out = np.empty((table.num_rows, len(features)), dtype=object)
+    if numeric:
+        x = features_of(table.select(numeric), numeric, source=source, first_row=first_row, nan_policy=nan_policy)
+        out[:, [features.index(f) for f in numeric]] = x  # float32 values, as Python floats
+    for j, name in enumerate(features):
+        if name not in categorical:
+            continue
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if nan_policy == "reject" and column.null_count:
+            r = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise BatchInputError(f"{source}: row {first_row + r}, column {name!r}: missing value is not "
+                                  "allowed (nan_policy=reject)", code="missing_value", column=name)
+        out[:, j] = column.to_pylist()
+    return out
 
 
 def reuse_freed_memory() -> bool:
@@ -430,7 +477,7 @@ def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row
     :func:`check_scorable` once, before the first table."""
     if x is None:
         x = features_of(table, runtime.metadata.feature_names, source=source, first_row=first_row,
-                        nan_policy=nan_policy)
+                        nan_policy=nan_policy, categorical=runtime.metadata.categories)
     preds = interpret(runtime.metadata, runtime.predict(x))
     out = {name: table.column(name) for name in keep}
     out.update({k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in to_columns(preds).items()})
@@ -526,8 +573,9 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
     check_scorable(runtime, str(input_path))
     src = InputFile.open(input_path)
     features = runtime.metadata.feature_names
+    categorical = runtime.metadata.categories
     check_columns(src, features, keep)
-    src.check_parquet(features, max_row_group_bytes)
+    src.check_parquet(features, max_row_group_bytes, categorical)
     parts = parts_dir(output)
     manifest = manifest_for(input_path, runtime.name, runtime.model_version, chunk_rows, keep)
     if Manifest.read(parts) != manifest:
@@ -544,12 +592,12 @@ def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_ro
     sink = _Output(output, out_fmt, parts)
 
     def prepared() -> Iterator[tuple[pa.Table, np.ndarray | None]]:
-        for k, table in enumerate(src.chunks(columns, chunk_rows, features)):
+        for k, table in enumerate(src.chunks(columns, chunk_rows, features, categorical)):
             if f"part-{k:06d}.arrow" in done:
                 yield table, None
             else:
                 yield table, features_of(table, features, source=str(input_path),
-                                         first_row=k * chunk_rows, nan_policy=nan_policy)
+                                         first_row=k * chunk_rows, nan_policy=nan_policy, categorical=categorical)
 
     reader = prepared()
 

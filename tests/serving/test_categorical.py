@@ -8,6 +8,7 @@ small linear head with a softmax. One real ``modelloop serve`` answers the whole
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
@@ -33,6 +37,8 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
+from serving.batch import score_file
+from serving.runtime import OnnxRuntime
 from tests.modelloop.onnx_graphs import with_predictions
 from tests.serving.conftest import Server, Sidecar, start_server, stop_server, wait_until
 
@@ -295,3 +301,65 @@ def test_bad_oip_requests_name_the_field(client: httpx.Client, inputs: list[Any]
     resp = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": inputs})
     assert resp.status_code == status, resp.text
     assert resp.json()["field"] == field
+
+
+# -- batch scoring: string columns from CSV and Parquet -----------------------------------------------
+def predicted(client: httpx.Client, frame: pd.DataFrame) -> np.ndarray:
+    resp = client.post("/predict", json={"instances": records(frame)})
+    assert resp.status_code == 200, resp.text
+    return probabilities(resp.json())
+
+
+def scored_probabilities(table: pa.Table) -> np.ndarray:
+    return np.column_stack([table.column(f"probability_{c}").to_numpy() for c in ("low", "mid", "high")])
+
+
+def test_batch_csv_with_string_columns_equals_predict(client: httpx.Client) -> None:
+    frame = sample(30, seed=21)
+    frame.loc[2, "plan"] = "enterprise"  # unknown
+    frame.loc[5, "monthly"] = np.nan  # an empty cell: missing
+    frame.insert(0, "customer", [f"c{i}" for i in range(len(frame))])  # a column the model does not read
+    resp = client.post("/batch/score", content=frame.to_csv(index=False).encode(),
+                       headers={"Content-Type": "text/csv"})
+    assert resp.status_code == 200, resp.text
+    got = scored_probabilities(pa.csv.read_csv(pa.BufferReader(resp.content)))
+    np.testing.assert_allclose(got, predicted(client, frame[FEATURES]), rtol=1e-6, atol=1e-7)
+
+
+def test_batch_parquet_with_string_columns_equals_predict(client: httpx.Client) -> None:
+    frame = sample(30, seed=22)
+    frame.loc[4, "region"] = None  # a missing category
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.set_column(1, "plan", table.column("plan").dictionary_encode())  # a categorical column
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    resp = client.post("/batch/score", content=sink.getvalue(),
+                       headers={"Content-Type": "application/vnd.apache.parquet"})
+    assert resp.status_code == 200, resp.text
+    got = scored_probabilities(pq.read_table(io.BytesIO(resp.content)))
+    np.testing.assert_allclose(got, predicted(client, frame), rtol=1e-6, atol=1e-7)
+
+
+def test_batch_parquet_with_numbers_for_a_category_is_refused_naming_the_column(client: httpx.Client) -> None:
+    frame = sample(5, seed=23)
+    frame["plan"] = np.arange(5)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    resp = client.post("/batch/score", content=sink.getvalue(),
+                       headers={"Content-Type": "application/vnd.apache.parquet"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json() == {"error": "body: column 'plan' has type int64, expected strings (a categorical feature)",
+                           "code": "wrong_type", "field": "plan"}
+
+
+def test_score_file_reads_string_columns(model: tuple[Path, bytes], tmp_path: Path) -> None:
+    """What ``modelloop batch`` runs: a file scored in chunks, strings read from the CSV."""
+    frame = sample(50, seed=24)
+    frame.loc[7, "plan"] = None
+    source = tmp_path / "in.csv"
+    frame.to_csv(source, index=False)
+    runtime = OnnxRuntime(Registry(model[0] / "registry").get(MODEL, "production"), provider="cpu").load()
+    report = score_file(source, tmp_path / "out.parquet", runtime, chunk_rows=16)
+    assert (report.rows, report.chunks) == (50, 4)
+    got = scored_probabilities(pq.read_table(tmp_path / "out.parquet"))
+    np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
