@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema, models_json_schema
 
 from modelloop import __version__
-from modelloop.schemas import INPUT_NAME
+from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME
 
 _REF = "#/components/schemas/{model}"
 _NonNegative = Annotated[int, Field(ge=0)]
@@ -51,9 +51,11 @@ class PredictRequest(_Closed):
     """Rows to predict: records by feature name, arrays in the order of the model's
     ``feature_names``, or (image and sequence models) tensors nested to the input's shape.
     A value is a number, or null for a missing one (imputed by the graph, or refused under
-    ``nan_policy=reject``). At most ``MAX_ROWS_PER_REQUEST`` rows (more: 413)."""
+    ``nan_policy=reject``); a categorical feature's value is a string (``ModelMetadata.categories``;
+    one the model does not know takes its unknown code). At most ``MAX_ROWS_PER_REQUEST`` rows
+    (more: 413)."""
 
-    instances: list[dict[str, float | None] | list[float | None] | list[list[Any]]] = Field(
+    instances: list[dict[str, float | str | None] | list[float | str | None] | list[list[Any]]] = Field(
         min_length=1)
 
 
@@ -115,15 +117,17 @@ class InputParameters(_Open):
 
 
 class RequestInput(_Open):
-    name: Literal[INPUT_NAME]  # type: ignore[valid-type]
+    name: Literal[INPUT_NAME, CATEGORIES_INPUT] = Field(  # type: ignore[valid-type]
+        description=f"`{INPUT_NAME}`; a model with categorical features also takes `{CATEGORIES_INPUT}`, "
+                    "their strings (BYTES `[rows, n_categorical]`)")
     shape: list[_NonNegative] = Field(
         description="`[rows, n_features]`, or the model's input shape with its rows "
                     "(`GET /v2/models/{name}`)")
-    datatype: Literal["FP32", "FP64", "INT32", "INT64", "FP16"]
+    datatype: Literal["FP32", "FP64", "INT32", "INT64", "FP16", "BYTES"]
     parameters: InputParameters | None = None
     data: list[Any] | SkipJsonSchema[None] = Field(
         None, description="The values, flat in row-major order or nested to the shape; numbers, "
-                          "or null for a missing one")
+                          "or null for a missing one; strings for `categories`")
 
 
 class OutputParameters(_Open):
