@@ -40,6 +40,7 @@ from monitoring.ingest import InputError, NotStored, parse_retrain
 from monitoring.jobs import JobStatus
 from monitoring.metrics import MonitorMetrics
 from monitoring.openapi import openapi_document
+from monitoring.records import window_frame
 from monitoring.reports import latest_report
 from monitoring.sidecar import Sidecar
 
@@ -342,8 +343,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
 
 
 def _labelled_parquet(sidecar: Sidecar, model: str, since: float, limit: int) -> bytes | None:
-    """Labelled events of ``model`` as Parquet: the features (by the version's names), the label
-    and prediction in the reference sample's columns, ``version`` and ``timestamp``."""
+    """Labelled events of ``model`` as Parquet: the features (by the version's names; a
+    categorical feature as its strings), the label and prediction in the reference sample's
+    columns, ``version`` and ``timestamp``."""
     import pandas as pd
 
     from modelloop.schemas import REF_LABEL, REF_PREDICTION
@@ -353,8 +355,8 @@ def _labelled_parquet(sidecar: Sidecar, model: str, since: float, limit: int) ->
         win = sidecar.store.labelled_version(model, version, since, limit)
         if not len(win) or win.features is None:
             continue
-        names = sidecar.catalog.metadata(model, version).feature_names
-        df = pd.DataFrame(win.features, columns=names)
+        meta = sidecar.catalog.metadata(model, version)
+        df = window_frame(win.features, meta.feature_names, meta.categorical_features)
         df[REF_LABEL] = win.label
         df[REF_PREDICTION] = win.prediction
         df["version"] = version

@@ -58,12 +58,39 @@ class DataQuality:
 def window_quality(feature_names: list[str], lower: np.ndarray, upper: np.ndarray,
                    features: np.ndarray) -> DataQuality:
     """Missing and out-of-support shares of ``features`` (rows x features, NaN missing) against
-    the reference's per-feature ``lower`` and ``upper`` bounds."""
+    the reference's per-feature ``lower`` and ``upper`` bounds. An object matrix (a model with
+    categorical features) holds strings in the columns whose bounds are NaN: a value there is
+    missing when None, NaN or the empty string, and never out of support."""
+    if features.dtype == object:
+        return _object_quality(feature_names, lower, upper, features)
     x = np.asarray(features, dtype=np.float64)
     rows = len(x)
     if rows == 0:
         return DataQuality(rows=0)
-    missing = np.isnan(x)
+    return _quality(feature_names, lower, upper, x, np.isnan(x))
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or value != value or value == ""
+
+
+_missing = np.frompyfunc(_is_missing, 1, 1)
+
+
+def _object_quality(feature_names: list[str], lower: np.ndarray, upper: np.ndarray,
+                    features: np.ndarray) -> DataQuality:
+    if len(features) == 0:
+        return DataQuality(rows=0)
+    missing = _missing(features).astype(bool)
+    x = np.full(features.shape, np.nan)
+    numeric = ~np.isnan(lower)
+    x[:, numeric] = np.where(missing[:, numeric], np.nan, features[:, numeric]).astype(np.float64)
+    return _quality(feature_names, lower, upper, x, missing)
+
+
+def _quality(feature_names: list[str], lower: np.ndarray, upper: np.ndarray, x: np.ndarray,
+             missing: np.ndarray) -> DataQuality:
+    rows = len(x)
     with np.errstate(invalid="ignore"):
         outside = (x < lower) | (x > upper)  # NaN compares False: missing is not out of support
     missing_share = missing.mean(axis=0)

@@ -27,6 +27,18 @@ and one strongly shifted feature of 20 is a dataset drift. KS on features with f
 "Failing Loudly") found univariate tests with a Bonferroni correction among the best shift
 detectors.
 
+Categorical features (``categories``: the version's ``ModelMetadata.categories``, whose reference
+columns hold strings) go through a chi-squared test of homogeneity on category counts instead
+(window against reference, a 2 x K table: each category the reference holds often enough to
+expect 5 rows in the smaller sample, and one cell for the rest, values the reference never had
+among them). Its p-value accounts for both samples' sizes, as KS does, and takes the same
+threshold. Each categorical column is also tested for a rise in its share of unknown values
+(not in the model's vocabulary, which the graph codes 0): Fisher's exact test, one-sided, window
+against reference, reported in ``DriftResult.unknown``. With ``calibrated`` both are members of
+the Bonferroni family (``k`` counts a categorical column twice), so a stationary window still
+raises the dataset flag with probability at most ``false_alarm_rate``; a rise in unknown values
+drifts the dataset and names its column among ``drifted_features``.
+
 Per-feature tests cannot see the features' joint distribution change while each keeps its own;
 every check also runs :mod:`monitoring.multivariate` (pairwise dependence at
 ``false_alarm_rate``, whatever the method), reported apart in ``DriftResult.multivariate``.
@@ -41,6 +53,8 @@ Example::
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +70,12 @@ CALIBRATED = "calibrated"
 # settings name -> Evidently's registered stattest name
 METHODS = {"ks": "ks", "psi": "psi", "wasserstein": "wasserstein",
            "jensenshannon": "jensenshannon", "chisquare": "chisquare"}
+CATEGORY_TEST = "chisquare"
+"""The method name a categorical column's test reports (a chi-squared p-value)."""
+DEFAULT_CATEGORY_THRESHOLD = 0.05
+"""A categorical column's p-value threshold where the configured method is a distance."""
+MIN_EXPECTED = 5
+"""Rows a category must be expected to have in the smaller sample to keep its own cell."""
 P_VALUE_TESTS = {"ks", "chisquare", "z", "t_test", "fisher_exact", "g_test", "anderson",
                  "cramer_von_mises", "epps_singleton", "mannw", "empirical_mmd"}
 
@@ -86,6 +106,20 @@ class ColumnDrift:
     """True when the score is a p-value (drift when low), False for a distance (drift when high)."""
 
 
+@dataclass(frozen=True)
+class UnknownShare:
+    """A categorical column's share of values the model's vocabulary lacks, in the window and in
+    the reference (missing values not counted), and whether the window's share rose."""
+
+    column: str
+    share: float
+    reference_share: float
+    p_value: float
+    """One-sided Fisher's exact test: the window's share is no higher than the reference's."""
+    threshold: float
+    risen: bool
+
+
 @dataclass
 class DriftResult:
     """A judged (or, below the minimum window, unjudged) drift check of one model version."""
@@ -102,13 +136,21 @@ class DriftResult:
     prediction: ColumnDrift | None = None
     multivariate: MultivariateDrift | None = None
     """The joint-distribution check (pairs of features), at its own stated false-alarm rate."""
+    unknown: list[UnknownShare] = field(default_factory=list)
+    """Per categorical column: the share of values the model does not know, and its rise."""
     checked_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
     note: str = ""
 
     @property
     def drifted_features(self) -> list[str]:
-        return [c.column for c in self.features if c.drifted]
+        """Columns whose distribution drifted, then those whose unknown values rose."""
+        out = [c.column for c in self.features if c.drifted]
+        return out + [u.column for u in self.unknown if u.risen and u.column not in out]
+
+    @property
+    def unknown_risen(self) -> list[str]:
+        return [u.column for u in self.unknown if u.risen]
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -121,7 +163,8 @@ class ReferenceProfile:
 
     def __init__(self, reference: pd.DataFrame, feature_names: list[str], *,
                  method: str | None = None, threshold: float | None = None,
-                 prediction_categorical: bool = True, false_alarm_rate: float = 0.01) -> None:
+                 prediction_categorical: bool = True, false_alarm_rate: float = 0.01,
+                 categories: Mapping[str, Sequence[str]] | None = None) -> None:
         missing = [f for f in feature_names if f not in reference.columns]
         if missing:
             raise ValueError(f"reference sample lacks features {missing}")
@@ -129,6 +172,9 @@ class ReferenceProfile:
             raise ValueError("no features to watch")
         ct = column_types()
         self.feature_names = list(feature_names)
+        self.vocabulary = {f: frozenset(v) for f, v in (categories or {}).items() if f in feature_names}
+        """Categorical feature -> the values the model knows (a value not in it is unknown)."""
+        self.numeric = [f for f in self.feature_names if f not in self.vocabulary]
         self.calibrated = method == CALIBRATED
         self.prediction_threshold = threshold
         if self.calibrated:
@@ -137,28 +183,41 @@ class ReferenceProfile:
             # every test is KS (a p-value), numerical; each feature at rate / k, so any of the k
             # features drifting on a stationary window has probability <= rate
             self.method: str | None = "ks"
-            threshold = false_alarm_rate / len(self.feature_names)
+            # a categorical column has two tests: its categories and its unknown values
+            threshold = false_alarm_rate / (len(self.feature_names) + len(self.vocabulary))
             self.prediction_threshold = false_alarm_rate
             prediction_categorical = False
         else:
             self.method = METHODS[method] if method and method != "auto" else None
         self.threshold = threshold
+        self.category_threshold = (threshold if threshold is not None and (
+            self.calibrated or self.method in P_VALUE_TESTS) else DEFAULT_CATEGORY_THRESHOLD)
+        """The p-value below which a categorical column drifts (or its unknown values rose)."""
         self.rows = len(reference)
         self.columns: dict[str, pd.Series] = {}
         self._tests: dict[str, Any] = {}
-        for name in self.feature_names:
+        for name in self.numeric:
             col = _clean_sorted(reference[name].to_numpy(dtype=np.float64))
             if col.empty:
                 raise ValueError(f"reference column {name!r} has no finite values")
             self.columns[name] = col
             self._tests[name] = self._resolve(col, None, ct.Numerical, self.method)
-        sorted_columns = [self.columns[n].to_numpy() for n in self.feature_names]
-        self.lower = np.array([c[0] for c in sorted_columns])
-        """Each feature's smallest reference value (its support's lower end)."""
-        self.upper = np.array([c[-1] for c in sorted_columns])
+        self.counts: dict[str, Counter[str]] = {}
+        """Categorical feature -> its reference values' counts (missing values left out)."""
+        for name in self.vocabulary:
+            self.counts[name] = Counter(present_values(reference[name].to_numpy(dtype=object)))
+            if not self.counts[name]:
+                raise ValueError(f"reference column {name!r} has no values")
+        sorted_columns = [self.columns[n].to_numpy() for n in self.numeric]
+        bounds = {n: (c[0], c[-1]) for n, c in zip(self.numeric, sorted_columns, strict=True)}
+        self.lower = np.array([bounds.get(n, (np.nan, np.nan))[0] for n in self.feature_names])
+        """Each feature's smallest reference value (its support's lower end; NaN for a
+        categorical feature, which has no range)."""
+        self.upper = np.array([bounds.get(n, (np.nan, np.nan))[1] for n in self.feature_names])
+        self._numeric_at = [self.feature_names.index(n) for n in self.numeric]
         self.dependence = DependenceProfile(
-            sorted_columns, reference[self.feature_names].to_numpy(dtype=np.float64),
-            self.feature_names, false_alarm_rate)
+            sorted_columns, reference[self.numeric].to_numpy(dtype=np.float64),
+            self.numeric, false_alarm_rate) if self.numeric else None
         self.prediction_type = ct.Categorical if prediction_categorical else ct.Numerical
         self.prediction: pd.Series | None = None
         if REF_PREDICTION in reference.columns:
@@ -224,7 +283,12 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
                          f"{len(profile.feature_names)}")
     num = column_types().Numerical
     for j, name in enumerate(profile.feature_names):
-        cur = _clean_sorted(features[:, j])
+        if name in profile.vocabulary:
+            values = present_values(features[:, j])
+            result.features.append(_category_drift(profile, name, values))
+            result.unknown.append(_unknown_share(profile, name, values))
+            continue
+        cur = _clean_sorted(np.asarray(features[:, j], dtype=np.float64))
         if cur.empty:  # Evidently refuses an empty column; report it undecided, not drifted
             result.features.append(ColumnDrift(name, "none", float("nan"), float("nan"),
                                                False, False))
@@ -233,10 +297,10 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
         result.features.append(_run(test, name, profile.columns[name], cur, num,
                                     profile.threshold_for(test)))
     n = len(result.features)
-    result.share = len(result.drifted_features) / n if n else 0.0
+    result.share = sum(c.drifted for c in result.features) / n if n else 0.0
     if profile.calibrated:  # the Bonferroni family: any drifted feature is a dataset drift
         result.drift_share = 1 / n
-    result.dataset_drift = result.share >= result.drift_share
+    result.dataset_drift = result.share >= result.drift_share or bool(result.unknown_risen)
     if prediction is not None and profile.prediction is not None and len(profile.prediction):
         cur = _clean_sorted(np.asarray(prediction, dtype=np.float64))
         if not cur.empty:
@@ -245,7 +309,73 @@ def check_drift(profile: ReferenceProfile, features: np.ndarray,
             result.prediction = _run(test, "prediction", profile.prediction, cur,
                                      profile.prediction_type,
                                      profile.threshold_for(test, profile.prediction_threshold))
-    result.multivariate = profile.dependence.check(features)
+    if profile.dependence is not None:
+        numeric = (features if not profile.vocabulary
+                   else np.asarray(features[:, profile._numeric_at], dtype=np.float64))
+        result.multivariate = profile.dependence.check(numeric)
     result.judged = True
     result.duration_s = time.perf_counter() - started
     return result
+
+
+def present_values(column: np.ndarray) -> list[str]:
+    """A categorical column's values, missing ones (None, NaN, the empty string) left out."""
+    return [v if type(v) is str else str(v) for v in column.tolist()
+            if v is not None and v == v and v != ""]
+
+
+def category_p_value(reference: Mapping[str, int], current: Sequence[str]) -> float:
+    """Chi-squared test of homogeneity of ``current``'s categories and the ``reference``
+    counts: one cell per reference category expected to hold ``MIN_EXPECTED`` rows in the
+    smaller sample, one for every other value (a value the reference never had among them). That
+    cell joins the smallest kept one when both samples together put fewer than ``MIN_EXPECTED``
+    rows in it at the smaller sample's size: a stray new value then counts for little, as the
+    chi-squared approximation needs (one value in 500 rows against 3000 would add 6 to the
+    statistic), while a surge of new values keeps its own cell and is seen."""
+    from scipy.stats import chi2_contingency
+
+    n_ref, n_cur = sum(reference.values()), len(current)
+    if not n_ref or not n_cur:
+        return 1.0
+    smaller = min(n_ref, n_cur)
+    kept = sorted((c for c, k in reference.items() if k * smaller >= MIN_EXPECTED * n_ref),
+                  key=lambda c: -reference[c])
+    seen = Counter(current)
+    ref = [reference[c] for c in kept]
+    cur = [seen.get(c, 0) for c in kept]
+    ref_other, cur_other = n_ref - sum(ref), n_cur - sum(cur)
+    if kept and (ref_other + cur_other) * smaller < MIN_EXPECTED * (n_ref + n_cur):
+        ref[-1] += ref_other
+        cur[-1] += cur_other
+    else:
+        ref.append(ref_other)
+        cur.append(cur_other)
+    table = np.array([ref, cur], dtype=np.float64)
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2:
+        return 1.0
+    return float(chi2_contingency(table, correction=False).pvalue)
+
+
+def _category_drift(profile: ReferenceProfile, name: str, values: list[str]) -> ColumnDrift:
+    if not values:  # like an empty numeric column: undecided, not drifted
+        return ColumnDrift(name, "none", float("nan"), float("nan"), False, False)
+    p = category_p_value(profile.counts[name], values)
+    t = profile.category_threshold
+    return ColumnDrift(name, CATEGORY_TEST, t, p, p < t, True)
+
+
+def _unknown_share(profile: ReferenceProfile, name: str, values: list[str]) -> UnknownShare:
+    from scipy.stats import fisher_exact
+
+    known = profile.vocabulary[name]
+    ref = profile.counts[name]
+    ref_unknown = sum(k for c, k in ref.items() if c not in known)
+    ref_n = sum(ref.values())
+    cur_unknown = sum(1 for v in values if v not in known)
+    t = profile.category_threshold
+    if not values:
+        return UnknownShare(name, float("nan"), ref_unknown / ref_n, 1.0, t, False)
+    p = float(fisher_exact([[cur_unknown, len(values) - cur_unknown],
+                            [ref_unknown, ref_n - ref_unknown]], alternative="greater").pvalue)
+    return UnknownShare(name, cur_unknown / len(values), ref_unknown / ref_n, p, t, p < t)

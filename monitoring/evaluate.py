@@ -45,6 +45,7 @@ from monitoring.live_gate import Action, LiveGate
 from monitoring.metrics import MonitorMetrics
 from monitoring.performance import ErrorRateTracker, latency_quantiles
 from monitoring.policy import METRICS, Firing, MetricSpec, Observation, PolicyEngine, Rule
+from monitoring.records import window_frame
 from monitoring.reports import importance_section, sidecar_section, write_drift_report
 from monitoring.resources import (
     CgroupSampler,
@@ -221,7 +222,7 @@ class Evaluator:
                 ref, meta.feature_names, method=self.settings.drift_method,
                 threshold=self.settings.drift_threshold,
                 prediction_categorical=meta.task == Task.classification,
-                false_alarm_rate=self.settings.drift_false_alarm_rate)
+                false_alarm_rate=self.settings.drift_false_alarm_rate, categories=meta.categories)
             proba_cols = [c for c in ref.columns if c.startswith(REF_PROBA_PREFIX)]
             proba_cols.sort(key=lambda c: int(c[len(REF_PROBA_PREFIX):]))
             calibration = _calibration(ref, proba_cols)
@@ -333,6 +334,9 @@ class Evaluator:
             entries += [(m.drift_score, (model, c.column), c.score),
                         (m.drift_detected, (model, c.column), float(c.drifted)),
                         (m.drift_method, (model, c.column, c.method), c.threshold)]
+        for u in drift.unknown:
+            entries += [(m.unknown_category_share, (model, u.column), u.share),
+                        (m.unknown_category_rise, (model, u.column), float(u.risen))]
         if drift.multivariate is not None:
             entries += [(m.multivariate_drift_score, (model,), drift.multivariate.statistic),
                         (m.multivariate_drift_detected, (model,),
@@ -396,8 +400,9 @@ class Evaluator:
         assert ctx.reference is not None and current.features is not None
         assert ctx.profile is not None
         names, profile = ctx.meta.feature_names, ctx.profile
-        ref = ctx.reference[names].copy()
-        cur = pd.DataFrame(current.features, columns=names)
+        ref = window_frame(ctx.reference[names].to_numpy(dtype=object), names,
+                           ctx.meta.categorical_features)
+        cur = window_frame(current.features, names, ctx.meta.categorical_features)
         pred_col = None
         if REF_PREDICTION in ctx.reference.columns:
             pred_col = "prediction"
@@ -407,7 +412,7 @@ class Evaluator:
 
         def render() -> None:
             try:
-                extra = (sidecar_section(drift.multivariate, data_quality)
+                extra = (sidecar_section(drift.multivariate, data_quality, drift.unknown)
                          + importance_section(self.catalog.registry, model, version, drift))
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
@@ -415,7 +420,8 @@ class Evaluator:
                                    drift_share=1 / len(names) if profile.calibrated
                                    else s.drift_share,
                                    max_rows=s.report_max_rows, keep=s.reports_keep,
-                                   prediction_column=pred_col, extra_html=extra)
+                                   prediction_column=pred_col, extra_html=extra,
+                                   categorical=ctx.meta.categorical_features)
             except Exception:
                 log.exception("drift report for %s v%d failed", model, version)
 

@@ -15,6 +15,7 @@ and resolves each caller's future only after the commit: an acknowledged event i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import queue
@@ -30,6 +31,7 @@ import orjson
 import pydantic_core
 from pydantic import BaseModel, Field, StrictStr, TypeAdapter, ValidationError
 
+from modelloop.categorical import columns, is_categorical
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import (
     MODE_SHADOW,
@@ -43,7 +45,7 @@ from modelloop.schemas import (
     Task,
     Text,
 )
-from monitoring.records import EventRow, Stored, pack
+from monitoring.records import EventRow, Stored, pack, pack_row
 from monitoring.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,16 @@ class NotStored(RuntimeError):
     Nothing was acknowledged, so the sender keeps the batch and retries it (503)."""
 
 
+_UNION_TAG = re.compile(r"^(float|[\w-]+\[.*\])$")
+"""A union member's tag in an error's location (``float``, ``function-after[...]``): pydantic's
+words for which member failed, not a field a sender wrote."""
+
+
 def _loc(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and _UNION_TAG.match(part):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
@@ -105,10 +114,19 @@ def _loc(loc: Sequence[int | str]) -> str:
 def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
     """Pydantic errors as ``events[3].version: Input should be ...`` lines."""
     lines = []
+    said: dict[str, bool] = {}
     for err in exc.errors(include_url=False):
         where = _loc(err["loc"])
         if prefix:
             where = f"{prefix}{'' if where.startswith('[') else '.'}{where}" if where != "body" else prefix
+        # a union's members each say why a value failed them: one line per value, the member
+        # of the value's own kind (a string's length, not that it is not a number)
+        text = isinstance(err.get("input"), str)
+        if where in said and (said[where] or not text or err["type"].startswith("float")):
+            continue
+        if where in said:
+            lines = [line for line in lines if not line.startswith(f"{where}: ")]
+        said[where] = text and not err["type"].startswith("float")
         lines.append(f"{where}: {err['msg']}")
     return lines
 
@@ -173,12 +191,16 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
     rows: list[tuple[int, EventRow]] = []
     for key, idx in groups.items():
         # one matrix per model version (same width): finiteness checked and rows packed at once
-        feats = np.array([events[i].features for i in idx], dtype=np.float64)  # None -> NaN
+        meta = metas[key]
+        values = [events[i].features for i in idx]
+        objects = isinstance(meta, ModelMetadata) and is_categorical(meta)
+        if objects and isinstance(meta, ModelMetadata):  # the numbers only: checked for range
+            values = [[row[j] for j in columns(meta)[0]] for row in values]
+        feats = np.array(values, dtype=np.float64).reshape(len(idx), -1)  # None -> NaN
         probs = _matrix([events[i].probabilities for i in idx])
         bad = np.asarray((np.abs(feats) > FLOAT32_MAX).any(axis=1))  # inf too; NaN is missing
         bad_p: np.ndarray = (np.zeros(len(idx), bool) if probs is None else ~_distributions(probs))
         pred = np.array([events[i].prediction for i in idx], dtype=np.float64)
-        meta = metas[key]
         classes = (isinstance(meta, ModelMetadata) and meta.task == Task.classification
                    and bool(meta.class_labels))  # the class index was checked against these
         bad_top = (~_most_probable(pred, probs) if classes and probs is not None
@@ -200,8 +222,8 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
             p_blob = probs[j].tobytes() if probs is not None else (
                 None if ev.probabilities is None else pack(ev.probabilities))
             rows.append((i, EventRow(ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode,
-                                     feats[j].tobytes(), ev.prediction, p_blob, ev.latency_s,
-                                     received_at)))
+                                     pack_row(ev.features) if objects else feats[j].tobytes(),
+                                     ev.prediction, p_blob, ev.latency_s, received_at)))
     if errors:
         errors.sort()
         reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
@@ -229,6 +251,11 @@ def _by_version(events: list[PredictionEvent], catalog: ModelCatalog, received_a
         if isinstance(meta, str):
             errors.append((i, f"events[{i}].model: {meta}"))
             reasons.add("unknown_model")
+            continue
+        kind = _kind_problem([ev.features], meta)
+        if kind:
+            errors.append((i, f"events[{i}].features[{kind[1]}]: {kind[2]}"))
+            reasons.add("invalid_event")
             continue
         problem = _shape_problem(ev.features, ev.prediction, ev.probabilities, meta)
         late = bounds.problem(np.array([ev.timestamp]), received_at)
@@ -291,6 +318,11 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
             errors.append(f"{where}.model: {meta}")
             reasons.add("unknown_model")
             continue
+        kind = None if isinstance(g.features, PackedMatrix) else _kind_problem(g.features, meta)
+        if kind:
+            errors.append(f"{where}.features[{kind[0]}][{kind[1]}]: {kind[2]}")
+            reasons.add("invalid_event")
+            continue
         problem, feats, probs = _check_columns(g, meta)
         late = bounds.problem(np.asarray(g.timestamp, dtype=np.float64), received_at)
         if late is not None:
@@ -299,11 +331,13 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
             errors.append(f"{where}.{problem}")
             reasons.add("wrong_shape")
             continue
+        objects = is_categorical(meta)
         ids = g.row_ids()
         ts = np.repeat(np.asarray(g.timestamp), g.rows).tolist()
         latency = np.repeat(np.asarray(g.latency_s), g.rows).tolist()
         for r, rid in enumerate(ids):
-            rows.append(EventRow(rid, g.model, g.version, ts[r], g.mode, feats[r].tobytes(),
+            rows.append(EventRow(rid, g.model, g.version, ts[r], g.mode,
+                                 pack_row(feats[r]) if objects else feats[r].tobytes(),
                                  g.prediction[r], None if probs is None else probs[r].tobytes(),
                                  latency[r], received_at))
     if errors:
@@ -348,10 +382,14 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
     features and probabilities as float64 matrices (NaN for null)."""
     tag, n = f"{meta.name} v{meta.version}", meta.n_features
     empty = np.empty((0, n))
-    problem, feats = _column_matrix(g.features, n, "features", tag)
+    if is_categorical(meta):
+        problem, feats, numbers = _object_matrix(g.features, meta, tag)
+    else:
+        problem, feats = _column_matrix(g.features, n, "features", tag)
+        numbers = feats
     if problem:
         return problem, empty, None
-    if (too_big := np.abs(feats) > FLOAT32_MAX).any():  # inf too; NaN is a missing value
+    if (too_big := np.abs(numbers) > FLOAT32_MAX).any():  # inf too; NaN is a missing value
         return f"features[{_first(too_big)}]: {_FEATURES_RULE}", empty, None
     pred = np.asarray(g.prediction, dtype=np.float64)
     if not np.isfinite(pred).all():
@@ -371,6 +409,42 @@ def _check_columns(g: EventColumns, meta: ModelMetadata) -> Checked:
         r = _first(~ok)
         return f"prediction[{r}]: {_top_problem(pred[r], probs[r])}", empty, None
     return None, feats, probs
+
+
+def _object_matrix(values: list[list[float | str | None]] | PackedMatrix, meta: ModelMetadata,
+                   tag: str) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """The rows of a model with categorical features (lists whose values' kinds were checked)
+    as an object matrix, and its numeric columns as float64 (NaN for null); or what does not fit."""
+    n = meta.n_features
+    if isinstance(values, PackedMatrix):
+        return (f"features: {tag} has categorical features ({', '.join(meta.categorical_features)}): "
+                "send its rows as lists, strings in their positions", _EMPTY, _EMPTY)
+    r = next((r for r, v in enumerate(values) if len(v) != n), None)
+    if r is not None:
+        return f"features[{r}]: expected {n} values for {tag}, got {len(values[r])}", _EMPTY, _EMPTY
+    out = np.empty((len(values), n), dtype=object)
+    out[:] = values
+    numeric = columns(meta)[0]
+    return None, out, np.asarray(out[:, numeric], dtype=np.float64)
+
+
+def _kind_problem(rows: Sequence[Sequence[float | str | None]],
+                  meta: ModelMetadata) -> tuple[int, int, str] | None:
+    """The first value of ``rows`` of the wrong kind for its feature (its row, its position and
+    why): a string where the model version takes a number, or a number where it takes a
+    category's string."""
+    cats = set(columns(meta)[1])
+    if not cats and str not in set(map(type, itertools.chain.from_iterable(rows))):
+        return None  # a numeric model's rows without a string: the common case, in C
+    for r, row in enumerate(rows):
+        for j, v in enumerate(row[:meta.n_features]):
+            if v is None or (type(v) is str) == (j in cats):
+                continue
+            if j in cats:
+                return r, j, (f"Input should be a string or null (feature {meta.feature_names[j]!r} "
+                              f"of {meta.name} v{meta.version} is categorical), got {v!r}")
+            return r, j, "Input should be a valid number"
+    return None
 
 
 _FEATURES_RULE = "values must be numbers within float32 range (|x| <= 3.4e38) or null"

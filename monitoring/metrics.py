@@ -74,6 +74,14 @@ class MonitorMetrics:
             ("model",))
         self.multivariate_drift_detected = g("modelloop_multivariate_drift_detected",
                                              "Joint-distribution drift flag.", ("model",))
+        self.unknown_category_share = g(
+            "modelloop_unknown_category_share_ratio", "Per categorical feature: share of the "
+            "judged window's values the model's vocabulary lacks (missing ones not counted).",
+            ("model", "feature"))
+        self.unknown_category_rise = g(
+            "modelloop_unknown_category_rise_detected", "Per categorical feature: its share of "
+            "unknown values rose against the reference (a drift of the feature).",
+            ("model", "feature"))
         # the live gate (monitoring/live_gate.py)
         self.live_gate_rows = g("modelloop_live_gate_rows", "Labelled requests both the champion "
                                 "and the shadowing challenger answered.", ("model",))

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from modelloop.schemas import PredictionEvent
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _F8 = np.dtype("<f8")
 
@@ -18,6 +22,49 @@ _F8 = np.dtype("<f8")
 def pack(values: Sequence[float | None]) -> bytes:
     """Floats (``None`` for missing) as a float64 blob."""
     return np.array([np.nan if v is None else v for v in values], dtype=_F8).tobytes()
+
+
+def pack_row(values: Sequence[float | str | None]) -> bytes:
+    """A row with strings (a model with categorical features) as JSON text, padded with a space
+    to a length that is not a multiple of 8: a float64 blob's always is, which is how
+    :func:`to_window` tells the two encodings apart without asking the registry. NaN is stored
+    as null (missing)."""
+    blob = orjson.dumps(list(values))
+    return blob + b" " if len(blob) % 8 == 0 else blob
+
+
+def is_row_json(blob: bytes) -> bool:
+    """Whether a stored features blob is a :func:`pack_row` row (else packed float64)."""
+    return len(blob) % 8 != 0
+
+
+def _object_rows(blobs: Sequence[bytes]) -> np.ndarray:
+    """JSON rows as an object matrix: floats, strings and None (missing)."""
+    rows = [orjson.loads(b) for b in blobs]
+    width = len(rows[0])
+    if any(len(r) != width for r in rows):
+        raise ValueError("window mixes feature widths; ask for one version")
+    out = np.empty((len(rows), width), dtype=object)
+    out[:] = rows
+    return out
+
+
+def window_frame(features: np.ndarray, feature_names: list[str],
+                 categorical: Sequence[str] = ()) -> pd.DataFrame:
+    """A window's features as a DataFrame in ``feature_names`` order: the ``categorical``
+    columns as strings (None missing), the others as float64 (NaN missing), whether the matrix
+    is float (a numeric model) or object (rows with strings). What a retraining job and the
+    drift report read, so a category reaches them as the string the model was sent."""
+    import pandas as pd
+
+    frame = pd.DataFrame(features, columns=feature_names)
+    cats = set(categorical)
+    for name in feature_names:
+        if name in cats:
+            frame[name] = frame[name].astype(object)
+        elif frame[name].dtype == object:
+            frame[name] = frame[name].to_numpy(dtype=np.float64)  # None -> NaN
+    return frame
 
 
 class EventRow(NamedTuple):
@@ -36,9 +83,12 @@ class EventRow(NamedTuple):
     received_at: float
 
     @classmethod
-    def from_event(cls, ev: PredictionEvent, received_at: float) -> EventRow:
+    def from_event(cls, ev: PredictionEvent, received_at: float, *, objects: bool = False) -> EventRow:
+        """The row of an event; ``objects`` for a model with categorical features (every row of
+        such a version is stored as :func:`pack_row`, whatever its values)."""
         return cls(
-            ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode, pack(ev.features),
+            ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode,
+            pack_row(ev.features) if objects else pack(ev.features),
             ev.prediction, None if ev.probabilities is None else pack(ev.probabilities),
             ev.latency_s, received_at,
         )
@@ -126,7 +176,9 @@ def to_window(rows: list[Any], features: bool) -> Window:
     if features:
         blobs = cols[6]
         width = len(blobs[0]) // 8 if n else 0
-        if all(len(b) == width * 8 for b in blobs):
+        if n and is_row_json(blobs[0]) and all(is_row_json(b) for b in blobs):
+            win.features = _object_rows(blobs)
+        elif all(len(b) == width * 8 for b in blobs):
             win.features = np.frombuffer(b"".join(blobs), dtype=_F8).reshape(n, width)
         else:  # rows of different versions can have different widths; the caller picks one
             raise ValueError("window mixes feature widths; ask for one version")

@@ -23,13 +23,14 @@ import html
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from modelloop.registry import Registry
 from monitoring.data_quality import DataQuality
-from monitoring.drift import DriftResult
+from monitoring.drift import DriftResult, UnknownShare
 from monitoring.importance import version_importance
 from monitoring.multivariate import MultivariateDrift
 
@@ -46,20 +47,21 @@ def write_drift_report(
     reports_dir: Path, model: str, version: int, reference: pd.DataFrame, current: pd.DataFrame,
     *, method: str | None, threshold: float | None, drift_share: float, max_rows: int = 20_000,
     keep: int = 10, prediction_column: str | None = None, calibrated: bool = False,
-    extra_html: str = "",
+    extra_html: str = "", categorical: Sequence[str] = (),
 ) -> Path:
     """Render Evidently's data drift report and make it the model's ``latest.html``.
-    ``calibrated``: ``method`` and ``threshold`` are the features' (KS at the Bonferroni
-    threshold); the prediction, a categorical column here, keeps Evidently's default test.
+    ``calibrated``: ``method`` and ``threshold`` are the numeric features' (KS at the Bonferroni
+    threshold); the prediction and the ``categorical`` features (string columns) keep
+    Evidently's default test for categories.
     ``extra_html`` (:func:`sidecar_section`) is placed after Evidently's report."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
     ref = _sample(reference, max_rows)
     cur = _sample(current, max_rows)
-    numerical = [c for c in cur.columns if c != prediction_column]
-    categorical = [prediction_column] if prediction_column else []
-    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    categories = [*categorical, *([prediction_column] if prediction_column else [])]
+    numerical = [c for c in cur.columns if c not in categories]
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categories)
     if calibrated:
         preset = DataDriftPreset(num_method=method, num_threshold=threshold,
                                  drift_share=drift_share)
@@ -99,9 +101,16 @@ def _sample(df: pd.DataFrame, max_rows: int) -> pd.DataFrame:
     return df.sample(n=max_rows, random_state=0).reset_index(drop=True)
 
 
-def sidecar_section(joint: MultivariateDrift | None, quality: DataQuality | None) -> str:
-    """The joint-distribution check and the window's data quality as an HTML section."""
+def sidecar_section(joint: MultivariateDrift | None, quality: DataQuality | None,
+                    unknown: Sequence[UnknownShare] = ()) -> str:
+    """The joint-distribution check, the categorical features' unknown values and the window's
+    data quality as an HTML section."""
     rows = []
+    for u in unknown:
+        verdict = "risen" if u.risen else "no rise"
+        rows.append((f"Unknown values of {u.column}",
+                     f"{verdict}: {u.share:.1%} of the window's values, {u.reference_share:.1%} "
+                     f"of the reference's (p-value {u.p_value:.3g}, threshold {u.threshold:.3g})"))
     if joint is not None:
         verdict = "drifted: " + ", ".join(joint.pairs) if joint.drifted else "no drift"
         rows.append(("Joint distribution (pairs of features)",
