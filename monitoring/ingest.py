@@ -113,7 +113,7 @@ def _loc(loc: Sequence[int | str]) -> str:
 
 def format_validation(exc: ValidationError, prefix: str = "") -> list[str]:
     """Pydantic errors as ``events[3].version: Input should be ...`` lines."""
-    lines = []
+    lines: list[str] = []
     said: dict[str, bool] = {}
     for err in exc.errors(include_url=False):
         where = _loc(err["loc"])
@@ -360,7 +360,8 @@ def _first(mask: np.ndarray) -> int:
 _EMPTY = np.empty((0, 0))
 
 
-def _column_matrix(values: list[list[float | None]] | list[list[float]] | PackedMatrix, width: int | None,
+def _column_matrix(values: list[list[float | str | None]] | list[list[float]] | PackedMatrix,
+                   width: int | None,
                    field: str, tag: str) -> tuple[str | None, np.ndarray]:
     """A column of per-row values (JSON lists, or packed) as a float64 matrix of ``width``
     values per row (None: the width of its first row), or what does not fit."""
@@ -368,7 +369,7 @@ def _column_matrix(values: list[list[float | None]] | list[list[float]] | Packed
         if width is not None and values.shape[1] != width:
             return f"{field}.shape: expected {width} values per row for {tag}, got {values.shape[1]}", _EMPTY
         return None, values.array().astype(np.float64)
-    rows: Sequence[Sequence[float | None]] = values
+    rows: Sequence[Sequence[float | str | None]] = values  # no strings: their kinds were checked
     if width is None:
         width = len(rows[0]) if rows else 0
     r = next((r for r, v in enumerate(rows) if len(v) != width), None)
@@ -489,7 +490,7 @@ def _matrix(values: list[list[float] | None]) -> np.ndarray | None:
     return np.array(values, dtype=np.float64)
 
 
-def _shape_problem(features: list[float | None], prediction: float,
+def _shape_problem(features: Sequence[float | str | None], prediction: float,
                    probabilities: list[float] | None, meta: ModelMetadata) -> str | None:
     tag = f"{meta.name} v{meta.version}"
     if len(features) != meta.n_features:

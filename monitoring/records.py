@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import orjson
@@ -88,7 +88,8 @@ class EventRow(NamedTuple):
         such a version is stored as :func:`pack_row`, whatever its values)."""
         return cls(
             ev.request_id, ev.model, ev.version, ev.timestamp, ev.mode,
-            pack_row(ev.features) if objects else pack(ev.features),
+            # a numeric model's values: numbers or None (ingest checked their kinds)
+            pack_row(ev.features) if objects else pack(cast("list[float | None]", ev.features)),
             ev.prediction, None if ev.probabilities is None else pack(ev.probabilities),
             ev.latency_s, received_at,
         )
