@@ -38,7 +38,8 @@ from modelloop.schemas import (
     TensorSpec,
 )
 from serving.batch import score_file
-from serving.runtime import OnnxRuntime
+from serving.runtime import ModelLoadError, OnnxRuntime
+from serving.validation import RequestError, parse_instances, unknown_category_error
 from tests.modelloop.onnx_graphs import with_predictions
 from tests.serving.conftest import Server, Sidecar, start_server, stop_server, wait_until
 
@@ -363,3 +364,57 @@ def test_score_file_reads_string_columns(model: tuple[Path, bytes], tmp_path: Pa
     assert (report.rows, report.chunks) == (50, 4)
     got = scored_probabilities(pq.read_table(tmp_path / "out.parquet"))
     np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+
+
+def test_explanations_refuse_a_categorical_model_naming_why(client: httpx.Client) -> None:
+    resp = client.post("/explain", json={"instances": records(sample(1, seed=30))})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "not_explainable"
+    assert "takes categorical features (plan, region)" in resp.json()["error"]
+
+
+# -- without a server ---------------------------------------------------------------------------------
+def plans_meta() -> ModelMetadata:
+    return ModelMetadata(
+        name=MODEL, version=1, task=Task.classification, outputs=[TensorSpec(name=PROBABILITIES, shape=[None, 3])],
+        inputs=[TensorSpec(name=INPUT_NAME, shape=[None, 2]),
+                TensorSpec(name=CATEGORIES_INPUT, dtype="string", shape=[None, 2])],
+        feature_names=FEATURES, categories=CATEGORIES)
+
+
+def test_records_become_object_rows() -> None:
+    x = parse_instances({"instances": [{"monthly": 1, "plan": "pro", "tenure": None, "region": None}]},
+                        plans_meta(), nan_policy="allow", max_rows=10)
+    assert x.dtype == object
+    monthly, plan, tenure, region = x[0]
+    assert (monthly, type(monthly), plan, region) == (1.0, float, "pro", None)
+    assert np.isnan(tenure)  # a missing number: NaN, as in float rows
+
+
+def test_a_null_category_is_refused_under_nan_policy_reject() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_instances({"instances": [[1.0, "pro", 2.0, None]]}, plans_meta(), nan_policy="reject", max_rows=10)
+    assert repr(info.value) == ("RequestError(422, 'missing_value', 'instances[0][3]', 'instances[0][3]: missing "
+                                "value (null) is not allowed (nan_policy=reject)')")
+
+
+def test_an_unknown_category_error_names_the_field_and_the_value() -> None:
+    rows = np.array([[1.0, "pro", 2.0, "eu"], [1.0, "team", 2.0, "mars"]], dtype=object)
+    err = unknown_category_error(plans_meta(), rows, "instances")
+    assert (err.status, err.code, err.field) == (422, "unknown_category", "instances[1].region")
+    assert err.message == ('instances[1].region: unknown value "mars"; the model knows 2 ("eu", "us") '
+                           "(MODELLOOP_SERVING_UNKNOWN_CATEGORIES=reject)")
+
+
+def test_a_graph_without_the_categories_input_does_not_load(model: tuple[Path, bytes]) -> None:
+    registry = Registry(model[0] / "registry")
+    numeric_only = helper.make_model(helper.make_graph(
+        [helper.make_node("Softmax", [INPUT_NAME], [PROBABILITIES], axis=-1)], "numeric",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", 3])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    numeric_only.ir_version = 8
+    meta = registry.register(plans_meta().model_copy(update={"name": "plans-broken"}),
+                             numeric_only.SerializeToString())
+    with pytest.raises(ModelLoadError, match=r"takes the inputs \['categories', 'input'\], the graph \['input'\]"):
+        OnnxRuntime(registry.get("plans-broken", meta.version), provider="cpu").load()
