@@ -32,11 +32,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from modelloop.schemas import MAX_CATEGORY_CHARS
 from serving.predictions import interpret, to_columns
 from serving.runtime import OnnxRuntime
+from serving.validation import category_problem
 
 logger = logging.getLogger(__name__)
 
@@ -433,11 +436,20 @@ def _categorical_features(table: pa.Table, features: Sequence[str], categorical:
         column = table.column(name)
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
+        if pa.types.is_null(column.type):  # (a Parquet column of nothing but nulls)
+            column = column.cast(pa.string())
         if nan_policy == "reject" and column.null_count:
             r = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
             raise BatchInputError(f"{source}: row {first_row + r}, column {name!r}: missing value is not "
                                   "allowed (nan_policy=reject)", code="missing_value", column=name)
-        out[:, j] = column.to_pylist()
+        values = column.to_pylist()
+        # what no event may carry (serving/validation.py): looked for by pyarrow, found in Python
+        longest = pc.max(pc.utf8_length(column)).as_py() if len(column) else None
+        if (longest or 0) > MAX_CATEGORY_CHARS or pc.any(pc.match_substring(column, "\x00")).as_py():
+            r, problem = next((r, p) for r, v in enumerate(values) if v is not None and (p := category_problem(v)))
+            raise BatchInputError(f"{source}: row {first_row + r}, column {name!r}: {problem[1]}",
+                                  code=problem[0], column=name)
+        out[:, j] = values
     return out
 
 

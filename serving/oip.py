@@ -299,7 +299,9 @@ def _text_rows(given: TensorValues | None, data: Any, shape: list[int], nan_poli
             raise RequestError(400, "wrong_type", f"{given.field}[{i}]",
                                f"{given.field}[{i}]: not UTF-8 text") from None
     n = shape[1]
-    return [text[i:i + n] for i in range(0, count, n)]
+    rows = [text[i:i + n] for i in range(0, count, n)]
+    check_text(rows, nan_policy, lambda i, j: f"{given.field}[{i * n + j}]")
+    return rows
 
 
 def _byte_elements(blob: bytes, field: str) -> list[bytes]:

@@ -25,7 +25,7 @@ import orjson
 import simdjson
 
 from modelloop.categorical import MISSING, columns
-from modelloop.schemas import ModelMetadata
+from modelloop.schemas import MAX_CATEGORY_CHARS, ModelMetadata
 
 F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = {float, int}
@@ -377,16 +377,33 @@ def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_pol
 
 
 def check_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> None:
-    """Every value of ``rows`` is a string, or null (missing) where ``nan_policy`` allows; else
-    the RequestError naming the first that is not, by ``field_of(i, k)``."""
+    """Every value of ``rows`` is a string of at most ``MAX_CATEGORY_CHARS`` characters without
+    NUL (what an event may carry, modelloop.schemas), or null (missing) where ``nan_policy``
+    allows; else the RequestError naming the first that is not, by ``field_of(i, k)``."""
     allowed = {str, type(None)} if nan_policy == "allow" else {str}
-    if not set(map(type, itertools.chain.from_iterable(rows))) <= allowed:
+    values = list(itertools.chain.from_iterable(rows))
+    if not set(map(type, values)) <= allowed:
         raise _locate_text(rows, nan_policy, field_of)
+    text = [v for v in values if v is not None]
+    if text and (max(map(len, text)) > MAX_CATEGORY_CHARS or any("\x00" in v for v in text)):
+        raise _locate_text(rows, nan_policy, field_of)
+
+
+def category_problem(value: str) -> tuple[str, str] | None:
+    """(code, message) when a categorical value is a string no event may carry."""
+    if len(value) > MAX_CATEGORY_CHARS:
+        return "too_long", f"a category of {len(value)} characters; at most {MAX_CATEGORY_CHARS} are accepted"
+    if "\x00" in value:
+        return "wrong_type", "a category must not contain NUL (\\u0000)"
+    return None
 
 
 def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:
     for i, row in enumerate(rows):
         for k, value in enumerate(row):
+            problem = category_problem(value) if type(value) is str else None
+            if problem:
+                return RequestError(422, problem[0], field_of(i, k), f"{field_of(i, k)}: {problem[1]}")
             if type(value) is str or (value is None and nan_policy == "allow"):
                 continue
             field = field_of(i, k)

@@ -37,7 +37,7 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
-from serving.batch import score_file
+from serving.batch import BatchInputError, features_of, score_file
 from serving.runtime import ModelLoadError, OnnxRuntime
 from serving.validation import RequestError, parse_instances, unknown_category_error
 from tests.modelloop.onnx_graphs import with_predictions
@@ -418,3 +418,22 @@ def test_a_graph_without_the_categories_input_does_not_load(model: tuple[Path, b
                              numeric_only.SerializeToString())
     with pytest.raises(ModelLoadError, match=r"takes the inputs \['categories', 'input'\], the graph \['input'\]"):
         OnnxRuntime(registry.get("plans-broken", meta.version), provider="cpu").load()
+
+
+@pytest.mark.parametrize(("value", "code", "message"), [
+    # longer than an event may carry (modelloop.schemas.MAX_CATEGORY_CHARS)
+    ("p" * 1025, "too_long", "a category of 1025 characters; at most 1024 are accepted"),
+    # NUL, which no stored event holds
+    ("pro\x00", "wrong_type", "a category must not contain NUL (\\u0000)"),
+])
+def test_categories_no_event_could_carry_are_refused(value: str, code: str, message: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_instances({"instances": [[1.0, "pro", 2.0, "eu"], [1.0, value, 2.0, "eu"]]}, plans_meta(),
+                        nan_policy="allow", max_rows=10)
+    assert (info.value.code, info.value.field, info.value.message) == (code, "instances[1][1]",
+                                                                       f"instances[1][1]: {message}")
+    table = pa.table({"monthly": [1.0, 2.0], "plan": ["pro", value], "tenure": [1.0, 2.0], "region": [None, None]})
+    with pytest.raises(BatchInputError) as batch:
+        features_of(table, FEATURES, source="in.parquet", first_row=10, nan_policy="allow", categorical=CATEGORIES)
+    assert (batch.value.code, batch.value.column, str(batch.value)) == (
+        code, "plan", f"in.parquet: row 11, column 'plan': {message}")
