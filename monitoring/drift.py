@@ -40,8 +40,9 @@ raises the dataset flag with probability at most ``false_alarm_rate``; a rise in
 drifts the dataset and names its column among ``drifted_features``.
 
 Per-feature tests cannot see the features' joint distribution change while each keeps its own;
-every check also runs :mod:`monitoring.multivariate` (pairwise dependence at
-``false_alarm_rate``, whatever the method), reported apart in ``DriftResult.multivariate``.
+every check also runs :mod:`monitoring.multivariate` (pairwise dependence of the numeric
+features at ``false_alarm_rate``, whatever the method), reported apart in
+``DriftResult.multivariate`` (None for a model whose features are all categorical).
 
 Example::
 

@@ -400,8 +400,7 @@ class Evaluator:
         assert ctx.reference is not None and current.features is not None
         assert ctx.profile is not None
         names, profile = ctx.meta.feature_names, ctx.profile
-        ref = window_frame(ctx.reference[names].to_numpy(dtype=object), names,
-                           ctx.meta.categorical_features)
+        ref = window_frame(ctx.reference[names], names, ctx.meta.categorical_features)
         cur = window_frame(current.features, names, ctx.meta.categorical_features)
         pred_col = None
         if REF_PREDICTION in ctx.reference.columns:

@@ -49,15 +49,18 @@ def _object_rows(blobs: Sequence[bytes]) -> np.ndarray:
     return out
 
 
-def window_frame(features: np.ndarray, feature_names: list[str],
+def window_frame(features: np.ndarray | pd.DataFrame, feature_names: list[str],
                  categorical: Sequence[str] = ()) -> pd.DataFrame:
-    """A window's features as a DataFrame in ``feature_names`` order: the ``categorical``
-    columns as strings (None missing), the others as float64 (NaN missing), whether the matrix
-    is float (a numeric model) or object (rows with strings). What a retraining job and the
-    drift report read, so a category reaches them as the string the model was sent."""
+    """A window's features (or a reference sample's) as a DataFrame in ``feature_names`` order:
+    the ``categorical`` columns as strings (None missing), the others as float64 (NaN missing),
+    whether the matrix is float (a numeric model) or object (rows with strings). What a
+    retraining job and the drift report read, so a category reaches them as the string the
+    model was sent."""
     import pandas as pd
 
     frame = pd.DataFrame(features, columns=feature_names)
+    if not categorical and all(t != np.dtype(object) for t in frame.dtypes):
+        return frame
     cats = set(categorical)
     for name in feature_names:
         if name in cats:
