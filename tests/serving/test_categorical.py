@@ -315,16 +315,29 @@ def scored_probabilities(table: pa.Table) -> np.ndarray:
     return np.column_stack([table.column(f"probability_{c}").to_numpy() for c in ("low", "mid", "high")])
 
 
-def test_batch_csv_with_string_columns_equals_predict(client: httpx.Client) -> None:
+def test_batch_csv_with_string_columns_equals_predict(client: httpx.Client, server: Server,
+                                                      sidecar: Sidecar) -> None:
     frame = sample(30, seed=21)
     frame.loc[2, "plan"] = "enterprise"  # unknown
     frame.loc[5, "monthly"] = np.nan  # an empty cell: missing
     frame.insert(0, "customer", [f"c{i}" for i in range(len(frame))])  # a column the model does not read
+    unknown = server.metric("modelloop_unknown_category_total", model=MODEL, feature="plan")
     resp = client.post("/batch/score", content=frame.to_csv(index=False).encode(),
-                       headers={"Content-Type": "text/csv"})
+                       headers={"Content-Type": "text/csv", "X-Request-ID": "cat-batch-1"})
     assert resp.status_code == 200, resp.text
     got = scored_probabilities(pa.csv.read_csv(pa.BufferReader(resp.content)))
     np.testing.assert_allclose(got, predicted(client, frame[FEATURES]), rtol=1e-6, atol=1e-7)
+    wait_until(lambda: server.metric("modelloop_unknown_category_total", model=MODEL, feature="plan")
+               >= unknown + 1, 10, "the batch's unknown plan to be counted")
+
+    def sent() -> list[Any]:  # the batch's events, with their strings
+        return [row for b in list(sidecar.batches) for c in b["columns"] if c["model"] == MODEL
+                and c["request_ids"] == ["cat-batch-1"] for row in c["features"]]
+
+    rows = wait_until(lambda: len(sent()) == 30 and sent(), 10, "the batch's 30 events")
+    f32 = [float(np.float32(frame.loc[2, f])) for f in ("monthly", "tenure")]  # as the model saw them
+    assert rows[2] == [f32[0], "enterprise", f32[1], frame.loc[2, "region"]]
+    assert rows[5][0] is None  # the empty cell, sent as null
 
 
 def test_batch_parquet_with_string_columns_equals_predict(client: httpx.Client) -> None:
