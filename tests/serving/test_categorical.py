@@ -25,6 +25,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
 
 from modelloop.ports import free_port
 from modelloop.registry import Registry
@@ -37,8 +38,11 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
+from serving.app import Routes
 from serving.batch import BatchInputError, features_of, score_file
 from serving.runtime import ModelLoadError, OnnxRuntime
+from serving.settings import ServingSettings
+from serving.state import ServingState
 from serving.validation import RequestError, parse_instances, unknown_category_error
 from tests.modelloop.onnx_graphs import with_predictions
 from tests.serving.conftest import Server, Sidecar, start_server, stop_server, wait_until
@@ -450,3 +454,26 @@ def test_categories_no_event_could_carry_are_refused(value: str, code: str, mess
         features_of(table, FEATURES, source="in.parquet", first_row=10, nan_policy="allow", categorical=CATEGORIES)
     assert (batch.value.code, batch.value.column, str(batch.value)) == (
         code, "plan", f"in.parquet: row 11, column 'plan': {message}")
+
+
+@pytest.mark.parametrize("setting", ["allow", "reject"])
+def test_the_routes_count_or_refuse_unknown_categories(model: tuple[Path, bytes], tmp_path: Path,
+                                                       setting: str) -> None:
+    metrics = CollectorRegistry()
+    state = ServingState(ServingSettings(home=tmp_path, unknown_categories=setting), metrics)
+    state.jobs.close()
+    routes = Routes(state)
+    runtime = OnnxRuntime(Registry(model[0] / "registry").get(MODEL, "production"), provider="cpu").load()
+    x = parse_instances({"instances": [[1.0, "gold", 2.0, "eu"], [1.0, "gold", 2.0, "moon"], [1.0, "pro", 2.0, None]]},
+                        runtime.metadata, nan_policy="allow", max_rows=10)
+
+    def counted(feature: str) -> float | None:
+        return metrics.get_sample_value("modelloop_unknown_category_total", {"model": MODEL, "feature": feature})
+
+    if setting == "reject":
+        with pytest.raises(RequestError, match=r'^instances\[0\]\.plan: unknown value "gold"; the model knows 3'):
+            routes.check_categories(runtime, x, "instances")
+        assert counted("plan") is None
+    else:
+        routes.check_categories(runtime, x, "instances")
+        assert (counted("plan"), counted("region")) == (2.0, 1.0)
