@@ -350,6 +350,8 @@ def add_categorical_prologue(onnx_bytes: bytes, feature_names: Sequence[str],
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *rest])
+    check_categorical_conventions(proto, feature_names, categories,
+                                  [o.name for o in graph.output])
     if not any(o.domain == ML_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
     try:
@@ -357,3 +359,26 @@ def add_categorical_prologue(onnx_bytes: bytes, feature_names: Sequence[str],
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the categorical prologue: {exc}") from exc
     return proto.SerializeToString()
+
+
+def check_categorical_conventions(proto: onnx.ModelProto, feature_names: Sequence[str],
+                                  categories: Mapping[str, Sequence[str]],
+                                  output_names: Sequence[str]) -> None:
+    """Raise :class:`ExportError` unless the graph of a model with categorical features takes
+    ``input`` float32 ``[batch, n_numeric]`` and ``categories`` string ``[batch,
+    n_categorical]`` and gives the named outputs (modelloop/categorical.py)."""
+    n_cat = sum(1 for f in feature_names if f in categories)
+    want = [(INPUT_NAME, TensorProto.FLOAT, len(feature_names) - n_cat),
+            (CATEGORIES_INPUT, TensorProto.STRING, n_cat)]
+    consts = {t.name for t in proto.graph.initializer}
+    got = [(i.name, i.type.tensor_type.elem_type, _dims(i)[1:])
+           for i in proto.graph.input if i.name not in consts]
+    problems: list[str] = []
+    if [(n, t, [d]) for n, t, d in want] != got:
+        problems.append(f"inputs are {[(n, TensorProto.DataType.Name(t), d) for n, t, d in got]}, "
+                        f"expected {[(n, TensorProto.DataType.Name(t), [d]) for n, t, d in want]}")
+    if [o.name for o in proto.graph.output] != list(output_names):
+        problems.append(f"outputs are {[o.name for o in proto.graph.output]}, expected "
+                        f"{list(output_names)}")
+    if problems:
+        raise ExportError("exported graph breaks the ONNX conventions: " + "; ".join(problems))

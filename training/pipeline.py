@@ -464,6 +464,28 @@ def model_inputs(ds: TabularDataset, x: np.ndarray) -> np.ndarray | dict[str, np
                  raw_features(x, ds.feature_names, ds.categories))
 
 
+def frame_feeds(meta: ModelMetadata, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The graph inputs of ``meta``'s model for ``rows`` (a frame with its feature columns: a
+    reference sample, labelled production rows): the float32 ``input``, and for a model with
+    categorical features their raw strings beside it (``modelloop.categorical.feeds``; a missing
+    value, None or NaN, is fed as missing)."""
+    if not meta.categories:
+        return {INPUT_NAME: rows[meta.feature_names].to_numpy(np.float32)}
+    return feeds(meta, object_rows(meta, rows))
+
+
+def object_rows(meta: ModelMetadata, rows: pd.DataFrame) -> np.ndarray:
+    """``rows``' feature columns as object rows (modelloop/categorical.py): floats (NaN
+    missing), and strings (None missing) in the categorical columns."""
+    out = rows[meta.feature_names].to_numpy(object)
+    for j, name in enumerate(meta.feature_names):
+        if name in meta.categories:
+            out[:, j] = [v if isinstance(v, str) and v else None for v in out[:, j]]
+        else:
+            out[:, j] = pd.to_numeric(rows[name], errors="coerce").to_numpy(np.float64)
+    return out
+
+
 def register_trained(trained: TrainedModel, registry: Registry, *, promote: bool = False) -> ModelMetadata:
     """Store ``trained`` as a new version (and make it production when ``promote``)."""
     meta = registry.register(trained.metadata, trained.onnx_bytes, reference=trained.reference,

@@ -73,7 +73,12 @@ from modelloop.schemas import (
 from training.config import TrainingConfig
 from training.data import DataError, Split, TabularDataset, load_data, split_dataset
 from training.evaluate import Evaluation, confusion_matrix_png
-from training.export import check_conventions, onnx_session, run_onnx
+from training.export import (
+    check_categorical_conventions,
+    check_conventions,
+    onnx_session,
+    run_onnx,
+)
 from training.measure import (
     evaluate_outputs,
     evaluation_set,
@@ -83,7 +88,14 @@ from training.measure import (
     reference_rows,
     reference_with_outputs,
 )
-from training.pipeline import CONFUSION_MATRIX_PNG, HISTORY_JSON, WEIGHTS_FILE, subsample
+from training.pipeline import (
+    CONFUSION_MATRIX_PNG,
+    HISTORY_JSON,
+    WEIGHTS_FILE,
+    frame_feeds,
+    model_inputs,
+    subsample,
+)
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -286,16 +298,24 @@ def _quiet() -> Iterator[None]:
 
 
 # -- speed ---------------------------------------------------------------------------------------
-def compare_speed(models: Mapping[str, bytes], x: np.ndarray, batches: Sequence[int] = SPEED_BATCHES,
-                  *, repeats: int = 5, min_time_s: float = 0.1) -> dict[str, dict[int, float]]:
-    """ONNX Runtime CPU rows/s of each model at each batch size (rows of ``x`` tiled), on one
-    thread: the median of ``repeats`` timings of at least ``min_time_s`` each, the models
-    taking turns so that a noisy neighbour slows all of them alike."""
+def _rows(x: np.ndarray | Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
+
+
+def compare_speed(models: Mapping[str, bytes], x: np.ndarray | Mapping[str, np.ndarray],
+                  batches: Sequence[int] = SPEED_BATCHES, *, repeats: int = 5,
+                  min_time_s: float = 0.1) -> dict[str, dict[int, float]]:
+    """ONNX Runtime CPU rows/s of each model at each batch size (rows of ``x`` tiled; ``x``:
+    the features, or the graph's inputs by name), on one thread: the median of ``repeats``
+    timings of at least ``min_time_s`` each, the models taking turns so that a noisy neighbour
+    slows all of them alike."""
     sessions = {label: onnx_session(data, SPEED_THREADS) for label, data in models.items()}
     name = next(iter(sessions.values())).get_inputs()[0].name
+    inputs = dict(x) if isinstance(x, Mapping) else {name: np.asarray(x, dtype=np.float32)}
+    n = _rows(inputs)
     result: dict[str, dict[int, float]] = {label: {} for label in sessions}
     for batch in batches:
-        feed = {name: np.ascontiguousarray(x[np.arange(batch) % len(x)], dtype=np.float32)}
+        feed = {k: np.ascontiguousarray(v[np.arange(batch) % n]) for k, v in inputs.items()}
         calls: dict[str, int] = {}
         for label, session in sessions.items():
             session.run(None, feed)  # allocates
@@ -443,18 +463,23 @@ def quantize_version(
         source = meta.lineage["quantization"].get("source_version")
         raise NotQuantizable(f"{label} is an int8 quantization already (of v{source}); "
                              "quantize the fp32 version")
-    if meta.categories:
-        raise NotQuantizable(f"{label} takes categorical features "
-                             f"({', '.join(meta.categorical_features)}); quantizing such a model "
-                             "is not supported")
     chosen = resolve_method(method, meta.architecture)
+    if meta.categories and chosen == "static":
+        raise NotQuantizable(f"{label} takes categorical features "
+                             f"({', '.join(meta.categorical_features)}): static quantization "
+                             "calibrates on numeric inputs only; use --method dynamic")
     config = TrainingConfig.model_validate(meta.config)
     if data is not None:
         check_data(meta, data)
     ds = data if data is not None else training_data(meta)
     split = split_dataset(ds, val_fraction=config.val_fraction,
                           test_fraction=config.test_fraction, seed=config.seed)
-    shape = meta.inputs[0].shape
+    # the dataset's rows as the graph takes them (a categorical model: numbers and strings)
+    shape = [None, meta.n_features] if meta.categories else meta.inputs[0].shape
+
+    def graph_inputs(x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        return model_inputs(ds, x)
+
     fp32 = version.onnx_path.read_bytes()
 
     calibration = None
@@ -471,8 +496,12 @@ def quantize_version(
         raise NotQuantizable(f"{label}: {chosen} quantization found nothing to quantize "
                              f"(ops: {', '.join(sorted(counts))})")
     try:
-        check_conventions(proto, n_features=meta.n_features,
-                          output_names=[o.name for o in meta.outputs], input_shape=shape)
+        if meta.categories:
+            check_categorical_conventions(proto, meta.feature_names, meta.categories,
+                                          [o.name for o in meta.outputs])
+        else:
+            check_conventions(proto, n_features=meta.n_features,
+                              output_names=[o.name for o in meta.outputs], input_shape=shape)
     except Exception as exc:
         raise QuantizeError(f"{label}: the int8 graph breaks the ONNX conventions: {exc}") from exc
 
@@ -484,19 +513,21 @@ def quantize_version(
         s32, s8 = onnx_session(fp32, settings.threads), onnx_session(int8, settings.threads)
     except Exception as exc:
         raise QuantizeError(f"{label}: ONNX Runtime cannot load the int8 graph: {exc}") from exc
-    out32, out8 = run_onnx(s32, x_eval)[output], run_onnx(s8, x_eval)[output]
+    feed_eval = graph_inputs(x_eval)
+    out32, out8 = run_onnx(s32, feed_eval)[output], run_onnx(s8, feed_eval)[output]
     ev32, ev8 = evaluate_outputs(meta, y_eval, out32), evaluate_outputs(meta, y_eval, out8)
 
     probes = nan_probes(x_eval)
-    probe8 = run_onnx(s8, probes)[output]
+    probe8 = run_onnx(s8, graph_inputs(probes))[output]
     if not np.isfinite(probe8).all():
         raise QuantizeError(f"{label}: the int8 model gives non-finite outputs for rows with a "
                             "missing value")
-    parity = _parity(s32, s8, np.concatenate([probes, x_eval[:settings.parity_rows]]), output)
+    parity = _parity(s32, s8, graph_inputs(np.concatenate([probes, x_eval[:settings.parity_rows]])),
+                     output)
 
     metric = primary_metric(meta.task)
     loss = loss_points(ev32.metrics[metric], ev8.metrics[metric])
-    speed = compare_speed({"fp32": fp32, "int8": int8}, x_eval, speed_batches,
+    speed = compare_speed({"fp32": fp32, "int8": int8}, feed_eval, speed_batches,
                           repeats=speed_repeats, min_time_s=speed_min_time_s)
     report = QuantizationReport(
         method=chosen, source_version=meta.version, metric=metric,
@@ -517,14 +548,15 @@ def quantize_version(
     with contextlib.suppress(RegistryError):  # a version registered without one
         reference = version.reference()
     if reference is not None:
-        ref_x = _reference_inputs(reference, meta, ds, split)
+        ref_x = (frame_feeds(meta, reference) if meta.categories
+                 else _reference_inputs(reference, meta, ds, split))
         reference = reference_with_outputs(reference, meta.task, run_onnx(s8, ref_x)[output])
     return QuantizedModel(_metadata(meta, ev8, parity, report), int8, reference,
                           _artifacts(version, meta, ev8, len(split.test)), report)
 
 
-def _parity(s32: ort.InferenceSession, s8: ort.InferenceSession, x: np.ndarray,
-            output: str) -> ParityResult:
+def _parity(s32: ort.InferenceSession, s8: ort.InferenceSession,
+            x: np.ndarray | Mapping[str, np.ndarray], output: str) -> ParityResult:
     worst, largest = 0.0, 0.0
     for batch in INT8_PARITY_BATCH_SIZES:
         a, b = run_onnx(s32, x, batch)[output], run_onnx(s8, x, batch)[output]
@@ -532,7 +564,7 @@ def _parity(s32: ort.InferenceSession, s8: ort.InferenceSession, x: np.ndarray,
         largest = max(largest, float(np.nanmax(np.abs(a))))
     tolerance = INT8_PARITY_TOLERANCE * max(1.0, largest)
     return ParityResult(passed=worst <= tolerance, max_abs_diff=worst, tolerance=tolerance,
-                        batch_sizes=list(INT8_PARITY_BATCH_SIZES), rows_checked=len(x))
+                        batch_sizes=list(INT8_PARITY_BATCH_SIZES), rows_checked=_rows(x))
 
 
 def _metadata(meta: ModelMetadata, evaluation: Evaluation, parity: ParityResult,

@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
-from modelloop.categorical import feeds, is_categorical
+from modelloop.categorical import is_categorical
 from modelloop.registry import ModelVersion, Registry
 from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
@@ -47,7 +47,14 @@ from training.data import DataError, load_data, split_dataset
 from training.ensemble import ensemble_members, rebuild_ensemble
 from training.evaluate import evaluate
 from training.export import onnx_session
-from training.pipeline import TrainedModel, TrainOptions, register_trained, train_model
+from training.pipeline import (
+    TrainedModel,
+    TrainOptions,
+    frame_feeds,
+    object_rows,
+    register_trained,
+    train_model,
+)
 from training.settings import TrainingSettings
 from training.transfer import TransferError, WarmStart
 
@@ -166,7 +173,7 @@ def champion_errors(meta: ModelMetadata, session: ort.InferenceSession,
     """The champion's error on each labelled row (``session`` runs its graph): 0/1 for a
     classifier, the squared error for a regressor (whichever version served the row, the
     champion is judged)."""
-    out = session.run(None, model_feeds(meta, rows))[0]
+    out = session.run(None, frame_feeds(meta, rows))[0]
     y = rows[REF_LABEL].to_numpy(np.float64)
     if meta.task is Task.classification:
         return (np.asarray(out).argmax(axis=1) != y.round()).astype(np.float64)
@@ -224,25 +231,6 @@ def split_production(frame: pd.DataFrame, meta: ModelMetadata, session: ort.Infe
     return pd.concat([before, after_train]), holdout.sort_index(), change
 
 
-def model_feeds(meta: ModelMetadata, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The graph inputs of ``meta``'s model for ``rows`` (its feature columns): the float32
-    ``input``, and for a model with categorical features their raw strings beside it
-    (``modelloop.categorical.feeds``; a missing value, None or NaN, is fed as missing)."""
-    if not is_categorical(meta):
-        return {"input": rows[meta.feature_names].to_numpy(np.float32)}
-    return feeds(meta, _object_rows(meta, rows))
-
-
-def _object_rows(meta: ModelMetadata, rows: pd.DataFrame) -> np.ndarray:
-    out = rows[meta.feature_names].to_numpy(object)
-    for j, name in enumerate(meta.feature_names):
-        if name in meta.categories:
-            out[:, j] = [v if isinstance(v, str) and v else None for v in out[:, j]]
-        else:
-            out[:, j] = pd.to_numeric(rows[name], errors="coerce").to_numpy(np.float64)
-    return out
-
-
 def _latency_p50(session: ort.InferenceSession, row: dict[str, np.ndarray], runs: int) -> float:
     names = [o.name for o in session.get_outputs()]
     times = []
@@ -255,7 +243,7 @@ def _latency_p50(session: ort.InferenceSession, row: dict[str, np.ndarray], runs
 
 def _metrics(meta: ModelMetadata, sessions: dict[str, ort.InferenceSession],
              x: dict[str, np.ndarray], y: np.ndarray, metric: str) -> dict[str, dict[str, float]]:
-    """Each session's metrics on the inputs ``x`` (:func:`model_feeds`) with targets ``y``
+    """Each session's metrics on the inputs ``x`` (:func:`~training.pipeline.frame_feeds`) with targets ``y``
     (class indices or values)."""
     if meta.task is Task.classification:
         y = y.round().astype(np.int64)
@@ -286,7 +274,7 @@ def compare(champion: ModelVersion, sessions: Sessions, holdout: pd.DataFrame, *
     """Score champion and challenger on the same holdout rows and time both, interleaved so
     that a busy machine slows both alike."""
     meta = champion.metadata
-    x = model_feeds(meta, holdout)
+    x = frame_feeds(meta, holdout)
     evals = _metrics(meta, sessions, x, holdout[REF_LABEL].to_numpy(), metric)
     row = {k: v[:1] for k, v in x.items()}
     lat: dict[str, list[float]] = {"champion": [], "challenger": []}
@@ -305,7 +293,7 @@ def compare_on_original(champion: ModelVersion, sessions: Sessions, trusted: pd.
     """Champion's and challenger's ``metric`` on ``trusted``: rows of the line's original
     training data (labels no feedback touched) that the challenger did not train on."""
     meta = champion.metadata
-    x = model_feeds(meta, trusted)
+    x = frame_feeds(meta, trusted)
     if meta.task is Task.classification:
         assert meta.class_labels is not None
         index = {label: i for i, label in enumerate(meta.class_labels)}
@@ -339,7 +327,7 @@ def original_data(champion: ModelVersion, config: TrainingConfig) -> tuple[pd.Da
 def _production_frame(rows: pd.DataFrame, champion: ModelVersion, target: str) -> pd.DataFrame:
     meta = champion.metadata
     if is_categorical(meta):  # the categorical columns stay strings: the challenger codes them
-        frame = pd.DataFrame(_object_rows(meta, rows), columns=meta.feature_names)
+        frame = pd.DataFrame(object_rows(meta, rows), columns=meta.feature_names)
         for name in meta.numeric_features:
             frame[name] = frame[name].astype(np.float32)
     else:

@@ -44,6 +44,7 @@ from training.pipeline import (
     register_trained,
     train_model,
 )
+from training.quantize import NotQuantizable, quantize_version
 from training.retrain import retrain_on
 from training.settings import TrainingSettings
 
@@ -241,3 +242,21 @@ def test_retraining_on_a_new_frequent_plan_makes_it_a_category(
     out = onnx_session(churn.registry.get("churn", challenger.version).onnx_path).run(
         None, feeds(challenger, new_rows))[0]
     assert np.isfinite(out).all()
+
+
+def test_dynamic_quantization_keeps_the_string_input(churn: Churn) -> None:
+    version = churn.registry.get("churn", "production")
+    with pytest.raises(NotQuantizable) as err:
+        quantize_version(version, method="static", settings=churn.settings)
+    assert str(err.value) == ("churn v1 takes categorical features (plan, region, channel): static "
+                              "quantization calibrates on numeric inputs only; use --method dynamic")
+    quantized = quantize_version(version, method="dynamic", settings=churn.settings,
+                                 speed_batches=(1,), speed_repeats=1, speed_min_time_s=0.01)
+    assert quantized.report.int8_ops and quantized.report.parity_passed
+    assert quantized.metadata.categories == version.metadata.categories
+    assert quantized.reference is not None and quantized.reference["plan"].dtype == object
+    rows = churn_frame(50, seed=9)[FEATURES].to_numpy(object)
+    rows[:, 2] = [v if isinstance(v, str) else None for v in rows[:, 2]]
+    rows[0, 0] = "platinum"
+    int8 = onnx_session(quantized.onnx_bytes).run(None, feeds(version.metadata, rows))[0]
+    np.testing.assert_allclose(int8, _onnx(churn.trained, rows), atol=0.05)
