@@ -290,8 +290,8 @@ class Shop:
     def check(self) -> dict[str, Any]:
         resp = self.client.post("/check")
         assert resp.status_code == 200, resp.text
-        model: dict[str, Any] = resp.json()["models"][MODEL]
-        return model
+        status: dict[str, Any] = resp.json()
+        return status
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = self.client.get("/metrics").text
@@ -329,9 +329,20 @@ def test_events_one_object_each_are_checked_and_stored_as_strings(shop_home: Pat
         "categorical), got 1.0"]
 
 
+POLICY = """
+defaults: {min_samples: 500}
+rules:
+  - {name: regions, metric: feature_drift, features: [region]}
+  - {name: plans, metric: feature_drift, features: [plan]}
+"""
+
+
 @pytest.fixture(scope="module")
 def shop(shop_home: Path) -> Iterator[Shop]:
+    policy = shop_home.parent / "policy.yaml"
+    policy.write_text(POLICY)
     with sidecar_process(shop_home, shop_home.parent / "sidecar.log",
+                         MODELLOOP_MONITOR_POLICY_FILE=str(policy),
                          MODELLOOP_MONITOR_CHECK_INTERVAL_S="3600",
                          MODELLOOP_MONITOR_WINDOW_EVENTS=str(WINDOW),
                          MODELLOOP_MONITOR_MIN_WINDOW_ROWS="500",
@@ -381,16 +392,21 @@ def test_categorical_windows_are_judged_published_and_exported_as_strings(shop: 
     # 1. unchanged data: nothing drifts; the unknown shares are the reference's
     shop.send(sample(WINDOW, np.random.default_rng(21)))
     status = shop.check()
-    drift = status["drift"]
+    assert status["recent_firings"] == []
+    drift = status["models"][MODEL]["drift"]
     assert drift["judged"] and drift["drifted_features"] == [], drift
     assert {u["column"]: u["risen"] for u in drift["unknown"]} == {"plan": False, "region": False}
-    quality = {f["feature"]: f for f in status["data_quality"]["features"]}
+    quality = {f["feature"]: f for f in status["models"][MODEL]["data_quality"]["features"]}
     assert quality["region"]["missing_share"] == pytest.approx(0.02, abs=0.012)
     # 2. a tenth of the regions is one the model never saw: its column drifts, by name
     shop.send(sample(WINDOW, np.random.default_rng(22), new_region=0.1))
-    drift = shop.check()["drift"]
+    status = shop.check()
+    drift = status["models"][MODEL]["drift"]
     assert drift["dataset_drift"] and "region" in drift["drifted_features"], drift
     assert "plan" not in drift["drifted_features"]
+    # the policy's rule on the region fires naming it; the one on the plan stays quiet
+    assert [f["rule"] for f in status["recent_firings"]] == ["regions"]
+    assert status["recent_firings"][0]["message"].endswith("samples (region)")
     m = shop.metrics()
     assert m[("modelloop_unknown_category_rise_detected", (("feature", "region"), ("model", MODEL)))] == 1.0
     assert m[("modelloop_unknown_category_rise_detected", (("feature", "plan"), ("model", MODEL)))] == 0.0
