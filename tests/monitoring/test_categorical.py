@@ -189,6 +189,20 @@ def test_a_rise_of_unknown_values_is_flagged_naming_the_column(shop_profile: Ref
     assert result.dataset_drift and "plan" not in result.drifted_features
 
 
+def test_a_model_of_categories_only_and_evidentlys_fixed_thresholds() -> None:
+    ref = reference()
+    only = ReferenceProfile(ref, ["plan", "region"], method="calibrated", false_alarm_rate=0.01,
+                            categories=CATEGORIES)
+    result = check_drift(only, rows_of(sample(800, np.random.default_rng(23)))[:, [1, 3]])
+    assert result.judged and result.multivariate is None and not result.dataset_drift
+    # with a fixed method the categories keep a p-value threshold of their own (Evidently's 0.05)
+    fixed = ReferenceProfile(ref, NAMES, method="psi", threshold=0.1, categories=CATEGORIES)
+    assert fixed.category_threshold == 0.05 and fixed.threshold == 0.1
+    shifted = sample(800, np.random.default_rng(24), plan_p=[0.35, 0.3, 0.3, 0.05])
+    by = {c.column: c for c in check_drift(fixed, rows_of(shifted)).features}
+    assert by["plan"].drifted and by["plan"].threshold == 0.05 and by["age"].method == "psi"
+
+
 @pytest.mark.parametrize(
     ("reference", "current", "expected"),
     [
