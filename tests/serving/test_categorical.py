@@ -45,7 +45,7 @@ from serving.settings import ServingSettings
 from serving.state import ServingState
 from serving.validation import RequestError, parse_instances, unknown_category_error
 from tests.modelloop.onnx_graphs import with_predictions
-from tests.serving.conftest import Server, Sidecar, start_server, stop_server, wait_until
+from tests.serving.conftest import Server, Sidecar, events_of, start_server, stop_server, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("show_log_on_failure")]
 
@@ -224,12 +224,12 @@ def test_events_carry_the_strings(client: httpx.Client, sidecar: Sidecar) -> Non
                        headers={"X-Request-ID": "cat-events-1"})
     assert resp.status_code == 200, resp.text
 
-    def sent() -> list[Any]:
-        return [row for b in list(sidecar.batches) for c in b["columns"] if c["model"] == MODEL
-                for rid, row in zip(c["request_ids"], c["features"], strict=False) if rid == "cat-events-1"]
+    def sent() -> list[Any]:  # the events as the sidecar's schema reads them
+        return [e for b in list(sidecar.batches) if any(c["model"] == MODEL for c in b["columns"])
+                for e in events_of(b) if e["request_id"] == "cat-events-1-0"]
 
-    rows = wait_until(sent, 10, "the event of cat-events-1 to reach the sidecar")
-    assert rows == [[12.25, "team", None, "us"]]
+    events = wait_until(sent, 10, "the event of cat-events-1 to reach the sidecar")
+    assert [e["features"] for e in events] == [[12.25, "team", None, "us"]]
 
 
 # -- Open Inference Protocol: `input` FP32 beside `categories` BYTES ---------------------------------
