@@ -480,8 +480,10 @@ class ModelRepository:
 
 def _unfit(production: ModelMetadata, challenger: ModelMetadata) -> str | None:
     """Why ``challenger`` cannot shadow ``production`` (other inputs, task or classes: its
-    answers could not be compared with production's), or None."""
-    if ((production.feature_names, production.input_dims) == (challenger.feature_names, challenger.input_dims)
+    answers could not be compared with production's), or None. Which features are categorical
+    counts as the inputs too (rows with strings, or float rows); their vocabularies may differ."""
+    if ((production.feature_names, production.input_dims, set(production.categories))
+            == (challenger.feature_names, challenger.input_dims, set(challenger.categories))
             and production.answers_like(challenger)):
         return None
     return (f"challenger v{challenger.version} takes other inputs or answers another task or "

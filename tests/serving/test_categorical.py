@@ -477,3 +477,14 @@ def test_the_routes_count_or_refuse_unknown_categories(model: tuple[Path, bytes]
     else:
         routes.check_categories(runtime, x, "instances")
         assert (counted("plan"), counted("region")) == (2.0, 1.0)
+
+
+def test_a_challenger_shadows_only_with_the_same_categorical_features() -> None:
+    from serving.repository import _unfit
+
+    production = plans_meta()
+    wider = production.model_copy(update={"version": 2, "categories": {**CATEGORIES, "plan": ["basic", "pro", "gold"]}})
+    assert _unfit(production, wider) is None  # another vocabulary: the same rows feed it
+    numeric = production.model_copy(update={"version": 3, "categories": {"region": ["eu", "us"]}})
+    assert _unfit(production, numeric) == ("challenger v3 takes other inputs or answers another task or classes "
+                                           "than production v1")
