@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv
@@ -38,6 +39,7 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
+from serving import oip
 from serving.app import Routes
 from serving.batch import BatchInputError, features_of, score_file
 from serving.runtime import ModelLoadError, OnnxRuntime
@@ -488,3 +490,38 @@ def test_a_challenger_shadows_only_with_the_same_categorical_features() -> None:
     numeric = production.model_copy(update={"version": 3, "categories": {"region": ["eu", "us"]}})
     assert _unfit(production, numeric) == ("challenger v3 takes other inputs or answers another task or classes "
                                            "than production v1")
+
+
+def _binary_request(text_blob: bytes) -> tuple[bytes, str]:
+    numbers = np.array([[1.0, 2.0]], np.float32).tobytes()
+    header = orjson.dumps({"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": len(numbers)}},
+        {"name": "categories", "datatype": "BYTES", "shape": [1, 2],
+         "parameters": {"binary_data_size": len(text_blob)}}]})
+    return header + numbers + text_blob, str(len(header))
+
+
+def _elements(*values: bytes) -> bytes:
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
+@pytest.mark.parametrize(("blob", "field", "message"), [
+    # an element's length runs past the bytes sent
+    (_elements(b"pro") + b"\x09\x00\x00\x00eu", "inputs[1].data",
+     "inputs[1].data: element 1 at byte 7 runs past the 13 bytes sent"),
+    # one element for two columns
+    (_elements(b"pro"), "inputs[1].data", "inputs[1].data: 1 elements do not hold BYTES [1, 2] (2 values)"),
+    # not UTF-8
+    (_elements(b"pro", b"\xff"), "inputs[1].data[1]", "inputs[1].data[1]: not UTF-8 text"),
+])
+def test_bad_binary_categories_are_refused_naming_the_field(blob: bytes, field: str, message: str) -> None:
+    body, length = _binary_request(blob)
+    with pytest.raises(RequestError) as info:
+        oip.decode_infer(body, length, plans_meta(), nan_policy="allow", max_rows=10)
+    assert (info.value.status, info.value.field, info.value.message) == (400, field, message)
+
+
+def test_binary_categories_become_object_rows() -> None:
+    body, length = _binary_request(_elements("pró".encode(), b""))
+    x = oip.decode_infer(body, length, plans_meta(), nan_policy="allow", max_rows=10).x
+    assert x.tolist() == [[1.0, "pró", 2.0, ""]]
