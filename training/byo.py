@@ -159,7 +159,8 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings,
         return _unlabelled(ex, columns, source)
     frame = _in_order(_frame(ex.data, target, ex.feature_names), target, columns, source)
     if ex.holdout is None:
-        ds = prepare(frame, target, task=task, class_labels=class_labels, source=source)
+        ds = _numeric_only(prepare(frame, target, task=task, class_labels=class_labels,
+                                   source=source))
         split = split_dataset(ds, val_fraction=settings.val_fraction,
                               test_fraction=settings.test_fraction, seed=settings.seed)
         return _Examples(ds, split.train, np.sort(np.concatenate([split.val, split.test])))
@@ -168,9 +169,19 @@ def _examples(given: ExampleData | pd.DataFrame, settings: TrainingSettings,
     if list(held.columns) != list(frame.columns):
         raise DataError(f"the holdout's columns {list(held.columns)} are not the data's "
                         f"{list(frame.columns)}")
-    ds = prepare(pd.concat([frame, held], ignore_index=True), target, task=task,
-                 class_labels=class_labels, source=source)
+    ds = _numeric_only(prepare(pd.concat([frame, held], ignore_index=True), target, task=task,
+                               class_labels=class_labels, source=source))
     return _Examples(ds, np.arange(len(frame)), np.arange(len(frame), len(frame) + len(held)))
+
+
+def _numeric_only(ds: TabularDataset) -> TabularDataset:
+    """A module's own graph takes numbers: columns of text (categorical features, which only
+    ``modelloop train`` codes inside its graph) are refused in one line."""
+    if ds.categories:
+        raise DataError(f"{ds.source}: columns {', '.join(map(repr, ds.categories))} hold text; "
+                        "a module brought in takes numeric features only (code them as numbers, "
+                        "or train with modelloop train)")
+    return ds
 
 
 def _unlabelled(ex: ExampleData, columns: Sequence[str] | None, source: str) -> _Examples:
@@ -183,7 +194,8 @@ def _unlabelled(ex: ExampleData, columns: Sequence[str] | None, source: str) -> 
         raise DataError(f"{source}: a holdout without a target column measures nothing")
     blank = "_ml_no_target"
     frame = _in_order(_frame(ex.data, blank, ex.feature_names), blank, columns, source)
-    ds = prepare(frame.assign(**{blank: 0.0}), blank, task=Task.regression, source=source)
+    ds = _numeric_only(prepare(frame.assign(**{blank: 0.0}), blank, task=Task.regression,
+                               source=source))
     ds = replace(ds, task=ex.task, target=np.zeros(len(ds), np.int64 if classify else np.float64),
                  class_labels=[str(c) for c in ex.class_labels or []] if classify else None)
     return _Examples(ds, np.arange(len(ds)), np.arange(0), labelled=False)

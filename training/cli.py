@@ -248,6 +248,9 @@ def train(
                        clean=config.clean, categorical=config.categorical)
         if ds.report is not None:
             console.print(report_table(ds.report, source))
+        if ensemble and ds.categories:
+            raise DataError(f"{source}: --ensemble combines models with numeric inputs only; "
+                            f"this data has categorical features ({', '.join(ds.categories)})")
         members = [train_and_register(
             ds, name=name, registry=registry, promote=promote and not ensemble,
             options=TrainOptions(

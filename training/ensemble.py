@@ -216,6 +216,9 @@ def check_members(members: Sequence[ModelVersion]) -> None:
                                  "classifiers' probabilities")
         if "ensemble" in meta.lineage:
             raise NotEnsemblable(f"{label} is an ensemble already; list its members instead")
+        if meta.categories:
+            raise NotEnsemblable(f"{label} takes categorical features; an ensemble combines "
+                                 "models with numeric inputs only")
         for what, mine, theirs in (("features", meta.feature_names, first.feature_names),
                                    ("classes", meta.class_labels, first.class_labels),
                                    ("training data", meta.data_fingerprint, first.data_fingerprint)):

@@ -47,6 +47,7 @@ from training.pipeline import (
 from training.quantize import NotQuantizable, quantize_version
 from training.retrain import retrain_on
 from training.settings import TrainingSettings
+from training.transfer import WarmStart
 
 EPOCHS = 6
 MIN_COUNT = 10
@@ -260,3 +261,31 @@ def test_dynamic_quantization_keeps_the_string_input(churn: Churn) -> None:
     rows[0, 0] = "platinum"
     int8 = onnx_session(quantized.onnx_bytes).run(None, feeds(version.metadata, rows))[0]
     np.testing.assert_allclose(int8, _onnx(churn.trained, rows), atol=0.05)
+
+
+def test_fine_tuning_keeps_a_vocabulary_and_refuses_a_changed_one(churn: Churn,
+                                                                  tmp_path: Path) -> None:
+    parent = churn.registry.get("churn", "production")
+    init = WarmStart.from_version(parent)
+    config = init.config(epochs=2)
+    tuned = train_model(churn.csv, name="churn", options=TrainOptions(
+        config=config, settings=churn.settings, init=init))
+    assert tuned.metadata.lineage["fine_tuned_from"]["version"] == parent.version
+    assert any(k.startswith("preprocess.lookup_") for k in init.loaded)
+    assert tuned.metadata.categories == parent.metadata.categories and tuned.metadata.parity
+
+    new = tmp_path / "churn-new.csv"
+    churn_frame(400, seed=4, new_category=True).to_csv(new, index=False)
+    env = {"MODELLOOP_HOME": str(churn.settings.home)}
+    args = ["train", "--data", str(new), "--target", CHURN_TARGET, "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--init-from", "churn"], env=env)
+    assert result.exit_code == 2
+    # the data report's table, then the one line
+    assert result.stderr.endswith(f"\nerror: cannot fine-tune from churn v{parent.version}: the "
+                                  "values of 'plan' changed ('ultra' new); its codes would not "
+                                  "match\n")
+    result = CliRunner().invoke(app, [*args, "--ensemble", "2"], env=env)
+    assert result.exit_code == 2
+    assert result.stderr.endswith(f"\nerror: {new}: --ensemble combines models with numeric "
+                                  "inputs only; this data has categorical features (plan, "
+                                  "region, channel)\n")
