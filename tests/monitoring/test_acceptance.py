@@ -193,7 +193,8 @@ def test_the_closed_loop_through_real_serving_and_sidecar(
     estimated = stack.metric("modelloop_estimated_accuracy_ratio", version="1")
     assert abs(estimated - expected_acc) < 0.1  # the estimate is in the realised one's range
 
-    # 5. every sidecar metric of the catalog is exported (GPU ones only where NVML sees a GPU)
+    # 5. every sidecar metric of the catalog is exported (GPU ones only where NVML sees a GPU,
+    # categorical ones only for a model with categorical features)
     exported = {name for name, _ in stack.metrics()}
     status = httpx.get(f"{stack.sidecar.url}/status").json()
     no_gpu = "gpu_unavailable" in status["resources"]
@@ -202,6 +203,8 @@ def test_the_closed_loop_through_real_serving_and_sidecar(
                       for e in exported) if name.endswith("_total") else name in exported
         if no_gpu and name.startswith("modelloop_gpu_"):
             assert not present, f"{name} exported without a GPU"
+        elif name.startswith("modelloop_unknown_category_"):  # this model's features are numbers
+            assert not present, f"{name} exported for a model without categorical features"
         else:
             assert present, f"{name} is missing from /metrics"
     assert stack.metric("modelloop_process_memory_bytes", target="serving") > 10e6
