@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import onnx
@@ -27,6 +28,8 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelloop.ports import free_port
 from modelloop.registry import Registry
@@ -525,3 +528,17 @@ def test_binary_categories_become_object_rows() -> None:
     body, length = _binary_request(_elements("pró".encode(), b""))
     x = oip.decode_infer(body, length, plans_meta(), nan_policy="allow", max_rows=10).x
     assert x.tolist() == [[1.0, "pró", 2.0, ""]]
+
+
+def test_grpc_typed_contents_with_bytes_contents(server: Server, model: tuple[Path, bytes]) -> None:
+    frame = sample(3, seed=31)
+    req = pb.ModelInferRequest(model_name=MODEL, parameters={"binary_data_output": pb.InferParameter(bool_param=False)})
+    text = req.inputs.add(name=CATEGORIES_INPUT, datatype="BYTES", shape=[3, 2])
+    text.contents.bytes_contents.extend(v.encode() for v in frame[["plan", "region"]].to_numpy().reshape(-1))
+    numbers = req.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[3, 2])
+    numbers.contents.fp32_contents.extend(frame[["monthly", "tenure"]].to_numpy(np.float32).reshape(-1).tolist())
+    with grpc.insecure_channel(server.env["GRPC"]) as channel:
+        wait_until(lambda: grpc.channel_ready_future(channel).result(timeout=30) is None, 30, "the gRPC channel")
+        answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
+    got = np.array(answer.outputs[0].contents.fp32_contents).reshape(3, 3)
+    np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
