@@ -410,8 +410,8 @@ def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: Field
             if value is None:
                 return RequestError(422, "missing_value", field, f"{field}: missing value (null) is not "
                                     "allowed (nan_policy=reject)")
-            return RequestError(422, "wrong_type", field,
-                                f"{field}: expected a string, got {type_name(value)} {preview(value)}")
+            kind = "number" if type(value) in _NUMBER_TYPES else type_name(value)  # (JSON's name)
+            return RequestError(422, "wrong_type", field, f"{field}: expected a string, got {kind} {preview(value)}")
     raise AssertionError("no offending value found")  # pragma: no cover - callers checked
 
 

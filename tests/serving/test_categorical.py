@@ -191,7 +191,7 @@ def test_predict_takes_strings_and_equals_onnx_runtime(client: httpx.Client, mod
 @pytest.mark.parametrize(("instances", "field", "message"), [
     # a number where a string belongs
     ([{"monthly": 31.5, "plan": 3, "tenure": 4, "region": "eu"}], "instances[0].plan",
-     "instances[0].plan: expected a string, got int 3"),
+     "instances[0].plan: expected a string, got number 3"),
     # a string where a number belongs: refused as for any model
     ([{"monthly": "31.5", "plan": "pro", "tenure": 4, "region": "eu"}], "instances[0].monthly",
      'instances[0].monthly: expected a number, got string "31.5"'),
