@@ -215,6 +215,9 @@ def _check_prunable(meta: ModelMetadata, amount: float) -> None:
     if meta.architecture != "mlp":
         raise NotPrunable(f"{label} is a {meta.architecture!r} model; pruning takes the 'mlp' "
                           "architecture only")
+    if meta.categories:
+        raise NotPrunable(f"{label} takes categorical features; pruning takes models with "
+                          "numeric inputs only")
     if not 0.0 < amount < 1.0:
         raise NotPrunable(f"--amount {amount}: the share of weights to prune is between 0 and 1")
     if "pruning" in meta.lineage or "quantization" in meta.lineage:

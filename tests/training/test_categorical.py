@@ -44,6 +44,7 @@ from training.pipeline import (
     register_trained,
     train_model,
 )
+from training.prune import NotPrunable, prune_version
 from training.quantize import NotQuantizable, quantize_version
 from training.retrain import retrain_on
 from training.settings import TrainingSettings
@@ -289,3 +290,10 @@ def test_fine_tuning_keeps_a_vocabulary_and_refuses_a_changed_one(churn: Churn,
     assert result.stderr.endswith(f"\nerror: {new}: --ensemble combines models with numeric "
                                   "inputs only; this data has categorical features (plan, "
                                   "region, channel)\n")
+
+
+def test_pruning_refuses_a_categorical_model_in_one_line(churn: Churn) -> None:
+    with pytest.raises(NotPrunable) as err:
+        prune_version(churn.registry.get("churn", "production"), settings=churn.settings)
+    assert str(err.value) == ("churn v1 takes categorical features; pruning takes models with "
+                              "numeric inputs only")
