@@ -172,12 +172,13 @@ def _is_text(t: pa.DataType) -> bool:
 
 def check_feature_types(schema: pa.Schema, features: Sequence[str], source: str,
                         categorical: Collection[str] = ()) -> None:
-    """Every feature column holds numbers, a categorical one strings (checked on a Parquet
-    schema before decoding)."""
+    """Every feature column holds numbers, a categorical one strings or integers (an integer
+    column declared categorical at training, whose values the graph knows as their decimal
+    text) (checked on a Parquet schema before decoding)."""
     for name in features:
         t = schema.field(name).type
         if name in categorical:
-            if not _is_text(t):
+            if not (_is_text(t) or pa.types.is_integer(t)):
                 raise BatchInputError(f"{source}: column {name!r} has type {t}, expected strings (a "
                                       "categorical feature)", code="wrong_type", column=name)
         elif not _is_number(t):
@@ -436,7 +437,7 @@ def _categorical_features(table: pa.Table, features: Sequence[str], categorical:
         column = table.column(name)
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
-        if pa.types.is_null(column.type):  # (a Parquet column of nothing but nulls)
+        if pa.types.is_null(column.type) or pa.types.is_integer(column.type):  # (nothing but nulls; 3 -> "3")
             column = column.cast(pa.string())
         if nan_policy == "reject" and column.null_count:
             r = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])

@@ -365,14 +365,22 @@ def test_batch_parquet_with_string_columns_equals_predict(client: httpx.Client) 
 
 def test_batch_parquet_with_numbers_for_a_category_is_refused_naming_the_column(client: httpx.Client) -> None:
     frame = sample(5, seed=23)
-    frame["plan"] = np.arange(5)
+    frame["plan"] = np.arange(5) / 2
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
     resp = client.post("/batch/score", content=sink.getvalue(),
                        headers={"Content-Type": "application/vnd.apache.parquet"})
     assert resp.status_code == 422, resp.text
-    assert resp.json() == {"error": "body: column 'plan' has type int64, expected strings (a categorical feature)",
+    assert resp.json() == {"error": "body: column 'plan' has type double, expected strings (a categorical feature)",
                            "code": "wrong_type", "field": "plan"}
+
+
+def test_an_integer_column_of_a_category_is_read_as_its_decimal_text() -> None:
+    """As training codes an integer column declared categorical (`--categorical`)."""
+    table = pa.table({"monthly": [1.0, 2.0], "plan": pa.array([3, None], pa.int16()), "tenure": [1.0, 2.0],
+                      "region": ["eu", "us"]})
+    x = features_of(table, FEATURES, source="in.parquet", first_row=0, nan_policy="allow", categorical=CATEGORIES)
+    assert x[:, 1].tolist() == ["3", None]
 
 
 def test_score_file_reads_string_columns(model: tuple[Path, bytes], tmp_path: Path) -> None:
