@@ -371,7 +371,8 @@ def prepare(
     else:
         raise DataError(f"{source}: task {task.value!r} is not supported for tabular training")
     report, keep = build_report(features, values, names,
-                                classification=task is Task.classification, clean=clean)
+                                classification=task is Task.classification, clean=clean,
+                                categorical=categories)
     for warning in report.warnings():
         log.warning("%s: %s", source, warning)
     if report.removed:

@@ -21,6 +21,7 @@ Row numbers are 1-based data rows, as the data errors name them::
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ LISTED_ROWS = 10  # row numbers of the first conflicting group shown at most
 
 @dataclass(frozen=True)
 class ColumnReport:
-    """One feature column: missing share, outliers (None where its MAD is 0) and constancy."""
+    """One feature column: missing share, outliers (None where its MAD is 0, or for a
+    categorical column) and constancy."""
 
     name: str
     missing: float
@@ -93,9 +95,12 @@ class DataReport:
 
 
 def build_report(features: np.ndarray, target: np.ndarray, names: list[str], *,
-                 classification: bool, clean: bool) -> tuple[DataReport, np.ndarray]:
+                 classification: bool, clean: bool,
+                 categorical: Collection[str] = ()) -> tuple[DataReport, np.ndarray]:
     """The report of ``features`` (``[rows, columns]`` float32, NaN missing) and ``target``, and
-    the indexes of the rows to keep: all of them, or with ``clean`` all but the duplicates."""
+    the indexes of the rows to keep: all of them, or with ``clean`` all but the duplicates.
+    ``categorical`` columns hold codes (0 missing): their missing share and constancy are
+    reported, outliers are not (a code has no distance)."""
     groups = _row_groups(features)
     # a (features, target) pair per row; the first row of each pair is kept
     labels = pd.factorize(target, use_na_sentinel=False)[0]
@@ -104,7 +109,7 @@ def build_report(features: np.ndarray, target: np.ndarray, names: list[str], *,
     conflicts, conflict_rows = _conflicts(groups, first) if classification else (None, [])
     report = DataReport(rows=len(target), duplicates=duplicates, cleaned=clean,
                         conflicts=conflicts, conflict_rows=conflict_rows,
-                        columns=_columns(features, names))
+                        columns=_columns(features, names, categorical))
     keep = first if clean else np.arange(len(target))
     return report, keep
 
@@ -147,9 +152,15 @@ def _conflicts(groups: np.ndarray, first: np.ndarray) -> tuple[int, list[int]]:
     return count, [int(r) + 1 for r in rows[:LISTED_ROWS]]
 
 
-def _columns(features: np.ndarray, names: list[str]) -> list[ColumnReport]:
+def _columns(features: np.ndarray, names: list[str],
+             categorical: Collection[str] = ()) -> list[ColumnReport]:
     out = []
     for name, column in zip(names, np.asfortranarray(features).T, strict=True):
+        if name in categorical:
+            codes = column[column > 0]
+            out.append(ColumnReport(name, 1.0 - len(codes) / len(column), None,
+                                    bool(len(codes) == 0 or codes.min() == codes.max())))
+            continue
         values = column[~np.isnan(column)]
         if not len(values):  # all missing (a table is refused for it before training)
             out.append(ColumnReport(name, 1.0, None, True))

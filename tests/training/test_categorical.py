@@ -111,6 +111,11 @@ def test_text_columns_become_categories_with_two_graph_inputs(churn: Churn) -> N
     channel = ds.features[:, FEATURES.index("channel")]
     assert np.array_equal(channel == 0, raw["channel"].isna().to_numpy())
     assert [ds.categories["plan"][int(c) - 1] for c in ds.features[:5, 0]] == raw["plan"][:5].tolist()
+    # the data report counts a categorical column's missing values (code 0), and no outliers
+    assert ds.report is not None
+    report = {c.name: c for c in ds.report.columns}
+    assert report["channel"].missing == pytest.approx(raw["channel"].isna().mean())
+    assert report["channel"].missing > 0 and report["plan"].outliers is None
     # the reference sample that drift compares with keeps the strings
     reference = churn.registry.get("churn", "production").reference()
     assert set(reference["plan"]) <= set(meta.categories["plan"])
