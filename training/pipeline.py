@@ -404,7 +404,7 @@ def _parity_rows(x: np.ndarray) -> np.ndarray:
 
 
 # -- categorical features -------------------------------------------------------------------------
-UNSEEN_PROBE = "\x00unseen"
+UNSEEN_PROBE = "<a value training never saw>"
 """A value no vocabulary holds, in the parity probes: the graph must code it 0 as Python does."""
 
 
