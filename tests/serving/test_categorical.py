@@ -52,7 +52,8 @@ from serving.validation import RequestError, parse_instances, unknown_category_e
 from tests.modelloop.onnx_graphs import with_predictions
 from tests.serving.conftest import Server, Sidecar, events_of, start_server, stop_server, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("show_log_on_failure")]
+pytestmark = pytest.mark.usefixtures("show_log_on_failure")
+served = pytest.mark.integration  # the tests that use the module's server
 
 MODEL = "plans"
 FEATURES = ["monthly", "plan", "tenure", "region"]
@@ -175,6 +176,7 @@ def probabilities(answer: dict[str, Any]) -> np.ndarray:
     return np.array([[p["probabilities"][c] for c in ("low", "mid", "high")] for p in answer["predictions"]])
 
 
+@served
 def test_predict_takes_strings_and_equals_onnx_runtime(client: httpx.Client, model: tuple[Path, bytes]) -> None:
     frame = sample(40, seed=5)
     frame.loc[3, "plan"] = None  # a missing category: the graph's unknown code
@@ -188,6 +190,7 @@ def test_predict_takes_strings_and_equals_onnx_runtime(client: httpx.Client, mod
     np.testing.assert_allclose(probabilities(arrays.json()), probabilities(resp.json()), rtol=0, atol=0)
 
 
+@served
 @pytest.mark.parametrize(("instances", "field", "message"), [
     # a number where a string belongs
     ([{"monthly": 31.5, "plan": 3, "tenure": 4, "region": "eu"}], "instances[0].plan",
@@ -208,6 +211,7 @@ def test_wrong_kinds_of_values_are_refused_naming_the_field(client: httpx.Client
     assert resp.json() == {"error": message, "code": "wrong_type", "field": field}
 
 
+@served
 def test_an_unseen_category_answers_and_is_counted(client: httpx.Client, server: Server,
                                                    model: tuple[Path, bytes]) -> None:
     labels = {"model": MODEL, "feature": "plan"}
@@ -223,6 +227,7 @@ def test_an_unseen_category_answers_and_is_counted(client: httpx.Client, server:
     assert server.metric("modelloop_unknown_category_total", model=MODEL, feature="region") == 0
 
 
+@served
 def test_events_carry_the_strings(client: httpx.Client, sidecar: Sidecar) -> None:
     resp = client.post("/predict", json={"instances": [{"monthly": 12.25, "plan": "team", "tenure": None,
                                                         "region": "us"}]},
@@ -252,12 +257,14 @@ def oip_inputs(module: Any, frame: pd.DataFrame, binary: bool = True) -> list[An
     return [first, second]
 
 
+@served
 def test_the_metadata_lists_both_inputs(client: httpx.Client) -> None:
     meta = client.get(f"/v2/models/{MODEL}").json()
     assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 2]},
                               {"name": CATEGORIES_INPUT, "datatype": "BYTES", "shape": [-1, 2]}]
 
 
+@served
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_http_sends_bytes_and_gets_what_onnx_runtime_gives(
         server: Server, model: tuple[Path, bytes], binary: bool) -> None:
@@ -273,6 +280,7 @@ def test_tritonclient_http_sends_bytes_and_gets_what_onnx_runtime_gives(
     np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
 
 
+@served
 def test_tritonclient_grpc_sends_bytes_and_gets_what_onnx_runtime_gives(
         server: Server, model: tuple[Path, bytes]) -> None:
     frame = sample(25, seed=12)
@@ -294,6 +302,7 @@ def _live(c: tgrpc.InferenceServerClient) -> bool:
         return False
 
 
+@served
 @pytest.mark.parametrize(("inputs", "status", "field"), [
     # the categories sent as numbers
     ([{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
@@ -324,6 +333,7 @@ def scored_probabilities(table: pa.Table) -> np.ndarray:
     return np.column_stack([table.column(f"probability_{c}").to_numpy() for c in ("low", "mid", "high")])
 
 
+@served
 def test_batch_csv_with_string_columns_equals_predict(client: httpx.Client, server: Server,
                                                       sidecar: Sidecar) -> None:
     frame = sample(30, seed=21)
@@ -349,6 +359,7 @@ def test_batch_csv_with_string_columns_equals_predict(client: httpx.Client, serv
     assert rows[5][0] is None  # the empty cell, sent as null
 
 
+@served
 def test_batch_parquet_with_string_columns_equals_predict(client: httpx.Client) -> None:
     frame = sample(30, seed=22)
     frame.loc[4, "region"] = None  # a missing category
@@ -363,6 +374,7 @@ def test_batch_parquet_with_string_columns_equals_predict(client: httpx.Client) 
     np.testing.assert_allclose(got, predicted(client, frame), rtol=1e-6, atol=1e-7)
 
 
+@served
 def test_batch_parquet_with_numbers_for_a_category_is_refused_naming_the_column(client: httpx.Client) -> None:
     frame = sample(5, seed=23)
     frame["plan"] = np.arange(5) / 2
@@ -396,6 +408,7 @@ def test_score_file_reads_string_columns(model: tuple[Path, bytes], tmp_path: Pa
     np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
 
 
+@served
 def test_explanations_refuse_a_categorical_model_naming_why(client: httpx.Client) -> None:
     resp = client.post("/explain", json={"instances": records(sample(1, seed=30))})
     assert resp.status_code == 422, resp.text
@@ -538,6 +551,7 @@ def test_binary_categories_become_object_rows() -> None:
     assert x.tolist() == [[1.0, "pró", 2.0, ""]]
 
 
+@served
 def test_grpc_typed_contents_with_bytes_contents(server: Server, model: tuple[Path, bytes]) -> None:
     frame = sample(3, seed=31)
     req = pb.ModelInferRequest(model_name=MODEL, parameters={"binary_data_output": pb.InferParameter(bool_param=False)})
