@@ -347,10 +347,11 @@ def _categorical_instances(instances: list[Any], meta: ModelMetadata, nan_policy
     rows: list[Any] = []
     if isinstance(instances[0], dict):
         name_set = set(names)
+        getter = _picker(names)
         for i, rec in enumerate(instances):
             if type(rec) is not dict or rec.keys() != name_set:
                 raise _record_error(i, rec, names, name_set)
-            rows.append([rec[k] for k in names])
+            rows.append(getter(rec))
         return categorical_rows(rows, meta, nan_policy, lambda i, j: f"instances[{i}].{names[j]}")
     for i, row in enumerate(instances):
         if type(row) is not list or len(row) != n:
@@ -367,13 +368,21 @@ def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_pol
     numeric, cats = columns(meta)
     out = np.empty((len(rows), meta.n_features), dtype=object)
     if numeric:
-        x = rows_to_array([[row[j] for j in numeric] for row in rows], meta.feature_names, nan_policy,
+        x = rows_to_array(list(map(_picker(numeric), rows)), meta.feature_names, nan_policy,
                           records=False, field_of=lambda i, k: field_of(i, numeric[k]))
         out[:, numeric] = x  # float32 values, as Python floats
-    text = [[row[j] for j in cats] for row in rows]
+    text = list(map(_picker(cats), rows))
     check_text(text, nan_policy, lambda i, k: field_of(i, cats[k]))
     out[:, cats] = text
     return out
+
+
+def _picker(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    """``operator.itemgetter(*keys)``, a tuple also for one key."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda row: (row[key],)
+    return operator.itemgetter(*keys)
 
 
 def check_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> None:
@@ -382,10 +391,11 @@ def check_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf
     allows; else the RequestError naming the first that is not, by ``field_of(i, k)``."""
     allowed = {str, type(None)} if nan_policy == "allow" else {str}
     values = list(itertools.chain.from_iterable(rows))
-    if not set(map(type, values)) <= allowed:
+    types = set(map(type, values))
+    if not types <= allowed:
         raise _locate_text(rows, nan_policy, field_of)
-    text = [v for v in values if v is not None]
-    if text and (max(map(len, text)) > MAX_CATEGORY_CHARS or any("\x00" in v for v in text)):
+    text = [v for v in values if v is not None] if type(None) in types else values
+    if text and (max(map(len, text)) > MAX_CATEGORY_CHARS or "\x00" in "".join(text)):
         raise _locate_text(rows, nan_policy, field_of)
 
 

@@ -564,3 +564,13 @@ def test_grpc_typed_contents_with_bytes_contents(server: Server, model: tuple[Pa
         answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
     got = np.array(answer.outputs[0].contents.fp32_contents).reshape(3, 3)
     np.testing.assert_allclose(got, run_graph(model[1], frame), rtol=1e-5, atol=1e-6)
+
+
+def test_one_numeric_and_one_categorical_feature() -> None:
+    meta = plans_meta().model_copy(update={"feature_names": ["monthly", "plan"], "categories": {"plan": ["pro"]},
+                                           "inputs": [TensorSpec(name=INPUT_NAME, shape=[None, 1]),
+                                                      TensorSpec(name=CATEGORIES_INPUT, dtype="string",
+                                                                 shape=[None, 1])]})
+    x = parse_instances({"instances": [{"monthly": 2, "plan": "pro"}, {"plan": None, "monthly": 0.5}]}, meta,
+                        nan_policy="allow", max_rows=10)
+    assert x.tolist() == [[2.0, "pro"], [0.5, None]]
