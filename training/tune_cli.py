@@ -182,7 +182,7 @@ def tune(
         registry.aliases(name)  # validates the name before minutes of searching
         search_space = load_space(space, base) if space is not None else default_space(base)
         ds = load_data(source, base.target, task=base.task, rows=rows, seed=base.seed,
-                       clean=base.clean)
+                       clean=base.clean, categorical=base.categorical)
         if ds.report is not None:
             console.print(report_table(ds.report, source))
         with _progress(console, progress) as bar:

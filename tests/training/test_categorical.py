@@ -49,6 +49,7 @@ from training.quantize import NotQuantizable, quantize_version
 from training.retrain import retrain_on
 from training.settings import TrainingSettings
 from training.transfer import WarmStart
+from training.tune import search
 
 EPOCHS = 6
 MIN_COUNT = 10
@@ -302,3 +303,13 @@ def test_pruning_refuses_a_categorical_model_in_one_line(churn: Churn) -> None:
         prune_version(churn.registry.get("churn", "production"), settings=churn.settings)
     assert str(err.value) == ("churn v1 takes categorical features; pruning takes models with "
                               "numeric inputs only")
+
+
+def test_tuning_searches_on_categorical_data(tmp_path: Path) -> None:
+    settings = TrainingSettings(home=tmp_path, progress=False, epochs=2)
+    base = TrainingConfig.from_settings(settings, target=CHURN_TARGET)
+    ds = prepare(churn_frame(600, seed=0), CHURN_TARGET, source="churn")
+    result = search(ds, name="churn", base=base, settings=settings, sampler="random", trials=2)
+    assert result.counts == {"complete": 2}
+    assert result.best is not None and result.best.value is not None
+    assert np.isfinite(result.best.value)
