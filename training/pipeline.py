@@ -15,6 +15,14 @@ how to train is one :class:`TrainOptions`::
 
 Metrics are measured on the test split with the *exported* ONNX model, so they describe what is
 served; the reference sample's predictions come from it too.
+
+Data with categorical features (text columns, or ``TrainingConfig.categorical``) trains the same
+way; its graph takes the values' raw strings (:func:`training.export.add_categorical_prologue`),
+the parity check feeds them (:func:`categorical_feed`) and the reference sample keeps them::
+
+    trained = train_model(churn_frame(1200, seed=0), name="churn", options=TrainOptions(
+        config=TrainingConfig.from_settings(settings, target="churned", epochs=6)))
+    trained.metadata.categories  # {"plan": ["basic", "family", "plus", "pro"], ...}
 """
 
 from __future__ import annotations
