@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+from modelloop.children import low_priority_child
 from modelloop.explain import NotExplainable, global_importance, session_runner
 from modelloop.registry import Registry, RegistryError
 
@@ -67,7 +68,7 @@ def _in_child(root: str, model: str, version: int) -> ImportanceResult:
     """:func:`_compute` in a child process (module docstring)."""
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=os.nice, initargs=(10,)) as pool:
+                                 initializer=low_priority_child, initargs=(10, os.getpid())) as pool:
             return pool.submit(_compute, root, model, version).result()
     except Exception as exc:  # the child died (memory, a signal): the report says so
         log.exception("global importance of %s v%d: its process failed", model, version)

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from modelloop.children import low_priority_child
 from modelloop.explain import (
     ADDITIVITY_TOL,
     Explanation,
@@ -129,7 +130,8 @@ class ExplainWorker:
         if self._pool is None:
             # spawn: the serving worker runs threads, which a forked child must not inherit
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=os.nice, initargs=(self.settings.explain_nice,))
+                                             initializer=low_priority_child,
+                                             initargs=(self.settings.explain_nice, os.getpid()))
         return self._pool
 
     async def explain(self, version: ModelVersion, x: np.ndarray) -> Explanation:
