@@ -412,7 +412,8 @@ class Evaluator:
         def render() -> None:
             try:
                 extra = (sidecar_section(drift.multivariate, data_quality, drift.unknown)
-                         + importance_section(self.catalog.registry, model, version, drift))
+                         + (importance_section(self.catalog.registry, model, version, drift)
+                            if s.report_importance else ""))
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
                                    calibrated=profile.calibrated,

@@ -185,6 +185,11 @@ class MonitorSettings(HomeSettings):
     features changes (rendering Evidently's report takes seconds)."""
     reports_keep: PositiveInt = 10
     """HTML drift reports kept per model (the newest)."""
+    report_importance: bool = True
+    """The report sets each feature's drift beside its global importance (mean |SHAP| on the
+    reference sample, monitoring/importance.py), computed once per version in a child process at
+    nice 10 (about 15 s of CPU and 500 MB while it runs). Off: the report has no importance
+    section and no child process is started (many models, little CPU; the test suite)."""
     max_out_of_support_share: float = Field(default=0.05, ge=0, le=1)
     """Above this share of window rows with some feature outside the reference's range, the
     confidence-based accuracy estimate is marked unreliable (and ``estimated_accuracy`` rules do

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,3 +15,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("MODELLOOP_HOME", str(root))
     return root
+
+
+# The sidecar's drift report computes each version's global importance in a child process
+# (about 15 s of CPU); the tests that are not about it turn it off (tests/monitoring/
+# test_importance.py turns it on), for time and so that no nice-10 child starves under a loaded
+# run. The variable reaches the sidecars the tests start as processes too.
+os.environ.setdefault("MODELLOOP_MONITOR_REPORT_IMPORTANCE", "false")

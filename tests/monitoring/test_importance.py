@@ -20,9 +20,11 @@ from tests.monitoring.helpers import TrainedModel, serve_in_thread
 from tests.monitoring.test_app import events_for, make_settings
 
 
-@pytest.fixture
-def client(home: Path, registered: TrainedModel) -> Iterator[tuple[httpx.Client, Sidecar]]:
-    sc = Sidecar(make_settings(home))
+@pytest.fixture(params=[True], ids=["importance"])
+def client(request: pytest.FixtureRequest, home: Path,
+           registered: TrainedModel) -> Iterator[tuple[httpx.Client, Sidecar]]:
+    # the suite turns the section off (tests/conftest.py); here it is what is tested
+    sc = Sidecar(make_settings(home).model_copy(update={"report_importance": request.param}))
     sc.start(background=False)
     try:
         with serve_in_thread(create_app(sc)) as url, httpx.Client(base_url=url, timeout=120) as c:
@@ -55,6 +57,20 @@ def test_the_drift_report_shows_importance_beside_drift(client: tuple[httpx.Clie
     kept = version_importance(Registry(home / "registry"), "churn", 1)
     assert kept is version_importance(Registry(home / "registry"), "churn", 1)
     assert [f"{kept.values[r[0]]:.4g}" for r in rows] == [r[5] for r in rows]
+
+
+@pytest.mark.parametrize("client", [False], ids=["off"], indirect=True)
+def test_with_importance_off_the_report_has_no_section(client: tuple[httpx.Client, Sidecar],
+                                                      registered: TrainedModel,
+                                                      task: SyntheticTask) -> None:
+    c, sidecar = client
+    events, _ = events_for(registered, task.sample(1000, seed=6, shift={"f02": 1.5}), "o")
+    assert c.post("/events", json={"events": events}).status_code == 200
+    assert c.post("/check").json()["models"]["churn"]["drift"]["drifted_features"] == ["f02"]
+    sidecar.evaluator.wait_for_report()
+    page = c.get("/reports/drift/latest").text
+    assert '<section id="modelloop-sidecar"' in page  # the report was written, with our section
+    assert 'id="modelloop-importance"' not in page
 
 
 def test_importance_follows_the_models_weights(registered: TrainedModel, home: Path) -> None:
