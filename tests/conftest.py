@@ -22,3 +22,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # test_importance.py turns it on), for time and so that no nice-10 child starves under a loaded
 # run. The variable reaches the sidecars the tests start as processes too.
 os.environ.setdefault("MODELLOOP_MONITOR_REPORT_IMPORTANCE", "false")
+# Serving's explanation process runs at nice 19 (it takes only what the workers leave): beside a
+# second test process using both cores it would get almost no CPU, and the tests that wait for an
+# explanation would wait for the other process's tests instead. The suite runs it at nice 0.
+os.environ.setdefault("MODELLOOP_SERVING_EXPLAIN_NICE", "0")
