@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from modelloop.schemas import MAX_CATEGORY_CHARS
 from serving.predictions import interpret, to_columns
 from serving.runtime import OnnxRuntime
+from serving.settings import NanPolicy
 from serving.validation import category_problem
 
 logger = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ class InputFile:
 
 
 def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_row: int,
-                nan_policy: str, categorical: Collection[str] = ()) -> np.ndarray:
+                nan_policy: NanPolicy, categorical: Collection[str] = ()) -> np.ndarray:
     """The feature columns as float32 ``[rows, features]``, checked like a /predict request
     (float64 values are rounded to float32 exactly as a JSON number is); with ``categorical``
     features, the object rows of modelloop/categorical.py (their strings beside the numbers)."""
@@ -423,7 +424,7 @@ def features_of(table: pa.Table, features: Sequence[str], *, source: str, first_
 
 
 def _categorical_features(table: pa.Table, features: Sequence[str], categorical: Collection[str], *,
-                          source: str, first_row: int, nan_policy: str) -> np.ndarray:
+                          source: str, first_row: int, nan_policy: NanPolicy) -> np.ndarray:
     """:func:`features_of` for a model with categorical features: the numeric columns checked and
     rounded as there, the categorical ones as strings (None missing)."""
     numeric = [f for f in features if f not in categorical]
@@ -483,7 +484,7 @@ def check_scorable(runtime: OnnxRuntime, source: str) -> None:
 
 
 def score_table(runtime: OnnxRuntime, table: pa.Table, *, source: str, first_row: int = 0,
-                nan_policy: str = "allow", keep: Sequence[str] = (),
+                nan_policy: NanPolicy = "allow", keep: Sequence[str] = (),
                 x: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:
     """Score one table; returns the output table (kept columns, then predictions) and its
     features (``x``, when given, are the table's features already extracted). Callers check
@@ -573,7 +574,7 @@ class ScoreReport:
 
 
 def score_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, chunk_rows: int = 65536,
-               nan_policy: str = "allow", keep: Sequence[str] = (), progress: Progress | None = None,
+               nan_policy: NanPolicy = "allow", keep: Sequence[str] = (), progress: Progress | None = None,
                on_chunk: Callable[[pa.Table, np.ndarray, int], None] | None = None,
                max_row_group_bytes: int | None = None) -> ScoreReport:
     """Score ``input_path`` into ``output`` chunk by chunk, resuming a matching interrupted run.

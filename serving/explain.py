@@ -51,7 +51,7 @@ from modelloop.registry import ModelVersion, RegistryError
 from modelloop.schemas import ModelMetadata
 from serving.batch import BatchInputError, InputFile, check_columns, features_of, file_format
 from serving.runtime import ModelLoadError, OnnxRuntime
-from serving.settings import ServingSettings
+from serving.settings import NanPolicy, ServingSettings
 from serving.validation import RequestError
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def explanation_columns(meta: ModelMetadata, expl: Explanation) -> dict[str, np.
 
 
 def explain_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, background: int,
-                 max_evals: int, chunk_rows: int = 64, nan_policy: str = "allow",
+                 max_evals: int, chunk_rows: int = 64, nan_policy: NanPolicy = "allow",
                  keep: list[str] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> tuple[int, float]:
     """Explain every row of ``input_path`` into ``output`` (CSV or Parquet, by suffix), chunk by

@@ -42,6 +42,7 @@ import pyarrow as pa
 from modelloop.registry import atomic_write_bytes
 from serving.batch import BatchInputError, score_file
 from serving.runtime import OnnxRuntime
+from serving.settings import NanPolicy
 from serving.validation import RequestError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _pid_alive(pid: Any) -> bool:
 class JobStore:
     """Batch jobs on disk, run on one background thread per worker (see the module docstring)."""
 
-    def __init__(self, root: Path, *, chunk_rows: int, nan_policy: str, max_upload_bytes: int,
+    def __init__(self, root: Path, *, chunk_rows: int, nan_policy: NanPolicy, max_upload_bytes: int,
                  retention_s: float = 86400.0) -> None:
         self.root = Path(root)
         self.retention_s = retention_s

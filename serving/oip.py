@@ -27,6 +27,7 @@ import orjson
 from modelloop import __version__
 from modelloop.categorical import columns
 from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, ModelMetadata
+from serving.settings import NanPolicy
 from serving.validation import (
     RequestError,
     check_array,
@@ -95,7 +96,7 @@ def _check_tensor_shape(shape: Any, dims: tuple[int | None, ...], n_features: in
     return list(shape)
 
 
-def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: str,
+def _json_rows(data: Any, shape: list[int], meta: ModelMetadata, nan_policy: NanPolicy,
                field: str = "inputs[0].data") -> np.ndarray:
     if not isinstance(data, list):
         raise RequestError(400, "wrong_type", field, f"{field}: expected an array")
@@ -152,7 +153,7 @@ def _flag(params: dict[str, Any], name: str, field: str, default: bool) -> bool:
 
 
 def decode_infer(body: bytes, header_length: str | None, meta: ModelMetadata, *,
-                 nan_policy: str, max_rows: int) -> InferRequest:
+                 nan_policy: NanPolicy, max_rows: int) -> InferRequest:
     """Parse an infer request (JSON or binary extension) into float32 rows for the model."""
     binary = b""
     if header_length is not None:
@@ -178,7 +179,7 @@ class TensorValues:
     field: str
 
 
-def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str, max_rows: int,
+def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: NanPolicy, max_rows: int,
                    binary: bytes = b"", values: Callable[[str, int], TensorValues] | None = None,
                    default_binary: bool = False) -> InferRequest:
     """An infer request's fields as parsed (REST's JSON, or gRPC's message as the same dict) into
@@ -213,7 +214,7 @@ def decode_request(doc: dict[str, Any], meta: ModelMetadata, *, nan_policy: str,
     return InferRequest(x, _request_id(doc), outputs, binary_of)
 
 
-def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: str, max_rows: int,
+def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: NanPolicy, max_rows: int,
                         binary: bytes, values: Callable[[str, int], TensorValues] | None) -> np.ndarray:
     """The two tensors of a model with categorical features, ``input`` (a numeric datatype,
     ``[rows, n_numeric]``) and ``categories`` (BYTES, ``[rows, n_categorical]``), in either
@@ -275,7 +276,7 @@ def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: st
     return out
 
 
-def _text_rows(given: TensorValues | None, data: Any, shape: list[int], nan_policy: str,
+def _text_rows(given: TensorValues | None, data: Any, shape: list[int], nan_policy: NanPolicy,
                field: str) -> list[list[Any]]:
     """A BYTES tensor as rows of strings: JSON strings (null: missing, per ``nan_policy``), or
     elements sent as bytes (each a 4-byte little-endian length and its bytes, as Triton writes

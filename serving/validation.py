@@ -26,6 +26,7 @@ import simdjson
 
 from modelloop.categorical import MISSING, columns
 from modelloop.schemas import MAX_CATEGORY_CHARS, ModelMetadata
+from serving.settings import NanPolicy
 
 F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = {float, int}
@@ -130,7 +131,7 @@ def preview(value: Any, limit: int = 40) -> str:
     return shown if len(shown) <= limit and not stack else shown[:limit] + "..."
 
 
-def _value_problem(value: Any, nan_policy: str) -> tuple[str, str] | None:
+def _value_problem(value: Any, nan_policy: NanPolicy) -> tuple[str, str] | None:
     """(code, message) when a single feature value is not acceptable."""
     if value is None or (type(value) is float and math.isnan(value)):
         if nan_policy == "reject":
@@ -147,7 +148,7 @@ FieldOf = Callable[[int, int], str]
 """``(row, column) -> field name`` of a value, for the error that names it."""
 
 
-def _locate(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:
+def _locate(rows: Sequence[Sequence[Any]], nan_policy: NanPolicy, field_of: FieldOf) -> RequestError:
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
             problem = _value_problem(value, nan_policy)
@@ -238,7 +239,7 @@ def numeric_rows(body: bytes, n_features: int, max_rows: int) -> np.ndarray | No
     return flat.astype(np.float32).reshape(n, n_features)
 
 
-def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: str,
+def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_policy: NanPolicy,
                   records: bool, prefix: str = "instances",
                   field_of: FieldOf | None = None, numbers_only: bool = False) -> np.ndarray:
     """Rows of Python scalars to float32 ``[n, features]``, or the RequestError of the first bad
@@ -268,7 +269,7 @@ def rows_to_array(rows: Sequence[Sequence[Any]], names: Sequence[str], nan_polic
     return wide.astype(np.float32)
 
 
-def parse_predict_body(body: bytes, meta: ModelMetadata, *, nan_policy: str, max_rows: int) -> np.ndarray:
+def parse_predict_body(body: bytes, meta: ModelMetadata, *, nan_policy: NanPolicy, max_rows: int) -> np.ndarray:
     """The ``/predict`` body as the model's float32 input: arrays of numbers the fast way
     (:func:`numeric_rows`), anything else (records, tensors, bad input) through
     :func:`parse_instances`; a model with categorical features takes the general path (its
@@ -280,7 +281,7 @@ def parse_predict_body(body: bytes, meta: ModelMetadata, *, nan_policy: str, max
     return parse_instances(parse_json(body), meta, nan_policy=nan_policy, max_rows=max_rows, body=body)
 
 
-def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows: int,
+def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: NanPolicy, max_rows: int,
                     body: bytes | None = None) -> np.ndarray:
     """The ``/predict`` body ``{"instances": [...]}`` (records or arrays) as float32 rows;
     ``body``, the raw bytes of ``doc``, lets the value check run on the bytes."""
@@ -318,7 +319,7 @@ def parse_instances(doc: Any, meta: ModelMetadata, *, nan_policy: str, max_rows:
     return _tensor_instances(instances, dims, names, nan_policy)
 
 
-def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str,
+def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: NanPolicy,
                     body: bytes | None = None) -> np.ndarray:
     """Instances that are rows of features: records by name, or arrays in the feature order."""
     n = len(names)
@@ -339,7 +340,7 @@ def _rows_instances(instances: list[Any], names: Sequence[str], nan_policy: str,
     return rows_to_array(instances, names, nan_policy, records=False, numbers_only=only_numbers(body))
 
 
-def _categorical_instances(instances: list[Any], meta: ModelMetadata, nan_policy: str) -> np.ndarray:
+def _categorical_instances(instances: list[Any], meta: ModelMetadata, nan_policy: NanPolicy) -> np.ndarray:
     """Rows of a model with categorical features (records by name, or arrays in the feature
     order) as the object matrix of :func:`categorical_rows`."""
     names = meta.feature_names
@@ -359,7 +360,7 @@ def _categorical_instances(instances: list[Any], meta: ModelMetadata, nan_policy
     return categorical_rows(instances, meta, nan_policy, lambda i, j: f"instances[{i}][{j}]")
 
 
-def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_policy: str,
+def categorical_rows(rows: Sequence[Sequence[Any]], meta: ModelMetadata, nan_policy: NanPolicy,
                      field_of: FieldOf) -> np.ndarray:
     """Rows of ``n_features`` Python values of a model with categorical features as an object
     matrix (modelloop/categorical.py): each numeric value checked and rounded as
@@ -385,7 +386,7 @@ def _picker(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
     return operator.itemgetter(*keys)
 
 
-def check_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> None:
+def check_text(rows: Sequence[Sequence[Any]], nan_policy: NanPolicy, field_of: FieldOf) -> None:
     """Every value of ``rows`` is a string of at most ``MAX_CATEGORY_CHARS`` characters without
     NUL (what an event may carry, modelloop.schemas), or null (missing) where ``nan_policy``
     allows; else the RequestError naming the first that is not, by ``field_of(i, k)``."""
@@ -408,7 +409,7 @@ def category_problem(value: str) -> tuple[str, str] | None:
     return None
 
 
-def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: str, field_of: FieldOf) -> RequestError:
+def _locate_text(rows: Sequence[Sequence[Any]], nan_policy: NanPolicy, field_of: FieldOf) -> RequestError:
     for i, row in enumerate(rows):
         for k, value in enumerate(row):
             problem = category_problem(value) if type(value) is str else None
@@ -467,7 +468,7 @@ def nested_rows(value: Any, dims: Sequence[int | None], field: str, status: int 
 
 
 def _tensor_instances(instances: list[Any], dims: tuple[int | None, ...], names: Sequence[str],
-                      nan_policy: str) -> np.ndarray:
+                      nan_policy: NanPolicy) -> np.ndarray:
     """Instances of an image or sequence model, each a nested array of shape ``dims`` (a
     sequence's steps, ``dims[0]``, may be any number, the same in every instance of a request):
     checked and converted in one pass, an error naming the value's place in its instance."""
@@ -496,7 +497,7 @@ def index_text(row: int, lead: Sequence[int], column: int) -> str:
     return "".join(f"[{int(v)}]" for v in np.unravel_index(row, tuple(lead))) + f"[{column}]"
 
 
-def check_array(x: np.ndarray, field: str, *, nan_policy: str) -> None:
+def check_array(x: np.ndarray, field: str, *, nan_policy: NanPolicy) -> None:
     """Finite-value check of a decoded tensor (NaN per policy, infinity never)."""
     if np.isfinite(x).all():
         return
