@@ -110,7 +110,8 @@ def _pretty(data: dict[str, Any]) -> str:
              f"  created:   {data['created_at']}",
              f"  parent:    {data['parent_version']}",
              f"  features:  {len(data['feature_names'])}",
-             f"  classes:   {data['class_labels']}"]
+             f"  classes:   {data['class_labels']}",
+             f"  gate:      {data['config'].get('gate_metric') or '-'}"]
     report = data["lineage"].get("data_report")
     if isinstance(report, dict):
         lines += _data_lines(report)

@@ -132,6 +132,14 @@ class ModelMetadata(BaseModel):
         return (self.task, self.class_labels_or_indices()) == (other.task, other.class_labels_or_indices())
 
     @property
+    def gate_metric(self) -> str | None:
+        """What the champion/challenger gate judges this version by (``config["gate_metric"]``:
+        ``modelloop train --gate-metric``, ``models import --gate-metric``): ``accuracy``,
+        ``f1`` (macro), ``roc_auc``, ``pr_auc`` or ``r2``; None when it stored none."""
+        value = self.config.get("gate_metric")
+        return value if isinstance(value, str) else None
+
+    @property
     def n_features(self) -> int:
         return len(self.feature_names)
 

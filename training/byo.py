@@ -50,7 +50,7 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
-from training.config import TrainingConfig
+from training.config import TrainingConfig, resolve_gate_metric
 from training.data import DataError, TabularDataset, prepare, read_table, split_dataset
 from training.evaluate import evaluate
 from training.export import ExportError, check_parity, export_onnx, onnx_session, run_onnx
@@ -444,7 +444,9 @@ def register_module(
     if ref is not None:  # what the retraining job trains: the same class, modelloop's loop
         config = TrainingConfig.from_settings(
             settings, target=ex.ds.target_name, task=ex.ds.task, architecture=ref,
-            model=dict(init_kwargs or {})).model_dump(mode="json")
+            model=dict(init_kwargs or {}),
+            gate_metric=resolve_gate_metric(None, ex.ds.task, settings.retrain_metric),
+        ).model_dump(mode="json")
     lineage: dict[str, Any] = {"source": SOURCE_MODULE, "module_class": _class_name(module),
                "architecture_ref": ref, "retrainable": ref is not None,
                "preprocess": ("given" if isinstance(preprocess, Preprocessor | ImagePreprocessor)
@@ -700,6 +702,7 @@ def register_onnx(
     registry: Registry | None = None,
     settings: TrainingSettings | None = None,
     promote: bool = False,
+    gate_metric: str | None = None,
 ) -> ModelMetadata:
     """Check an ONNX file made elsewhere on ``data`` and register it as a new version of ``name``.
 
@@ -714,7 +717,9 @@ def register_onnx(
     ``[batch, n_features]`` (fed to per-column inputs through a Split); output
     ``probabilities`` or ``prediction``. ``data`` and the errors are as in
     :func:`register_module`; there is no PyTorch to check parity against, so the graph is run at
-    several batch sizes instead.
+    several batch sizes instead. ``gate_metric``: what ``modelloop models gate`` judges the
+    line by (stored in the version's config, as ``modelloop train --gate-metric`` stores it;
+    default ``retrain_metric``, a regressor's r2).
     """
     settings = settings or TrainingSettings()
     path = Path(onnx_file)
@@ -728,12 +733,17 @@ def register_onnx(
     out = _graph_output(proto, ex.ds.task, _n_outputs(ex.ds), what)
     onnx_bytes = _conventional(proto, inp, columns, out, _main_output(ex.ds.task))
     _check_outputs(onnx_bytes, ex, settings, what)
+    try:
+        metric = resolve_gate_metric(gate_metric, ex.ds.task, settings.retrain_metric)
+    except ValueError as exc:
+        raise ByoError(f"{what}: --gate-metric {exc}") from exc
     lineage = {"source": SOURCE_ONNX, "onnx_file": str(path.resolve()),
                "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
                "graph_inputs": columns or [inp.name if inp else INPUT_NAME],
                "graph_output": out.name, "retrainable": False}
     meta, reference = _build_version(name, ex, onnx_bytes, settings, what=what,
-                                     architecture=SOURCE_ONNX, parity=None, config={},
+                                     architecture=SOURCE_ONNX, parity=None,
+                                     config={"gate_metric": metric} if metric else {},
                                      lineage=lineage)
     return _store(meta, onnx_bytes, reference, registry or Registry(settings.registry_dir), promote)
 

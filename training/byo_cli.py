@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from training.settings import GateMetricChoice  # light: pydantic-settings only
+
 import_app = typer.Typer(add_completion=False, rich_markup_mode=None)  # [batch, ...] in the help
 ALIAS_CHALLENGER = "challenger"  # serving's shadow and `models gate` read it
 
@@ -53,6 +55,10 @@ def import_command(
     challenger: Annotated[bool, typer.Option(
         "--challenger", help="Point the `challenger` alias at it (after the same check): "
         "serving scores it on a copy of live traffic, `models gate` judges it.")] = False,
+    gate_metric: Annotated[GateMetricChoice | None, typer.Option(
+        "--gate-metric", help="What `models gate` judges this line by, stored with it: "
+        "accuracy, f1 (macro), roc_auc or pr_auc for a classifier (default "
+        "MODELLOOP_TRAINING_RETRAIN_METRIC), r2 for a regressor.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the new version as JSON.")] = False,
 ) -> None:
     """Import an ONNX FILE made elsewhere (torch.onnx, skl2onnx, ...) as a new version.
@@ -84,7 +90,7 @@ def import_command(
                                class_labels=[s.strip() for s in labels.split(",")] if labels else None)
         registry = Registry(settings.registry_dir)
         meta = register_onnx(file, examples, name=name, registry=registry, settings=settings,
-                             promote=promote)
+                             promote=promote, gate_metric=gate_metric.value if gate_metric else None)
         if challenger:
             registry.set_alias(name, ALIAS_CHALLENGER, meta.version)
     except (ByoError, DataError) as exc:

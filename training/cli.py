@@ -26,7 +26,7 @@ from training.ensemble import ensemble_of, member_configs
 from training.export import ExportError
 from training.models import architecture_names, get_architecture
 from training.pipeline import TrainOptions, train_and_register
-from training.settings import ClassWeight, Optimizer, TrainingSettings
+from training.settings import ClassWeight, GateMetricChoice, Optimizer, TrainingSettings
 from training.trainer import TrainingError
 from training.transfer import WarmStart
 
@@ -168,6 +168,10 @@ def train(
         "its rows) in the loss, for imbalanced classes.")] = None,
     hidden: Annotated[str | None, typer.Option(
         "--hidden", help="MLP hidden layer widths, e.g. 128,64.")] = None,
+    gate_metric: Annotated[GateMetricChoice | None, typer.Option(
+        "--gate-metric", help="What `modelloop retrain` and `models gate` judge this model line "
+        "by, stored with it: accuracy, f1 (macro), roc_auc or pr_auc for a classifier "
+        "(default MODELLOOP_TRAINING_RETRAIN_METRIC, accuracy), r2 for a regressor.")] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", metavar="KEY=VALUE", help="An architecture parameter (repeatable; the value "
         "as JSON, else text): --param width=64, --param channels=[16,32].")] = None,
@@ -228,6 +232,7 @@ def train(
                                  "learning_rate": learning_rate, "architecture": model,
                                  "optimizer": optimizer.value if optimizer else None,
                                  "class_weight": class_weight.value if class_weight else None,
+                                 "gate_metric": gate_metric.value if gate_metric else None,
                                  "clean": clean, "target": target,
                                  "categorical": _columns(categorical) if categorical else None,
                                  "min_category_count": min_category_count,

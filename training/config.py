@@ -9,7 +9,7 @@ from :class:`training.settings.TrainingSettings`::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import (
     BaseModel,
@@ -22,7 +22,14 @@ from pydantic import (
 )
 
 from modelloop.schemas import Task
-from training.settings import ClassWeight, Optimizer, Scheduler, TrainingSettings
+from training.settings import (
+    ClassifierGateMetric,
+    ClassWeight,
+    GateMetric,
+    Optimizer,
+    Scheduler,
+    TrainingSettings,
+)
 
 
 class TrainingConfig(BaseModel):
@@ -68,6 +75,12 @@ class TrainingConfig(BaseModel):
     split and differ by this."""
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
+    gate_metric: GateMetric | None = None
+    """What the champion/challenger gate judges this model line by (``--gate-metric``): a
+    classifier's ``accuracy``, ``f1`` (macro), ``roc_auc`` or ``pr_auc``, a regressor's ``r2``.
+    None takes ``retrain_metric`` (classifiers) or r2 when the model trains, so the stored config
+    always names one; a config stored before the field existed reads None, and the gate then
+    uses the setting."""
 
     @field_validator("architecture")
     @classmethod
@@ -91,3 +104,18 @@ class TrainingConfig(BaseModel):
         }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(fields)
+
+
+def resolve_gate_metric(chosen: str | None, task: Task, default: str) -> str | None:
+    """The gate metric a model of ``task`` stores: ``chosen`` (``--gate-metric``), else
+    ``default`` (``retrain_metric``) for a classifier and r2 for a regressor; None for an
+    anomaly detector (no champion/challenger gate). ValueError for a metric of the other task
+    ("pr_auc is not a regression metric; choose r2")."""
+    if task is Task.anomaly:
+        return None
+    allowed: tuple[str, ...] = (get_args(ClassifierGateMetric)
+                                if task is Task.classification else ("r2",))
+    metric = chosen or (default if task is Task.classification else "r2")
+    if metric not in allowed:
+        raise ValueError(f"{metric} is not a {task.value} metric; choose {' or '.join(allowed)}")
+    return metric

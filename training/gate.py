@@ -19,7 +19,7 @@ import logging
 import time
 
 from modelloop.registry import ModelVersion, Registry
-from modelloop.schemas import ALIAS_PRODUCTION, Task
+from modelloop.schemas import ALIAS_PRODUCTION
 from training.retrain import (
     RetrainError,
     RetrainResult,
@@ -27,6 +27,7 @@ from training.retrain import (
     compare,
     decide,
     fetch_labelled,
+    gate_metric,
     pair_sessions,
     split_recent,
 )
@@ -58,16 +59,19 @@ def gate(
     sidecar_url: str,
     since: float | None = None,
     now: float | None = None,
+    metric: str | None = None,
 ) -> RetrainResult:
     """Judge registered ``version`` of ``name`` against production on the sidecar's labelled
     rows and promote it only when it wins (see the module docstring). ``since``: the holdout is
-    every labelled row from this time on (default: the most recent share of the window)."""
+    every labelled row from this time on (default: the most recent share of the window);
+    ``metric``: over the champion's stored gate metric
+    (:func:`~training.retrain.gate_metric`)."""
     now = time.time() if now is None else now
     champion = registry.get(name, ALIAS_PRODUCTION)
     challenger = registry.get(name, version)
     check_comparable(champion, challenger)
     meta = champion.metadata
-    metric = settings.retrain_metric if meta.task is Task.classification else "r2"
+    metric, metric_source = gate_metric(meta, settings, metric)
     window_start = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
     key = settings.sidecar_key.get_secret_value() if settings.sidecar_key else None
     rows = fetch_labelled(sidecar_url, name, since=window_start if since is None else since,
@@ -98,4 +102,4 @@ def gate(
             "holdout": "recent" if since is None else "since", "original_check": None}
     return RetrainResult(model=name, promoted=promote, reason=reason, metric=metric,
                          margin=settings.retrain_margin, champion=champ, challenger=chall,
-                         data=data)
+                         data=data, metric_source=metric_source)

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from training.settings import GateMetricChoice  # light: pydantic-settings only
+
 gate_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
@@ -35,6 +37,9 @@ def gate_command(
         "--since", min=0, help="Judge on every labelled row from this Unix time on (rows the "
         "challenger did not train on); default: the most recent "
         "MODELLOOP_TRAINING_RETRAIN_HOLDOUT_FRACTION of the window.")] = None,
+    metric: Annotated[GateMetricChoice | None, typer.Option(
+        "--metric", help="Judge by this metric instead of the one the champion stored "
+        "(--gate-metric; versions that stored none: MODELLOOP_TRAINING_RETRAIN_METRIC).")] = None,
 ) -> None:
     """Judge VERSION of NAME against production on labelled rows; promote only a winner.
 
@@ -67,7 +72,8 @@ def gate_command(
         raise typer.Exit(2) from exc
     try:
         result = gate(name, version, settings=settings, registry=Registry(settings.registry_dir),
-                      sidecar_url=settings.sidecar_url, since=since)
+                      sidecar_url=settings.sidecar_url, since=since,
+                      metric=metric.value if metric else None)
     except (RetrainError, RegistryError) as exc:  # one line each; a missing version is an argument
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         unusable = isinstance(exc, RetrainError | ModelNotFound)

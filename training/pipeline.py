@@ -55,7 +55,7 @@ from modelloop.schemas import (
     Task,
     TensorSpec,
 )
-from training.config import TrainingConfig
+from training.config import TrainingConfig, resolve_gate_metric
 from training.data import (
     BUILTINS,
     DataError,
@@ -263,9 +263,14 @@ def fit_model(
                                     for e in exc.errors())) from exc
     # the stored config is complete: resolved task, target, every architecture parameter and
     # whether the table was cleaned (what reloading the data must repeat)
+    try:  # and the gate's metric: the one asked, else the setting's (a regressor's r2)
+        gate_metric = resolve_gate_metric(config.gate_metric, task, settings.retrain_metric)
+    except ValueError as exc:
+        raise DataError(f"{ds.source}: --gate-metric {exc}") from exc
     config = config.model_copy(update={"task": task, "target": ds.target_name,
                                        "model": params.model_dump(mode="json"),
-                                       "clean": ds.report.cleaned if ds.report else config.clean})
+                                       "clean": ds.report.cleaned if ds.report else config.clean,
+                                       "gate_metric": gate_metric})
     if init is not None:
         init.check(config, ds.feature_names,
                    ds.class_labels if task is Task.classification else None, ds.categories)

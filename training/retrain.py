@@ -42,7 +42,7 @@ from modelloop.categorical import is_categorical
 from modelloop.registry import ModelVersion, Registry
 from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, REF_LABEL, ModelMetadata, Task
 from training.byo import not_retrainable
-from training.config import TrainingConfig
+from training.config import TrainingConfig, resolve_gate_metric
 from training.data import DataError, load_data, split_dataset
 from training.ensemble import ensemble_members, rebuild_ensemble
 from training.evaluate import evaluate
@@ -88,6 +88,9 @@ class RetrainResult:
     champion: Score
     challenger: Score | None
     data: dict[str, Any]
+    metric_source: str = "setting"
+    """Where ``metric`` came from (:func:`gate_metric`): ``option``, ``champion`` or
+    ``setting``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +142,28 @@ def check_production_data(frame: pd.DataFrame, champion: ModelVersion, *, min_ro
             rare = meta.class_labels[int(counts.idxmin())]
             raise RetrainError(f"class {rare!r} is {share:.1%} of the labelled production data, "
                                f"below retrain_min_class_share {min_class_share:.1%}")
+
+
+def gate_metric(meta: ModelMetadata, settings: TrainingSettings,
+                override: str | None = None) -> tuple[str, str]:
+    """The metric the gate judges champion ``meta`` and its challenger by, and where it came
+    from: ``override`` (the command's ``--metric``: ``option``), else the champion's stored one
+    (``--gate-metric`` at training: ``champion``), else ``retrain_metric`` (``setting``; r2 for
+    a regressor). RetrainError for a metric of the other task."""
+    if override:
+        metric, source = override, "option"
+    elif meta.gate_metric:
+        metric, source = meta.gate_metric, "champion"
+    else:
+        metric, source = (settings.retrain_metric if meta.task is Task.classification
+                          else "r2"), "setting"
+    try:
+        resolve_gate_metric(metric, meta.task, settings.retrain_metric)
+    except ValueError as exc:
+        given = ("--metric" if source == "option" else
+                 f"{meta.name} v{meta.version}'s stored gate metric")
+        raise RetrainError(f"{given} {exc}") from exc
+    return metric, source
 
 
 def split_recent(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -390,8 +415,10 @@ def retrain(
     trigger: str = "manual",
     now: float | None = None,
     progress: bool = False,
+    metric: str | None = None,
 ) -> RetrainResult:
-    """Run the whole job (see the module docstring) and return what it decided."""
+    """Run the whole job (see the module docstring) and return what it decided. ``metric``
+    overrides the champion's gate metric (:func:`gate_metric`)."""
     now = time.time() if now is None else now
     since = now - settings.retrain_window_s if settings.retrain_window_s > 0 else 0.0
     retrainable(registry, name)  # before anything is fetched
@@ -399,7 +426,7 @@ def retrain(
     production = fetch_labelled(sidecar_url, name, since=since, limit=settings.retrain_max_rows,
                                 key=key)
     return retrain_on(production, name, settings=settings, registry=registry, trigger=trigger,
-                      window=(since, now), progress=progress)
+                      window=(since, now), progress=progress, metric=metric)
 
 
 def retrain_on(
@@ -411,15 +438,17 @@ def retrain_on(
     trigger: str = "manual",
     window: tuple[float, float] = (0.0, 0.0),
     progress: bool = False,
+    metric: str | None = None,
 ) -> RetrainResult:
     """The job on labelled production rows already fetched (:func:`fetch_labelled`'s frame:
     the features, categorical ones as strings, ``_ml_label``, ``version`` and ``timestamp``);
-    ``window``: the time span they were fetched for, recorded in the lineage."""
+    ``window``: the time span they were fetched for, recorded in the lineage; ``metric``:
+    the command's ``--metric``, over the champion's stored gate metric."""
     since, now = window
     champion, members = retrainable(registry, name)
     meta = champion.metadata
     config = TrainingConfig.model_validate(meta.config)
-    metric = settings.retrain_metric if meta.task is Task.classification else "r2"
+    metric, metric_source = gate_metric(meta, settings, metric)
     check_production_data(production, champion, min_rows=settings.retrain_min_rows,
                           min_class_share=settings.retrain_min_class_share)
     champion_session = onnx_session(champion.onnx_path, threads=1)
@@ -486,7 +515,8 @@ def retrain_on(
                              original=on_original,
                              max_original_drop=settings.retrain_max_original_drop)
     trained.metadata.lineage["gate"] = {
-        "metric": metric, "margin": settings.retrain_margin, "promoted": promote,
+        "metric": metric, "metric_source": metric_source,
+        "margin": settings.retrain_margin, "promoted": promote,
         "reason": reason, "champion_version": meta.version, "champion_score": champ.metric,
         "challenger_score": chall.metric, "champion_latency_p50_s": champ.latency_p50_s,
         "challenger_latency_p50_s": chall.latency_p50_s,
@@ -505,4 +535,4 @@ def retrain_on(
              "promoted" if promote else "kept out of production", reason)
     return RetrainResult(model=name, promoted=promote, reason=reason, metric=metric,
                          margin=settings.retrain_margin, champion=champ, challenger=chall,
-                         data=data)
+                         data=data, metric_source=metric_source)

@@ -14,7 +14,7 @@ from rich.console import Console
 from modelloop.registry import Registry, RegistryError
 from training.export import ExportError
 from training.retrain import RetrainError, retrain
-from training.settings import TrainingSettings
+from training.settings import GateMetricChoice, TrainingSettings
 from training.trainer import TrainingError
 
 retrain_app = typer.Typer(add_completion=False)
@@ -41,6 +41,10 @@ def retrain_command(
         "--live-gate/--no-live-gate", help="Name a winning challenger 'challenger' (shadowed by "
         "serving, promoted by the sidecar only if it wins on live labels) instead of promoting "
         "it (default MODELLOOP_TRAINING_RETRAIN_LIVE_GATE, off).")] = None,
+    metric: Annotated[GateMetricChoice | None, typer.Option(
+        "--metric", help="Judge champion and challenger by this metric instead of the one the "
+        "champion stored (modelloop train --gate-metric; versions that stored none: "
+        "MODELLOOP_TRAINING_RETRAIN_METRIC, r2 for a regressor).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
 ) -> None:
     """Retrain MODEL on its original data plus labelled production data, judge the challenger
@@ -74,7 +78,8 @@ def retrain_command(
     registry = Registry(settings.registry_dir)
     try:
         result = retrain(name, settings=settings, registry=registry,
-                         sidecar_url=settings.sidecar_url, trigger=trigger, progress=progress)
+                         sidecar_url=settings.sidecar_url, trigger=trigger, progress=progress,
+                         metric=metric.value if metric else None)
     except RetrainError as exc:
         console.print(f"[red]error:[/] {exc}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2) from exc

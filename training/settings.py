@@ -12,7 +12,8 @@ champion's config, not with whatever these defaults are at that time.
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
+from typing import Literal, get_args
 
 from pydantic import (
     Field,
@@ -30,6 +31,12 @@ Device = Literal["auto", "cpu", "cuda"]
 Scheduler = Literal["plateau", "cosine", "none"]
 Optimizer = Literal["adamw", "adam", "sgd", "rmsprop"]
 ClassWeight = Literal["none", "balanced"]
+ClassifierGateMetric = Literal["accuracy", "f1", "roc_auc", "pr_auc"]
+GateMetric = Literal["accuracy", "f1", "roc_auc", "pr_auc", "r2"]
+"""What the champion/challenger gate judges by: a classifier's accuracy, macro F1, ROC-AUC or
+PR-AUC (``training.evaluate``), a regressor's r2."""
+GateMetricChoice = StrEnum("GateMetricChoice", {m: m for m in get_args(GateMetric)})  # type: ignore[misc]
+"""The CLI's choices of ``--gate-metric`` and ``--metric``."""
 
 
 class TrainingSettings(HomeSettings):
@@ -187,9 +194,11 @@ class TrainingSettings(HomeSettings):
     """The challenger starts from the champion's weights (fine-tuning, ``training.transfer``)
     when the champion stored them; off: it trains from scratch with the champion's config."""
 
-    retrain_metric: str = "accuracy"
-    """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1``,
-    ``roc_auc``, ``pr_auc``); regressors use ``r2``."""
+    retrain_metric: ClassifierGateMetric = "accuracy"
+    """Metric of the champion/challenger gate for classifiers (``accuracy``, ``f1`` (macro),
+    ``roc_auc``, ``pr_auc``); regressors use ``r2``. A version stores its own
+    (``modelloop train --gate-metric``, this by default) and the gate judges by the champion's;
+    this is the fallback for versions that stored none."""
 
     retrain_margin: NonNegativeFloat = 0.01
     """The challenger is promoted only when its metric beats the champion's by at least this."""

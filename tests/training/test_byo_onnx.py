@@ -67,7 +67,8 @@ def test_the_cli_registers_a_skl2onnx_file_that_then_serves(tmp_path: Path) -> N
     env = {**os.environ, "MODELLOOP_HOME": str(home)}
     done = subprocess.run([MODELLOOP, "models", "register", str(onnx_file), "--name", "iris",
                            "--data", str(tmp_path / "train.csv"), "--holdout",
-                           str(tmp_path / "held.csv"), "--promote", "--json"],
+                           str(tmp_path / "held.csv"), "--promote", "--json",
+                           "--gate-metric", "pr_auc"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -80,6 +81,7 @@ def test_the_cli_registers_a_skl2onnx_file_that_then_serves(tmp_path: Path) -> N
     assert meta.lineage["source"] == "onnx" and meta.lineage["graph_inputs"] == ["features"]
     assert meta.lineage["graph_output"] == "probabilities"
     assert meta.class_labels == list(SPECIES) and meta.architecture == "onnx"
+    assert meta.config == {"gate_metric": "pr_auc"}  # what `models gate` judges the line by
     assert (version.reference()[REF_SPLIT] == "holdout").sum() == len(held)
     assert "no weights or architecture to retrain" in (not_retrainable(meta) or "")
 
@@ -118,6 +120,12 @@ def test_a_torch_onnx_regressor_and_a_skl2onnx_regressor(tmp_path: Path) -> None
     meta = register_onnx(made_by_torch, data, name="lin", registry=registry, settings=settings,
                          promote=True)
     assert meta.outputs[0].name == PREDICTION and meta.metrics["r2"] > 0.999
+    assert meta.gate_metric == "r2"
+    with pytest.raises(ByoError) as err:  # a classifier's metric, refused in one line
+        register_onnx(made_by_torch, data, name="lin", registry=registry, settings=settings,
+                      gate_metric="roc_auc")
+    assert str(err.value) == ("ONNX file lin.onnx: --gate-metric roc_auc is not a regression "
+                              "metric; choose r2")
     stored = onnx.load(str(registry.get("lin").onnx_path))
     assert [i.name for i in stored.graph.input] == [INPUT_NAME]
     assert [o.name for o in stored.graph.output] == [PREDICTION]

@@ -17,6 +17,7 @@ import onnx
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import accuracy_score, average_precision_score
 from typer.testing import CliRunner
 
 from modelloop.categorical import feeds
@@ -66,13 +67,14 @@ class Churn:
 
 @pytest.fixture(scope="module")
 def churn(tmp_path_factory: pytest.TempPathFactory) -> Churn:
-    """The churn model trained from a CSV file and registered as production."""
+    """The churn model trained from a CSV file and registered as production; its gate judges
+    by PR-AUC (its positive class is the rare one)."""
     root = tmp_path_factory.mktemp("categorical")
     csv = root / "churn.csv"
     churn_frame(1200, seed=0).to_csv(csv, index=False)
     settings = TrainingSettings(home=root / "home", progress=False, epochs=EPOCHS)
     config = TrainingConfig.from_settings(settings, target=CHURN_TARGET,
-                                          min_category_count=MIN_COUNT)
+                                          min_category_count=MIN_COUNT, gate_metric="pr_auc")
     trained = train_model(csv, name="churn", options=TrainOptions(config=config, settings=settings))
     registry = Registry(settings.registry_dir)
     register_trained(trained, registry, promote=True)
@@ -206,11 +208,24 @@ def test_categorical_flag_codes_an_integer_column(tmp_path: Path, home: Path) ->
     assert load_data(csv, CHURN_TARGET).categories == {}  # integers are numbers unless named
     result = CliRunner().invoke(app, ["train", "--data", str(csv), "--target", CHURN_TARGET,
                                       "--categorical", "store_id", "--min-category-count", "3",
-                                      "--epochs", "2", "--no-progress", "--name", "stores"])
+                                      "--epochs", "2", "--no-progress", "--name", "stores",
+                                      "--gate-metric", "pr_auc"])
     assert result.exit_code == 0, result.stderr
     meta = Registry(home / "registry").get("stores", 1).metadata
     assert meta.categories == {"store_id": [str(i) for i in range(1, 12)]}  # numeric order
     assert meta.config["categorical"] == ["store_id"] and meta.config["min_category_count"] == 3
+    assert meta.config["gate_metric"] == "pr_auc" == meta.gate_metric
+    shown = CliRunner().invoke(app, ["models", "show", "stores", "1"])
+    assert shown.exit_code == 0 and "  gate:      pr_auc\n" in shown.stdout
+    # a regressor's gate metric is r2: a classifier's is refused, in one line, before training
+    frame[CHURN_TARGET] = np.linspace(0.0, 1.0, len(frame))
+    frame.to_csv(csv, index=False)
+    refused = CliRunner().invoke(app, ["train", "--data", str(csv), "--target", CHURN_TARGET,
+                                       "--task", "regression", "--gate-metric", "pr_auc",
+                                       "--no-progress", "--name", "stores"])
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (f"error: {csv}: --gate-metric pr_auc is not a "
+                                               "regression metric; choose r2")
     rows = np.array([[5, 10.0, 1.0], [99, 10.0, 1.0]], dtype=object)
     rows[:, 0] = ["5", "99"]
     out = onnx_session(Registry(home / "registry").get("stores", 1).onnx_path).run(
@@ -233,10 +248,36 @@ def test_retraining_on_a_new_frequent_plan_makes_it_a_category(
     rows["version"] = champion.version
     rows["timestamp"] = time.time() - 600 + np.arange(len(rows), dtype=np.float64)
     settings = churn.settings.model_copy(update={"retrain_detect_change": False})
+    # the command's --metric over the stored one: judged by accuracy, the challenger loses
+    by_accuracy = retrain_on(rows, "churn", settings=settings, registry=churn.registry,
+                             metric="accuracy")
+    assert (by_accuracy.metric, by_accuracy.metric_source) == ("accuracy", "option")
+    assert not by_accuracy.promoted, by_accuracy.reason
     with caplog.at_level(logging.INFO, logger="training.retrain"):
         result = retrain_on(rows, "churn", settings=settings, registry=churn.registry)
-    assert result.challenger is not None
+    assert result.challenger is not None and by_accuracy.challenger is not None
     challenger = churn.registry.get("churn", result.challenger.version).metadata
+    # judged by the champion's stored PR-AUC, the same challenger (same data, same seeds) wins
+    # on this imbalanced holdout: the two metrics disagree, and the stored one decided
+    assert (result.metric, result.metric_source) == ("pr_auc", "champion")
+    assert result.challenger.metrics == by_accuracy.challenger.metrics
+    assert result.promoted, result.reason
+    churn.registry.rollback("churn")  # v1 stays production for the tests after this one
+    gate = challenger.lineage["gate"]
+    assert (gate["metric"], gate["metric_source"], gate["promoted"]) == ("pr_auc", "champion", True)
+    assert gate["champion_score"] == result.champion.metric
+    assert challenger.gate_metric == "pr_auc"  # the config, metric included, travels on
+    # the scores are scikit-learn's on the holdout (the most recent 30% of the rows)
+    holdout = rows.iloc[-round(len(rows) * settings.retrain_holdout_fraction):]
+    truth = holdout[REF_LABEL].to_numpy(np.int64)
+    for version, score in ((champion, result.champion), (challenger, result.challenger)):
+        proba = onnx_session(churn.registry.get("churn", version.version).onnx_path).run(
+            None, feeds(version, holdout[FEATURES].to_numpy(object)))[0]
+        assert score.metric == pytest.approx(average_precision_score(truth, proba[:, 1]),
+                                             abs=1e-9)
+        assert score.metrics["accuracy"] == pytest.approx(
+            accuracy_score(truth, proba.argmax(axis=1)), abs=1e-12)
+    assert by_accuracy.champion.metric == result.champion.metrics["accuracy"]
     assert NEW_PLAN not in champion.categories["plan"]
     assert challenger.categories["plan"] == ["basic", "family", "plus", "pro", NEW_PLAN]
     assert challenger.parent_version == champion.version and challenger.parity is not None
