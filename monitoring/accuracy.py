@@ -14,6 +14,7 @@ where the window looks like the reference; the sidecar says when it does not (ou
 Example::
 
     scores = classification_scores(y_true, y_pred)      # scores.accuracy, scores.f1
+    gate_score("pr_auc", y_true, y_pred, proba)          # the gate's metric (also AUCs)
     cal = ConfidenceCalibration.fit(ref_proba, ref_labels)
     cal.expected_accuracy(window_proba)                  # e.g. 0.91, no labels needed
     cal.estimate(window_proba)                           # AccuracyEstimate(0.91, 0.89, 0.93)
@@ -63,6 +64,39 @@ def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> Classificat
         n=n, accuracy=float(tp.sum() / n), precision=float(precision.mean()),
         recall=float(recall.mean()), f1=float(f1.mean()),
     )
+
+
+GATE_METRICS = ("accuracy", "f1", "roc_auc", "pr_auc")
+DEFAULT_GATE_METRIC = "accuracy"
+"""A classifier version that stored no gate metric is judged by accuracy (the default of
+``MODELLOOP_TRAINING_RETRAIN_METRIC``)."""
+
+
+def gate_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray,
+               probabilities: np.ndarray | None) -> float | None:
+    """A classifier's champion/challenger gate metric over labelled rows, as training measures
+    it (``training/evaluate.py``): ``accuracy`` and ``f1`` (macro) of the predictions,
+    ``roc_auc`` (binary, else the mean over the classes present of one class against the rest)
+    and ``pr_auc`` (average precision of class 1 for two classes, else that mean) of the
+    ``[rows, classes]`` probabilities. None where it is undefined: no rows, one class only,
+    no probabilities, an unknown metric."""
+    y_true = np.asarray(y_true).astype(np.int64)
+    if metric in ("accuracy", "f1"):
+        scores = classification_scores(y_true, np.asarray(y_pred).astype(np.int64))
+        return None if scores is None else float(getattr(scores, metric))
+    if metric not in GATE_METRICS or probabilities is None or len(y_true) == 0:
+        return None
+    proba = np.asarray(probabilities, dtype=np.float64)
+    keep = np.isfinite(proba).all(axis=1)
+    proba, y_true = proba[keep], y_true[keep]
+    present = np.unique(y_true)
+    if len(present) < 2 or proba.ndim != 2 or present.max() >= proba.shape[1]:
+        return None
+    from sklearn import metrics as skm  # only where a model is judged by an AUC
+
+    score = skm.roc_auc_score if metric == "roc_auc" else skm.average_precision_score
+    classes = [1] if proba.shape[1] == 2 else present
+    return float(np.mean([score(y_true == c, proba[:, c]) for c in classes]))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -37,7 +37,13 @@ from modelloop.schemas import (
     ModelMetadata,
     Task,
 )
-from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
+from monitoring.accuracy import (
+    DEFAULT_GATE_METRIC,
+    ConfidenceCalibration,
+    classification_scores,
+    gate_score,
+    label_lag,
+)
 from monitoring.data_quality import DataQuality, window_quality
 from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattests
 from monitoring.ingest import ModelCatalog
@@ -101,6 +107,10 @@ class Quality:
     """The estimate minus the realised accuracy on the same labelled rows of the count window
     (at least ``MIN_GAP_LABELS``): large when the labels disagree with what the model's
     confidence promised, which a concept shift does and no feature-based check can see."""
+    gate_metric: str = DEFAULT_GATE_METRIC
+    """The version's stored champion/challenger gate metric (``modelloop train --gate-metric``)."""
+    gate_score: float | None = None
+    """That metric over the count window's labelled rows (None where undefined)."""
 
 
 class Evaluator:
@@ -270,7 +280,7 @@ class Evaluator:
             qualities[version] = _quality(
                 version, win, by_time, vctx.calibration,
                 None if outside is None else outside.out_of_support_rows_share,
-                s.max_out_of_support_share)
+                s.max_out_of_support_share, vctx.meta.gate_metric or DEFAULT_GATE_METRIC)
         self._publish_quality(model, qualities)
         status["quality"] = {str(v): q.__dict__ for v, q in qualities.items()}
 
@@ -372,6 +382,8 @@ class Evaluator:
                 entries.append((m.estimate_reliable, (model, v), float(q.estimate_reliable)))
             if q.estimate_gap is not None:
                 entries.append((m.estimate_gap, (model, v), q.estimate_gap))
+            if q.gate_score is not None:
+                entries.append((m.gate_metric, (model, v, q.gate_metric), q.gate_score))
             for window, sc in q.scores.items():
                 if sc is None:
                     continue
@@ -552,7 +564,8 @@ def _calibration(ref: Any, proba_cols: list[str]) -> ConfidenceCalibration:
 
 
 def _quality(version: int, win: Window, by_time: Window, calibration: ConfidenceCalibration,
-             out_of_support: float | None, max_out_of_support: float) -> Quality:
+             out_of_support: float | None, max_out_of_support: float,
+             gate_metric: str = DEFAULT_GATE_METRIC) -> Quality:
     scores: dict[str, Any] = {}
     for name, w in (("count", win), ("time", by_time)):
         mask = w.labelled
@@ -563,6 +576,9 @@ def _quality(version: int, win: Window, by_time: Window, calibration: Confidence
     estimate = (calibration.estimate(win.probabilities)
                 if win.probabilities is not None else None)
     gap = _estimate_gap(win, calibration, scores["count"])
+    mask = win.labelled
+    gate = gate_score(gate_metric, win.label[mask], win.prediction[mask],
+                      None if win.probabilities is None else win.probabilities[mask])
     return Quality(version=version, rows=len(win), labelled=labelled,
                    coverage=labelled / len(win) if len(win) else 0.0, scores=scores,
                    estimated_accuracy=None if estimate is None else estimate.value,
@@ -570,7 +586,8 @@ def _quality(version: int, win: Window, by_time: Window, calibration: Confidence
                    estimate_upper=None if estimate is None else estimate.upper,
                    out_of_support_share=out_of_support,
                    estimate_reliable=None if estimate is None or out_of_support is None
-                   else out_of_support <= max_out_of_support, estimate_gap=gap)
+                   else out_of_support <= max_out_of_support, estimate_gap=gap,
+                   gate_metric=gate_metric, gate_score=gate)
 
 
 def _estimate_gap(win: Window, calibration: ConfidenceCalibration,

@@ -110,6 +110,10 @@ class MonitorMetrics:
         self.f1 = g("modelloop_f1_ratio", "Realised macro F1 over a window.", mvw)
         self.precision = g("modelloop_precision_ratio", "Realised macro precision.", mvw)
         self.recall = g("modelloop_recall_ratio", "Realised macro recall.", mvw)
+        self.gate_metric = g("modelloop_gate_metric_ratio", "The version's champion/challenger "
+                             "gate metric (accuracy, f1, roc_auc or pr_auc, as stored with it) "
+                             "over the count window's labelled events.",
+                             ("model", "version", "metric"))
         self.estimated_accuracy = g("modelloop_estimated_accuracy_ratio",
                                     "Confidence-based accuracy estimate (no labels needed).",
                                     ("model", "version"))

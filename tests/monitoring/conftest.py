@@ -28,8 +28,9 @@ def trained(task: SyntheticTask) -> TrainedModel:
 
 @pytest.fixture
 def registered(home: Path, trained: TrainedModel) -> TrainedModel:
-    """The model registered (and promoted) as ``churn`` v1 in this test's MODELLOOP_HOME."""
-    trained.register(home / "registry")
+    """The model registered (and promoted) as ``churn`` v1 in this test's MODELLOOP_HOME, its
+    gate metric PR-AUC (``modelloop train --gate-metric pr_auc``)."""
+    trained.register(home / "registry", gate_metric="pr_auc")
     return trained
 
 

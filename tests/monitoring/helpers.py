@@ -92,13 +92,14 @@ class TrainedModel:
         return df
 
     def register(self, registry_dir: Path, name: str = "churn", promote: bool = True,
-                 reference_rows: int = 3000) -> ModelMetadata:
+                 reference_rows: int = 3000, gate_metric: str | None = None) -> ModelMetadata:
         n = len(self.task.feature_names)
         meta = ModelMetadata(
             name=name, task=Task.classification, architecture="logreg",
             inputs=[TensorSpec(name="input", shape=[None, n])],
             outputs=[TensorSpec(name="probabilities", shape=[None, 2])],
             feature_names=self.task.feature_names, class_labels=CLASS_LABELS,
+            config={"gate_metric": gate_metric} if gate_metric else {},
         )
         reg = Registry(registry_dir)
         meta = reg.register(meta, self.onnx_bytes(), reference=self.reference(reference_rows))

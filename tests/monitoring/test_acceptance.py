@@ -20,9 +20,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from modelloop.synthetic import TARGET, SyntheticTask
 from tests.monitoring.helpers import (
@@ -128,7 +129,7 @@ def sidecar_metric_names() -> list[str]:
 
 
 def test_the_closed_loop_through_real_serving_and_sidecar(
-        stack: Stack, task: SyntheticTask, tmp_path: Path) -> None:
+        stack: Stack, task: SyntheticTask, registered: TrainedModel, tmp_path: Path) -> None:
     features = task.feature_names
     # 1. stationary traffic: no drift over several windows, no job
     for w in range(3):
@@ -189,6 +190,12 @@ def test_the_closed_loop_through_real_serving_and_sidecar(
         assert stack.metric("modelloop_f1_ratio", version="1", window=window) == \
             pytest.approx(expected_f1, abs=1e-12)
     assert stack.metric("modelloop_labelled_samples", version="1") == WINDOW
+    # the version's stored gate metric (PR-AUC) from the events' probabilities: the served
+    # graph's, which ONNX Runtime gives here too (float32 near-ties may rank apart: 1e-4)
+    session = ort.InferenceSession(registered.onnx_bytes(), providers=["CPUExecutionProvider"])
+    proba = session.run(None, {"input": shifted[features].to_numpy(np.float32)})[0]
+    assert stack.metric("modelloop_gate_metric_ratio", version="1", metric="pr_auc") == \
+        pytest.approx(average_precision_score(truth, proba[:, 1]), abs=1e-4)
     assert stack.metric("modelloop_label_coverage_ratio", version="1") == 1.0
     estimated = stack.metric("modelloop_estimated_accuracy_ratio", version="1")
     assert abs(estimated - expected_acc) < 0.1  # the estimate is in the realised one's range

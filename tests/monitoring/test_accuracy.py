@@ -8,7 +8,12 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from modelloop.synthetic import TARGET, SyntheticTask
-from monitoring.accuracy import ConfidenceCalibration, classification_scores, label_lag
+from monitoring.accuracy import (
+    ConfidenceCalibration,
+    classification_scores,
+    gate_score,
+    label_lag,
+)
 from tests.monitoring.helpers import TrainedModel
 
 
@@ -33,6 +38,46 @@ def test_scores_equal_scikit_learn(n: int, k_true: int, k_pred: int, seed: int) 
     assert got.precision == pytest.approx(precision_score(y_true, y_pred, **kw), abs=1e-12)
     assert got.recall == pytest.approx(recall_score(y_true, y_pred, **kw), abs=1e-12)
     assert got.f1 == pytest.approx(f1_score(y_true, y_pred, **kw), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "present", "seed"),
+    [
+        (400, 2, 2, 0),  # binary: PR-AUC is class 1's average precision
+        (600, 4, 4, 1),  # multi-class: the macro mean over the classes, one against the rest
+        (300, 4, 3, 2),  # a class absent from the labels: the mean over those present
+    ],
+)
+def test_gate_scores_are_what_training_measures(n: int, k: int, present: int, seed: int) -> None:
+    """The sidecar's gate metric of a window equals ``training.evaluate``'s on the same rows,
+    so the gauge and ``modelloop retrain`` speak of the same number."""
+    from training.evaluate import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, present, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y_true]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y_pred = proba.argmax(axis=1)
+    expected = classification_metrics(y_true, proba, [str(c) for c in range(k)]).metrics
+    for metric in ("accuracy", "f1", "roc_auc", "pr_auc"):
+        assert gate_score(metric, y_true, y_pred, proba) == pytest.approx(expected[metric],
+                                                                           abs=1e-12), metric
+
+
+@pytest.mark.parametrize(
+    ("metric", "y_true", "probabilities"),
+    [
+        ("pr_auc", [1, 1, 1], [[0.2, 0.8]] * 3),  # one class only: no ranking to judge
+        ("roc_auc", [0, 1], None),               # events without probabilities
+        ("pr_auc", [], np.zeros((0, 2))),         # no labelled rows
+        ("log_loss", [0, 1], [[0.9, 0.1], [0.2, 0.8]]),  # not a gate metric
+    ],
+)
+def test_an_undefined_gate_score_is_none(metric: str, y_true: list[int],
+                                         probabilities: object) -> None:
+    y = np.asarray(y_true, dtype=np.int64)
+    proba = None if probabilities is None else np.asarray(probabilities, dtype=np.float64)
+    assert gate_score(metric, y, y, proba) is None
 
 
 def test_no_labels_no_scores_and_shapes_must_match() -> None:

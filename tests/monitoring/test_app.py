@@ -17,6 +17,7 @@ import httpx
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sklearn.metrics import average_precision_score
 
 from modelloop.synthetic import SyntheticTask
 from monitoring.app import create_app
@@ -196,7 +197,7 @@ def test_invalid_labels_reject_the_request_whole(client: httpx.Client, sidecar: 
 def test_check_status_report_and_export(client: httpx.Client, sidecar: Sidecar,
                                         registered: TrainedModel, task: SyntheticTask) -> None:
     df = task.sample(1000, seed=6, shift={"f02": 1.5, "f09": -1.5})
-    events, _ = events_for(registered, df, "c")
+    events, proba = events_for(registered, df, "c")
     assert client.post("/events", json={"events": events}).status_code == 200
     labels = [{"request_id": f"c-{i}", "label": int(y)} for i, y in enumerate(df["target"][:100])]
     client.post("/feedback", json={"feedback": labels})
@@ -205,6 +206,11 @@ def test_check_status_report_and_export(client: httpx.Client, sidecar: Sidecar,
     assert drift["judged"] and drift["drifted_features"] == ["f02", "f09"]
     quality = status["models"]["churn"]["quality"]["1"]
     assert quality["labelled"] == 100 and quality["coverage"] == pytest.approx(100 / 1000)
+    # the version's stored gate metric over its labelled rows, from the events' probabilities
+    expected = average_precision_score(df["target"][:100], proba[:100, 1])
+    assert quality["gate_metric"] == "pr_auc" and quality["gate_score"] == pytest.approx(expected)
+    assert metric(client, "modelloop_gate_metric_ratio", model="churn", version="1",
+                  metric="pr_auc") == pytest.approx(expected, abs=1e-12)
     assert [f["rule"] for f in status["recent_firings"]] == ["drift", "acc"]
     assert status["recent_firings"][0]["job"]["status"] == "running"
     assert client.get("/status").json()["models"]["churn"]["version"] == 1
