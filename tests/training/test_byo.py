@@ -75,6 +75,7 @@ def test_a_trained_classifier_is_registered_promoted_and_faithful(tmp_path: Path
     assert meta.lineage["module_class"] == "tests.training.byo_nets.TinyClassifier"
     assert meta.config["architecture"] == "tests.training.byo_nets:TinyClassifier"
     assert meta.config["model"] == KWARGS
+    assert meta.gate_metric == "accuracy"  # MODELLOOP_TRAINING_RETRAIN_METRIC, as train stores it
     version = registry.get("iris", meta.version)
     reference = version.reference()
     assert set(reference[REF_SPLIT]) == {"train", "holdout"}

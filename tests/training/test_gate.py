@@ -136,6 +136,7 @@ def test_a_per_model_command_retrains_an_onnx_model_through_the_gate(
     assert summary["champion"]["version"] == 1 and summary["challenger"]["version"] == 2
     assert summary["data"]["holdout"] == "since" and summary["data"]["holdout_rows"] == 450
     assert summary["data"]["original_check"] is None
+    assert (summary["metric"], summary["metric_source"]) == ("accuracy", "champion")
     v2 = champion.get("demo", 2).metadata
     assert v2.lineage["source"] == "onnx"
     assert champion.aliases("demo") == ({"production": 2, "previous": 1} if promoted

@@ -88,6 +88,8 @@ def test_better_challenger_is_promoted_with_lineage(home: Path, champion: Regist
     assert code == 0, err
     assert out is not None and out["promoted"], out["reason"] if out else err
     assert out["challenger"]["metric"] >= out["champion"]["metric"] + out["margin"]
+    # trained without --gate-metric, the champion stored the setting's accuracy, which decided
+    assert (out["metric"], out["metric_source"]) == ("accuracy", "champion")
     assert out["data"]["holdout_rows"] == 450 and out["data"]["production_rows"] == 1500
     v2 = champion.get("demo", "production").metadata
     assert v2.version == 2 and v2.parent_version == 1
