@@ -112,6 +112,10 @@ def _pretty(data: dict[str, Any]) -> str:
              f"  features:  {len(data['feature_names'])}",
              f"  classes:   {data['class_labels']}",
              f"  gate:      {data['config'].get('gate_metric') or '-'}"]
+    categories = data.get("categories") or {}
+    if categories:  # each categorical feature, with how many values its graph codes
+        lines.insert(6, "  categorical: " + ", ".join(f"{name} ({len(values)} values)"
+                                                      for name, values in categories.items()))
     report = data["lineage"].get("data_report")
     if isinstance(report, dict):
         lines += _data_lines(report)

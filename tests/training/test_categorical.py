@@ -217,6 +217,7 @@ def test_categorical_flag_codes_an_integer_column(tmp_path: Path, home: Path) ->
     assert meta.config["gate_metric"] == "pr_auc" == meta.gate_metric
     shown = CliRunner().invoke(app, ["models", "show", "stores", "1"])
     assert shown.exit_code == 0 and "  gate:      pr_auc\n" in shown.stdout
+    assert "  categorical: store_id (11 values)\n" in shown.stdout
     # a regressor's gate metric is r2: a classifier's is refused, in one line, before training
     frame[CHURN_TARGET] = np.linspace(0.0, 1.0, len(frame))
     frame.to_csv(csv, index=False)
