@@ -388,15 +388,19 @@ def _picker(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
 
 def check_text(rows: Sequence[Sequence[Any]], nan_policy: NanPolicy, field_of: FieldOf) -> None:
     """Every value of ``rows`` is a string of at most ``MAX_CATEGORY_CHARS`` characters without
-    NUL (what an event may carry, modelloop.schemas), or null (missing) where ``nan_policy``
-    allows; else the RequestError naming the first that is not, by ``field_of(i, k)``."""
+    NUL or lone surrogates (what an event may carry, modelloop.schemas, and ONNX Runtime can
+    encode as UTF-8), or null (missing) where ``nan_policy`` allows; else the RequestError naming
+    the first that is not, by ``field_of(i, k)``."""
     allowed = {str, type(None)} if nan_policy == "allow" else {str}
     values = list(itertools.chain.from_iterable(rows))
     types = set(map(type, values))
     if not types <= allowed:
         raise _locate_text(rows, nan_policy, field_of)
     text = [v for v in values if v is not None] if type(None) in types else values
-    if text and (max(map(len, text)) > MAX_CATEGORY_CHARS or "\x00" in "".join(text)):
+    if not text:
+        return
+    joined = "".join(text)
+    if max(map(len, text)) > MAX_CATEGORY_CHARS or "\x00" in joined or _lone_surrogate(joined) is not None:
         raise _locate_text(rows, nan_policy, field_of)
 
 
@@ -406,6 +410,21 @@ def category_problem(value: str) -> tuple[str, str] | None:
         return "too_long", f"a category of {len(value)} characters; at most {MAX_CATEGORY_CHARS} are accepted"
     if "\x00" in value:
         return "wrong_type", "a category must not contain NUL (\\u0000)"
+    at = _lone_surrogate(value)
+    if at is not None:
+        return "wrong_type", f"a category must be UTF-8 text; a lone surrogate (\\u{ord(value[at]):04x}) is not"
+    return None
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (JSON's "\\ud800" decodes to one; no
+    UTF-8 holds it, so ONNX Runtime and the event store cannot take it), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
     return None
 
 

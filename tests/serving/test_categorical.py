@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,35 @@ def test_wrong_kinds_of_values_are_refused_naming_the_field(client: httpx.Client
     resp = client.post("/predict", json={"instances": instances})
     assert resp.status_code == 422, resp.text
     assert resp.json() == {"error": message, "code": "wrong_type", "field": field}
+
+
+@served
+def test_a_lone_surrogate_is_refused_before_the_batch_and_spares_its_neighbours(client: httpx.Client) -> None:
+    """JSON's "\\ud800" decodes to a str no UTF-8 holds: refused at the boundary with a 422, so
+    the micro-batch it would have joined (and ONNX Runtime) never sees it; good requests sent
+    in the same moment answer 200."""
+    good = orjson.dumps({"instances": records(sample(5, seed=41))})
+    bad = {  # (built by hand: a JSON encoder refuses to write a lone surrogate)
+        "/predict": b'{"instances": [{"monthly": 1, "plan": "\\ud800", "tenure": 2, "region": "eu"}]}',
+        f"/v2/models/{MODEL}/infer": b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], '
+                                     b'"data": [1, 2]}, {"name": "categories", "datatype": "BYTES", '
+                                     b'"shape": [1, 2], "data": ["pro", "eu\\udfff"]}]}',
+    }
+
+    def post(path: str, body: bytes) -> httpx.Response:
+        return client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+    with ThreadPoolExecutor(8) as pool:
+        refused = {path: [pool.submit(post, path, body) for _ in range(6)] for path, body in bad.items()}
+        answered = [pool.submit(post, "/predict", good) for _ in range(12)]
+    assert [f.result().status_code for f in answered] == [200] * 12
+    for path, field, message in [
+            ("/predict", "instances[0].plan", "a lone surrogate (\\ud800) is not"),
+            (f"/v2/models/{MODEL}/infer", "inputs[1].data[1]", "a lone surrogate (\\udfff) is not")]:
+        for f in refused[path]:
+            assert f.result().status_code == 422, f.result().text
+            assert f.result().json() == {"error": f"{field}: a category must be UTF-8 text; {message}",
+                                         "code": "wrong_type", "field": field}
 
 
 @served
