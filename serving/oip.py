@@ -223,8 +223,9 @@ def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: Na
     numeric, cats = columns(meta)
     widths = {INPUT_NAME: len(numeric), CATEGORIES_INPUT: len(cats)}
     inputs = doc.get("inputs")
+    _check_names(inputs)
     if (not isinstance(inputs, list) or len(inputs) != 2 or not all(isinstance(t, dict) for t in inputs)
-            or {t.get("name") for t in inputs if isinstance(t, dict)} != set(widths)):
+            or {t.get("name") for t in inputs} != set(widths)):
         raise RequestError(400, "wrong_shape", "inputs",
                            f"inputs: expected two tensors, {INPUT_NAME!r} FP32 [rows, {len(numeric)}] "
                            f"and {CATEGORIES_INPUT!r} BYTES [rows, {len(cats)}]")
@@ -274,6 +275,16 @@ def _categorical_inputs(doc: dict[str, Any], meta: ModelMetadata, nan_policy: Na
             out[:, cats] = _text_rows(given, tensor.get("data"), shape, nan_policy, f"{field}.data")
     assert out is not None
     return out
+
+
+def _check_names(inputs: Any) -> None:
+    """Every name among ``inputs`` that is given is a string (a list or an object is no key to
+    look a tensor up by); else the 400 naming the first that is not."""
+    for k, tensor in enumerate(inputs if isinstance(inputs, list) else []):
+        name = tensor.get("name") if isinstance(tensor, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise RequestError(400, "wrong_type", f"inputs[{k}].name",
+                               f"inputs[{k}].name: expected a string, got {type_name(name)} {preview(name)}")
 
 
 def _text_rows(given: TensorValues | None, data: Any, shape: list[int], nan_policy: NanPolicy,

@@ -342,6 +342,9 @@ def _live(c: tgrpc.InferenceServerClient) -> bool:
       {"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", 3]}], 422, "inputs[1].data[1]"),
     # the categories left out
     ([{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}], 400, "inputs"),
+    # a name that is not a string
+    ([{"name": ["input"], "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+      {"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", "eu"]}], 400, "inputs[0].name"),
     # rows that differ between the two tensors
     ([{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]},
       {"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", "eu"]}], 400, "inputs[1].shape"),
@@ -544,6 +547,21 @@ def test_a_challenger_shadows_only_with_the_same_categorical_features() -> None:
     numeric = production.model_copy(update={"version": 3, "categories": {"region": ["eu", "us"]}})
     assert _unfit(production, numeric) == ("challenger v3 takes other inputs or answers another task or classes "
                                            "than production v1")
+
+
+@pytest.mark.parametrize("categories", [CATEGORIES, {}])
+@pytest.mark.parametrize("name", [["input"], {"input": 1}])
+def test_an_oip_input_name_that_is_not_a_string_is_refused_naming_it(categories: dict[str, list[str]],
+                                                                     name: Any) -> None:
+    """For a model with categorical features and for a numeric one (the same four features)."""
+    meta = plans_meta().model_copy(update={"categories": categories})
+    numbers = [1.0, 2.0] if categories else [1.0, 2.0, 3.0, 4.0]
+    inputs: list[dict[str, Any]] = [{"name": name, "datatype": "FP32", "shape": [1, len(numbers)], "data": numbers}]
+    if categories:
+        inputs.append({"name": "categories", "datatype": "BYTES", "shape": [1, 2], "data": ["pro", "eu"]})
+    with pytest.raises(RequestError) as info:
+        oip.decode_request({"inputs": inputs}, meta, nan_policy="allow", max_rows=10)
+    assert (info.value.status, info.value.field) == (400, "inputs[0].name")
 
 
 def _binary_request(text_blob: bytes) -> tuple[bytes, str]:
