@@ -444,6 +444,7 @@ def _categorical_features(table: pa.Table, features: Sequence[str], categorical:
             r = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
             raise BatchInputError(f"{source}: row {first_row + r}, column {name!r}: missing value is not "
                                   "allowed (nan_policy=reject)", code="missing_value", column=name)
+        _check_utf8(column, name, source=source, first_row=first_row)
         values = column.to_pylist()
         # what no event may carry (serving/validation.py): looked for by pyarrow, found in Python
         longest = pc.max(pc.utf8_length(column)).as_py() if len(column) else None
@@ -453,6 +454,27 @@ def _categorical_features(table: pa.Table, features: Sequence[str], categorical:
                                   code=problem[0], column=name)
         out[:, j] = values
     return out
+
+
+def _check_utf8(column: pa.ChunkedArray, name: str, *, source: str, first_row: int) -> None:
+    """A string column holds UTF-8 text: Parquet's reader does not check it (CSV's does), and
+    a value that is not UTF-8 cannot become a Python string; else the error naming the first row
+    and the column."""
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        raw = column.cast(pa.large_binary()).to_pylist()
+        r = next(r for r, v in enumerate(raw) if v is not None and not _decodes(v))
+        raise BatchInputError(f"{source}: row {first_row + r}, column {name!r}: not UTF-8 text",
+                              code="wrong_type", column=name) from None
+
+
+def _decodes(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def reuse_freed_memory() -> bool:

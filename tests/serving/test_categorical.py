@@ -420,6 +420,41 @@ def test_batch_parquet_with_numbers_for_a_category_is_refused_naming_the_column(
                            "code": "wrong_type", "field": "plan"}
 
 
+def not_utf8(dictionary: bool = False) -> pa.Table:
+    """A table whose ``plan`` holds bytes that are no UTF-8 in row 1 (a Parquet writer may store
+    them: its string columns are not checked), ``\\xed\\xa0\\x80`` (CESU-8's surrogate) in row 2."""
+    plan = pa.array([b"pro", b"\xff\xfe", b"\xed\xa0\x80"], pa.binary()).view(pa.string())
+    return pa.table({"monthly": [1.0, 2.0, 3.0], "plan": plan.dictionary_encode() if dictionary else plan,
+                     "tenure": [1.0, 2.0, 3.0], "region": ["eu", "us", None]})
+
+
+@served
+def test_batch_parquet_with_text_that_is_not_utf8_is_refused_naming_the_column(client: httpx.Client) -> None:
+    sink = io.BytesIO()
+    pq.write_table(not_utf8(), sink)
+    resp = client.post("/batch/score", content=sink.getvalue(),
+                       headers={"Content-Type": "application/vnd.apache.parquet"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json() == {"error": "body: row 1, column 'plan': not UTF-8 text", "code": "wrong_type",
+                           "field": "plan"}
+
+
+@pytest.mark.parametrize("dictionary", [False, True])
+def test_text_that_is_not_utf8_is_refused_by_the_batch_reader(model: tuple[Path, bytes], tmp_path: Path,
+                                                              dictionary: bool) -> None:
+    """As ``modelloop batch score`` reads a file (score_file) and as a chunk is checked."""
+    with pytest.raises(BatchInputError) as info:
+        features_of(not_utf8(dictionary), FEATURES, source="in.parquet", first_row=10, nan_policy="allow",
+                    categorical=CATEGORIES)
+    assert (info.value.code, info.value.column, str(info.value)) == (
+        "wrong_type", "plan", "in.parquet: row 11, column 'plan': not UTF-8 text")
+    source = tmp_path / "in.parquet"
+    pq.write_table(not_utf8(dictionary), source)
+    runtime = OnnxRuntime(Registry(model[0] / "registry").get(MODEL, "production"), provider="cpu").load()
+    with pytest.raises(BatchInputError, match=r"row 1, column 'plan': not UTF-8 text$"):
+        score_file(source, tmp_path / "out.parquet", runtime, chunk_rows=16)
+
+
 def test_an_integer_column_of_a_category_is_read_as_its_decimal_text() -> None:
     """As training codes an integer column declared categorical (`--categorical`)."""
     table = pa.table({"monthly": [1.0, 2.0], "plan": pa.array([3, None], pa.int16()), "tenure": [1.0, 2.0],
