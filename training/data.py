@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES
 from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 
-from modelloop.schemas import Task
+from modelloop.schemas import MAX_CATEGORY_CHARS, Task
 from modelloop.synthetic import TARGET as SYNTHETIC_TARGET
 from modelloop.synthetic import SyntheticTask
 from training.data_report import DataReport, build_report
@@ -219,8 +220,13 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; a missing, empty or unreadable file is a :class:`DataError`."""
+def read_table(path: str | Path, categorical: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a CSV or Parquet file; a missing, empty or unreadable file is a :class:`DataError`.
+
+    A CSV's text columns, and the ``categorical`` ones, hold their values as written ("02139",
+    "NA"): only the empty cell is missing, as serving reads them. Numeric columns also read
+    pandas' missing spellings ("NA", "NaN", "null", ...) as missing (:func:`_numbers_as_read`).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -233,7 +239,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: file is empty")
     try:
         if suffix == ".csv":
-            return pd.read_csv(path)
+            frame = pd.read_csv(path, dtype=dict.fromkeys(categorical, str), keep_default_na=False,
+                                na_values=[""],
+                                # pandas' C parser cuts a value at a NUL; the Python one keeps it,
+                                # so that it is refused (_categorical_column) and not shortened
+                                engine="python" if _has_nul(path) else "c")
+            return _numbers_as_read(frame, categorical)
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: file is empty") from exc
@@ -242,6 +253,27 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError, OSError) as exc:
         kind = "CSV" if suffix == ".csv" else "Parquet"
         raise DataError(f"{path}: cannot read {kind}: {_first_line(exc)}") from exc
+
+
+def _has_nul(path: Path) -> bool:
+    with path.open("rb") as f:
+        return any(b"\0" in chunk for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _numbers_as_read(frame: pd.DataFrame, categorical: Sequence[str]) -> pd.DataFrame:
+    """A CSV read with only the empty cell missing, its numeric columns as pandas reads them by
+    default: a column of numbers with "NA" or "NaN" cells is numbers with missing values."""
+    for c in frame.columns:
+        col = frame[c]
+        if str(c) in categorical or col.dtype != object:
+            continue
+        missing = col.isin(STR_NA_VALUES)
+        if missing.any() and not _is_text(col[~missing]):
+            col = col.mask(missing)
+            numbers = pd.to_numeric(col, errors="coerce")
+            # all numbers: the column as pandas reads it; stray text stays, to be refused
+            frame[c] = numbers if numbers.notna().sum() == col.notna().sum() else col
+    return frame
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -292,8 +324,22 @@ def _categorical_column(source: str, name: str, col: pd.Series) -> tuple[np.ndar
     text = np.array([_label_text(v) if ok else None for v, ok in zip(col, present, strict=True)],
                     dtype=object)
     text[text == ""] = None  # the empty string is how serving sends a missing value
+    _check_servable(source, name, text)
     values = _sort_labels({t for t in text.tolist() if t is not None})
     return encode(text, values), values
+
+
+def _check_servable(source: str, name: str, text: np.ndarray) -> None:
+    """Refuse a value serving could never take (modelloop.schemas.Category): too long, or NUL."""
+    for i, t in enumerate(text.tolist()):
+        if t is None:
+            continue
+        if len(t) > MAX_CATEGORY_CHARS:
+            raise DataError(f"{source}: column {name!r} has a value of {len(t)} characters in row "
+                            f"{i + 1}; categories are at most {MAX_CATEGORY_CHARS}")
+        if "\0" in t:
+            raise DataError(f"{source}: column {name!r} has a value with a NUL character in row "
+                            f"{i + 1}; categories cannot hold one")
 
 
 def _label_text(value: object) -> str:
@@ -353,6 +399,11 @@ def prepare(
         else:
             columns.append(_numeric_column(source, str(c), frame[c]))
     features = np.column_stack(columns).astype(np.float32)
+    for column, vocabulary in categories.items():
+        if len(vocabulary) * 2 > len(frame):  # an ID, say: a code per row teaches nothing
+            log.warning("%s: categorical column %r has %d distinct values in %d rows; an "
+                        "identifier is no feature (drop the column?)", source, column,
+                        len(vocabulary), len(frame))
 
     y = frame[target]
     missing = y.isna().to_numpy()
@@ -454,7 +505,7 @@ def load_data(
         labels = class_labels or (builtin.class_labels() if builtin.class_labels else None)
         return prepare(frame, TARGET, task=builtin.task, class_labels=labels, source=name,
                        clean=clean, categorical=categorical)
-    return prepare(read_table(source), target, task=task, class_labels=class_labels, source=name,
+    return prepare(read_table(source, categorical), target, task=task, class_labels=class_labels, source=name,
                    clean=clean, categorical=categorical)
 
 

@@ -7,6 +7,7 @@ production rows that bring a new plan.
 
 from __future__ import annotations
 
+import csv as csv_module
 import logging
 import time
 from dataclasses import dataclass
@@ -20,10 +21,16 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score
 from typer.testing import CliRunner
 
-from modelloop.categorical import feeds
+from modelloop.categorical import feeds, unknown_counts
 from modelloop.cli import app
 from modelloop.registry import Registry
-from modelloop.schemas import CATEGORIES_INPUT, INPUT_NAME, REF_LABEL, TensorSpec
+from modelloop.schemas import (
+    CATEGORIES_INPUT,
+    INPUT_NAME,
+    MAX_CATEGORY_CHARS,
+    REF_LABEL,
+    TensorSpec,
+)
 from modelloop.synthetic import (
     CHURN_CATEGORICAL,
     CHURN_NUMERIC,
@@ -355,3 +362,87 @@ def test_tuning_searches_on_categorical_data(tmp_path: Path) -> None:
     assert result.counts == {"complete": 2}
     assert result.best is not None and result.best.value is not None
     assert np.isfinite(result.best.value)
+
+
+def _csv_text(csv: Path, column: str) -> list[str]:
+    """A column's cells exactly as the file holds them."""
+    with csv.open(newline="") as f:
+        return [row[column] for row in csv_module.DictReader(f)]
+
+
+def test_csv_categories_are_the_text_as_written_as_serving_reads_it(tmp_path: Path) -> None:
+    """Training codes a CSV's values as serving receives them: "02139" keeps its zero, "5" is
+    "5" in an integer column with a missing cell, and "NA" or "null" are values, not missing
+    (only the empty cell is); a numeric column's "NA" is still missing."""
+    rng = np.random.default_rng(7)
+    n = 400
+    zips = np.array(["02139", "5", "10001", "94105"], dtype=object)[rng.integers(0, 4, n)]
+    zips[rng.random(n) < 0.05] = None  # an empty cell: the column is no longer all integers
+    region = np.array(["north", "south", "null"], dtype=object)[rng.integers(0, 3, n)]
+    region[rng.random(n) < 0.15] = "NA"  # North America, a category
+    usage = rng.normal(10, 2, n).round(2).astype(object)
+    usage[rng.random(n) < 0.1] = "NA"  # a number's missing spelling
+    logit = (zips == "02139") * 2.0 - (region == "NA") * 1.5 - 0.5
+    frame = pd.DataFrame({"zip": zips, "region": region, "usage": usage,
+                          "y": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)})
+    csv = tmp_path / "zips.csv"
+    frame.to_csv(csv, index=False)
+    assert "\n02139," in csv.read_text() and ",NA," in csv.read_text()
+
+    settings = TrainingSettings(home=tmp_path / "home", progress=False, epochs=2)
+    config = TrainingConfig.from_settings(settings, target="y", categorical=["zip"],
+                                          min_category_count=1, clean=False)  # rows as in the file
+    trained = train_model(csv, name="zips", options=TrainOptions(config=config, settings=settings))
+    meta, ds = trained.metadata, trained.dataset
+    assert meta.categories == {"zip": ["5", "02139", "10001", "94105"],  # numeric order
+                               "region": ["NA", "north", "null", "south"]}
+    # the numeric column's "NA" cells are missing values, the rest numbers
+    usage_read = ds.features[:, meta.feature_names.index("usage")]
+    assert np.array_equal(np.isnan(usage_read), (usage == "NA").astype(bool))
+    # the reference sample drift compares production with holds "NA" as production sends it
+    assert "NA" in set(trained.reference["region"]) and trained.reference["region"].notna().all()
+
+    # ONNX Runtime fed the file's text (as /predict and batch CSV pass it on) gives what the
+    # network gives on training's own coding of the same rows: no value falls to the unknown code
+    rows = np.empty((n, 3), dtype=object)
+    rows[:, 0] = [t or None for t in _csv_text(csv, "zip")]
+    rows[:, 1] = _csv_text(csv, "region")
+    rows[:, 2] = usage_read.astype(np.float64)
+    assert unknown_counts(meta, rows) == {"zip": 0, "region": 0}
+    with torch.no_grad():
+        want = InferenceGraph(trained.net)(torch.from_numpy(ds.features)).numpy()
+    np.testing.assert_allclose(_onnx(trained, rows), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cell", "problem"),
+    [
+        # longer than serving takes (modelloop.schemas.MAX_CATEGORY_CHARS)
+        ("x" * 1500, "column 'plan' has a value of 1500 characters in row 2; categories are at "
+                     "most 1024"),
+        # pandas' C reader would cut it at the NUL and train on "ba"
+        ("ba\0sic", "column 'plan' has a value with a NUL character in row 2; categories cannot "
+                    "hold one"),
+    ],
+)
+def test_categories_serving_refuses_are_refused_in_one_line(tmp_path: Path, cell: str,
+                                                            problem: str) -> None:
+    csv = tmp_path / "plans.csv"
+    csv.write_text(f"plan,y\nbasic,0\n{cell},1\npro,0\n")
+    with pytest.raises(DataError) as err:
+        load_data(csv, "y")
+    assert str(err.value) == f"{csv}: {problem}"
+    longest = "x" * MAX_CATEGORY_CHARS  # the longest value serving takes trains
+    csv.write_text(f"plan,y\nbasic,0\n{longest},1\npro,0\n")
+    assert load_data(csv, "y").categories["plan"] == ["basic", "pro", longest]
+
+
+def test_an_identifier_like_categorical_column_is_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    frame = pd.DataFrame({"customer": [f"c{i:04d}" for i in range(400)],
+                          "plan": ["basic", "pro"] * 200, "y": [0, 1, 1, 0] * 100})
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        prepare(frame, "y", source="customers.csv")
+    warned = [r.getMessage() for r in caplog.records if "distinct values" in r.getMessage()]
+    assert warned == ["customers.csv: categorical column 'customer' has 400 distinct values in 400 "
+                      "rows; an identifier is no feature (drop the column?)"]
