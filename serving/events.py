@@ -60,6 +60,11 @@ from serving.sampling import EventSampler
 logger = logging.getLogger(__name__)
 
 _SLICE = 256  # rows of a column group at most: the body is built a group at a time, with a yield
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""The largest body of events sent in one POST by default: half the sidecar's default
+MODELLOOP_MONITOR_MAX_BODY_BYTES (32 MiB), which refuses a larger body whole. A flight is
+bounded in rows (batch_size), but rows of long categories are large: 1,000 rows of nine
+1,024-character categories of emoji write 37 MB."""
 
 # on_sent(model, n), on_dropped(model, reason, n), on_sampled(model, rows kept, rows left out)
 SentHook = Callable[[str, int], None]
@@ -213,6 +218,29 @@ class _Segment:
         head.seen = self.seen
         return head, rest
 
+    def halves(self) -> tuple[_Segment, _Segment]:
+        """The segment (of two rows or more) as two of about half its rows each: whole requests,
+        or of a single request its first and last rows."""
+        if len(self.ids) == 1:
+            return self.cut(self.rows // 2)
+        k = len(self.ids) // 2
+        r = sum(self.counts[:k])
+
+        def part(requests: slice, rows: slice) -> _Segment:
+            seg = _Segment(self.model, self.version, self.mode, self.widths, self.born, self.share)
+            seg.ids, seg.first_rows, seg.counts = self.ids[requests], self.first_rows[requests], self.counts[requests]
+            seg.timestamps, seg.latencies = self.timestamps[requests], self.latencies[requests]
+            for mine, arrays in ((seg.xs, self.xs), (seg.predictions, self.predictions),
+                                 (seg.probabilities, self.probabilities)):
+                if arrays:
+                    mine.append(_stacked(arrays)[rows])
+            seg.rows = sum(seg.counts)
+            return seg
+
+        head, rest = part(slice(0, k), slice(0, r)), part(slice(k, None), slice(r, None))
+        head.seen = self.seen
+        return head, rest
+
     def trim(self, need: int) -> int:
         """Drop the oldest rows in place, at least ``need`` (whole requests; of a single request
         only its first ``need`` rows) or all; the number dropped."""
@@ -246,9 +274,7 @@ class _Segment:
         each value as text (docs/serving.md); the rows of a model with categorical features,
         which hold strings, as lists (modelloop/categorical.py)."""
 
-        def rows(parts: list[np.ndarray]) -> np.ndarray:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
+        rows = _stacked
         x = rows(self.xs)
         return orjson.dumps({
             "model": self.model, "version": self.version, "mode": self.mode,
@@ -260,6 +286,10 @@ class _Segment:
             "probabilities": PackedMatrix.pack(rows(self.probabilities)) if self.probabilities else None,
             "seen": self.seen, "share": self.share,
         }, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _stacked(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class EventEmitter:
@@ -277,6 +307,7 @@ class EventEmitter:
         retry_backoff_max_s: float = 2.0,
         max_age_s: float = 600.0,
         timeout_s: float = 2.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
         headers: Mapping[str, str] | None = None,
         on_sent: SentHook | None = None,
         on_dropped: DroppedHook | None = None,
@@ -291,6 +322,7 @@ class EventEmitter:
         self.retry_backoff_max_s = retry_backoff_max_s
         self.max_age_s = max_age_s
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
         self.on_sent = on_sent
         self.on_dropped = on_dropped
         self.sampler = sampler if sampler is not None and sampler.active else None
@@ -588,15 +620,42 @@ class EventEmitter:
         return bool(taken)
 
     @staticmethod
-    async def _body(segments: Sequence[_Segment]) -> bytes:
-        """The ColumnBatch JSON: one column group per segment, with a yield to the loop between
-        groups (a group is at most _SLICE rows unless one model batch was larger)."""
+    async def _groups(segments: Sequence[_Segment]) -> list[bytes]:
+        """The column groups of the ColumnBatch JSON, one per segment, with a yield to the loop
+        between groups (a group is at most _SLICE rows unless one model batch was larger)."""
         groups: list[bytes] = []
         for seg in segments:
             if groups:
                 await asyncio.sleep(0)  # let requests in between groups
             groups.append(seg.json())
-        return b'{"columns":[' + b",".join(groups) + b"]}"
+        return groups
+
+    def _fit(self, flight: tuple[_Segment, ...], sizes: Sequence[int]) -> bool:
+        """Cut the batch in flight, whose groups write ``sizes`` bytes, down to a body of at most
+        max_body_bytes: the first segments that fit stay, the others go back to the head of the
+        buffer; a first segment too large alone is cut in halves (and again when a half is). So
+        no event is lost to the sidecar's limit on a body. False when it cannot be cut (one row:
+        sent as it is)."""
+        budget = self.max_body_bytes - len(b'{"columns":[]}')
+        keep, used = 0, 0
+        for size in sizes:
+            used += size + 1  # (a comma between groups)
+            if used > budget:
+                break
+            keep += 1
+        with self._lock:
+            if self._flight is not flight:
+                return True  # changed meanwhile: built again
+            if keep:
+                kept, back = flight[:keep], flight[keep:]
+            elif flight[0].rows > 1:
+                head, rest = flight[0].halves()
+                kept, back = (head,), (rest, *flight[1:])
+            else:
+                return False
+            self._closed.extendleft(reversed(back))
+            self._flight, self._flight_rows = kept, sum(seg.rows for seg in kept)
+        return True
 
     async def _run(self) -> None:
         assert self._wake is not None and self.url is not None
@@ -632,7 +691,10 @@ class EventEmitter:
             answer, problem = None, ""
             try:
                 if flight is not built_for:
-                    body, built_for = await self._body(flight), flight
+                    groups = await self._groups(flight)
+                    body, built_for = b'{"columns":[' + b",".join(groups) + b"]}", flight
+                    if len(body) > self.max_body_bytes and self._fit(flight, list(map(len, groups))):
+                        continue  # a smaller flight: built again
                 answer = await client.post(body)
             except Exception as exc:  # connection refused, timeout, a broken answer: the sidecar is away
                 problem = f"{type(exc).__name__}: {exc}"

@@ -8,9 +8,12 @@ small linear head with a softmax. One real ``modelloop serve`` answers the whole
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,15 @@ from modelloop.schemas import (
 from serving import oip
 from serving.app import Routes
 from serving.batch import BatchInputError, features_of, score_file
+from serving.events import DROP_REASONS, EventEmitter
+from serving.predictions import Predictions, interpret
 from serving.runtime import ModelLoadError, OnnxRuntime
 from serving.settings import ServingSettings
 from serving.state import ServingState
 from serving.validation import RequestError, parse_instances, unknown_category_error
 from tests.modelloop.onnx_graphs import with_predictions
 from tests.serving.conftest import Server, Sidecar, events_of, start_server, stop_server, wait_until
+from tests.serving.test_events import until
 
 pytestmark = pytest.mark.usefixtures("show_log_on_failure")
 served = pytest.mark.integration  # the tests that use the module's server
@@ -597,6 +603,82 @@ def test_an_oip_input_name_that_is_not_a_string_is_refused_naming_it(categories:
     with pytest.raises(RequestError) as info:
         oip.decode_request({"inputs": inputs}, meta, nan_policy="allow", max_rows=10)
     assert (info.value.status, info.value.field) == (400, "inputs[0].name")
+
+
+class LimitedSidecar:
+    """A real HTTP endpoint for POST /events that, as the sidecar does, refuses a body over
+    ``limit`` bytes whole with a 413, and keeps the bodies it takes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.refused, self.rows = limit, 0, 0
+        self.sizes: list[int] = []
+        self.bodies: list[dict[str, Any]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers["content-length"])
+                body = self.rfile.read(size)
+                if size > sink.limit:
+                    sink.refused += 1
+                else:
+                    sink.sizes.append(size)
+                    sink.bodies.append(orjson.loads(body))
+                    sink.rows += sum(n for group in sink.bodies[-1]["columns"] for n in group["rows"])
+                self.send_response(413 if size > sink.limit else 200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_flight_of_long_categories_is_cut_to_fit_the_sidecars_body_limit() -> None:
+    """Rows of long categories write far more than a flight's rows suggest (1,000 rows of nine
+    1,024-emoji categories: 37 MB, over the sidecar's 32 MiB); the emitter sends them in bodies
+    under its byte limit, cutting model batches in halves, so none is refused and lost."""
+    limit = 100_000
+    sink = LimitedSidecar(limit)
+    meta = plans_meta()
+
+    def rows(n: int, tag: str) -> np.ndarray:
+        x = np.empty((n, 4), dtype=object)
+        x[:] = [1.5, tag + "\U0001f600" * 1020, None, "\U0001f30d" * 1024]  # 8 KiB of UTF-8 a row
+        return x
+
+    def preds(n: int) -> Predictions:
+        return interpret(meta, {PROBABILITIES: np.full((n, 3), 1 / 3, np.float32)})
+
+    async def main() -> EventEmitter:
+        em = EventEmitter(sink.url, batch_size=1000, flush_interval_s=0.01, max_body_bytes=limit)
+        await em.start()
+        # one model batch of three requests (a segment of 140 rows), then one large request
+        em.record_requests(MODEL, 1, ["a", "b", "c"], [60, 1, 79], rows(140, "abc"), preds(140), [0.1] * 3)
+        em.record(model=MODEL, version=1, base_id="d", x=rows(300, "d"), preds=preds(300), latency_s=0.2)
+        await until(lambda: sink.rows >= 440 or sink.refused, "440 events")
+        await em.stop()
+        return em
+
+    try:
+        em = asyncio.run(main())
+    finally:
+        sink.close()
+    assert (sink.refused, em.dropped) == (0, dict.fromkeys(DROP_REASONS, 0))
+    assert max(sink.sizes) <= limit and len(sink.bodies) > 40  # about 12 rows a body
+    events = [e for b in sink.bodies for e in events_of(b)]
+    assert [e["request_id"] for e in events] == ([f"a-{i}" for i in range(60)] + ["b-0"]
+                                                 + [f"c-{i}" for i in range(79)] + [f"d-{i}" for i in range(300)])
+    assert {e["features"][1][:3] for e in events} == {"abc", "d\U0001f600\U0001f600"}
+    assert events[-1]["features"] == [1.5, "d" + "\U0001f600" * 1020, None, "\U0001f30d" * 1024]
 
 
 def _binary_request(text_blob: bytes) -> tuple[bytes, str]:
