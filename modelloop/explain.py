@@ -61,13 +61,19 @@ def output_matrix(meta: ModelMetadata, outputs: Mapping[str, np.ndarray]) -> np.
 
 
 def check_explainable(meta: ModelMetadata) -> None:
-    """Refuse a model whose input is not rows of features: a sequence model (its time axis has
-    no fixed set of features to attribute to). An image model is explained per pixel."""
+    """Refuse a model whose input is not rows of numbers: a sequence model (its time axis has
+    no fixed set of features to attribute to) and a model with categorical features (the
+    explainer perturbs float rows; theirs hold strings, modelloop/categorical.py). An image model
+    is explained per pixel."""
     if None in meta.input_dims:
         raise NotExplainable(
             f"{meta.name} v{meta.version} takes sequences [rows, steps, {meta.n_features}]: "
             "explanations attribute an output to a fixed set of features, and a sequence's "
             "steps vary; explain a model that takes rows (or an image model, per pixel)")
+    if meta.categories:
+        raise NotExplainable(f"{meta.name} v{meta.version} takes categorical features "
+                             f"({', '.join(meta.categorical_features[:5])}), which explanations do "
+                             "not perturb yet; explain a model whose features are numbers")
 
 
 def background_rows(reference: Any, feature_names: list[str], rows: int, seed: int = 0) -> np.ndarray:

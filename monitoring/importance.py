@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from modelloop.children import low_priority_child
-from modelloop.explain import NotExplainable, global_importance, session_runner
+from modelloop.explain import NotExplainable, check_explainable, global_importance, session_runner
 from modelloop.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,22 @@ def version_importance(registry: Registry, model: str, version: int) -> Importan
     with _lock:  # one computation per version, even if two report threads ask at once
         found = _cache.get(key)
         if found is None:
-            found = _in_child(str(registry.root), model, version)
+            found = _unexplainable(registry, model, version) or _in_child(str(registry.root), model, version)
             if not found.failed:
                 _cache[key] = found
             while len(_cache) > KEPT:
                 del _cache[next(iter(_cache))]
         return found
+
+
+def _unexplainable(registry: Registry, model: str, version: int) -> ImportanceResult | None:
+    """Why the version has no importance, when its metadata says so (a sequence model, one with
+    categorical features): no child process is started for it."""
+    try:
+        check_explainable(registry.get(model, version).metadata)
+    except (NotExplainable, RegistryError) as exc:
+        return ImportanceResult(note=" ".join(str(exc).split()))
+    return None
 
 
 def _in_child(root: str, model: str, version: int) -> ImportanceResult:

@@ -59,21 +59,11 @@ EXPLAINER = "permutation"
 RETRY_AFTER_S = 1
 
 
-def _check_rows_of_numbers(meta: ModelMetadata) -> None:
-    """Refuse a model with categorical features: the explainer perturbs float rows, and theirs
-    hold strings (modelloop/categorical.py)."""
-    check_explainable(meta)
-    if meta.categories:
-        raise NotExplainable(f"{meta.name} v{meta.version} takes categorical features "
-                             f"({', '.join(meta.categorical_features[:5])}), which explanations do "
-                             "not perturb yet; explain a model whose features are numbers")
-
-
 def rows_of(meta: ModelMetadata, x: np.ndarray) -> np.ndarray:
     """A parsed request's input as rows of features (an image's pixels flattened), refusing a
     sequence model and a model with categorical features (422 naming why)."""
     try:
-        _check_rows_of_numbers(meta)
+        check_explainable(meta)
     except NotExplainable as exc:
         raise RequestError(422, "not_explainable", "model_name", f"model_name: {exc}") from None
     return np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
@@ -256,7 +246,7 @@ def explain_file(input_path: Path, output: Path, runtime: OnnxRuntime, *, backgr
     keep = keep or []
     out_fmt = file_format(output)
     try:
-        _check_rows_of_numbers(meta)
+        check_explainable(meta)
         bg = background_rows(runtime.version.reference(), meta.feature_names, background)
         permutations = plan(meta.n_features, 1, len(bg), max_evals)
     except (NotExplainable, RegistryError) as exc:

@@ -37,6 +37,7 @@ from modelloop.schemas import (
 )
 from monitoring.data_quality import window_quality
 from monitoring.drift import ReferenceProfile, category_p_value, check_drift
+from monitoring.importance import version_importance
 from monitoring.ingest import InputError, ModelCatalog, parse_events
 from monitoring.records import EventRow, is_row_json, pack_row, window_frame
 from monitoring.store import EventStore
@@ -453,3 +454,13 @@ def test_the_drift_report_renders_categories_and_names_unknown_values(
                               drift_share=0.25, categorical=["plan", "region"], extra_html=extra)
     page = path.read_text()
     assert "Unknown values of region" in page and "atlantis" not in extra
+
+
+def test_the_report_has_no_importance_for_a_categorical_model_and_says_why(shop_home: Path) -> None:
+    """No child process is started for it (the explainer perturbs float rows), and the answer
+    is kept: it is not a failure that the next report would try again."""
+    registry = Registry(shop_home / "registry")
+    result = version_importance(registry, MODEL, 1)
+    assert not result.failed and result.values == {}
+    assert "takes categorical features (plan, region)" in result.note, result.note
+    assert version_importance(registry, MODEL, 1) is result
