@@ -69,10 +69,10 @@ MIN_GAP_LABELS = 100
 """Labelled rows of the count window needed before the estimate's gap is judged."""
 
 
-def _lower_priority() -> None:
-    """Run the report thread at nice 10 (Linux: per thread), behind ingest and the checks."""
+def _lower_priority(nice: int) -> None:
+    """Run the report thread at ``nice`` (Linux: per thread), behind ingest and the checks."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 @dataclass
@@ -131,7 +131,8 @@ class Evaluator:
         self._status: dict[str, dict[str, Any]] = {}
         self._published: dict[tuple[str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
         self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-report",
-                                           initializer=_lower_priority)
+                                           initializer=_lower_priority,
+                                           initargs=(settings.report_nice,))
         self._report_future: Future[Any] | None = None
         self._last_report: dict[str, tuple[float, bool]] = {}
         self._models: list[str] | None = None
@@ -424,8 +425,8 @@ class Evaluator:
         def render() -> None:
             try:
                 extra = (sidecar_section(drift.multivariate, data_quality, drift.unknown)
-                         + (importance_section(self.catalog.registry, model, version, drift)
-                            if s.report_importance else ""))
+                         + (importance_section(self.catalog.registry, model, version, drift,
+                                               nice=s.report_nice) if s.report_importance else ""))
                 write_drift_report(s.reports_dir, model, version, ref, cur,
                                    method=profile.method, threshold=profile.threshold,
                                    calibrated=profile.calibrated,

@@ -50,13 +50,16 @@ _cache: dict[tuple[str, str, int], ImportanceResult] = {}
 _lock = threading.Lock()
 
 
-def version_importance(registry: Registry, model: str, version: int) -> ImportanceResult:
-    """The importance of ``model`` v``version`` (computed on its first call, then cached)."""
+def version_importance(registry: Registry, model: str, version: int, *,
+                       nice: int = 10) -> ImportanceResult:
+    """The importance of ``model`` v``version`` (computed on its first call, in a child process
+    at ``nice``, then cached)."""
     key = (str(registry.root), model, version)
     with _lock:  # one computation per version, even if two report threads ask at once
         found = _cache.get(key)
         if found is None:
-            found = _unexplainable(registry, model, version) or _in_child(str(registry.root), model, version)
+            found = (_unexplainable(registry, model, version)
+                     or _in_child(str(registry.root), model, version, nice))
             if not found.failed:
                 _cache[key] = found
             while len(_cache) > KEPT:
@@ -74,11 +77,11 @@ def _unexplainable(registry: Registry, model: str, version: int) -> ImportanceRe
     return None
 
 
-def _in_child(root: str, model: str, version: int) -> ImportanceResult:
+def _in_child(root: str, model: str, version: int, nice: int) -> ImportanceResult:
     """:func:`_compute` in a child process (module docstring)."""
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=low_priority_child, initargs=(10, os.getpid())) as pool:
+                                 initializer=low_priority_child, initargs=(nice, os.getpid())) as pool:
             return pool.submit(_compute, root, model, version).result()
     except Exception as exc:  # the child died (memory, a signal): the report says so
         log.exception("global importance of %s v%d: its process failed", model, version)

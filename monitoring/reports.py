@@ -132,10 +132,11 @@ def sidecar_section(joint: MultivariateDrift | None, quality: DataQuality | None
             f'<table cellpadding="4">{cells}</table></section>')
 
 
-def importance_section(registry: Registry, model: str, version: int, drift: DriftResult) -> str:
+def importance_section(registry: Registry, model: str, version: int, drift: DriftResult, *,
+                       nice: int = 10) -> str:
     """Each feature's drift test beside its global importance (mean |SHAP| over the reference
     sample, and its share of the total), most important first, as an HTML section."""
-    importance = version_importance(registry, model, version)
+    importance = version_importance(registry, model, version, nice=nice)
     values = importance.values
     total = sum(values.values()) or 1.0
     tests = {c.column: c for c in drift.features}

@@ -185,6 +185,10 @@ class MonitorSettings(HomeSettings):
     features changes (rendering Evidently's report takes seconds)."""
     reports_keep: PositiveInt = 10
     """HTML drift reports kept per model (the newest)."""
+    report_nice: int = Field(default=10, ge=0, le=19)
+    """Niceness of the report's thread and of the importance process: both render behind
+    ingest and the checks (0: an equal share of the CPU; the test suite, whose second process
+    keeps both cores busy, would otherwise starve them)."""
     report_importance: bool = True
     """The report sets each feature's drift beside its global importance (mean |SHAP| on the
     reference sample, monitoring/importance.py), computed once per version in a child process at

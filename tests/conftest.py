@@ -22,6 +22,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # test_importance.py turns it on), for time and so that no nice-10 child starves under a loaded
 # run. The variable reaches the sidecars the tests start as processes too.
 os.environ.setdefault("MODELLOOP_MONITOR_REPORT_IMPORTANCE", "false")
+# The report's thread and the importance process run at nice 10 behind ingest; beside a second
+# test process on two cores that left them a tenth of a core, and a report took minutes.
+os.environ.setdefault("MODELLOOP_MONITOR_REPORT_NICE", "0")
 # Serving's explanation process runs at nice 19 (it takes only what the workers leave): beside a
 # second test process using both cores it would get almost no CPU, and the tests that wait for an
 # explanation would wait for the other process's tests instead. The suite runs it at nice 0.
