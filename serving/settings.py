@@ -191,6 +191,11 @@ class ServingSettings(HomeSettings):
     event_timeout_s: PositiveFloat = 2.0
     """HTTP timeout of one send to the sidecar."""
 
+    event_max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    """Largest body of one send to the sidecar: a flight over it is sent in parts (a segment cut
+    in halves where needed), so no event is refused for size. Keep it under the sidecar's
+    ``MODELLOOP_MONITOR_MAX_BODY_BYTES`` (32 MiB by default)."""
+
     event_share: Share = 1.0
     """Share of each model's rows whose events are sent (rounded down to a power of two): a
     uniform sample by a hash of the request id (serving/sampling.py), which the sidecar uses to

@@ -55,7 +55,7 @@ class ServingState:
             buffer_rows=settings.event_buffer_rows, batch_size=settings.event_batch_size,
             flush_interval_s=settings.event_flush_interval_s, retry_backoff_s=settings.event_retry_backoff_s,
             retry_backoff_max_s=settings.event_retry_backoff_max_s, max_age_s=settings.event_max_age_s,
-            timeout_s=settings.event_timeout_s,
+            timeout_s=settings.event_timeout_s, max_body_bytes=settings.event_max_body_bytes,
             headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else None,
             on_sent=lambda model, n: self.metrics.events_sent.labels(model=model).inc(n),
             on_dropped=lambda model, reason, n: self.metrics.events_dropped.labels(

@@ -542,6 +542,32 @@ def test_the_sidecar_key_setting_is_sent_with_every_post(sink: Sink, tmp_path: P
     assert [h["Authorization"] for h in sink.headers] == ["Bearer ingest-key-0123456789"]
 
 
+def test_the_body_budget_setting_sends_a_large_flight_in_parts(sink: Sink, tmp_path: Path) -> None:
+    """MODELLOOP_SERVING_EVENT_MAX_BODY_BYTES reaches the emitter the serving state builds: one
+    request's 200 events go in several bodies, each within the budget, every event once."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.settings import ServingSettings
+    from serving.state import ServingState
+
+    settings = ServingSettings(home=tmp_path, sidecar_url=sink.url, event_flush_interval_s=0.01,
+                               event_max_body_bytes=1500)
+    state = ServingState(settings, CollectorRegistry())
+
+    async def main() -> None:
+        await state.emitter.start()
+        record(state.emitter, "big", 200)
+        await until(lambda: len(sink.events) >= 200, "the events", timeout=20)
+        await state.emitter.stop()
+
+    run(main)
+    state.jobs.close()
+    sizes = [int(next(v for k, v in h.items() if k.lower() == "content-length")) for h in sink.headers]
+    assert len(sizes) > 1 and max(sizes) <= 1500, sizes
+    assert sink.attempts == len(sink.bodies)  # nothing refused, nothing sent twice
+    assert sorted(e["request_id"] for e in sink.events) == sorted(f"big-{i}" for i in range(200))
+
+
 # -- the client that sends them: what the emitter relies on ------------------------------------
 class RawSidecar:
     """A socket server that reads each request whole and answers with ``reply(writer, n)``
