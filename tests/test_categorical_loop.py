@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modelloop.categorical import feeds
 from modelloop.registry import Registry
 from modelloop.synthetic import CHURN_TARGET, NEW_PLAN, churn_frame
-from tests.monitoring.helpers import ServingProcess, sidecar_process
+from tests.monitoring.helpers import ServingProcess, sidecar_process, wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
@@ -97,12 +97,7 @@ def test_a_new_category_is_flagged_and_learnt_by_the_policys_retraining(tmp_path
         assert [u["column"] for u in drift["unknown"] if u["risen"]] == ["plan"], drift
         jobs = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"]
         assert [j["trigger"] for j in jobs] == ["policy"], jobs
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            job = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"][0]
-            if job["status"] not in ("started", "running"):
-                break
-            time.sleep(0.5)
+        job = wait_for_job(sidecar.url)
     log = (home / "jobs" / f"{job['id']}.log").read_text()
     assert job["status"] == "succeeded", log
 

@@ -254,3 +254,15 @@ def sidecar_process(home: Path, log_path: Path, port: int | None = None,
         raise
     finally:
         proc.close()
+
+
+def wait_for_job(url: str, headers: dict[str, str] | None = None,
+                 timeout: float = 600.0) -> dict[str, Any]:
+    """The sidecar's newest retraining job once it has ended (``GET /jobs``; with the admin
+    ``headers`` of a keyed sidecar), or as it stands at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = httpx.get(f"{url}/jobs", headers=headers, timeout=30).json()["jobs"][0]
+        if job["status"] not in ("started", "running") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)

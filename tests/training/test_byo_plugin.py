@@ -21,7 +21,7 @@ import pytest
 
 from modelloop.registry import Registry
 from modelloop.synthetic import TARGET, SyntheticTask
-from tests.monitoring.helpers import sidecar_process
+from tests.monitoring.helpers import sidecar_process, wait_for_job
 from tests.training.test_retrain import SHIFT, _send
 
 MODELLOOP = str(Path(sys.executable).with_name("modelloop"))
@@ -150,12 +150,7 @@ def test_a_plugin_is_trained_retrained_quantized_and_fine_tuned(plugged: tuple[P
         assert checked.json()["models"]["demo"]["drift"]["drifted_features"], checked.text
         jobs = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"]
         assert [j["trigger"] for j in jobs] == ["policy"], jobs
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            job = httpx.get(f"{sidecar.url}/jobs", timeout=30).json()["jobs"][0]
-            if job["status"] not in ("started", "running"):
-                break
-            time.sleep(0.5)
+        job = wait_for_job(sidecar.url)
     assert job["status"] == "succeeded", (home / "jobs" / f"{job['id']}.log").read_text()
     v2 = registry.get("demo", 2).metadata
     assert v2.config["architecture"] == REFERENCE and v2.parent_version == 1

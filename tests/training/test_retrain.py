@@ -19,7 +19,7 @@ import pytest
 
 from modelloop.registry import Registry
 from modelloop.synthetic import TARGET, SyntheticTask
-from tests.monitoring.helpers import sidecar_process
+from tests.monitoring.helpers import sidecar_process, wait_for_job
 from training.data import load_data
 from training.pipeline import TrainOptions, train_and_register
 from training.retrain import Score, decide
@@ -133,12 +133,7 @@ def test_a_job_of_a_keyed_sidecar_retrains_a_model_trained_elsewhere(home: Path,
         admin = {"Authorization": f"Bearer {keys['api']}"}
         started = httpx.post(f"{sc.url}/retrain", json={"model": "demo"}, headers=admin)
         assert started.status_code == 202, started.text
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            job = httpx.get(f"{sc.url}/jobs", headers=admin).json()["jobs"][0]
-            if job["status"] not in ("started", "running"):
-                break
-            time.sleep(0.5)
+        job = wait_for_job(sc.url, headers=admin)
     log = (home / "jobs" / f"{job['id']}.log").read_text()
     assert job["status"] == "succeeded", log
     challenger = registry.get("demo", 2).metadata
