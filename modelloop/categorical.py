@@ -16,7 +16,6 @@ model's "unknown", like a value it never saw (counted by :func:`unknown_counts`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -77,11 +76,3 @@ def _vocabulary(meta: ModelMetadata, name: str) -> frozenset[str]:
 def _frozen(values: tuple[str, ...]) -> frozenset[str]:
     return frozenset(values)
 
-
-def object_rows(records: list[Mapping[str, object]], meta: ModelMetadata) -> np.ndarray:
-    """Validated records (every feature present, each value of its kind) as an object matrix."""
-    names = meta.feature_names
-    out = np.empty((len(records), len(names)), dtype=object)
-    for i, rec in enumerate(records):
-        out[i] = [rec[n] for n in names]
-    return out
