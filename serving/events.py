@@ -1,10 +1,10 @@
 """Prediction events to the monitoring sidecar, off the request path.
 
 The batcher calls :meth:`EventEmitter.record_requests` once per model batch (batch routes call
-:meth:`EventEmitter.record` per chunk): it extends the open segment of a bounded buffer, the
-requests' ids, row counts and latencies as per-column lists and the batch's arrays by reference
-(a few C calls, no serialisation). A background task on the worker's event loop writes each
-segment as one :class:`~modelloop.schemas.EventColumns` (one
+:meth:`EventEmitter.record` per chunk): it extends the open segment of its model (and mode) in a
+bounded buffer, the requests' ids, row counts and latencies as per-column lists and the batch's
+arrays by reference (a few C calls, no serialisation). A background task on the worker's event
+loop writes each segment as one :class:`~modelloop.schemas.EventColumns` (one
 :class:`~modelloop.schemas.PredictionEvent` per row, column by column, features and probabilities
 packed) and POSTs them in batches to ``{sidecar_url}/events`` as a
 :class:`~modelloop.schemas.ColumnBatch` over one kept-alive aiohttp connection
@@ -338,8 +338,11 @@ class EventEmitter:
         self._flight_rows = 0
         self._posting = False  # a POST of the flight is under way: it cannot be dropped meanwhile
         self._closed: deque[_Segment] = deque()  # full segments waiting, oldest first
-        self._open: _Segment | None = None  # the segment records go to
-        self._rows = 0  # in the flight, the closed segments and the open one
+        # the segments records go to, one per model and mode (in the order they were opened): a
+        # server of many models, or a shadow beside production, interleaves their batches, and
+        # one open segment for all cut a group (a JSON object, a sidecar insert) per batch
+        self._open: dict[tuple[str, str], _Segment] = {}
+        self._rows = 0  # in the flight, the closed segments and the open ones
         self._lock = threading.Lock()  # record() is also called from batch-job threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -406,17 +409,15 @@ class EventEmitter:
                 if self._rows + n > self.buffer_rows:
                     evicted = self._evict(self._rows + n - self.buffer_rows)
                 large = k == 1 and n > self._segment_rows
-                seg = self._open
+                seg = self._open.get((model, mode))
                 if (large or seg is None or (seg.rows and seg.rows + n > self._segment_rows)
-                        or seg.version != version or seg.model != model or seg.mode != mode
-                        or seg.widths != widths or seg.share != share):
+                        or seg.version != version or seg.widths != widths or seg.share != share):
                     seg = self._new_segment(model, version, mode, widths, share)
                 seg.seen += seen + (self._unsent_seen.pop(model, 0) if seen and self._unsent_seen else 0)
                 seg.add(base_ids, [0] * k if first_rows is None else first_rows, counts,
                         time.time() if timestamp is None else timestamp, latencies, x, preds.prediction, proba)
                 if large:  # a closed segment of its own, cut into groups by _take as it is sent
-                    self._closed.append(seg)  # (nothing here grows with its size)
-                    self._open = None
+                    self._closed.append(self._open.pop((model, mode)))  # (nothing here grows with its size)
                 self._rows += n
             else:
                 self.dropped["buffer_full"] += n
@@ -457,11 +458,17 @@ class EventEmitter:
 
     def _new_segment(self, model: str, version: int, mode: str, widths: tuple[int, int],
                      share: float) -> _Segment:
-        """Close the open segment and open a new one (with the lock held)."""
-        if self._open is not None and self._open.rows:
-            self._closed.append(self._open)
-        self._open = _Segment(model, version, mode, widths, time.monotonic(), share)
-        return self._open
+        """Close the model's open segment of ``mode`` and open a new one (with the lock held)."""
+        old = self._open.pop((model, mode), None)
+        if old is not None and old.rows:
+            self._closed.append(old)
+        seg = self._open[model, mode] = _Segment(model, version, mode, widths, time.monotonic(), share)
+        return seg
+
+    def _close_open(self) -> None:
+        """Close every open segment, oldest first (lock held)."""
+        self._closed.extend(seg for seg in self._open.values() if seg.rows)
+        self._open.clear()
 
     def _evict(self, need: int) -> list[tuple[str, int]]:
         """Drop at least ``need`` of the oldest rows (lock held): first of the batch in flight,
@@ -475,9 +482,8 @@ class EventEmitter:
             self._flight = tuple(flight)  # a new tuple: the sender builds its body again
             self._flight_rows = sum(seg.rows for seg in flight)
         need = self._trim(self._closed, need, drops)
-        if need > 0 and self._open is not None and self._open.rows:
-            self._closed.append(self._open)  # the newest rows held, but the oldest left to drop
-            self._open = None
+        if need > 0 and self._open:
+            self._close_open()  # the newest rows held, but the oldest left to drop
             self._trim(self._closed, need, drops)
         dropped = sum(n for _, n in drops)
         self._rows -= dropped
@@ -487,16 +493,21 @@ class EventEmitter:
     def _drop_shadow(self, need: int, drops: list[tuple[str, int]]) -> int:
         """Drop whole waiting segments of a challenger's shadow answers first (serving/shadow.py:
         the shadow gives way to production's events); what is still needed."""
-        if not any(seg.mode == MODE_SHADOW for seg in self._closed):
-            return need
-        kept: deque[_Segment] = deque()
-        for seg in self._closed:
-            if need > 0 and seg.mode == MODE_SHADOW:
-                drops.append((seg.model, seg.rows))
-                need -= seg.rows
-            else:
-                kept.append(seg)
-        self._closed = kept
+        if any(seg.mode == MODE_SHADOW for seg in self._closed):
+            kept: deque[_Segment] = deque()
+            for seg in self._closed:
+                if need > 0 and seg.mode == MODE_SHADOW:
+                    drops.append((seg.model, seg.rows))
+                    need -= seg.rows
+                else:
+                    kept.append(seg)
+            self._closed = kept
+        for key in [key for key in self._open if key[1] == MODE_SHADOW]:
+            if need <= 0:
+                break
+            seg = self._open.pop(key)
+            drops.append((seg.model, seg.rows))
+            need -= seg.rows
         return need
 
     @staticmethod
@@ -524,9 +535,10 @@ class EventEmitter:
         closed = self._closed
         while closed and closed[0].born < limit:
             gone.append(closed.popleft())
-        if not closed and self._open is not None and self._open.rows and self._open.born < limit:
-            gone.append(self._open)
-            self._open = None
+        if not closed:
+            for key, seg in list(self._open.items()):
+                if seg.born < limit:
+                    gone.append(self._open.pop(key))
         return self._forget(gone, "expired")
 
     def _forget(self, segments: Sequence[_Segment], reason: str) -> list[tuple[str, int]]:
@@ -583,8 +595,9 @@ class EventEmitter:
                 await self._task
         self._task = None
         with self._lock:
-            left = [seg for seg in (*self._flight, *self._closed, self._open) if seg is not None and seg.rows]
-            self._flight, self._flight_rows, self._open, self._posting = (), 0, None, False
+            left = [seg for seg in (*self._flight, *self._closed, *self._open.values()) if seg.rows]
+            self._flight, self._flight_rows, self._posting = (), 0, False
+            self._open.clear()
             self._closed.clear()
             drops = self._forget(left, "shutdown")
         if drops:
@@ -600,9 +613,7 @@ class EventEmitter:
         taken: list[_Segment] = []
         room = self.batch_size
         with self._lock:
-            if self._open is not None and self._open.rows:
-                self._closed.append(self._open)
-            self._open = None
+            self._close_open()
             closed = self._closed
             while closed and room > 0:
                 seg = closed[0]

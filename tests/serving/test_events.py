@@ -186,6 +186,32 @@ def test_a_new_model_version_mode_or_width_starts_a_new_column_group(sink: Sink)
     assert sink.events[3]["features"] == [1.0, 1.0, 1.0] and sink.events[3]["probabilities"] is None
 
 
+def test_interleaved_models_and_modes_each_keep_one_column_group(sink: Sink) -> None:
+    """Batches of several models (a server of many models) and a shadow's answers between
+    production's arrive interleaved; each model and mode still fills one group, not a group per
+    batch (a group is a JSON object to write and an insert in the sidecar)."""
+    other = META.model_copy(update={"name": "n"})
+    proba = np.array([[0.25, 0.75]], np.float32)
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, batch_size=1000, flush_interval_s=5)
+        await em.start()
+        for i in range(30):
+            x = np.full((1, 2), i, np.float32)
+            em.record_requests("m", 3, [f"m{i}"], [1], x, interpret(META, {"probabilities": proba}), [0.001])
+            em.record_requests("n", 3, [f"n{i}"], [1], x, interpret(other, {"probabilities": proba}), [0.001])
+            em.record_requests("m", 4, [f"m{i}"], [1], x, interpret(META, {"probabilities": proba}), [0.001],
+                               mode="shadow")
+        await em.stop()
+
+    run(main)
+    (body,) = sink.bodies
+    groups = [(g["model"], g["version"], g["mode"], len(g["request_ids"])) for g in body["columns"]]
+    assert groups == [("m", 3, "realtime", 30), ("n", 3, "realtime", 30), ("m", 4, "shadow", 30)]
+    assert [e["request_id"] for e in sink.events if e["model"] == "n"] == [f"n{i}-0" for i in range(30)]
+    assert [e["features"][0] for e in sink.events if e["mode"] == "shadow"] == list(map(float, range(30)))
+
+
 def test_a_backlog_drains_in_sends_of_batch_size(sink: Sink) -> None:
     """Events that piled up (the sidecar was slow) go batch_size rows per send, not a column
     group per send."""

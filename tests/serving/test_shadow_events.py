@@ -26,7 +26,7 @@ def test_a_full_buffer_drops_shadow_answers_before_production_events() -> None:
     assert emitter.pending_rows == 800
     for i in range(4, 7):  # 300 more production rows: 100 over the buffer
         emitter.record_requests("m", 1, [f"p{i}"], [100], x, _preds(100), [0.001])
-    segments = [*emitter._closed, *([emitter._open] if emitter._open else [])]
+    segments = [*emitter._closed, *emitter._open.values()]
     held = {(seg.mode, seg.rows) for seg in segments}
     production = sum(seg.rows for seg in segments if seg.mode != MODE_SHADOW)
     assert production == 700, held  # every production event kept
