@@ -243,7 +243,7 @@ class Evaluator:
 
     def _check_model(self, model: str, now: float) -> None:
         s = self.settings
-        recent = self.store.window(model, last_n=s.window_events, features=False)
+        recent = self.store.window(model, last_n=s.window_events, features=False, by_time=True)
         if not len(recent):
             return
         latest = int(recent.version[-1])
@@ -274,8 +274,8 @@ class Evaluator:
                 continue
             win = current if version == latest else self.store.window(
                 model, version=version, last_n=s.window_events)
-            by_time = self.store.window(model, version=version, since=now - s.window_seconds,
-                                        features=False)
+            by_time = self.store.labelled_version(model, version, now - s.window_seconds,
+                                                  s.time_window_rows, features=False)
             outside = (data_quality if version == latest
                        else self._data_quality(vctx, win))
             qualities[version] = _quality(
@@ -286,8 +286,8 @@ class Evaluator:
         status["quality"] = {str(v): q.__dict__ for v, q in qualities.items()}
 
         lag = label_lag(recent.ts, recent.label_ts)
-        timed = self.store.window(model, since=now - s.window_seconds, features=False)
-        quantiles = latency_quantiles(timed.latency_s)
+        timed = self.store.latencies(model, now - s.window_seconds, s.time_window_rows)
+        quantiles = latency_quantiles(timed)
         errors = self.errors.error_rate(model)
         entries: list[tuple[Gauge, tuple[str, ...], float]] = []
         if lag is not None:

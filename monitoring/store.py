@@ -169,6 +169,11 @@ class EventStore:
                 ambiguous INTEGER NOT NULL DEFAULT 0)""",
             "CREATE INDEX IF NOT EXISTS {p}events_mvs ON {p}events (model, version, seq)",
             "CREATE INDEX IF NOT EXISTS {p}events_mts ON {p}events (model, ts)",
+            # the labelled events only (a row enters it when its label is joined, so ingest does
+            # not pay for it): a check reads a version's newest labelled events without walking
+            # every event of the window (monitoring/evaluate.py)
+            "CREATE INDEX IF NOT EXISTS {p}events_labelled ON {p}events (model, version, ts) "
+            "WHERE label IS NOT NULL",
             # the replica that checks a model's window (one per window, across replicas)
             f"""CREATE TABLE IF NOT EXISTS {{p}}evaluations (
                 model TEXT NOT NULL, slot BIGINT NOT NULL, replica TEXT NOT NULL, at {r} NOT NULL,
@@ -333,13 +338,19 @@ class EventStore:
     def count_labelled(self, model: str, since: float) -> int:
         """Labels of ``model``'s events received after ``since`` (never an ambiguous event's)."""
         with self._read() as cur:
-            cur.execute(self._sql("SELECT COUNT(*) FROM {p}events WHERE model = ? "
+            # (label IS NOT NULL: through the index of labelled events, not every event)
+            cur.execute(self._sql("SELECT COUNT(*) FROM {p}events WHERE model = ? AND label IS NOT NULL "
                                   "AND label_ts > ? AND ambiguous = 0"), (model, since))
             return int(cur.fetchone()[0])
 
     def models(self) -> list[str]:
+        """The models with events, in name order: a walk of the (model, ...) index from one name to
+        the next (a few lookups a model), where ``SELECT DISTINCT`` read every event's entry."""
         with self._read() as cur:
-            cur.execute(self._sql("SELECT DISTINCT model FROM {p}events ORDER BY model"))
+            cur.execute(self._sql(
+                "WITH RECURSIVE m(model) AS (SELECT MIN(model) FROM {p}events UNION ALL "
+                "SELECT (SELECT MIN(model) FROM {p}events WHERE model > m.model) FROM m "
+                "WHERE m.model IS NOT NULL) SELECT model FROM m WHERE model IS NOT NULL"))
             return [r[0] for r in cur.fetchall()]
 
     def versions(self, model: str, since: float | None = None) -> list[int]:
@@ -351,9 +362,13 @@ class EventStore:
 
     def window(
         self, model: str, *, version: int | None = None, last_n: int | None = None,
-        since: float | None = None, features: bool = True,
+        since: float | None = None, features: bool = True, by_time: bool = False,
     ) -> Window:
-        """The newest ``last_n`` events of ``model`` (and ``version``) not older than ``since``."""
+        """The newest ``last_n`` events of ``model`` (and ``version``) not older than ``since``,
+        newest last: by arrival, or with ``by_time`` by their timestamps. Use ``by_time`` for the
+        newest events of every version: the (model, ts) index yields them in order, where arrival
+        order has an index per version only, and the newest by arrival of a model would sort all
+        of its events (seconds per check at a few million)."""
         cols = "version, ts, prediction, latency_s, label, label_ts"
         if features:
             cols += ", features, probabilities"
@@ -365,7 +380,8 @@ class EventStore:
         if since is not None:
             where.append("ts >= ?")
             args.append(since)
-        sql = f"SELECT {cols} FROM {{p}}events WHERE {' AND '.join(where)} ORDER BY seq DESC"
+        sql = (f"SELECT {cols} FROM {{p}}events WHERE {' AND '.join(where)} "
+               f"ORDER BY {'ts' if by_time else 'seq'} DESC")
         if last_n is not None:
             sql += f" LIMIT {int(last_n)}"
         with self._read() as cur:
@@ -507,18 +523,31 @@ class EventStore:
         return joined
 
     def labelled_version(self, model: str, version: int, since: float | None = None,
-                         limit: int = 100_000) -> Window:
-        """The newest labelled events of one model version (for retraining), newest last; never
-        an ambiguous one (which holds no label anyway)."""
-        sql = ("SELECT version, ts, prediction, latency_s, label, label_ts, features, probabilities "
-               "FROM {p}events WHERE model = ? AND version = ? AND label IS NOT NULL "
-               "AND ambiguous = 0 AND ts >= ? "
-               f"ORDER BY seq DESC LIMIT {int(limit)}")
+                         limit: int = 100_000, features: bool = True) -> Window:
+        """The newest ``limit`` labelled events of one model version (not older than ``since``, by
+        their timestamps), newest last; never an ambiguous one (which holds no label anyway). Read through the index
+        of labelled events: the cost follows the labels, not the traffic."""
+        cols = "version, ts, prediction, latency_s, label, label_ts"
+        if features:
+            cols += ", features, probabilities"
+        sql = (f"SELECT {cols} FROM {{p}}events WHERE model = ? AND version = ? "
+               "AND label IS NOT NULL AND ambiguous = 0 AND ts >= ? "
+               f"ORDER BY ts DESC LIMIT {int(limit)}")
         with self._read() as cur:
             cur.execute(self._sql(sql), (model, version, since or 0.0))
             rows = cur.fetchall()
         rows.reverse()
-        return to_window(rows, True)
+        return to_window(rows, features)
+
+    def latencies(self, model: str, since: float, limit: int) -> np.ndarray:
+        """The latencies of the newest ``limit`` events of ``model`` not older than ``since``
+        (newest by timestamp: the (model, ts) index yields them without reading the others)."""
+        sql = ("SELECT latency_s FROM {p}events WHERE model = ? AND ts >= ? "
+               f"ORDER BY ts DESC LIMIT {int(limit)}")
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (model, since))
+            rows = cur.fetchall()
+        return np.fromiter((r[0] for r in rows), np.float64, len(rows))
 
     # -- evaluations -------------------------------------------------------------------------
     def claim_evaluation(self, model: str, slot: int, replica: str, now: float) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,35 @@ def test_sqlite_store_uses_wal(tmp_path) -> None:
     st = open_store(f"sqlite:///{tmp_path / 'x.db'}")
     assert st._writer().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     st.close()
+
+
+def test_a_checks_time_window_reads_are_bounded_and_take_the_newest(store: EventStore) -> None:
+    """The latencies and a version's labelled events of the time window: the newest ``limit``
+    of those not older than ``since``, however many events the window holds."""
+    store.insert_events([_row(i) for i in range(40)])
+    np.testing.assert_allclose(store.latencies("m", since=1010.0, limit=5), [0.039, 0.038, 0.037, 0.036, 0.035])
+    assert len(store.latencies("m", since=1035.0, limit=100)) == 5
+    assert len(store.latencies("other", since=0.0, limit=100)) == 0
+    assert store.set_labels([(f"r{i}", 1.0, 1500.0) for i in (2, 11, 20, 30, 31)]) == ["r2", "r11", "r20", "r30", "r31"]
+    win = store.labelled_version("m", 1, since=1010.0, limit=2, features=False)
+    assert win.ts.tolist() == [1030.0, 1031.0] and win.features is None and win.labelled.all()
+    assert store.labelled_version("m", 1, since=1010.0, features=False).ts.tolist() == [1011.0, 1020.0, 1030.0, 1031.0]
+
+
+def test_the_labelled_read_goes_through_the_index_of_labelled_events(tmp_path: Path) -> None:
+    """SQLite's plan for a version's labelled events uses the partial index (its rows are the
+    labelled events only), and the latencies the (model, ts) index, neither the whole table."""
+    store = open_store(f"sqlite:///{tmp_path / 'plan.db'}")
+    try:
+        with store._read() as cur:
+            cur.execute("EXPLAIN QUERY PLAN SELECT version, ts FROM modelloop_events WHERE model = ? AND version = ? "
+                        "AND label IS NOT NULL AND ambiguous = 0 AND ts >= ? ORDER BY ts DESC LIMIT 10",
+                        ("m", 1, 0.0))
+            labelled = " ".join(str(r) for r in cur.fetchall())
+            cur.execute("EXPLAIN QUERY PLAN SELECT latency_s FROM modelloop_events WHERE model = ? AND ts >= ? "
+                        "ORDER BY ts DESC LIMIT 10", ("m", 0.0))
+            latencies = " ".join(str(r) for r in cur.fetchall())
+    finally:
+        store.close()
+    assert "events_labelled" in labelled and "TEMP B-TREE" not in labelled, labelled
+    assert "events_mts" in latencies and "TEMP B-TREE" not in latencies, latencies
