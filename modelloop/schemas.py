@@ -367,13 +367,17 @@ class EventColumns(BaseModel):
         for name in ("first_row", "rows", "timestamp", "latency_s"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values for {n} requests")
-        if any(r < 1 for r in self.rows) or any(f < 0 for f in self.first_row):
+        # (a few C calls a column: a batch holds up to thousands of requests)
+        if min(self.rows) < 1 or min(self.first_row) < 0:
             raise ValueError("rows must be >= 1 and first_row >= 0 for every request")
-        if any(not 1 <= len(i) <= 190 for i in self.request_ids):
+        lengths = list(map(len, self.request_ids))
+        if min(lengths) < 1 or max(lengths) > 190:
             raise ValueError("request_ids must be 1 to 190 characters each")
-        if not all(math.isfinite(v) for v in self.timestamp):
+        if not all(map(math.isfinite, self.timestamp)):
             raise ValueError("timestamp must be finite numbers")
-        late = next((i for i, v in enumerate(self.latency_s) if not 0 <= v <= MAX_LATENCY_S), None)
+        lat = self.latency_s
+        late = None if all(map(math.isfinite, lat)) and min(lat) >= 0 and max(lat) <= MAX_LATENCY_S else next(
+            i for i, v in enumerate(lat) if not 0 <= v <= MAX_LATENCY_S)
         if late is not None:  # NaN fails too
             raise ValueError(f"latency_s[{late}]: must be between 0 and {MAX_LATENCY_S:g} s, "
                              f"got {self.latency_s[late]:g}")
@@ -386,6 +390,8 @@ class EventColumns(BaseModel):
 
     def row_ids(self) -> list[str]:
         """The request id of every row, in order."""
+        if len(self.rows) == sum(self.rows):  # a row a request (1-row requests): one map
+            return list(map("{}-{}".format, self.request_ids, self.first_row))
         return [f"{base}-{first + k}" for base, first, n in
                 zip(self.request_ids, self.first_row, self.rows, strict=True) for k in range(n)]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,9 @@ from monitoring.records import (
 
 log = logging.getLogger(__name__)
 
+_REQUEST_ID, _MODEL, _MODE = (operator.itemgetter(EventRow._fields.index(name))
+                              for name in ("request_id", "model", "mode"))
+"""Columns of stored rows, read without a Python call a row."""
 _EVENT_COLS = ("request_id, model, version, ts, mode, features, prediction, probabilities, "
                "latency_s, received_at")
 
@@ -236,17 +240,19 @@ class EventStore:
         due = None
         with self._write() as cur:
             for rows in batches:
-                shadow = [r for r in rows if r.mode == MODE_SHADOW]
+                shadow = [r for r in rows if r.mode == MODE_SHADOW] if MODE_SHADOW in set(map(_MODE, rows)) else []
                 if shadow:
                     rows = [r for r in rows if r.mode != MODE_SHADOW]
                     self._add_shadow(cur, shadow)
-                firsts: dict[str, EventRow] = {}
                 clashes: list[str] = []
-                for r in rows:
-                    first = firsts.setdefault(r.request_id, r)
-                    if first is not r and not _same_event(first, r):
-                        clashes.append(r.request_id)
-                new, differing = self._add_rows(cur, insert, list(firsts.values()))
+                if len(set(map(_REQUEST_ID, rows))) < len(rows):  # an id twice in the batch
+                    firsts: dict[str, EventRow] = {}
+                    for r in rows:
+                        first = firsts.setdefault(r.request_id, r)
+                        if first is not r and not _same_event(first, r):
+                            clashes.append(r.request_id)
+                    rows = list(firsts.values())
+                new, differing = self._add_rows(cur, insert, list(rows))
                 clashes += differing
                 if clashes:
                     cur.executemany(self._sql(
@@ -268,9 +274,11 @@ class EventStore:
                   rows: list[EventRow]) -> tuple[dict[str, int], list[str]]:
         """Insert ``rows`` (distinct ids) but those whose id is stored; returns the new ones per
         model, and the ids stored before with another prediction."""
-        by_model: dict[str, list[EventRow]] = {}
-        for r in rows:
-            by_model.setdefault(r.model, []).append(r)
+        models = set(map(_MODEL, rows))
+        by_model: dict[str, list[EventRow]] = {models.pop(): rows} if len(models) == 1 else {}
+        if not by_model:
+            for r in rows:
+                by_model.setdefault(r.model, []).append(r)
         new = {}
         for model, group in by_model.items():
             cur.executemany(insert, group)

@@ -197,6 +197,15 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
         # a latency of more than a day
         (column_body(columns(latency_s=[1e300])), "invalid_event",
          "columns[0]: Value error, latency_s[0]: must be between 0 and 86400 s, got 1e+300"),
+        # a negative latency, of the third of three one-row requests
+        (column_body(columns(request_ids=["a", "b", "c"], first_row=[0, 0, 0], rows=[1, 1, 1],
+                             timestamp=[1.0] * 3, latency_s=[0.1, 0.2, -0.5])), "invalid_event",
+         "columns[0]: Value error, latency_s[2]: must be between 0 and 86400 s, got -0.5"),
+        # a request id of 191 characters, and an empty one
+        (column_body(columns(request_ids=["r" * 191])), "invalid_event",
+         "columns[0]: Value error, request_ids must be 1 to 190 characters each"),
+        (column_body(columns(request_ids=[""])), "invalid_event",
+         "columns[0]: Value error, request_ids must be 1 to 190 characters each"),
         # a prediction that is not the most probable class, in the second row
         (column_body(columns(prediction=[1, 0, 1])), "wrong_shape",
          "columns[0].prediction[1]: class 0 is not the most probable class of the event's "
@@ -225,6 +234,22 @@ def test_bad_column_batches_are_rejected_whole(catalog: ModelCatalog, payload: b
         parse_events(payload, catalog, 0.0)
     assert (err.value.status, err.value.reason, str(err.value)) == (422, reason, error)
     assert err.value.rejected >= 3  # every row of the batch is counted as rejected
+
+
+@pytest.mark.parametrize(("payload", "error"), [
+    # an infinite latency and an infinite timestamp (JSON's 1e999, which Python's parser reads)
+    (column_body(columns()).replace(b'"latency_s": [0.01]', b'"latency_s": [1e999]'),
+     "columns[0]: Value error, latency_s[0]: must be between 0 and 86400 s, got inf"),
+    (column_body(columns()).replace(b'"timestamp": [1.0]', b'"timestamp": [-1e999]'),
+     "columns[0]: Value error, timestamp must be finite numbers"),
+    # a request of no rows
+    (column_body(columns(n=0, rows=[0], features=[], prediction=[], probabilities=[])),
+     "columns[0]: Value error, rows must be >= 1 and first_row >= 0 for every request"),
+])
+def test_column_values_out_of_their_range_are_named(catalog: ModelCatalog, payload: bytes, error: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_events(payload, catalog, 0.0)
+    assert (err.value.status, err.value.reason, str(err.value)) == (422, "invalid_event", error)
 
 
 def test_a_repeated_request_id_is_left_to_the_store(catalog: ModelCatalog) -> None:
