@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from monitoring.auth import Role, RoleKeys
 from monitoring.ingest import InputError, NotStored, parse_retrain
-from monitoring.jobs import JobStatus
+from monitoring.jobs import JobStatus, Refusal
 from monitoring.metrics import MonitorMetrics
 from monitoring.openapi import openapi_document
 from monitoring.records import window_frame
@@ -285,7 +285,7 @@ class SidecarHandlers:
         req = parse_retrain(await _body(request, self.settings.max_body_bytes))
         outcome = await run_in_threadpool(self.sidecar.retrain, req.model,
                                           req.reason or "manual request")
-        if outcome.refused == "at_capacity":
+        if outcome.refused is Refusal.at_capacity:
             return ORJSONResponse(outcome.as_dict(), status_code=429,
                                   headers={"Retry-After": str(int(self.settings.job_poll_s * 30))})
         code = {JobStatus.running: 202, JobStatus.skipped: 409, JobStatus.failed: 502}[outcome.status]

@@ -76,20 +76,35 @@ class JobStatus(StrEnum):
     """Not allowed now (:attr:`JobOutcome.refused` says why)."""
 
 
+class Refusal(StrEnum):
+    """Why a retraining request started no job: the ``reason`` label of
+    ``modelloop_retrain_refused_total`` and a ``skipped`` outcome's ``refused``."""
+
+    unknown_model = "unknown_model"
+    """The model is not registered (the sidecar asks before a job is requested)."""
+    not_watched = "not_watched"
+    """This sidecar does not watch the model (asked before a job is requested, too)."""
+    duplicate = "duplicate"
+    """This trigger's job of the window was started already, by another replica or an earlier
+    request."""
+    model_busy = "model_busy"
+    """Another job of the model is active."""
+    at_capacity = "at_capacity"
+    """``MODELLOOP_MONITOR_MAX_ACTIVE_JOBS`` jobs are active."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: str
     status: JobStatus
     detail: str = ""
-    refused: str = ""
-    """Why a ``skipped`` request was refused: ``duplicate`` (this trigger's job of the window was
-    started already, by another replica or an earlier request), ``model_busy`` (another job of
-    the model is active) or ``at_capacity``."""
+    refused: Refusal | None = None
+    """Why a ``skipped`` request was refused."""
 
     def as_dict(self) -> dict[str, str]:
         out = {"job": self.job_id, "status": self.status.value, "detail": self.detail}
-        if self.refused:
-            out["refused"] = self.refused
+        if self.refused is not None:
+            out["refused"] = self.refused.value
         return out
 
 
@@ -130,13 +145,13 @@ class JobManager:
                 return self._skipped(model, trigger, job_id, (
                     f"{len(active)} retraining jobs are running ({', '.join(j.model for j in active)})"
                     f"; at most {self.max_active} at once (MODELLOOP_MONITOR_MAX_ACTIVE_JOBS)"),
-                    "at_capacity")
+                    Refusal.at_capacity)
             why_not = self.store.try_start_job(record)
             if why_not:
                 same = self._stored(model, job_id) if windowed else None
                 if same is not None:  # another replica started it just now
                     return self._duplicate(model, trigger, same)
-                return self._skipped(model, trigger, job_id, why_not, "model_busy")
+                return self._skipped(model, trigger, job_id, why_not, Refusal.model_busy)
             req = JobRequest(job_id=job_id, model=model, version=version, trigger=trigger,
                              reason=reason, env=self.env)
             try:
@@ -145,7 +160,7 @@ class JobManager:
                 handle = self.trigger.start(req)
             except TriggerConflict as exc:  # started by a replica that does not share our store
                 self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)
-                return self._skipped(model, trigger, job_id, str(exc), "duplicate")
+                return self._skipped(model, trigger, job_id, str(exc), Refusal.duplicate)
             except (TriggerError, OSError) as exc:
                 log.error("retraining job %s for %s failed to start: %s", job_id, model, exc)
                 self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
@@ -165,9 +180,10 @@ class JobManager:
     def _duplicate(self, model: str, trigger: str, same: JobRecord) -> JobOutcome:
         why = (f"job {same.id} is already {same.status} for this window" if same.active
                else f"job {same.id} already ran for this window ({same.status})")
-        return self._skipped(model, trigger, same.id, why, "duplicate")
+        return self._skipped(model, trigger, same.id, why, Refusal.duplicate)
 
-    def _skipped(self, model: str, trigger: str, job_id: str, why: str, refused: str) -> JobOutcome:
+    def _skipped(self, model: str, trigger: str, job_id: str, why: str,
+                 refused: Refusal) -> JobOutcome:
         log.info("retraining of %s not started: %s", model, why)
         self.metrics.retrain_jobs.labels(model, trigger, "skipped").inc()
         self.metrics.retrain_refused.labels(trigger, refused).inc()

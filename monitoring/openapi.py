@@ -28,6 +28,7 @@ from pydantic.json_schema import models_json_schema
 from modelloop.schemas import ColumnBatch, EventBatch, Feedback
 from monitoring.alertmanager import WebhookPayload
 from monitoring.ingest import RetrainRequest
+from monitoring.jobs import JobStatus, Refusal
 from monitoring.records import JobRecord
 
 _REF = "#/components/schemas/{model}"
@@ -76,13 +77,13 @@ class FeedbackResult(BaseModel):
 
 
 class JobAnswer(BaseModel):
-    """What a retraining request came to (``refused``: ``duplicate``, ``model_busy`` or
-    ``at_capacity``)."""
+    """What a retraining request came to (``refused``: why a ``skipped`` one started no job; an
+    unknown or unwatched model is refused with a 422 before a job is asked for)."""
 
     job: str
-    status: Literal["running", "failed", "skipped"]
+    status: JobStatus
     detail: str
-    refused: Literal["duplicate", "model_busy", "at_capacity"] | None = None
+    refused: Literal[Refusal.duplicate, Refusal.model_busy, Refusal.at_capacity] | None = None
 
 
 class AlertJob(JobAnswer):

@@ -38,7 +38,7 @@ from monitoring.ingest import (
     parse_feedback,
     resolve_label,
 )
-from monitoring.jobs import JobManager, JobOutcome, JobStatus, build_trigger, job_env
+from monitoring.jobs import JobManager, JobOutcome, JobStatus, Refusal, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
 from monitoring.records import EventRow, JobRecord, Stored
@@ -231,16 +231,16 @@ class Sidecar:
         return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate,
                 "ambiguous": ambiguous, "not_sampled": not_sampled}
 
-    def not_retrainable(self, model: str, trigger: str) -> tuple[str, str] | None:
+    def not_retrainable(self, model: str, trigger: str) -> tuple[Refusal, str] | None:
         """Why ``model`` cannot be retrained at all (``not_watched``/``unknown_model`` and a
         message), counted; None for a watched, registered model. Checked before a job is asked
         for, so no name from a request reaches the registry's paths or a metric label."""
         registry = self.catalog.registry
         if not self.catalog.watched(model):
-            found = ("not_watched", f"{model!r} is not watched by this sidecar "
-                                    f"(watching: {', '.join(self.catalog.models)})")
+            found = (Refusal.not_watched, f"{model!r} is not watched by this sidecar "
+                                          f"(watching: {', '.join(self.catalog.models)})")
         elif model not in registry.models():
-            found = ("unknown_model", f"{model!r} is not registered under {registry.root}")
+            found = (Refusal.unknown_model, f"{model!r} is not registered under {registry.root}")
         else:
             return None
         self.metrics.retrain_refused.labels(trigger, found[0]).inc()
@@ -300,7 +300,7 @@ class Sidecar:
         if firing.rule.action == "retrain":
             outcome = self._policy_retrain(firing.scope, firing.message(), version,
                                            firing.retry_of)
-            if outcome.status is JobStatus.skipped and outcome.refused != "duplicate":
+            if outcome.status is JobStatus.skipped and outcome.refused is not Refusal.duplicate:
                 self.engine.refused(firing, outcome.detail)  # no cooldown: asked again next check
             entry["job"] = outcome.as_dict()
         self.recent_firings.append(entry)

@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from monitoring.app import create_app
+from monitoring.jobs import Refusal
 from monitoring.openapi import OPERATIONS, openapi_document
 from monitoring.settings import MonitorSettings
 from monitoring.sidecar import Sidecar
@@ -81,6 +82,13 @@ def test_export_parameters_carry_the_ranges_the_app_checks(home: Path) -> None:
                                          "default": 0}
     assert params["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 1_000_000,
                                          "default": 100_000}
+
+
+def test_a_job_answer_names_the_refusals_of_a_job_request(home: Path) -> None:
+    doc = served_document(create_app(Sidecar(MonitorSettings(home=home))))
+    refused = doc["components"]["schemas"]["JobAnswer"]["properties"]["refused"]["anyOf"]
+    # an unknown or unwatched model is a 422, never a job answer
+    assert refused[0]["enum"] == [Refusal.duplicate, Refusal.model_busy, Refusal.at_capacity]
 
 
 @pytest.mark.parametrize(

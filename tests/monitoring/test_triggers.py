@@ -17,8 +17,8 @@ import kubernetes_validate
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.jobs import JobManager, build_trigger, job_name
-from monitoring.metrics import MonitorMetrics
+from monitoring.jobs import JobManager, Refusal, build_trigger, job_name
+from monitoring.metrics import REFUSE_REASONS, MonitorMetrics
 from monitoring.settings import MonitorSettings
 from monitoring.store import open_store
 from monitoring.triggers import (
@@ -282,6 +282,12 @@ def manager(tmp_path: Path, store_url: str, clock: list[float]) -> JobManager:
     return JobManager(store, LocalProcessTrigger(tmp_path / "jobs"),
                       MonitorMetrics(CollectorRegistry()), command=cmd, window_s=3600,
                       clock=lambda: clock[0])
+
+
+def test_every_refusal_is_a_reason_of_the_refused_counter() -> None:
+    # the counter's series are created at zero for each reason, so a refusal missing there
+    # would only appear once it happened
+    assert [str(r) for r in Refusal] == list(REFUSE_REASONS)
 
 
 def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> None:
