@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,7 @@ from monitoring.drift import DriftResult, ReferenceProfile, check_drift, stattes
 from monitoring.ingest import ModelCatalog
 from monitoring.live_gate import Action, LiveGate
 from monitoring.metrics import MonitorMetrics
-from monitoring.performance import ErrorRateTracker, latency_quantiles
+from monitoring.performance import ErrorRate, ErrorRateTracker, latency_quantiles
 from monitoring.policy import METRICS, Firing, MetricSpec, Observation, PolicyEngine, Rule
 from monitoring.records import window_frame
 from monitoring.reports import importance_section, sidecar_section, write_drift_report
@@ -113,6 +113,43 @@ class Quality:
     """That metric over the count window's labelled rows (None where undefined)."""
 
 
+class ModelStatus(TypedDict, total=False):
+    """What the last check found of one model: its entry in ``/status``'s ``models``. A model
+    whose check failed keeps its last entry, with ``error`` added."""
+
+    version: int
+    """The newest version in the count window: the one judged for drift and data quality."""
+    window_rows: int
+    drift: dict[str, Any]
+    """:meth:`DriftResult.summary`, or ``{"judged": False, "note": why}``."""
+    data_quality: dict[str, Any]
+    quality: dict[str, dict[str, Any]]
+    """Per version (its number as text): the fields of :class:`Quality`."""
+    label_lag_s: float | None
+    latency_s: dict[str, float]
+    """Per quantile (``"0.5"``, ``"0.95"``, ``"0.99"``) over the time window."""
+    latency_rows: int
+    error_rate: float | None
+    requests_in_window: int | None
+    live_gate: dict[str, Any]
+    """The live gate's last verdict on the model's challenger (:meth:`Verdict.record`)."""
+    error: str
+    """Why the last check of the model failed (``TypeName: message``)."""
+
+
+class ResourceStatus(TypedDict, total=False):
+    """The watched process and the GPUs at the last check: ``/status``'s ``resources``."""
+
+    target: str
+    cpu_ratio: float | None
+    memory_bytes: float
+    error: str
+    """Why the process could not be sampled (instead of its CPU and memory)."""
+    gpus: list[dict[str, Any]]
+    gpu_unavailable: str
+    """Why NVML sees no GPU."""
+
+
 class Evaluator:
     def __init__(self, settings: MonitorSettings, store: EventStore, catalog: ModelCatalog,
                  engine: PolicyEngine, metrics: MonitorMetrics,
@@ -128,7 +165,7 @@ class Evaluator:
         self.warm = False
         self._lock = threading.Lock()
         self._contexts: dict[tuple[str, int], VersionContext] = {}
-        self._status: dict[str, dict[str, Any]] = {}
+        self._status: dict[str, ModelStatus] = {}
         self._published: dict[tuple[str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
         self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-report",
                                            initializer=_lower_priority,
@@ -142,7 +179,7 @@ class Evaluator:
                                   alpha=settings.live_gate_alpha, max_age_s=settings.live_gate_max_age_s)
         self.gpu = GpuSampler() if settings.gpu else None
         self._process: ProcessSampler | CgroupSampler | None = None
-        self._resource_status: dict[str, Any] = {}
+        self._resource_status: ResourceStatus = {}
         if settings.target_cgroup is not None:
             self._process = CgroupSampler(settings.target_cgroup)  # a bad path stops start-up
         self._retention_lock = threading.Lock()
@@ -176,7 +213,7 @@ class Evaluator:
         return list(self._models)
 
     # -- the check ------------------------------------------------------------------------------
-    def check(self, models: list[str] | None = None, claim: bool = False) -> dict[str, Any]:
+    def check(self, models: list[str] | None = None, claim: bool = False) -> dict[str, ModelStatus]:
         """Check ``models`` (None: every watched one with events) and return the status. With
         ``claim`` (the periodic check), only the windows this replica claims first in the store."""
         with self._lock:
@@ -192,7 +229,8 @@ class Evaluator:
                     self._judge_challenger(model, now)
                 except Exception as exc:  # one broken model must not stop the others' checks
                     log.exception("check of model %s failed", model)
-                    self._status.setdefault(model, {})["error"] = f"{type(exc).__name__}: {exc}"
+                    self._status.setdefault(model, ModelStatus())["error"] = \
+                        f"{type(exc).__name__}: {exc}"
             self._check_resources(now)
             return self.status()
 
@@ -200,11 +238,11 @@ class Evaluator:
         """The live gate's verdict on ``model``'s challenger, acted on (monitoring/live_gate.py)."""
         verdict = self.live_gate.check(model, now)
         if verdict is not None:
-            self._status.setdefault(model, {})["live_gate"] = verdict.record()
+            self._status.setdefault(model, ModelStatus())["live_gate"] = verdict.record()
             if verdict.action == Action.retire:  # as after a job whose challenger lost
                 self.engine.retry_on_labels(model, now, self.settings.retrain_retry_labels)
         else:
-            self._status.get(model, {}).pop("live_gate", None)
+            self._status.get(model, ModelStatus()).pop("live_gate", None)
 
     def _claimed(self, model: str, now: float) -> bool:
         """Whether this replica checks ``model``'s window now: windows are ``check_interval_s``
@@ -249,7 +287,7 @@ class Evaluator:
         latest = int(recent.version[-1])
         ctx = self._context(model, latest)
         current = self.store.window(model, version=latest, last_n=s.window_events)
-        status: dict[str, Any] = {"version": latest, "window_rows": len(current)}
+        status = ModelStatus(version=latest, window_rows=len(current))
 
         data_quality = self._data_quality(ctx, current)
         drift: DriftResult | None = None
@@ -295,11 +333,13 @@ class Evaluator:
         for q, value in (quantiles or {}).items():
             entries.append((self.metrics.latency, (model, f"{q:g}"), value))
         if errors is not None:
-            entries.append((self.metrics.error_rate, (model,), errors[0]))
+            entries.append((self.metrics.error_rate, (model,), errors.rate))
         self._replace(model, "ops", entries)
-        status.update(label_lag_s=lag, latency_s={f"{q:g}": v for q, v in (quantiles or {}).items()},
-                      latency_rows=len(timed), error_rate=None if errors is None else errors[0],
-                      requests_in_window=None if errors is None else errors[1])
+        status["label_lag_s"] = lag
+        status["latency_s"] = {f"{q:g}": v for q, v in (quantiles or {}).items()}
+        status["latency_rows"] = len(timed)
+        status["error_rate"] = None if errors is None else errors.rate
+        status["requests_in_window"] = None if errors is None else errors.requests
         self._status[model] = status
 
         window = ModelWindow(drift, qualities.get(latest), quantiles, len(timed), errors,
@@ -544,11 +584,11 @@ class Evaluator:
         if self._retention_future is not None:
             self._retention_future.result(timeout)
 
-    def status(self) -> dict[str, Any]:
-        return {m: dict(st) for m, st in self._status.items()}
+    def status(self) -> dict[str, ModelStatus]:
+        return {m: st.copy() for m, st in self._status.items()}
 
-    def resource_status(self) -> dict[str, Any]:
-        return dict(self._resource_status)
+    def resource_status(self) -> ResourceStatus:
+        return self._resource_status.copy()
 
 
 def _calibration(ref: Any, proba_cols: list[str]) -> ConfidenceCalibration:
@@ -609,8 +649,7 @@ class ModelWindow:
     """The newest version's."""
     quantiles: dict[float, float] | None
     latency_rows: int
-    errors: tuple[float, int] | None
-    """The error rate and the requests it is measured over."""
+    errors: ErrorRate | None
     data_quality: DataQuality | None
 
 
@@ -701,7 +740,8 @@ def _latency(quantile: float) -> ModelObserver:
 
 
 def _error_rate(rule: Rule, w: ModelWindow) -> Observation:
-    return Observation(None, 0) if w.errors is None else Observation(*w.errors)
+    return (Observation(None, 0) if w.errors is None
+            else Observation(w.errors.rate, w.errors.requests))
 
 
 MODEL_OBSERVERS: dict[str, ModelObserver] = {

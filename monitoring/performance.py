@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -30,6 +31,14 @@ def latency_quantiles(latency_s: np.ndarray) -> dict[float, float] | None:
     if len(values) == 0:
         return None
     return dict(zip(QUANTILES, (float(q) for q in np.quantile(values, QUANTILES)), strict=True))
+
+
+class ErrorRate(NamedTuple):
+    """The share of serving's requests answered with a 5xx over the window, and how many
+    requests that share is of."""
+
+    rate: float
+    requests: int
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ class ErrorRateTracker:
             while len(series) > 2 and series[1][0] <= now - self.window_s:
                 series.popleft()
 
-    def error_rate(self, model: str) -> tuple[float, int] | None:
+    def error_rate(self, model: str) -> ErrorRate | None:
         """5xx share of the requests over the window, and how many requests that is; None
         before two scrapes or without requests in between."""
         series = self._series.get(model)
@@ -109,4 +118,4 @@ class ErrorRateTracker:
         _, total1, err1 = series[-1]
         if total1 <= total0:
             return None
-        return (err1 - err0) / (total1 - total0), int(total1 - total0)
+        return ErrorRate((err1 - err0) / (total1 - total0), int(total1 - total0))
