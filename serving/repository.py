@@ -466,7 +466,7 @@ class ModelRepository:
         assert emitter is not None
         model.shadow = Shadow(model.name, manager, emitter, self.metrics, self.settings.shadow_queue_rows,
                               max_call_rows=self.settings.max_batch_rows,
-                              inline_below_s=self.settings.inline_below_s)
+                              inline_below_s=self.settings.inline_below_s, share=self.settings.shadow_share)
         await model.shadow.start()
         logger.info("%s: challenger v%d shadows v%d", model.name, challenger.version, production.version)
 

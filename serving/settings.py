@@ -67,6 +67,15 @@ class ServingSettings(HomeSettings):
     names, off the request path, and send its answers to the sidecar as shadow events
     (serving/shadow.py; needs ``sidecar_url``). Off: the alias is ignored."""
 
+    shadow_share: Share = 1.0
+    """Share of the real-time rows the challenger scores (rounded down to a power of two, as
+    the event sample's shares are): the rows whose request id scores below it by the event
+    sample's rule (modelloop/sampling.py), so a request is shadowed on every worker or on none,
+    and never one whose production event the sample leaves out. Requests marked as to be
+    labelled (``X-Modelloop-Label-Expected: 1``) are always shadowed. On two busy cores, scoring every
+    row took 10-25% of the champion's requests a second; the live gate needs labelled rows
+    scored by both, not every row (BENCHMARKS.md)."""
+
     shadow_queue_rows: PositiveInt = 4096
     """Rows of production batches waiting for the challenger at most; a batch beyond it is not
     shadowed (counted as dropped), so the shadow gives way first under load."""

@@ -7,13 +7,17 @@ when the alias moves). After each production model batch, the serving state hand
 rows, request ids and production's predictions to :meth:`Shadow.offer`, which only appends them
 to a bounded queue (no copy, no inference): callers already have their answers. One task scores
 the queue (the batches that piled up, together) on a worker thread, or on the loop when a call
-is faster than a thread hand-off (production's batcher's rule), and records the challenger's predictions as
-events of mode ``shadow`` under the same request ids, so the sidecar joins a label to both
-answers (:mod:`monitoring.live_gate` compares them). The shadow is always the first to give
-way: a batch that does not fit the queue (``MODELLOOP_SERVING_SHADOW_QUEUE_ROWS``) is dropped
-and counted, a challenger that fails or is slow only loses its own answers, and callers never
-wait for it. Shadow needs the sidecar (``MODELLOOP_SERVING_SIDECAR_URL``): its answers are
-only useful there.
+is faster than a thread hand-off (production's batcher's rule), and records the challenger's
+predictions as events of mode ``shadow`` under the same request ids, so the sidecar joins a
+label to both answers (:mod:`monitoring.live_gate` compares them).
+
+``MODELLOOP_SERVING_SHADOW_SHARE`` has the challenger score a share of the rows only, chosen by
+request id with the event sample's rule (:mod:`modelloop.sampling`): the same requests on every
+worker, never one whose production event is not sent, always one marked as to be labelled. The
+shadow is always the first to give way: a batch that does not fit the queue
+(``MODELLOOP_SERVING_SHADOW_QUEUE_ROWS``) is dropped and counted, a challenger that fails or is
+slow only loses its own answers, and callers never wait for it. Shadow needs the sidecar
+(``MODELLOOP_SERVING_SIDECAR_URL``): its answers are only useful there.
 
 ``modelloop_serving_shadow_rows_total{model, result}`` counts rows ``scored``, ``dropped``
 (queue full, or the worker stopping) and ``failed``; ``..._shadow_agreement_rows_total`` the
@@ -40,11 +44,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from modelloop.sampling import quantize
 from modelloop.schemas import MODE_SHADOW, monitored_features
 from serving.events import EventEmitter
 from serving.metrics import ServingMetrics
 from serving.models import ModelManager
 from serving.predictions import Predictions, interpret
+from serving.sampling import EventSampler
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class _Copy(NamedTuple):
     x: np.ndarray
     production: np.ndarray
     ids: Sequence[str]
+    first_rows: Sequence[int]
     counts: Sequence[int]
 
 
@@ -62,10 +69,12 @@ class Shadow:
 
     def __init__(self, name: str, manager: ModelManager, emitter: EventEmitter,
                  metrics: ServingMetrics, queue_rows: int, *, max_call_rows: int = 256,
-                 inline_below_s: float = 0.0005) -> None:
+                 inline_below_s: float = 0.0005, share: float = 1.0) -> None:
         self.name = name
         self.manager = manager
         self.emitter = emitter
+        self.share = quantize(share)
+        self._sample = EventSampler(self.share)  # the rule that picks the rows (no budget)
         self.queue_rows = queue_rows
         self.max_call_rows = max_call_rows
         self.inline_below_s = inline_below_s
@@ -94,13 +103,27 @@ class Shadow:
 
     def offer(self, x: np.ndarray, production: Predictions, ids: Sequence[str],
               counts: Sequence[int]) -> None:
-        """Queue a copy of a production batch (event-loop thread; never blocks): dropped and
-        counted when the queue cannot hold it."""
+        """Queue a copy of a production batch (event-loop thread; never blocks): its rows under
+        the share (those the event sample keeps too: see ``MODELLOOP_SERVING_SHADOW_SHARE``),
+        dropped and counted when the queue cannot hold them."""
+        share = self.share
+        if self.emitter.sampler is not None:  # (no rows the sidecar would get no event of)
+            share = min(share, self.emitter.sampler.share(self.name))
+        first_rows: Sequence[int] = [0] * len(ids)
+        prediction = production.prediction
+        if share < 1.0:
+            sampler = self._sample if share == self.share else EventSampler(share)
+            kept, _ = sampler.select(self.name, ids, first_rows, counts, measure=False)
+            if kept.rows is not None:
+                if not len(kept.rows):
+                    return
+                ids, first_rows, counts = [ids[r] for r in kept.requests], kept.first_rows, kept.counts
+                x, prediction = x[kept.rows], prediction[kept.rows]
         n = len(x)
         if self._rows + n > self.queue_rows:
             self._dropped.inc(n)
             return
-        self._queue.append(_Copy(x, production.prediction, ids, counts))
+        self._queue.append(_Copy(x, prediction, ids, first_rows, counts))
         self._rows += n
         self._wake.set()
 
@@ -139,7 +162,8 @@ class Shadow:
         if len(items) == 1:
             return items[0]
         return _Copy(np.concatenate([i.x for i in items]), np.concatenate([i.production for i in items]),
-                     [rid for i in items for rid in i.ids], [c for i in items for c in i.counts])
+                     [rid for i in items for rid in i.ids], [f for i in items for f in i.first_rows],
+                     [c for i in items for c in i.counts])
 
     async def _score(self, item: _Copy) -> None:
         runtime = self.manager.current
@@ -158,7 +182,7 @@ class Shadow:
         meta = runtime.metadata
         x = item.x if item.x.ndim == 2 else monitored_features(item.x, runtime.input_dims)
         self.emitter.record_requests(meta.name, meta.version, item.ids, item.counts, x, preds,
-                                     [elapsed] * len(item.ids), mode=MODE_SHADOW)
+                                     [elapsed] * len(item.ids), mode=MODE_SHADOW, first_rows=item.first_rows)
 
     async def close(self) -> None:
         """Stop scoring (what is queued is dropped and counted) and free the challenger."""
