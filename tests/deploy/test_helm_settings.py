@@ -74,4 +74,5 @@ def test_many_models_and_shadow_values_reach_serving() -> None:
     assert env["MODELLOOP_SERVING_MAX_LOADED_MODELS"] == "5"
     assert env["MODELLOOP_SERVING_SHADOW"] == "false"
     assert env["MODELLOOP_SERVING_SHADOW_QUEUE_ROWS"] == "4096"
+    assert env["MODELLOOP_SERVING_SHADOW_SHARE"] == "1"
     assert env["MODELLOOP_TRAINING_RETRAIN_LIVE_GATE"] == "true"
