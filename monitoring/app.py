@@ -8,12 +8,17 @@ key opens every route; see :mod:`monitoring.auth`)::
     GET  /reports/drift/latest  GET /reports/drift/{model}/latest   GET /export/labelled   admin
     GET  /metrics  GET /live  GET /ready  GET /openapi.json                                open
 
-Bad input gets a 4xx JSON body ``{"error": ..., "errors": [...]}`` naming the field; a full
-ingest queue a 503 with ``Retry-After``, and so do events the store could not take. Anything else
-that fails is a bug: it is logged with its traceback under an error id, counted
-(``modelloop_monitor_errors_total{reason="unexpected"}``) and answered 500 with that id. Events and feedback are read within budgets of their
-own, so a label provider cannot starve serving's events. ``/openapi.json`` describes all of it
-(:mod:`monitoring.openapi`, built once from this table of routes).
+A handler refuses a request by raising an :class:`~modelloop.http.ApiError` (the sidecar's
+:class:`~monitoring.ingest.InputError` is one), and the core's exception handlers
+(:data:`~modelloop.http.EXCEPTION_HANDLERS`) answer it in the error shape both apps share,
+``{"error", "code", "field", "errors", ...}`` naming the field; a full ingest queue is a 503
+with ``Retry-After``, and so are events the store could not take. Every refused ``/events`` and
+``/feedback`` body is counted once, by the sidecar (:meth:`Sidecar.refused`). Anything else that
+fails is a bug: it is logged with its traceback under an error id, counted
+(``modelloop_monitor_errors_total{reason="unexpected"}``) and answered 500 with that id. Events
+and feedback are read within budgets of their own, so a label provider cannot starve serving's
+events. ``/openapi.json`` describes all of it (:mod:`monitoring.openapi`, built once from this
+table of routes).
 """
 
 from __future__ import annotations
@@ -22,9 +27,7 @@ import asyncio
 import contextlib
 import io
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,9 +35,17 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from modelloop.http import (
+    EXCEPTION_HANDLERS,
+    ApiError,
+    content_length,
+    internal_error,
+    json_response,
+    read_body,
+)
 from monitoring.auth import Role, RoleKeys
 from monitoring.ingest import InputError, NotStored, parse_retrain
 from monitoring.jobs import JobStatus, Refusal
@@ -47,49 +58,22 @@ from monitoring.sidecar import Sidecar
 log = logging.getLogger(__name__)
 
 
-class ORJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS,
-                            default=_default)
-
-
-def _default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
-async def _input_error(request: Request, exc: InputError) -> Response:
-    """Every refused request gets the one error shape, whichever handler refused it."""
-    return ORJSONResponse(exc.body(), status_code=exc.status)
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> ORJSONResponse:
-    return ORJSONResponse({"error": message, "errors": [message]}, status_code=status,
-                          headers=headers)
-
-
 Handler = Callable[[Request], Awaitable[Response]]
 EXPORT_MAX_ROWS = 1_000_000
 
 
 def _answer_unexpected(handler: Handler, metrics: MonitorMetrics) -> Handler:
     """``handler``, with an error nobody expected logged (traceback and an id), counted, and
-    answered 500 with the id, so the sender's answer finds the log line. Refusals (InputError,
+    answered 500 with the id, so the sender's answer finds the log line. Refusals (ApiError,
     Starlette's HTTPException) and a client gone away pass through as before."""
     async def answered(request: Request) -> Response:
         try:
             return await handler(request)
-        except (InputError, HTTPException, ClientDisconnect):
+        except (ApiError, HTTPException, ClientDisconnect):
             raise
         except Exception as exc:
-            error_id = uuid.uuid4().hex[:16]
-            log.error("error %s: %s %s failed", error_id, request.method, request.url.path,
-                      exc_info=exc)
             metrics.errors.labels("unexpected").inc()
-            message = f"internal error {error_id}: the sidecar's log has its traceback"
-            return ORJSONResponse({"error": message, "errors": [message], "error_id": error_id},
-                                  status_code=500)
+            raise internal_error(log, request, exc, "the sidecar's log") from exc
     return answered
 
 
@@ -138,19 +122,6 @@ def _query_model(request: Request) -> str | None:
     return model
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InputError(413, "too_large", [f"body: {declared} bytes is over the {limit} byte limit"])
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(413, "too_large", [f"body: over the {limit} byte limit"])
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class SidecarHandlers:
     """The sidecar's route handlers, one method a route, bound to one :class:`Sidecar`; the
     table of routes (:meth:`table`) is where paths, methods and roles are given."""
@@ -196,57 +167,58 @@ class SidecarHandlers:
                 return await handler(request)
             self.sidecar.metrics.denied.labels(denied).inc()
             if denied == "wrong_role":
-                return _error(403, f"Authorization: this key may not use {request.url.path} "
-                                   f"(it needs the {role} or the admin key)")
-            return _error(401, "Authorization: a valid key is required (Authorization: Bearer "
-                               "<key>)", headers={"WWW-Authenticate": 'Bearer realm="modelloop"'})
+                raise ApiError(403, denied, "Authorization",
+                               f"Authorization: this key may not use {request.url.path} "
+                               f"(it needs the {role} or the admin key)")
+            raise ApiError(401, denied, "Authorization", "Authorization: a valid key is required "
+                           "(Authorization: Bearer <key>)",
+                           {"WWW-Authenticate": 'Bearer realm="modelloop"'})
         return guarded
 
     async def budgeted(self, request: Request, budget: IngestBudget,
                        work: Callable[[bytes], Awaitable[Response]]) -> Response:
-        """Read the body within ``budget`` (by its declared length, else by the body limit),
-        run ``work`` on it, give the bytes back when it is done."""
-        declared = request.headers.get("content-length")
-        cap = budget.body_limit
-        size = min(int(declared), cap) if declared is not None and declared.isdigit() else cap
-        if not budget.take(size):
-            self.sidecar.metrics.ingest_busy.inc()
-            return _error(503, f"body: the {budget.name} queue is full ({budget.held} of {budget.limit} "
-                               "bytes held); retry after 1 s", headers={"Retry-After": "1"})
+        """Read the body within ``budget`` (by its declared length, else by the body limit) and
+        run ``work`` on it, giving the bytes back when it is done. Every refusal of the body, by
+        the reader or by ``work``, is told to the sidecar, which counts it once."""
+        try:
+            declared = content_length(request)
+            size = budget.body_limit if declared is None else min(declared, budget.body_limit)
+            if not budget.take(size):
+                self.sidecar.metrics.ingest_busy.inc()
+                raise ApiError(503, "queue_full", "body", f"body: the {budget.name} queue is full "
+                               f"({budget.held} of {budget.limit} bytes held); retry after 1 s",
+                               {"Retry-After": "1"})
+            try:
+                return await work(await self.read_within(request, budget.body_limit))
+            finally:
+                budget.give(size)
+        except ApiError as exc:
+            self.sidecar.refused(exc)
+            raise
+
+    async def read_within(self, request: Request, limit: int) -> bytes:
+        """The body, refused 408 when not received within ``body_read_timeout_s``: a slow
+        sender must not hold its budget."""
         timeout_s = self.settings.body_read_timeout_s
         try:
-            try:
-                body = await asyncio.wait_for(_body(request, cap), timeout_s)
-            except TimeoutError:  # a slow sender must not hold the budget
-                raise InputError(408, "too_slow", [
-                    f"body: not received within {timeout_s:g} s"]) from None
-            return await work(body)
-        except InputError as exc:
-            if exc.reason in ("too_large", "too_slow"):
-                self.sidecar.reject(exc.reason)
-            return ORJSONResponse(exc.body(), status_code=exc.status)
-        finally:
-            budget.give(size)
+            return await asyncio.wait_for(read_body(request, limit), timeout_s)
+        except TimeoutError:
+            raise InputError(408, "too_slow", [
+                f"body: not received within {timeout_s:g} s"]) from None
 
     async def store_events(self, body: bytes) -> Response:
         try:
             accepted, stored = await asyncio.wrap_future(self.sidecar.submit_events(body))
         except NotStored as exc:  # nothing was acknowledged: serving keeps the batch and retries
             self.sidecar.metrics.errors.labels("not_stored").inc()
-            return _error(503, f"events not stored: {exc}")
+            raise ApiError(503, "not_stored", None, f"events not stored: {exc}") from exc
         self.sidecar.ingested(stored)
-        return ORJSONResponse({"accepted": accepted, "new": sum(stored.new.values()),
-                               "ambiguous": stored.conflicts})
+        return json_response({"accepted": accepted, "new": sum(stored.new.values()),
+                              "ambiguous": stored.conflicts})
 
     async def store_feedback(self, body: bytes) -> Response:
-        try:
-            items, single = self.sidecar.parse_feedback(body)
-            result = await run_in_threadpool(self.sidecar.feedback, items, single)
-        except InputError as exc:
-            if exc.reason != "invalid_label":
-                self.sidecar.reject(exc.reason, exc.rejected)
-            raise
-        return ORJSONResponse(result)
+        items, single = self.sidecar.parse_feedback(body)
+        return json_response(await run_in_threadpool(self.sidecar.feedback, items, single))
 
     async def events(self, request: Request) -> Response:
         return await self.budgeted(request, self.events_budget, self.store_events)
@@ -255,74 +227,75 @@ class SidecarHandlers:
         return await self.budgeted(request, self.feedback_budget, self.store_feedback)
 
     async def status(self, request: Request) -> Response:
-        return ORJSONResponse(await run_in_threadpool(self.sidecar.status))
+        return json_response(await run_in_threadpool(self.sidecar.status))
 
     async def check(self, request: Request) -> Response:
         model = request.query_params.get("model")
         evaluator = self.sidecar.evaluator
         if model is not None and model not in evaluator.models(refresh=True):
-            return _error(404, f"model: no events of model {model!r} to check")
+            raise ApiError(404, "unknown_model", "model", f"model: no events of model {model!r} to check")
         await run_in_threadpool(evaluator.check, [model] if model else None)
-        return ORJSONResponse(await run_in_threadpool(self.sidecar.status))
+        return json_response(await run_in_threadpool(self.sidecar.status))
 
     async def report(self, request: Request) -> Response:
         model = request.path_params.get("model") or request.query_params.get("model")
         if model is None:
             models = self.sidecar.evaluator.models()
             if len(models) != 1:
-                return _error(400, "model: name the model (?model=NAME); this sidecar watches "
-                                   f"{', '.join(models) or 'no model with events yet'}")
+                raise ApiError(400, "model_required", "model", "model: name the model "
+                               "(?model=NAME); this sidecar watches "
+                               f"{', '.join(models) or 'no model with events yet'}")
             model = models[0]
         elif model not in self.sidecar.evaluator.models():  # a name, never a path
-            return _error(404, f"model: no events of model {model!r}")
+            raise ApiError(404, "unknown_model", "model", f"model: no events of model {model!r}")
         path = latest_report(self.settings.reports_dir, model)
         if path is None:
-            return _error(404, f"no drift report for model {model!r} yet (one is written after "
-                               f"the first judged drift check)")
+            raise ApiError(404, "no_report", "model", f"no drift report for model {model!r} yet "
+                           "(one is written after the first judged drift check)")
         return FileResponse(path, media_type="text/html")
 
     async def retrain(self, request: Request) -> Response:
-        req = parse_retrain(await _body(request, self.settings.max_body_bytes))
+        req = parse_retrain(await read_body(request, self.settings.max_body_bytes))
         outcome = await run_in_threadpool(self.sidecar.retrain, req.model,
                                           req.reason or "manual request")
         if outcome.refused is Refusal.at_capacity:
-            return ORJSONResponse(outcome.as_dict(), status_code=429,
-                                  headers={"Retry-After": str(int(self.settings.job_poll_s * 30))})
+            return json_response(outcome.as_dict(), 429,
+                                 {"Retry-After": str(int(self.settings.job_poll_s * 30))})
         code = {JobStatus.running: 202, JobStatus.skipped: 409, JobStatus.failed: 502}[outcome.status]
-        return ORJSONResponse(outcome.as_dict(), status_code=code)
+        return json_response(outcome.as_dict(), code)
 
     async def alertmanager(self, request: Request) -> Response:
-        body = await _body(request, self.settings.max_alertmanager_body_bytes)
-        return ORJSONResponse(await run_in_threadpool(self.sidecar.alertmanager, body))
+        body = await read_body(request, self.settings.max_alertmanager_body_bytes)
+        return json_response(await run_in_threadpool(self.sidecar.alertmanager, body))
 
     async def jobs(self, request: Request) -> Response:
         records = await run_in_threadpool(self.sidecar.store.jobs, _query_model(request))
-        return ORJSONResponse({"jobs": [r.__dict__ for r in records]})
+        return json_response({"jobs": [r.__dict__ for r in records]})
 
     async def export_labelled(self, request: Request) -> Response:
         model = _query_model(request)
         if not model:
-            return _error(422, "model: required")
+            raise InputError(422, "invalid_query", ["model: required"])
         since = _query_number(request, "since", 0.0, 0.0, 1e11)
         limit_rows = int(_query_number(request, "limit", 100_000, 1, EXPORT_MAX_ROWS, True))
         data = await run_in_threadpool(_labelled_parquet, self.sidecar, model, since, limit_rows)
         if data is None:
-            return _error(404, f"model: no labelled events of model {model!r}")
+            raise ApiError(404, "no_labels", "model", f"model: no labelled events of model {model!r}")
         return Response(data, media_type="application/vnd.apache.parquet")
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.sidecar.prometheus), media_type=CONTENT_TYPE_LATEST)
 
     async def live(self, request: Request) -> Response:
-        return ORJSONResponse({"status": "alive"})
+        return json_response({"status": "alive"})
 
     async def openapi(self, request: Request) -> Response:
         return Response(self.document, media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
         if self.sidecar.ready:
-            return ORJSONResponse({"status": "ready"})
-        return ORJSONResponse({"status": "not ready"}, status_code=503)
+            return json_response({"status": "ready"})
+        return json_response({"status": "not ready"}, 503)
 
 
 def create_app(sidecar: Sidecar) -> Starlette:
@@ -339,7 +312,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
                                              sidecar.metrics), methods=[method])
               for path, method, role, handler in handlers.table()]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={InputError: _input_error})  # type: ignore[dict-item]
+                     exception_handlers=EXCEPTION_HANDLERS)
 
 
 def _labelled_parquet(sidecar: Sidecar, model: str, since: float, limit: int) -> bytes | None:

@@ -33,6 +33,7 @@ import pydantic_core
 from pydantic import BaseModel, Field, StrictStr, TypeAdapter, ValidationError
 
 from modelloop.categorical import columns, is_categorical
+from modelloop.http import ApiError
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import (
     MODE_SHADOW,
@@ -50,7 +51,6 @@ from monitoring.records import EventRow, Stored, pack, pack_row
 from monitoring.store import EventStore
 
 log = logging.getLogger(__name__)
-MAX_ERRORS = 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """Features beyond float32 cannot come from serving (its models take float32); one such value
 (1e300) would make a drift score of 1e297."""
@@ -76,21 +76,32 @@ class TimeBounds:
                    f"and {self.max_age_s:g} s behind)")
 
 
-@dataclass
-class InputError(Exception):
-    """A rejected request: HTTP status, a reason for the metrics, and errors naming the fields."""
+class InputError(ApiError):
+    """Refused input: HTTP status, a ``reason`` for the metrics (the error's ``code``), errors
+    naming the fields (``events[3].version: ...``; the first one's field is the error's
+    ``field``), and how many events or labels it refuses (``rejected``). Its body adds
+    ``error_count`` and ``rejected`` to the core's shape (:mod:`modelloop.http`)."""
 
-    status: int
-    reason: str
-    errors: list[str]
-    rejected: int = 1
+    def __init__(self, status: int, reason: str, errors: list[str], rejected: int = 1) -> None:
+        named = _FIELD.match(errors[0]) if errors else None
+        super().__init__(status, reason, named.group(1) if named else None, errors,
+                         extra={"error_count": len(errors), "rejected": rejected})
 
-    def __str__(self) -> str:
-        return self.errors[0] if self.errors else self.reason
+    @property
+    def reason(self) -> str:
+        return self.code
 
-    def body(self) -> dict[str, Any]:
-        return {"error": str(self), "errors": self.errors[:MAX_ERRORS],
-                "error_count": len(self.errors), "rejected": self.rejected}
+    @property
+    def rejected(self) -> int:
+        return int(self.extra["rejected"])
+
+    @property
+    def errors(self) -> list[str]:
+        return self.messages
+
+
+_FIELD = re.compile(r"^([\w.\[\]-]+): ")
+"""The field an error's message starts with (``events[3].version: ...``)."""
 
 
 class NotStored(RuntimeError):

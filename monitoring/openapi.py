@@ -36,14 +36,21 @@ _REF = "#/components/schemas/{model}"
 
 # -- answers (descriptions of what the app writes; requests are validated by the models above) ---
 class Error(BaseModel):
-    """A refused request: the first problem, and every problem naming its field."""
+    """A refused request: the first problem, and every problem naming its field (the one error
+    shape of both HTTP apps, :mod:`modelloop.http`)."""
 
     model_config = ConfigDict(extra="allow")
 
     error: str
+    code: str
+    """What was refused, in a word (``invalid_event``, ``too_large``, ``wrong_key``, ...)."""
+    field: str | None
+    """The field the first problem names (None: the request as a whole)."""
     errors: list[str]
+    """At most 20 (``error_count`` says how many there were)."""
     error_count: int | None = Field(None, ge=0)
     rejected: int | None = Field(None, ge=0)
+    """Events or labels the request carried, all refused with it."""
     error_id: str | None = None
     """On a 500: the id under which the sidecar logged the error and its traceback."""
 
@@ -159,8 +166,9 @@ def _query(name: str, schema: dict[str, Any], what: str, required: bool = False)
 _MODEL_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000]*$"}
 _MODEL_QUERY = _query("model", _MODEL_NAME, "A model's name.")
 _HTML = ("text/html", {"type": "string"})
-_BAD_BODY = (400, 413, 422)
-"""Broken JSON, a body over the route's limit, a body that does not fit its schema."""
+_BAD_BODY = (400, 413, 415, 422)
+"""Broken JSON, a body over the route's limit or in a content coding, a body that does not fit
+its schema."""
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/events"): Operation(
@@ -211,13 +219,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
 }
 
 _STATUS_TEXT = {
-    400: "Broken JSON (or a missing choice, such as which model)",
+    400: "Broken JSON or Content-Length (or a missing choice, such as which model)",
     401: "No key, or an unknown one (`WWW-Authenticate: Bearer`)",
     403: "A key of another role",
     404: "No such model, report or data",
     408: "The body was not received within `BODY_READ_TIMEOUT_S`",
     413: "The body is over the route's limit (`MAX_BODY_BYTES`, `MAX_FEEDBACK_BODY_BYTES`, "
          "`MAX_ALERTMANAGER_BODY_BYTES`)",
+    415: "The body is in a `Content-Encoding` (send it uncompressed)",
     422: "The request does not fit its schema or the model version; `errors` name the fields",
     503: "Busy (the route's queue is full: retry after `Retry-After` seconds) or nothing stored",
 }

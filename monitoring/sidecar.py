@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from modelloop.http import ApiError
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, Feedback
 from monitoring import alertmanager
@@ -152,19 +153,25 @@ class Sidecar:
         return TimeBounds(self.settings.retention_max_age_s, self.settings.max_clock_skew_s)
 
     def parse_events(self, body: bytes) -> list[EventRow]:
-        try:
-            now = self.clock()
-            return parse_events(body, self.catalog, now, self.time_bounds,
-                                lambda model, seen, share: self.samples.note(model, seen, share, now))
-        except InputError as exc:
-            self.metrics.events_rejected.labels(exc.reason).inc(exc.rejected)
-            raise
+        """A ``POST /events`` body as rows to store (the writer thread calls it)."""
+        now = self.clock()
+        return parse_events(body, self.catalog, now, self.time_bounds,
+                            lambda model, seen, share: self.samples.note(model, seen, share, now))
 
     def parse_feedback(self, body: bytes) -> tuple[list[Feedback], bool]:
         """A ``POST /feedback`` body, its timestamps within :attr:`time_bounds`."""
         return parse_feedback(body, self.clock(), self.time_bounds)
 
-    def reject(self, reason: str, count: int = 1) -> None:
+    def refused(self, exc: ApiError) -> None:
+        """Count an ``/events`` or ``/feedback`` body refused with ``exc`` (the app tells every
+        one, once): a 4xx refuses what the body carried, so its events or labels are counted
+        under its code; a 5xx refuses the moment, not the body (the sender tries again, and
+        ``ingest_busy`` or ``errors`` count it)."""
+        if exc.status < 500:
+            self._rejected(exc.code, exc.rejected if isinstance(exc, InputError) else 1)
+
+    def _rejected(self, reason: str, count: int) -> None:
+        """The one writer of ``modelloop_events_rejected_total``."""
         self.metrics.events_rejected.labels(reason).inc(count)
 
     def submit_events(self, body: bytes) -> Future[tuple[int, Stored]]:
@@ -175,8 +182,8 @@ class Sidecar:
     def ingested(self, stored: Stored) -> None:
         for model, n in stored.new.items():
             self.metrics.events_ingested.labels(model).inc(n)
-        if stored.conflicts:
-            self.reject("ambiguous_id", stored.conflicts)
+        if stored.conflicts:  # stored, but these events are not: their ids hold another prediction
+            self._rejected("ambiguous_id", stored.conflicts)
 
     def feedback(self, items: list[Feedback], single: bool = False) -> dict[str, Any]:
         """Join labels to their events; unknown, already-labelled and ambiguous ids (two
@@ -219,7 +226,6 @@ class Sidecar:
             plan.append((rid, value, fb.timestamp if fb.timestamp is not None else now,
                          target.model))
         if errors:
-            self.reject("invalid_label", len(items))
             raise InputError(422, "invalid_label", errors, len(items))
         joined = set(self.store.set_labels([(rid, v, ts) for rid, v, ts, _ in plan]))
         for rid, _, _, model in plan:

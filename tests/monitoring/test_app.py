@@ -9,7 +9,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +301,93 @@ def test_the_sidecar_works_the_same_on_both_store_engines(
         expected = float((proba.argmax(axis=1) == df["target"].to_numpy()).mean())
         assert model["quality"]["1"]["scores"]["count"]["accuracy"] == pytest.approx(expected)
         assert c.post("/retrain", json={"model": "churn"}).status_code == 409  # the policy's job
+
+
+
+def rejected(client: httpx.Client) -> dict[str, float]:
+    """``modelloop_events_rejected_total`` by reason, the reasons counted so far only."""
+    return {s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for s in family.samples if s.name == "modelloop_events_rejected_total" and s.value}
+
+
+Event = Callable[[str, int], dict[str, Any]]
+"""An event of the registered model: its request id's prefix, the seed of its features."""
+JSON_TYPE = {"content-type": "application/json"}
+
+
+def slow_body(c: httpx.Client, event: Event) -> httpx.Response:
+    """A body that says 1,000 bytes and sends 10 of them, answered when the sidecar gives up."""
+    import http.client
+    import socket
+
+    with socket.create_connection((c.base_url.host, c.base_url.port), timeout=30) as sock:
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"events\":")
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return httpx.Response(resp.status, content=resp.read())
+
+
+def invalid_label(c: httpx.Client, event: Event) -> httpx.Response:
+    assert c.post("/events", json={"events": [event("l0", 3), event("l1", 4)]}).status_code == 200
+    return c.post("/feedback", json={"feedback": [{"request_id": "l0-0", "label": "no"},
+                                                  {"request_id": "l1-0", "label": "maybe"}]})
+
+
+def ambiguous_id(c: httpx.Client, event: Event) -> httpx.Response:
+    assert c.post("/events", json={"events": [event("a", 5)]}).status_code == 200
+    return c.post("/events", json={"events": [event("a", 6)]})  # a-0 with other features
+
+
+# each refusal: what is sent, the answer's status, its code (the metric's reason) and how many
+# events or labels it refuses
+REFUSALS: list[tuple[str, Callable[[httpx.Client, Event], httpx.Response], int, str, int]] = [
+    # a declared length over MODELLOOP_MONITOR_MAX_BODY_BYTES (4,000 here)
+    ("too large", lambda c, ev: c.post("/events", content=b" " * 5000, headers=JSON_TYPE),
+     413, "too_large", 1),
+    # a body not received within MODELLOOP_MONITOR_BODY_READ_TIMEOUT_S (0.5 s here)
+    ("too slow", slow_body, 408, "too_slow", 1),
+    # a body in a content coding: the sidecar reads bodies as sent
+    ("compressed", lambda c, ev: c.post("/events", content=b"\x1f\x8b\x08\x00",
+                                        headers={**JSON_TYPE, "content-encoding": "gzip"}),
+     415, "unsupported_encoding", 1),
+    # malformed events: not JSON; three events without their fields
+    ("not JSON", lambda c, ev: c.post("/events", content=b'{"events": [', headers=JSON_TYPE),
+     400, "invalid_json", 1),
+    ("malformed events", lambda c, ev: c.post("/events", json={"events": [{}, {}, {}]}),
+     422, "invalid_event", 3),
+    # two events of a version that is not registered
+    ("unknown version", lambda c, ev: c.post("/events", json={"events": [
+        dict(ev("v0", 1), version=4), dict(ev("v1", 2), version=4)]}), 422, "unknown_model", 2),
+    # labels: malformed; one label of two that is not a class of the model
+    ("malformed feedback", lambda c, ev: c.post("/feedback", json={"feedback": []}),
+     422, "invalid_feedback", 1),
+    ("invalid label", invalid_label, 422, "invalid_label", 2),
+    # an id that holds another prediction: the batch is stored (200), that event is not
+    ("ambiguous id", ambiguous_id, 200, "ambiguous_id", 1),
+]
+
+
+@pytest.mark.parametrize(("send", "status", "reason", "count"), [case[1:] for case in REFUSALS],
+                         ids=[case[0] for case in REFUSALS])
+def test_each_refusal_is_counted_once(home: Path, registered: TrainedModel, task: SyntheticTask,
+                                      send: Callable[[httpx.Client, Event], httpx.Response],
+                                      status: int, reason: str, count: int) -> None:
+    sc = Sidecar(make_settings(home, max_body_bytes=4000, body_read_timeout_s=0.5))
+    sc.start(background=False)
+    try:
+        with serve_in_thread(create_app(sc)) as url, httpx.Client(base_url=url, timeout=60) as c:
+            resp = send(c, lambda prefix, seed: events_for(registered, task.sample(1, seed=seed),
+                                                           prefix)[0][0])
+            assert resp.status_code == status, resp.text
+            body = resp.json()
+            if status == 200:
+                assert body["ambiguous"] == count
+            else:  # the one error shape; its code is the reason it is counted under
+                assert (body["code"], body["errors"][0]) == (reason, body["error"])
+                assert body["field"] == body["error"].split(": ")[0]
+                assert body.get("rejected", 1) == count
+            assert rejected(c) == {reason: count}
+    finally:
+        sc.stop()
