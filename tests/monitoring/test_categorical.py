@@ -376,6 +376,10 @@ def shop(shop_home: Path) -> Iterator[Shop]:
         # a string where it takes a number
         ([[40.0, "basic", 12.5, "north"], ["40", "basic", 12.5, "north"]],
          "columns[0].features[1][0]: Input should be a valid number"),
+        # two wrong values: the first in row order is named (row 1's region before row 2's age)
+        ([[40.0, "basic", 12.5, "north"], [40.0, "basic", 12.5, 7], ["40", "basic", 12.5, "north"]],
+         "columns[0].features[1][3]: Input should be a string or null (feature 'region' of shop v1 "
+         "is categorical), got 7.0"),
         # a category longer than the schema allows
         ([[40.0, "x" * 1025, 12.5, "north"]],
          "columns[0].features[0][1]: String should have at most 1024 characters"),
