@@ -510,8 +510,7 @@ class EventEmitter:
             need -= seg.rows
         return need
 
-    @staticmethod
-    def _trim(segments: deque[_Segment], need: int, drops: list[tuple[str, int]]) -> int:
+    def _trim(self, segments: deque[_Segment], need: int, drops: list[tuple[str, int]]) -> int:
         """Drop at least ``need`` rows from the head of ``segments``, noting ``(model, rows)``
         in ``drops``; what is still needed."""
         while need > 0 and segments:
@@ -520,8 +519,15 @@ class EventEmitter:
             drops.append((seg.model, n))
             need -= n
             if not seg.rows:
-                segments.popleft()
+                self._carry_seen(segments.popleft())
         return need
+
+    def _carry_seen(self, seg: _Segment) -> None:
+        """A dropped segment's predictions were made all the same: the count it carried
+        (``seen``) goes with the model's next group, so the sidecar's count of predictions
+        stays exact while events are lost (lock held)."""
+        if seg.seen:
+            self._unsent_seen[seg.model] = self._unsent_seen.get(seg.model, 0) + seg.seen
 
     def _expire(self, now: float) -> list[tuple[str, int]]:
         """Drop the segments recorded more than max_age_s before ``now`` (lock held); the buffer
@@ -547,6 +553,8 @@ class EventEmitter:
         rows = sum(seg.rows for seg in segments)
         self._rows -= rows
         self.dropped[reason] += rows
+        for seg in segments:
+            self._carry_seen(seg)
         return [(seg.model, seg.rows) for seg in segments]
 
     def _report(self, drops: Sequence[tuple[str, int]], reason: str) -> None:

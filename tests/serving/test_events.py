@@ -212,6 +212,29 @@ def test_interleaved_models_and_modes_each_keep_one_column_group(sink: Sink) -> 
     assert [e["features"][0] for e in sink.events if e["mode"] == "shadow"] == list(map(float, range(30)))
 
 
+def test_rows_dropped_from_a_full_buffer_still_count_as_predictions(sink: Sink) -> None:
+    """A segment pushed out of a full buffer loses its events, not its count of predictions
+    made (``seen``): the model's next group carries it, so the sidecar's count stays exact."""
+    proba = np.array([[0.25, 0.75]], np.float32)
+
+    def rows(n: int) -> tuple[np.ndarray, Any]:
+        return np.zeros((n, 2), np.float32), interpret(META, {"probabilities": np.repeat(proba, n, axis=0)})
+
+    async def main() -> None:
+        em = EventEmitter(sink.url, buffer_rows=100, batch_size=1000, flush_interval_s=5)
+        em.record_requests("m", 1, ["a"], [50], *rows(50), [0.001])   # pushed out whole below
+        em.record_requests("m", 2, ["b"], [100], *rows(100), [0.001])  # its first 10 rows, later
+        em.record_requests("m", 3, ["c"], [10], *rows(10), [0.001])
+        assert em.dropped["buffer_full"] == 60
+        await em.start()
+        await em.stop()
+
+    run(main)
+    groups = [g for b in sink.bodies for g in b["columns"]]
+    assert [(g["version"], sum(g["rows"])) for g in groups] == [(2, 90), (3, 10)]
+    assert sum(g["seen"] for g in groups) == 160  # every prediction made, sent or not
+
+
 def test_a_backlog_drains_in_sends_of_batch_size(sink: Sink) -> None:
     """Events that piled up (the sidecar was slow) go batch_size rows per send, not a column
     group per send."""
