@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
 
@@ -48,6 +48,14 @@ from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
 
 log = logging.getLogger(__name__)
+
+
+class NotRetrainable(NamedTuple):
+    """Why a model cannot be retrained at all: found before a job is asked for."""
+
+    reason: Refusal
+    """``not_watched`` or ``unknown_model``."""
+    detail: str
 
 
 class Sidecar:
@@ -237,26 +245,27 @@ class Sidecar:
         return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate,
                 "ambiguous": ambiguous, "not_sampled": not_sampled}
 
-    def not_retrainable(self, model: str, trigger: str) -> tuple[Refusal, str] | None:
-        """Why ``model`` cannot be retrained at all (``not_watched``/``unknown_model`` and a
-        message), counted; None for a watched, registered model. Checked before a job is asked
-        for, so no name from a request reaches the registry's paths or a metric label."""
+    def not_retrainable(self, model: str, trigger: str) -> NotRetrainable | None:
+        """Why ``model`` cannot be retrained at all, counted; None for a watched, registered
+        model. Checked before a job is asked for, so no name from a request reaches the
+        registry's paths or a metric label."""
         registry = self.catalog.registry
         if not self.catalog.watched(model):
-            found = (Refusal.not_watched, f"{model!r} is not watched by this sidecar "
-                                          f"(watching: {', '.join(self.catalog.models)})")
+            found = NotRetrainable(Refusal.not_watched, f"{model!r} is not watched by this "
+                                   f"sidecar (watching: {', '.join(self.catalog.models)})")
         elif model not in registry.models():
-            found = (Refusal.unknown_model, f"{model!r} is not registered under {registry.root}")
+            found = NotRetrainable(Refusal.unknown_model,
+                                   f"{model!r} is not registered under {registry.root}")
         else:
             return None
-        self.metrics.retrain_refused.labels(trigger, found[0]).inc()
+        self.metrics.retrain_refused.labels(trigger, found.reason).inc()
         return found
 
     def retrain(self, model: str, reason: str) -> JobOutcome:
         """A manual retraining request (``POST /retrain``)."""
         refused = self.not_retrainable(model, "manual")
         if refused is not None:
-            raise InputError(422, refused[0], [f"model: {refused[1]}"])
+            raise InputError(422, refused.reason, [f"model: {refused.detail}"])
         registry = self.catalog.registry
         try:
             version = registry.resolve(model)
@@ -276,7 +285,7 @@ class Sidecar:
             refused = None if action.model is None else self.not_retrainable(action.model,
                                                                               "alertmanager")
             if action.model is None or refused is not None:
-                why = action.note if refused is None else f"model {refused[1]}"
+                why = action.note if refused is None else f"model {refused.detail}"
                 out["ignored"].append({"fingerprint": alert.fingerprint, "why": why})
             else:
                 acting.append((alert, action.model))
@@ -315,7 +324,7 @@ class Sidecar:
                         retry_of: float | None = None) -> JobOutcome:
         refused = self.not_retrainable(model, "policy")
         if refused is not None:
-            return JobOutcome("", JobStatus.skipped, refused[1], refused[0])
+            return JobOutcome("", JobStatus.skipped, refused.detail, refused.reason)
         return self.jobs.request(model, trigger="policy", reason=reason, version=version,
                                  retry_of=retry_of)
 
