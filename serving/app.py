@@ -57,7 +57,7 @@ from serving.events import new_request_id
 from serving.explain import ExplainWorker, explain_json, oip_explain_json, rows_of
 from serving.jobs import JobLimits
 from serving.openapi import REQUEST_ID_PATTERN, openapi_document
-from serving.predictions import records_json
+from serving.predictions import answer_json
 from serving.repository import ModelNotFound, ModelUnavailable, ServedModel
 from serving.sampling import LABEL_EXPECTED_HEADER, labelled
 from serving.state import ServingState
@@ -277,8 +277,9 @@ class Routes:
             body = await read_body(request, self.max_body)
             x = parse_predict_body(body, runtime.metadata, nan_policy=self.nan_policy, max_rows=self.max_rows)
             self.check_categories(runtime, x, "instances")
-            # the batcher hands the rows of the whole model batch to the event emitter at once
-            result = await lane.batcher.predict(runtime, x, base if state.emitter.enabled else None, start)
+            # with events on, the tag has the batcher hand these rows to the state's events,
+            # with the rest of their model batch, at once
+            result = await lane.batcher.predict(runtime, x, state.event_tag(base, start))
         finally:
             served.leave(lane)
             state.repository.release(served)
@@ -286,9 +287,7 @@ class Routes:
         preds = result.predictions
         n = len(x)
         state.count_rows(runtime.name, n)
-        head = orjson.dumps({"model": runtime.name, "version": runtime.model_version, "request_id": base,
-                             "predictions": None})
-        body = head[:-5] + records_json(preds, base) + b"}"  # (head ends with null})
+        body = answer_json(runtime.name, runtime.model_version, base, preds)
         return Response(body, 200, {"x-request-id": base}, JSON)
 
     # -- Open Inference Protocol v2 ----------------------------------------------------------
@@ -379,7 +378,7 @@ class Routes:
             runtime = lane.manager.current
             x = req.x if runtime is decoded_with else decode(runtime).x
             self.check_categories(runtime, x, "inputs")
-            result = await lane.batcher.predict(runtime, x, request_id if state.emitter.enabled else None, start)
+            result = await lane.batcher.predict(runtime, x, state.event_tag(request_id, start))
         finally:
             served.leave(lane)
         state.count_rows(result.runtime.name, len(x))

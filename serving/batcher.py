@@ -10,6 +10,10 @@ A model that runs even a full batch in less than ``inline_below_s`` (from the wa
 runs on the event loop, where a thread hand-off would cost more than the call; a slower one runs
 on a thread so the loop keeps reading requests (and filling the next batch) meanwhile.
 
+The batcher only merges and splits. A request may carry an opaque ``tag``; after each call the
+rows of the tagged requests go, with their tags, to one hook (``on_tagged``: the serving state
+turns them into prediction events).
+
 When the queue holds ``max_queue_rows``, new requests fail at once with :class:`Overloaded` (the
 routes answer 503 with ``Retry-After``) instead of waiting without bound.
 
@@ -64,16 +68,16 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future[BatchResult]
     enqueued: float
-    event_id: str | None
-    started: float
+    tag: object | None
+    """The caller's, opaque to the batcher: a tagged request's rows go to the ``on_tagged`` hook."""
 
 
 # Called after each ONNX Runtime call: (runtime, rows, inference seconds, queue waits).
 BatchObserver = Callable[[OnnxRuntime, int, float, list[float]], None]
-# Called after each ONNX Runtime call with requests that asked for events (an event id): (runtime,
-# the batch's inputs, its predictions, and per request, in order, the ids, row counts and start
-# times), with every request of the batch or only the rows of those that asked.
-BatchRecorder = Callable[[OnnxRuntime, np.ndarray, Predictions, list[str], list[int], list[float]], None]
+TaggedHook = Callable[[OnnxRuntime, np.ndarray, Predictions, list[tuple[object, int]]], None]
+"""Called after each ONNX Runtime call that served tagged requests whose callers still wait:
+(runtime, the rows of those requests and their predictions, in order, and each one's (tag, row
+count)). The whole batch when every request of it is such a request."""
 
 
 class AdaptiveBatcher:
@@ -88,7 +92,7 @@ class AdaptiveBatcher:
         batching: bool = True,
         inline_below_s: float = 0.0005,
         observer: BatchObserver | None = None,
-        recorder: BatchRecorder | None = None,
+        on_tagged: TaggedHook | None = None,
     ) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
@@ -96,7 +100,7 @@ class AdaptiveBatcher:
         self.batching = batching
         self.inline_below_s = inline_below_s
         self.observer = observer
-        self.recorder = recorder
+        self.on_tagged = on_tagged
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._wakeup: asyncio.Event | None = None
@@ -132,11 +136,10 @@ class AdaptiveBatcher:
             self._executor.shutdown(wait=True)
         self._task = None
 
-    async def predict(self, runtime: OnnxRuntime, x: np.ndarray, event_id: str | None = None,
-                      started: float = 0.0) -> BatchResult:
+    async def predict(self, runtime: OnnxRuntime, x: np.ndarray, tag: object | None = None) -> BatchResult:
         """Queue ``x`` for ``runtime`` and wait for its outputs. Raises Overloaded when full.
-        With an ``event_id``, the rows go to the recorder (as one request that started at
-        ``started``, a ``perf_counter`` time) with the rest of their batch."""
+        With a ``tag`` (anything but None), the rows and their predictions go to the
+        ``on_tagged`` hook, with the tag, after the call that ran them."""
         if self._wakeup is None:
             raise RuntimeError("the batcher is not started")
         rows = len(x)
@@ -144,7 +147,7 @@ class AdaptiveBatcher:
             per_row = self._recent_s_per_row or runtime.cost.per_row_s
             raise Overloaded(self._queued_rows, max(1.0, self._queued_rows * per_row))
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(runtime, x, future, time.perf_counter(), event_id, started))
+        self._queue.append(_Item(runtime, x, future, time.perf_counter(), tag))
         self._queued_rows += rows
         self._wakeup.set()
         return await future
@@ -232,28 +235,28 @@ class AdaptiveBatcher:
                                                        preds.rows(part), wait, runtime))
         if self.observer is not None:
             self.observer(runtime, rows, elapsed, waits)
-        if self.recorder is not None:
-            self._record(runtime, x, preds, items)
+        if self.on_tagged is not None:
+            self._hand_tagged(self.on_tagged, runtime, x, preds, items)
 
-    def _record(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions, items: list[_Item]) -> None:
-        """Hand the rows of the requests that asked for events to the recorder; a request whose
-        caller went away (its future cancelled) got no answer, so it gets no events either.
-        A failure here is logged and never reaches the requests."""
-        asked = [i for i in items if i.event_id is not None and not i.future.cancelled()]
-        if not asked:
+    @staticmethod
+    def _hand_tagged(hook: TaggedHook, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions,
+                     items: list[_Item]) -> None:
+        """Hand the rows of the tagged requests to ``hook``; a request whose caller went away
+        (its future cancelled) got no answer, so its rows are left out too. A failure here is
+        logged and never reaches the requests."""
+        tagged = [i for i in items if i.tag is not None and not i.future.cancelled()]
+        if not tagged:
             return
         try:
-            if len(asked) < len(items):  # only some requests: their rows only
-                wanted = set(map(id, asked))
+            if len(tagged) < len(items):  # only some requests: their rows only
+                wanted = set(map(id, tagged))
                 ends = np.cumsum([len(i.x) for i in items])
                 keep = np.concatenate([np.arange(e - len(i.x), e)
                                        for i, e in zip(items, ends, strict=True) if id(i) in wanted])
                 x, preds = x[keep], preds.rows(keep)
-            assert self.recorder is not None
-            self.recorder(runtime, x, preds, [i.event_id for i in asked],  # type: ignore[misc]
-                          [len(i.x) for i in asked], [i.started for i in asked])
+            hook(runtime, x, preds, [(i.tag, len(i.x)) for i in tagged])
         except Exception:
-            logger.exception("recording the events of %d requests failed", len(asked))
+            logger.exception("the tagged-rows hook failed for %d requests", len(tagged))
 
 
 def retry_after_header(seconds: float) -> str:

@@ -17,7 +17,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,15 @@ from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 METRICS_FLUSH_S = 0.1  # how stale /metrics may be; see MetricBuffer
+
+
+class EventTag(NamedTuple):
+    """What a real-time request hands the batcher for its events (:meth:`ServingState.event_tag`)."""
+
+    request_id: str
+    """The request's id (its rows' events are ``<request_id>-<row>``)."""
+    started: float
+    """When the request started (``time.perf_counter``): its events' latency runs from here."""
 
 
 class ServingState:
@@ -82,8 +91,7 @@ class ServingState:
         return AdaptiveBatcher(
             max_batch_rows=s.max_batch_rows, max_wait_s=s.max_batch_wait_s,
             max_queue_rows=s.max_queue_rows, batching=s.batching,
-            inline_below_s=s.inline_below_s, observer=self._observe_batch,
-            recorder=self._record_batch if self.emitter.enabled else None,
+            inline_below_s=s.inline_below_s, observer=self._observe_batch, on_tagged=self._record_batch,
         )
 
     @property
@@ -141,11 +149,20 @@ class ServingState:
         for w in waits:
             buffer.observe(wait_hist, w)
 
-    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions, ids: list[str],
-                      counts: list[int], started: list[float]) -> None:
-        """The events of a model batch's requests, in one record (real-time mode); each request's
-        latency runs from its start to the end of the batch."""
+    def event_tag(self, request_id: str, started: float) -> EventTag | None:
+        """The tag a real-time request gives the batcher so that its rows become events (None:
+        events are off, and the batcher hands nothing on): the one place that decides."""
+        return EventTag(request_id, started) if self.emitter.enabled else None
+
+    def _record_batch(self, runtime: OnnxRuntime, x: np.ndarray, preds: Predictions,
+                      tagged: list[tuple[Any, int]]) -> None:
+        """The events of a model batch's tagged requests (their :class:`EventTag` and row count),
+        in one record (real-time mode); each request's latency runs from its start to the end
+        of the batch."""
         now = time.perf_counter()
+        ids = [tag.request_id for tag, _ in tagged]
+        counts = [n for _, n in tagged]
+        started = [tag.started for tag, _ in tagged]
         shadow = self.repository.shadow_of(runtime)
         if shadow is not None:  # the challenger scores a copy, later (serving/shadow.py)
             shadow.offer(x, preds, ids, counts)

@@ -65,12 +65,17 @@ def _key_text(key: str) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a JSON body; NaN/Infinity literals are read (and judged later), anything else 400."""
+    """Parse a JSON body (every JSON body form: ``/predict``, OIP); NaN/Infinity literals are
+    read (and judged later), anything else 400. One reader in two steps: orjson, and only for
+    what it refuses Python's parser, which gives the same values for what orjson reads, but
+    for an integer beyond 64 bits, which orjson reads as the nearest float (a test compares
+    them over generated documents)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        # orjson is strict; Python's parser also reads NaN, Infinity and 1e999, which are then
-        # reported as a value problem naming the field rather than as broken JSON.
+        # orjson is strict; Python's parser also reads NaN, Infinity, numbers beyond float64
+        # (1e999, an integer of 400 digits) and lone surrogates, which are then reported as a
+        # value problem naming the field rather than as broken JSON.
         try:
             return json.loads(body)
         except (ValueError, RecursionError):

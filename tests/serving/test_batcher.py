@@ -180,65 +180,63 @@ def test_waiting_for_a_fuller_batch_stops_when_requests_stop_coming(runtimes: tu
     assert calls.rows == [3]
 
 
-def test_the_recorder_gets_each_batch_with_the_rows_of_the_requests_that_asked(
+def test_the_hook_gets_each_batch_with_the_rows_of_the_tagged_requests(
         runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
     rt = runtimes[0]
-    recorded: list[tuple[np.ndarray, np.ndarray, list[tuple[str, int, float]]]] = []
+    recorded: list[tuple[np.ndarray, np.ndarray, list[tuple[object, int]]]] = []
     calls = Calls()
     inputs = [rows(1 + i % 3, seed=i) for i in range(30)]
-    asks = [None if i % 4 == 3 else f"req{i}" for i in range(30)]  # every fourth asks for no events
+    tags = [None if i % 4 == 3 else ("req", i) for i in range(30)]  # every fourth carries no tag
 
     async def main() -> None:
         b = AdaptiveBatcher(max_batch_rows=64, observer=calls,
-                            recorder=lambda runtime, x, preds, ids, counts, started: recorded.append(
-                                (x, preds.probabilities, list(zip(ids, counts, started, strict=True)))))
+                            on_tagged=lambda runtime, x, preds, tagged: recorded.append(
+                                (x, preds.probabilities, tagged)))
         await b.start()
-        await asyncio.gather(*(b.predict(rt, x, rid, started=float(i))
-                               for i, (x, rid) in enumerate(zip(inputs, asks, strict=True))))
+        await asyncio.gather(*(b.predict(rt, x, tag) for x, tag in zip(inputs, tags, strict=True)))
         await b.stop()
 
     run(main)
     assert len(recorded) == len(calls.rows) < len(inputs)  # one call per merged batch
-    got = {rid: (n, started) for _, _, reqs in recorded for rid, n, started in reqs}
-    assert got == {rid: (len(x), float(i)) for i, (x, rid) in enumerate(zip(inputs, asks, strict=True)) if rid}
-    for x, proba, reqs in recorded:  # the rows are those of the requests, in their order
-        want = np.concatenate([inputs[int(rid[3:])] for rid, _, _ in reqs])
+    got = {tag: n for _, _, tagged in recorded for tag, n in tagged}
+    assert got == {tag: len(x) for x, tag in zip(inputs, tags, strict=True) if tag}  # the tags as given
+    for x, proba, tagged in recorded:  # the rows are those of the requests, in their order
+        want = np.concatenate([inputs[tag[1]] for tag, _ in tagged])  # type: ignore[index]
         np.testing.assert_array_equal(x, want)
         np.testing.assert_allclose(proba, rt.predict(want)["probabilities"], rtol=1e-6)
 
 
-def test_a_request_whose_caller_went_away_gets_no_events(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+def test_a_request_whose_caller_went_away_is_not_handed_on(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
     rt = runtimes[0]
-    recorded: list[list[tuple[str, int, float]]] = []
+    recorded: list[list[tuple[object, int]]] = []
     kept_rows: list[np.ndarray] = []
 
-    def recorder(runtime: OnnxRuntime, x: np.ndarray, preds: Any, ids: list[str], counts: list[int],
-                 started: list[float]) -> None:
-        recorded.append(list(zip(ids, counts, started, strict=True)))
+    def on_tagged(runtime: OnnxRuntime, x: np.ndarray, preds: Any, tagged: list[tuple[object, int]]) -> None:
+        recorded.append(tagged)
         kept_rows.append(x)
 
     async def main() -> None:
         # a wait long enough for the first request to be cancelled while it is queued
-        b = AdaptiveBatcher(max_batch_rows=64, max_wait_s=0.05, recorder=recorder)
+        b = AdaptiveBatcher(max_batch_rows=64, max_wait_s=0.05, on_tagged=on_tagged)
         await b.start()
-        gone = asyncio.create_task(b.predict(rt, np.zeros((2, 4), np.float32), "gone", 1.0))
-        kept = asyncio.create_task(b.predict(rt, np.ones((1, 4), np.float32), "kept", 2.0))
+        gone = asyncio.create_task(b.predict(rt, np.zeros((2, 4), np.float32), "gone"))
+        kept = asyncio.create_task(b.predict(rt, np.ones((1, 4), np.float32), "kept"))
         await asyncio.sleep(0.001)
         gone.cancel()
         await kept
         await b.stop()
 
     run(main)
-    assert recorded == [[("kept", 1, 2.0)]]
+    assert recorded == [[("kept", 1)]]
     np.testing.assert_array_equal(kept_rows[0], np.ones((1, 4), np.float32))
 
 
-def test_a_failing_recorder_never_fails_the_requests(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
-    def recorder(*args: Any) -> None:
+def test_a_failing_hook_never_fails_the_requests(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:
+    def on_tagged(*args: Any) -> None:
         raise RuntimeError("the emitter is broken")
 
     async def main() -> list[Any]:
-        b = AdaptiveBatcher(recorder=recorder)
+        b = AdaptiveBatcher(on_tagged=on_tagged)
         await b.start()
         results = await asyncio.gather(*(b.predict(runtimes[0], rows(1, i), f"r{i}") for i in range(5)))
         await b.stop()

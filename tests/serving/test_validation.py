@@ -8,7 +8,10 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving.validation import (
     RequestError,
@@ -131,6 +134,97 @@ def test_simdjson_reader_leaves_the_rest_to_the_general_path(body: bytes) -> Non
         assert isinstance(got, RequestError) and repr(got) == repr(expected)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+def reference(body: bytes, nan_policy: str, max_rows: int) -> Any:
+    """The general path with no shortcut (every value's type checked): its matrix or its error."""
+    meta = metadata_for("m", random_mlp(3, (4,), 2), NAMES, ["no", "yes"])
+    try:
+        return parse_instances(parse_json(body), meta, nan_policy=nan_policy, max_rows=max_rows)  # type: ignore[arg-type]
+    except RequestError as exc:
+        return exc
+
+
+# A value as JSON text: numbers in the forms clients write, and what the shortcuts must leave
+# to the general path (null, NaN, Infinity, 1e999, integers beyond 64 bits, strings, booleans,
+# nested arrays and objects)
+NUMBERS = st.floats(allow_nan=False, allow_infinity=False) | st.floats(width=32, allow_nan=False,
+                                                                       allow_infinity=False)
+NUMBER_TEXT = st.one_of(
+    NUMBERS.map(repr), NUMBERS.map(lambda v: f"{v:e}"), NUMBERS.map(lambda v: f"{v:.3E}"),
+    st.integers(-2 ** 70, 2 ** 70).map(str), st.sampled_from(["0", "-0", "1e2", "-2.5e-3", "1E+1", "3.4e38"]))
+ODD_TEXT = st.sampled_from(["null", "NaN", "Infinity", "-Infinity", "1e999", "3.5e38", '"1"', "true",
+                            "false", "[1]", "[]", "{}", "123456789012345678901234567890"])
+SPACE = st.sampled_from(["", " ", "\n  "])
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> bytes:
+    """Half of them arrays of 3 numbers (the model's width) under "instances", the others with
+    odd values, other widths, another key or one more."""
+    clean = draw(st.booleans())
+    value = NUMBER_TEXT if clean else st.one_of(NUMBER_TEXT, ODD_TEXT)
+    width = st.just(3) if clean or draw(st.booleans()) else st.integers(1, 4)
+    rows = draw(st.lists(width.flatmap(lambda w: st.lists(value, min_size=w, max_size=w)),
+                         min_size=0 if not clean else 1, max_size=6))
+    sp = draw(SPACE)
+    text = "[" + f",{sp}".join("[" + f",{sp}".join(row) + "]" for row in rows) + "]"
+    key, extra = ('"instances"', "") if clean else draw(st.sampled_from(
+        [('"instances"', ""), ('"instances"', ""), ('"inputs"', ""), ('"instances"', ', "x": 1')]))
+    return f"{{{sp}{key}{sp}:{sp}{text}{extra}{sp}}}".encode()
+
+
+@given(bodies(), st.sampled_from(["allow", "reject"]), st.sampled_from([4, 1000]))
+@settings(max_examples=600, deadline=None, database=None, derandomize=True)
+def test_the_shortcuts_give_the_general_paths_answer_for_generated_bodies(body: bytes, nan_policy: str,
+                                                                          max_rows: int) -> None:
+    """parse_predict_body (simdjson for arrays of numbers, the numbers-only check) against the
+    general path without either: the same matrix, or the same error."""
+    meta = metadata_for("m", random_mlp(3, (4,), 2), NAMES, ["no", "yes"])
+    expected = reference(body, nan_policy, max_rows)
+    try:
+        got: Any = parse_predict_body(body, meta, nan_policy=nan_policy, max_rows=max_rows)  # type: ignore[arg-type]
+    except RequestError as exc:
+        got = exc
+    if isinstance(expected, RequestError):
+        assert isinstance(got, RequestError) and repr(got) == repr(expected)
+    else:
+        assert not isinstance(got, RequestError), got
+        assert got.dtype == expected.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=20)
+
+
+def as_orjson_reads(value: Any) -> Any:
+    """``value`` with each integer beyond 64 bits as the float orjson reads it as."""
+    if isinstance(value, list):
+        return [as_orjson_reads(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_orjson_reads(v) for k, v in value.items()}
+    if type(value) is int and not -2 ** 63 <= value < 2 ** 64:
+        return float(value)
+    return value
+
+
+@given(JSON_VALUES, st.booleans())
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+def test_the_json_reader_reads_what_orjson_reads_as_pythons_parser_does(value: Any, indent: bool) -> None:
+    """parse_json's two steps agree: a document orjson reads gives the values Python's parser
+    gives (but an integer beyond 64 bits, which orjson reads as a float); the rest (NaN,
+    Infinity, numbers beyond float64, lone surrogates) only Python's parser reads."""
+    text = json.dumps(value, indent=2 if indent else None).encode("utf-8", "surrogatepass")
+    slow = json.loads(text)
+    try:
+        fast = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        assert repr(parse_json(text)) == repr(slow)
+    else:
+        assert repr(parse_json(text)) == repr(fast) == repr(as_orjson_reads(slow))
 
 
 def test_simdjson_reader_finds_nested_rows_in_a_large_body() -> None:
