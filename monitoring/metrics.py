@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
-                  "too_slow", "ambiguous_id", "invalid_feedback", "invalid_label")
+                  "too_slow", "unsupported_encoding", "malformed_body", "ambiguous_id", "invalid_feedback",
+                  "invalid_label")
 FEEDBACK_RESULTS = ("joined", "unknown", "duplicate", "ambiguous", "not_sampled")
 JOB_TRIGGERS = ("policy", "manual", "alertmanager")
 JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
