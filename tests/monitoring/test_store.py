@@ -271,3 +271,18 @@ def test_the_labelled_read_goes_through_the_index_of_labelled_events(tmp_path: P
         store.close()
     assert "events_labelled" in labelled and "TEMP B-TREE" not in labelled, labelled
     assert "events_mts" in latencies and "TEMP B-TREE" not in latencies, latencies
+
+
+def test_events_without_probabilities_and_with_string_features_are_stored(store: EventStore) -> None:
+    """A regressor's events (no probabilities: NULL) and a categorical model's rows (JSON text)
+    go through each engine's insert, in order, with what they hold."""
+    from monitoring.records import pack_row
+
+    rows = [_row(i)._replace(probabilities=None, prediction=0.5 * i) for i in range(3)]
+    rows += [_row(i)._replace(request_id=f"c{i}", model="shop", features=pack_row([40.0, "north", None]))
+             for i in range(2)]
+    assert store.insert_batches([rows]) == [Stored({"m": 3, "shop": 2})]
+    win = store.window("m", features=False)
+    assert win.prediction.tolist() == [0.0, 0.5, 1.0]
+    shop = store.window("shop")
+    assert shop.features is not None and shop.features.tolist() == [[40.0, "north", None]] * 2
