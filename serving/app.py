@@ -2,7 +2,8 @@
 
 A thin transport over :class:`~serving.state.ServingState`: every route validates at the boundary
 (:mod:`serving.validation`), goes through the same batcher and runtime, and answers errors as
-``{"error": message, "code": ..., "field": ...}`` with a 4xx status (503 + ``Retry-After`` when
+the body both apps share (:mod:`modelloop.http`: ``{"error": message, "code": ...,
+"field": ..., "errors": [message]}``) with a 4xx status (503 + ``Retry-After`` when
 shedding load). ``serving/service.py`` puts this app in front of (or inside) BentoML's.
 
 Routes (auth = bearer token when ``MODELLOOP_SERVING_API_KEY`` is set)::
@@ -50,6 +51,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from modelloop.categorical import unknown_counts
+from modelloop.http import JSON, error_response, json_response
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import BatchResult, Overloaded, retry_after_header
@@ -65,19 +67,9 @@ from serving.validation import RequestError, parse_predict_body, unknown_categor
 
 logger = logging.getLogger(__name__)
 
-JSON = "application/json"
 PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet", "application/parquet")
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 Handler = Callable[[Request, ServingState], Awaitable[Response]]
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, JSON)
-
-
-def error_response(exc: RequestError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
-    return json_response(exc.to_json(), exc.status, headers)
 
 
 def declared_length(request: Request) -> int | None:
@@ -170,7 +162,7 @@ class Routes:
         if not (hmac.compare_digest(token.lstrip(" ").encode(), self._key) and scheme.lower() == "bearer"):
             raise RequestError(401, "unauthorized", "Authorization",
                                "Authorization: a valid bearer token is required "
-                               "(Authorization: Bearer <MODELLOOP_SERVING_API_KEY>)")
+                               "(Authorization: Bearer <MODELLOOP_SERVING_API_KEY>)", {"WWW-Authenticate": "Bearer"})
 
     def request_id(self, request: Request, given: str | None = None) -> str:
         """The request's id: ``given`` (an inference request's ``id``), else ``X-Request-ID``,
@@ -208,14 +200,12 @@ class Routes:
                 response = error_response(exc)
             except Overloaded as exc:
                 state.count_error(self.label(request), "overloaded")
-                response = json_response(
-                    {"error": f"overloaded: {exc}; retry later", "code": "overloaded", "field": "body"},
-                    503, {"Retry-After": retry_after_header(exc.retry_after_s)})
+                response = error_response(RequestError(503, "overloaded", "body", f"overloaded: {exc}; retry later",
+                                                       {"Retry-After": retry_after_header(exc.retry_after_s)}))
             except Exception:
                 logger.exception("%s %s failed", request.method, request.url.path)
                 state.count_error(self.label(request), "internal")
-                response = json_response({"error": "internal error (see the server log)",
-                                          "code": "internal", "field": ""}, 500)
+                response = error_response(RequestError(500, "internal", "", "internal error (see the server log)"))
             if route:
                 state.observe_request(self.label(request), route, response.status_code,
                                       time.perf_counter() - start)
@@ -575,13 +565,12 @@ def build_app(state: ServingState) -> Starlette:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return json_response({"error": f"path: no route {request.url.path}", "code": "not_found",
-                          "field": "path"}, 404)
+    return error_response(RequestError(404, "not_found", "path", f"path: no route {request.url.path}"))
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return json_response({"error": f"method: {request.method} is not allowed on {request.url.path}",
-                          "code": "method_not_allowed", "field": "method"}, 405)
+    return error_response(RequestError(405, "method_not_allowed", "method",
+                                       f"method: {request.method} is not allowed on {request.url.path}"))
 
 
 # Paths the front door in serving/service.py sends to this app rather than to BentoML's.

@@ -302,12 +302,14 @@ class RepositoryDone(_Closed):
 
 
 class Error(_Closed):
-    """A refused request: the problem, its kind and the field it concerns."""
+    """A refused request: the problem, its kind and the field it concerns (the shape both apps
+    answer, modelloop/http.py)."""
 
     error: str = Field(description="`<field>: <problem>`, showing at most 40 characters of a value")
     code: str = Field(description="`malformed_json`, `wrong_type`, `wrong_shape`, `missing_feature`, "
                                   "`unknown_feature`, `not_finite`, `too_many_rows`, `not_found`, ...")
     field: str = Field(description="`body`, `instances[2].f03`, `inputs[0].shape`, a header, ...")
+    errors: list[str] = Field(description="Every problem found; serving names one, `error`")
 
 
 # -- operations ---------------------------------------------------------------------------------

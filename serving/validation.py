@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ import orjson
 import simdjson
 
 from modelloop.categorical import MISSING, columns
+from modelloop.http import ApiError
 from modelloop.schemas import MAX_CATEGORY_CHARS, ModelMetadata
 from serving.settings import NanPolicy
 
@@ -32,31 +33,20 @@ F32_MAX = float(np.finfo(np.float32).max)
 _NUMBER_TYPES = {float, int}
 
 
-class RequestError(Exception):
-    """A client error: status, code, the field concerned and a message naming the problem."""
+class RequestError(ApiError):
+    """A client error: status, code, the field concerned and a message naming the problem, and
+    extra response headers (``Retry-After`` on a refusal that a later try may pass). The core's
+    :class:`~modelloop.http.ApiError`, so serving answers it in the body both apps share
+    (``body()``); serving's errors have one message each and always name a field."""
+
+    field: str
 
     def __init__(self, status: int, code: str, field: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.field = field
-        self.message = message
-        self.headers = headers
-        """Extra response headers (``Retry-After`` on a refusal that a later try may pass)."""
-
-    def to_json(self) -> dict[str, str]:
-        """The answer's body. A lone surrogate the client sent (``"\\ud800"``, which Python's
-        JSON parser reads) is written as its escape: it is not UTF-8, and the JSON writer
-        failed on it (a 500 instead of this error)."""
-        return {"error": _utf8(self.message), "code": self.code, "field": _utf8(self.field)}
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(status, code, field, message, headers)
 
     def __repr__(self) -> str:
         return f"RequestError({self.status}, {self.code!r}, {self.field!r}, {self.message!r})"
-
-
-def _utf8(text: str) -> str:
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 def _key_text(key: str) -> str:

@@ -215,7 +215,7 @@ def test_wrong_kinds_of_values_are_refused_naming_the_field(client: httpx.Client
                                                             field: str, message: str) -> None:
     resp = client.post("/predict", json={"instances": instances})
     assert resp.status_code == 422, resp.text
-    assert resp.json() == {"error": message, "code": "wrong_type", "field": field}
+    assert resp.json() == {"error": message, "code": "wrong_type", "field": field, "errors": [message]}
 
 
 @served
@@ -243,8 +243,8 @@ def test_a_lone_surrogate_is_refused_before_the_batch_and_spares_its_neighbours(
             (f"/v2/models/{MODEL}/infer", "inputs[1].data[1]", "a lone surrogate (\\udfff) is not")]:
         for f in refused[path]:
             assert f.result().status_code == 422, f.result().text
-            assert f.result().json() == {"error": f"{field}: a category must be UTF-8 text; {message}",
-                                         "code": "wrong_type", "field": field}
+            error = f"{field}: a category must be UTF-8 text; {message}"
+            assert f.result().json() == {"error": error, "code": "wrong_type", "field": field, "errors": [error]}
 
 
 @served
@@ -422,8 +422,8 @@ def test_batch_parquet_with_numbers_for_a_category_is_refused_naming_the_column(
     resp = client.post("/batch/score", content=sink.getvalue(),
                        headers={"Content-Type": "application/vnd.apache.parquet"})
     assert resp.status_code == 422, resp.text
-    assert resp.json() == {"error": "body: column 'plan' has type double, expected strings (a categorical feature)",
-                           "code": "wrong_type", "field": "plan"}
+    error = "body: column 'plan' has type double, expected strings (a categorical feature)"
+    assert resp.json() == {"error": error, "code": "wrong_type", "field": "plan", "errors": [error]}
 
 
 def not_utf8(dictionary: bool = False) -> pa.Table:
@@ -441,8 +441,8 @@ def test_batch_parquet_with_text_that_is_not_utf8_is_refused_naming_the_column(c
     resp = client.post("/batch/score", content=sink.getvalue(),
                        headers={"Content-Type": "application/vnd.apache.parquet"})
     assert resp.status_code == 422, resp.text
-    assert resp.json() == {"error": "body: row 1, column 'plan': not UTF-8 text", "code": "wrong_type",
-                           "field": "plan"}
+    error = "body: row 1, column 'plan': not UTF-8 text"
+    assert resp.json() == {"error": error, "code": "wrong_type", "field": "plan", "errors": [error]}
 
 
 @pytest.mark.parametrize("dictionary", [False, True])

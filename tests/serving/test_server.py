@@ -144,6 +144,7 @@ def test_bad_input_gets_4xx_naming_the_field(client: httpx.Client, case: str, bo
     doc = resp.json()
     assert (doc["code"], doc["field"]) == (code, field)
     assert message in doc["error"] and field in doc["error"]
+    assert doc["errors"] == [doc["error"]]  # the shape both apps answer (modelloop/http.py)
 
 
 def _tensor(**changes: Any) -> dict[str, Any]:
@@ -205,6 +206,18 @@ def test_auth_is_enforced(server: Server, method: str, path: str, token: str | N
     assert resp.status_code == 401
     assert resp.json()["field"] == "Authorization"
     assert resp.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code", "field"), [
+    ("GET", f"/v2/models/{MODEL}/nothing", 404, "not_found", "path"),   # no such route
+    ("GET", "/predict", 405, "method_not_allowed", "method"),
+])
+def test_refusals_of_no_route_have_the_shared_error_shape(server: Server, method: str, path: str, status: int,
+                                                          code: str, field: str) -> None:
+    resp = httpx.request(method, server.url + path, headers=AUTH)
+    assert resp.status_code == status, resp.text
+    doc = resp.json()
+    assert (doc["code"], doc["field"], doc["errors"]) == (code, field, [doc["error"]])
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR", "Bearer "])

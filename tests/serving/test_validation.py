@@ -5,6 +5,7 @@ let through must still get its 422 when wrong."""
 from __future__ import annotations
 
 import json
+import pickle
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modelloop.http import ApiError
 from serving.validation import (
     RequestError,
     numeric_rows,
@@ -265,3 +267,12 @@ def test_a_value_nested_1000_deep_is_named_not_a_recursion_error(body: bytes) ->
     assert (err.value.status, err.value.code) == (422, "wrong_type")
     assert err.value.field in ("instances[0][0]", "instances[0].a")
     assert "expected a number, got array [[[[" in err.value.message
+
+
+def test_a_request_error_is_the_cores_error_in_its_shape() -> None:
+    err = RequestError(503, "overloaded", "body", "body: \ud800 busy", {"Retry-After": "2"})
+    assert isinstance(err, ApiError) and str(err) == err.message == "body: \ud800 busy"
+    assert err.body() == {"error": "body: \\ud800 busy", "code": "overloaded", "field": "body",
+                          "errors": ["body: \\ud800 busy"]}  # a lone surrogate as its escape
+    back = pickle.loads(pickle.dumps(err))  # (an explanation's error crosses processes)
+    assert repr(back) == repr(err) and back.headers == {"Retry-After": "2"}
