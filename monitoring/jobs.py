@@ -11,7 +11,7 @@ it ended it blocks nothing. Manual requests get a name of their own.
 Example::
 
     manager = JobManager(store, LocalProcessTrigger(jobs_dir), metrics, command="...")
-    outcome = manager.request("churn", trigger="policy", reason="drift share 0.3")
+    outcome = manager.request("churn", trigger=Requester.policy, reason="drift share 0.3")
     manager.poll()     # records the end of finished jobs, exports status
 """
 
@@ -25,16 +25,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Literal
 
 from monitoring.metrics import MonitorMetrics
+from monitoring.records import JobRecord, JobStatus, Requester
 from monitoring.settings import MonitorSettings
-from monitoring.store import EventStore, JobRecord
+from monitoring.store import EventStore
 from monitoring.triggers import (
     SIDECAR_KEY_ENV,
     SIDECAR_URL_ENV,
     JobRequest,
     LocalProcessTrigger,
     NoTrigger,
+    RunState,
     Trigger,
     TriggerConflict,
     TriggerError,
@@ -45,10 +48,10 @@ from monitoring.triggers import (
 log = logging.getLogger(__name__)
 
 
-_TRIGGER_MARKS = {"policy": "p", "alertmanager": "a", "manual": "m"}
+_TRIGGER_MARKS = {Requester.policy: "p", Requester.alertmanager: "a", Requester.manual: "m"}
 
 
-def job_name(model: str, at: float, window_s: float, trigger: str = "policy",
+def job_name(model: str, at: float, window_s: float, trigger: Requester = Requester.policy,
              retry_of: float | None = None) -> str:
     """A DNS-1123 name (<= 63 chars) for ``trigger``'s job of the model: one per time window (the
     one containing ``at``) for the policy and Alertmanager, one per second for manual requests,
@@ -58,22 +61,15 @@ def job_name(model: str, at: float, window_s: float, trigger: str = "policy",
     mark = _TRIGGER_MARKS[trigger]
     if retry_of is not None:
         mark, stamp = "r", time.strftime("%Y%m%d%H%M%S", time.gmtime(retry_of))
-    elif trigger == "manual":
+    elif trigger is Requester.manual:
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(at))
     else:
         stamp = time.strftime("%Y%m%d%H%M", time.gmtime(int(at // window_s) * window_s))
     return f"retrain-{slug}-{digest}-{mark}{stamp}"
 
 
-class JobStatus(StrEnum):
-    """What a request for a job came to."""
-
-    running = "running"
-    """Started."""
-    failed = "failed"
-    """Could not start (the trigger failed)."""
-    skipped = "skipped"
-    """Not allowed now (:attr:`JobOutcome.refused` says why)."""
+Answered = Literal[JobStatus.running, JobStatus.failed, JobStatus.skipped]
+"""What a request for a job came to (a :class:`JobOutcome`'s status)."""
 
 
 class Refusal(StrEnum):
@@ -96,7 +92,9 @@ class Refusal(StrEnum):
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: str
-    status: JobStatus
+    status: Answered
+    """``running`` (started), ``failed`` (could not start: the trigger failed) or ``skipped``
+    (not allowed now: ``refused`` says why)."""
     detail: str = ""
     refused: Refusal | None = None
     """Why a ``skipped`` request was refused."""
@@ -128,14 +126,14 @@ class JobManager:
         self.clock = clock
         self._lock = threading.Lock()
 
-    def request(self, model: str, *, trigger: str, reason: str, version: int | None = None,
+    def request(self, model: str, *, trigger: Requester, reason: str, version: int | None = None,
                 retry_of: float | None = None) -> JobOutcome:
         now = self.clock()
         job_id = job_name(model, now, self.window_s, trigger, retry_of)
-        windowed = trigger != "manual"  # a manual request is never a duplicate: it asks anew
+        windowed = trigger is not Requester.manual  # a manual request is never a duplicate: it asks anew
         with self._lock:
             record = JobRecord(id=job_id, model=model, trigger=trigger, kind=self.trigger.kind,
-                               reason=reason, status="started", created_at=now, ended_at=None,
+                               reason=reason, status=JobStatus.started, created_at=now, ended_at=None,
                                handle="", detail="")
             same = self._stored(model, job_id) if windowed else None
             if same is not None:
@@ -159,16 +157,16 @@ class JobManager:
                 req = replace(req, command=render_command(template, req))
                 handle = self.trigger.start(req)
             except TriggerConflict as exc:  # started by a replica that does not share our store
-                self.store.update_job(job_id, "skipped", detail=str(exc), ended_at=now)
+                self.store.update_job(job_id, JobStatus.skipped, detail=str(exc), ended_at=now)
                 return self._skipped(model, trigger, job_id, str(exc), Refusal.duplicate)
             except (TriggerError, OSError) as exc:
                 log.error("retraining job %s for %s failed to start: %s", job_id, model, exc)
-                self.store.update_job(job_id, "failed", detail=str(exc), ended_at=now)
-                self.metrics.retrain_jobs.labels(model, trigger, "failed").inc()
-                self.metrics.retrain_last.labels(model, "failed").set(now)
+                self.store.update_job(job_id, JobStatus.failed, detail=str(exc), ended_at=now)
+                self.metrics.retrain_jobs.labels(model, trigger, JobStatus.failed).inc()
+                self.metrics.retrain_last.labels(model, JobStatus.failed).set(now)
                 return JobOutcome(job_id, JobStatus.failed, str(exc))
-            self.store.update_job(job_id, "running", handle=handle)
-        self.metrics.retrain_jobs.labels(model, trigger, "started").inc()
+            self.store.update_job(job_id, JobStatus.running, handle=handle)
+        self.metrics.retrain_jobs.labels(model, trigger, JobStatus.started).inc()
         self.metrics.retrain_active.labels(model).set(1)
         log.warning("retraining job %s started for %s (%s): %s", job_id, model, trigger, reason)
         return JobOutcome(job_id, JobStatus.running, f"{self.trigger.kind} job {handle}")
@@ -177,24 +175,24 @@ class JobManager:
         """The stored job of ``model`` named ``job_id``, if any (looked up by its key)."""
         return next(iter(self.store.jobs(model, job_id=job_id, limit=1)), None)
 
-    def _duplicate(self, model: str, trigger: str, same: JobRecord) -> JobOutcome:
+    def _duplicate(self, model: str, trigger: Requester, same: JobRecord) -> JobOutcome:
         why = (f"job {same.id} is already {same.status} for this window" if same.active
                else f"job {same.id} already ran for this window ({same.status})")
         return self._skipped(model, trigger, same.id, why, Refusal.duplicate)
 
-    def _skipped(self, model: str, trigger: str, job_id: str, why: str,
+    def _skipped(self, model: str, trigger: Requester, job_id: str, why: str,
                  refused: Refusal) -> JobOutcome:
         log.info("retraining of %s not started: %s", model, why)
-        self.metrics.retrain_jobs.labels(model, trigger, "skipped").inc()
+        self.metrics.retrain_jobs.labels(model, trigger, JobStatus.skipped).inc()
         self.metrics.retrain_refused.labels(trigger, refused).inc()
         return JobOutcome(job_id, JobStatus.skipped, why, refused)
 
-    def poll(self, models: list[str] | None = None) -> list[tuple[JobRecord, str]]:
+    def poll(self, models: list[str] | None = None) -> list[tuple[JobRecord, RunState]]:
         """Check every active job of this trigger kind; record the ones that ended and return
         them with their status."""
         now = self.clock()
         active_models = set()
-        ended: list[tuple[JobRecord, str]] = []
+        ended: list[tuple[JobRecord, RunState]] = []
         for job in self.store.jobs(active_only=True, limit=1000):
             if job.kind != self.trigger.kind or not job.handle:
                 active_models.add(job.model)
@@ -206,10 +204,10 @@ class JobManager:
                 active_models.add(job.model)
                 continue
             detail = None
-            if status == "running" and now - job.created_at > self.timeout_s:
+            if status is JobStatus.running and now - job.created_at > self.timeout_s:
                 self.trigger.cancel(job.handle)
-                status, detail = "failed", f"stopped after the {self.timeout_s:g} s timeout"
-            if status == "running":
+                status, detail = JobStatus.failed, f"stopped after the {self.timeout_s:g} s timeout"
+            if status is JobStatus.running:
                 active_models.add(job.model)
                 continue
             self.store.update_job(job.id, status, detail=detail, ended_at=now)
@@ -221,7 +219,7 @@ class JobManager:
             self.metrics.retrain_active.labels(model).set(1 if model in active_models else 0)
         return ended
 
-    def last_started(self, model: str, trigger: str) -> float | None:
+    def last_started(self, model: str, trigger: Requester) -> float | None:
         """When the newest job of ``model`` requested by ``trigger`` was created. Every stored job
         was started, failed to start, or was found started elsewhere: each starts the cooldown
         of the rule that asked for it (refused requests store nothing)."""

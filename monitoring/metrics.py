@@ -15,12 +15,18 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from monitoring.records import JobStatus, Requester
+
 REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
                   "too_slow", "unsupported_encoding", "malformed_body", "ambiguous_id", "invalid_feedback",
                   "invalid_label")
 FEEDBACK_RESULTS = ("joined", "unknown", "duplicate", "ambiguous", "not_sampled")
-JOB_TRIGGERS = ("policy", "manual", "alertmanager")
-JOB_RESULTS = ("started", "succeeded", "failed", "skipped")
+JOB_TRIGGERS = tuple(r.value for r in Requester)
+"""The ``trigger`` label of the retraining metrics: who may ask for a job."""
+JOB_RESULTS = tuple(s.value for s in (JobStatus.started, JobStatus.succeeded, JobStatus.failed,
+                                      JobStatus.skipped))
+"""The ``result`` label of ``modelloop_retrain_jobs_total``: a job's states but ``running`` (a
+started job counts as ``started`` once, then as how it ended)."""
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
 REFUSE_REASONS = ("unknown_model", "not_watched", "duplicate", "model_busy", "at_capacity")
 ERROR_REASONS = ("unexpected", "not_stored")

@@ -28,7 +28,7 @@ from pydantic.json_schema import models_json_schema
 from modelloop.schemas import ColumnBatch, EventBatch, Feedback
 from monitoring.alertmanager import WebhookPayload
 from monitoring.ingest import RetrainRequest
-from monitoring.jobs import JobStatus, Refusal
+from monitoring.jobs import Answered, Refusal
 from monitoring.records import JobRecord
 
 _REF = "#/components/schemas/{model}"
@@ -88,7 +88,7 @@ class JobAnswer(BaseModel):
     unknown or unwatched model is refused with a 422 before a job is asked for)."""
 
     job: str
-    status: JobStatus
+    status: Answered
     detail: str
     refused: Literal[Refusal.duplicate, Refusal.model_busy, Refusal.at_capacity] | None = None
 

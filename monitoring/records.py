@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
@@ -144,24 +145,65 @@ class Stored:
     """Shadow answers of a challenger in the batch (stored apart, :mod:`serving.shadow`)."""
 
 
+class JobStatus(StrEnum):
+    """Where a retraining job stands: its stored ``status``, what a trigger's ``poll`` reports
+    (``running``, ``succeeded``, ``failed``), what a request for a job came to (``running``,
+    ``failed``, ``skipped``), and the ``result`` label of ``modelloop_retrain_jobs_total``."""
+
+    started = "started"
+    """Recorded, not yet handed to the trigger (or found started by another replica)."""
+    running = "running"
+    """Started by the trigger."""
+    succeeded = "succeeded"
+    """Ended with exit status 0."""
+    failed = "failed"
+    """Could not start, ended with another exit status, vanished, or ran past the timeout."""
+    skipped = "skipped"
+    """Not allowed now: a request's outcome says why (its ``refused``)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether a job in this state counts as active (at most one per model)."""
+        return self in (JobStatus.started, JobStatus.running)
+
+
+class Requester(StrEnum):
+    """Who asked for a retraining job: a stored job's ``trigger`` and the ``trigger`` label of
+    the retraining metrics."""
+
+    policy = "policy"
+    """A rule of the policy fired."""
+    manual = "manual"
+    """``POST /retrain``."""
+    alertmanager = "alertmanager"
+    """An Alertmanager notification (``POST /alertmanager``)."""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One retraining job as stored."""
 
     id: str
     model: str
-    trigger: str
+    trigger: Requester
     kind: str
     reason: str
-    status: str
+    status: JobStatus
     created_at: float
     ended_at: float | None
     handle: str
     detail: str
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> JobRecord:
+        """A row of the jobs table (its columns in field order), its strings made enums."""
+        id_, model, trigger, kind, reason, status, created_at, ended_at, handle, detail = row
+        return cls(id_, model, Requester(trigger), kind, reason, JobStatus(status), created_at,
+                   ended_at, handle, detail)
+
     @property
     def active(self) -> bool:
-        return self.status in ("started", "running")
+        return self.status.active
 
 
 

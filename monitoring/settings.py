@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelloop.settings import HomeSettings
+from monitoring.records import Requester
 from monitoring.triggers import JobRequest, TriggerError, render_command
 
 DriftMethod = Literal["calibrated", "auto", "ks", "psi", "wasserstein", "jensenshannon",
@@ -37,7 +38,8 @@ _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 def _check_template(template: str) -> None:
     """A retraining command template renders as a job's would (:func:`render_command`): it
     splits like a shell line and names only known fields."""
-    sample = JobRequest(job_id="x", model="x", version=None, trigger="x", reason="x")
+    sample = JobRequest(job_id="x", model="x", version=None, trigger=Requester.manual,
+                        reason="x")
     try:
         args = render_command(template, sample)
     except TriggerError as exc:

@@ -39,13 +39,14 @@ from monitoring.ingest import (
     parse_feedback,
     resolve_label,
 )
-from monitoring.jobs import JobManager, JobOutcome, JobStatus, Refusal, build_trigger, job_env
+from monitoring.jobs import JobManager, JobOutcome, Refusal, build_trigger, job_env
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Policy, PolicyEngine, load_policy
-from monitoring.records import EventRow, JobRecord, Stored
+from monitoring.records import EventRow, JobRecord, JobStatus, Requester, Stored
 from monitoring.sampling import SampleBook
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
+from monitoring.triggers import RunState
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Sidecar:
         for rule in self.policy.rules:
             if rule.action == "retrain":
                 for model in self.catalog.watched_models():
-                    last = self.jobs.last_started(model, "policy")
+                    last = self.jobs.last_started(model, Requester.policy)
                     if last is not None:  # keep the cooldown across a restart
                         self.engine.restore(rule.name, model, last)
         self.started_at = self.clock()
@@ -245,7 +246,7 @@ class Sidecar:
         return {"joined": len(joined), "unknown": unknown, "duplicate": duplicate,
                 "ambiguous": ambiguous, "not_sampled": not_sampled}
 
-    def not_retrainable(self, model: str, trigger: str) -> NotRetrainable | None:
+    def not_retrainable(self, model: str, trigger: Requester) -> NotRetrainable | None:
         """Why ``model`` cannot be retrained at all, counted; None for a watched, registered
         model. Checked before a job is asked for, so no name from a request reaches the
         registry's paths or a metric label."""
@@ -263,7 +264,7 @@ class Sidecar:
 
     def retrain(self, model: str, reason: str) -> JobOutcome:
         """A manual retraining request (``POST /retrain``)."""
-        refused = self.not_retrainable(model, "manual")
+        refused = self.not_retrainable(model, Requester.manual)
         if refused is not None:
             raise InputError(422, refused.reason, [f"model: {refused.detail}"])
         registry = self.catalog.registry
@@ -271,7 +272,7 @@ class Sidecar:
             version = registry.resolve(model)
         except RegistryError:
             version = None  # registered, nothing promoted yet: the job picks its base
-        return self.jobs.request(model, trigger="manual", reason=reason or "manual request",
+        return self.jobs.request(model, trigger=Requester.manual, reason=reason or "manual request",
                                  version=version)
 
     def alertmanager(self, body: bytes) -> dict[str, Any]:
@@ -283,7 +284,7 @@ class Sidecar:
         for action in alertmanager.plan(payload):
             alert = action.alert
             refused = None if action.model is None else self.not_retrainable(action.model,
-                                                                              "alertmanager")
+                                                                              Requester.alertmanager)
             if action.model is None or refused is not None:
                 why = action.note if refused is None else f"model {refused.detail}"
                 out["ignored"].append({"fingerprint": alert.fingerprint, "why": why})
@@ -297,7 +298,7 @@ class Sidecar:
                 out["duplicate"].append(alert.fingerprint)
                 continue
             requested.add(model)
-            outcome = self.jobs.request(model, trigger="alertmanager",
+            outcome = self.jobs.request(model, trigger=Requester.alertmanager,
                                         reason=alertmanager.alert_reason(alert))
             key = "started" if outcome.status is JobStatus.running else "skipped"
             out[key].append({"fingerprint": alert.fingerprint, **outcome.as_dict()})
@@ -322,26 +323,26 @@ class Sidecar:
 
     def _policy_retrain(self, model: str, reason: str, version: int | None,
                         retry_of: float | None = None) -> JobOutcome:
-        refused = self.not_retrainable(model, "policy")
+        refused = self.not_retrainable(model, Requester.policy)
         if refused is not None:
             return JobOutcome("", JobStatus.skipped, refused.detail, refused.reason)
-        return self.jobs.request(model, trigger="policy", reason=reason, version=version,
+        return self.jobs.request(model, trigger=Requester.policy, reason=reason, version=version,
                                  retry_of=retry_of)
 
-    def _job_ended(self, job: JobRecord, status: str) -> None:
+    def _job_ended(self, job: JobRecord, status: RunState) -> None:
         """A policy job that ended without a new production version (its challenger lost, or it
         failed) lets its rules try again after ``RETRAIN_RETRY_LABELS`` new labels instead of
         waiting out their cooldown: new labels are what could make the next challenger win."""
-        if job.trigger != "policy":
+        if job.trigger is not Requester.policy:
             return
         try:
             production = self.catalog.registry.get(job.model, ALIAS_PRODUCTION).metadata
         except RegistryError:
             production = None
-        if (status == "succeeded" and production is not None
+        if (status is JobStatus.succeeded and production is not None
                 and production.created_at.timestamp() >= job.created_at):
             return  # promoted: the cooldown holds
-        if status == "succeeded" and self._named_challenger(job):
+        if status is JobStatus.succeeded and self._named_challenger(job):
             return  # its winner is judged on live labels (monitoring/live_gate.py): the cooldown holds
         labels = self.settings.retrain_retry_labels
         self.engine.retry_on_labels(job.model, self.clock(), labels)

@@ -40,7 +40,9 @@ from modelloop.schemas import MODE_SHADOW
 from monitoring.records import (
     EventRow,
     JobRecord,
+    JobStatus,
     LabelTarget,
+    Requester,
     Stored,
     Window,
     to_window,
@@ -595,8 +597,8 @@ class EventStore:
             cur.execute(self._sql("INSERT INTO {p}jobs (id, model, trigger, kind, reason, status, "
                                   "active, created_at, ended_at, handle, detail) "
                                   "VALUES (?,?,?,?,?,?,1,?,NULL,?,?)"),
-                        (job.id, job.model, job.trigger, job.kind, job.reason, job.status,
-                         job.created_at, job.handle, job.detail))
+                        (job.id, job.model, Requester(job.trigger).value, job.kind, job.reason,
+                         JobStatus(job.status).value, job.created_at, job.handle, job.detail))
         return None
 
     def try_start_job(self, job: JobRecord) -> str | None:
@@ -606,14 +608,15 @@ class EventStore:
         except self.integrity_errors:
             return f"another replica started a job of model {job.model!r} first"
 
-    def update_job(self, job_id: str, status: str, *, handle: str | None = None,
+    def update_job(self, job_id: str, status: JobStatus, *, handle: str | None = None,
                    detail: str | None = None, ended_at: float | None = None) -> None:
-        active = 1 if status in ("started", "running") else 0
+        status = JobStatus(status)  # a state that is not one is refused here, not stored
+        active = 1 if status.active else 0
         with self._write() as cur:
             cur.execute(self._sql("UPDATE {p}jobs SET status = ?, active = ?, "
                                   "handle = COALESCE(?, handle), detail = COALESCE(?, detail), "
                                   "ended_at = COALESCE(?, ended_at) WHERE id = ?"),
-                        (status, active, handle, detail, ended_at, job_id))
+                        (status.value, active, handle, detail, ended_at, job_id))
 
     def jobs(self, model: str | None = None, *, active_only: bool = False,
              limit: int = 50, job_id: str | None = None) -> list[JobRecord]:
@@ -631,7 +634,7 @@ class EventStore:
                + f" ORDER BY created_at DESC LIMIT {int(limit)}")
         with self._read() as cur:
             cur.execute(self._sql(sql), args)
-            return [JobRecord(*r) for r in cur.fetchall()]
+            return [JobRecord.from_row(r) for r in cur.fetchall()]
 
     # -- alerts --------------------------------------------------------------------------------
     def first_seen_alerts(self, alerts: Sequence[tuple[str, str]], now: float) -> list[bool]:

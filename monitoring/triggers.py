@@ -23,8 +23,11 @@ from typing import Any, Literal, Protocol
 import httpx
 import psutil
 
+from monitoring.records import JobStatus, Requester
+
 log = logging.getLogger(__name__)
-JobStatus = Literal["running", "succeeded", "failed"]
+RunState = Literal[JobStatus.running, JobStatus.succeeded, JobStatus.failed]
+"""What a trigger's ``poll`` reports of a started job."""
 SIDECAR_URL_ENV = "MODELLOOP_TRAINING_SIDECAR_URL"
 SIDECAR_KEY_ENV = "MODELLOOP_TRAINING_SIDECAR_KEY"
 
@@ -43,8 +46,8 @@ class JobRequest:
     """Deterministic per model and window; also the Job or container name."""
     model: str
     version: int | None
-    trigger: str
-    """What asked for it: ``policy``, ``manual`` or ``alertmanager``."""
+    trigger: Requester
+    """What asked for it."""
     reason: str
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -53,7 +56,7 @@ class JobRequest:
 
     def fields(self) -> dict[str, str]:
         return {"model": self.model, "version": "" if self.version is None else str(self.version),
-                "job": self.job_id, "trigger": self.trigger, "reason": self.reason}
+                "job": self.job_id, "trigger": str(self.trigger), "reason": self.reason}
 
 
 def render_command(template: str, request: JobRequest) -> list[str]:
@@ -86,7 +89,7 @@ class Trigger(Protocol):
 
     def start(self, request: JobRequest) -> str: ...
 
-    def poll(self, handle: str) -> JobStatus: ...
+    def poll(self, handle: str) -> RunState: ...
 
     def cancel(self, handle: str) -> None: ...
 
@@ -99,8 +102,8 @@ class NoTrigger:
     def start(self, request: JobRequest) -> str:
         raise TriggerError("retraining is switched off (MODELLOOP_MONITOR_TRIGGER=none)")
 
-    def poll(self, handle: str) -> JobStatus:
-        return "failed"
+    def poll(self, handle: str) -> RunState:
+        return JobStatus.failed
 
     def cancel(self, handle: str) -> None:
         return None
@@ -143,23 +146,23 @@ class LocalProcessTrigger:
                  shlex.join(command), log_path)
         return f"{proc.pid}:{request.job_id}"
 
-    def poll(self, handle: str) -> JobStatus:
+    def poll(self, handle: str) -> RunState:
         pid_s, _, job_id = handle.partition(":")
         pid = int(pid_s)
         proc = self._procs.get(pid)
         if proc is not None:
             code = proc.poll()
             if code is None:
-                return "running"
+                return JobStatus.running
             del self._procs[pid]
-            return "succeeded" if code == 0 else "failed"
+            return JobStatus.succeeded if code == 0 else JobStatus.failed
         exit_path = self.paths(job_id)[1]
         if exit_path.exists():
             text = exit_path.read_text().strip()
-            return "succeeded" if text == "0" else "failed"
+            return JobStatus.succeeded if text == "0" else JobStatus.failed
         if psutil.pid_exists(pid):
-            return "running"
-        return "failed"  # gone without an exit status: killed with its wrapper
+            return JobStatus.running
+        return JobStatus.failed  # gone without an exit status: killed with its wrapper
 
     def cancel(self, handle: str) -> None:
         pid = int(handle.partition(":")[0])
@@ -188,7 +191,7 @@ class WebhookTrigger:
 
     def payload(self, request: JobRequest) -> dict[str, Any]:
         return {"job": request.job_id, "model": request.model, "version": request.version,
-                "trigger": request.trigger, "reason": request.reason, "command": request.command,
+                "trigger": str(request.trigger), "reason": request.reason, "command": request.command,
                 "sidecar_url": request.env.get(SIDECAR_URL_ENV)}
 
     def start(self, request: JobRequest) -> str:
@@ -205,8 +208,8 @@ class WebhookTrigger:
             raise TriggerError(f"webhook {self.url} answered {resp.status_code}: {resp.text[:200]}")
         return f"webhook:{resp.status_code}"
 
-    def poll(self, handle: str) -> JobStatus:
-        return "succeeded"
+    def poll(self, handle: str) -> RunState:
+        return JobStatus.succeeded
 
     def cancel(self, handle: str) -> None:
         return None

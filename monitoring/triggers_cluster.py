@@ -13,6 +13,7 @@ from monitoring.triggers import (
     SIDECAR_KEY_ENV,
     JobRequest,
     JobStatus,
+    RunState,
     TriggerConflict,
     TriggerError,
 )
@@ -31,12 +32,12 @@ def job_manifest(request: JobRequest, *, namespace: str, image: str,
     from that Secret (key ``api-key``) rather than written into the Job's spec."""
     labels = {"app.kubernetes.io/name": "modelloop", "app.kubernetes.io/component": "retrain",
               "modelloop.io/model": _label_value(request.model),
-              "modelloop.io/trigger": request.trigger}
+              "modelloop.io/trigger": str(request.trigger)}
     container: dict[str, Any] = {
         "name": "retrain", "image": image, "command": request.command,
         "env": [{"name": "MODELLOOP_HOME", "value": HOME_MOUNT},
                 {"name": "MODELLOOP_RETRAIN_JOB", "value": request.job_id},
-                {"name": "MODELLOOP_RETRAIN_TRIGGER", "value": request.trigger},
+                {"name": "MODELLOOP_RETRAIN_TRIGGER", "value": str(request.trigger)},
                 *(({"name": k, "valueFrom": {"secretKeyRef": {"name": key_secret, "key": "api-key"}}}
                    if k == SIDECAR_KEY_ENV and key_secret else {"name": k, "value": v})
                   for k, v in request.env.items())],
@@ -125,28 +126,28 @@ class KubernetesJobTrigger:
         log.info("Job %s created in namespace %s", request.job_id, self.namespace)
         return request.job_id
 
-    def poll(self, handle: str) -> JobStatus:
+    def poll(self, handle: str) -> RunState:
         from kubernetes.client.exceptions import ApiException
 
         try:
             job = self._batch().read_namespaced_job_status(handle, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
-                return "failed"  # deleted (or expired by its TTL) before we saw it end
+                return JobStatus.failed  # deleted (or expired by its TTL) before we saw it end
             raise
         status = job.status
         if status is None:
-            return "running"
+            return JobStatus.running
         if status.succeeded:
-            return "succeeded"
+            return JobStatus.succeeded
         if status.failed:
-            return "failed"
+            return JobStatus.failed
         for cond in status.conditions or []:
             if cond.status == "True" and cond.type in ("Complete", "SuccessCriteriaMet"):
-                return "succeeded"
+                return JobStatus.succeeded
             if cond.status == "True" and cond.type in ("Failed", "FailureTarget"):
-                return "failed"
-        return "running"
+                return JobStatus.failed
+        return JobStatus.running
 
     def cancel(self, handle: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -189,10 +190,10 @@ class DockerTrigger:
             "image": self.image, "command": request.command, "name": request.job_id,
             "detach": True,
             "labels": {"modelloop.io/model": request.model, "modelloop.io/job": request.job_id,
-                       "modelloop.io/trigger": request.trigger},
+                       "modelloop.io/trigger": str(request.trigger)},
             "environment": {"MODELLOOP_HOME": HOME_MOUNT,
                             "MODELLOOP_RETRAIN_JOB": request.job_id,
-                            "MODELLOOP_RETRAIN_TRIGGER": request.trigger, **request.env},
+                            "MODELLOOP_RETRAIN_TRIGGER": str(request.trigger), **request.env},
         }
         if self.volume:
             spec["volumes"] = {self.volume: {"bind": HOME_MOUNT, "mode": "rw"}}
@@ -211,17 +212,17 @@ class DockerTrigger:
             raise TriggerError(f"Docker failed to run {request.job_id}: {exc}") from exc
         return str(container.id)
 
-    def poll(self, handle: str) -> JobStatus:
+    def poll(self, handle: str) -> RunState:
         import docker
 
         try:
             container = self.client().containers.get(handle)
         except docker.errors.NotFound:
-            return "failed"
+            return JobStatus.failed
         if container.status in ("created", "running", "restarting"):
-            return "running"
+            return JobStatus.running
         code = container.attrs.get("State", {}).get("ExitCode", 1)
-        return "succeeded" if code == 0 else "failed"
+        return JobStatus.succeeded if code == 0 else JobStatus.failed
 
     def cancel(self, handle: str) -> None:
         import docker

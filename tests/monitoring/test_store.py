@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelloop.schemas import PredictionEvent
-from monitoring.records import EventRow, JobRecord, Stored
+from monitoring.records import EventRow, JobRecord, JobStatus, Requester, Stored
 from monitoring.store import EventStore, Retention, StoreError, open_store, redact_url
 
 
@@ -24,8 +24,8 @@ def _row(i: int, model: str = "m", version: int = 1, ts: float | None = None,
 
 
 def _job(job_id: str, model: str = "m", created: float = 1.0) -> JobRecord:
-    return JobRecord(id=job_id, model=model, trigger="policy", kind="local", reason="r",
-                     status="started", created_at=created, ended_at=None, handle="", detail="")
+    return JobRecord(id=job_id, model=model, trigger=Requester.policy, kind="local", reason="r",
+                     status=JobStatus.started, created_at=created, ended_at=None, handle="", detail="")
 
 
 def test_insert_then_window_returns_the_arrays_in_arrival_order(store: EventStore) -> None:
@@ -150,8 +150,8 @@ def test_one_active_job_per_model_and_one_job_per_name(store: EventStore) -> Non
     assert store.try_start_job(_job("j1")) is None
     assert store.try_start_job(_job("j2")) == "job j1 of model 'm' is still active"
     assert store.try_start_job(_job("k1", model="other")) is None
-    store.update_job("j1", "running", handle="123")
-    store.update_job("j1", "succeeded", ended_at=5.0)
+    store.update_job("j1", JobStatus.running, handle="123")
+    store.update_job("j1", JobStatus.succeeded, ended_at=5.0)
     assert store.try_start_job(_job("j1")) == "job j1 already ran for this window (succeeded)"
     assert store.try_start_job(_job("j3", created=2.0)) is None
     jobs = store.jobs("m")
@@ -159,6 +159,17 @@ def test_one_active_job_per_model_and_one_job_per_name(store: EventStore) -> Non
                                                           ("j1", "succeeded", False)]
     assert jobs[1].handle == "123" and jobs[1].ended_at == 5.0
     assert [j.id for j in store.jobs(active_only=True)] == ["j3", "k1"]  # newest first
+
+
+def test_jobs_are_read_back_as_enums_and_a_state_that_is_none_is_not_stored(
+        store: EventStore) -> None:
+    assert store.try_start_job(_job("j1")) is None
+    (job,) = store.jobs("m")
+    assert (job.trigger, job.status) == (Requester.policy, JobStatus.started)
+    assert type(job.trigger) is Requester and type(job.status) is JobStatus
+    with pytest.raises(ValueError, match="'done' is not a valid JobStatus"):
+        store.update_job("j1", "done")  # type: ignore[arg-type]
+    assert store.jobs("m")[0].status is JobStatus.started
 
 
 def test_two_stores_racing_for_a_model_start_one_job(store_url: tuple[str, str]) -> None:

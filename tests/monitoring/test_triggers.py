@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitoring.jobs import JobManager, Refusal, build_trigger, job_name
-from monitoring.metrics import REFUSE_REASONS, MonitorMetrics
+from monitoring.metrics import JOB_RESULTS, JOB_TRIGGERS, REFUSE_REASONS, MonitorMetrics
+from monitoring.records import JobStatus, Requester
 from monitoring.settings import MonitorSettings
 from monitoring.store import open_store
 from monitoring.triggers import (
@@ -34,7 +35,7 @@ from monitoring.triggers import (
 from monitoring.triggers_cluster import DockerTrigger, KubernetesJobTrigger, job_manifest
 
 REQ = JobRequest(job_id="retrain-churn-abc123-202405011000", model="churn", version=3,
-                 trigger="policy", reason="drift share 0.3 >= 0.1")
+                 trigger=Requester.policy, reason="drift share 0.3 >= 0.1")
 
 
 def wait_for(trigger: Any, handle: str, timeout: float = 30) -> str:
@@ -268,9 +269,9 @@ def test_job_names_are_deterministic_per_model_trigger_and_window() -> None:
     assert a != job_name("churn-model", at=3600 * 10, window_s=3600)  # different models differ
     assert a.startswith("retrain-churn-model-") and a.endswith("-p197001011000") and len(a) <= 63
     # each trigger has its own name, so one does not block another
-    assert job_name("Churn_Model", at=3600 * 10 + 5, window_s=3600, trigger="alertmanager") == (
+    assert job_name("Churn_Model", at=3600 * 10 + 5, window_s=3600, trigger=Requester.alertmanager) == (
         a.replace("-p1970", "-a1970"))
-    long = job_name("m" * 64, at=0, window_s=3600, trigger="manual")
+    long = job_name("m" * 64, at=0, window_s=3600, trigger=Requester.manual)
     assert len(long) <= 63 and "-m19700101000000" in long
 
 
@@ -290,12 +291,22 @@ def test_every_refusal_is_a_reason_of_the_refused_counter() -> None:
     assert [str(r) for r in Refusal] == list(REFUSE_REASONS)
 
 
+def test_who_asks_and_how_a_job_ends_are_the_metrics_labels() -> None:
+    # the retraining metrics' series are created at zero from these tuples, and stored jobs and
+    # /jobs hold the same strings: the enums' values are exactly what dashboards and databases
+    # written before them hold
+    assert JOB_TRIGGERS == ("policy", "manual", "alertmanager") == tuple(Requester)
+    assert [s.value for s in JobStatus] == ["started", "running", "succeeded", "failed", "skipped"]
+    assert JOB_RESULTS == ("started", "succeeded", "failed", "skipped")
+    assert [s for s in JobStatus if s.active] == [JobStatus.started, JobStatus.running]
+
+
 def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> None:
     clock = [36000.0]
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     one, two = manager(tmp_path, url, clock), manager(tmp_path, url, clock)
-    first = one.request("churn", trigger="policy", reason="drift")
-    second = two.request("churn", trigger="policy", reason="drift")
+    first = one.request("churn", trigger=Requester.policy, reason="drift")
+    second = two.request("churn", trigger=Requester.policy, reason="drift")
     assert first.status == "running"
     assert (second.status, second.refused, second.detail) == (
         "skipped", "duplicate", f"job {first.job_id} is already running for this window")
@@ -305,11 +316,11 @@ def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> N
         one.poll(["churn"])
         time.sleep(0.05)
     # the same window again, after the job ended: still one job for that window
-    again = two.request("churn", trigger="policy", reason="drift")
+    again = two.request("churn", trigger=Requester.policy, reason="drift")
     assert (again.status, again.refused, again.detail) == (
         "skipped", "duplicate", f"job {first.job_id} already ran for this window (succeeded)")
     clock[0] += 3600  # the next window may retrain again
-    assert one.request("churn", trigger="policy", reason="drift").status == "running"
+    assert one.request("churn", trigger=Requester.policy, reason="drift").status == "running"
     assert (tmp_path / "runs.txt").read_text().splitlines()[0] == first.job_id
     assert one.metrics.retrain_jobs.labels("churn", "policy", "succeeded")._value.get() == 1
     assert two.metrics.retrain_jobs.labels("churn", "policy", "skipped")._value.get() == 2
@@ -319,10 +330,10 @@ def test_two_replicas_judging_the_same_window_start_one_job(tmp_path: Path) -> N
 def test_a_job_of_another_trigger_blocks_only_while_it_runs(tmp_path: Path) -> None:
     clock = [36000.0]
     m = manager(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", clock)
-    alert = m.request("churn", trigger="alertmanager", reason="ModelDrift")
+    alert = m.request("churn", trigger=Requester.alertmanager, reason="ModelDrift")
     assert alert.status == "running"
     # while the alert's job runs, the model is busy: refused, not a duplicate of it
-    busy = m.request("churn", trigger="policy", reason="drift")
+    busy = m.request("churn", trigger=Requester.policy, reason="drift")
     assert (busy.status, busy.refused) == ("skipped", "model_busy")
     deadline = time.monotonic() + 30
     while m.store.jobs(active_only=True):
@@ -331,7 +342,7 @@ def test_a_job_of_another_trigger_blocks_only_while_it_runs(tmp_path: Path) -> N
         time.sleep(0.05)
     # once it ended, the policy's job of the same model and window starts
     clock[0] += 60
-    policy = m.request("churn", trigger="policy", reason="drift")
+    policy = m.request("churn", trigger=Requester.policy, reason="drift")
     assert policy.status == "running" and policy.job_id != alert.job_id
 
 
@@ -340,7 +351,7 @@ def test_a_job_past_its_timeout_is_stopped_and_failed(tmp_path: Path) -> None:
     m = manager(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", clock)
     m.command = f"{sys.executable} -c \"import time; time.sleep(60)\""
     m.timeout_s = 10
-    outcome = m.request("churn", trigger="manual", reason="test")
+    outcome = m.request("churn", trigger=Requester.manual, reason="test")
     m.poll(["churn"])
     assert m.store.jobs()[0].status == "running"
     clock[0] += 11
@@ -354,13 +365,13 @@ def test_a_trigger_that_cannot_start_records_a_failed_job(tmp_path: Path) -> Non
     clock = [0.0]
     m = manager(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", clock)
     m.trigger = WebhookTrigger("http://127.0.0.1:1/none", timeout_s=1)
-    outcome = m.request("churn", trigger="policy", reason="x")
+    outcome = m.request("churn", trigger=Requester.policy, reason="x")
     assert outcome.status == "failed" and "webhook http://127.0.0.1:1/none failed" in outcome.detail
     assert m.store.jobs()[0].status == "failed" and not m.store.jobs(active_only=True)
     # a local program that is not there: the failed job says which
     m.trigger, m.command = LocalProcessTrigger(tmp_path / "jobs"), "/no/such/modelloop retrain"
     clock[0] += 3600
-    local = m.request("churn", trigger="policy", reason="x")
+    local = m.request("churn", trigger=Requester.policy, reason="x")
     assert (local.status, local.detail) == ("failed", m.store.jobs()[0].detail)
     assert local.detail.startswith("cannot start '/no/such/modelloop': no such executable")
 

@@ -358,8 +358,9 @@ def test_a_slow_sender_cannot_hold_the_ingest_queue(
 
 
 def test_the_default_retrain_command_passes_the_trigger() -> None:
+    from monitoring.records import Requester
     from monitoring.settings import MonitorSettings
     from monitoring.triggers import JobRequest, render_command
 
-    req = JobRequest(job_id="j", model="churn", version=None, trigger="policy", reason="drift")
+    req = JobRequest(job_id="j", model="churn", version=None, trigger=Requester.policy, reason="drift")
     assert render_command(MonitorSettings().retrain_command, req)[-2:] == ["--trigger", "policy"]
