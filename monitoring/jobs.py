@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypedDict
 
 from monitoring.metrics import MonitorMetrics
 from monitoring.records import JobRecord, JobStatus, Requester
@@ -89,6 +89,20 @@ class Refusal(StrEnum):
     """``MODELLOOP_MONITOR_MAX_ACTIVE_JOBS`` jobs are active."""
 
 
+class _JobAnswerKeys(TypedDict):
+    job: str
+    status: Answered
+    detail: str
+
+
+class JobAnswer(_JobAnswerKeys, total=False):
+    """A :class:`JobOutcome` as the routes answer it (``POST /retrain``, and within an
+    Alertmanager notification's and a firing's answer)."""
+
+    refused: Refusal
+    """Only where a ``skipped`` request was refused."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: str
@@ -99,10 +113,10 @@ class JobOutcome:
     refused: Refusal | None = None
     """Why a ``skipped`` request was refused."""
 
-    def as_dict(self) -> dict[str, str]:
-        out = {"job": self.job_id, "status": self.status.value, "detail": self.detail}
+    def as_dict(self) -> JobAnswer:
+        out: JobAnswer = {"job": self.job_id, "status": self.status, "detail": self.detail}
         if self.refused is not None:
-            out["refused"] = self.refused.value
+            out["refused"] = self.refused
         return out
 
 

@@ -80,7 +80,7 @@ class FeedbackResult(BaseModel):
     unknown: list[str]
     duplicate: list[str]
     ambiguous: list[str]
-    not_sampled: list[str] = Field(default_factory=list)
+    not_sampled: list[str]
 
 
 class JobAnswer(BaseModel):
@@ -117,22 +117,55 @@ class Jobs(BaseModel):
     jobs: list[JobRecord]
 
 
+class PolicyStatus(BaseModel):
+    file: str
+    rules: list[dict[str, Any]]
+
+
+class WindowSizes(BaseModel):
+    events: int
+    seconds: float
+    min_drift_rows: int
+
+
+class FiredJob(BaseModel):
+    """What a ``retrain`` rule's request came to: a :class:`JobAnswer`, where ``refused`` may
+    also be ``unknown_model`` or ``not_watched`` (asked of the rule's scope, not refused by a
+    422 as ``POST /retrain`` is)."""
+
+    job: str
+    status: Answered
+    detail: str
+    refused: Refusal | None = None
+
+
+class FiringEntry(BaseModel):
+    """A rule that fired (``job``: what a ``retrain`` rule's request came to)."""
+
+    rule: str
+    scope: str
+    value: float
+    samples: int
+    at: float
+    action: str
+    message: str
+    job: FiredJob | None = None
+
+
 class Status(BaseModel):
     """The sidecar's summary: models (drift, quality, latency), rules, jobs, resources."""
-
-    model_config = ConfigDict(extra="allow")
 
     ready: bool
     started_at: float | None
     store: str
-    policy: dict[str, Any]
+    policy: PolicyStatus
     trigger: str
-    windows: dict[str, Any]
+    windows: WindowSizes
     drift_engine_ready: bool
     models: dict[str, Any]
     resources: dict[str, Any]
-    jobs: list[dict[str, Any]]
-    recent_firings: list[dict[str, Any]]
+    jobs: list[JobRecord]
+    recent_firings: list[FiringEntry]
 
 
 class Health(BaseModel):

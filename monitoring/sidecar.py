@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +29,7 @@ from modelloop.http import ApiError
 from modelloop.registry import Registry, RegistryError
 from modelloop.schemas import ALIAS_CHALLENGER, ALIAS_PRODUCTION, Feedback
 from monitoring import alertmanager
-from monitoring.evaluate import Evaluator
+from monitoring.evaluate import Evaluator, ModelStatus, ResourceStatus
 from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
@@ -39,9 +39,16 @@ from monitoring.ingest import (
     parse_feedback,
     resolve_label,
 )
-from monitoring.jobs import JobManager, JobOutcome, Refusal, build_trigger, job_env
+from monitoring.jobs import (
+    JobAnswer,
+    JobManager,
+    JobOutcome,
+    Refusal,
+    build_trigger,
+    job_env,
+)
 from monitoring.metrics import MonitorMetrics
-from monitoring.policy import Policy, PolicyEngine, load_policy
+from monitoring.policy import Firing, Policy, PolicyEngine, load_policy
 from monitoring.records import EventRow, JobRecord, JobStatus, Requester, Stored
 from monitoring.sampling import SampleBook
 from monitoring.settings import MonitorSettings
@@ -49,6 +56,92 @@ from monitoring.store import EventStore, open_store, redact_url
 from monitoring.triggers import RunState
 
 log = logging.getLogger(__name__)
+
+
+class FeedbackResult(TypedDict):
+    """What ``POST /feedback`` answers (described by :class:`monitoring.openapi.FeedbackResult`):
+    how many labels were joined, and the ids that were not, by why."""
+
+    joined: int
+    unknown: list[str]
+    """No event (yet)."""
+    duplicate: list[str]
+    """Labelled already (or twice in this request)."""
+    ambiguous: list[str]
+    """Two different predictions came with the id: no label is joined to it."""
+    not_sampled: list[str]
+    """No event because serving's event sample left the request out."""
+
+
+class AlertJob(JobAnswer):
+    """What an alert's request for a job came to."""
+
+    fingerprint: str
+
+
+class IgnoredAlert(TypedDict):
+    fingerprint: str
+    why: str
+
+
+class AlertsResult(TypedDict):
+    """What ``POST /alertmanager`` answers (:class:`monitoring.openapi.AlertsResult`): what each
+    alert of the notification led to."""
+
+    started: list[AlertJob]
+    duplicate: list[str]
+    """Fingerprints acted on before, or whose model another alert of the body asked for."""
+    skipped: list[AlertJob]
+    ignored: list[IgnoredAlert]
+
+
+class _FiringKeys(TypedDict):
+    rule: str
+    scope: str
+    value: float
+    samples: int
+    at: float
+    action: str
+    message: str
+
+
+class FiringEntry(_FiringKeys, total=False):
+    """A rule that fired, in ``/status``'s ``recent_firings``."""
+
+    job: JobAnswer
+    """What its retraining request came to (a ``retrain`` rule's firing only)."""
+
+
+class PolicyStatus(TypedDict):
+    file: str
+    """Where the policy was read from."""
+    rules: list[dict[str, Any]]
+    """Each rule and scope's state (:meth:`PolicyEngine.summary`)."""
+
+
+class WindowSizes(TypedDict):
+    events: int
+    seconds: float
+    min_drift_rows: int
+
+
+class SidecarStatus(TypedDict):
+    """What ``GET /status`` and ``POST /check`` answer (:class:`monitoring.openapi.Status`)."""
+
+    ready: bool
+    started_at: float | None
+    store: str
+    """The store's DSN, its password redacted."""
+    policy: PolicyStatus
+    trigger: str
+    windows: WindowSizes
+    drift_engine_ready: bool
+    models: dict[str, ModelStatus]
+    resources: ResourceStatus
+    jobs: list[JobRecord]
+    """The newest 20."""
+    recent_firings: list[FiringEntry]
+    """The newest 20."""
 
 
 class NotRetrainable(NamedTuple):
@@ -72,7 +165,7 @@ class Sidecar:
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.recent_firings: deque[dict[str, Any]] = deque(maxlen=100)
+        self.recent_firings: deque[FiringEntry] = deque(maxlen=100)
         # set by start()
         self.policy: Policy
         self.engine: PolicyEngine
@@ -194,7 +287,7 @@ class Sidecar:
         if stored.conflicts:  # stored, but these events are not: their ids hold another prediction
             self._rejected("ambiguous_id", stored.conflicts)
 
-    def feedback(self, items: list[Feedback], single: bool = False) -> dict[str, Any]:
+    def feedback(self, items: list[Feedback], single: bool = False) -> FeedbackResult:
         """Join labels to their events; unknown, already-labelled and ambiguous ids (two
         different predictions came with them) are reported back, not joined."""
         targets = self.store.label_targets([f.request_id for f in items])
@@ -275,11 +368,11 @@ class Sidecar:
         return self.jobs.request(model, trigger=Requester.manual, reason=reason or "manual request",
                                  version=version)
 
-    def alertmanager(self, body: bytes) -> dict[str, Any]:
+    def alertmanager(self, body: bytes) -> AlertsResult:
         """An Alertmanager notification: at most ``max_alerts_per_body`` alerts, remembered in
         one transaction, at most one job requested per model, one log line."""
         payload = alertmanager.parse_payload(body, self.settings.max_alerts_per_body)
-        out: dict[str, list[Any]] = {"started": [], "duplicate": [], "skipped": [], "ignored": []}
+        out: AlertsResult = {"started": [], "duplicate": [], "skipped": [], "ignored": []}
         acting: list[tuple[alertmanager.Alert, str]] = []
         for action in alertmanager.plan(payload):
             alert = action.alert
@@ -300,15 +393,16 @@ class Sidecar:
             requested.add(model)
             outcome = self.jobs.request(model, trigger=Requester.alertmanager,
                                         reason=alertmanager.alert_reason(alert))
-            key = "started" if outcome.status is JobStatus.running else "skipped"
-            out[key].append({"fingerprint": alert.fingerprint, **outcome.as_dict()})
-        log.info("Alertmanager notification of %d alerts: %s", len(payload.alerts),
-                 ", ".join(f"{len(v)} {k}" for k, v in out.items()))
+            answer: AlertJob = {"fingerprint": alert.fingerprint, **outcome.as_dict()}
+            out["started" if outcome.status is JobStatus.running else "skipped"].append(answer)
+        log.info("Alertmanager notification of %d alerts: %d started, %d duplicate, %d skipped, "
+                 "%d ignored", len(payload.alerts), len(out["started"]), len(out["duplicate"]),
+                 len(out["skipped"]), len(out["ignored"]))
         return out
 
-    def _fired(self, firing: Any, version: int | None) -> None:
+    def _fired(self, firing: Firing, version: int | None) -> None:
         self.metrics.threshold_breaches.labels(firing.rule.name).inc()
-        entry: dict[str, Any] = {"rule": firing.rule.name, "scope": firing.scope,
+        entry: FiringEntry = {"rule": firing.rule.name, "scope": firing.scope,
                                  "value": firing.value, "samples": firing.samples,
                                  "at": firing.at, "action": firing.rule.action,
                                  "message": firing.message()}
@@ -360,7 +454,7 @@ class Sidecar:
             return False
 
     # -- status -------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SidecarStatus:
         s = self.settings
         return {
             "ready": self.ready,
@@ -373,6 +467,6 @@ class Sidecar:
             "drift_engine_ready": self.evaluator.warm,
             "models": self.evaluator.status(),
             "resources": self.evaluator.resource_status(),
-            "jobs": [j.__dict__ for j in self.store.jobs(limit=20)],
+            "jobs": self.store.jobs(limit=20),  # dataclasses, written as objects of their fields
             "recent_firings": list(self.recent_firings)[-20:],
         }

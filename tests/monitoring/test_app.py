@@ -242,6 +242,10 @@ def test_manual_retrain_runs_one_job_at_a_time(client: httpx.Client, sidecar: Si
         time.sleep(0.05)
     jobs = client.get("/jobs").json()["jobs"]
     assert [(j["trigger"], j["status"]) for j in jobs] == [("manual", "succeeded")]
+    # /status holds the stored jobs as typed records; its JSON is /jobs' objects, key for key
+    assert client.get("/status").json()["jobs"] == jobs
+    assert list(jobs[0]) == ["id", "model", "trigger", "kind", "reason", "status", "created_at",
+                             "ended_at", "handle", "detail"]
     assert (home / "retrained.txt").read_text().split() == ["churn", first.json()["job"]]
     assert metric(client, "modelloop_retrain_jobs_total", model="churn", trigger="manual",
                   result="succeeded") == 1

@@ -25,8 +25,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from monitoring import openapi
+from monitoring import sidecar as sidecar_answers
 from monitoring.app import create_app
-from monitoring.jobs import Refusal
+from monitoring.jobs import JobAnswer, Refusal
 from monitoring.openapi import OPERATIONS, openapi_document
 from monitoring.settings import MonitorSettings
 from monitoring.sidecar import Sidecar
@@ -89,6 +91,27 @@ def test_a_job_answer_names_the_refusals_of_a_job_request(home: Path) -> None:
     refused = doc["components"]["schemas"]["JobAnswer"]["properties"]["refused"]["anyOf"]
     # an unknown or unwatched model is a 422, never a job answer
     assert refused[0]["enum"] == [Refusal.duplicate, Refusal.model_busy, Refusal.at_capacity]
+
+
+@pytest.mark.parametrize(("answer", "described"), [
+    (sidecar_answers.FeedbackResult, openapi.FeedbackResult),  # POST /feedback
+    (sidecar_answers.AlertsResult, openapi.AlertsResult),      # POST /alertmanager
+    (sidecar_answers.AlertJob, openapi.AlertJob),              # an alert's job
+    (sidecar_answers.IgnoredAlert, openapi.IgnoredAlert),
+    (JobAnswer, openapi.JobAnswer),                            # POST /retrain
+    (JobAnswer, openapi.FiredJob),                             # a firing's job
+    (sidecar_answers.SidecarStatus, openapi.Status),           # GET /status, POST /check
+    (sidecar_answers.PolicyStatus, openapi.PolicyStatus),
+    (sidecar_answers.WindowSizes, openapi.WindowSizes),
+    (sidecar_answers.FiringEntry, openapi.FiringEntry),
+])
+def test_each_answers_type_and_its_description_name_the_same_keys(answer: Any,
+                                                                   described: Any) -> None:
+    # the sidecar builds its answers as these TypedDicts; the document describes them with the
+    # models: a key added to one and not the other fails here (schemathesis checks the values)
+    assert list(answer.__annotations__) == list(described.model_fields)
+    assert answer.__required_keys__ == {name for name, f in described.model_fields.items()
+                                        if f.is_required()}
 
 
 @pytest.mark.parametrize(
