@@ -50,8 +50,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from modelloop import http
 from modelloop.categorical import unknown_counts
-from modelloop.http import JSON, error_response, json_response
+from modelloop.http import (
+    JSON,
+    ApiError,
+    content_length,
+    error_response,
+    internal_error,
+    json_response,
+)
 from serving import oip
 from serving.batch import BatchInputError, check_scorable, read_upload, score_table
 from serving.batcher import BatchResult, Overloaded, retry_after_header
@@ -72,45 +80,19 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 Handler = Callable[[Request, ServingState], Awaitable[Response]]
 
 
-def declared_length(request: Request) -> int | None:
-    """The body's Content-Length, None when it is not given; a body in a content coding
-    (gzip, ...) is refused: the routes read bodies as sent, and inflating one is a way to
-    make a small request large."""
-    coding = request.headers.get("content-encoding")
-    if coding is not None and coding.strip().lower() not in ("", "identity"):
-        raise RequestError(415, "unsupported_encoding", "Content-Encoding",
-                           f"Content-Encoding: {coding[:40]!r} is not accepted; send the body uncompressed")
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return None
-    if not declared.isascii() or not declared.isdigit():
-        raise RequestError(400, "malformed_body", "Content-Length", "Content-Length: not a number")
-    return int(declared)
-
-
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them."""
-    declared = declared_length(request)
-    if declared is not None:
-        if declared > limit:
-            raise _too_large(declared, limit)
-        return await request.body()
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        parts.append(chunk)
-    return b"".join(parts)
+    """The request body within ``limit`` bytes: the core's reader (:func:`modelloop.http.read_body`:
+    a compressed body 415, a Content-Length not a number 400), with serving's 413."""
+    return await http.read_body(request, limit, _too_large)
 
 
-def _too_large(size: int, limit: int) -> RequestError:
+def _too_large(size: int | None, limit: int) -> RequestError:
+    said = f"{size} bytes is" if size is not None else "the body is"
     return RequestError(413, "body_too_large", "body",
-                        f"body: {size} bytes is more than the limit of {limit} "
-                        "(MODELLOOP_SERVING_MAX_BODY_BYTES)")
+                        f"body: {said} more than the limit of {limit} (MODELLOOP_SERVING_MAX_BODY_BYTES)")
 
 
-def error_reason(exc: RequestError) -> str:
+def error_reason(exc: ApiError) -> str:
     """The ``reason`` label of the error counter for a refused request."""
     if exc.status == 401:
         return "auth"
@@ -195,17 +177,16 @@ class Routes:
                 if auth:
                     self.authorize(request)
                 response = await handler(request, state)
-            except RequestError as exc:
+            except ApiError as exc:  # (RequestError, and the core body reader's refusals)
                 state.count_error(self.label(request), error_reason(exc))
                 response = error_response(exc)
             except Overloaded as exc:
                 state.count_error(self.label(request), "overloaded")
                 response = error_response(RequestError(503, "overloaded", "body", f"overloaded: {exc}; retry later",
                                                        {"Retry-After": retry_after_header(exc.retry_after_s)}))
-            except Exception:
-                logger.exception("%s %s failed", request.method, request.url.path)
+            except Exception as exc:  # a bug: logged under an id that the answer names
                 state.count_error(self.label(request), "internal")
-                response = error_response(RequestError(500, "internal", "", "internal error (see the server log)"))
+                response = error_response(internal_error(logger, request, exc, "the server's log"))
             if route:
                 state.observe_request(self.label(request), route, response.status_code,
                                       time.perf_counter() - start)
@@ -494,7 +475,7 @@ class Routes:
         self._scorable(runtime)
         status = await state.jobs.submit(fmt, request.stream(), runtime,
                                          on_chunk=state.record_batch_chunk, limits=self.job_limits,
-                                         declared_bytes=declared_length(request))
+                                         declared_bytes=content_length(request))
         return json_response(status, 202, {"Location": f"/batch/jobs/{status['job_id']}"})
 
     async def job_delete(self, request: Request, state: ServingState) -> Response:

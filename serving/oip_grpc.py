@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -188,9 +189,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception:
             code = 500
-            logger.exception("gRPC %s failed", type(request).__name__)
+            error_id = uuid.uuid4().hex[:16]  # (as the REST routes' 500: modelloop.http.internal_error)
+            logger.exception("error %s: gRPC %s failed", error_id, type(request).__name__)
             state.count_error(self._label(request), "internal")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error {error_id}: the server's log has its traceback")
         finally:
             if route:
                 state.observe_request(self._label(request), route, code, time.perf_counter() - start)

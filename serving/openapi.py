@@ -308,8 +308,11 @@ class Error(_Closed):
     error: str = Field(description="`<field>: <problem>`, showing at most 40 characters of a value")
     code: str = Field(description="`malformed_json`, `wrong_type`, `wrong_shape`, `missing_feature`, "
                                   "`unknown_feature`, `not_finite`, `too_many_rows`, `not_found`, ...")
-    field: str = Field(description="`body`, `instances[2].f03`, `inputs[0].shape`, a header, ...")
+    field: str | None = Field(description="`body`, `instances[2].f03`, `inputs[0].shape`, a header, ...; "
+                                          "null for an internal error")
     errors: list[str] = Field(description="Every problem found; serving names one, `error`")
+    error_id: str | None = Field(None, description="An internal error's (500) id, which the server's log "
+                                                   "line of its traceback names")
 
 
 # -- operations ---------------------------------------------------------------------------------

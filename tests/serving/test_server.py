@@ -271,3 +271,53 @@ def test_admin_reports_the_served_model(client: httpx.Client) -> None:
     doc = client.get("/admin/model").json()
     assert (doc["model"], doc["version"], doc["provider"], doc["ready"]) == (MODEL, 1, "cpu", True)
 
+
+
+def test_a_body_without_content_length_is_refused_once_past_the_limit(client: httpx.Client) -> None:
+    """A chunked body (no Content-Length) is counted as it arrives, and refused when it passes
+    MODELLOOP_SERVING_MAX_BODY_BYTES (the shared server's is 200,000), in the same shape."""
+    def chunks() -> Any:
+        yield b'{"instances": ['
+        for _ in range(30):
+            yield b" " * 10_000
+        yield b"]}"
+
+    resp = client.post("/predict", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert resp.json() == {"error": "body: the body is more than the limit of 200000 (MODELLOOP_SERVING_MAX_BODY_BYTES)",
+                           "code": "body_too_large", "field": "body",
+                           "errors": ["body: the body is more than the limit of 200000 "
+                                      "(MODELLOOP_SERVING_MAX_BODY_BYTES)"]}
+
+
+def test_an_unexpected_failure_answers_500_with_the_id_its_log_line_names(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a route (here a handler that raises) is logged with its traceback under an error
+    id, counted, and answered 500 naming that id, in the shape every refusal has."""
+    from prometheus_client import CollectorRegistry
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.app import Routes
+    from serving.settings import ServingSettings
+    from serving.state import ServingState
+
+    metrics = CollectorRegistry()
+    state = ServingState(ServingSettings(home=tmp_path), metrics)
+    state.jobs.close()
+
+    async def broken(request: Any, state: ServingState) -> Any:
+        raise RuntimeError("a bug")
+
+    app = Starlette(routes=[Route("/x", Routes(state).guarded("x", broken, auth=False), methods=["GET"])])
+    with caplog.at_level("ERROR", logger="serving.app"):
+        resp = TestClient(app).get("/x")
+    assert resp.status_code == 500
+    body = resp.json()
+    error_id = body["error_id"]
+    assert body["error"] == f"internal error {error_id}: the server's log has its traceback"
+    assert (body["code"], body["field"]) == ("internal", None)
+    (record,) = [r for r in caplog.records if error_id in r.getMessage()]
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+    assert metrics.get_sample_value("modelloop_serving_errors_total", {"model": "", "reason": "internal"}) == 1.0
