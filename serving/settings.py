@@ -73,8 +73,8 @@ class ServingSettings(HomeSettings):
     sample's rule (modelloop/sampling.py), so a request is shadowed on every worker or on none,
     and never one whose production event the sample leaves out. Requests marked as to be
     labelled (``X-Modelloop-Label-Expected: 1``) are always shadowed. On two busy cores, scoring every
-    row took 10-25% of the champion's requests a second; the live gate needs labelled rows
-    scored by both, not every row (BENCHMARKS.md)."""
+    row cost the champion 4-24% of its requests a second in the runs of BENCHMARKS.md; the live
+    gate needs labelled rows scored by both, not every row."""
 
     shadow_queue_rows: PositiveInt = 4096
     """Rows of production batches waiting for the challenger at most; a batch beyond it is not
