@@ -266,20 +266,24 @@ def test_a_checks_time_window_reads_are_bounded_and_take_the_newest(store: Event
 
 
 def test_the_labelled_read_goes_through_the_index_of_labelled_events(tmp_path: Path) -> None:
-    """SQLite's plan for a version's labelled events uses the partial index (its rows are the
-    labelled events only), and the latencies the (model, ts) index, neither the whole table."""
+    """SQLite's plan for the statements the store runs (traced, values bound) for a version's
+    labelled events uses the partial index (its rows are the labelled events only), and for the
+    latencies the (model, ts) index, neither a sort of the whole table."""
     store = open_store(f"sqlite:///{tmp_path / 'plan.db'}")
+    ran: list[str] = []
     try:
+        store._reader().set_trace_callback(ran.append)
+        store.labelled_version("m", 1, since=0.0, limit=10, features=False)
+        store.latencies("m", since=0.0, limit=10)
+        store._reader().set_trace_callback(None)
+        plans = []
         with store._read() as cur:
-            cur.execute("EXPLAIN QUERY PLAN SELECT version, ts FROM modelloop_events WHERE model = ? AND version = ? "
-                        "AND label IS NOT NULL AND ambiguous = 0 AND ts >= ? ORDER BY ts DESC LIMIT 10",
-                        ("m", 1, 0.0))
-            labelled = " ".join(str(r) for r in cur.fetchall())
-            cur.execute("EXPLAIN QUERY PLAN SELECT latency_s FROM modelloop_events WHERE model = ? AND ts >= ? "
-                        "ORDER BY ts DESC LIMIT 10", ("m", 0.0))
-            latencies = " ".join(str(r) for r in cur.fetchall())
+            for sql in ran:
+                cur.execute(f"EXPLAIN QUERY PLAN {sql}")
+                plans.append(" ".join(str(r) for r in cur.fetchall()))
     finally:
         store.close()
+    labelled, latencies = plans
     assert "events_labelled" in labelled and "TEMP B-TREE" not in labelled, labelled
     assert "events_mts" in latencies and "TEMP B-TREE" not in latencies, latencies
 
