@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -184,17 +184,36 @@ class ModelCatalog:
 
 _batch_adapter = TypeAdapter(EventBatch)
 _columns_adapter = TypeAdapter(ColumnBatch)
-SampleNote = Callable[[str, int, float], None]  # (model, rows seen, share): see parse_events
 _COLUMNS = re.compile(rb'^\s*\{\s*"columns"\s*:')
 
 
+class Sampled(NamedTuple):
+    """What a column group says of serving's event sample: the predictions of ``model`` that
+    its rows stand for (``seen``: theirs and those the sample left out) and the share they were
+    sent under (:class:`~modelloop.schemas.EventColumns`)."""
+
+    model: str
+    seen: int
+    share: float
+
+
+class ParsedEvents(NamedTuple):
+    """A valid ``POST /events`` body: the rows to store, and what each of its column groups
+    says of serving's sample. Parsing only reports the latter: it is told to the
+    :class:`~monitoring.sampling.SampleBook` once the rows are committed
+    (:meth:`monitoring.sidecar.Sidecar.stored_events` says which)."""
+
+    rows: list[EventRow]
+    sampled: list[Sampled]
+
+
 def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
-                 bounds: TimeBounds = TimeBounds(), note: SampleNote | None = None) -> list[EventRow]:
+                 bounds: TimeBounds = TimeBounds()) -> ParsedEvents:
     """Validate a ``{"events": [...]}`` or ``{"columns": [...]}`` body (serving sends columns);
-    the rows to store, or :class:`InputError`. ``note(model, seen, share)`` is told, per column
-    group of a valid body, the rows it stands for and the share serving sampled them at."""
+    the rows to store and what serving's sample says of them (the events form says nothing), or
+    :class:`InputError`."""
     if _COLUMNS.match(body):
-        return parse_columns(body, catalog, received_at, bounds, note)
+        return parse_columns(body, catalog, received_at, bounds)
     batch = _validate(_batch_adapter, body, _count_events)
     events = batch.events
     errors: list[tuple[int, str]] = []
@@ -241,7 +260,7 @@ def parse_events(body: bytes, catalog: ModelCatalog, received_at: float,
         reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
         raise InputError(422, reason, [m for _, m in errors], len(events))
     rows.sort(key=lambda r: r[0])
-    return [r for _, r in rows]
+    return ParsedEvents([r for _, r in rows], [])
 
 
 VersionKey = tuple[str, int]
@@ -315,9 +334,10 @@ def _validate(adapter: TypeAdapter[Any], body: bytes, count: Callable[[bytes], i
 
 
 def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
-                  bounds: TimeBounds = TimeBounds(), note: SampleNote | None = None) -> list[EventRow]:
+                  bounds: TimeBounds = TimeBounds()) -> ParsedEvents:
     """Validate a :class:`ColumnBatch` body: the schema, then each group against its model
-    version with whole-matrix checks; errors name ``columns[g].field[row]``."""
+    version with whole-matrix checks; errors name ``columns[g].field[row]``. A shadow group
+    says nothing of the sample: a challenger's answers stand for no prediction made."""
     batch = _validate(_columns_adapter, body, _count_rows)
     errors: list[str] = []
     reasons: set[str] = set()
@@ -355,11 +375,8 @@ def parse_columns(body: bytes, catalog: ModelCatalog, received_at: float,
     if errors:
         reason = next(r for r in ("unknown_model", "wrong_shape", "invalid_event") if r in reasons)
         raise InputError(422, reason, errors, total)
-    if note is not None:
-        for g in batch.columns:
-            if g.mode != MODE_SHADOW:  # a challenger's answers stand for no prediction made
-                note(g.model, sum(g.rows) if g.seen is None else g.seen, g.share)
-    return rows
+    return ParsedEvents(rows, [Sampled(g.model, sum(g.rows) if g.seen is None else g.seen, g.share)
+                               for g in batch.columns if g.mode != MODE_SHADOW])
 
 
 _event_row = functools.partial(tuple.__new__, EventRow)
@@ -658,7 +675,7 @@ def release_freed_memory() -> None:
 class _Pending:
     body: bytes
     future: Future[tuple[int, Stored]] = field(default_factory=Future)
-    rows: list[EventRow] = field(default_factory=list)
+    parsed: ParsedEvents = field(default_factory=lambda: ParsedEvents([], []))
 
 
 class GroupCommitWriter:
@@ -670,10 +687,16 @@ class GroupCommitWriter:
     writer at every row, since SQLite hands the GIL back between rows.
     """
 
-    def __init__(self, store: EventStore, parse: Callable[[bytes], list[EventRow]],
-                 max_batches: int = 64) -> None:
+    def __init__(self, store: EventStore, parse: Callable[[bytes], ParsedEvents],
+                 max_batches: int = 64,
+                 on_stored: Callable[[ParsedEvents, Stored], None] | None = None) -> None:
+        """``on_stored(parsed, stored)`` is called on this thread for each batch once it is
+        committed (what the batch was, what it came to in the store), before its caller's future
+        resolves; never for a batch refused or not stored. So what follows from a batch besides
+        its rows follows once it is stored, not from each try of the sender."""
         self.store = store
         self.parse = parse
+        self.on_stored = on_stored
         self.max_batches = max_batches
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
@@ -725,7 +748,7 @@ class GroupCommitWriter:
         valid = []
         for p in group:
             try:
-                p.rows = self.parse(p.body)
+                p.parsed = self.parse(p.body)
             except Exception as exc:  # this batch only is refused (InputError) or failed (a bug)
                 p.future.set_exception(exc)
                 continue
@@ -733,7 +756,7 @@ class GroupCommitWriter:
         if not valid:
             return
         try:
-            new = self.store.insert_batches([p.rows for p in valid])
+            new = self.store.insert_batches([p.parsed.rows for p in valid])
         except Exception as exc:
             log.error("could not store %d event batches: %s", len(valid), exc)
             for p in valid:
@@ -742,7 +765,16 @@ class GroupCommitWriter:
                 p.future.set_exception(failure)
             return
         for p, stored in zip(valid, new, strict=True):
-            p.future.set_result((len(p.rows), stored))
+            self._stored(p.parsed, stored)
+            p.future.set_result((len(p.parsed.rows), stored))
+
+    def _stored(self, parsed: ParsedEvents, stored: Stored) -> None:
+        if self.on_stored is None:
+            return
+        try:
+            self.on_stored(parsed, stored)
+        except Exception:  # the events are committed: a failing hook must not say otherwise
+            log.exception("the writer's on_stored hook failed")
 
     def close(self, timeout: float = 20.0) -> None:
         """Stop taking batches and commit every one already queued (the shutdown flush)."""

@@ -53,7 +53,7 @@ class MonitorMetrics:
         self.feedback = c("modelloop_feedback_total", "Labels received (joined, unknown, "
                           "duplicate, ambiguous, not_sampled).", ("model", "result"))
         self.events_seen = c("modelloop_events_seen_total", "Rows serving predicted that the "
-                             "events received stand for, those its sample left out included.",
+                             "events stored stand for, those its sample left out included.",
                              ("model",))
         self.events_sample_share = g("modelloop_events_sample_share_ratio", "Share of the model's "
                                      "rows whose events serving sends (its last events said).",

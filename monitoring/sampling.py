@@ -39,7 +39,8 @@ class SampleBook:
         self._lock = threading.Lock()
 
     def note(self, model: str, seen: int, share: float, now: float) -> None:
-        """Events of ``model`` that stand for ``seen`` predicted rows came, sent under ``share``."""
+        """Events of ``model`` that stand for ``seen`` predicted rows were stored, sent under
+        ``share`` (:meth:`monitoring.sidecar.Sidecar.stored_events` says when)."""
         self.metrics.events_seen.labels(model).inc(seen)
         self.metrics.events_sample_share.labels(model).set(share)
         hour = int(now // _BUCKET_S)

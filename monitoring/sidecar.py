@@ -34,6 +34,7 @@ from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
     ModelCatalog,
+    ParsedEvents,
     TimeBounds,
     parse_events,
     parse_feedback,
@@ -49,7 +50,7 @@ from monitoring.jobs import (
 )
 from monitoring.metrics import MonitorMetrics
 from monitoring.policy import Firing, Policy, PolicyEngine, load_policy
-from monitoring.records import EventRow, JobRecord, JobStatus, Requester, Stored
+from monitoring.records import JobRecord, JobStatus, Requester, Stored
 from monitoring.sampling import SampleBook
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore, open_store, redact_url
@@ -184,7 +185,7 @@ class Sidecar:
         self.engine = PolicyEngine(self.policy)
         self.store = open_store(s.store_dsn, s.store_table_prefix, s.sqlite_synchronous)
         self.catalog = ModelCatalog(Registry(s.registry_dir), s.models)
-        self.writer = GroupCommitWriter(self.store, self.parse_events)
+        self.writer = GroupCommitWriter(self.store, self.parse_events, on_stored=self.stored_events)
         self.jobs = JobManager(self.store, build_trigger(s), self.metrics,
                                command=s.retrain_command, commands=s.retrain_commands,
                                window_s=s.job_window_s,
@@ -254,11 +255,39 @@ class Sidecar:
     def time_bounds(self) -> TimeBounds:
         return TimeBounds(self.settings.retention_max_age_s, self.settings.max_clock_skew_s)
 
-    def parse_events(self, body: bytes) -> list[EventRow]:
+    def parse_events(self, body: bytes) -> ParsedEvents:
         """A ``POST /events`` body as rows to store (the writer thread calls it)."""
+        return parse_events(body, self.catalog, self.clock(), self.time_bounds)
+
+    def stored_events(self, parsed: ParsedEvents, stored: Stored) -> None:
+        """Tell the sample book what a committed batch says of serving's sample (the writer
+        thread, after the commit and before the sender is answered), so that
+        ``modelloop_events_seen_total`` counts each prediction once:
+
+        * A try whose commit failed tells nothing: nothing of it was stored (503), and serving
+          sends it again.
+        * A batch sent again (its acknowledgement was lost) stores no new rows: what its groups
+          stand for was counted when it was first stored, so a model's ``seen`` is counted only
+          when some of its rows in the batch are new. The store decides, so a re-send that
+          reaches another replica sharing the store is not counted there either. Serving's
+          batches are never partly new: it sends the same batch again, at most less its oldest
+          rows (dropped meanwhile from a full buffer or for their age), and a batch is committed
+          whole. A model whose every row was refused as ambiguous (its ids hold other
+          predictions) is not counted; its events are not stored either.
+        * Every group has rows (a request of one row at least: the schema takes no other), so no
+          ``seen`` comes without rows that tell a first send from a re-send: serving keeps the
+          count of rows its sample left out, when it sends none, for the model's next group.
+        * Shadow groups say nothing (:func:`~monitoring.ingest.parse_columns`): a challenger's
+          answers are to requests the champion's groups count, and ``stored.new`` leaves them
+          out too.
+        * The share is noted for re-sends too: the book keeps the largest per hour, so a share
+          noted twice counts once, and a sidecar restarted between a commit and its
+          acknowledgement learns it back.
+        """
         now = self.clock()
-        return parse_events(body, self.catalog, now, self.time_bounds,
-                            lambda model, seen, share: self.samples.note(model, seen, share, now))
+        for group in parsed.sampled:
+            seen = group.seen if stored.new.get(group.model) else 0
+            self.samples.note(group.model, seen, group.share, now)
 
     def parse_feedback(self, body: bytes) -> tuple[list[Feedback], bool]:
         """A ``POST /feedback`` body, its timestamps within :attr:`time_bounds`."""

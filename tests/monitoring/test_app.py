@@ -3,10 +3,12 @@ and trigger)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +92,61 @@ def test_events_are_acknowledged_once_stored(client: httpx.Client, sidecar: Side
     again = client.post("/events", json={"events": events[:10]})  # a re-sent batch
     assert again.json() == {"accepted": 10, "new": 0, "ambiguous": 0}
     assert metric(client, "modelloop_events_ingested_total", model="churn") == 50
+
+
+def column_group(request_ids: list[str], rows: list[int], seen: int) -> dict[str, Any]:
+    """A column group of churn v1 as serving sends it: its requests' rows, and the ``seen``
+    predictions they stand for (serving's sample, at a quarter, left the others out)."""
+    n = sum(rows)
+    return {"model": "churn", "version": 1, "request_ids": request_ids, "first_row": [0] * len(rows),
+            "rows": rows, "timestamp": [time.time()] * len(rows), "latency_s": [0.01] * len(rows),
+            "features": [[0.5] * 20] * n, "prediction": [1] * n, "probabilities": [[0.3, 0.7]] * n,
+            "seen": seen, "share": 0.25}
+
+
+def less_the_first_request(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` without its first request (serving dropped it, the oldest, from a full buffer
+    while the batch waited to be sent again; the group keeps its ``seen``)."""
+    n = group["rows"][0]
+    return {**group, **{k: group[k][1:] for k in ("request_ids", "first_row", "rows", "timestamp",
+                                                   "latency_s")},
+            **{k: group[k][n:] for k in ("features", "prediction", "probabilities")}}
+
+
+# what serving sends again when a batch's acknowledgement was lost
+RESENDS = [
+    # the same batch
+    lambda group: group,
+    # the batch less its oldest request
+    less_the_first_request,
+]
+
+
+@pytest.mark.parametrize("resend", RESENDS, ids=["same", "trimmed"])
+def test_predictions_seen_are_counted_once_per_stored_batch(
+        client: httpx.Client, resend: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    group = column_group(["s1", "s2"], [1, 2], seen=12)
+    assert client.post("/events", json={"columns": [group]}).json() == {"accepted": 3, "new": 3,
+                                                                        "ambiguous": 0}
+    again = client.post("/events", json={"columns": [resend(group)]})  # its rows are stored
+    assert again.status_code == 200 and again.json()["new"] == 0
+    assert metric(client, "modelloop_events_seen_total", model="churn") == 12
+    assert metric(client, "modelloop_events_sample_share_ratio", model="churn") == 0.25
+    assert metric(client, "modelloop_events_ingested_total", model="churn") == 3
+
+
+def test_predictions_seen_of_a_batch_not_stored_are_counted_when_it_is(
+        client: httpx.Client, home: Path) -> None:
+    body = {"columns": [column_group(["f1"], [2], seen=8)]}
+    with contextlib.closing(sqlite3.connect(home / "monitor" / "events.db")) as db:
+        # the store refuses every event (as a full disk would): the body parses, its commit fails
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON modelloop_events "
+                   "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        assert client.post("/events", json=body).status_code == 503  # serving keeps it, retries
+        assert metric(client, "modelloop_events_seen_total", model="churn") == 0
+        db.execute("DROP TRIGGER refuse")
+    assert client.post("/events", json=body).json()["new"] == 2
+    assert metric(client, "modelloop_events_seen_total", model="churn") == 8
 
 
 @pytest.mark.parametrize(

@@ -332,7 +332,7 @@ def test_events_one_object_each_are_checked_and_stored_as_strings(shop_home: Pat
                 "features": features, "prediction": 0, "probabilities": [0.9, 0.1], "latency_s": 0.01}
 
     good = [event(0, [40, "basic", None, "north"]), event(1, [None, None, 2.5, "mars"])]
-    rows = parse_events(orjson.dumps({"events": good}), catalog, 1000.0)
+    rows = parse_events(orjson.dumps({"events": good}), catalog, 1000.0).rows
     assert [orjson.loads(r.features) for r in rows] == [[40.0, "basic", None, "north"],
                                                        [None, None, 2.5, "mars"]]
     bad = [*good, event(2, [40.0, "basic", "12", "north"]), event(3, [40.0, 1, 12.0, "north"])]

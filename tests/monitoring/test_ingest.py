@@ -16,6 +16,7 @@ from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
     ModelCatalog,
+    Sampled,
     parse_events,
     parse_feedback,
     resolve_label,
@@ -42,7 +43,7 @@ def catalog(registered: TrainedModel, home: Path) -> ModelCatalog:
 
 
 def test_a_valid_batch_becomes_rows(catalog: ModelCatalog) -> None:
-    rows = parse_events(body(event(), event(request_id="r2", features=[None] * 20)), catalog, 5.0)
+    rows = parse_events(body(event(), event(request_id="r2", features=[None] * 20)), catalog, 5.0).rows
     assert [r.request_id for r in rows] == ["r1", "r2"]
     assert rows[0].received_at == 5.0 and rows[0].version == 1
 
@@ -151,8 +152,8 @@ def test_packed_columns_store_what_the_list_form_stores(catalog: ModelCatalog) -
     as_lists = columns(4, features=[[None if v != v else v for v in row] for row in x.tolist()],
                        prediction=[1, 0, 0, 1], probabilities=p.tolist())
     as_packed = {**as_lists, "features": packed(x), "probabilities": packed(p)}
-    stored = parse_events(column_body(as_packed), catalog, 5.0)
-    assert stored == parse_events(column_body(as_lists), catalog, 5.0)
+    stored = parse_events(column_body(as_packed), catalog, 5.0).rows
+    assert stored == parse_events(column_body(as_lists), catalog, 5.0).rows
     assert len(stored) == 4 and np.isnan(np.frombuffer(stored[1].features)[5])
 
 
@@ -166,7 +167,21 @@ def test_a_column_batch_stores_what_its_events_would(catalog: ModelCatalog) -> N
     events = [e.model_dump() for g in ColumnBatch.model_validate({"columns": groups}).columns
               for e in g.events()]
     assert [e["request_id"] for e in events] == ["a-0", "b-7", "job-4000", "job-4001", "job-4002"]
-    assert parse_events(column_body(*groups), catalog, 5.0) == parse_events(body(*events), catalog, 5.0)
+    assert parse_events(column_body(*groups), catalog, 5.0).rows == parse_events(body(*events), catalog, 5.0).rows
+
+
+def test_column_groups_say_what_they_stand_for_and_shadow_groups_do_not(catalog: ModelCatalog) -> None:
+    parsed = parse_events(column_body(
+        # no seen: every row of its two requests was sent
+        columns(2, request_ids=["a", "b"], first_row=[0, 0], rows=[1, 1], timestamp=[1.0, 1.0],
+                latency_s=[0.01, 0.01]),
+        # a sixteenth sent: these 3 rows stand for 40 predictions
+        columns(request_ids=["c"], seen=40, share=0.0625),
+        # the challenger's answers to c: no prediction made
+        columns(mode="shadow", request_ids=["c"], seen=40, share=0.0625)), catalog, 5.0)
+    assert len(parsed.rows) == 8
+    assert parsed.sampled == [Sampled("churn", 2, 1.0), Sampled("churn", 40, 0.0625)]
+    assert parse_events(body(event()), catalog, 5.0).sampled == []  # the events form says nothing
 
 
 @pytest.mark.parametrize(
@@ -255,10 +270,10 @@ def test_column_values_out_of_their_range_are_named(catalog: ModelCatalog, paylo
 def test_a_repeated_request_id_is_left_to_the_store(catalog: ModelCatalog) -> None:
     """A request id twice in one batch (a client sent serving the same X-Request-ID twice)
     does not refuse the batch: every event of it is passed on, and the store decides."""
-    rows = parse_events(body(event(), event(request_id="r2"), event(timestamp=2.0)), catalog, 5.0)
+    rows = parse_events(body(event(), event(request_id="r2"), event(timestamp=2.0)), catalog, 5.0).rows
     assert [(r.request_id, r.ts) for r in rows] == [("r1", 1.0), ("r2", 1.0), ("r1", 2.0)]
     rows = parse_events(column_body(columns(), columns(request_ids=["req"], rows=[1], features=[
-        [0.25] * 20], prediction=[1], probabilities=[[0.3, 0.7]])), catalog, 5.0)
+        [0.25] * 20], prediction=[1], probabilities=[[0.3, 0.7]])), catalog, 5.0).rows
     assert [r.request_id for r in rows] == ["req-0", "req-1", "req-2", "req-0"]
 
 
