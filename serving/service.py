@@ -8,7 +8,8 @@ multiprocess directory), ``/healthz``, ``/livez``, ``/readyz``, its docs UI, and
 Why a front door: BentoML wraps every request in OpenTelemetry tracing, its own HTTP metrics and a
 context middleware. For a small model that costs about three quarters of the throughput (profile
 in docs/serving.md), so by default (``MODELLOOP_SERVING_FAST_PATH=true``) :class:`FrontDoor`
-sends our route prefixes straight to our app and everything else through BentoML's whole stack.
+sends our route prefixes straight to our app, BentoML's own routes through BentoML's whole stack,
+and any other path to our app, which refuses it in the shared JSON error body.
 With the fast path off our app is mounted inside BentoML's app and every request takes its path.
 
 BentoML's ``service_class`` hook is what makes this a BentoML service still: the worker loads
@@ -35,6 +36,7 @@ from typing import Any
 
 import bentoml
 from prometheus_client import CollectorRegistry
+from starlette.routing import Match
 
 from serving.app import OWN_PREFIXES, build_app
 from serving.openapi import merge_into
@@ -83,7 +85,9 @@ def _in_bentoml_worker() -> bool:
 
 
 class FrontDoor:
-    """ASGI dispatch: our prefixes to our app, the rest (and lifespan) to BentoML's."""
+    """ASGI dispatch: our prefixes to our app; BentoML's own routes (``/healthz``, ``/metrics``,
+    its docs UI) and lifespan to BentoML's app; any other path to ours too, which answers it
+    with the shared JSON error (404 ``not_found``) where BentoML would answer in plain text."""
 
     def __init__(self, ours: Any, bento: Any, prefixes: tuple[str, ...] = OWN_PREFIXES) -> None:
         self.ours = ours
@@ -91,10 +95,16 @@ class FrontDoor:
         self.prefixes = prefixes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+        if scope["type"] == "http" and (scope["path"].startswith(self.prefixes)
+                                        or not self._bentos(scope)):
             await self.ours(scope, receive, send)
         else:
             await self.bento(scope, receive, send)
+
+    def _bentos(self, scope: dict[str, Any]) -> bool:
+        """Whether one of BentoML's routes takes the path (whatever the method: BentoML answers
+        a wrong method on its own routes)."""
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.bento.router.routes)
 
 
 class ModelloopService(bentoml.Service):

@@ -210,6 +210,8 @@ def test_auth_is_enforced(server: Server, method: str, path: str, token: str | N
 
 @pytest.mark.parametrize(("method", "path", "status", "code", "field"), [
     ("GET", f"/v2/models/{MODEL}/nothing", 404, "not_found", "path"),   # no such route
+    ("GET", "/nothing", 404, "not_found", "path"),   # no route of ours or of BentoML's: ours answers
+    ("POST", "/static_contentx/a", 404, "not_found", "path"),
     ("GET", "/predict", 405, "method_not_allowed", "method"),
 ])
 def test_refusals_of_no_route_have_the_shared_error_shape(server: Server, method: str, path: str, status: int,
@@ -227,7 +229,8 @@ def test_the_bearer_scheme_is_case_insensitive(server: Server, scheme: str) -> N
     assert resp.status_code == 200, resp.text
 
 
-@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz", "/livez", "/readyz", "/metrics", "/v2"])
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/healthz", "/livez", "/readyz", "/metrics", "/v2",
+                                  "/docs.json", "/"])  # the last two: BentoML's, through the front door
 def test_health_and_metrics_stay_open(server: Server, path: str) -> None:
     assert httpx.get(server.url + path).status_code == 200
 
