@@ -41,7 +41,9 @@ RuntimeFactory = Callable[[ModelVersion], OnnxRuntime]
 
 
 def resolve_model_name(registry: Registry, name: str | None) -> str:
-    """The model to serve: ``name``, or the registry's only model."""
+    """The model a batch command (``modelloop batch score`` and ``explain``) uses: ``name``,
+    or the registry's only model (``modelloop serve`` serves every model instead:
+    :func:`serving.repository.served_names`)."""
     if name:
         return name
     models = registry.models()
@@ -49,7 +51,7 @@ def resolve_model_name(registry: Registry, name: str | None) -> str:
         return models[0]
     found = ", ".join(models) if models else f"none under {registry.root}"
     raise ModelLoadError(
-        "which model to serve? set MODELLOOP_SERVING_MODEL (modelloop serve --name); "
+        "which model? pass --name (or set MODELLOOP_SERVING_MODEL); "
         f"registered models: {found}"
     )
 

@@ -68,6 +68,15 @@ def test_cli_scores_like_predict(main_home: Path, client: httpx.Client, tmp_path
     assert_same(scored, predict_all(client, df))
 
 
+def test_cli_without_a_model_to_pick_says_to_pass_name(tmp_path: Path) -> None:
+    frame(5).to_csv(tmp_path / "in.csv", index=False)
+    done = cli(tmp_path / "empty-home", str(tmp_path / "in.csv"), str(tmp_path / "out.csv"))
+    assert done.returncode != 0
+    assert "which model? pass --name" in done.stderr
+    assert "registered models: none under" in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_cli_resumes_after_being_killed(main_home: Path, tmp_path: Path) -> None:
     df = frame(150_000, seed=3)
     src, out = tmp_path / "in.parquet", tmp_path / "out.csv"
