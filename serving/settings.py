@@ -137,8 +137,8 @@ class ServingSettings(HomeSettings):
     503 and ``Retry-After`` instead of queueing without bound."""
 
     inline_below_s: NonNegativeFloat = 0.0005
-    """A model that runs a full batch (``max_batch_rows``) faster than this, as timed at warm-up,
-    runs on the event loop; a slower one runs on a thread so the loop keeps reading requests."""
+    """A batch the model runs faster than this, as timed at warm-up, runs on the event loop; a
+    slower one on a thread, so the loop keeps reading requests meanwhile."""
 
     # -- request limits and validation -------------------------------------------------------------
     max_rows_per_request: PositiveInt = 10000

@@ -11,7 +11,7 @@ import pytest
 
 from modelloop.registry import Registry
 from serving.batcher import AdaptiveBatcher, Overloaded
-from serving.runtime import OnnxRuntime
+from serving.runtime import CostModel, OnnxRuntime
 from tests.serving.onnx_models import register_mlp
 
 
@@ -65,6 +65,35 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows(
     assert sum(calls.rows) == sum(len(x) for x in inputs)
     assert len(calls.rows) < len(inputs)  # merged
     assert max(calls.rows) <= 64
+
+
+def test_each_batch_is_judged_inline_or_threaded_by_its_own_size(
+        runtimes: tuple[OnnxRuntime, OnnxRuntime], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch the cost model puts below ``inline_below_s`` runs on the event loop's thread, a
+    larger one of the same model on the batcher's ONNX Runtime thread."""
+    import threading
+
+    rt = runtimes[0]
+    threads: dict[int, str] = {}
+    real = rt.predict
+
+    def predict(x: np.ndarray) -> dict[str, np.ndarray]:  # the real call, noting where it ran
+        threads[len(x)] = threading.current_thread().name
+        return real(x)
+
+    monkeypatch.setattr(rt, "predict", predict)
+    monkeypatch.setattr(rt, "cost", CostModel(fixed_s=0.0001, per_row_s=0.00001))
+
+    async def main() -> None:  # 1 row: 0.11 ms, below the bound; 50 rows: 0.6 ms, above
+        b = AdaptiveBatcher(max_batch_rows=64, inline_below_s=0.0002)
+        await b.start()
+        await b.predict(rt, rows(1, 0))
+        await b.predict(rt, rows(50, 1))
+        await b.stop()
+
+    run(main)
+    assert threads[1] == threading.main_thread().name
+    assert threads[50].startswith("ort")
 
 
 def test_max_batch_rows_and_oversized_requests(runtimes: tuple[OnnxRuntime, OnnxRuntime]) -> None:

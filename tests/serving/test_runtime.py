@@ -34,6 +34,29 @@ def forward(mlp: object, x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def test_a_model_loaded_beside_a_busy_event_loop_is_still_judged_cheap(registry: Registry) -> None:
+    """A model loads on a thread while the event loop keeps the GIL busy (a lazy load or a swap
+    under load). Its cost model decides whether a batch runs inline or on a thread (the batcher's
+    ``inline_below_s``, 0.5 ms by default), so it must not count the waits for the GIL: here
+    each call of a model of a few microseconds waits for a thread that runs Python bytecode,
+    which gives the GIL up only at the 5 ms switch interval (timed by the wall clock, a 1-row
+    batch was judged at several milliseconds)."""
+    import threading
+
+    quiet = OnnxRuntime(registry.get("clf"), provider="cpu", threads=1).load().cost
+    loaded: list[OnnxRuntime] = []
+    loader = threading.Thread(target=lambda: loaded.append(
+        OnnxRuntime(registry.get("clf"), provider="cpu", threads=1).load()))
+    loader.start()
+    while loader.is_alive():  # the busy loop: bytecode, which holds the GIL for whole intervals
+        total = 0
+        for i in range(20_000):
+            total += i
+    busy = loaded[0].cost
+    assert quiet.estimate(1) < 0.0001  # the premise: a small model
+    assert busy.estimate(1) < 0.0005, (quiet, busy)
+
+
 def test_lifecycle_load_ready_predict_unload(registry: Registry) -> None:
     rt = OnnxRuntime(registry.get("clf"), provider="cpu", threads=1)
     assert not rt.ready
