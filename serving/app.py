@@ -554,5 +554,6 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
                                        f"method: {request.method} is not allowed on {request.url.path}"))
 
 
-# Paths the front door in serving/service.py sends to this app rather than to BentoML's.
+# Paths the front door in serving/service.py sends straight to this app (it sends BentoML's own
+# routes to BentoML, and any other path here too).
 OWN_PREFIXES = ("/predict", "/models/", "/v2", "/batch/", "/admin/", "/explain")

@@ -7,8 +7,9 @@ the next call takes them together, so batches grow with the load and add no fixe
 (``max_wait_s`` lets a batch wait for more while requests keep arriving, for heavy models).
 
 A batch the warm-up cost model expects to run in less than ``inline_below_s`` runs on the event
-loop, where a thread hand-off would cost more than the call; a slower one runs on a thread so the
-loop keeps reading requests (and filling the next batch) meanwhile.
+loop, where a thread hand-off would cost more than the call; a slower one, and every batch of a
+heavy model, runs on a thread so the loop keeps reading requests (and filling the next batch)
+meanwhile.
 
 The batcher only merges and splits. A request may carry an opaque ``tag``; after each call the
 rows of the tagged requests go, with their tags, to one hook (``on_tagged``: the serving state
@@ -42,6 +43,12 @@ from serving.predictions import Predictions, interpret
 from serving.runtime import OnnxRuntime
 
 logger = logging.getLogger(__name__)
+
+
+HEAVY_BATCHES = 8
+"""A model whose full batch (``max_batch_rows``) would take more than this many times
+``inline_below_s`` (4 ms at the defaults; the benchmark's 4x1024 MLP takes about 10) is heavy:
+all its batches run on the ONNX Runtime thread (:meth:`AdaptiveBatcher._inline`)."""
 
 
 class Overloaded(Exception):
@@ -206,18 +213,26 @@ class AdaptiveBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
 
+    def _inline(self, runtime: OnnxRuntime, rows: float) -> bool:
+        """Whether a batch of ``rows`` runs on the event loop: when the cost model expects it
+        below ``inline_below_s``, unless the model is heavy, its full batch past
+        ``HEAVY_BATCHES`` times that. A heavy model always runs on the thread, so the loop keeps
+        reading requests while it runs and they pile up into its next batch (run inline, even
+        its small batches held the loop, and its batches stayed small). A light one's batches
+        run inline by their own size: judged at the full batch, a cost model fitted under load
+        (0.2-0.7 ms for a 0.08 ms model, its calls slowed by the load sharing the cores) sent
+        every batch of a small model through a hand-off: 0.73x against 0.79x req/s over 10
+        models in BENCHMARKS.md, where batches hold a row or two."""
+        cost = runtime.cost
+        return (cost.estimate(rows) < self.inline_below_s
+                and cost.estimate(self.max_batch_rows) < HEAVY_BATCHES * self.inline_below_s)
+
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         runtime = items[0].runtime
         x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
         rows = len(x)
         start = time.perf_counter()
-        # Judged at this batch: a small model's batches run inline whatever the load, and a
-        # heavier one's once they grow past the bound, on a thread (which keeps reading requests
-        # meanwhile). Judged at the largest batch instead, a cost model fitted under load (0.2-0.7
-        # ms for a 0.08 ms model, its calls slowed by the load they share the cores with) sent a
-        # small model's every batch through a hand-off: 0.73x against 0.81x req/s over 10
-        # models in BENCHMARKS.md, where batches hold a row or two.
-        if runtime.cost.estimate(runtime.work_rows(x)) < self.inline_below_s:
+        if self._inline(runtime, runtime.work_rows(x)):
             outputs = runtime.predict(x)
         else:
             outputs = await loop.run_in_executor(self._executor, runtime.predict, x)

@@ -49,11 +49,10 @@ def resolve_model_name(registry: Registry, name: str | None) -> str:
     models = registry.models()
     if len(models) == 1:
         return models[0]
-    found = ", ".join(models) if models else f"none under {registry.root}"
-    raise ModelLoadError(
-        "which model? pass --name (or set MODELLOOP_SERVING_MODEL); "
-        f"registered models: {found}"
-    )
+    if not models:
+        raise ModelLoadError(f"no model is registered under {registry.root}")
+    raise ModelLoadError(f"which model? pass --name (or set MODELLOOP_SERVING_MODEL); "
+                         f"registered models: {', '.join(models)}")
 
 
 def runtime_factory(settings: ServingSettings) -> RuntimeFactory:

@@ -103,8 +103,12 @@ class FrontDoor:
 
     def _bentos(self, scope: dict[str, Any]) -> bool:
         """Whether one of BentoML's routes takes the path (whatever the method: BentoML answers
-        a wrong method on its own routes)."""
-        return any(route.matches(scope)[0] is not Match.NONE for route in self.bento.router.routes)
+        a wrong method on its own routes), or takes it with its trailing slash added or removed
+        (BentoML's router redirects ``/healthz/`` to ``/healthz``)."""
+        path = scope["path"]
+        paths = [path] if path == "/" else [path, path[:-1] if path.endswith("/") else path + "/"]
+        return any(route.matches({**scope, "path": p})[0] is not Match.NONE
+                   for p in paths for route in self.bento.router.routes)
 
 
 class ModelloopService(bentoml.Service):

@@ -138,7 +138,8 @@ class ServingSettings(HomeSettings):
 
     inline_below_s: NonNegativeFloat = 0.0005
     """A batch the model runs faster than this, as timed at warm-up, runs on the event loop; a
-    slower one on a thread, so the loop keeps reading requests meanwhile."""
+    slower one on a thread, so the loop keeps reading requests meanwhile, as does every batch of
+    a model whose full batch takes 8 times this (serving/batcher.py ``HEAVY_BATCHES``)."""
 
     # -- request limits and validation -------------------------------------------------------------
     max_rows_per_request: PositiveInt = 10000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,14 @@ def test_a_model_loaded_beside_a_busy_event_loop_is_still_judged_cheap(registry:
     each call of a model of a few microseconds waits for a thread that runs Python bytecode,
     which gives the GIL up only at the 5 ms switch interval (timed by the wall clock, a 1-row
     batch was judged at several milliseconds)."""
-    import threading
-
     quiet = OnnxRuntime(registry.get("clf"), provider="cpu", threads=1).load().cost
-    loaded: list[OnnxRuntime] = []
-    loader = threading.Thread(target=lambda: loaded.append(
-        OnnxRuntime(registry.get("clf"), provider="cpu", threads=1).load()))
-    loader.start()
-    while loader.is_alive():  # the busy loop: bytecode, which holds the GIL for whole intervals
-        total = 0
-        for i in range(20_000):
-            total += i
-    busy = loaded[0].cost
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(lambda: OnnxRuntime(registry.get("clf"), provider="cpu", threads=1).load())
+        while not loading.done():  # the busy loop: bytecode, which holds the GIL for whole intervals
+            total = 0
+            for i in range(20_000):
+                total += i
+        busy = loading.result().cost  # (a failed load raises here)
     assert quiet.estimate(1) < 0.0001  # the premise: a small model
     assert busy.estimate(1) < 0.0005, (quiet, busy)
 

@@ -235,6 +235,11 @@ def test_health_and_metrics_stay_open(server: Server, path: str) -> None:
     assert httpx.get(server.url + path).status_code == 200
 
 
+def test_bentomls_routes_keep_their_trailing_slash_redirect(server: Server) -> None:
+    resp = httpx.get(server.url + "/healthz/")
+    assert resp.status_code == 307 and resp.headers["location"].endswith("/healthz")
+
+
 def test_events_reach_the_sidecar_with_joinable_ids(client: httpx.Client, server: Server, sidecar: Sidecar) -> None:
     resp = client.post("/predict", json={"instances": rows(3, seed=11).tolist()}, headers={"X-Request-ID": "evt-1"})
     assert resp.status_code == 200
