@@ -16,6 +16,7 @@ from monitoring.ingest import (
     GroupCommitWriter,
     InputError,
     ModelCatalog,
+    ParsedEvents,
     Sampled,
     parse_events,
     parse_feedback,
@@ -365,4 +366,39 @@ def test_group_commit_merges_concurrent_batches_and_flushes_on_close(
     late = writer.submit(body(event(request_id="late")))
     with pytest.raises(RuntimeError, match="shutting down"):
         late.result()
+    store.close()
+
+
+def test_the_writer_tells_on_stored_of_each_committed_batch_only(tmp_path: Path, catalog: ModelCatalog) -> None:
+    """``on_stored`` follows the commit: not for a refused batch, once per batch of a group
+    commit (a copy of a batch in the same commit comes to nothing new), and a failing hook
+    neither loses the batch nor its acknowledgement."""
+    store = open_store(f"sqlite:///{tmp_path / 'e.db'}")
+    gate, told = threading.Event(), []
+    first = column_body(columns(2, request_ids=["gate"], seen=5, share=0.5))
+    copied = column_body(columns(3, request_ids=["copied"], seen=12, share=0.25))
+
+    def parse(b: bytes) -> ParsedEvents:
+        if b == first:
+            gate.wait(10)  # holds the writer, so the next bodies queue up into one group commit
+        return parse_events(b, catalog, 0.0)
+
+    def on_stored(parsed: ParsedEvents, stored: Stored) -> None:
+        told.append((parsed.sampled, stored.new))
+        if len(told) == 1:
+            raise RuntimeError("a failing hook")
+
+    writer = GroupCommitWriter(store, parse, on_stored=on_stored)
+    held = writer.submit(first)
+    queued = [writer.submit(copied), writer.submit(copied), writer.submit(column_body(columns(2, version=0)))]
+    gate.set()
+    writer.close()
+    assert held.result() == (2, Stored({"churn": 2}))  # acknowledged though its hook failed
+    assert [f.result() for f in queued[:2]] == [(3, Stored({"churn": 3})), (3, Stored({"churn": 0}))]
+    with pytest.raises(InputError):
+        queued[2].result()
+    assert told == [([Sampled("churn", 5, 0.5)], {"churn": 2}),
+                    ([Sampled("churn", 12, 0.25)], {"churn": 3}),
+                    ([Sampled("churn", 12, 0.25)], {"churn": 0})]  # the refused batch: not told
+    assert store.count_events() == 5
     store.close()
