@@ -256,9 +256,10 @@ class OnnxRuntime:
         # The first runs allocate and (on GPU) build kernels; time the later ones for the cost model.
         # A model often loads on a thread while the event loop serves (lazily, or a swap under
         # load). The wall clock then counts the wait for the GIL after each call, up to the
-        # switch interval: a 0.08 ms model was judged at 5-21 ms. On the CPU provider a call's
-        # work is this thread's CPU time (ONNX Runtime's caller takes part in its pool), which
-        # that wait leaves out; on a GPU it is not, and the wall clock stays.
+        # switch interval: a model that runs a full batch in 0.08 ms was judged at 5-21 ms. On
+        # the CPU provider a call's work is this thread's CPU time (ONNX Runtime's caller takes
+        # part in its pool and spin-waits for the pool's threads), which that wait leaves out;
+        # on a GPU it is not, and the wall clock stays.
         timings: list[tuple[int, float]] = []
         on_cpu = self.active_provider == "cpu"
         for rows in self.warmup_rows:
