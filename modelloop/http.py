@@ -136,13 +136,15 @@ EXCEPTION_HANDLERS: Mapping[Any, ExceptionHandler] = {
 """``Starlette(exception_handlers=EXCEPTION_HANDLERS)``: every refusal in the one shape."""
 
 
-def internal_error(log: logging.Logger, request: Request, exc: BaseException,
+def internal_error(log: logging.Logger, request: Request | str, exc: BaseException,
                    where: str) -> ApiError:
     """The 500 for ``exc``, an error nobody expected: logged on ``log`` with its traceback under
     a new error id, which the answer names, so the sender's answer finds the log line
-    (``where``: the log, e.g. ``"the sidecar's log"``)."""
+    (``where``: the log, e.g. ``"the sidecar's log"``). ``request``: the HTTP request that
+    failed, or what names one outside HTTP (``"gRPC ModelInferRequest"``)."""
     error_id = uuid.uuid4().hex[:16]
-    log.error("error %s: %s %s failed", error_id, request.method, request.url.path, exc_info=exc)
+    what = request if isinstance(request, str) else f"{request.method} {request.url.path}"
+    log.error("error %s: %s failed", error_id, what, exc_info=exc)
     return ApiError(500, "internal", None, f"internal error {error_id}: {where} has its traceback",
                     extra={"error_id": error_id})
 

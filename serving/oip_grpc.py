@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
 
+from modelloop.http import internal_error
 from serving import oip
 from serving.app import Routes, error_reason
 from serving.batcher import Overloaded, retry_after_header
@@ -187,13 +187,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"overloaded: {exc}; retry later")
         except grpc.aio.AbortError:
             raise
-        except Exception:
+        except Exception as exc:  # a bug: logged under an id the message names, as the REST routes' 500
             code = 500
-            error_id = uuid.uuid4().hex[:16]  # (as the REST routes' 500: modelloop.http.internal_error)
-            logger.exception("error %s: gRPC %s failed", error_id, type(request).__name__)
+            error = internal_error(logger, f"gRPC {type(request).__name__}", exc, "the server's log")
             state.count_error(self._label(request), "internal")
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error {error_id}: the server's log has its traceback")
+            await context.abort(grpc.StatusCode.INTERNAL, error.message)
         finally:
             if route:
                 state.observe_request(self._label(request), route, code, time.perf_counter() - start)

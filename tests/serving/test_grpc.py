@@ -359,3 +359,52 @@ def test_a_taken_grpc_port_stops_the_server_naming_the_setting(main_home: Path, 
     text = out.decode(errors="replace")
     assert proc.returncode == 1, text
     assert f"MODELLOOP_SERVING_GRPC_PORT: cannot listen on 127.0.0.1:{port}" in text.splitlines()[-1], text
+
+
+def test_an_unexpected_failure_answers_internal_with_the_id_its_log_line_names(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As over REST: a bug in a call (here one that raises) is logged with its traceback under an
+    error id, counted, and answered INTERNAL with a message naming that id (a real gRPC server
+    in this process)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.oip_grpc import InferenceServicer
+    from serving.proto import predict_v2_pb2 as spb
+    from serving.proto import predict_v2_pb2_grpc as spb_grpc
+    from serving.settings import ServingSettings
+    from serving.state import ServingState
+
+    metrics = CollectorRegistry()
+    state = ServingState(ServingSettings(home=tmp_path), metrics)
+    state.jobs.close()
+
+    class Broken(InferenceServicer):
+        async def ServerMetadata(self, request: Any, context: Any) -> Any:
+            async def call(request: Any, context: Any) -> Any:
+                raise RuntimeError("a bug")
+            return await self._guarded(request, context, call, auth=False)
+
+    async def main() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server()
+        spb_grpc.add_GRPCInferenceServiceServicer_to_server(Broken(state), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await spb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(spb.ServerMetadataRequest())
+                return info.value
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level("ERROR", logger="serving.oip_grpc"):
+        error = asyncio.run(main())
+    assert error.code() is grpc.StatusCode.INTERNAL
+    error_id = error.details().removeprefix("internal error ").partition(":")[0]
+    assert error.details() == f"internal error {error_id}: the server's log has its traceback"
+    (record,) = [r for r in caplog.records if error_id in r.getMessage()]
+    assert record.getMessage() == f"error {error_id}: gRPC ServerMetadataRequest failed"
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+    assert metrics.get_sample_value("modelloop_serving_errors_total", {"model": "", "reason": "internal"}) == 1.0
