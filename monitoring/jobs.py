@@ -24,11 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Literal, TypedDict
 
 from monitoring.metrics import MonitorMetrics
-from monitoring.records import JobRecord, JobStatus, Requester
+from monitoring.records import JobRecord, JobStatus, Refusal, Requester
 from monitoring.settings import MonitorSettings
 from monitoring.store import EventStore
 from monitoring.triggers import (
@@ -70,23 +69,6 @@ def job_name(model: str, at: float, window_s: float, trigger: Requester = Reques
 
 Answered = Literal[JobStatus.running, JobStatus.failed, JobStatus.skipped]
 """What a request for a job came to (a :class:`JobOutcome`'s status)."""
-
-
-class Refusal(StrEnum):
-    """Why a retraining request started no job: the ``reason`` label of
-    ``modelloop_retrain_refused_total`` and a ``skipped`` outcome's ``refused``."""
-
-    unknown_model = "unknown_model"
-    """The model is not registered (the sidecar asks before a job is requested)."""
-    not_watched = "not_watched"
-    """This sidecar does not watch the model (asked before a job is requested, too)."""
-    duplicate = "duplicate"
-    """This trigger's job of the window was started already, by another replica or an earlier
-    request."""
-    model_busy = "model_busy"
-    """Another job of the model is active."""
-    at_capacity = "at_capacity"
-    """``MODELLOOP_MONITOR_MAX_ACTIVE_JOBS`` jobs are active."""
 
 
 class _JobAnswerKeys(TypedDict):

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from monitoring.records import JobStatus, Requester
+from monitoring.records import JobStatus, Refusal, Requester
 
 REJECT_REASONS = ("invalid_json", "invalid_event", "unknown_model", "wrong_shape", "too_large",
                   "too_slow", "unsupported_encoding", "malformed_body", "ambiguous_id", "invalid_feedback",
@@ -28,7 +28,8 @@ JOB_RESULTS = tuple(s.value for s in (JobStatus.started, JobStatus.succeeded, Jo
 """The ``result`` label of ``modelloop_retrain_jobs_total``: a job's states but ``running`` (a
 started job counts as ``started`` once, then as how it ended)."""
 DENY_REASONS = ("missing_key", "wrong_key", "wrong_role")
-REFUSE_REASONS = ("unknown_model", "not_watched", "duplicate", "model_busy", "at_capacity")
+REFUSE_REASONS = tuple(r.value for r in Refusal)
+"""The ``reason`` label of ``modelloop_retrain_refused_total``: why a request started no job."""
 ERROR_REASONS = ("unexpected", "not_stored")
 LIVE_GATE_DECISIONS = ("promote", "retire", "failed")
 

@@ -179,6 +179,23 @@ class Requester(StrEnum):
     """An Alertmanager notification (``POST /alertmanager``)."""
 
 
+class Refusal(StrEnum):
+    """Why a retraining request started no job: the ``reason`` label of
+    ``modelloop_retrain_refused_total`` and a ``skipped`` outcome's ``refused``."""
+
+    unknown_model = "unknown_model"
+    """The model is not registered (the sidecar asks before a job is requested)."""
+    not_watched = "not_watched"
+    """This sidecar does not watch the model (asked before a job is requested, too)."""
+    duplicate = "duplicate"
+    """This trigger's job of the window was started already, by another replica or an earlier
+    request."""
+    model_busy = "model_busy"
+    """Another job of the model is active."""
+    at_capacity = "at_capacity"
+    """``MODELLOOP_MONITOR_MAX_ACTIVE_JOBS`` jobs are active."""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One retraining job as stored."""
