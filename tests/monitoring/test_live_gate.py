@@ -178,10 +178,11 @@ class Loop:
         champion's and the shadow's) are stored."""
         df = TASK.sample(rows, seed=seed, concept=SHIFT)
         before = self.serving_metric("modelloop_serving_shadow_rows_total", result="scored")
+        sent = self.serving_metric("modelloop_serving_events_sent_total")  # by earlier calls too
         ids, _ = self.serving.predict(df[TASK.feature_names], rows_per_request=20)
         _wait(lambda: self.serving_metric("modelloop_serving_shadow_rows_total", result="scored")
               >= before + rows, 60, "the shadow to score every row")
-        _wait(lambda: self.serving_metric("modelloop_serving_events_sent_total") >= 2 * rows, 60,
+        _wait(lambda: self.serving_metric("modelloop_serving_events_sent_total") >= sent + 2 * rows, 60,
               "serving to send both answers of every row")
         feedback = [{"request_id": rid, "label": CLASS_LABELS[y]}
                     for rid, y in zip(ids, df[TARGET].to_numpy(), strict=True)]
