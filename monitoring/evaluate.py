@@ -281,7 +281,7 @@ class Evaluator:
 
     def _check_model(self, model: str, now: float) -> None:
         s = self.settings
-        recent = self.store.window(model, last_n=s.window_events, features=False, by_time=True)
+        recent = self.store.window(model, last_n=s.window_events, features=False)
         if not len(recent):
             return
         latest = int(recent.version[-1])

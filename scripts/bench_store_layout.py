@@ -1,20 +1,22 @@
 """What the SQLite event table's layout costs a stored event (issue #21's 15 us a stored event):
-the table as `monitoring/store.py` makes it against two layouts it could take, in plain
-SQLite, so only the layout differs.
+the layout `monitoring/store.py` made until 2026-12-08, the one it makes since (one time index),
+and two it could take, in plain SQLite, so only the layout differs.
 
     .venv/bin/python scripts/bench_store_layout.py [--rounds 6] [--batch 1000]
 
-- ``current``: one row per event with its features and probabilities (float64 blobs), a unique
-  request-id index, (model, version, seq), (model, ts) and the partial index of labelled events.
+- ``two ingest indexes``: one row per event with its features and probabilities (float64 blobs),
+  a unique request-id index, (model, version, seq), (model, ts) and the partial index of
+  labelled events: the store until 2026-12-08.
 - ``one time index``: the same, with (model, version, ts) in place of the two ingest indexes (a
-  read across versions would then merge one range per version).
+  read across versions merges one range per version): the store since.
 - ``features per group``: a row per column group holding its features and probabilities, and a
   slim row per event pointing at its group and row, with the current indexes.
 - ``both``: features per group and the one time index.
 
 Per layout: CPU microseconds per event to insert batches of ``--batch`` events (30 features,
 time-ordered request ids as serving makes them), one transaction each, ``synchronous=FULL``,
-into a table that grows by 100,000 events a round; the median of the rounds.
+into a table that grows by 100,000 events a round, the layouts taking turns; the median of the
+rounds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ TWO_INDEXES = ["CREATE INDEX mvs ON events (model, version, seq)", "CREATE INDEX
 ROW_PAYLOAD = "mode TEXT NOT NULL, features BLOB NOT NULL, probabilities BLOB"
 
 LAYOUTS: dict[str, list[str]] = {
-    "current": [EVENT.format(payload=ROW_PAYLOAD), *TWO_INDEXES, LABELLED],
+    "two ingest indexes": [EVENT.format(payload=ROW_PAYLOAD), *TWO_INDEXES, LABELLED],
     "one time index": [EVENT.format(payload=ROW_PAYLOAD),
                        "CREATE INDEX mvt ON events (model, version, ts)", LABELLED],
     "features per group": [
@@ -78,30 +80,29 @@ def insert_group(conn: sqlite3.Connection, ids: list[str], feats: np.ndarray, pr
         [(rid, "m", 1, now, grp, i, 1.0, 0.001, now) for i, rid in enumerate(ids)])
 
 
-def run(layout: str, rounds: int, batch: int, tmp: Path) -> list[float]:
-    """CPU us per event of each round of 100,000 events."""
-    path = tmp / f"{layout.replace(' ', '_')}.db"
-    conn = sqlite3.connect(path, isolation_level=None)
+def open_layout(layout: str, tmp: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(tmp / f"{layout.replace(' ', '_')}.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     for ddl in LAYOUTS[layout]:
         conn.execute(ddl)
+    return conn
+
+
+def one_round(layout: str, conn: sqlite3.Connection, batch: int) -> float:
+    """CPU us per event of a round of 100,000 events."""
     insert: Callable[..., None] = insert_group if layout in ("features per group", "both") else insert_rows
     rng = np.random.default_rng(0)
     feats, probs = rng.normal(size=(batch, N_FEATURES)), rng.random((batch, 2))
-    out = []
-    for _ in range(rounds):
-        cpu = 0.0
-        for _ in range(100_000 // batch):
-            ids = request_ids(batch)
-            c0 = time.process_time()
-            conn.execute("BEGIN")
-            insert(conn, ids, feats, probs)
-            conn.execute("COMMIT")
-            cpu += time.process_time() - c0
-        out.append(1e6 * cpu / (100_000 // batch * batch))
-    conn.close()
-    return out
+    cpu = 0.0
+    for _ in range(100_000 // batch):
+        ids = request_ids(batch)
+        c0 = time.process_time()
+        conn.execute("BEGIN")
+        insert(conn, ids, feats, probs)
+        conn.execute("COMMIT")
+        cpu += time.process_time() - c0
+    return 1e6 * cpu / (100_000 // batch * batch)
 
 
 def main() -> None:
@@ -109,14 +110,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of 100,000 events per layout")
     parser.add_argument("--batch", type=int, default=1000, help="events per transaction")
     args = parser.parse_args()
-    print("| layout | CPU us per event (median) | per round |\n| --- | ---: | --- |")
+    rounds: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in LAYOUTS:
-            rounds = run(layout, args.rounds, args.batch, Path(tmp))
-            print(f"| {layout} | {statistics.median(rounds):.2f} | {', '.join(f'{r:.2f}' for r in rounds)} |",
-                  flush=True)
-    print(f"\n{args.rounds} rounds of 100,000 events, batches of {args.batch}, {N_FEATURES} features, "
-          f"SQLite {sqlite3.sqlite_version}, synchronous=FULL; load average {os.getloadavg()[0]:.1f}.")
+        conns = {layout: open_layout(layout, Path(tmp)) for layout in LAYOUTS}
+        for _ in range(args.rounds):  # the layouts in turn, so a busier minute of the machine
+            for layout, conn in conns.items():  # falls on each of them
+                rounds[layout].append(one_round(layout, conn, args.batch))
+        for conn in conns.values():
+            conn.close()
+    base = statistics.median(rounds[next(iter(LAYOUTS))])
+    print("| layout | CPU us per event (median) | vs the first | per round |\n| --- | ---: | ---: | --- |")
+    for layout, r in rounds.items():
+        print(f"| {layout} | {statistics.median(r):.2f} | {statistics.median(r) / base:.2f}x | "
+              f"{', '.join(f'{x:.2f}' for x in r)} |")
+    print(f"\n{args.rounds} rounds of 100,000 events per layout, the layouts in turn, batches of "
+          f"{args.batch}, {N_FEATURES} features, SQLite {sqlite3.sqlite_version}, synchronous=FULL; "
+          f"load average {os.getloadavg()[0]:.1f}.")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _job(job_id: str, model: str = "m", created: float = 1.0) -> JobRecord:
                      status=JobStatus.started, created_at=created, ended_at=None, handle="", detail="")
 
 
-def test_insert_then_window_returns_the_arrays_in_arrival_order(store: EventStore) -> None:
+def test_insert_then_window_returns_the_newest_arrays_oldest_first(store: EventStore) -> None:
     assert store.insert_events([_row(i) for i in range(10)]) == 10
     win = store.window("m", last_n=4)
     assert len(win) == 4
@@ -66,8 +66,8 @@ def test_two_predictions_under_one_request_id_make_it_ambiguous(store: EventStor
     assert store.set_labels([("r1", 0.0, 1600.0), ("r2", 1.0, 1600.0), ("r4", 1.0, 1600.0)]) == ["r4"]
     assert store.window("m").labelled.sum() == 1
     assert len(store.labelled_version("m", 1)) == 1
-    # the first event of each id stays, for drift and latency
-    assert store.count_events() == 4 and store.window("m").ts.tolist() == [1001.0, 1003.0, 1002.0, 1004.0]
+    # the first event of each id stays, for drift and latency (r1 at 1001, not the clash at 5)
+    assert store.count_events() == 4 and store.window("m").ts.tolist() == [1001.0, 1002.0, 1003.0, 1004.0]
 
 
 def test_batches_of_one_commit_see_the_ones_before(store: EventStore) -> None:
@@ -84,7 +84,7 @@ def test_a_failed_insert_stores_nothing_and_the_next_one_works(store: EventStore
         store.insert_batches([[_row(1)], [_row(2)._replace(mode=None)]])
     assert store.count_events() == 0
     assert store.insert_batches([[_row(2), _row(1)]]) == [Stored({"m": 2})]
-    assert store.window("m").ts.tolist() == [1002.0, 1001.0]
+    assert store.window("m").ts.tolist() == [1001.0, 1002.0]
 
 
 def test_a_store_made_before_ambiguous_ids_gets_the_column(store_url: tuple[str, str]) -> None:
@@ -108,6 +108,37 @@ def test_a_store_made_before_ambiguous_ids_gets_the_column(store_url: tuple[str,
         st.close()
 
 
+def test_a_store_made_with_the_two_ingest_indexes_gets_the_one_that_replaced_them(
+        store_url: tuple[str, str]) -> None:
+    """A store made before (an index by version and arrival, one by model and time) has the
+    (model, version, ts) index in their place once opened again, and its events are read."""
+    url, prefix = store_url
+    st = open_store(url, prefix)
+    with st._write() as cur:  # the indexes as an earlier release made them
+        cur.execute(st._sql("DROP INDEX {p}events_mvt"))
+        cur.execute(st._sql("CREATE INDEX {p}events_mvs ON {p}events (model, version, seq)"))
+        cur.execute(st._sql("CREATE INDEX {p}events_mts ON {p}events (model, ts)"))
+    st.insert_events([_row(i, version=1 + i % 2) for i in range(6)])
+    st.close()
+
+    def indexes(store: EventStore) -> set[str]:
+        with store._read() as cur:
+            if store.dialect == "sqlite":
+                cur.execute(store._sql("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                       "AND tbl_name = '{p}events'"))
+            else:
+                cur.execute(store._sql("SELECT indexname FROM pg_indexes WHERE tablename = '{p}events'"))
+            return {r[0].removeprefix(prefix) for r in cur.fetchall() if "autoindex" not in r[0]}
+
+    st = open_store(url, prefix)
+    try:
+        assert {"events_mvt", "events_labelled"} <= indexes(st)
+        assert not {"events_mvs", "events_mts"} & indexes(st)
+        assert st.window("m", last_n=3).ts.tolist() == [1003.0, 1004.0, 1005.0]
+    finally:
+        st.close()
+
+
 def test_window_filters_by_version_and_time(store: EventStore) -> None:
     store.insert_events([_row(i, version=1 + i % 2) for i in range(10)])
     assert len(store.window("m", version=2)) == 5
@@ -115,6 +146,33 @@ def test_window_filters_by_version_and_time(store: EventStore) -> None:
     assert len(store.window("m", since=1005.0)) == 5
     assert store.versions("m") == [1, 2]
     assert len(store.window("other")) == 0
+
+
+def test_the_newest_events_over_versions_are_those_of_every_version_merged(store: EventStore) -> None:
+    """A model's newest events over its versions (the check's window, its latencies) and each
+    version's own, against the same selection made in numpy: four versions whose events
+    interleave in time (a canary, a champion, one retired, one with a single old event), stored
+    out of time order."""
+    rng = np.random.default_rng(7)
+    versions = rng.choice([1, 2, 3, 4], size=400, p=[0.05, 0.7, 0.249, 0.001])
+    ts = 1000.0 + rng.permutation(400) * 0.5  # distinct, not in the order of arrival
+    ts[versions == 3] -= 150.25  # retired: its events end before the others (still distinct)
+    rows = [_row(i, version=int(v), ts=float(t)) for i, (v, t) in enumerate(zip(versions, ts, strict=True))]
+    for i in range(0, len(rows), 50):
+        store.insert_batches([rows[i:i + 50]])
+    for since in (None, 1000.0, 1150.0, 1199.0):
+        kept = ts >= (since or 0.0)
+        assert store.versions("m", since) == sorted(set(versions[kept].tolist()))
+        for last_n in (None, 0, 1, 7, 50, 399, 1000):
+            newest = np.flatnonzero(kept)[np.argsort(-ts[kept])][:last_n]  # their rows, newest first
+            win = store.window("m", last_n=last_n, since=since, features=False)
+            assert win.ts.tolist() == ts[newest[::-1]].tolist()
+            assert win.version.tolist() == versions[newest[::-1]].tolist()
+            if last_n:
+                np.testing.assert_allclose(store.latencies("m", since or 0.0, last_n), 0.001 * newest)
+            for v in (1, 3, 4):
+                mine = np.sort(ts[kept & (versions == v)])[::-1][:last_n][::-1]
+                assert store.window("m", version=v, last_n=last_n, since=since).ts.tolist() == mine.tolist()
 
 
 def test_a_window_mixing_feature_widths_needs_one_version(store: EventStore) -> None:
@@ -268,13 +326,16 @@ def test_a_checks_time_window_reads_are_bounded_and_take_the_newest(store: Event
 def test_the_labelled_read_goes_through_the_index_of_labelled_events(tmp_path: Path) -> None:
     """SQLite's plan for the statements the store runs (traced, values bound) for a version's
     labelled events uses the partial index (its rows are the labelled events only), and for the
-    latencies the (model, ts) index, neither a sort of the whole table."""
+    latencies and the windows the (model, version, ts) index, neither a sort of the whole table
+    (nor the merge of a model's versions: each version's range is read in order)."""
     store = open_store(f"sqlite:///{tmp_path / 'plan.db'}")
     ran: list[str] = []
     try:
         store._reader().set_trace_callback(ran.append)
         store.labelled_version("m", 1, since=0.0, limit=10, features=False)
+        store.insert_events([_row(1, version=1), _row(2, version=2)])
         store.latencies("m", since=0.0, limit=10)
+        store.window("m", last_n=10, features=False)
         store._reader().set_trace_callback(None)
         plans = []
         with store._read() as cur:
@@ -283,9 +344,12 @@ def test_the_labelled_read_goes_through_the_index_of_labelled_events(tmp_path: P
                 plans.append(" ".join(str(r) for r in cur.fetchall()))
     finally:
         store.close()
-    labelled, latencies = plans
+    labelled, *others = plans
     assert "events_labelled" in labelled and "TEMP B-TREE" not in labelled, labelled
-    assert "events_mts" in latencies and "TEMP B-TREE" not in latencies, latencies
+    assert len(others) == 6, ran  # latencies and window: the versions, then the range of each of the two
+    for plan in others:
+        assert "events_mvt" in plan and "TEMP B-TREE" not in plan and "SCAN" not in plan.replace(
+            "SCAN v", ""), plan
 
 
 def test_events_without_probabilities_and_with_string_features_are_stored(store: EventStore) -> None:
