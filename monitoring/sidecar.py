@@ -439,10 +439,22 @@ class Sidecar:
         if firing.rule.action == "retrain":
             outcome = self._policy_retrain(firing.scope, firing.message(), version,
                                            firing.retry_of)
-            if outcome.status is JobStatus.skipped and outcome.refused is not Refusal.duplicate:
+            if outcome.status is JobStatus.skipped and not self._policy_job_runs(firing.scope, outcome):
                 self.engine.refused(firing, outcome.detail)  # no cooldown: asked again next check
             entry["job"] = outcome.as_dict()
         self.recent_firings.append(entry)
+
+    def _policy_job_runs(self, model: str, outcome: JobOutcome) -> bool:
+        """Whether a policy retrain was refused for a policy job of ``model``: this window's
+        (``duplicate``: another rule or replica asked first) or one still running from an earlier
+        window (``model_busy``: a long retraining, or another replica's). The firing's cooldown
+        then holds, as if it had started that job: asked again at each check, the rule would
+        start a second job as soon as the first ended, without the labels that could make a new
+        challenger win, or while the first one's challenger is judged on live traffic."""
+        if outcome.refused is Refusal.duplicate:
+            return True
+        return outcome.refused is Refusal.model_busy and any(
+            job.trigger == Requester.policy for job in self.store.jobs(model, active_only=True, limit=1))
 
     def _policy_retrain(self, model: str, reason: str, version: int | None,
                         retry_of: float | None = None) -> JobOutcome:

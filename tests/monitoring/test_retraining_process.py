@@ -14,8 +14,12 @@ import httpx
 import pytest
 
 from modelloop.synthetic import SyntheticTask
-from tests.monitoring.helpers import TrainedModel, sidecar_process
-from tests.monitoring.test_app import events_for
+from monitoring.app import create_app
+from monitoring.jobs import job_name
+from monitoring.records import JobRecord, JobStatus, Requester
+from monitoring.sidecar import Sidecar
+from tests.monitoring.helpers import TrainedModel, serve_in_thread, sidecar_process
+from tests.monitoring.test_app import events_for, make_settings
 from tests.monitoring.test_trust import alert, metric
 
 pytestmark = [pytest.mark.integration]
@@ -103,6 +107,40 @@ def test_a_refused_policy_retrain_is_asked_again_and_other_triggers_do_not_block
         finally:
             for trigger in ("alertmanager", "policy"):
                 (tmp_path / f"release-{trigger}").touch()
+
+
+@pytest.mark.parametrize(("holder", "state", "fires_again"),
+                         [(Requester.policy, "cooldown", False), (Requester.alertmanager, "refused", True)])
+def test_a_rule_refused_for_a_policy_job_of_its_model_cools_down(
+        home: Path, registered: TrainedModel, task: SyntheticTask, tmp_path: Path,
+        holder: Requester, state: str, fires_again: bool) -> None:
+    """A policy job of the model runs, started in an earlier job window (a long retraining, or
+    another replica's on a shared store): a rule that fires now is refused (``model_busy``) and
+    cools down as if it had started that job. Before, it fired again at every check, and started
+    a second job as soon as the first ended, without the labels that could make its challenger
+    win. A job of another trigger holding the model (an alert's) leaves the rule asking."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    sc = Sidecar(make_settings(home, policy_file=tmp_path / "policy.yaml", max_active_jobs=3))
+    sc.start(background=False)
+    earlier = time.time() - 2 * sc.settings.job_window_s
+    running = JobRecord(id=job_name("churn", earlier, sc.settings.job_window_s, holder), model="churn",
+                        trigger=holder, kind="local", reason="r", status=JobStatus.running,
+                        created_at=earlier, ended_at=None, handle="", detail="")
+    assert sc.store.start_job(running) is None
+    try:
+        with serve_in_thread(create_app(sc)) as url:
+            events, _ = events_for(registered, task.sample(20, seed=4), "p")
+            httpx.post(f"{url}/events", json={"events": events}).raise_for_status()
+            for _ in range(2):
+                httpx.post(f"{url}/check", timeout=120).raise_for_status()
+            rule = rule_state(url)
+            assert rule["state"] == state
+            assert (rule["refused"] is None) is not fires_again, rule
+            fired = metric(url, "modelloop_threshold_breaches_total", rule="slow")
+            assert fired == (2 if fires_again else 1)
+            assert [j["id"] for j in httpx.get(f"{url}/jobs").json()["jobs"]] == [running.id]
+    finally:
+        sc.stop()
 
 
 @pytest.mark.parametrize(
