@@ -175,7 +175,7 @@ class Sidecar:
         self.writer: GroupCommitWriter
         self.jobs: JobManager
         self.evaluator: Evaluator
-        self.samples = SampleBook(self.metrics, settings.retention_max_age_s)
+        self.samples: SampleBook
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, background: bool = True) -> None:
@@ -184,6 +184,7 @@ class Sidecar:
         self.policy = load_policy(s.policy_file)
         self.engine = PolicyEngine(self.policy)
         self.store = open_store(s.store_dsn, s.store_table_prefix, s.sqlite_synchronous)
+        self.samples = SampleBook(self.metrics, s.retention_max_age_s, self.store)
         self.catalog = ModelCatalog(Registry(s.registry_dir), s.models)
         self.writer = GroupCommitWriter(self.store, self.parse_events, on_stored=self.stored_events)
         self.jobs = JobManager(self.store, build_trigger(s), self.metrics,

@@ -121,6 +121,7 @@ class EventStore:
     real_type = "REAL"
     seq_type = "INTEGER PRIMARY KEY"
     add_column = "ADD COLUMN"
+    greatest = "MAX"  # of two values (SQLite's scalar MAX; PostgreSQL's GREATEST)
     integrity_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, prefix: str = "modelloop_") -> None:
@@ -208,6 +209,12 @@ class EventStore:
                 ts {r} NOT NULL, prediction {r} NOT NULL, probabilities {b},
                 PRIMARY KEY (request_id, version))""",
             "CREATE INDEX IF NOT EXISTS {p}shadow_ts ON {p}shadow (ts)",  # retention's delete
+            # the largest share of its rows each model's events were sampled under, per hour
+            # (monitoring/sampling.py): feedback for a row the sample left out is told so, also
+            # after a restart and on a replica that did not store the model's events
+            f"""CREATE TABLE IF NOT EXISTS {{p}}sample_shares (
+                model TEXT NOT NULL, hour BIGINT NOT NULL, share {r} NOT NULL,
+                PRIMARY KEY (model, hour))""",
         ]
         with self._write() as cur:
             for stmt in ddl:
@@ -224,7 +231,7 @@ class EventStore:
         """Drop the store's tables (the tests, after a case on a shared PostgreSQL)."""
         with self._write() as cur:
             cur.execute(self._sql("DROP TABLE IF EXISTS {p}evaluations"))
-            for table in ("events", "jobs", "alerts", "shadow"):
+            for table in ("events", "jobs", "alerts", "shadow", "sample_shares"):
                 cur.execute(self._sql(f"DROP TABLE IF EXISTS {{p}}{table}"))
 
     # -- events ------------------------------------------------------------------------------
@@ -451,7 +458,30 @@ class EventStore:
             size = self.keep_bytes(max_bytes, chunk_rows=chunk_rows, on_chunk=chunks)
         if age or count or size:
             self.forget_shadow()
+        if cutoff_ts is not None:
+            self.forget_shares(int(cutoff_ts // 3600))  # the hours before the cutoff's
         return Retention(age, count, size, alerts)
+
+    # -- sample shares -----------------------------------------------------------------------
+    def note_share(self, model: str, hour: int, share: float) -> None:
+        """``model``'s events of ``hour`` (since the epoch) came under ``share``: the largest
+        noted for that hour stays."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "INSERT INTO {p}sample_shares (model, hour, share) VALUES (?, ?, ?) "
+                "ON CONFLICT (model, hour) DO UPDATE SET share = "
+                f"{self.greatest}({{p}}sample_shares.share, excluded.share)"), (model, hour, share))
+
+    def sample_shares(self, since_hour: int) -> list[tuple[str, int, float]]:
+        """``(model, hour, largest share)`` noted for ``since_hour`` and the hours after."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT model, hour, share FROM {p}sample_shares WHERE hour >= ?"),
+                        (since_hour,))
+            return [(str(m), int(h), float(sh)) for m, h, sh in cur.fetchall()]
+
+    def forget_shares(self, before_hour: int) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("DELETE FROM {p}sample_shares WHERE hour < ?"), (before_hour,))
 
     def forget_shadow(self) -> None:
         """Delete the shadow answers older than the oldest event kept (their events are gone,
@@ -808,6 +838,7 @@ class PostgresStore(EventStore):
     real_type = "DOUBLE PRECISION"
     seq_type = "BIGSERIAL PRIMARY KEY"
     add_column = "ADD COLUMN IF NOT EXISTS"  # replicas starting together may both add it
+    greatest = "GREATEST"
 
     def __init__(self, url: str, prefix: str = "modelloop_") -> None:
         import psycopg

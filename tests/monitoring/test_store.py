@@ -204,6 +204,18 @@ def test_retention_by_age_and_by_count(store: EventStore) -> None:
     assert store.keep_newest(10) == 0
 
 
+def test_sample_shares_keep_the_largest_per_model_and_hour_and_age_out(store: EventStore) -> None:
+    store.note_share("m", 10, 0.25)
+    store.note_share("m", 10, 0.125)  # a smaller share later in the hour: the largest stays
+    store.note_share("m", 11, 0.0625)
+    store.note_share("m", 11, 0.5)
+    store.note_share("x", 12, 1.0)
+    assert sorted(store.sample_shares(0)) == [("m", 10, 0.25), ("m", 11, 0.5), ("x", 12, 1.0)]
+    assert sorted(store.sample_shares(11)) == [("m", 11, 0.5), ("x", 12, 1.0)]
+    store.retain(cutoff_ts=11 * 3600.0 + 5)  # hour 10 is past the retention age
+    assert sorted(store.sample_shares(0)) == [("m", 11, 0.5), ("x", 12, 1.0)]
+
+
 def test_one_active_job_per_model_and_one_job_per_name(store: EventStore) -> None:
     assert store.try_start_job(_job("j1")) is None
     assert store.try_start_job(_job("j2")) == "job j1 of model 'm' is still active"
