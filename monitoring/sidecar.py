@@ -448,13 +448,14 @@ class Sidecar:
     def _policy_job_runs(self, model: str, outcome: JobOutcome) -> bool:
         """Whether a policy retrain was refused for a policy job of ``model``: this window's
         (``duplicate``: another rule or replica asked first) or one still running from an earlier
-        window (``model_busy``: a long retraining, or another replica's). The firing's cooldown
+        window (a long retraining, or another replica's: ``model_busy``, or ``at_capacity`` when
+        the cap is reached too, since the cap is checked first). The firing's cooldown
         then holds, as if it had started that job: asked again at each check, the rule would
         start a second job as soon as the first ended, without the labels that could make a new
         challenger win, or while the first one's challenger is judged on live traffic."""
         if outcome.refused is Refusal.duplicate:
             return True
-        return outcome.refused is Refusal.model_busy and any(
+        return outcome.refused in (Refusal.model_busy, Refusal.at_capacity) and any(
             job.trigger == Requester.policy for job in self.store.jobs(model, active_only=True, limit=1))
 
     def _policy_retrain(self, model: str, reason: str, version: int | None,

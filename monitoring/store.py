@@ -217,6 +217,7 @@ class EventStore:
                 PRIMARY KEY (model, hour))""",
         ]
         with self._write() as cur:
+            self._lock_schema(cur)
             for stmt in ddl:
                 cur.execute(self._sql(stmt))
             for table, column, decl in ADDED_COLUMNS:
@@ -226,6 +227,10 @@ class EventStore:
     def _columns(self, cur: Any, table: str) -> set[str]:
         """The names of a table's columns."""
         raise NotImplementedError
+
+    def _lock_schema(self, cur: Any) -> None:
+        """Make replicas that open the store at once change its schema one at a time (SQLite's
+        write transaction already does)."""
 
     def drop_schema(self) -> None:
         """Drop the store's tables (the tests, after a case on a shared PostgreSQL)."""
@@ -858,6 +863,11 @@ class PostgresStore(EventStore):
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL store {redact_url(self.url)}: "
                              f"{str(exc).strip()}") from exc
+
+    def _lock_schema(self, cur: Any) -> None:
+        # until commit: two replicas migrating a store at once (an index built, then the ones it
+        # replaces dropped) would each hold the table's SHARE lock and wait for the other's
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{self.table_prefix}schema",))
 
     def _columns(self, cur: Any, table: str) -> set[str]:
         cur.execute("SELECT column_name FROM information_schema.columns "

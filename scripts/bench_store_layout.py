@@ -1,16 +1,16 @@
 """What the SQLite event table's layout costs a stored event (issue #21's 15 us a stored event):
-the layout `monitoring/store.py` made until 2026-12-08, the one it makes since (one time index),
+the layout `monitoring/store.py` made until 2477df0 (2026-12-07), the one it makes since (one time index),
 and two it could take, in plain SQLite, so only the layout differs.
 
     .venv/bin/python scripts/bench_store_layout.py [--rounds 6] [--batch 1000]
 
 - ``two ingest indexes``: one row per event with its features and probabilities (float64 blobs),
   a unique request-id index, (model, version, seq), (model, ts) and the partial index of
-  labelled events: the store until 2026-12-08.
+  labelled events: the store until 2477df0.
 - ``one time index``: the same, with (model, version, ts) in place of the two ingest indexes (a
   read across versions merges one range per version): the store since.
 - ``features per group``: a row per column group holding its features and probabilities, and a
-  slim row per event pointing at its group and row, with the current indexes.
+  slim row per event pointing at its group and row, with the two ingest indexes.
 - ``both``: features per group and the one time index.
 
 Per layout: CPU microseconds per event to insert batches of ``--batch`` events (30 features,

@@ -233,8 +233,8 @@ def test_feedback_joins_and_reports_unknown_and_duplicate_ids(
 
 def test_a_row_the_sample_left_out_is_told_so_after_a_restart_and_by_a_replica(
         home: Path, registered: TrainedModel, task: SyntheticTask, store_url: tuple[str, str]) -> None:
-    """The share serving's events came under is kept in the store: after a restart, and on a
-    second sidecar sharing the store that took none of the events, feedback for a row the sample
+    """The share serving's events came under is kept in the store: on a second sidecar sharing
+    the store that took none of the events, and after a restart, feedback for a row the sample
     left out is ``not_sampled`` before any new event comes, and for a row it keeps ``unknown``."""
     from modelloop.sampling import kept_by
 
@@ -253,25 +253,31 @@ def test_a_row_the_sample_left_out_is_told_so_after_a_restart_and_by_a_replica(
     left = next(f"{rid}-0" for i, rid in enumerate(ids) if i not in kept)
     never_sent = next(f"other{i}-0" for i in range(100) if kept_by(f"other{i}-0", 0.25))
     settings = make_settings(home, store_url=url, store_table_prefix=prefix)
-    first = Sidecar(settings)
+
+    def asked(sidecar: Sidecar) -> None:  # feedback for a row left out, one never sent, one stored
+        with serve_in_thread(create_app(sidecar)) as base, httpx.Client(base_url=base) as client:
+            answer = client.post("/feedback", json={"feedback": [
+                {"request_id": left, "label": 0}, {"request_id": never_sent, "label": 0},
+                {"request_id": f"{ids[kept[0]]}-0", "label": 1}]}).json()
+            assert (answer["not_sampled"], answer["unknown"]) == ([left], [never_sent])
+            assert metric(client, "modelloop_feedback_total", model="churn", result="not_sampled") == 1
+
+    first, replica = Sidecar(settings), Sidecar(settings)
     first.start(background=False)
+    replica.start(background=False)
     try:
         with serve_in_thread(create_app(first)) as base:
             assert httpx.post(f"{base}/events", json={"columns": [group]}).status_code == 200
+        asked(replica)  # running beside the one that took the events
     finally:
+        replica.stop()
         first.stop()
-    for _ in range(2):  # the same sidecar restarted; then a replica (a new one) beside it
-        again = Sidecar(settings)
-        again.start(background=False)
-        try:
-            with serve_in_thread(create_app(again)) as base, httpx.Client(base_url=base) as client:
-                answer = client.post("/feedback", json={"feedback": [
-                    {"request_id": left, "label": 0}, {"request_id": never_sent, "label": 0},
-                    {"request_id": f"{ids[kept[0]]}-0", "label": 1}]}).json()
-                assert (answer["not_sampled"], answer["unknown"]) == ([left], [never_sent])
-                assert metric(client, "modelloop_feedback_total", model="churn", result="not_sampled") == 1
-        finally:
-            again.stop()
+    restarted = Sidecar(settings)
+    restarted.start(background=False)
+    try:
+        asked(restarted)
+    finally:
+        restarted.stop()
 
 
 @pytest.mark.parametrize(

@@ -109,18 +109,21 @@ def test_a_refused_policy_retrain_is_asked_again_and_other_triggers_do_not_block
                 (tmp_path / f"release-{trigger}").touch()
 
 
-@pytest.mark.parametrize(("holder", "state", "fires_again"),
-                         [(Requester.policy, "cooldown", False), (Requester.alertmanager, "refused", True)])
+@pytest.mark.parametrize(("holder", "max_jobs", "state", "fires_again"), [
+    (Requester.policy, 3, "cooldown", False),
+    (Requester.policy, 1, "cooldown", False),  # refused at the cap, which is checked first
+    (Requester.alertmanager, 3, "refused", True),
+])
 def test_a_rule_refused_for_a_policy_job_of_its_model_cools_down(
         home: Path, registered: TrainedModel, task: SyntheticTask, tmp_path: Path,
-        holder: Requester, state: str, fires_again: bool) -> None:
+        holder: Requester, max_jobs: int, state: str, fires_again: bool) -> None:
     """A policy job of the model runs, started in an earlier job window (a long retraining, or
     another replica's on a shared store): a rule that fires now is refused (``model_busy``) and
     cools down as if it had started that job. Before, it fired again at every check, and started
     a second job as soon as the first ended, without the labels that could make its challenger
     win. A job of another trigger holding the model (an alert's) leaves the rule asking."""
     (tmp_path / "policy.yaml").write_text(POLICY)
-    sc = Sidecar(make_settings(home, policy_file=tmp_path / "policy.yaml", max_active_jobs=3))
+    sc = Sidecar(make_settings(home, policy_file=tmp_path / "policy.yaml", max_active_jobs=max_jobs))
     sc.start(background=False)
     earlier = time.time() - 2 * sc.settings.job_window_s
     running = JobRecord(id=job_name("churn", earlier, sc.settings.job_window_s, holder), model="churn",

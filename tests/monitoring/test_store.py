@@ -111,7 +111,8 @@ def test_a_store_made_before_ambiguous_ids_gets_the_column(store_url: tuple[str,
 def test_a_store_made_with_the_two_ingest_indexes_gets_the_one_that_replaced_them(
         store_url: tuple[str, str]) -> None:
     """A store made before (an index by version and arrival, one by model and time) has the
-    (model, version, ts) index in their place once opened again, and its events are read."""
+    (model, version, ts) index in their place once opened again, by two replicas at once, and
+    its events are read."""
     url, prefix = store_url
     st = open_store(url, prefix)
     with st._write() as cur:  # the indexes as an earlier release made them
@@ -130,13 +131,23 @@ def test_a_store_made_with_the_two_ingest_indexes_gets_the_one_that_replaced_the
                 cur.execute(store._sql("SELECT indexname FROM pg_indexes WHERE tablename = '{p}events'"))
             return {r[0].removeprefix(prefix) for r in cur.fetchall() if "autoindex" not in r[0]}
 
-    st = open_store(url, prefix)
+    opened: list[EventStore] = []
+    # two replicas opening it at once: one migrates, then the other finds it done (on PostgreSQL,
+    # each building the index and then dropping the old ones would deadlock the other)
+    both = [threading.Thread(target=lambda: opened.append(open_store(url, prefix))) for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(60)
     try:
-        assert {"events_mvt", "events_labelled"} <= indexes(st)
-        assert not {"events_mvs", "events_mts"} & indexes(st)
-        assert st.window("m", last_n=3).ts.tolist() == [1003.0, 1004.0, 1005.0]
+        assert len(opened) == 2
+        for st in opened:
+            assert {"events_mvt", "events_labelled"} <= indexes(st)
+            assert not {"events_mvs", "events_mts"} & indexes(st)
+            assert st.window("m", last_n=3).ts.tolist() == [1003.0, 1004.0, 1005.0]
     finally:
-        st.close()
+        for st in opened:
+            st.close()
 
 
 def test_window_filters_by_version_and_time(store: EventStore) -> None:
