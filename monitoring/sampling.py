@@ -26,11 +26,9 @@ import logging
 
 from modelloop.sampling import kept_by
 from monitoring.metrics import MonitorMetrics
-from monitoring.store import EventStore
+from monitoring.store import EventStore, share_hour
 
 log = logging.getLogger(__name__)
-
-_BUCKET_S = 3600.0
 
 
 class SampleBook:
@@ -48,7 +46,7 @@ class SampleBook:
         ``share`` (:meth:`monitoring.sidecar.Sidecar.stored_events` says when)."""
         self.metrics.events_seen.labels(model).inc(seen)
         self.metrics.events_sample_share.labels(model).set(share)
-        hour = int(now // _BUCKET_S)
+        hour = share_hour(now)
         if share <= self._noted.get((model, hour), 0.0):
             return  # stored already: a write only when an hour's largest share grows
         try:
@@ -63,7 +61,7 @@ class SampleBook:
         """Per model, the largest share its events came under in the horizon, as the store has
         them (noted by this sidecar, before a restart, or by a replica sharing the store)."""
         out: dict[str, float] = {}
-        for model, _, share in self.store.sample_shares(int((now - self.horizon_s) // _BUCKET_S)):
+        for model, _, share in self.store.sample_shares(share_hour(now - self.horizon_s)):
             out[model] = max(share, out.get(model, 0.0))
         return out
 

@@ -55,6 +55,13 @@ _REQUEST_ID, _MODEL, _MODE = (operator.itemgetter(EventRow._fields.index(name))
 """Columns of stored rows, read without a Python call a row."""
 _TS, _NEWEST = operator.itemgetter(0), operator.itemgetter(1)
 """A ``ts, ...`` row's timestamp; a ``(version, newest ts)`` head's timestamp."""
+
+
+def share_hour(ts: float) -> int:
+    """The hour (since the epoch) of ``ts``: the unit the ``sample_shares`` table keeps."""
+    return int(ts // 3600)
+
+
 _EVENT_COLS = ("request_id, model, version, ts, mode, features, prediction, probabilities, "
                "latency_s, received_at")
 
@@ -121,7 +128,6 @@ class EventStore:
     real_type = "REAL"
     seq_type = "INTEGER PRIMARY KEY"
     add_column = "ADD COLUMN"
-    greatest = "MAX"  # of two values (SQLite's scalar MAX; PostgreSQL's GREATEST)
     integrity_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, prefix: str = "modelloop_") -> None:
@@ -464,7 +470,7 @@ class EventStore:
         if age or count or size:
             self.forget_shadow()
         if cutoff_ts is not None:
-            self.forget_shares(int(cutoff_ts // 3600))  # the hours before the cutoff's
+            self.forget_shares(share_hour(cutoff_ts))  # the hours before the cutoff's
         return Retention(age, count, size, alerts)
 
     # -- sample shares -----------------------------------------------------------------------
@@ -474,8 +480,8 @@ class EventStore:
         with self._write() as cur:
             cur.execute(self._sql(
                 "INSERT INTO {p}sample_shares (model, hour, share) VALUES (?, ?, ?) "
-                "ON CONFLICT (model, hour) DO UPDATE SET share = "
-                f"{self.greatest}({{p}}sample_shares.share, excluded.share)"), (model, hour, share))
+                "ON CONFLICT (model, hour) DO UPDATE SET share = excluded.share "
+                "WHERE excluded.share > {p}sample_shares.share"), (model, hour, share))
 
     def sample_shares(self, since_hour: int) -> list[tuple[str, int, float]]:
         """``(model, hour, largest share)`` noted for ``since_hour`` and the hours after."""
@@ -843,7 +849,6 @@ class PostgresStore(EventStore):
     real_type = "DOUBLE PRECISION"
     seq_type = "BIGSERIAL PRIMARY KEY"
     add_column = "ADD COLUMN IF NOT EXISTS"  # replicas starting together may both add it
-    greatest = "GREATEST"
 
     def __init__(self, url: str, prefix: str = "modelloop_") -> None:
         import psycopg
